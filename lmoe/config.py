@@ -1,0 +1,137 @@
+"""LMoEConfig: every knob of a mixture of LoRA experts, validated when built, saved as JSON."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROUTERS = ("softmax", "topk", "dynamic")
+COMPOSITIONS = ("params", "outputs")
+ALL_LINEAR = "all-linear"
+
+
+def _fail(name: str, value: Any, expected: str) -> None:
+    raise ValueError(f"LMoEConfig.{name}={value!r} is invalid: expected {expected}.")
+
+
+@dataclass
+class LMoEConfig:
+    """What to inject and how to route. See DESIGN.md sections 1-3 for the maths.
+
+    target_modules: module names (matched against the last part of the dotted name, or the whole
+    name), a regex string (full match on the dotted name), or "all-linear" (every linear layer
+    but the output head).
+    """
+
+    num_experts: int = 4
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    router: str = "softmax"
+    top_k: int = 2
+    temperature: float = 1.0
+    composition: str = "params"
+    router_bias: bool = False
+    load_balance_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    sparsity_coef: float = 0.0
+    sparsity_target: float = 2.0
+    lambda_hidden: int = 64
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        self._check_ints()
+        self._check_floats()
+        self._check_choices()
+        self._check_targets()
+
+    def _check_ints(self) -> None:
+        for name in ("num_experts", "rank", "top_k", "lambda_hidden"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                _fail(name, value, "an integer >= 1")
+        if self.router == "topk" and self.top_k > self.num_experts:
+            _fail("top_k", self.top_k, f"an integer from 1 to num_experts={self.num_experts}")
+
+    def _check_floats(self) -> None:
+        for name in ("alpha", "temperature"):
+            value = getattr(self, name)
+            if not _is_number(value) or value <= 0:
+                _fail(name, value, "a number > 0")
+        for name in ("load_balance_coef", "z_loss_coef", "sparsity_coef"):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0:
+                _fail(name, value, "a number >= 0")
+        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
+            _fail("dropout", self.dropout, "a probability in [0, 1)")
+        if not _is_number(self.sparsity_target) or not 1 <= self.sparsity_target <= self.num_experts:
+            _fail("sparsity_target", self.sparsity_target,
+                  f"a number of experts from 1 to num_experts={self.num_experts}")
+
+    def _check_choices(self) -> None:
+        if self.router not in ROUTERS:
+            _fail("router", self.router, f"one of {', '.join(ROUTERS)}")
+        if self.composition not in COMPOSITIONS:
+            _fail("composition", self.composition, f"one of {', '.join(COMPOSITIONS)}")
+        if not isinstance(self.router_bias, bool):
+            _fail("router_bias", self.router_bias, "true or false")
+
+    def _check_targets(self) -> None:
+        targets = self.target_modules
+        ok = (isinstance(targets, str) and targets.strip()) or (
+            isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets))
+        if not ok:
+            _fail("target_modules", targets,
+                  f'a non-empty list of module names, a regex string, or "{ALL_LINEAR}"')
+
+    @property
+    def scaling(self) -> float:
+        """The LoRA scale s = alpha / r."""
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LMoEConfig":
+        """Build from a mapping; an unknown key is an error that suggests the closest known one."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else f" Known keys: {', '.join(known)}."
+                raise ValueError(f"LMoEConfig has no field {key!r}.{hint}")
+        return cls(**data)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> "LMoEConfig":
+        path = Path(text_or_path)
+        text = path.read_text() if _looks_like_file(text_or_path) else str(text_or_path)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"LMoEConfig JSON is not valid JSON ({err}); fix the file or string.") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"LMoEConfig JSON must be an object of fields, got {type(data).__name__}.")
+        return cls.from_dict(data)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _looks_like_file(text_or_path: str | Path) -> bool:
+    if isinstance(text_or_path, Path):
+        return True
+    return not text_or_path.lstrip().startswith("{") and Path(text_or_path).is_file()

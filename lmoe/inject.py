@@ -1,0 +1,158 @@
+"""Put MoLoRALinear layers into any nn.Module, freeze the rest, and read back losses and routing."""
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from .config import ALL_LINEAR, LMoEConfig
+from .layer import MoLoRALinear, is_linear
+
+log = logging.getLogger(__name__)
+CONFIG_ATTR = "lmoe_config"
+FROZEN_ATTR = "_lmoe_frozen"  # names of parameters inject froze, so remove can thaw them
+
+
+def lmoe_layers(model: nn.Module) -> Iterator[tuple[str, MoLoRALinear]]:
+    """(qualified name, layer) for every mixture layer in the model, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, MoLoRALinear):
+            yield name, module
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    """Names of linear layers that produce the vocabulary logits ("all-linear" skips them)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return {name for name, module in model.named_modules() if module is head} | {"lm_head"}
+
+
+def find_targets(model: nn.Module, cfg: LMoEConfig) -> list[str]:
+    """Dotted names of the linear layers cfg.target_modules selects; an error if there are none."""
+    linear = [name for name, module in model.named_modules() if name and is_linear(module)]
+    targets = cfg.target_modules
+    if targets == ALL_LINEAR:
+        heads = _output_head_names(model)
+        chosen = [n for n in linear if n not in heads]
+    elif isinstance(targets, str):
+        pattern = re.compile(targets)
+        chosen = [n for n in linear if pattern.fullmatch(n)]
+    else:
+        chosen = [n for n in linear if any(n == t or n.endswith("." + t) for t in targets)]
+    if not chosen:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise ValueError(
+            f"LMoEConfig.target_modules={targets!r} matches no linear layer in {type(model).__name__}. "
+            f"Its linear layers end in: {', '.join(suffixes) or '(none)'}; "
+            f'use some of those names, a regex on the full dotted name, or "{ALL_LINEAR}".')
+    return chosen
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def inject(model: nn.Module, cfg: LMoEConfig) -> nn.Module:
+    """Wrap the target layers with experts + router, in place; freeze everything else. Returns model."""
+    if any(True for _ in lmoe_layers(model)):
+        raise ValueError("This model already has lmoe layers; call lmoe.remove(model) before injecting again.")
+    targets = find_targets(model, cfg)
+    frozen = [name for name, p in model.named_parameters() if p.requires_grad]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in targets:
+        _set_submodule(model, name, MoLoRALinear(model.get_submodule(name), cfg))
+    setattr(model, CONFIG_ATTR, cfg)
+    setattr(model, FROZEN_ATTR, frozen)
+    trainable, total = count_parameters(model)
+    log.info("lmoe: %d layers, trainable params %s of %s (%.3f%%)",
+             len(targets), f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Put the original base layers back (adapters dropped, trainability restored), in place. Returns model."""
+    for name, layer in list(lmoe_layers(model)):
+        _set_submodule(model, name, layer.base)
+    params = dict(model.named_parameters())
+    for name in getattr(model, FROZEN_ATTR, []):
+        params[name].requires_grad_(True)
+    for attr in (CONFIG_ATTR, FROZEN_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def get_config(model: nn.Module) -> LMoEConfig:
+    cfg = getattr(model, CONFIG_ATTR, None)
+    if cfg is None:
+        raise ValueError("This model has no lmoe adapters; call lmoe.inject(model, cfg) or load_adapter first.")
+    return cfg
+
+
+def aux_losses(model: nn.Module) -> dict[str, Tensor]:
+    """Each auxiliary loss of the last training forward, averaged over layers (unweighted)."""
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+    for _, layer in lmoe_layers(model):
+        for key, value in (layer.last_aux or {}).items():
+            sums[key] = sums[key] + value if key in sums else value
+            counts[key] = counts.get(key, 0) + 1
+    return {key: sums[key] / counts[key] for key in sums}
+
+
+AUX_COEFS = {"load_balance": "load_balance_coef", "z_loss": "z_loss_coef", "sparsity": "sparsity_coef"}
+
+
+def aux_loss(model: nn.Module) -> Tensor:
+    """sum_k coef_k * (loss k averaged over layers), from the last training forward; 0 if none ran."""
+    cfg = get_config(model)
+    terms = [getattr(cfg, AUX_COEFS[key]) * value for key, value in aux_losses(model).items()
+             if getattr(cfg, AUX_COEFS[key])]
+    if terms:
+        return torch.stack(terms).sum()
+    return torch.zeros((), device=next(model.parameters()).device)
+
+
+class RoutingRecord(Mapping):
+    """layer name -> (tokens, E) routing weights of every forward run inside record_routing."""
+
+    def __init__(self, layers: dict[str, MoLoRALinear]) -> None:
+        self._lists: dict[str, list[Tensor]] = {name: [] for name in layers}
+
+    def __getitem__(self, name: str) -> Tensor:
+        chunks = self._lists[name]
+        return torch.cat(chunks) if chunks else torch.empty(0)
+
+    def __iter__(self):
+        return iter(self._lists)
+
+    def __len__(self) -> int:
+        return len(self._lists)
+
+
+@contextmanager
+def record_routing(model: nn.Module):
+    """Record per-layer routing weights of every forward in the block: `rec[name]` -> (tokens, E)."""
+    layers = dict(lmoe_layers(model))
+    if not layers:
+        raise ValueError("record_routing needs a model with lmoe layers; call lmoe.inject first.")
+    record = RoutingRecord(layers)
+    for name, layer in layers.items():
+        layer.recorder = record._lists[name]
+    try:
+        yield record
+    finally:
+        for layer in layers.values():
+            layer.recorder = None

@@ -1,0 +1,133 @@
+"""Adapter files: the expert and router weights as safetensors, the config and base fingerprint as JSON.
+
+Nothing here unpickles: loading an adapter cannot run code from the files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .config import LMoEConfig
+from .inject import get_config, inject, lmoe_layers
+from .layer import linear_shape
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter.safetensors"
+FORMAT_VERSION = 1
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call write(tmp_path) then rename over path, so a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def adapter_state_dict(model: nn.Module) -> dict:
+    """Only the trainable adapter tensors (experts + router), keyed by qualified name."""
+    state = {}
+    for name, layer in lmoe_layers(model):
+        for key, tensor in layer.state_dict().items():
+            if not key.startswith("base."):
+                state[f"{name}.{key}"] = tensor.detach().contiguous()
+    return state
+
+
+def base_fingerprint(model: nn.Module) -> dict[str, list[int]]:
+    """layer name -> [d_in, d_out] of every wrapped base layer: what an adapter needs from its base."""
+    return {name: [layer.in_features, layer.out_features] for name, layer in lmoe_layers(model)}
+
+
+def save_adapter(model: nn.Module, directory: str | Path) -> Path:
+    """Write directory/adapter_config.json and directory/adapter.safetensors (atomically)."""
+    directory = Path(directory)
+    meta = {"lmoe_version": __version__, "format_version": FORMAT_VERSION,
+            "base_model_type": _model_type(model), "config": get_config(model).to_dict(),
+            "layers": base_fingerprint(model)}
+    state = adapter_state_dict(model)
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    return directory
+
+
+def read_adapter_meta(directory: str | Path) -> dict:
+    """The adapter_config.json of a saved adapter, checked for a format this version reads."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"No adapter at {directory}: {CONFIG_FILE} is missing. "
+                                "Pass the directory that save_adapter (or `lmoe train`) wrote.")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the adapter is corrupt, save it again.") from err
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path} was written by lmoe {meta.get('lmoe_version')} in adapter format "
+                         f"{meta['format_version']}; this lmoe {__version__} reads format {FORMAT_VERSION}. "
+                         "Upgrade lmoe to load it.")
+    return meta
+
+
+def load_adapter(base_model: nn.Module, directory: str | Path) -> nn.Module:
+    """Inject the saved mixture into base_model (in place) and load its weights. Returns the model."""
+    meta = read_adapter_meta(directory)
+    cfg = LMoEConfig.from_dict(meta["config"])
+    check_base_matches(base_model, meta, directory)
+    inject(base_model, cfg)
+    weights = _read_weights(Path(directory) / WEIGHTS_FILE)
+    expected = adapter_state_dict(base_model)
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"Adapter {directory} does not fit this model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}.")
+    base_model.load_state_dict(weights, strict=False)  # copy_ casts to the adapter's dtype
+    return base_model
+
+
+def check_base_matches(model: nn.Module, meta: dict, directory: str | Path) -> None:
+    """Every saved layer must exist in the base with the same shape; say which do not."""
+    modules = dict(model.named_modules())
+    problems = []
+    for name, (d_in, d_out) in meta["layers"].items():
+        module = modules.get(name)
+        if module is None:
+            problems.append(f"{name}: not in this model")
+            continue
+        shape = list(linear_shape(module))
+        if shape != [d_in, d_out]:
+            problems.append(f"{name}: adapter expects (d_in, d_out)=({d_in}, {d_out}), model has {tuple(shape)}")
+    if problems:
+        raise ValueError(
+            f"Adapter {directory} was trained on a different base model "
+            f"({meta.get('base_model_type')}, this one is {_model_type(model)}): "
+            + "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            + ". Load it onto the base model it was trained with.")
+
+
+def _read_weights(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"Adapter weights {path} are missing; the adapter directory is incomplete.")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for truncated/corrupt headers
+        raise ValueError(f"Adapter weights {path} are corrupt or truncated ({err}); save the adapter again.") from err
+
+
+def _model_type(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None) or type(model).__name__
