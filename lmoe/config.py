@@ -69,7 +69,8 @@ class LMoEConfig:
                 _fail(name, value, "a number >= 0")
         if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
             _fail("dropout", self.dropout, "a probability in [0, 1)")
-        if not _is_number(self.sparsity_target) or not 1 <= self.sparsity_target <= self.num_experts:
+        if self.router == "dynamic" and self.sparsity_coef > 0 and (
+                not _is_number(self.sparsity_target) or not 1 <= self.sparsity_target <= self.num_experts):
             _fail("sparsity_target", self.sparsity_target,
                   f"a number of experts from 1 to num_experts={self.num_experts}")
 

@@ -1,8 +1,8 @@
 """Routing: turn a token's layer input x into expert weights g on the simplex, plus the auxiliary losses.
 
 A router is the lightweight gate `u = W_g x (+ b_g)` (it *is* an `nn.Linear`, so `router.weight` is
-W_g) followed by a routing function `g = route(u)`. All routing maths runs in float32 whatever the
-model dtype; nothing here knows about models or training.
+W_g) followed by a routing function `g = route(u)`. All routing maths runs in float32 (or float64)
+whatever the model dtype; nothing here knows about models or training.
 """
 from __future__ import annotations
 
@@ -26,6 +26,11 @@ class Routing:
 
 
 # ---------------------------------------------------------------- routing functions (pure maths)
+
+def at_least_float32(t: Tensor) -> Tensor:
+    """Routing maths runs in float32 for half-precision models (float64 stays float64)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
 
 def softmax_route(u: Tensor, temperature: float = 1.0) -> Tensor:
     """Dense L-MoE gate: g = softmax(u / T)."""
@@ -89,7 +94,7 @@ class Router(nn.Linear):
 
     def logits(self, x: Tensor) -> Tensor:
         """u = W_g x (+ b_g) in float32, x: (tokens, d_in) -> (tokens, E)."""
-        return super().forward(x).float()
+        return at_least_float32(super().forward(x))
 
     def route(self, x: Tensor) -> Routing:
         raise NotImplementedError
@@ -141,7 +146,7 @@ class DynamicRouter(Router):
 
     def lam(self, x: Tensor) -> Tensor:
         """lambda(x) in (-inf, 1): 1 - softplus keeps it below one; starts at 1 - log 2 ~ 0.31."""
-        return 1 - F.softplus(self.lambda_head(x).float())
+        return 1 - F.softplus(at_least_float32(self.lambda_head(x)))
 
     def route(self, x: Tensor) -> Routing:
         u = self.logits(x)
