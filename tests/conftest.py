@@ -9,7 +9,7 @@ TINY = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention
             num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64)
 
 
-def tiny_model(kind: str = "llama", seed: int = 0) -> torch.nn.Module:
+def tiny_model(kind: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
     """A 2-layer causal LM of the given family, deterministic for a seed, in eval mode."""
     torch.manual_seed(seed)
     if kind == "gpt2":
@@ -17,7 +17,7 @@ def tiny_model(kind: str = "llama", seed: int = 0) -> torch.nn.Module:
     else:
         config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
                                  "mistral": (MistralConfig, MistralForCausalLM)}[kind]
-        model = model_cls(config_cls(**TINY))
+        model = model_cls(config_cls(**{**TINY, **overrides}))
     return model.eval()
 
 
