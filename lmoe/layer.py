@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LMoEConfig
@@ -18,6 +17,66 @@ def linear_shape(base: nn.Module) -> tuple[int, int]:
     if type(base).__name__ == "Conv1D":  # weight is (d_in, d_out); y = x @ W + b
         return base.weight.shape[0], base.weight.shape[1]
     raise TypeError(f"MoLoRALinear wraps nn.Linear or transformers' Conv1D, not {type(base).__name__}.")
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the adapter GEMMs run in: autocast's where it is on, else the input's."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+def mix(h: Tensor, g: Tensor, scaling: float, params: bool) -> Tensor:
+    """Compose per-expert codes h = A x (tokens, E, r) with weights g (tokens, E) -> (tokens, E*r).
+
+    Multiplying the result by the stacked B gives s * Delta; the LoRA scale s is applied here once.
+    """
+    sg = (scaling * g).unsqueeze(-1)  # (tokens, E, 1)
+    if params:
+        h = torch.bmm(g.unsqueeze(1), h)  # (tokens, 1, r): z = A(x) x = sum_i g_i A_i x
+    return (sg * h).flatten(1)  # block j: s g_j z (params) or s g_j A_j x (outputs)
+
+
+def mix_backward(grad_m: Tensor, h: Tensor, g: Tensor, scaling: float, params: bool) -> tuple[Tensor, Tensor]:
+    """Gradients of mix with respect to h (tokens, E, r) and g (tokens, E), given grad_m (tokens, E, r)."""
+    sg = (scaling * g).unsqueeze(1)  # (tokens, 1, E)
+    if not params:  # m_j = s g_j h_j
+        grad_g = scaling * (grad_m * h).sum(-1)
+        return grad_m * sg.transpose(1, 2), grad_g
+    z = torch.bmm(g.unsqueeze(1), h)  # (tokens, 1, r)
+    grad_z = torch.bmm(sg, grad_m)  # (tokens, 1, r): sum_j s g_j dm_j
+    # m_j = s g_j z with z = sum_i g_i h_i: g enters twice, as the mixing weight and inside z
+    grad_g = scaling * torch.bmm(grad_m, z.transpose(1, 2)) + torch.bmm(h, grad_z.transpose(1, 2))
+    return g.unsqueeze(-1) * grad_z, grad_g.squeeze(-1)
+
+
+class _MixtureLoRA(torch.autograd.Function):
+    """Delta = B mix(A x, g): the two GEMMs of one rank-E*r LoRA with the routing mix between them.
+
+    Saves what a rank-E*r LoRA saves (x and h = A x) plus g (tokens, E); the mixed codes
+    (tokens, E*r) are recomputed in backward rather than kept, so memory matches plain LoRA.
+    x (tokens, d_in), A (E*r, d_in), B (d_out, E*r), g (tokens, E), all one dtype -> (tokens, d_out).
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, B, g, scaling, params):
+        experts = g.shape[-1]
+        h = (x @ A.t()).view(x.shape[0], experts, -1)  # (tokens, E, r)
+        ctx.save_for_backward(x, A, B, g, h)
+        ctx.scaling, ctx.params = scaling, params
+        return mix(h, g, scaling, params) @ B.t()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, A, B, g, h = ctx.saved_tensors
+        grad_out = grad_out.to(h.dtype)
+        need_x, need_A, need_B, need_g = ctx.needs_input_grad[:4]
+        grad_m = (grad_out @ B).view_as(h)  # (tokens, E, r)
+        grad_B = grad_out.t() @ mix(h, g, ctx.scaling, ctx.params) if need_B else None
+        grad_h, grad_g = mix_backward(grad_m, h, g, ctx.scaling, ctx.params)
+        grad_h = grad_h.flatten(1)  # (tokens, E*r)
+        grad_x = grad_h @ A if need_x else None
+        grad_A = grad_h.t() @ x if need_A else None
+        return grad_x, grad_A, grad_B, grad_g if need_g else None, None, None
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -43,7 +102,10 @@ class MoLoRALinear(nn.Module):
         factory = {"device": weight.device,
                    "dtype": weight.dtype if weight.dtype.is_floating_point else torch.float32}
         self.lora_A = nn.Parameter(torch.empty(self.num_experts, self.rank, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(self.num_experts, self.out_features, self.rank, **factory))
+        # B is stored as (d_out, E, r) and exposed as its (E, d_out, r) permutation: then the stacked
+        # B (d_out, E*r) of every forward, and its gradient, are views instead of copies.
+        B = torch.zeros(self.out_features, self.num_experts, self.rank, **factory)
+        self.lora_B = nn.Parameter(B.permute(1, 0, 2))
         self.router = build_router(self.in_features, cfg, **factory)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.reset_experts()
@@ -57,20 +119,13 @@ class MoLoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     def stacked(self) -> tuple[Tensor, Tensor]:
-        """A as (E*r, d_in) and B as (d_out, E*r): the experts laid side by side as one LoRA."""
+        """A as (E*r, d_in) and B as (d_out, E*r): the experts laid side by side as one LoRA.
+
+        Views of the parameters in their own layout; a copy only if lora_B was replaced by a contiguous one.
+        """
         A = self.lora_A.reshape(self.num_experts * self.rank, self.in_features)
         B = self.lora_B.permute(1, 0, 2).reshape(self.out_features, self.num_experts * self.rank)
         return A, B
-
-    def mix(self, h: Tensor, g: Tensor) -> Tensor:
-        """Compose per-expert codes h = A x (tokens, E, r) with weights g (tokens, E) -> (tokens, E*r).
-
-        Multiplying the result by the stacked B gives s * Delta; the LoRA scale s is applied here once.
-        """
-        g = g.unsqueeze(-1)  # (tokens, E, 1)
-        if self.composition == "params":
-            h = (g * h).sum(1, keepdim=True)  # (tokens, 1, r): z = A(x) x = sum_i g_i A_i x
-        return (self.scaling * g * h).flatten(1)  # block j: s g_j z (params) or s g_j A_j x (outputs)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
@@ -79,8 +134,9 @@ class MoLoRALinear(nn.Module):
         routing = self.router.route(x2)
         self._observe(routing)
         A, B = self.stacked()
-        h = F.linear(self.dropout(x2), A).view(-1, self.num_experts, self.rank)  # (tokens, E, r)
-        delta = F.linear(self.mix(h, routing.weights.to(h.dtype)), B)  # (tokens, d_out)
+        dtype = _compute_dtype(x)
+        delta = _MixtureLoRA.apply(self.dropout(x2).to(dtype), A.to(dtype), B.to(dtype),
+                                   routing.weights.to(dtype), self.scaling, self.composition == "params")
         return y + delta.view(*lead, self.out_features).to(y.dtype)
 
     def _observe(self, routing: Routing) -> None:
