@@ -1,6 +1,8 @@
 """lmoe: fine-tune causal LMs with a mixture of LoRA experts, trained end to end (L-MoE, LD-MoLE)."""
 __version__ = "0.1.0"
 
+from .compose import (add_experts, compose, export_peft, freeze_experts, frozen_experts, load_experts, mean_routing,
+                      remove_experts, unfreeze_experts)
 from .config import LMoEConfig
 from .inject import aux_loss, aux_losses, count_parameters, inject, lmoe_layers, record_routing, remove
 from .io import load_adapter, save_adapter
@@ -8,3 +10,5 @@ from .layer import MoLoRALinear
 
 __all__ = ["LMoEConfig", "MoLoRALinear", "inject", "remove", "aux_loss", "aux_losses", "count_parameters",
            "lmoe_layers", "record_routing", "save_adapter", "load_adapter", "__version__"]
+__all__ += ["compose", "load_experts", "add_experts", "remove_experts", "freeze_experts", "unfreeze_experts",
+            "frozen_experts", "mean_routing", "export_peft"]

@@ -1,0 +1,378 @@
+"""Modular skills: a mixture built from PEFT LoRA adapters; experts added, frozen or removed; a fixed
+routing exported back to a plain PEFT LoRA adapter.
+
+Each layer stacks its experts in one Parameter (lora_A (E, r, d_in), lora_B (E, d_out, r)), so an
+expert is a slice: adding or removing one rebuilds the Parameters (build the optimizer afterwards),
+freezing some masks their slices of the gradient.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+from .config import LMoEConfig
+from .inject import CONFIG_ATTR, find_targets, get_config, inject, lmoe_layers
+from .io import atomic_write
+from .layer import MoLoRALinear, is_linear
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel) .model (the LM)
+NEW_EXPERT_LOGIT = -1e4  # exp() underflows to exactly 0 in float32; also below any sparsemax threshold
+
+
+# ---------------------------------------------------------------- reading PEFT LoRA adapters
+
+@dataclass
+class PeftLoRA:
+    """A PEFT LoRA adapter: module path -> (A (r, d_in), s B (d_out, r)), its own scale s folded into B."""
+
+    path: Path
+    modules: dict[str, tuple[Tensor, Tensor]]
+
+    @property
+    def rank(self) -> int:
+        return max(A.shape[0] for A, _ in self.modules.values())
+
+
+def read_peft_lora(directory: str | Path) -> PeftLoRA:
+    """Read adapter_config.json + adapter_model.safetensors as PEFT saves them (rank/alpha patterns, rsLoRA)."""
+    config = _read_peft_config(directory)
+    pairs: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in _read_peft_weights(directory).items():
+        path, _, part = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+        if not key.startswith(PEFT_PREFIX) or part not in ("A.weight", "B.weight"):
+            raise ValueError(f"PEFT adapter {directory} holds {key!r}, which is not a LoRA A/B weight. lmoe composes "
+                             "plain LoRA adapters of linear layers (no embeddings, modules_to_save or biases).")
+        pairs.setdefault(path, {})[part[0]] = tensor
+    modules = {}
+    for path, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"PEFT adapter {directory} has only lora_{''.join(ab)} for {path}; the file is incomplete.")
+        A, B = ab["A"], ab["B"]  # (r, d_in), (d_out, r)
+        modules[path] = (A, _module_scale(config, path, A.shape[0]) * B)
+    if not modules:
+        raise ValueError(f"PEFT adapter {directory} has no LoRA weights.")
+    return PeftLoRA(Path(directory), modules)
+
+
+def _read_peft_config(directory: str | Path) -> dict:
+    path = Path(directory) / PEFT_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"No PEFT adapter at {directory}: {PEFT_CONFIG} is missing. Pass a directory "
+                                "written by PEFT's save_pretrained (or lmoe.export_peft).")
+    config = json.loads(path.read_text())
+    unsupported = {"peft_type": config.get("peft_type") != "LORA", "use_dora": bool(config.get("use_dora")),
+                   "bias": config.get("bias", "none") != "none", "lora_bias": bool(config.get("lora_bias"))}
+    wrong = [f"{key}={config.get(key)!r}" for key, bad in unsupported.items() if bad]
+    if wrong:
+        raise ValueError(f"PEFT adapter {directory} has {', '.join(wrong)}; lmoe composes plain LoRA adapters "
+                         "(peft_type LORA, no DoRA, no biases).")
+    return config
+
+
+def _read_peft_weights(directory: str | Path) -> dict[str, Tensor]:
+    path = Path(directory) / PEFT_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"PEFT adapter {directory} has no {PEFT_WEIGHTS}; save it with safetensors "
+                                "(PEFT's default, safe_serialization=True).")
+    return load_file(str(path))
+
+
+def _module_scale(config: dict, path: str, r: int) -> float:
+    """PEFT's scale for one module: alpha / r (alpha / sqrt(r) with rsLoRA), alpha from alpha_pattern if a key matches."""
+    alpha = config["lora_alpha"]
+    for key, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):  # PEFT's get_pattern_key rule
+            alpha = value
+            break
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+# ---------------------------------------------------------------- building a mixture from adapters
+
+def compose(model: nn.Module, adapters: Sequence[str | Path], cfg: LMoEConfig | None = None) -> nn.Module:
+    """Inject a mixture whose expert i is PEFT LoRA adapters[i], in place, with a fresh zero router. Returns model.
+
+    num_experts, rank (the largest; smaller ranks are zero-padded, which is exact) and target_modules come
+    from the adapters; alpha = rank, so scaling is 1 and each adapter's own scale sits in its B. Router,
+    composition and losses come from cfg (default: outputs composition, where a one-hot routing reproduces
+    an adapter exactly). The zero router starts uniform: the average of the adapters.
+    """
+    loras = [read_peft_lora(d) for d in adapters]
+    paths = _module_paths(model, loras)
+    rank = max(lora.rank for lora in loras)
+    template = cfg or LMoEConfig(composition="outputs")
+    cfg = dataclasses.replace(template, num_experts=len(loras), rank=rank, alpha=float(rank), target_modules=paths)
+    inject(model, dataclasses.replace(cfg, target_modules=_short_targets(model, cfg, paths)))
+    with torch.no_grad():
+        for _, layer in lmoe_layers(model):
+            for p in layer.router.parameters(recurse=False):
+                p.zero_()
+    _copy_experts(model, loras, range(len(loras)))
+    return model
+
+
+def load_experts(model: nn.Module, adapters: Sequence[str | Path], experts: Sequence[int]) -> None:
+    """Overwrite expert slots experts[i] with PEFT LoRA adapters[i] (e.g. the slots add_experts returned)."""
+    if len(adapters) != len(experts):
+        raise ValueError(f"load_experts got {len(adapters)} adapters for {len(experts)} expert slots; give one slot each.")
+    _check_experts(model, experts)
+    _copy_experts(model, [read_peft_lora(d) for d in adapters], experts)
+
+
+def _module_paths(model: nn.Module, loras: list[PeftLoRA]) -> list[str]:
+    """The union of the adapters' modules, in model order; an error names any the model lacks."""
+    paths = set().union(*(lora.modules for lora in loras))
+    linear = [name for name, module in model.named_modules() if name in paths and is_linear(module)]
+    missing = sorted(paths - set(linear))
+    if missing:
+        owners = [str(lora.path) for lora in loras if set(lora.modules) & set(missing)]
+        raise ValueError(f"Adapters {owners} have LoRA weights for {missing[:3]}, which are not linear layers of "
+                         f"this {type(model).__name__}; compose adapters trained on this base model.")
+    return linear
+
+
+def _short_targets(model: nn.Module, cfg: LMoEConfig, paths: list[str]) -> list[str]:
+    """The module-name suffixes if they select exactly paths (a readable config), else the full paths."""
+    suffixes = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    return suffixes if find_targets(model, dataclasses.replace(cfg, target_modules=suffixes)) == paths else paths
+
+
+@torch.no_grad()
+def _copy_experts(model: nn.Module, loras: list[PeftLoRA], experts: Sequence[int]) -> None:
+    layers = dict(lmoe_layers(model))
+    for lora, e in zip(loras, experts):
+        extra = sorted(set(lora.modules) - set(layers))
+        if extra:
+            raise ValueError(f"Adapter {lora.path} has LoRA weights for {extra[:3]}, which this mixture does not "
+                             "wrap; build the mixture with compose() over all adapters instead.")
+        for name, layer in layers.items():
+            layer.lora_A[e].zero_()  # a module the adapter skips: the expert adds nothing there
+            layer.lora_B[e].zero_()
+            if name in lora.modules:
+                A, B = lora.modules[name]
+                _check_shape(lora, name, layer, A)
+                layer.lora_A[e, : A.shape[0]].copy_(A)  # zero padding to the mixture's rank is exact
+                layer.lora_B[e, :, : A.shape[0]].copy_(B / layer.scaling)
+
+
+def _check_shape(lora: PeftLoRA, name: str, layer: MoLoRALinear, A: Tensor) -> None:
+    B = lora.modules[name][1]
+    if A.shape[1] != layer.in_features or B.shape[0] != layer.out_features:
+        raise ValueError(f"Adapter {lora.path}: {name} maps {A.shape[1]} -> {B.shape[0]} features, the model's layer "
+                         f"{layer.in_features} -> {layer.out_features}; it was trained on a different base model.")
+    if A.shape[0] > layer.rank:
+        raise ValueError(f"Adapter {lora.path}: {name} has rank {A.shape[0]} > the mixture's rank {layer.rank}; "
+                         "compose() the adapters together so the mixture takes the largest rank.")
+
+
+# ---------------------------------------------------------------- adding and removing experts
+
+def add_experts(model: nn.Module, n: int = 1, logit: float = NEW_EXPERT_LOGIT) -> list[int]:
+    """Append n experts to every layer (LoRA init: A random, B = 0); returns their indices.
+
+    Their router rows get zero weights and bias `logit` (a bias is added if the router had none). The
+    default keeps routing weights and outputs exactly as they were for softmax, topk and dynamic routers,
+    but also gives the new experts exactly zero weight and gradient; a moderate logit (e.g. -4) changes
+    routing by about e^logit and lets them learn from the first step (topk: once they reach the top k).
+    """
+    cfg = get_config(model)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"add_experts(n={n!r}): n is the number of experts to add, an integer >= 1.")
+    new_cfg = dataclasses.replace(cfg, num_experts=cfg.num_experts + n, router_bias=True)
+    keep = list(range(cfg.num_experts))
+    for _, layer in lmoe_layers(model):
+        _rebuild(layer, keep, n, logit)
+    setattr(model, CONFIG_ATTR, new_cfg)
+    return list(range(cfg.num_experts, new_cfg.num_experts))
+
+
+def remove_experts(model: nn.Module, which: Sequence[int]) -> None:
+    """Drop experts `which` from every layer: their slices of A, B and the router."""
+    cfg = get_config(model)
+    _check_experts(model, which)
+    keep = [i for i in range(cfg.num_experts) if i not in set(which)]
+    if not keep:
+        raise ValueError(f"remove_experts({list(which)}) would remove all {cfg.num_experts} experts; keep at least one.")
+    new_cfg = dataclasses.replace(cfg, num_experts=len(keep))  # validates top_k etc. before anything changes
+    for _, layer in lmoe_layers(model):
+        _rebuild(layer, keep, 0, NEW_EXPERT_LOGIT)
+    setattr(model, CONFIG_ATTR, new_cfg)
+
+
+def _check_experts(model: nn.Module, which: Sequence[int]) -> None:
+    E = get_config(model).num_experts
+    bad = [i for i in which if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < E]
+    if bad or len(set(which)) != len(which):
+        raise ValueError(f"Expert indices {list(which)} are invalid: expected distinct integers from 0 to {E - 1}.")
+
+
+@torch.no_grad()
+def _rebuild(layer: MoLoRALinear, keep: list[int], n: int, logit: float) -> None:
+    """Keep expert slices `keep` (in order) and append n new LoRA-initialised experts with router bias logit."""
+    frozen = _frozen_mask(layer)[keep]
+    idx = torch.tensor(keep, device=layer.lora_A.device)
+    A = torch.empty(n, layer.rank, layer.in_features, dtype=layer.lora_A.dtype, device=idx.device)
+    for a in A:
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as MoLoRALinear.reset_experts
+    layer.lora_A = _grown(layer.lora_A, idx, A)
+    layer.lora_B = _grown(layer.lora_B, idx, layer.lora_B.new_zeros(n, *layer.lora_B.shape[1:]))
+    router = layer.router
+    if router.bias is None and n:
+        router.bias = nn.Parameter(router.weight.new_zeros(router.out_features),
+                                   requires_grad=router.weight.requires_grad)
+    for name, p in list(router.named_parameters(recurse=False)):
+        fill = logit if name == "bias" else 0.0
+        setattr(router, name, _grown(p, idx, p.new_full((n, *p.shape[1:]), fill)))
+    router.out_features = layer.num_experts = len(keep) + n
+    _apply_freeze(layer, torch.cat([frozen, torch.zeros(n, dtype=torch.bool)]))
+
+
+def _grown(p: nn.Parameter, idx: Tensor, new: Tensor) -> nn.Parameter:
+    return nn.Parameter(torch.cat([p[idx], new]), requires_grad=p.requires_grad)
+
+
+# ---------------------------------------------------------------- freezing experts
+
+_PARTLY_FROZEN: weakref.WeakSet[MoLoRALinear] = weakref.WeakSet()
+_STEP_HOOKS: list = []
+
+
+def freeze_experts(model: nn.Module, which: Sequence[int] | None = None) -> None:
+    """Stop training experts `which` (all if None) in every layer; freezing all trains the routers only.
+
+    Fully frozen A/B get requires_grad=False. Partly frozen ones get a gradient hook zeroing the frozen
+    slices, and every torch optimizer step restores those slices, so weight decay and momentum cannot move them.
+    """
+    _set_frozen(model, which, True)
+
+
+def unfreeze_experts(model: nn.Module, which: Sequence[int] | None = None) -> None:
+    """Train experts `which` (all if None) again."""
+    _set_frozen(model, which, False)
+
+
+def frozen_experts(model: nn.Module) -> list[int]:
+    """Indices of the frozen experts (the same in every layer)."""
+    mask = _frozen_mask(next(layer for _, layer in lmoe_layers(model)))
+    return mask.nonzero().flatten().tolist()
+
+
+def _set_frozen(model: nn.Module, which: Sequence[int] | None, frozen: bool) -> None:
+    E = get_config(model).num_experts
+    which = range(E) if which is None else which
+    _check_experts(model, list(which))
+    for _, layer in lmoe_layers(model):
+        mask = _frozen_mask(layer).clone()
+        mask[list(which)] = frozen
+        _apply_freeze(layer, mask)
+
+
+def _frozen_mask(layer: MoLoRALinear) -> Tensor:
+    return getattr(layer, "_lmoe_frozen_experts", torch.zeros(layer.num_experts, dtype=torch.bool))
+
+
+def _apply_freeze(layer: MoLoRALinear, mask: Tensor) -> None:
+    """Set requires_grad, gradient hooks and step restoring for a (E,) bool mask of frozen experts."""
+    for handle in getattr(layer, "_lmoe_freeze_hooks", []):
+        handle.remove()
+    layer._lmoe_frozen_experts, layer._lmoe_freeze_hooks = mask, []
+    all_frozen, partly = bool(mask.all()), bool(mask.any() and not mask.all())
+    for p in (layer.lora_A, layer.lora_B):
+        p.requires_grad_(not all_frozen)
+        if partly:
+            keep = (~mask).to(p.dtype).view(-1, 1, 1)  # (E, 1, 1)
+            layer._lmoe_freeze_hooks.append(p.register_hook(lambda grad, keep=keep: grad * keep.to(grad.device)))
+    if partly:
+        _PARTLY_FROZEN.add(layer)
+        _install_step_hooks()
+    else:
+        _PARTLY_FROZEN.discard(layer)
+
+
+def _install_step_hooks() -> None:
+    if not _STEP_HOOKS:
+        _STEP_HOOKS.append(register_optimizer_step_pre_hook(_snapshot_frozen))
+        _STEP_HOOKS.append(register_optimizer_step_post_hook(_restore_frozen))
+
+
+def _snapshot_frozen(optimizer, args, kwargs) -> None:
+    for layer in list(_PARTLY_FROZEN):
+        idx = layer._lmoe_frozen_experts.nonzero().flatten().to(layer.lora_A.device)
+        layer._lmoe_snapshot = (idx, layer.lora_A.detach()[idx].clone(), layer.lora_B.detach()[idx].clone())
+
+
+@torch.no_grad()
+def _restore_frozen(optimizer, args, kwargs) -> None:
+    for layer in list(_PARTLY_FROZEN):
+        snapshot = getattr(layer, "_lmoe_snapshot", None)
+        if snapshot is not None:
+            idx, A, B = snapshot
+            layer.lora_A[idx] = A
+            layer.lora_B[idx] = B
+            layer._lmoe_snapshot = None
+
+
+# ---------------------------------------------------------------- exporting a fixed routing to PEFT
+
+def mean_routing(record: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """layer name -> (E,) mean routing weights over the tokens of an lmoe.record_routing record."""
+    return {name: weights.float().mean(0) for name, weights in record.items()}
+
+
+def fixed_lora(layer: MoLoRALinear, g: Tensor) -> tuple[Tensor, Tensor]:
+    """The layer with routing fixed at g (E,) as one LoRA (A (r', d_in), B (d_out, r')), B A = s Delta W(g).
+
+    outputs: r' = E r, the experts side by side with block i of B scaled by s g_i.
+    params: r' = r, A(g) = sum g_i A_i and B(g) = s sum g_i B_i (exact when g does not depend on x).
+    """
+    g = g.to(device=layer.lora_A.device, dtype=layer.lora_A.dtype)
+    if layer.composition == "params":
+        A = torch.einsum("e,erd->rd", g, layer.lora_A)
+        return A, layer.scaling * torch.einsum("e,eor->or", g, layer.lora_B)
+    A, B = layer.stacked()
+    return A, B * (layer.scaling * g).repeat_interleave(layer.rank)
+
+
+@torch.no_grad()
+def export_peft(model: nn.Module, directory: str | Path, g: Tensor | Mapping[str, Tensor]) -> Path:
+    """Write the mixture with routing fixed at g as a plain PEFT LoRA adapter (PeftModel.from_pretrained loads it).
+
+    g: (E,) for every layer (one skill's routing), or layer name -> (E,) (e.g. mean_routing(record)).
+    """
+    cfg = get_config(model)
+    state, conv1d = {}, False
+    for name, layer in lmoe_layers(model):
+        weights = g[name] if isinstance(g, Mapping) else g
+        _check_routing(name, torch.as_tensor(weights), cfg.num_experts)
+        A, B = fixed_lora(layer, torch.as_tensor(weights))
+        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.contiguous()
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.contiguous()
+        conv1d |= type(layer.base).__name__ == "Conv1D"
+    rank = A.shape[0]
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,  # scale 1: s is in B
+              "target_modules": [name for name, _ in lmoe_layers(model)], "lora_dropout": cfg.dropout,
+              "fan_in_fan_out": conv1d, "bias": "none", "inference_mode": True,
+              "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None)}
+    directory = Path(directory)
+    atomic_write(directory / PEFT_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / PEFT_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    return directory
+
+
+def _check_routing(name: str, g: Tensor, E: int) -> None:
+    if g.shape != (E,) or bool((g < 0).any()):
+        raise ValueError(f"Routing for {name} must be {E} non-negative weights (shape ({E},)), got shape "
+                         f"{tuple(g.shape)}; pass one skill's weights or mean_routing(record).")
