@@ -59,7 +59,8 @@ def read_peft_lora(directory: str | Path) -> PeftLoRA:
     modules = {}
     for path, ab in pairs.items():
         if set(ab) != {"A", "B"}:
-            raise ValueError(f"PEFT adapter {directory} has only lora_{''.join(ab)} for {path}; the file is incomplete.")
+            raise ValueError(f"PEFT adapter {directory} has only lora_{''.join(ab)} for {path}; "
+                             "the file is incomplete.")
         A, B = ab["A"], ab["B"]  # (r, d_in), (d_out, r)
         modules[path] = (A, _module_scale(config, path, A.shape[0]) * B)
     if not modules:
@@ -91,7 +92,7 @@ def _read_peft_weights(directory: str | Path) -> dict[str, Tensor]:
 
 
 def _module_scale(config: dict, path: str, r: int) -> float:
-    """PEFT's scale for one module: alpha / r (alpha / sqrt(r) with rsLoRA), alpha from alpha_pattern if a key matches."""
+    """PEFT's scale of one module: alpha / r, or alpha / sqrt(r) with rsLoRA; alpha_pattern may override alpha."""
     alpha = config["lora_alpha"]
     for key, value in (config.get("alpha_pattern") or {}).items():
         if re.match(rf"(.*\.)?({key})$", path):  # PEFT's get_pattern_key rule
@@ -127,7 +128,8 @@ def compose(model: nn.Module, adapters: Sequence[str | Path], cfg: LMoEConfig | 
 def load_experts(model: nn.Module, adapters: Sequence[str | Path], experts: Sequence[int]) -> None:
     """Overwrite expert slots experts[i] with PEFT LoRA adapters[i] (e.g. the slots add_experts returned)."""
     if len(adapters) != len(experts):
-        raise ValueError(f"load_experts got {len(adapters)} adapters for {len(experts)} expert slots; give one slot each.")
+        raise ValueError(f"load_experts got {len(adapters)} adapters for {len(experts)} expert slots; "
+                         "give one slot per adapter.")
     _check_experts(model, experts)
     _copy_experts(model, [read_peft_lora(d) for d in adapters], experts)
 
@@ -205,7 +207,8 @@ def remove_experts(model: nn.Module, which: Sequence[int]) -> None:
     _check_experts(model, which)
     keep = [i for i in range(cfg.num_experts) if i not in set(which)]
     if not keep:
-        raise ValueError(f"remove_experts({list(which)}) would remove all {cfg.num_experts} experts; keep at least one.")
+        raise ValueError(f"remove_experts({list(which)}) would remove all {cfg.num_experts} experts; "
+                         "keep at least one.")
     new_cfg = dataclasses.replace(cfg, num_experts=len(keep))  # validates top_k etc. before anything changes
     for _, layer in lmoe_layers(model):
         _rebuild(layer, keep, 0, NEW_EXPERT_LOGIT)
@@ -228,7 +231,9 @@ def _rebuild(layer: MoLoRALinear, keep: list[int], n: int, logit: float) -> None
     for a in A:
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as MoLoRALinear.reset_experts
     layer.lora_A = _grown(layer.lora_A, idx, A)
-    layer.lora_B = _grown(layer.lora_B, idx, layer.lora_B.new_zeros(n, *layer.lora_B.shape[1:]))
+    B = torch.cat([layer.lora_B[idx], layer.lora_B.new_zeros(n, *layer.lora_B.shape[1:])])
+    B = B.transpose(0, 1).contiguous().transpose(0, 1)  # MoLoRALinear stores B as (d_out, E, r)
+    layer.lora_B = nn.Parameter(B, requires_grad=layer.lora_B.requires_grad)
     router = layer.router
     if router.bias is None and n:
         router.bias = nn.Parameter(router.weight.new_zeros(router.out_features),
