@@ -11,6 +11,9 @@ from typing import Any
 ROUTERS = ("softmax", "topk", "dynamic")
 COMPOSITIONS = ("params", "outputs")
 ALL_LINEAR = "all-linear"
+# load_balance_coef when left unset: the Switch-Transformer 0.01 for softmax/top-k; LD-MoLE's released
+# recipe (eshentw/LD-MoLE run.sh, lb_loss_coef=1.0) for the dynamic router
+LOAD_BALANCE_DEFAULTS = {"softmax": 0.01, "topk": 0.01, "dynamic": 1.0}
 
 
 def _fail(name: str, value: Any, expected: str) -> None:
@@ -36,22 +39,28 @@ class LMoEConfig:
     temperature: float = 1.0
     composition: str = "params"
     router_bias: bool = False
-    load_balance_coef: float = 0.01
+    load_balance_coef: float | None = None  # None: LOAD_BALANCE_DEFAULTS[router]
     z_loss_coef: float = 0.0
+    # LD-MoLE (router="dynamic"): the sparsity objective keeps at most sparsity_target experts per token;
+    # the lambda head is Linear(d_in, lambda_hidden) -> ReLU -> Linear(lambda_hidden, 1), and
+    # lambda = logsigmoid(.) + 1 - lambda_eps < 1. Defaults are the authors' released settings.
     sparsity_coef: float = 0.0
-    sparsity_target: float = 2.0
-    lambda_hidden: int = 64
+    sparsity_target: int = 2
+    lambda_hidden: int = 512
+    lambda_eps: float = 0.01
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
+        if self.load_balance_coef is None:
+            self.load_balance_coef = LOAD_BALANCE_DEFAULTS.get(self.router, 0.01)
         self._check_ints()
         self._check_floats()
         self._check_choices()
         self._check_targets()
 
     def _check_ints(self) -> None:
-        for name in ("num_experts", "rank", "top_k", "lambda_hidden"):
+        for name in ("num_experts", "rank", "top_k", "lambda_hidden", "sparsity_target"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 _fail(name, value, "an integer >= 1")
@@ -69,10 +78,12 @@ class LMoEConfig:
                 _fail(name, value, "a number >= 0")
         if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
             _fail("dropout", self.dropout, "a probability in [0, 1)")
-        if self.router == "dynamic" and self.sparsity_coef > 0 and (
-                not _is_number(self.sparsity_target) or not 1 <= self.sparsity_target <= self.num_experts):
+        if not _is_number(self.lambda_eps) or not 0 < self.lambda_eps < 1:
+            _fail("lambda_eps", self.lambda_eps, "a number in (0, 1) (lambda <= 1 - lambda_eps)")
+        if self.router == "dynamic" and self.sparsity_coef > 0 and self.sparsity_target >= self.num_experts:
             _fail("sparsity_target", self.sparsity_target,
-                  f"a number of experts from 1 to num_experts={self.num_experts}")
+                  f"a number of experts from 1 to num_experts - 1 = {self.num_experts - 1} "
+                  "(with sparsity_coef > 0; at num_experts the sparsity loss is always 0)")
 
     def _check_choices(self) -> None:
         if self.router not in ROUTERS:

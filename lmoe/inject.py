@@ -65,8 +65,9 @@ def inject(model: nn.Module, cfg: LMoEConfig) -> nn.Module:
     frozen = [name for name, p in model.named_parameters() if p.requires_grad]
     for p in model.parameters():
         p.requires_grad_(False)
+    lambda_heads: dict = {}  # LD-MoLE: one lambda head per input width, shared by all layers (dynamic router)
     for name in targets:
-        _set_submodule(model, name, MoLoRALinear(model.get_submodule(name), cfg))
+        _set_submodule(model, name, MoLoRALinear(model.get_submodule(name), cfg, lambda_heads))
     setattr(model, CONFIG_ATTR, cfg)
     setattr(model, FROZEN_ATTR, frozen)
     trainable, total = count_parameters(model)

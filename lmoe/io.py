@@ -40,11 +40,16 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
 
 
 def adapter_state_dict(model: nn.Module) -> dict:
-    """Only the trainable adapter tensors (experts + router), keyed by qualified name."""
-    state = {}
+    """Only the trainable adapter tensors (experts + router), keyed by qualified name.
+
+    A tensor shared by several layers (the dynamic router's lambda head) is saved once, under the
+    first layer that holds it; loading it there fills every layer, since they hold the same tensor.
+    """
+    state, seen = {}, set()
     for name, layer in lmoe_layers(model):
-        for key, tensor in layer.state_dict().items():
-            if not key.startswith("base."):
+        for key, tensor in layer.state_dict(keep_vars=True).items():
+            if not key.startswith("base.") and id(tensor) not in seen:
+                seen.add(id(tensor))
                 state[f"{name}.{key}"] = tensor.detach().contiguous()
     return state
 

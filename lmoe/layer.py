@@ -91,7 +91,8 @@ class MoLoRALinear(nn.Module):
     Both run as the two GEMMs of one rank-E*r LoRA on the stacked experts, plus the router.
     """
 
-    def __init__(self, base: nn.Module, cfg: LMoEConfig) -> None:
+    def __init__(self, base: nn.Module, cfg: LMoEConfig, lambda_heads: dict | None = None) -> None:
+        """lambda_heads: the dynamic router's lambda heads shared across layers (inject passes one dict)."""
         super().__init__()
         self.base = base
         self.in_features, self.out_features = linear_shape(base)
@@ -106,7 +107,7 @@ class MoLoRALinear(nn.Module):
         # B (d_out, E*r) of every forward, and its gradient, are views instead of copies.
         B = torch.zeros(self.out_features, self.num_experts, self.rank, **factory)
         self.lora_B = nn.Parameter(B.permute(1, 0, 2))
-        self.router = build_router(self.in_features, cfg, **factory)
+        self.router = build_router(self.in_features, cfg, lambda_heads, **factory)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.reset_experts()
         self.last_aux: dict[str, Tensor] | None = None  # losses of the last training forward

@@ -43,27 +43,35 @@ def topk_route(u: Tensor, k: int, temperature: float = 1.0) -> Tensor:
     return torch.zeros_like(u).scatter(-1, index, torch.softmax(top / temperature, dim=-1))
 
 
-def sparsemax(v: Tensor) -> Tensor:
-    """Euclidean projection of each row of v onto the simplex (Martins & Astudillo, 2016).
-
-    Closed form: sort, find the support size k = max{k : 1 + k v_(k) > sum_{j<=k} v_(j)},
-    threshold tau = (sum of the k largest - 1) / k, g = max(v - tau, 0). Autograd through this
-    formula gives the exact sparsemax Jacobian; at least one entry is always non-zero.
-    """
-    sorted_v, _ = torch.sort(v, dim=-1, descending=True)
-    cumsum = sorted_v.cumsum(dim=-1)
-    ks = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
-    support = (1 + ks * sorted_v > cumsum).sum(dim=-1, keepdim=True)  # (tokens, 1), >= 1
-    tau = (cumsum.gather(-1, support - 1) - 1) / support.to(v.dtype)
-    return torch.clamp(v - tau, min=0)
-
-
 def sparsegen_route(u: Tensor, lam: Tensor) -> Tensor:
-    """Sparsegen-lin: argmin_{p in simplex} ||p - u||^2 - lam ||p||^2 = sparsemax(u / (1 - lam)), lam < 1.
+    """LD-MoLE routing (Proposition 1): p = argmin_{p in simplex} ||p - u||^2 - lam ||p||^2, lam < 1.
 
-    lam: (tokens, 1). lam -> -inf gives uniform weights, lam -> 1 gives one-hot.
+    Closed form, row by row: sort u descending; the support size is
+    k(u) = max{k : 1 - lam + k u_(k) > sum_{j<=k} u_(j)} (k = 1 always qualifies, so every token keeps
+    at least one expert); tau = (sum_{j<=k(u)} u_(j) - 1 + lam) / k(u); p_i = max(u_i - tau, 0) / (1 - lam).
+    Equivalently sparsemax(u / (1 - lam)). lam -> -inf gives uniform weights, lam -> 1 one-hot.
+    u: (tokens, E); lam: (tokens, 1) or a number. Autograd through the formula is the exact Jacobian.
     """
-    return sparsemax(u / (1 - lam))
+    d = 1 - lam  # (tokens, 1), > 0
+    # p is invariant to shifting u; measuring from the top logit keeps the support's values within
+    # about d of 0, so float32 keeps sum(p) = 1 even for large logits and lambda near 1
+    u = u - u.detach().amax(dim=-1, keepdim=True)
+    u_sorted = torch.sort(u, dim=-1, descending=True).values
+    cumsum = u_sorted.cumsum(dim=-1)
+    ks = torch.arange(1, u.shape[-1] + 1, device=u.device, dtype=u.dtype)
+    support = (d + ks * u_sorted > cumsum).sum(dim=-1, keepdim=True)  # (tokens, 1), >= 1
+    tau = (cumsum.gather(-1, support - 1) - d) / support.to(u.dtype)
+    return torch.clamp(u - tau, min=0) / d
+
+
+def sparsity_threshold(u: Tensor, k: int) -> Tensor:
+    """The smallest lambda at which sparsegen_route(u, lambda) keeps at most k experts: (tokens, 1).
+
+    From Proposition 1's support rule, k(u) <= k iff 1 - lam <= sum_{j<=k} (u_(j) - u_(k+1)), i.e.
+    lam >= 1 - sum_{j<=k} (u_(j) - u_(k+1)). Needs k < E.
+    """
+    top = torch.topk(u, k + 1, dim=-1).values  # (tokens, k+1), descending
+    return 1 - (top[:, :k] - top[:, k:]).sum(dim=-1, keepdim=True)
 
 
 # ---------------------------------------------------------------- auxiliary losses
@@ -81,6 +89,18 @@ def load_balance_loss(dispatch: Tensor, probs: Tensor) -> Tensor:
 def z_loss(u: Tensor) -> Tensor:
     """Router z-loss (ST-MoE): mean of logsumexp(u)^2, keeps logits small."""
     return torch.logsumexp(u, dim=-1).square().mean()
+
+
+def sparsity_loss(u: Tensor, lam: Tensor, k: int) -> Tensor:
+    """LD-MoLE's analytical sparsity objective: mean over tokens of max(0, lambda_k(u) - lambda).
+
+    lambda_k(u) = sparsity_threshold(u, k) is the exact lambda above which a token keeps at most k
+    experts, so the loss is zero once every token does. u is detached (the gate is not pushed; only
+    the lambda head learns from this loss). u: (tokens, E), lam: (tokens, 1); 0 when k >= E.
+    """
+    if k >= u.shape[-1]:
+        return lam.new_zeros(())
+    return F.relu(sparsity_threshold(u.detach(), k) - lam).mean()
 
 
 # ---------------------------------------------------------------- routers
@@ -131,33 +151,75 @@ class TopKRouter(Router):
         return Routing(weights=g, logits=u, probs=softmax_route(u, self.temperature))
 
 
-class DynamicRouter(Router):
-    """LD-MoLE-style dynamic routing: g = sparsemax(u / (1 - lambda(x))), lambda from a small head.
+LAMBDA_BIAS_INIT = -2.5  # the authors' init: every bias of the lambda head starts at -2.5, lambda ~ -1.6
 
-    Each token gets its own number of experts (at least one).
+
+class LambdaHead(nn.Module):
+    """LD-MoLE's sparsity head: lambda(x) = logsigmoid(f(x)) + 1 - eps, with f = Linear -> ReLU -> Linear.
+
+    lambda lies in (-inf, 1 - eps], so the projection is always defined (lambda < 1). Weights start
+    Kaiming-uniform (nn.Linear's default), every bias at LAMBDA_BIAS_INIT: lambda ~ -1.6 at first,
+    i.e. dense routing that training (and the sparsity loss) makes sparser.
     """
 
-    def __init__(self, d_in: int, cfg: LMoEConfig, **factory) -> None:
-        super().__init__(d_in, cfg, **factory)
-        self.lambda_head = nn.Sequential(
-            nn.Linear(d_in, cfg.lambda_hidden, **factory), nn.ReLU(), nn.Linear(cfg.lambda_hidden, 1, **factory))
-        nn.init.zeros_(self.lambda_head[2].weight)
-        nn.init.zeros_(self.lambda_head[2].bias)
+    def __init__(self, d_in: int, hidden: int, eps: float, **factory) -> None:
+        super().__init__()
+        self.eps = eps
+        self.net = nn.Sequential(nn.Linear(d_in, hidden, **factory), nn.ReLU(), nn.Linear(hidden, 1, **factory))
+        for linear in (self.net[0], self.net[2]):
+            nn.init.constant_(linear.bias, LAMBDA_BIAS_INIT)
 
-    def lam(self, x: Tensor) -> Tensor:
-        """lambda(x) in (-inf, 1): 1 - softplus keeps it below one; starts at 1 - log 2 ~ 0.31."""
-        return 1 - F.softplus(at_least_float32(self.lambda_head(x)))
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (tokens, d_in) -> lambda (tokens, 1) in float32 (float64 stays float64)."""
+        # 1 - lambda = eps - logsigmoid(f) = eps + softplus(-f): never below eps, even in half precision
+        return 1 - (self.eps + F.softplus(-at_least_float32(self.net(x))))
+
+
+def lambda_head_for(d_in: int, cfg: LMoEConfig, shared: dict[int, LambdaHead] | None, **factory) -> LambdaHead:
+    """The lambda head for a router of input width d_in: from `shared` (one per width, made on first
+    use) as LD-MoLE shares it across layers and projections, or a private one when shared is None."""
+    if shared is None:
+        return LambdaHead(d_in, cfg.lambda_hidden, cfg.lambda_eps, **factory)
+    if d_in not in shared:
+        shared[d_in] = LambdaHead(d_in, cfg.lambda_hidden, cfg.lambda_eps, **factory)
+    return shared[d_in]
+
+
+class DynamicRouter(Router):
+    """LD-MoLE: g = sparsegen_route(u, lambda(x)), lambda per token and per layer from a shared head.
+
+    Each token gets its own number of experts (at least one). Balance counts a token for every expert
+    with g_i > 0 and uses P = g, as the authors' code does; "sparsity" is sparsity_loss.
+    """
+
+    def __init__(self, d_in: int, cfg: LMoEConfig, lambda_heads: dict[int, LambdaHead] | None = None,
+                 **factory) -> None:
+        super().__init__(d_in, cfg, **factory)
+        self.sparsity_target = cfg.sparsity_target
+        self.lambda_head = lambda_head_for(d_in, cfg, lambda_heads, **factory)
 
     def route(self, x: Tensor) -> Routing:
         u = self.logits(x)
-        lam = self.lam(x)
+        lam = self.lambda_head(x)
         g = sparsegen_route(u, lam)
         return Routing(weights=g, logits=u, probs=g, extras={"lambda": lam})
+
+    def aux_losses(self, r: Routing) -> dict[str, Tensor]:
+        losses = super().aux_losses(r)
+        losses["sparsity"] = sparsity_loss(r.logits, r.extras["lambda"], self.sparsity_target)
+        return losses
 
 
 ROUTER_CLASSES = {"softmax": SoftmaxRouter, "topk": TopKRouter, "dynamic": DynamicRouter}
 
 
-def build_router(d_in: int, cfg: LMoEConfig, **factory) -> Router:
-    """The router named by cfg.router for inputs of width d_in."""
+def build_router(d_in: int, cfg: LMoEConfig, lambda_heads: dict[int, LambdaHead] | None = None,
+                 **factory) -> Router:
+    """The router named by cfg.router for inputs of width d_in.
+
+    lambda_heads: the dynamic router's shared lambda heads, one per input width (see lambda_head_for);
+    inject passes one dict for the whole model. Other routers ignore it.
+    """
+    if cfg.router == "dynamic":
+        return DynamicRouter(d_in, cfg, lambda_heads, **factory)
     return ROUTER_CLASSES[cfg.router](d_in, cfg, **factory)
