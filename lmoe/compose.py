@@ -23,7 +23,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from .config import LMoEConfig
 from .inject import CONFIG_ATTR, find_targets, get_config, inject, lmoe_layers
-from .io import atomic_write
+from .io import WEIGHTS_FILE, atomic_write, read_adapter_meta
 from .layer import MoLoRALinear, is_linear
 
 PEFT_CONFIG = "adapter_config.json"
@@ -32,11 +32,11 @@ PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (Lo
 NEW_EXPERT_LOGIT = -1e4  # exp() underflows to exactly 0 in float32; also below any sparsemax threshold
 
 
-# ---------------------------------------------------------------- reading PEFT LoRA adapters
+# ---------------------------------------------------------------- reading LoRA adapters
 
 @dataclass
-class PeftLoRA:
-    """A PEFT LoRA adapter: module path -> (A (r, d_in), s B (d_out, r)), its own scale s folded into B."""
+class LoRA:
+    """A plain LoRA adapter: module path -> (A (r, d_in), s B (d_out, r)), its own scale s folded into B."""
 
     path: Path
     modules: dict[str, tuple[Tensor, Tensor]]
@@ -46,7 +46,14 @@ class PeftLoRA:
         return max(A.shape[0] for A, _ in self.modules.values())
 
 
-def read_peft_lora(directory: str | Path) -> PeftLoRA:
+def read_lora(directory: str | Path) -> LoRA:
+    """A PEFT LoRA adapter directory, or an lmoe adapter with one expert (a plain LoRA, e.g. `lmoe train` at E=1)."""
+    if (Path(directory) / WEIGHTS_FILE).is_file():
+        return _read_lmoe_lora(directory)
+    return read_peft_lora(directory)
+
+
+def read_peft_lora(directory: str | Path) -> LoRA:
     """Read adapter_config.json + adapter_model.safetensors as PEFT saves them (rank/alpha patterns, rsLoRA)."""
     config = _read_peft_config(directory)
     pairs: dict[str, dict[str, Tensor]] = {}
@@ -65,7 +72,18 @@ def read_peft_lora(directory: str | Path) -> PeftLoRA:
         modules[path] = (A, _module_scale(config, path, A.shape[0]) * B)
     if not modules:
         raise ValueError(f"PEFT adapter {directory} has no LoRA weights.")
-    return PeftLoRA(Path(directory), modules)
+    return LoRA(Path(directory), modules)
+
+
+def _read_lmoe_lora(directory: str | Path) -> LoRA:
+    meta = read_adapter_meta(directory)
+    cfg = LMoEConfig.from_dict(meta["config"])
+    if cfg.num_experts != 1:
+        raise ValueError(f"{directory} is an lmoe mixture of {cfg.num_experts} experts, not one LoRA; export a "
+                         "fixed routing of it with lmoe.export_peft and compose that.")
+    weights = load_file(str(Path(directory) / WEIGHTS_FILE))
+    return LoRA(Path(directory), {name: (weights[f"{name}.lora_A"][0], cfg.scaling * weights[f"{name}.lora_B"][0])
+                                  for name in meta["layers"]})
 
 
 def _read_peft_config(directory: str | Path) -> dict:
@@ -104,14 +122,14 @@ def _module_scale(config: dict, path: str, r: int) -> float:
 # ---------------------------------------------------------------- building a mixture from adapters
 
 def compose(model: nn.Module, adapters: Sequence[str | Path], cfg: LMoEConfig | None = None) -> nn.Module:
-    """Inject a mixture whose expert i is PEFT LoRA adapters[i], in place, with a fresh zero router. Returns model.
+    """Inject a mixture whose expert i is LoRA adapters[i] (see read_lora), in place, with a zero router. Returns model.
 
     num_experts, rank (the largest; smaller ranks are zero-padded, which is exact) and target_modules come
     from the adapters; alpha = rank, so scaling is 1 and each adapter's own scale sits in its B. Router,
     composition and losses come from cfg (default: outputs composition, where a one-hot routing reproduces
     an adapter exactly). The zero router starts uniform: the average of the adapters.
     """
-    loras = [read_peft_lora(d) for d in adapters]
+    loras = [read_lora(d) for d in adapters]
     paths = _module_paths(model, loras)
     rank = max(lora.rank for lora in loras)
     template = cfg or LMoEConfig(composition="outputs")
@@ -126,15 +144,15 @@ def compose(model: nn.Module, adapters: Sequence[str | Path], cfg: LMoEConfig | 
 
 
 def load_experts(model: nn.Module, adapters: Sequence[str | Path], experts: Sequence[int]) -> None:
-    """Overwrite expert slots experts[i] with PEFT LoRA adapters[i] (e.g. the slots add_experts returned)."""
+    """Overwrite expert slots experts[i] with LoRA adapters[i] (e.g. the slots add_experts returned)."""
     if len(adapters) != len(experts):
         raise ValueError(f"load_experts got {len(adapters)} adapters for {len(experts)} expert slots; "
                          "give one slot per adapter.")
     _check_experts(model, experts)
-    _copy_experts(model, [read_peft_lora(d) for d in adapters], experts)
+    _copy_experts(model, [read_lora(d) for d in adapters], experts)
 
 
-def _module_paths(model: nn.Module, loras: list[PeftLoRA]) -> list[str]:
+def _module_paths(model: nn.Module, loras: list[LoRA]) -> list[str]:
     """The union of the adapters' modules, in model order; an error names any the model lacks."""
     paths = set().union(*(lora.modules for lora in loras))
     linear = [name for name, module in model.named_modules() if name in paths and is_linear(module)]
@@ -153,7 +171,7 @@ def _short_targets(model: nn.Module, cfg: LMoEConfig, paths: list[str]) -> list[
 
 
 @torch.no_grad()
-def _copy_experts(model: nn.Module, loras: list[PeftLoRA], experts: Sequence[int]) -> None:
+def _copy_experts(model: nn.Module, loras: list[LoRA], experts: Sequence[int]) -> None:
     layers = dict(lmoe_layers(model))
     for lora, e in zip(loras, experts):
         extra = sorted(set(lora.modules) - set(layers))
@@ -170,7 +188,7 @@ def _copy_experts(model: nn.Module, loras: list[PeftLoRA], experts: Sequence[int
                 layer.lora_B[e, :, : A.shape[0]].copy_(B / layer.scaling)
 
 
-def _check_shape(lora: PeftLoRA, name: str, layer: MoLoRALinear, A: Tensor) -> None:
+def _check_shape(lora: LoRA, name: str, layer: MoLoRALinear, A: Tensor) -> None:
     B = lora.modules[name][1]
     if A.shape[1] != layer.in_features or B.shape[0] != layer.out_features:
         raise ValueError(f"Adapter {lora.path}: {name} maps {A.shape[1]} -> {B.shape[0]} features, the model's layer "

@@ -7,7 +7,7 @@ from torch import nn
 from conftest import VOCAB, tiny_model
 from lmoe import LMoEConfig, inject, lmoe_layers, load_adapter, record_routing, save_adapter
 from lmoe.compose import (add_experts, compose, export_peft, freeze_experts, frozen_experts, load_experts,
-                          mean_routing, read_peft_lora, remove_experts, unfreeze_experts)
+                          mean_routing, read_lora, read_peft_lora, remove_experts, unfreeze_experts)
 
 TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 
@@ -92,6 +92,18 @@ def test_compose_starts_uniform_at_the_average_of_the_adapters(adapters, input_i
         if hasattr(module, "scale_layer"):
             module.scale_layer(0.5)
     torch.testing.assert_close(mixed, lmoe_logits(peft, input_ids), rtol=1e-5, atol=1e-5)
+
+
+def test_single_expert_lmoe_adapter_composes_as_a_lora(adapters, input_ids, tmp_path):
+    single = inject(tiny_model("llama"), LMoEConfig(num_experts=1, rank=3, alpha=5, target_modules=["q_proj"]))
+    randomise(single)
+    save_adapter(single, tmp_path / "single")
+    model = compose(tiny_model("llama"), [adapters[0], tmp_path / "single"])
+    fix_routing(model, torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(lmoe_logits(model, input_ids), lmoe_logits(single, input_ids), rtol=1e-5, atol=1e-5)
+    save_adapter(inject(tiny_model("llama"), LMoEConfig(num_experts=2)), tmp_path / "mixture")
+    with pytest.raises(ValueError, match="mixture of 2 experts"):
+        read_lora(tmp_path / "mixture")
 
 
 def test_compose_errors_name_the_problem(tmp_path):
