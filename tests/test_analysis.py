@@ -1,0 +1,101 @@
+"""Routing analysis on a tiny random model: statistics against a direct count, JSON summary, readable PNGs."""
+import json
+
+import pytest
+import torch
+
+from conftest import VOCAB, tiny_model
+from lmoe import LMoEConfig, inject, lmoe_layers, record_routing
+from lmoe.analysis import (PLOT_FILES, SUMMARY_FILE, active_experts, analyze, collect_routing, routing_stats,
+                           short_layer_names)
+
+E = 5
+
+
+def randomised(router: str, **cfg) -> torch.nn.Module:
+    """A tiny injected llama whose routers hold random values (so routing is far from uniform)."""
+    model = tiny_model("llama")
+    inject(model, LMoEConfig(num_experts=E, router=router, target_modules="all-linear", lambda_hidden=8, **cfg))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _, layer in lmoe_layers(model):
+            for name, p in layer.router.named_parameters():
+                p.normal_(std=1.0 if name == "weight" else 0.5)
+    return model
+
+
+def groups():
+    gen = torch.Generator().manual_seed(2)
+    padded = torch.randint(0, VOCAB, (3, 7), generator=gen)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[2, 2:] = 0
+    return {"add": [{"input_ids": padded, "attention_mask": mask}, torch.randint(0, VOCAB, (2, 5), generator=gen)],
+            "sort": [torch.randint(0, VOCAB, (4, 6), generator=gen)]}
+
+
+def direct_weights(model, batches_by_name):
+    """Independent reference: record every forward, then keep the real tokens by hand."""
+    out = {}
+    for name, batches in batches_by_name.items():
+        rows = {}
+        for batch in batches:
+            ids, mask = (batch["input_ids"], batch["attention_mask"]) if isinstance(batch, dict) else (batch, None)
+            with record_routing(model) as rec, torch.no_grad():
+                model(ids)  # padding positions do not change the real tokens' routing (causal, right-padded)
+            keep = torch.ones(ids.numel(), dtype=torch.bool) if mask is None else mask.reshape(-1).bool()
+            for layer in rec:
+                rows.setdefault(layer, []).append(rec[layer][keep])
+        out[name] = {layer: torch.cat(chunks) for layer, chunks in rows.items()}
+    return out
+
+
+def test_statistics_match_a_direct_count():
+    model = randomised("dynamic")
+    data = groups()
+    stats = routing_stats(collect_routing(model, data))
+    ref = direct_weights(model, data)
+    assert stats.tokens == {"add": 7 + 4 + 2 + 10, "sort": 24}
+    assert stats.layers == [name for name, _ in lmoe_layers(model)]
+    for i, layer in enumerate(stats.layers):
+        g = torch.cat([ref["add"][layer], ref["sort"][layer]])
+        counts = (g > 0).sum(-1)
+        torch.testing.assert_close(stats.mean_active[i], counts.float().mean())
+        torch.testing.assert_close(stats.active_hist[i], torch.tensor([(counts == k).float().mean() for k in range(1, E + 1)]))
+        torch.testing.assert_close(stats.load[i], g.mean(0))
+        torch.testing.assert_close(stats.group_usage[1, i], ref["sort"][layer].mean(0))
+    torch.testing.assert_close(stats.load.sum(-1), torch.ones(len(stats.layers)))
+    assert 1 <= stats.mean_active.min() and stats.mean_active.max() <= E
+    assert len(set(stats.mean_active.tolist())) > 1  # the dynamic router's count varies by layer
+
+
+@pytest.mark.parametrize("router,expected", [("softmax", E), ("topk", 2)])
+def test_fixed_routers_have_a_fixed_number_of_active_experts(router, expected):
+    stats = routing_stats(collect_routing(randomised(router, top_k=2), groups()))
+    assert (stats.mean_active == expected).all() and (stats.active_hist[:, expected - 1] == 1).all()
+
+
+def test_analyze_writes_summary_and_pngs(tmp_path):
+    model = randomised("dynamic").train()
+    result = analyze(model, groups(), tmp_path)
+    assert model.training  # the mode is restored
+    on_disk = json.loads((tmp_path / SUMMARY_FILE).read_text())
+    assert on_disk == result
+    assert set(result["groups"]) == {"add", "sort"} and result["num_experts"] == E
+    per_layer = [v["mean_active_experts"] for v in result["layers"].values()]
+    assert result["mean_active_experts"] == pytest.approx(sum(per_layer) / len(per_layer), abs=1e-5)
+    for name in PLOT_FILES.values():
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000
+
+
+def test_active_experts_counts_non_zero_weights():
+    g = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.2, 0.3, 0.5]])
+    assert active_experts(g).tolist() == [2, 1, 3]
+
+
+def test_short_layer_names_stay_unique():
+    assert short_layer_names(["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]) == \
+        ["0.q_proj", "1.down_proj"]
+    gpt2 = ["transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_proj"]
+    assert short_layer_names(gpt2) == ["0.attn.c_proj", "0.mlp.c_proj"]
