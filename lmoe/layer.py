@@ -25,58 +25,57 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
-def mix(h: Tensor, g: Tensor, scaling: float, params: bool) -> Tensor:
-    """Compose per-expert codes h = A x (tokens, E, r) with weights g (tokens, E) -> (tokens, E*r).
+def mix(h: Tensor, g: Tensor, weight: Tensor, params: bool) -> Tensor:
+    """Compose per-expert codes h = A x (tokens, E, r) with routing g (tokens, E) -> (tokens, E*r).
 
-    Multiplying the result by the stacked B gives s * Delta; the LoRA scale s is applied here once.
+    Block j of the result is weight_j * z with z = sum_i g_i h_i = A(x) x (params), or weight_j * h_j
+    (outputs); weight is g, or s*g where the LoRA scale s is wanted inside. Times the stacked B: Delta.
     """
-    sg = (scaling * g).unsqueeze(-1)  # (tokens, E, 1)
     if params:
         h = torch.bmm(g.unsqueeze(1), h)  # (tokens, 1, r): z = A(x) x = sum_i g_i A_i x
-    return (sg * h).flatten(1)  # block j: s g_j z (params) or s g_j A_j x (outputs)
+    return (weight.unsqueeze(-1) * h).flatten(1)
 
 
 def mix_backward(grad_m: Tensor, h: Tensor, g: Tensor, scaling: float, params: bool) -> tuple[Tensor, Tensor]:
-    """Gradients of mix with respect to h (tokens, E, r) and g (tokens, E), given grad_m (tokens, E, r)."""
-    sg = (scaling * g).unsqueeze(1)  # (tokens, 1, E)
+    """Gradients of s * mix(h, g, g) with respect to h (tokens, E, r) and g (tokens, E), given grad_m."""
+    sg = scaling * g  # (tokens, E)
     if not params:  # m_j = s g_j h_j
-        grad_g = scaling * (grad_m * h).sum(-1)
-        return grad_m * sg.transpose(1, 2), grad_g
+        return sg.unsqueeze(-1) * grad_m, scaling * (grad_m * h).sum(-1)
     z = torch.bmm(g.unsqueeze(1), h)  # (tokens, 1, r)
-    grad_z = torch.bmm(sg, grad_m)  # (tokens, 1, r): sum_j s g_j dm_j
+    grad_z = torch.bmm(sg.unsqueeze(1), grad_m)  # (tokens, 1, r): sum_j s g_j dm_j
     # m_j = s g_j z with z = sum_i g_i h_i: g enters twice, as the mixing weight and inside z
     grad_g = scaling * torch.bmm(grad_m, z.transpose(1, 2)) + torch.bmm(h, grad_z.transpose(1, 2))
     return g.unsqueeze(-1) * grad_z, grad_g.squeeze(-1)
 
 
 class _MixtureLoRA(torch.autograd.Function):
-    """Delta = B mix(A x, g): the two GEMMs of one rank-E*r LoRA with the routing mix between them.
+    """y + s * B mix(A x, g): the two GEMMs of one rank-E*r LoRA with the routing mix between them.
 
     Saves what a rank-E*r LoRA saves (x and h = A x) plus g (tokens, E); the mixed codes
-    (tokens, E*r) are recomputed in backward rather than kept, so memory matches plain LoRA.
-    x (tokens, d_in), A (E*r, d_in), B (d_out, E*r), g (tokens, E), all one dtype -> (tokens, d_out).
+    (tokens, E*r) are recomputed in backward rather than kept, so memory matches plain LoRA. The
+    scale and the residual add ride on the second GEMM (addmm), so they cost no extra pass.
+    y (tokens, d_out), x (tokens, d_in), A (E*r, d_in), B (d_out, E*r), g (tokens, E), one dtype.
     """
 
     @staticmethod
-    def forward(ctx, x, A, B, g, scaling, params):
-        experts = g.shape[-1]
-        h = (x @ A.t()).view(x.shape[0], experts, -1)  # (tokens, E, r)
+    def forward(ctx, y, x, A, B, g, scaling, params):
+        h = (x @ A.t()).view(x.shape[0], g.shape[-1], -1)  # (tokens, E, r)
         ctx.save_for_backward(x, A, B, g, h)
         ctx.scaling, ctx.params = scaling, params
-        return mix(h, g, scaling, params) @ B.t()
+        return torch.addmm(y, mix(h, g, g, params), B.t(), alpha=scaling)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, A, B, g, h = ctx.saved_tensors
-        grad_out = grad_out.to(h.dtype)
-        need_x, need_A, need_B, need_g = ctx.needs_input_grad[:4]
-        grad_m = (grad_out @ B).view_as(h)  # (tokens, E, r)
-        grad_B = grad_out.t() @ mix(h, g, ctx.scaling, ctx.params) if need_B else None
-        grad_h, grad_g = mix_backward(grad_m, h, g, ctx.scaling, ctx.params)
+        s, params = ctx.scaling, ctx.params
+        need_x, need_A, need_B, need_g = ctx.needs_input_grad[1:5]
+        grad_m = (grad_out.to(h.dtype) @ B).view_as(h)  # (tokens, E, r), without the scale s
+        grad_B = grad_out.t().to(h.dtype) @ mix(h, g, s * g, params) if need_B else None
+        grad_h, grad_g = mix_backward(grad_m, h, g, s, params)
         grad_h = grad_h.flatten(1)  # (tokens, E*r)
         grad_x = grad_h @ A if need_x else None
         grad_A = grad_h.t() @ x if need_A else None
-        return grad_x, grad_A, grad_B, grad_g if need_g else None, None, None
+        return grad_out, grad_x, grad_A, grad_B, grad_g if need_g else None, None, None
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -91,8 +90,7 @@ class MoLoRALinear(nn.Module):
     Both run as the two GEMMs of one rank-E*r LoRA on the stacked experts, plus the router.
     """
 
-    def __init__(self, base: nn.Module, cfg: LMoEConfig, lambda_heads: dict | None = None) -> None:
-        """lambda_heads: the dynamic router's lambda heads shared across layers (inject passes one dict)."""
+    def __init__(self, base: nn.Module, cfg: LMoEConfig) -> None:
         super().__init__()
         self.base = base
         self.in_features, self.out_features = linear_shape(base)
@@ -107,7 +105,7 @@ class MoLoRALinear(nn.Module):
         # B (d_out, E*r) of every forward, and its gradient, are views instead of copies.
         B = torch.zeros(self.out_features, self.num_experts, self.rank, **factory)
         self.lora_B = nn.Parameter(B.permute(1, 0, 2))
-        self.router = build_router(self.in_features, cfg, lambda_heads, **factory)
+        self.router = build_router(self.in_features, cfg, **factory)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.reset_experts()
         self.last_aux: dict[str, Tensor] | None = None  # losses of the last training forward
@@ -130,15 +128,15 @@ class MoLoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
-        lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (tokens, d_in)
         routing = self.router.route(x2)
         self._observe(routing)
         A, B = self.stacked()
         dtype = _compute_dtype(x)
-        delta = _MixtureLoRA.apply(self.dropout(x2).to(dtype), A.to(dtype), B.to(dtype),
-                                   routing.weights.to(dtype), self.scaling, self.composition == "params")
-        return y + delta.view(*lead, self.out_features).to(y.dtype)
+        out = _MixtureLoRA.apply(y.reshape(-1, self.out_features).to(dtype), self.dropout(x2).to(dtype),
+                                 A.to(dtype), B.to(dtype), routing.weights.to(dtype), self.scaling,
+                                 self.composition == "params")
+        return out.view(y.shape).to(y.dtype)
 
     def _observe(self, routing: Routing) -> None:
         """Keep what aux_loss and record_routing need; only the last forward, so nothing accumulates."""

@@ -35,7 +35,8 @@ def inputs(sparse: bool):
 
 def fused(x, A, B, g, scaling, params):
     B_stacked = B.permute(1, 0, 2).reshape(D_OUT, E * R)
-    return _MixtureLoRA.apply(x, A.reshape(E * R, D_IN), B_stacked, g, scaling, params)
+    y = torch.zeros(x.shape[0], D_OUT, dtype=x.dtype)
+    return _MixtureLoRA.apply(y, x, A.reshape(E * R, D_IN), B_stacked, g, scaling, params)
 
 
 @pytest.mark.parametrize("params", [True, False])
