@@ -1,0 +1,164 @@
+"""Layer level: MoLoRALinear (E experts of rank r) against PEFT LoRA of rank r and of rank E*r.
+
+Same frozen linear, same input; forward (no_grad, eval) and forward+backward (train) time, and
+activation memory (CPU: bytes autograd saves for backward; GPU: torch.cuda.max_memory_allocated).
+All variants of one (E, r) run interleaved in one process; medians; ratios against LoRA rank E*r.
+
+    python bench/bench_layer.py            # full grid: E = 2,4,8,16,32 x r = 4,8,16
+    python bench/bench_layer.py --quick    # subset, a few minutes on 2 CPU cores
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import SavedTensorBytes, cuda_peak_bytes, environment, interleaved_medians  # noqa: E402
+from lmoe import LMoEConfig, MoLoRALinear  # noqa: E402
+from lmoe.inject import AUX_COEFS  # noqa: E402
+
+ROUTERS = ("softmax", "topk", "dynamic")
+COMPOSITIONS = ("params", "outputs")
+ALPHA_PER_RANK = 2.0  # alpha = 2 r for every variant, so all have scaling 2
+
+
+def peft_lora(base: nn.Linear, rank: int) -> nn.Module:
+    cfg = LoraConfig(r=rank, lora_alpha=ALPHA_PER_RANK * rank)
+    return PeftLoraLinear(base, "default", config=cfg, r=rank, lora_alpha=ALPHA_PER_RANK * rank)
+
+
+def ours(base: nn.Linear, experts: int, rank: int, router: str, composition: str) -> nn.Module:
+    cfg = LMoEConfig(num_experts=experts, rank=rank, alpha=ALPHA_PER_RANK * rank, router=router,
+                     composition=composition, top_k=min(2, experts), target_modules="all-linear")
+    layer = MoLoRALinear(base, cfg)
+    layer.aux_coefs = {key: getattr(cfg, attr) for key, attr in AUX_COEFS.items()}  # what lmoe.aux_loss weights
+    return layer
+
+
+def build_variants(base: nn.Linear, experts: int, rank: int) -> dict[str, nn.Module]:
+    variants = {f"lora r={rank}": peft_lora(base, rank), f"lora r={experts * rank}": peft_lora(base, experts * rank)}
+    for composition, router in itertools.product(COMPOSITIONS, ROUTERS):
+        variants[f"ours {composition}/{router}"] = ours(base, experts, rank, router, composition)
+    for module in variants.values():
+        for name, p in module.named_parameters():
+            p.requires_grad_(not name.startswith("base"))
+            if "lora_B" in name:  # LoRA starts at B = 0; random B so every product is real work
+                nn.init.normal_(p, std=0.02)
+    return variants
+
+
+def aux_term(module: nn.Module) -> torch.Tensor | None:
+    """Ours: the router losses with the config's coefficients, as lmoe.aux_loss adds them to the loss."""
+    aux = getattr(module, "last_aux", None)
+    terms = [module.aux_coefs[k] * v for k, v in (aux or {}).items() if module.aux_coefs[k]]
+    return sum(terms) if terms else None
+
+
+def train_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
+    y = module(x)
+    aux = aux_term(module)  # ours adds its router losses to the loss, as training does
+    torch.autograd.backward([y, aux] if aux is not None else [y], [dy, None] if aux is not None else [dy])
+
+
+def activation_bytes(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, device: torch.device,
+                     include_input: bool) -> int:
+    if device.type == "cuda":
+        return cuda_peak_bytes(lambda: train_step(module, x, dy), device)
+    counter = SavedTensorBytes(module, exclude=() if include_input else (x,))
+    with counter.hooks():
+        y = module(x)
+        aux = aux_term(module)
+    del y, aux
+    return counter.total
+
+
+def bench_one(experts: int, rank: int, args, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    base = nn.Linear(args.dim, args.dim, bias=False, device=device, dtype=args.dtype).requires_grad_(False)
+    variants = {n: m.to(device=device, dtype=args.dtype) for n, m in build_variants(base, experts, rank).items()}
+    x = torch.randn(1, args.tokens, args.dim, device=device, dtype=args.dtype, requires_grad=True)
+    dy = torch.randn_like(x.detach())
+    params = [p for m in variants.values() for p in m.parameters() if p.requires_grad] + [x]
+
+    def clear() -> None:
+        for p in params:
+            p.grad = None
+
+    def forward(m):
+        def run():
+            with torch.no_grad():
+                m.eval()(x)
+        return run
+
+    def step(m):
+        def run():
+            train_step(m.train(), x, dy)
+        return run
+
+    fwd = interleaved_medians({n: forward(m) for n, m in variants.items()}, args.repeats, args.warmup, device)
+    fb = interleaved_medians({n: step(m) for n, m in variants.items()}, args.repeats, args.warmup, device, clear)
+    mem = {n: activation_bytes(m.train(), x, dy, device, include_input=True) for n, m in variants.items()}
+    mem_ex = {n: activation_bytes(m.train(), x, dy, device, include_input=False) for n, m in variants.items()}
+    return {"experts": experts, "rank": rank, "fwd_s": fwd, "fwd_bwd_s": fb, "act_bytes": mem, "act_bytes_no_input": mem_ex}
+
+
+def report(result: dict, device: torch.device) -> float:
+    """Print one (E, r) table; return the worst fwd+bwd ratio of ours against LoRA rank E*r."""
+    e, r = result["experts"], result["rank"]
+    ref = f"lora r={e * r}"
+    fwd, fb, mem, mem_ex = result["fwd_s"], result["fwd_bwd_s"], result["act_bytes"], result["act_bytes_no_input"]
+    mem_label = "peak MiB" if device.type == "cuda" else "saved MiB"
+    print(f"\nE={e} r={r}   (ratios: / {ref})")
+    print(f"{'variant':22s} {'fwd ms':>8s} {'x':>6s} {'fwd+bwd ms':>11s} {'x':>6s} {mem_label:>10s} {'x':>6s}"
+          f" {'excl. input':>11s} {'x':>6s}")
+    for name in fwd:
+        print(f"{name:22s} {1e3 * fwd[name]:8.2f} {fwd[name] / fwd[ref]:6.2f} {1e3 * fb[name]:11.2f} "
+              f"{fb[name] / fb[ref]:6.2f} {mem[name] / 2**20:10.2f} {mem[name] / mem[ref]:6.2f} "
+              f"{mem_ex[name] / 2**20:11.2f} {mem_ex[name] / max(mem_ex[ref], 1):6.2f}")
+    return max(fb[n] / fb[ref] for n in fb if n.startswith("ours"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="E = 2,8,32 x r = 4,16 and fewer repeats")
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--dim", type=int, default=2048 if cuda else 576)
+    p.add_argument("--tokens", type=int, default=4096 if cuda else 1024)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--experts", type=int, nargs="+", default=None)
+    p.add_argument("--ranks", type=int, nargs="+", default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--json", type=Path, help="also write all figures here")
+    args = p.parse_args(argv)
+    args.dtype = getattr(torch, args.dtype)
+    args.experts = args.experts or ([2, 8, 32] if args.quick else [2, 4, 8, 16, 32])
+    args.ranks = args.ranks or ([4, 16] if args.quick else [4, 8, 16])
+    args.repeats = args.repeats or (7 if args.quick else 15)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(environment(device))
+    print(f"d={args.dim} tokens={args.tokens} dtype={args.dtype} repeats={args.repeats} warmup={args.warmup}")
+    results, worst = [], 0.0
+    for e, r in itertools.product(args.experts, args.ranks):
+        results.append(bench_one(e, r, args, device))
+        worst = max(worst, report(results[-1], device))
+    print(f"\nworst fwd+bwd ratio of ours / LoRA rank E*r: {worst:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"env": environment(device), "args": {k: str(v) for k, v in vars(args).items()},
+                                         "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Shared benchmark helpers: interleaved timing with warm-up and medians, activation memory, environment."""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(runs: dict[str, Callable[[], None]], repeats: int, warmup: int,
+                        device: torch.device, before: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Median seconds per run; each round runs every variant once, in a rotated order, so that
+    load from other processes on a shared machine hits all variants alike. `before` runs untimed."""
+    names = list(runs)
+    for _ in range(warmup):
+        for name in names:
+            before()
+            runs[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(repeats):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            before()
+            sync(device)
+            start = time.perf_counter()
+            runs[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+class SavedTensorBytes:
+    """Bytes of the distinct storages autograd saves for backward during a forward, parameters excluded.
+
+    Deterministic and device-independent: the activation memory a training step holds until backward.
+    Storages shared by several saves (x saved by two GEMMs, views) count once.
+    """
+
+    def __init__(self, module: nn.Module, exclude: tuple[torch.Tensor, ...] = ()) -> None:
+        self.skip = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        self.skip |= {t.untyped_storage().data_ptr() for t in exclude}
+        self.seen: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self.skip:
+            self.seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+
+def cuda_peak_bytes(step: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes allocated on top of what was live before one run of step (GPU only)."""
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start = torch.cuda.memory_allocated(device)
+    step()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - start
+
+
+def environment(device: torch.device) -> str:
+    import peft
+    import transformers
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return (f"device={device} ({name}), torch threads={torch.get_num_threads()}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, peft {peft.__version__}, python {platform.python_version()}")
