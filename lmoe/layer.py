@@ -90,7 +90,8 @@ class MoLoRALinear(nn.Module):
     Both run as the two GEMMs of one rank-E*r LoRA on the stacked experts, plus the router.
     """
 
-    def __init__(self, base: nn.Module, cfg: LMoEConfig) -> None:
+    def __init__(self, base: nn.Module, cfg: LMoEConfig, lambda_heads: dict | None = None) -> None:
+        """lambda_heads: the dynamic router's lambda heads shared across layers (inject passes one dict)."""
         super().__init__()
         self.base = base
         self.in_features, self.out_features = linear_shape(base)
@@ -105,11 +106,12 @@ class MoLoRALinear(nn.Module):
         # B (d_out, E*r) of every forward, and its gradient, are views instead of copies.
         B = torch.zeros(self.out_features, self.num_experts, self.rank, **factory)
         self.lora_B = nn.Parameter(B.permute(1, 0, 2))
-        self.router = build_router(self.in_features, cfg, **factory)
+        self.router = build_router(self.in_features, cfg, lambda_heads, **factory)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.reset_experts()
         self.last_aux: dict[str, Tensor] | None = None  # losses of the last training forward
         self.recorder: list[Tensor] | None = None  # set by record_routing
+        self.merged_routing: Tensor | None = None  # set by lmoe.merge: base holds W0 + s Delta W(g)
 
     def reset_experts(self) -> None:
         """LoRA init: each A_i Kaiming-uniform (independently drawn), B_i = 0, so Delta starts at 0."""
@@ -127,6 +129,8 @@ class MoLoRALinear(nn.Module):
         return A, B
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.merged_routing is not None:  # routing fixed and folded into the base weight
+            return self.base(x)
         y = self.base(x)
         x2 = x.reshape(-1, self.in_features)  # (tokens, d_in)
         routing = self.router.route(x2)
