@@ -1,0 +1,78 @@
+"""Fold a fixed routing into the base weights, for zero-overhead serving of one skill.
+
+With the routing fixed to one vector g (E,) per layer, every mixture layer is one linear map:
+W = W0 + s * Delta W(g). `merge` adds that update to the base weight and makes the layer run its
+base alone (no router, no experts); `unmerge` subtracts it again and restores routing.
+A skill's routing: the mean of its tokens' weights, `{n: rec[n].mean(0) for n in rec}` after
+`with lmoe.record_routing(model) as rec: model(skill_ids)` (see `mean_routing`).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .inject import lmoe_layers, record_routing
+from .layer import MoLoRALinear
+
+
+def _routing_for(name: str, layer: MoLoRALinear, g: Tensor | Mapping[str, Tensor]) -> Tensor:
+    if isinstance(g, Mapping):
+        if name not in g:
+            raise ValueError(f"merge: no routing vector for layer {name!r}; pass one (E,) tensor for every "
+                             f"lmoe layer (names as in lmoe.lmoe_layers(model)) or a single (E,) tensor for all.")
+        g = g[name]
+    weight = layer.base.weight
+    if type(weight) is not nn.Parameter or not weight.dtype.is_floating_point:
+        raise TypeError(f"merge needs a floating-point base weight; {name!r} wraps {type(layer.base).__name__} "
+                        f"with a {weight.dtype} weight. Serve it unmerged, or load the base model in float.")
+    g = torch.as_tensor(g)
+    if g.shape != (layer.num_experts,):
+        raise ValueError(f"merge: the routing vector for {name!r} has shape {tuple(g.shape)}; expected "
+                         f"({layer.num_experts},), one weight per expert.")
+    return g.to(device=layer.lora_A.device)
+
+
+def _base_update(layer: MoLoRALinear, g: Tensor) -> Tensor:
+    """s * Delta W(g) laid out like the base weight (Conv1D stores it transposed)."""
+    delta = layer.delta_weight(g)  # (d_out, d_in)
+    return delta.t() if type(layer.base).__name__ == "Conv1D" else delta
+
+
+@torch.no_grad()
+def merge(model: nn.Module, g: Tensor | Mapping[str, Tensor]) -> nn.Module:
+    """Add s * Delta W(g) to every mixture layer's base weight and switch routing off. In place; returns model.
+
+    g: one routing vector (E,) for all layers, or {layer name: (E,)}. Undo with `unmerge`.
+    """
+    layers = list(lmoe_layers(model))
+    if not layers:
+        raise ValueError("merge needs a model with lmoe layers; call lmoe.inject or lmoe.load_adapter first.")
+    if any(layer.merged_routing is not None for _, layer in layers):
+        raise ValueError("This model is already merged; call lmoe.unmerge(model) before merging another routing.")
+    routing = [_routing_for(name, layer, g) for name, layer in layers]  # all checked before any change
+    for (_, layer), g_layer in zip(layers, routing):
+        weight = layer.base.weight
+        weight += _base_update(layer, g_layer).to(weight.dtype)
+        layer.merged_routing = g_layer.detach().clone()
+    return model
+
+
+@torch.no_grad()
+def unmerge(model: nn.Module) -> nn.Module:
+    """Subtract what merge added (the base is back up to float rounding) and route again. In place."""
+    for _, layer in lmoe_layers(model):
+        if layer.merged_routing is not None:
+            weight = layer.base.weight
+            weight -= _base_update(layer, layer.merged_routing).to(weight.dtype)
+            layer.merged_routing = None
+    return model
+
+
+@torch.no_grad()
+def mean_routing(model: nn.Module, input_ids: Tensor) -> dict[str, Tensor]:
+    """{layer name: mean routing vector (E,)} over the tokens of input_ids (batch, seq): one skill's routing."""
+    with record_routing(model) as rec:
+        model(input_ids)
+    return {name: rec[name].mean(0) for name in rec}
