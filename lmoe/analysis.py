@@ -145,6 +145,12 @@ def summary(stats: RoutingStats) -> dict:
     }
 
 
+def mean_active_experts(model: nn.Module, batches: Iterable) -> dict[str, float]:
+    """layer name -> mean number of active experts per real token over `batches` (for benchmarks)."""
+    stats = routing_stats(collect_routing(model, {"all": batches}))
+    return dict(zip(stats.layers, stats.mean_active.tolist()))
+
+
 # ---------------------------------------------------------------- plots
 
 def short_layer_names(names: list[str]) -> list[str]:

@@ -6,8 +6,8 @@ import torch
 
 from conftest import VOCAB, tiny_model
 from lmoe import LMoEConfig, inject, lmoe_layers, record_routing
-from lmoe.analysis import (PLOT_FILES, SUMMARY_FILE, active_experts, analyze, collect_routing, routing_stats,
-                           short_layer_names)
+from lmoe.analysis import (PLOT_FILES, SUMMARY_FILE, active_experts, analyze, collect_routing, mean_active_experts,
+                           routing_stats, short_layer_names)
 
 E = 5
 
@@ -67,6 +67,9 @@ def test_statistics_match_a_direct_count():
     torch.testing.assert_close(stats.load.sum(-1), torch.ones(len(stats.layers)))
     assert 1 <= stats.mean_active.min() and stats.mean_active.max() <= E
     assert len(set(stats.mean_active.tolist())) > 1  # the dynamic router's count varies by layer
+    per_layer = mean_active_experts(model, data["add"] + data["sort"])
+    assert list(per_layer) == stats.layers
+    assert per_layer == pytest.approx(dict(zip(stats.layers, stats.mean_active.tolist())), abs=1e-6)
 
 
 @pytest.mark.parametrize("router,expected", [("softmax", E), ("topk", 2)])
