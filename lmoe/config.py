@@ -112,13 +112,7 @@ class LMoEConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LMoEConfig":
         """Build from a mapping; an unknown key is an error that suggests the closest known one."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else f" Known keys: {', '.join(known)}."
-                raise ValueError(f"LMoEConfig has no field {key!r}.{hint}")
-        return cls(**data)
+        return cls(**check_known_keys(cls, data))
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -137,6 +131,17 @@ class LMoEConfig:
         if not isinstance(data, dict):
             raise ValueError(f"LMoEConfig JSON must be an object of fields, got {type(data).__name__}.")
         return cls.from_dict(data)
+
+
+def check_known_keys(cls: type, data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """data itself if every key is a field of dataclass cls; else an error suggesting the closest field."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" Did you mean '{prefix}{close[0]}'?" if close else f" Known keys: {', '.join(known)}."
+            raise ValueError(f"{cls.__name__} has no field '{prefix}{key}'.{hint}")
+    return data
 
 
 def _is_number(value: Any) -> bool:

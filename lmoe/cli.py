@@ -1,0 +1,109 @@
+"""`lmoe train | eval | generate`: a thin shell over lmoe.train, lmoe.evaluate and lmoe.models.
+
+A subcommand is one function `cmd_<name>(parser) -> handler`: it adds its arguments and returns the
+function that runs it. Add one by writing such a function and listing it in COMMANDS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+
+def cmd_train(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
+    """Fine-tune a mixture of LoRA experts; no arguments = the built-in model and mixture."""
+    parser.add_argument("--config", help="YAML/JSON TrainConfig file (fields: see lmoe.train.TrainConfig)")
+    parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint.pt")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. steps=100 lmoe.num_experts=8 data=[my.jsonl]")
+
+    def run(args: argparse.Namespace) -> None:
+        from .train import TrainConfig, train
+        train(TrainConfig.from_file(args.config, args.overrides), resume=args.resume)
+    return run
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="builtin", help="'builtin', a local HF directory, a .gguf file or a hub id")
+    parser.add_argument("--adapter", help="adapter directory written by `lmoe train` (default: the base model alone)")
+
+
+def _load(args: argparse.Namespace):
+    from .io import load_adapter
+    from .models import load_model
+    model, tokenizer = load_model(args.model)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    return model.eval(), tokenizer
+
+
+def cmd_eval(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
+    """Perplexity or multiple-choice accuracy on files, or the built-in mixture's held-out metrics."""
+    _model_arguments(parser)
+    parser.add_argument("--data", nargs="*", default=[], help="JSONL/CSV/JSON/Parquet files (default: built-in mixture)")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--json", help="write the results here as JSON")
+
+    def run(args: argparse.Namespace) -> None:
+        from .data import Mixture
+        from .evaluate import evaluate_file, evaluate_mixture, format_table, write_json
+        model, tokenizer = _load(args)
+        results = {} if args.data else evaluate_mixture(model, tokenizer, Mixture(), args.max_length)
+        for path in args.data:
+            for metric, values in evaluate_file(model, tokenizer, path, args.max_length).items():
+                results[f"{metric}:{Path(path).stem}"] = values
+        print(format_table({"adapter" if args.adapter else "base": results}))
+        if args.json:
+            write_json(results, args.json)
+    return run
+
+
+def cmd_generate(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
+    """Reply to prompts given on the command line or in a file (one per line), greedy or sampled."""
+    _model_arguments(parser)
+    parser.add_argument("prompts", nargs="*", help="user messages")
+    parser.add_argument("--file", help="a text file with one prompt per line")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+
+    def run(args: argparse.Namespace) -> None:
+        import torch
+        from .evaluate import generate
+        prompts = list(args.prompts)
+        if args.file:
+            prompts += [line for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise SystemExit("lmoe generate: give prompts as arguments or --file PROMPTS.txt")
+        torch.manual_seed(args.seed)
+        model, tokenizer = _load(args)
+        replies = generate(model, tokenizer, prompts, args.max_new_tokens, args.sample, args.temperature, args.top_p)
+        for prompt, reply in zip(prompts, replies):
+            print(json.dumps({"prompt": prompt, "reply": reply}, ensure_ascii=False))
+    return run
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lmoe", description="Mixture of LoRA experts, trained end to end.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    handlers = {}
+    for name, command in COMMANDS.items():
+        handlers[name] = command(commands.add_parser(name, help=command.__doc__, description=command.__doc__))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        handlers[args.command](args)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"lmoe {args.command}: {err}") from err
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

