@@ -1,4 +1,4 @@
-"""`lmoe train | eval | generate`: a thin shell over lmoe.train, lmoe.evaluate and lmoe.models.
+"""`lmoe train | eval | generate | analyze`: a thin shell over lmoe.train, lmoe.evaluate, lmoe.models, lmoe.analysis.
 
 A subcommand is one function `cmd_<name>(parser) -> handler`: it adds its arguments and returns the
 function that runs it. Add one by writing such a function and listing it in COMMANDS.
@@ -88,7 +88,33 @@ def cmd_generate(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespac
     return run
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate}
+def cmd_analyze(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
+    """Routing of a trained adapter: active experts per token per layer, expert load, experts per skill (PNG + JSON)."""
+    parser.add_argument("adapter", help="adapter directory written by `lmoe train`")
+    parser.add_argument("--model", default="builtin", help="the base model the adapter was trained on (as in train)")
+    parser.add_argument("--data", nargs="*", default=[],
+                        help="JSONL/CSV/JSON/Parquet files, grouped by each record's domain (default: the file name); "
+                             "default: the built-in mixture's held-out skills and conversation domains")
+    parser.add_argument("--out", help="output directory (default: ADAPTER/analysis)")
+    parser.add_argument("--max-length", type=int, default=512)
+
+    def run(args: argparse.Namespace) -> None:
+        from .analysis import analyze, batches_by_domain
+        from .data import Mixture, encode_all, read_records
+        model, tokenizer = _load(args)
+        mixture = Mixture()
+        records = ([r for path in args.data for r in read_records(path)] if args.data
+                   else mixture.skill_items("test") + mixture.conversations("test"))
+        examples = encode_all(tokenizer, records, args.max_length)
+        result = analyze(model, batches_by_domain(examples, tokenizer.pad_token_id), args.out or Path(args.adapter) / "analysis")
+        print(f"mean active experts per token: {result['mean_active_experts']:.2f} of {result['num_experts']}")
+        for group, stats in result["groups"].items():
+            print(f"  {group:32s} {stats['tokens']:7d} tokens  {stats['mean_active_experts']:.2f} experts")
+        print("wrote", ", ".join(result["files"].values()))
+    return run
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "analyze": cmd_analyze}
 
 
 def main(argv: list[str] | None = None) -> None:

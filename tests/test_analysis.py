@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import VOCAB, tiny_model
-from lmoe import LMoEConfig, inject, lmoe_layers, record_routing
+from lmoe import LMoEConfig, inject, lmoe_layers, record_routing, save_adapter
 from lmoe.analysis import (PLOT_FILES, SUMMARY_FILE, active_experts, analyze, collect_routing, mean_active_experts,
                            routing_stats, short_layer_names)
 
@@ -102,3 +102,23 @@ def test_short_layer_names_stay_unique():
         ["0.q_proj", "1.down_proj"]
     gpt2 = ["transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_proj"]
     assert short_layer_names(gpt2) == ["0.attn.c_proj", "0.mlp.c_proj"]
+
+
+def test_cli_analyze_groups_data_by_domain(tmp_path, capsys):
+    tiny = pytest.importorskip("tiny")  # the tiny tokenizer + model directory helpers of the CLI tests
+    from lmoe.cli import main
+    from lmoe.models import load_model
+    model_dir = tiny.tiny_model_dir(tmp_path / "model")
+    model, _ = load_model(str(model_dir))
+    inject(model, LMoEConfig(num_experts=E, router="dynamic", target_modules=["q_proj", "down_proj"], lambda_hidden=8))
+    save_adapter(model, tmp_path / "adapter")
+    add = tiny.write_jsonl(tmp_path / "add.jsonl", [{"prompt": f"What is {i} + 30?", "completion": str(i + 30)}
+                                                    for i in range(5)])
+    mixed = tiny.write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "hello there", "completion": "how are you?",
+                                                         "domain": "greet"}, {"text": "the cat sat on the mat"}])
+    main(["analyze", str(tmp_path / "adapter"), "--model", str(model_dir), "--data", str(add), str(mixed),
+          "--out", str(tmp_path / "out")])
+    result = json.loads((tmp_path / "out" / SUMMARY_FILE).read_text())
+    assert set(result["groups"]) == {"add", "greet", "mixed"} and len(result["layers"]) == 4
+    assert all((tmp_path / "out" / name).is_file() for name in PLOT_FILES.values())
+    assert "mean active experts per token" in capsys.readouterr().out
