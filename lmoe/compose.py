@@ -149,6 +149,7 @@ def load_experts(model: nn.Module, adapters: Sequence[str | Path], experts: Sequ
         raise ValueError(f"load_experts got {len(adapters)} adapters for {len(experts)} expert slots; "
                          "give one slot per adapter.")
     _check_experts(model, experts)
+    _check_unmerged(model)
     _copy_experts(model, [read_lora(d) for d in adapters], experts)
 
 
@@ -213,6 +214,7 @@ def add_experts(model: nn.Module, n: int = 1, logit: float = NEW_EXPERT_LOGIT) -
         raise ValueError(f"add_experts(n={n!r}): n is the number of experts to add, an integer >= 1.")
     new_cfg = dataclasses.replace(cfg, num_experts=cfg.num_experts + n, router_bias=True)
     keep = list(range(cfg.num_experts))
+    _check_unmerged(model)
     for _, layer in lmoe_layers(model):
         _rebuild(layer, keep, n, logit)
     setattr(model, CONFIG_ATTR, new_cfg)
@@ -223,6 +225,7 @@ def remove_experts(model: nn.Module, which: Sequence[int]) -> None:
     """Drop experts `which` from every layer: their slices of A, B and the router."""
     cfg = get_config(model)
     _check_experts(model, which)
+    _check_unmerged(model)
     keep = [i for i in range(cfg.num_experts) if i not in set(which)]
     if not keep:
         raise ValueError(f"remove_experts({list(which)}) would remove all {cfg.num_experts} experts; "
@@ -238,6 +241,12 @@ def _check_experts(model: nn.Module, which: Sequence[int]) -> None:
     bad = [i for i in which if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < E]
     if bad or len(set(which)) != len(which):
         raise ValueError(f"Expert indices {list(which)} are invalid: expected distinct integers from 0 to {E - 1}.")
+
+
+def _check_unmerged(model: nn.Module) -> None:
+    """Changing experts under lmoe.merge would leave a stale update in the base weights."""
+    if any(getattr(layer, "merged_routing", None) is not None for _, layer in lmoe_layers(model)):
+        raise ValueError("This model has a routing merged into its base weights; call lmoe.unmerge(model) first.")
 
 
 @torch.no_grad()
@@ -378,9 +387,7 @@ def export_peft(model: nn.Module, directory: str | Path, g: Tensor | Mapping[str
     cfg = get_config(model)
     state, conv1d = {}, False
     for name, layer in lmoe_layers(model):
-        weights = g[name] if isinstance(g, Mapping) else g
-        _check_routing(name, torch.as_tensor(weights), cfg.num_experts)
-        A, B = fixed_lora(layer, torch.as_tensor(weights))
+        A, B = fixed_lora(layer, _routing_for(g, name, cfg.num_experts))
         state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.contiguous()
         state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.contiguous()
         conv1d |= type(layer.base).__name__ == "Conv1D"
@@ -395,7 +402,14 @@ def export_peft(model: nn.Module, directory: str | Path, g: Tensor | Mapping[str
     return directory
 
 
-def _check_routing(name: str, g: Tensor, E: int) -> None:
+def _routing_for(g: Tensor | Mapping[str, Tensor], name: str, E: int) -> Tensor:
+    if isinstance(g, Mapping):
+        if name not in g:
+            raise ValueError(f"No routing for layer {name!r}: pass one (E,) tensor, or one per lmoe layer "
+                             "(names as in lmoe.lmoe_layers(model)), e.g. mean_routing(record).")
+        g = g[name]
+    g = torch.as_tensor(g)
     if g.shape != (E,) or bool((g < 0).any()):
         raise ValueError(f"Routing for {name} must be {E} non-negative weights (shape ({E},)), got shape "
                          f"{tuple(g.shape)}; pass one skill's weights or mean_routing(record).")
+    return g

@@ -213,6 +213,16 @@ def test_partly_frozen_experts_do_not_move_under_adamw(input_ids):
     assert frozen_experts(model) == []
 
 
+def test_experts_cannot_change_under_a_merged_routing():
+    from lmoe.merge import merge, unmerge
+    model = inject(tiny_model("llama"), LMoEConfig(num_experts=2, rank=2))
+    merge(model, torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="unmerge"):
+        add_experts(model)
+    unmerge(model)
+    assert add_experts(model) == [2]
+
+
 # ---------------------------------------------------------------- export to PEFT
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
