@@ -114,7 +114,29 @@ def cmd_analyze(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace
     return run
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "analyze": cmd_analyze}
+def cmd_compose(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
+    """Build a mixture from LoRA adapters trained on one base: each becomes an expert, a fresh router is added."""
+    parser.add_argument("adapters", nargs="+", help="PEFT LoRA directories (adapter_config.json + "
+                        "adapter_model.safetensors) or single-expert lmoe adapters")
+    parser.add_argument("--model", default="builtin", help="the base model the adapters were trained on (as in train)")
+    parser.add_argument("--out", required=True, help="mixture adapter directory to write (use it as --adapter)")
+    parser.add_argument("--router", default="softmax", choices=["softmax", "topk", "dynamic"])
+    parser.add_argument("--composition", default="outputs", choices=["outputs", "params"],
+                        help="outputs (default): one-hot routing reproduces each adapter exactly")
+
+    def run(args: argparse.Namespace) -> None:
+        from .compose import compose
+        from .config import LMoEConfig
+        from .io import save_adapter
+        from .models import load_model
+        model, _ = load_model(args.model)
+        compose(model, args.adapters, LMoEConfig(router=args.router, composition=args.composition))
+        print("wrote", save_adapter(model, args.out))
+    return run
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "analyze": cmd_analyze,
+            "compose": cmd_compose}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -136,6 +136,17 @@ def test_router_only_training_moves_routers_not_experts(adapters, input_ids):
         assert torch.equal(p, before[n]) != (n in trainable), n
 
 
+def test_cli_compose_writes_a_mixture_that_load_adapter_reads(adapters, input_ids, tmp_path, monkeypatch):
+    import lmoe.models
+    from lmoe.cli import main
+    monkeypatch.setattr(lmoe.models, "load_model", lambda name: (tiny_model("llama"), None))
+    main(["compose", str(adapters[0]), str(adapters[1]), "--model", "tiny", "--out", str(tmp_path / "mix")])
+    loaded = load_adapter(tiny_model("llama"), tmp_path / "mix")
+    fix_routing(loaded, torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(lmoe_logits(loaded, input_ids), peft_logits(adapters[1], input_ids),
+                               rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- growing, shrinking, freezing
 
 @pytest.mark.parametrize("router", ["softmax", "topk", "dynamic"])
