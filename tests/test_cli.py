@@ -1,0 +1,48 @@
+"""End to end through the CLI on a tiny random model: train (YAML + overrides), eval, generate, resume."""
+import json
+
+import pytest
+
+from lmoe.cli import main
+from lmoe.train import read_metrics
+from tiny import tiny_model_dir, write_jsonl
+
+
+def test_train_eval_generate(tmp_path, capsys):
+    model = tiny_model_dir(tmp_path / "model")
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": f"the cat {i}?", "completion": f"sat {i}"} for i in range(12)])
+    mc = write_jsonl(tmp_path / "mc.jsonl", [{"question": "the cat?", "choices": ["sat", "hello"], "answer": 0}])
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {model}\ndata: [{data}]\neval_data: [{mc}]\nsteps: 3\nbatch_size: 4\n"
+                      "save_every: 2\ncompare_base: false\nlmoe:\n  num_experts: 2\n  rank: 2\n")
+    out = tmp_path / "run"
+    main(["train", "--config", str(config), f"output_dir={out}", "lmoe.target_modules=[q_proj, up_proj]"])
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved["config"]["target_modules"] == ["q_proj", "up_proj"] and saved["config"]["num_experts"] == 2
+    assert "multiple_choice:mc" in json.loads((out / "eval.json").read_text())["trained"]
+
+    main(["train", "--config", str(config), f"output_dir={out}", "lmoe.target_modules=[q_proj, up_proj]",
+          "steps=4", "--resume"])
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
+
+    capsys.readouterr()
+    main(["eval", "--model", str(model), "--adapter", str(out / "adapter"), "--data", str(data), str(mc),
+          "--json", str(tmp_path / "eval.json")])
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert results["perplexity:chat"]["chat"] > 1 and results["multiple_choice:mc"]["n"] == 1
+    assert "perplexity:chat chat" in capsys.readouterr().out
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello there\n\nthe cat?\n")
+    main(["generate", "--model", str(model), "--adapter", str(out / "adapter"), "one two", "--file", str(prompts),
+          "--max-new-tokens", "3", "--sample", "--temperature", "0.7"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [line["prompt"] for line in lines] == ["one two", "hello there", "the cat?"]
+
+
+def test_errors_are_one_line_messages(tmp_path):
+    with pytest.raises(SystemExit, match="lmoe train: .*Did you mean 'steps'"):
+        main(["train", "stepz=3"])
+    with pytest.raises(SystemExit, match="lmoe eval: No adapter at"):
+        main(["eval", "--model", str(tiny_model_dir(tmp_path / "m")), "--adapter", str(tmp_path / "none")])

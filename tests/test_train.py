@@ -1,0 +1,95 @@
+"""lmoe.train: config validation and overrides, the LR schedule, and exact resume from a checkpoint."""
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmoe.train import TrainConfig, apply_overrides, read_metrics, train, warmup_cosine
+from tiny import tiny_model_dir, write_jsonl
+
+ROWS = [{"prompt": f"What is {a} + {b}?", "completion": str(a + b)} for a in range(10, 16) for b in range(20, 23)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return tiny_model_dir(root / "model"), write_jsonl(root / "sums.jsonl", ROWS)
+
+
+def config(setup, out, **kw) -> TrainConfig:
+    model, data = setup
+    fields = dict(model=str(model), data=[str(data)], output_dir=str(out), steps=6, batch_size=4, grad_accum=2,
+                  lr=1e-2, warmup_steps=2, save_every=3, compare_base=False,
+                  lmoe={"num_experts": 3, "rank": 2, "target_modules": "all-linear", "dropout": 0.1,
+                        "load_balance_coef": 0.01, "z_loss_coef": 0.001})
+    fields.update(kw)
+    return TrainConfig.from_dict(fields)
+
+
+def test_warmup_cosine_against_hand_values():
+    f = warmup_cosine(warmup=4, total=12)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(8) == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert f(12) == pytest.approx(0.0) and f(20) == pytest.approx(0.0)
+
+
+def test_config_validation_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 5\nlmoe:\n  num_experts: 2\n")
+    cfg = TrainConfig.from_file(path, ["lmoe.rank=3", "data=[a.jsonl, b.csv]", "mixture.skills=[add]"])
+    assert (cfg.steps, cfg.lmoe.num_experts, cfg.lmoe.rank) == (5, 2, 3)
+    assert cfg.data == ["a.jsonl", "b.csv"] and cfg.mixture.skills == ["add"]
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="Did you mean 'steps'"):
+        TrainConfig.from_file(None, ["stepz=3"])
+    with pytest.raises(ValueError, match="lr=-1"):
+        TrainConfig(lr=-1)
+    with pytest.raises(ValueError, match="LMoEConfig.router"):
+        TrainConfig.from_file(None, ["lmoe.router=nope"])
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides({}, ["steps"])
+
+
+def test_resume_equals_uninterrupted(setup, tmp_path):
+    whole = train(config(setup, tmp_path / "whole"))
+    straight = read_metrics(tmp_path / "whole")
+    assert [r["step"] for r in straight] == [1, 2, 3, 4, 5, 6]
+    assert all(r["load_balance"] != "" and r["tokens"] > 0 for r in straight)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_4(row):
+        if row["step"] == 4:
+            raise Interrupt
+    with pytest.raises(Interrupt):  # dies after step 4; the last checkpoint is step 3
+        train(config(setup, tmp_path / "split"), on_step=stop_after_4)
+    train(config(setup, tmp_path / "split"), resume=True)
+    resumed = read_metrics(tmp_path / "split")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(straight, resumed):
+        for key in ("loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
+    final_a = load_file(str(whole.adapter_dir / "adapter.safetensors"))
+    final_b = load_file(str(tmp_path / "split" / "adapter" / "adapter.safetensors"))
+    assert final_a.keys() == final_b.keys()
+    for key in final_a:
+        torch.testing.assert_close(final_a[key], final_b[key], rtol=1e-6, atol=1e-7)
+    assert straight[0]["loss"] > straight[-1]["loss"]  # it learns
+    assert not list((tmp_path / "split").glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_resume_without_checkpoint_says_what_to_do(setup, tmp_path):
+    with pytest.raises(FileNotFoundError, match="train without --resume first"):
+        train(config(setup, tmp_path / "fresh"), resume=True)
+
+
+def test_builtin_mixture_compares_base_and_trained(setup, tmp_path):
+    mixture = {"domains": ["german"], "skills": ["add", "sort"], "per_domain": 8, "per_skill": 8,
+               "test_per_domain": 4, "test_per_skill": 4}
+    result = train(config(setup, tmp_path / "mix", data=[], steps=2, compare_base=True, mixture=mixture))
+    assert set(result.results) == {"base", "trained"}
+    for run in result.results.values():
+        assert set(run["exact_match"]) == {"add", "sort"} and set(run["perplexity"]) == {"german"}
+    assert (tmp_path / "mix" / "eval.json").is_file() and (tmp_path / "mix" / "eval_base.json").is_file()
