@@ -35,18 +35,22 @@ def peft_lora(base: nn.Linear, rank: int) -> nn.Module:
     return PeftLoraLinear(base, "default", config=cfg, r=rank, lora_alpha=ALPHA_PER_RANK * rank)
 
 
-def ours(base: nn.Linear, experts: int, rank: int, router: str, composition: str) -> nn.Module:
+def ours(base: nn.Linear, experts: int, rank: int, router: str, composition: str, **extra) -> nn.Module:
     cfg = LMoEConfig(num_experts=experts, rank=rank, alpha=ALPHA_PER_RANK * rank, router=router,
-                     composition=composition, top_k=min(2, experts), target_modules="all-linear")
+                     composition=composition, top_k=min(2, experts), target_modules="all-linear", **extra)
     layer = MoLoRALinear(base, cfg)
     layer.aux_coefs = {key: getattr(cfg, attr) for key, attr in AUX_COEFS.items()}  # what lmoe.aux_loss weights
     return layer
 
 
-def build_variants(base: nn.Linear, experts: int, rank: int) -> dict[str, nn.Module]:
+def build_variants(base: nn.Linear, experts: int, rank: int, lambda_hidden: int | None = None) -> dict[str, nn.Module]:
     variants = {f"lora r={rank}": peft_lora(base, rank), f"lora r={experts * rank}": peft_lora(base, experts * rank)}
     for composition, router in itertools.product(COMPOSITIONS, ROUTERS):
         variants[f"ours {composition}/{router}"] = ours(base, experts, rank, router, composition)
+    if lambda_hidden:  # the dynamic router with a smaller lambda head than the paper's 512, to see what it costs
+        for composition in COMPOSITIONS:
+            variants[f"ours {composition}/dyn-h{lambda_hidden}"] = ours(base, experts, rank, "dynamic", composition,
+                                                                      lambda_hidden=lambda_hidden)
     for module in variants.values():
         for name, p in module.named_parameters():
             p.requires_grad_(not name.startswith("base"))
@@ -83,7 +87,8 @@ def activation_bytes(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, devic
 def bench_one(experts: int, rank: int, args, device: torch.device) -> dict:
     torch.manual_seed(0)
     base = nn.Linear(args.dim, args.dim, bias=False, device=device, dtype=args.dtype).requires_grad_(False)
-    variants = {n: m.to(device=device, dtype=args.dtype) for n, m in build_variants(base, experts, rank).items()}
+    variants = build_variants(base, experts, rank, args.lambda_hidden)
+    variants = {n: m.to(device=device, dtype=args.dtype) for n, m in variants.items()}
     x = torch.randn(1, args.tokens, args.dim, device=device, dtype=args.dtype, requires_grad=True)
     dy = torch.randn_like(x.detach())
     params = [p for m in variants.values() for p in m.parameters() if p.requires_grad] + [x]
@@ -107,7 +112,8 @@ def bench_one(experts: int, rank: int, args, device: torch.device) -> dict:
     fb = interleaved_medians({n: step(m) for n, m in variants.items()}, args.repeats, args.warmup, device, clear)
     mem = {n: activation_bytes(m.train(), x, dy, device, include_input=True) for n, m in variants.items()}
     mem_ex = {n: activation_bytes(m.train(), x, dy, device, include_input=False) for n, m in variants.items()}
-    return {"experts": experts, "rank": rank, "fwd_s": fwd, "fwd_bwd_s": fb, "act_bytes": mem, "act_bytes_no_input": mem_ex}
+    return {"experts": experts, "rank": rank, "fwd_s": fwd, "fwd_bwd_s": fb, "act_bytes": mem,
+            "act_bytes_no_input": mem_ex}
 
 
 def report(result: dict, device: torch.device) -> float:
@@ -117,10 +123,10 @@ def report(result: dict, device: torch.device) -> float:
     fwd, fb, mem, mem_ex = result["fwd_s"], result["fwd_bwd_s"], result["act_bytes"], result["act_bytes_no_input"]
     mem_label = "peak MiB" if device.type == "cuda" else "saved MiB"
     print(f"\nE={e} r={r}   (ratios: / {ref})")
-    print(f"{'variant':22s} {'fwd ms':>8s} {'x':>6s} {'fwd+bwd ms':>11s} {'x':>6s} {mem_label:>10s} {'x':>6s}"
+    print(f"{'variant':24s} {'fwd ms':>8s} {'x':>6s} {'fwd+bwd ms':>11s} {'x':>6s} {mem_label:>10s} {'x':>6s}"
           f" {'excl. input':>11s} {'x':>6s}")
     for name in fwd:
-        print(f"{name:22s} {1e3 * fwd[name]:8.2f} {fwd[name] / fwd[ref]:6.2f} {1e3 * fb[name]:11.2f} "
+        print(f"{name:24s} {1e3 * fwd[name]:8.2f} {fwd[name] / fwd[ref]:6.2f} {1e3 * fb[name]:11.2f} "
               f"{fb[name] / fb[ref]:6.2f} {mem[name] / 2**20:10.2f} {mem[name] / mem[ref]:6.2f} "
               f"{mem_ex[name] / 2**20:11.2f} {mem_ex[name] / max(mem_ex[ref], 1):6.2f}")
     return max(fb[n] / fb[ref] for n in fb if n.startswith("ours"))
@@ -138,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ranks", type=int, nargs="+", default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--lambda-hidden", type=int, help="also run the dynamic router with this lambda-head width")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--json", type=Path, help="also write all figures here")
     args = p.parse_args(argv)

@@ -48,21 +48,28 @@ def mix_backward(grad_m: Tensor, h: Tensor, g: Tensor, scaling: float, params: b
     return g.unsqueeze(-1) * grad_z, grad_g.squeeze(-1)
 
 
+def mixture_lora(y: Tensor, x: Tensor, A: Tensor, B: Tensor, g: Tensor, scaling: float,
+                 params: bool) -> tuple[Tensor, Tensor]:
+    """(y + s * B mix(A x, g), h = A x): y (tokens, d_out), x (tokens, d_in), A (E*r, d_in),
+    B (d_out, E*r), g (tokens, E), one dtype. The scale and the residual add ride on the second GEMM."""
+    h = (x @ A.t()).view(x.shape[0], g.shape[-1], -1)  # (tokens, E, r)
+    return torch.addmm(y, mix(h, g, g, params), B.t(), alpha=scaling), h
+
+
 class _MixtureLoRA(torch.autograd.Function):
     """y + s * B mix(A x, g): the two GEMMs of one rank-E*r LoRA with the routing mix between them.
 
     Saves what a rank-E*r LoRA saves (x and h = A x) plus g (tokens, E); the mixed codes
-    (tokens, E*r) are recomputed in backward rather than kept, so memory matches plain LoRA. The
-    scale and the residual add ride on the second GEMM (addmm), so they cost no extra pass.
-    y (tokens, d_out), x (tokens, d_in), A (E*r, d_in), B (d_out, E*r), g (tokens, E), one dtype.
+    (tokens, E*r) are recomputed in backward rather than kept, so memory matches plain LoRA.
+    Arguments as mixture_lora.
     """
 
     @staticmethod
     def forward(ctx, y, x, A, B, g, scaling, params):
-        h = (x @ A.t()).view(x.shape[0], g.shape[-1], -1)  # (tokens, E, r)
+        out, h = mixture_lora(y, x, A, B, g, scaling, params)
         ctx.save_for_backward(x, A, B, g, h)
         ctx.scaling, ctx.params = scaling, params
-        return torch.addmm(y, mix(h, g, g, params), B.t(), alpha=scaling)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -137,9 +144,10 @@ class MoLoRALinear(nn.Module):
         self._observe(routing)
         A, B = self.stacked()
         dtype = _compute_dtype(x)
-        out = _MixtureLoRA.apply(y.reshape(-1, self.out_features).to(dtype), self.dropout(x2).to(dtype),
-                                 A.to(dtype), B.to(dtype), routing.weights.to(dtype), self.scaling,
-                                 self.composition == "params")
+        args = (y.reshape(-1, self.out_features).to(dtype), self.dropout(x2).to(dtype), A.to(dtype), B.to(dtype),
+                routing.weights.to(dtype), self.scaling, self.composition == "params")
+        # without autograd (generation) the same maths runs directly: no Function bookkeeping per token
+        out = _MixtureLoRA.apply(*args) if torch.is_grad_enabled() else mixture_lora(*args)[0]
         return out.view(y.shape).to(y.dtype)
 
     def _observe(self, routing: Routing) -> None:

@@ -77,3 +77,17 @@ def test_layer_matches_brute_force(router, composition):
     wrt = (x, layer.lora_A, layer.lora_B, layer.router.weight)
     for a, b in zip(torch.autograd.grad(y, wrt, grad_out), torch.autograd.grad(want, wrt, grad_out)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("composition", ["params", "outputs"])
+def test_inference_path_equals_training_path(composition):
+    """Without autograd the layer skips the Function; the numbers must be the same bits."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(D_IN, D_OUT).requires_grad_(False)
+    layer = MoLoRALinear(base, LMoEConfig(num_experts=E, rank=R, composition=composition,
+                                          target_modules="all-linear")).eval()
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, T, D_IN)
+    with torch.no_grad():
+        fast = layer(x)
+    assert torch.equal(fast, layer(x))
