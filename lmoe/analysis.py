@@ -169,44 +169,48 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _heatmap(fig: Figure, ax, values: Tensor, rows: list[str], label: str) -> None:
+def _heatmap(fig: Figure, ax, values: Tensor, label: str, rows: list[str], columns: list[str]) -> None:
+    """values (rows, columns) as colours with a colour bar; long label lists are thinned to stay readable."""
     im = ax.imshow(values.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-    step = max(1, len(rows) // 40)  # at most ~40 row labels stay readable
-    ax.set_yticks(range(0, len(rows), step), [rows[i] for i in range(0, len(rows), step)],
-                  fontsize=7 if len(rows) > 20 else 9)
+    step = max(1, len(rows) // 30)
+    ax.set_yticks(range(0, len(rows), step), rows[::step], fontsize=8 if len(rows) > 12 else 9)
+    step = max(1, len(columns) // 50)
+    ax.set_xticks(range(0, len(columns), step), columns[::step], fontsize=7 if len(columns) > 12 else 9,
+                  rotation=90 if max(map(len, columns)) > 3 else 0)
     fig.colorbar(im, ax=ax, label=label)
 
 
-def _rows_height(n: int) -> float:
-    return min(max(3.0, 0.16 * n + 1.5), 40.0)
+def _layers_width(n: int) -> float:
+    """Layers run along x: the figure widens with their number (up to a limit)."""
+    return min(max(6.0, 0.08 * n + 4), 30.0)
 
 
 def plot_layer_load(stats: RoutingStats, path: Path) -> None:
-    """Heatmap: mean routing weight of every expert in every layer."""
-    fig = _new_figure(max(5.0, 0.5 * stats.num_experts + 3), _rows_height(len(stats.layers)))
+    """Heatmap: mean routing weight of every expert (rows) in every layer (columns)."""
+    fig = _new_figure(_layers_width(len(stats.layers)), max(3.5, 0.3 * stats.num_experts + 2.5))
     ax = fig.add_subplot()
-    _heatmap(fig, ax, stats.load, short_layer_names(stats.layers), "mean routing weight")
-    ax.set_xticks(range(stats.num_experts))
-    ax.set(xlabel="expert", ylabel="layer", title=f"Expert load per layer ({sum(stats.tokens.values())} tokens)")
+    _heatmap(fig, ax, stats.load.T, "mean routing weight", [str(i) for i in range(stats.num_experts)],
+             short_layer_names(stats.layers))
+    ax.set(xlabel="layer", ylabel="expert", title=f"Expert load per layer ({sum(stats.tokens.values())} tokens)")
     fig.savefig(path)
 
 
 def plot_active_experts(stats: RoutingStats, path: Path) -> None:
     """Histogram of active experts per token: pooled over layers, and per layer as a heatmap with the mean."""
-    E, rows = stats.num_experts, short_layer_names(stats.layers)
-    fig = _new_figure(11.0, _rows_height(len(rows)))
-    left, right = fig.subplots(1, 2, width_ratios=[1, 1.4])
-    ks = list(range(1, E + 1))
+    E, ks = stats.num_experts, list(range(1, stats.num_experts + 1))
+    fig = _new_figure(_layers_width(len(stats.layers)) + 4, max(4.0, 0.3 * E + 2.5))
+    left, right = fig.subplots(1, 2, width_ratios=[1, max(1.5, _layers_width(len(stats.layers)) / 4)])
+    mean = stats.mean_active.mean().item()
     left.bar(ks, stats.active_hist.mean(0).numpy(), color="tab:blue")
-    left.axvline(stats.mean_active.mean().item(), color="tab:red", linestyle="--",
-                 label=f"mean {stats.mean_active.mean().item():.2f}")
+    left.axvline(mean, color="tab:red", linestyle="--", label=f"mean {mean:.2f}")
     left.set(xticks=ks, xlabel="active experts per token", ylabel="share of tokens (all layers)",
              title="Active experts per token")
     left.legend()
-    _heatmap(fig, right, stats.active_hist, rows, "share of tokens")
-    right.plot(stats.mean_active.numpy() - 1, range(len(rows)), "o", color="tab:red", markersize=3)
-    right.set_xticks(range(E), ks)
-    right.set(xlabel="active experts per token", ylabel="layer", title="Per layer (red dot: mean)")
+    _heatmap(fig, right, stats.active_hist.T.flip(0), "share of tokens", [str(k) for k in reversed(ks)],
+             short_layer_names(stats.layers))
+    right.plot(range(len(stats.layers)), (E - stats.mean_active).numpy(), "-o", color="tab:red", markersize=2,
+               linewidth=1)
+    right.set(xlabel="layer", ylabel="active experts per token", title="Per layer (red: mean)")
     fig.savefig(path)
 
 
@@ -215,8 +219,8 @@ def plot_group_usage(stats: RoutingStats, path: Path) -> None:
     usage = stats.group_usage.mean(1)  # (groups, E)
     fig = _new_figure(max(5.0, 0.5 * stats.num_experts + 3), max(3.0, 0.35 * len(stats.groups) + 1.5))
     ax = fig.add_subplot()
-    _heatmap(fig, ax, usage, stats.groups, "mean routing weight (over layers)")
-    ax.set_xticks(range(stats.num_experts))
+    _heatmap(fig, ax, usage, "mean routing weight (over layers)", stats.groups,
+             [str(i) for i in range(stats.num_experts)])
     ax.set(xlabel="expert (same index in every layer)", ylabel="skill / domain", title="Expert usage per skill")
     fig.savefig(path)
 
