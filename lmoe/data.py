@@ -6,7 +6,6 @@ and Examples become length-bucketed padded batches.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import importlib.metadata
 import json

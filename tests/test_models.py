@@ -1,4 +1,6 @@
 """lmoe.models: a GGUF file written here (no download) loads with the original logits and is cached."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -33,9 +35,8 @@ def write_gguf(path, model, tok) -> None:
     tokens = sorted(vocab, key=vocab.get)
     w.add_token_list(tokens)
     w.add_token_types([TokenType.CONTROL if t.startswith("<|") else TokenType.NORMAL for t in tokens])
-    merges = tok.backend_tokenizer.to_str()
-    import json
-    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in json.loads(merges)["model"]["merges"]])
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
     w.add_bos_token_id(tok.bos_token_id)
     w.add_eos_token_id(tok.eos_token_id)
     w.add_pad_token_id(tok.pad_token_id)

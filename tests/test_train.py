@@ -93,3 +93,14 @@ def test_builtin_mixture_compares_base_and_trained(setup, tmp_path):
     for run in result.results.values():
         assert set(run["exact_match"]) == {"add", "sort"} and set(run["perplexity"]) == {"german"}
     assert (tmp_path / "mix" / "eval.json").is_file() and (tmp_path / "mix" / "eval_base.json").is_file()
+
+
+@pytest.mark.slow
+def test_builtin_model_learns_the_mixture(tmp_path):
+    mixture = {"domains": ["german"], "skills": ["add"], "per_domain": 80, "per_skill": 80,
+               "test_per_domain": 20, "test_per_skill": 20}
+    result = train(TrainConfig.from_dict({"output_dir": str(tmp_path), "steps": 30, "save_every": 0,
+                                          "mixture": mixture}))
+    base, trained = result.results["base"], result.results["trained"]
+    assert trained["perplexity"]["german"] < 0.8 * base["perplexity"]["german"]
+    assert trained["exact_match"]["add"] > base["exact_match"]["add"] + 0.2
