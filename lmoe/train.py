@@ -259,7 +259,8 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[dict], None
     examples = training_examples(cfg, tokenizer)
     runs = {}
     if cfg.compare_base:
-        runs["base"] = _cached_eval(out / "eval_base.json", lambda: evaluate_all(model.to(accelerator.device), tokenizer, cfg))
+        runs["base"] = _base_eval(out / "eval_base.json", resume,
+                                  lambda: evaluate_all(model.to(accelerator.device), tokenizer, cfg))
     torch.manual_seed(cfg.seed)
     inject(model, cfg.lmoe)
     trainable, total = count_parameters(model)
@@ -280,9 +281,9 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[dict], None
     return TrainResult(model, tokenizer, adapter_dir, runs)
 
 
-def _cached_eval(path: Path, compute: Callable[[], dict]) -> dict:
-    """The base model's results: computed once per output dir, so --resume does not pay for them again."""
-    if path.is_file():
+def _base_eval(path: Path, resume: bool, compute: Callable[[], dict]) -> dict:
+    """The base model's results, kept in the output dir so that --resume does not pay for them again."""
+    if resume and path.is_file():
         return json.loads(path.read_text())
     results = compute()
     write_json(results, path)
