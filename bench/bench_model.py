@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq", type=int, default=256 if cuda else 128)
     p.add_argument("--repeats", type=int, default=5 if cuda else 3)
     p.add_argument("--warmup", type=int, default=2 if cuda else 1)
-    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--gen-repeats", type=int, default=3)
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no-xlora", action="store_true")
