@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -149,8 +150,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         handlers[args.command](args)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"lmoe {args.command}: {err}") from err
+    except (ValueError, OSError) as err:  # our messages say what was wrong and what to do; no traceback
+        if os.environ.get("LMOE_DEBUG"):
+            raise
+        print(f"lmoe {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(2) from err
 
 
 if __name__ == "__main__":

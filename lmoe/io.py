@@ -1,15 +1,20 @@
 """Adapter files: the expert and router weights as safetensors, the config and base fingerprint as JSON.
 
-Nothing here unpickles: loading an adapter cannot run code from the files.
+Nothing here unpickles code: adapters are safetensors + JSON, and training checkpoints are read with
+torch.load(weights_only=True) after their checksum is verified.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -27,16 +32,61 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call write(tmp_path) then rename over path, so a crash never leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise OSError(err.errno, f"Could not write {path} ({err.strerror}); check that the directory is writable") from err
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # disk full, quota, permissions: the old file (if any) is left as it was
+        kept = "the previous file is kept" if path.exists() else "nothing was written"
+        raise OSError(err.errno, f"Could not write {path} ({err.strerror or err}); {kept}. "
+                      "Free disk space (or fix permissions) and run again") from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+CHECKED_MAGIC = b"LMOE-SHA256 "
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_state(path: str | Path, blob: dict) -> None:
+    """torch.save(blob) behind a line holding its SHA-256, written atomically: a torn file never loads."""
+    buffer = io.BytesIO()
+    torch.save(blob, buffer)
+    payload = buffer.getvalue()
+    header = CHECKED_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(header + payload))
+
+
+def load_state(path: str | Path) -> dict:
+    """What save_state wrote, checksum verified; only tensors and plain data are unpickled (weights_only)."""
+    data = Path(path).read_bytes()
+    if data.startswith(CHECKED_MAGIC):  # files from before checksums start with the zip header and load as they are
+        header, _, data = data.partition(b"\n")
+        if hashlib.sha256(data).hexdigest().encode() != header[len(CHECKED_MAGIC):]:
+            raise ValueError(f"Checkpoint {path} fails its checksum: it was changed or cut short after it was "
+                             "written. Delete it and train without --resume (or restore a copy).")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"Checkpoint {path} holds objects other than tensors and plain data; refusing to "
+                         "unpickle it (that could run code). Use a checkpoint written by lmoe train.") from err
+    except (RuntimeError, EOFError) as err:
+        raise ValueError(f"Checkpoint {path} is corrupt or truncated ({err}); delete it and train without "
+                         "--resume.") from err
 
 
 def adapter_state_dict(model: nn.Module) -> dict:
@@ -67,6 +117,7 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
             "layers": base_fingerprint(model)}
     state = adapter_state_dict(model)
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    meta["weights_sha256"] = sha256_file(directory / WEIGHTS_FILE)  # the config is written last: it seals the pair
     atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
     return directory
 
@@ -94,7 +145,7 @@ def load_adapter(base_model: nn.Module, directory: str | Path) -> nn.Module:
     cfg = LMoEConfig.from_dict(meta["config"])
     check_base_matches(base_model, meta, directory)
     inject(base_model, cfg)
-    weights = _read_weights(Path(directory) / WEIGHTS_FILE)
+    weights = _read_weights(Path(directory) / WEIGHTS_FILE, meta.get("weights_sha256"))
     expected = adapter_state_dict(base_model)
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
@@ -124,13 +175,23 @@ def check_base_matches(model: nn.Module, meta: dict, directory: str | Path) -> N
             + ". Load it onto the base model it was trained with.")
 
 
-def _read_weights(path: Path) -> dict:
+def _read_weights(path: Path, sha256: str | None = None) -> dict:
+    """The tensors of adapter.safetensors, checked against the config's checksum and for NaN/inf values."""
     if not path.is_file():
         raise FileNotFoundError(f"Adapter weights {path} are missing; the adapter directory is incomplete.")
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise ValueError(f"Adapter weights {path} are corrupt or truncated: they do not match the checksum in "
+                         f"{CONFIG_FILE} (changed or written only half-way). Save the adapter again or restore a copy.")
     try:
-        return load_file(str(path))
+        weights = load_file(str(path))
     except Exception as err:  # safetensors raises its own error types for truncated/corrupt headers
         raise ValueError(f"Adapter weights {path} are corrupt or truncated ({err}); save the adapter again.") from err
+    bad = [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()]
+    if bad:
+        raise ValueError(f"Adapter weights {path} hold NaN/inf values in {bad[:3]}"
+                         f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}; the training diverged. "
+                         "Retrain (lower lr) or use an earlier adapter.")
+    return weights
 
 
 def _model_type(model: nn.Module) -> str:

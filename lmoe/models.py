@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -50,6 +51,9 @@ def load_model(name: str = BUILTIN, dtype: torch.dtype = torch.float32) -> tuple
         model, tokenizer = _load_hf(str(path))
     elif path.exists():
         raise ValueError(f"--model {name} is a file but not a .gguf; pass a GGUF file, a model directory or a hub id.")
+    elif _looks_like_path(name):
+        raise FileNotFoundError(f"Model path {name} does not exist; pass 'builtin', an existing model directory, "
+                                "a .gguf file, or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct.")
     else:
         model, tokenizer = _load_hf(name)  # a hub id: transformers downloads or reads its own cache
     _ensure_pad(tokenizer)
@@ -60,6 +64,9 @@ def _load_hf(name_or_dir: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
+    except SafetensorError as err:
+        raise ValueError(f"The weights of model {name_or_dir!r} are corrupt or truncated ({err}); "
+                         "copy or download the model again.") from err
     except OSError as err:
         raise OSError(f"Could not load model {name_or_dir!r} ({err}). Pass 'builtin', a local model directory, "
                       "a .gguf file, or a Hugging Face hub id (needs network or a filled HF cache).") from err
@@ -72,10 +79,28 @@ def load_gguf(path: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     if (cached / "config.json").is_file():
         return _load_hf(str(cached))
     log.info("lmoe: de-quantising %s (first load only; cached in %s)", path, cached)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as err:  # the gguf reader raises ValueError, struct, numpy or index errors on a damaged file
+        raise ValueError(f"GGUF file {path} is corrupt, truncated or not a supported model ({err}); "
+                         "download it again or pass another --model.") from err
     _save_cache(model, tokenizer, cached)
     return model, tokenizer
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is "name" or "org/name"; anything absolute, relative (./, ../, ~) or deeper is a local path."""
+    return name.startswith((os.sep, ".", "~")) or name.count("/") > 1
+
+
+def check_context(model: nn.Module, max_length: int) -> None:
+    """max_length must fit the model's context window (max_position_embeddings / n_positions)."""
+    config = getattr(model, "config", None)
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if context and max_length > context:
+        raise ValueError(f"max_length={max_length} is longer than the model's context of {context} tokens; "
+                         f"set max_length to at most {context}.")
 
 
 def gguf_cache_path(path: Path) -> Path:

@@ -1,5 +1,6 @@
 """End to end through the CLI on a tiny random model: train (YAML + overrides), eval, generate, resume."""
 import json
+import re
 
 import pytest
 
@@ -41,8 +42,11 @@ def test_train_eval_generate(tmp_path, capsys):
     assert [line["prompt"] for line in lines] == ["one two", "hello there", "the cat?"]
 
 
-def test_errors_are_one_line_messages(tmp_path):
-    with pytest.raises(SystemExit, match="lmoe train: .*Did you mean 'steps'"):
-        main(["train", "stepz=3"])
-    with pytest.raises(SystemExit, match="lmoe eval: No adapter at"):
-        main(["eval", "--model", str(tiny_model_dir(tmp_path / "m")), "--adapter", str(tmp_path / "none")])
+def test_errors_are_one_line_messages(tmp_path, capsys):  # more in tests/test_errors.py
+    for argv, message in [(["train", "stepz=3"], "lmoe train: error: .*Did you mean 'steps'"),
+                          (["eval", "--model", str(tiny_model_dir(tmp_path / "m")), "--adapter", str(tmp_path / "none")],
+                           "lmoe eval: error: No adapter at")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        assert re.match(message, capsys.readouterr().err.splitlines()[-1])
