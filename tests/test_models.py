@@ -96,7 +96,8 @@ def test_local_directory_and_errors(tmp_path, monkeypatch):
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match="not a .gguf"):
         models.load_model(str(tmp_path / "weights.bin"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import; the env var is too late
     with pytest.raises(OSError, match="hub id"):
         models.load_model("no-such-org/no-such-model-lmoe")
 
