@@ -10,6 +10,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -22,16 +23,18 @@ import torch
 import yaml
 from accelerate import Accelerator
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm.auto import tqdm
 
 from .config import LMoEConfig, check_known_keys
-from .data import Example, Mixture, batch_stream, collate, encode_all, read_records
+from .data import IGNORE, Example, Mixture, batch_stream, collate, encode_all, read_records
 from .evaluate import evaluate_file, evaluate_mixture, format_table, write_json
 from .inject import AUX_COEFS, aux_loss, aux_losses, count_parameters, inject
-from .io import adapter_state_dict, atomic_write, save_adapter
+from .io import atomic_write, save_adapter
 from .models import BUILTIN, load_model
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+STRATEGIES = ("ddp", "fsdp")  # how several processes (torchrun / accelerate launch) share the work
 CHECKPOINT, METRICS = "checkpoint.pt", "metrics.csv"
 COLUMNS = ["step", "loss", "lm_loss", "aux_loss", *AUX_COEFS, "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"]
 
@@ -64,6 +67,8 @@ class TrainConfig:
     precision: str = "auto"
     save_every: int = 50
     compare_base: bool = True
+    distributed: str = "ddp"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.lmoe, dict):
@@ -81,6 +86,8 @@ class TrainConfig:
         for name in ("weight_decay", "max_grad_norm"):
             _check(self, name, isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0, "a number >= 0")
         _check(self, "precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}")
+        _check(self, "distributed", self.distributed in STRATEGIES, f"one of {', '.join(STRATEGIES)}")
+        _check(self, "gradient_checkpointing", isinstance(self.gradient_checkpointing, bool), "true or false")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -159,9 +166,11 @@ def evaluate_all(model: nn.Module, tokenizer, cfg: TrainConfig) -> dict:
 
 @dataclass
 class TrainState:
-    """What a checkpoint restores besides the adapter weights."""
+    """What a checkpoint restores besides the adapter weights; independent of the number of processes."""
     step: int = 0
     elapsed_s: float = 0.0
+    batches: int = 0  # global batches (batch_size x processes examples each) consumed so far
+    global_batch: int = 0  # examples per global batch, 0 before the first step
 
 
 def rng_state() -> dict:
@@ -178,11 +187,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: TrainState) -> None:
-    """Adapter, optimizer, scheduler, RNG and step in one file, written atomically."""
-    blob = {"adapter": adapter_state_dict(model), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": rng_state(), "state": dataclasses.asdict(state)}
-    atomic_write(path, lambda tmp: torch.save(blob, tmp))
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: TrainState, main: bool = True) -> None:
+    """Adapter, optimizer, scheduler, RNG and step in one file, written atomically by the main process.
+
+    Every process calls it: the adapter and optimizer state are gathered whole (keyed by parameter
+    name, unsharded), so any number of processes can resume from the file.
+    """
+    adapter, optim = get_state_dict(model, optimizer, options=FULL)
+    if main:
+        blob = {"adapter": adapter, "optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                "state": dataclasses.asdict(state)}
+        atomic_write(path, lambda tmp: torch.save(blob, tmp))
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> TrainState:
@@ -190,8 +208,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> Train
         raise FileNotFoundError(f"--resume: no checkpoint at {path}; train without --resume first "
                                 "(checkpoints are written every save_every steps).")
     blob = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds Python RNG state
-    model.load_state_dict(blob["adapter"], strict=False)
-    optimizer.load_state_dict(blob["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=blob["adapter"], optim_state_dict=blob["optimizer"],
+                   options=StateDictOptions(full_state_dict=True, strict=False))
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"])
     return TrainState(**blob["state"])
@@ -251,28 +269,31 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[dict], None
     on_step(row) is called with each step's metrics (the metrics.csv row) on the main process.
     """
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.yaml").write_text(cfg.to_yaml())
+    accelerator = make_accelerator(cfg)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.yaml").write_text(cfg.to_yaml())
     torch.manual_seed(cfg.seed)
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.precision))
     model, tokenizer = load_model(cfg.model)
     examples = training_examples(cfg, tokenizer)
     runs = {}
     if cfg.compare_base:
-        runs["base"] = _base_eval(out / "eval_base.json", resume,
+        runs["base"] = _base_eval(out / "eval_base.json", resume, accelerator.is_main_process,
                                   lambda: evaluate_all(model.to(accelerator.device), tokenizer, cfg))
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # every process builds the same experts
     inject(model, cfg.lmoe)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total = count_parameters(model)
     accelerator.print(f"lmoe: {len(examples)} training examples; trainable params {trainable:,} of {total:,}")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = load_checkpoint(out / CHECKPOINT, accelerator.unwrap_model(model), optimizer, scheduler) if resume else TrainState()
+    state = load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler) if resume else TrainState()
     log = MetricsLog(out, state.step) if accelerator.is_main_process else None
     _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, tokenizer.pad_token_id, state, log, on_step)
-    model = accelerator.unwrap_model(model)
+    model = _single_process_model(cfg, accelerator, model)
     adapter_dir = save_adapter(model, out / "adapter") if accelerator.is_main_process else out / "adapter"
     runs["trained"] = evaluate_all(model, tokenizer, cfg)
     if accelerator.is_main_process and runs["trained"]:
@@ -281,26 +302,53 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[dict], None
     return TrainResult(model, tokenizer, adapter_dir, runs)
 
 
-def _base_eval(path: Path, resume: bool, compute: Callable[[], dict]) -> dict:
+def _base_eval(path: Path, resume: bool, main: bool, compute: Callable[[], dict]) -> dict:
     """The base model's results, kept in the output dir so that --resume does not pay for them again."""
     if resume and path.is_file():
         return json.loads(path.read_text())
     results = compute()
-    write_json(results, path)
+    if main:
+        write_json(results, path)
     return results
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """DDP (accelerate's default under torchrun) or FSDP2: each decoder layer, then the root, sharded."""
+    plugin = None
+    if cfg.distributed == "fsdp":
+        from accelerate import FullyShardedDataParallelPlugin
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                                reshard_after_forward=True, state_dict_type="FULL_STATE_DICT")
+    # accelerate starts gloo on CPU only when told to; under torchrun without a GPU, tell it
+    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(mixed_precision=mixed_precision(cfg.precision), fsdp_plugin=plugin, cpu=cpu)
+
+
+def _single_process_model(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module) -> nn.Module:
+    """The trained model whole on every process, for saving and evaluation; FSDP's shards are gathered
+    into a freshly loaded base (every process calls this)."""
+    if not accelerator.is_fsdp2:  # DDP keeps a whole copy in every process
+        return accelerator.unwrap_model(model)
+    adapter, _ = get_state_dict(model, [], options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
+    whole, _ = load_model(cfg.model)
+    inject(whole, cfg.lmoe)
+    whole.load_state_dict(adapter, strict=False)
+    return whole.to(accelerator.device)
 
 
 def _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, pad_id, state, log, on_step) -> None:
     """Optimizer steps state.step+1 .. cfg.steps; each averages grad_accum micro-batches per process."""
     ranks, rank = accelerator.num_processes, accelerator.process_index
-    micro = cfg.grad_accum * ranks  # micro-batches consumed per optimizer step, all processes together
-    stream = batch_stream(examples, cfg.batch_size, cfg.seed, start=state.step * micro)
+    global_batch = cfg.batch_size * ranks  # each process takes a disjoint slice of every global batch
+    _check_global_batch(state, global_batch, ranks)
+    stream = batch_stream(examples, global_batch, cfg.seed, start=state.batches)
     bar = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not accelerator.is_main_process)
     model.train()
     while state.step < cfg.steps:
         started = time.perf_counter()
-        batches = [next(stream) for _ in range(micro)][rank::ranks]
+        batches = [next(stream)[rank::ranks] for _ in range(cfg.grad_accum)]
         lm, aux, terms, tokens = _accumulate(accelerator, model, batches, pad_id)
+        state.batches, state.global_batch = state.batches + cfg.grad_accum, global_batch
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -319,28 +367,44 @@ def _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, pad_id, 
         bar.set_postfix(loss=f"{lm:.3f}", aux=f"{aux:.4f}", tok_s=f"{tokens / seconds:.0f}")
         bar.update()
         if cfg.save_every and (state.step % cfg.save_every == 0 or state.step == cfg.steps):
+            save_checkpoint(Path(cfg.output_dir) / CHECKPOINT, model, optimizer, scheduler, state,
+                            accelerator.is_main_process)
             accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(Path(cfg.output_dir) / CHECKPOINT, accelerator.unwrap_model(model), optimizer,
-                                scheduler, state)
     bar.close()
     if log is not None:
         log.close()
 
 
+def _check_global_batch(state: TrainState, global_batch: int, ranks: int) -> None:
+    if state.global_batch and state.global_batch != global_batch:
+        raise ValueError(
+            f"--resume: the checkpoint was trained on global batches of {state.global_batch} examples "
+            f"(batch_size x processes), this run makes {global_batch} ({ranks} processes); set "
+            f"batch_size={state.global_batch // ranks} so that the data continues where it stopped.")
+
+
 def _accumulate(accelerator, model, batches, pad_id) -> tuple[float, float, dict, int]:
-    """Forward + backward of each micro-batch with loss / len(batches); returns the mean losses and tokens."""
-    lm_total, aux_total, terms, tokens = 0.0, 0.0, {}, 0
-    for i, examples in enumerate(batches):
-        batch = {k: v.to(accelerator.device) for k, v in collate(examples, pad_id).items()}
+    """Forward + backward of each micro-batch; returns the step's losses (all processes) and tokens.
+
+    Each micro-batch's LM loss is its mean over the answer tokens of all processes (as one process
+    would compute it on the whole global batch): the local mean is weighted by local / global count,
+    times the number of processes because DDP averages gradients. Micro-batches then count equally.
+    """
+    ranks, model_ = accelerator.num_processes, accelerator.unwrap_model(model)
+    batches = [{k: v.to(accelerator.device) for k, v in collate(ex, pad_id).items()} for ex in batches]
+    counts = torch.stack([(b["labels"][:, 1:] != IGNORE).sum() for b in batches]).float()  # loss tokens
+    weights = ranks * counts / accelerator.reduce(counts.clone(), "sum") / len(batches)
+    totals = torch.zeros(3 + len(AUX_COEFS), device=accelerator.device)  # lm, aux, tokens, aux terms
+    for i, batch in enumerate(batches):
         sync = i == len(batches) - 1  # all-reduce gradients once, after the last micro-batch
         with (accelerator.no_sync(model) if not sync else nullcontext()), accelerator.autocast():
             out = model(**batch)
-            aux = aux_loss(accelerator.unwrap_model(model))
-            accelerator.backward((out.loss + aux) / len(batches))
-        lm_total += out.loss.item() / len(batches)
-        aux_total += aux.item() / len(batches)
-        for key, value in aux_losses(accelerator.unwrap_model(model)).items():
-            terms[key] = terms.get(key, 0.0) + value.item() / len(batches)
-        tokens += int(batch["attention_mask"].sum())
-    return lm_total, aux_total, terms, tokens
+            aux = aux_loss(model_)
+            accelerator.backward(out.loss * weights[i] + aux / len(batches))
+        terms = aux_losses(model_)
+        totals += torch.stack([out.loss.detach() * weights[i] / ranks, aux.detach() / len(batches) / ranks,
+                               batch["attention_mask"].sum().float(),
+                               *[terms[k].detach() / len(batches) / ranks if k in terms else torch.zeros(())
+                                 for k in AUX_COEFS]]).to(totals)
+    lm, aux, tokens, *values = accelerator.reduce(totals, "sum").tolist()  # the one sync of the step
+    return lm, aux, {k: v for k, v in zip(AUX_COEFS, values) if k in terms}, int(tokens)

@@ -1,0 +1,116 @@
+"""lmoe.train under torchrun (CPU, gloo, 2 processes): DDP and FSDP against one process on the whole batch,
+and resume with a different number of processes. Run as a script, this file is the torchrun worker."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmoe import load_adapter
+from lmoe.models import load_model
+from lmoe.train import TrainConfig, read_metrics, train
+from tiny import tiny_model_dir, write_jsonl
+
+# answers of different lengths, so the processes' slices hold different numbers of loss tokens
+ROWS = [{"prompt": f"Repeat {w} {n} times.", "completion": " ".join([w] * n)}
+        for w in ("cat", "mat", "stone") for n in range(1, 6)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    return tiny_model_dir(root / "model"), write_jsonl(root / "rows.jsonl", ROWS), root
+
+
+def config(setup, out, **kw) -> TrainConfig:
+    model, data, _ = setup
+    fields = dict(model=str(model), data=[str(data)], output_dir=str(out), steps=4, batch_size=4, lr=1e-2,
+                  warmup_steps=1, save_every=2, compare_base=False,
+                  lmoe={"num_experts": 3, "rank": 2, "target_modules": "all-linear", "dropout": 0.0,
+                        "load_balance_coef": 0.0, "z_loss_coef": 0.0})
+    fields.update(kw)
+    return TrainConfig.from_dict(fields)
+
+
+def torchrun(cfg: TrainConfig, resume: bool = False, stop_at: int = 0) -> subprocess.CompletedProcess:
+    """`lmoe train` in 2 processes (this file as the worker); returns the finished process."""
+    path = Path(cfg.output_dir + ".json")
+    path.write_text(json.dumps(cfg.to_dict()))
+    tests = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--monitor-interval", "0.1",
+           __file__, str(path), str(int(resume)), str(stop_at)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """One process, batch 4, uninterrupted."""
+    return train(config(setup, setup[2] / "one"))
+
+
+def assert_same_adapter(a: Path, b: Path, atol: float) -> None:
+    wa, wb = load_file(str(a / "adapter.safetensors")), load_file(str(b / "adapter.safetensors"))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=atol, msg=key)
+
+
+def assert_same_metrics(a: Path, b: Path) -> None:
+    for ra, rb in zip(read_metrics(a), read_metrics(b), strict=True):
+        for key in ("step", "lm_loss", "lr", "grad_norm", "tokens"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-4), (ra["step"], key)
+
+
+def test_ddp_equals_one_process_on_the_whole_batch(setup, reference):
+    cfg = config(setup, setup[2] / "ddp", batch_size=2)
+    run = torchrun(cfg)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_adapter(reference.adapter_dir, Path(cfg.output_dir) / "adapter", atol=1e-5)
+    assert_same_metrics(setup[2] / "one", Path(cfg.output_dir))
+
+
+@pytest.mark.skip(reason="FSDP: in progress")
+def test_fsdp_trains_and_saves_an_adapter_that_loads_in_one_process(setup, reference):
+    cfg = config(setup, setup[2] / "fsdp", batch_size=2, distributed="fsdp", gradient_checkpointing=True)
+    run = torchrun(cfg)
+    assert run.returncode == 0, run.stderr[-3000:]
+    adapter = Path(cfg.output_dir) / "adapter"
+    assert_same_adapter(reference.adapter_dir, adapter, atol=1e-5)
+    base, tokenizer = load_model(cfg.model)
+    loaded = load_adapter(base, adapter).eval()
+    ids = tokenizer("Repeat cat 3 times.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, reference.model.eval()(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_resume_with_fewer_processes_equals_uninterrupted(setup, reference):
+    out = setup[2] / "split"
+    run = torchrun(config(setup, out, batch_size=2), stop_at=3)  # dies after step 3; checkpoint at step 2
+    assert run.returncode != 0 and "Interrupt" in run.stderr
+    with pytest.raises(ValueError, match="set batch_size=4"):  # 1 process must keep the global batch
+        train(config(setup, out, batch_size=2), resume=True)
+    train(config(setup, out), resume=True)
+    assert_same_metrics(setup[2] / "one", out)
+    assert_same_adapter(reference.adapter_dir, out / "adapter", atol=1e-5)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def worker(config_path: str, resume: str, stop_at: str) -> None:
+    def stop(row):
+        if row["step"] == int(stop_at):
+            raise Interrupt
+    cfg = TrainConfig.from_dict(json.loads(Path(config_path).read_text()))
+    train(cfg, resume=resume == "1", on_step=stop if int(stop_at) else None)
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    worker(*sys.argv[1:])
