@@ -1,6 +1,7 @@
 """lmoe.models: a GGUF file written here (no download) loads with the original logits and is cached."""
 import json
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -96,7 +97,6 @@ def test_local_directory_and_errors(tmp_path, monkeypatch):
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match="not a .gguf"):
         models.load_model(str(tmp_path / "weights.bin"))
-    import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import; the env var is too late
     with pytest.raises(OSError, match="hub id"):
         models.load_model("no-such-org/no-such-model-lmoe")
