@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from typing import Any
 ROUTERS = ("softmax", "topk", "dynamic")
 COMPOSITIONS = ("params", "outputs")
 ALL_LINEAR = "all-linear"
+AUX_COEFS = {"load_balance": "load_balance_coef", "z_loss": "z_loss_coef", "sparsity": "sparsity_coef"}
 # load_balance_coef when left unset: the Switch-Transformer 0.01 for softmax/top-k; LD-MoLE's released
 # recipe (eshentw/LD-MoLE run.sh, lb_loss_coef=1.0) for the dynamic router
 LOAD_BALANCE_DEFAULTS = {"softmax": 0.01, "topk": 0.01, "dynamic": 1.0}
@@ -71,11 +74,11 @@ class LMoEConfig:
         for name in ("alpha", "temperature"):
             value = getattr(self, name)
             if not _is_number(value) or value <= 0:
-                _fail(name, value, "a number > 0")
+                _fail(name, value, "a finite number > 0")
         for name in ("load_balance_coef", "z_loss_coef", "sparsity_coef"):
             value = getattr(self, name)
             if not _is_number(value) or value < 0:
-                _fail(name, value, "a number >= 0")
+                _fail(name, value, "a finite number >= 0")
         if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
             _fail("dropout", self.dropout, "a probability in [0, 1)")
         if not _is_number(self.lambda_eps) or not 0 < self.lambda_eps < 1:
@@ -100,6 +103,11 @@ class LMoEConfig:
         if not ok:
             _fail("target_modules", targets,
                   f'a non-empty list of module names, a regex string, or "{ALL_LINEAR}"')
+        if isinstance(targets, str) and targets != ALL_LINEAR:
+            try:
+                re.compile(targets)
+            except re.error as err:
+                _fail("target_modules", targets, f"a valid regular expression ({err})")
 
     @property
     def scaling(self) -> float:
@@ -145,7 +153,8 @@ def check_known_keys(cls: type, data: dict[str, Any], prefix: str = "") -> dict[
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    """A finite int or float (not a bool, NaN or inf)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _looks_like_file(text_or_path: str | Path) -> bool:

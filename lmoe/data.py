@@ -49,7 +49,11 @@ def read_records(path: str | Path, domain: str | None = None) -> list[dict]:
         rows = _read_with_datasets(path)
     else:
         raise ValueError(f"Data file {path}: expected .jsonl, .csv, .json or .parquet, got {path.suffix or 'no suffix'}.")
-    return [to_record(row, domain, f"{path}:{i}") for i, row in rows]
+    records = [to_record(row, domain, f"{path}:{i}") for i, row in rows]
+    if not records:
+        raise ValueError(f"Data file {path} holds no records; add one per line, e.g. "
+                         '{"prompt": "...", "completion": "..."}, {"messages": [...]} or {"text": "..."}.')
+    return records
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:

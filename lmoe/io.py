@@ -28,6 +28,13 @@ WEIGHTS_FILE = "adapter.safetensors"
 FORMAT_VERSION = 1
 
 
+class WriteError(OSError):
+    """A file could not be written (disk full, permissions); keeps errno, reads as its message alone."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call write(tmp_path) then rename over path, so a crash never leaves a half-written file."""
     path = Path(path)
@@ -35,7 +42,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as err:
-        raise OSError(err.errno, f"Could not write {path} ({err.strerror}); check that the directory is writable") from err
+        raise WriteError(err.errno, f"Could not write {path} ({err.strerror}); check that the directory is writable.") from err
     os.close(fd)
     try:
         write(tmp)
@@ -44,8 +51,8 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         os.replace(tmp, path)
     except OSError as err:  # disk full, quota, permissions: the old file (if any) is left as it was
         kept = "the previous file is kept" if path.exists() else "nothing was written"
-        raise OSError(err.errno, f"Could not write {path} ({err.strerror or err}); {kept}. "
-                      "Free disk space (or fix permissions) and run again") from err
+        raise WriteError(err.errno, f"Could not write {path} ({err.strerror or err}); {kept}. "
+                         "Free disk space (or fix permissions) and run again.") from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
