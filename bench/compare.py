@@ -11,7 +11,7 @@ parameters, wall time, and (E > 1) mean active experts per token per layer on he
 
 Results are kept one config at a time (JSON in --work-dir) and the section "## Built-in comparison"
 of --out (bench/RESULTS.md) is rewritten after each finished config, so an interrupted run keeps
-what it finished.
+what it finished; rerunning the same command continues from there.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -145,7 +146,9 @@ def section(rows: list[dict], args: argparse.Namespace, command: str) -> str:
              "`bench/compare.py`. Same steps, lr, batch, seed and target modules for every config "
              "(TrainConfig defaults otherwise). EM = greedy exact match on held-out skill items; ppl = "
              "held-out answer perplexity per conversation domain; active experts = mean number of experts "
-             "with g > 0 per real token on the held-out batches, per layer (mean over layers, min-max across layers).",
+             "with g > 0 per real token on the held-out batches, per layer (mean over layers, min-max across layers). "
+             "train s: the training loop (metrics.csv elapsed_s); wall s: the whole train() call (model load, "
+             "training, saving, held-out evaluation).",
              "", f"Command: `{command}`", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
              f"{torch.get_num_threads()} torch threads; load average when this table was written: "
@@ -179,7 +182,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = "python bench/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    given = sys.argv[1:] if argv is None else argv
+    if "--note" in given:  # the note is printed under the title; the command line stays short
+        i = given.index("--note")
+        given = given[:i] + given[i + 2:]
+    command = shlex.join([".venv/bin/python", "bench/compare.py", *given])
     store = Path(args.work_dir) / "results.json"
     settings = {"steps": args.steps, "test_per_skill": args.test_per_skill, "test_per_domain": args.test_per_domain}
     kept = [] if args.fresh or not store.is_file() else json.loads(store.read_text())
@@ -196,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         store.write_text(json.dumps(rows, indent=2))
         write_report(rows, args, command)
         print(format_table(rows, args.steps), flush=True)
+    write_report(rows, args, command)  # also when every config was already done: regenerate the section
 
 
 if __name__ == "__main__":
