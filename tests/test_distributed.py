@@ -74,7 +74,6 @@ def test_ddp_equals_one_process_on_the_whole_batch(setup, reference):
     assert_same_metrics(setup[2] / "one", Path(cfg.output_dir))
 
 
-@pytest.mark.skip(reason="FSDP: in progress")
 def test_fsdp_trains_and_saves_an_adapter_that_loads_in_one_process(setup, reference):
     cfg = config(setup, setup[2] / "fsdp", batch_size=2, distributed="fsdp", gradient_checkpointing=True)
     run = torchrun(cfg)
