@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import math
 import os
 import random
@@ -32,9 +33,10 @@ from .config import LMoEConfig, check_known_keys
 from .data import IGNORE, Example, Mixture, batch_stream, collate, encode_all, read_records
 from .evaluate import evaluate_file, evaluate_mixture, format_table, write_json
 from .inject import AUX_COEFS, aux_loss, aux_losses, count_parameters, inject
-from .io import atomic_write, save_adapter
-from .models import BUILTIN, load_model
+from .io import load_state, save_adapter, save_state
+from .models import BUILTIN, check_context, load_model
 
+logger = logging.getLogger(__name__)
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 STRATEGIES = ("ddp", "fsdp")  # how several processes (torchrun / accelerate launch) share the work
 CHECKPOINT, METRICS = "checkpoint.pt", "metrics.csv"
@@ -71,6 +73,7 @@ class TrainConfig:
     compare_base: bool = True
     distributed: str = "ddp"
     gradient_checkpointing: bool = False
+    max_bad_steps: int = 5  # stop after this many consecutive steps with a non-finite loss or gradient
 
     def __post_init__(self) -> None:
         if isinstance(self.lmoe, dict):
@@ -80,13 +83,13 @@ class TrainConfig:
         for name in ("data", "eval_data"):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)])
-        for name in ("steps", "batch_size", "grad_accum", "max_length"):
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "max_bad_steps"):
             _check(self, name, isinstance(getattr(self, name), int) and getattr(self, name) >= 1, "an integer >= 1")
         for name in ("warmup_steps", "save_every", "seed"):
             _check(self, name, isinstance(getattr(self, name), int) and getattr(self, name) >= 0, "an integer >= 0")
-        _check(self, "lr", isinstance(self.lr, (int, float)) and self.lr > 0, "a number > 0")
+        _check(self, "lr", _finite(self.lr) and self.lr > 0, "a finite number > 0")
         for name in ("weight_decay", "max_grad_norm"):
-            _check(self, name, isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0, "a number >= 0")
+            _check(self, name, _finite(getattr(self, name)) and getattr(self, name) >= 0, "a finite number >= 0")
         _check(self, "precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}")
         _check(self, "distributed", self.distributed in STRATEGIES, f"one of {', '.join(STRATEGIES)}")
         _check(self, "gradient_checkpointing", isinstance(self.gradient_checkpointing, bool), "true or false")
@@ -103,13 +106,22 @@ class TrainConfig:
         """A YAML or JSON file (or None for defaults) plus "dotted.key=value" overrides (values parsed as YAML)."""
         data = {}
         if path:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"Config file {path} does not exist; pass an existing YAML/JSON file to --config.")
+            try:
+                data = yaml.safe_load(Path(path).read_text()) or {}
+            except yaml.YAMLError as err:
+                raise ValueError(f"Config {path} is not valid YAML ({err}); fix the file.") from err
             if not isinstance(data, dict):
                 raise ValueError(f"Config {path} must be a mapping of fields, got {type(data).__name__}.")
         return cls.from_dict(apply_overrides(data, overrides))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check(cfg: Any, name: str, ok: bool, expected: str) -> None:
@@ -127,7 +139,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         node, parts = data, key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ValueError(f"Override {item!r}: the value is not valid YAML ({err}); quote it or fix it.") from err
     return data
 
 
@@ -202,14 +217,14 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: T
     if main:
         blob = {"adapter": adapter, "optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng_state(),
                 "state": dataclasses.asdict(state)}
-        atomic_write(path, lambda tmp: torch.save(blob, tmp))
+        save_state(path, blob)
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> TrainState:
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}; train without --resume first "
                                 "(checkpoints are written every save_every steps).")
-    blob = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds Python RNG state
+    blob = load_state(path)  # checksum verified; weights_only: nothing in the file can run code
     set_state_dict(model, optimizer, model_state_dict=blob["adapter"], optim_state_dict=blob["optimizer"],
                    options=StateDictOptions(full_state_dict=True, strict=False))
     scheduler.load_state_dict(blob["scheduler"])
@@ -277,6 +292,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[dict], None
         (out / "train_config.yaml").write_text(cfg.to_yaml())
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model)
+    check_context(model, cfg.max_length)
     examples = training_examples(cfg, tokenizer)
     runs = {}
     if cfg.compare_base:
@@ -358,22 +374,26 @@ def _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, pad_id, 
     _check_global_batch(state, global_batch, ranks)
     stream = batch_stream(examples, global_batch, cfg.seed, start=state.batches)
     bar = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not accelerator.is_main_process)
+    bad = skipped = 0  # steps with a NaN/inf loss or gradient: in a row, and in this run
     model.train()
     while state.step < cfg.steps:
         started = time.perf_counter()
         batches = [next(stream)[rank::ranks] for _ in range(cfg.grad_accum)]
         lm, aux, terms, tokens = _accumulate(accelerator, model, batches, pad_id)
         state.batches, state.global_batch = state.batches + cfg.grad_accum, global_batch
-        grad_norm = _clip_grad_norm(accelerator, model, cfg.max_grad_norm)
+        grad_norm = float(_clip_grad_norm(accelerator, model, cfg.max_grad_norm))
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        finite = math.isfinite(lm + aux) and math.isfinite(grad_norm)  # both on the host already
+        if finite:
+            optimizer.step()
+        bad, skipped = (0, skipped) if finite else _skip_step(cfg, state.step + 1, bad + 1, skipped + 1)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         seconds = time.perf_counter() - started
         state.elapsed_s += seconds
         row = {"step": state.step, "loss": lm + aux, "lm_loss": lm, "aux_loss": aux,
-               **{k: terms.get(k, "") for k in AUX_COEFS}, "lr": lr, "grad_norm": float(grad_norm),
+               **{k: terms.get(k, "") for k in AUX_COEFS}, "lr": lr, "grad_norm": grad_norm,
                "tokens": tokens, "tokens_per_s": tokens / seconds, "elapsed_s": state.elapsed_s}
         if log is not None:
             log.write(row)
@@ -381,7 +401,7 @@ def _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, pad_id, 
                 on_step(row)
         bar.set_postfix(loss=f"{lm:.3f}", aux=f"{aux:.4f}", tok_s=f"{tokens / seconds:.0f}")
         bar.update()
-        if cfg.save_every and (state.step % cfg.save_every == 0 or state.step == cfg.steps):
+        if finite and cfg.save_every and (state.step % cfg.save_every == 0 or state.step == cfg.steps):
             save_checkpoint(Path(cfg.output_dir) / CHECKPOINT, model, optimizer, scheduler, state,
                             accelerator.is_main_process)
             accelerator.wait_for_everyone()
@@ -402,6 +422,23 @@ def _check_global_batch(state: TrainState, global_batch: int, ranks: int) -> Non
             f"--resume: the checkpoint was trained on global batches of {state.global_batch} examples "
             f"(batch_size x processes), this run makes {global_batch} ({ranks} processes); set "
             f"batch_size={state.global_batch // ranks} so that the data continues where it stopped.")
+
+
+class NonFiniteLoss(ValueError):
+    """max_bad_steps steps in a row had a NaN/inf loss or gradient; the last good checkpoint is kept."""
+
+
+def _skip_step(cfg: TrainConfig, step: int, bad: int, skipped: int) -> tuple[int, int]:
+    """Log a step whose update was dropped for a NaN/inf loss or gradient; stop after max_bad_steps in a row."""
+    logger.warning("lmoe: step %d skipped: the loss or gradient is NaN/inf (%d in a row, %d in this run)",
+                   step, bad, skipped)
+    if bad >= cfg.max_bad_steps:
+        checkpoint = Path(cfg.output_dir) / CHECKPOINT
+        kept = f"the last good checkpoint {checkpoint} is kept" if checkpoint.is_file() else "no checkpoint was written"
+        raise NonFiniteLoss(f"Training stopped at step {step}: the loss or gradient was NaN/inf for {bad} steps in "
+                            f"a row (max_bad_steps={cfg.max_bad_steps}); {kept}. Lower lr, check the data, or use "
+                            "precision=no, then train again (--resume continues from the checkpoint).")
+    return bad, skipped
 
 
 def _accumulate(accelerator, model, batches, pad_id) -> tuple[float, float, dict, int]:
