@@ -29,8 +29,8 @@ def setup(tmp_path_factory):
 
 def config(setup, out, **kw) -> TrainConfig:
     model, data, _ = setup
-    fields = dict(model=str(model), data=[str(data)], output_dir=str(out), steps=4, batch_size=4, lr=1e-2,
-                  warmup_steps=1, save_every=2, compare_base=False,
+    fields = dict(model=str(model), data=[str(data)], output_dir=str(out), steps=4, batch_size=4, grad_accum=2,
+                  lr=1e-2, warmup_steps=1, save_every=2, compare_base=False,
                   lmoe={"num_experts": 3, "rank": 2, "target_modules": "all-linear", "dropout": 0.0,
                         "load_balance_coef": 0.0, "z_loss_coef": 0.0})
     fields.update(kw)
