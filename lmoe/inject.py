@@ -9,11 +9,12 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from .config import ALL_LINEAR, LMoEConfig
+from .config import ALL_LINEAR, AUX_COEFS, LMoEConfig
 from .layer import MoLoRALinear, is_linear
 
 log = logging.getLogger(__name__)
 CONFIG_ATTR = "lmoe_config"
+HOOKS_ATTR = "_lmoe_hooks"  # forward hooks inject added (lambda-head caching)
 FROZEN_ATTR = "_lmoe_frozen"  # names of parameters inject froze, so remove can thaw them
 
 
@@ -70,10 +71,27 @@ def inject(model: nn.Module, cfg: LMoEConfig) -> nn.Module:
         _set_submodule(model, name, MoLoRALinear(model.get_submodule(name), cfg, lambda_heads))
     setattr(model, CONFIG_ATTR, cfg)
     setattr(model, FROZEN_ATTR, frozen)
+    setattr(model, HOOKS_ATTR, _lambda_cache_hooks(model, list(lambda_heads.values())))
     trainable, total = count_parameters(model)
     log.info("lmoe: %d layers, trainable params %s of %s (%.3f%%)",
              len(targets), f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return model
+
+
+def _lambda_cache_hooks(model: nn.Module, heads: list) -> list:
+    """Let shared lambda heads reuse results within one model forward, and hold nothing after it."""
+    if not heads:
+        return []
+
+    def open_caches(*_):
+        for head in heads:
+            head.open_cache()
+
+    def close_caches(*_):
+        for head in heads:
+            head.close_cache()
+
+    return [model.register_forward_pre_hook(open_caches), model.register_forward_hook(close_caches)]
 
 
 def remove(model: nn.Module) -> nn.Module:
@@ -83,7 +101,9 @@ def remove(model: nn.Module) -> nn.Module:
     params = dict(model.named_parameters())
     for name in getattr(model, FROZEN_ATTR, []):
         params[name].requires_grad_(True)
-    for attr in (CONFIG_ATTR, FROZEN_ATTR):
+    for handle in getattr(model, HOOKS_ATTR, []):
+        handle.remove()
+    for attr in (CONFIG_ATTR, FROZEN_ATTR, HOOKS_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)
     return model
@@ -112,8 +132,6 @@ def aux_losses(model: nn.Module) -> dict[str, Tensor]:
             counts[key] = counts.get(key, 0) + 1
     return {key: sums[key] / counts[key] for key in sums}
 
-
-AUX_COEFS = {"load_balance": "load_balance_coef", "z_loss": "z_loss_coef", "sparsity": "sparsity_coef"}
 
 
 def aux_loss(model: nn.Module) -> Tensor:

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .config import LMoEConfig
+from .config import AUX_COEFS, LMoEConfig
 from .routing import Routing, build_router
 
 
@@ -116,6 +116,7 @@ class MoLoRALinear(nn.Module):
         self.router = build_router(self.in_features, cfg, lambda_heads, **factory)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.reset_experts()
+        self.aux_names = {name for name, coef in AUX_COEFS.items() if getattr(cfg, coef)}  # losses that count
         self.last_aux: dict[str, Tensor] | None = None  # losses of the last training forward
         self.recorder: list[Tensor] | None = None  # set by record_routing
         self.merged_routing: Tensor | None = None  # set by lmoe.merge: base holds W0 + s Delta W(g)
@@ -153,7 +154,7 @@ class MoLoRALinear(nn.Module):
     def _observe(self, routing: Routing) -> None:
         """Keep what aux_loss and record_routing need; only the last forward, so nothing accumulates."""
         if self.training:
-            self.last_aux = self.router.aux_losses(routing)
+            self.last_aux = self.router.aux_losses(routing, self.aux_names)
         if self.recorder is not None:
             self.recorder.append(routing.weights.detach())
 

@@ -6,6 +6,7 @@ whatever the model dtype; nothing here knows about models or training.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -119,10 +120,14 @@ class Router(nn.Linear):
     def route(self, x: Tensor) -> Routing:
         raise NotImplementedError
 
-    def aux_losses(self, r: Routing) -> dict[str, Tensor]:
-        """Unweighted auxiliary losses of one forward; the layer's config weights them."""
-        dispatch = (r.weights > 0).float()
-        return {"load_balance": load_balance_loss(dispatch, r.probs), "z_loss": z_loss(r.logits)}
+    def aux_losses(self, r: Routing, names: Collection[str] | None = None) -> dict[str, Tensor]:
+        """Unweighted auxiliary losses of one forward (only `names` if given); the config weights them."""
+        return {name: term() for name, term in self.loss_terms(r).items() if names is None or name in names}
+
+    def loss_terms(self, r: Routing) -> dict[str, Callable[[], Tensor]]:
+        """Each auxiliary loss this router defines, as a thunk so unused ones cost nothing."""
+        dispatch = lambda: (r.weights > 0).float()  # noqa: E731
+        return {"load_balance": lambda: load_balance_loss(dispatch(), r.probs), "z_loss": lambda: z_loss(r.logits)}
 
 
 class SoftmaxRouter(Router):
@@ -133,9 +138,9 @@ class SoftmaxRouter(Router):
         g = softmax_route(u, self.temperature)
         return Routing(weights=g, logits=u, probs=g)
 
-    def aux_losses(self, r: Routing) -> dict[str, Tensor]:
-        top = F.one_hot(r.weights.argmax(-1), r.weights.shape[-1]).float()
-        return {"load_balance": load_balance_loss(top, r.probs), "z_loss": z_loss(r.logits)}
+    def loss_terms(self, r: Routing) -> dict[str, Callable[[], Tensor]]:
+        top = lambda: F.one_hot(r.weights.argmax(-1), r.weights.shape[-1]).float()  # noqa: E731
+        return {**super().loss_terms(r), "load_balance": lambda: load_balance_loss(top(), r.probs)}
 
 
 class TopKRouter(Router):
@@ -165,14 +170,42 @@ class LambdaHead(nn.Module):
     def __init__(self, d_in: int, hidden: int, eps: float, **factory) -> None:
         super().__init__()
         self.eps = eps
+        self._caching, self._last = False, None  # (key, x, lambda) of the last call within one forward
         self.net = nn.Sequential(nn.Linear(d_in, hidden, **factory), nn.ReLU(), nn.Linear(hidden, 1, **factory))
         for linear in (self.net[0], self.net[2]):
             nn.init.constant_(linear.bias, LAMBDA_BIAS_INIT)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (tokens, d_in) -> lambda (tokens, 1) in float32 (float64 stays float64)."""
+        """x: (tokens, d_in) -> lambda (tokens, 1) in float32 (float64 stays float64).
+
+        The head is shared and q/k/v (gate/up) read the very same input, so inside one model forward
+        (between open_cache and close_cache, which inject hooks around it) the last result is reused
+        while x, the head's weights and the grad/autocast mode are unchanged.
+        """
+        key = self._cache_key(x)
+        if key is not None and self._last is not None and self._last[0] == key:
+            return self._last[2]
         # 1 - lambda = eps - logsigmoid(f) = eps + softplus(-f): never below eps, even in half precision
-        return 1 - (self.eps + F.softplus(-at_least_float32(self.net(x))))
+        lam = 1 - (self.eps + F.softplus(-at_least_float32(self.net(x))))
+        self._last = None if key is None else (key, x, lam)  # holding x keeps its memory from being reused
+        return lam
+
+    def open_cache(self) -> None:
+        self._caching, self._last = True, None
+
+    def close_cache(self) -> None:
+        self._caching, self._last = False, None
+
+    def _cache_key(self, x: Tensor) -> tuple | None:
+        if not self._caching or torch.compiler.is_compiling():
+            return None
+        return (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, x._version, torch.is_grad_enabled(),
+                torch.is_autocast_enabled(x.device.type), tuple(p._version for p in self.parameters()))
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_last"] = None  # a cached graph tensor cannot be copied or pickled
+        return state
 
 
 def lambda_head_for(d_in: int, cfg: LMoEConfig, shared: dict[int, LambdaHead] | None, **factory) -> LambdaHead:
@@ -204,10 +237,9 @@ class DynamicRouter(Router):
         g = sparsegen_route(u, lam)
         return Routing(weights=g, logits=u, probs=g, extras={"lambda": lam})
 
-    def aux_losses(self, r: Routing) -> dict[str, Tensor]:
-        losses = super().aux_losses(r)
-        losses["sparsity"] = sparsity_loss(r.logits, r.extras["lambda"], self.sparsity_target)
-        return losses
+    def loss_terms(self, r: Routing) -> dict[str, Callable[[], Tensor]]:
+        return {**super().loss_terms(r),
+                "sparsity": lambda: sparsity_loss(r.logits, r.extras["lambda"], self.sparsity_target)}
 
 
 ROUTER_CLASSES = {"softmax": SoftmaxRouter, "topk": TopKRouter, "dynamic": DynamicRouter}

@@ -146,3 +146,27 @@ def test_training_reduces_loss_and_changes_only_adapters():
             assert torch.equal(p, frozen[key]), n
         else:
             assert "lora_" in n or ".router." in n
+
+
+def test_shared_lambda_head_runs_once_per_distinct_input_with_identical_results(input_ids):
+    def run(cache: bool):
+        model = tiny_model("llama").train()
+        inject(model, LMoEConfig(router="dynamic", lambda_hidden=8, target_modules="all-linear"))
+        heads = {id(m): m for _, layer in lmoe_layers(model) for m in [layer.router.lambda_head]}.values()
+        calls = []
+        for head in heads:
+            head.net.register_forward_hook(lambda *_: calls.append(1))
+            if not cache:
+                head.open_cache = head.close_cache
+        logits = model(input_ids).logits
+        logits.square().sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return logits, grads, len(calls), heads
+
+    logits, grads, calls, heads = run(cache=True)
+    ref_logits, ref_grads, ref_calls, _ = run(cache=False)
+    assert ref_calls == 14 and calls == 8  # per block: q/k/v share x, gate/up share x; o and down differ
+    assert torch.equal(logits, ref_logits)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert all(head._last is None for head in heads)  # nothing is held after the forward
