@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import re
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -111,7 +112,7 @@ class TrainConfig:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"Config file {path} does not exist; pass an existing YAML/JSON file to --config.")
             try:
-                data = yaml.safe_load(Path(path).read_text()) or {}
+                data = load_yaml(Path(path).read_text()) or {}
             except yaml.YAMLError as err:
                 raise ValueError(f"Config {path} is not valid YAML ({err}); fix the file.") from err
             if not isinstance(data, dict):
@@ -131,6 +132,18 @@ def _check(cfg: Any, name: str, ok: bool, expected: str) -> None:
         raise ValueError(f"TrainConfig.{name}={getattr(cfg, name)!r} is invalid: expected {expected}.")
 
 
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that 1e-4 and 2E5 are numbers (as in YAML 1.2 and JSON), not strings."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Set "a.b=value" entries in a nested dict (copied); value is parsed as YAML ("3" -> 3, "[a, b]" -> list)."""
     data = json.loads(json.dumps(data))
@@ -142,7 +155,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         try:
-            node[parts[-1]] = yaml.safe_load(value)
+            node[parts[-1]] = load_yaml(value)
         except yaml.YAMLError as err:
             raise ValueError(f"Override {item!r}: the value is not valid YAML ({err}); quote it or fix it.") from err
     return data

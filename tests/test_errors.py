@@ -11,6 +11,7 @@ from conftest import tiny_model
 from lmoe import LMoEConfig, inject, save_adapter
 from lmoe.cli import main
 from lmoe.models import BUILTIN_FILE, BUILTIN_PACKAGE
+from lmoe.train import TrainConfig
 from tiny import tiny_model_dir, write_jsonl
 
 ROWS = [{"prompt": f"the cat {i}?", "completion": f"sat {i}"} for i in range(8)]
@@ -192,3 +193,12 @@ def test_resume_refuses_a_pickle_bomb_and_a_damaged_checkpoint(files, tmp_path, 
     assert not (tmp_path / "pwned").exists()
     (out / "checkpoint.pt").write_bytes(good[:-100])  # cut short after the checksum line was written
     assert "fails its checksum" in fails(train_args(files, tmp_path, "steps=3") + ["--resume"], capsys)
+
+
+def test_exponent_floats_are_numbers_not_strings(tmp_path):
+    """PyYAML reads `lr: 1e-4` as the string '1e-4' (YAML 1.1), which then failed validation; it is a number."""
+    config = tmp_path / "run.yaml"
+    config.write_text("lr: 1e-4\nlmoe:\n  alpha: 2E1\n  z_loss_coef: 1.0e-3\n")
+    cfg = TrainConfig.from_file(config, ["weight_decay=1e-2", "seed=7"])
+    assert (cfg.lr, cfg.lmoe.alpha, cfg.lmoe.z_loss_coef, cfg.weight_decay, cfg.seed) == (1e-4, 20.0, 1e-3, 1e-2, 7)
+    assert TrainConfig.from_file(None, ["output_dir='1e5'"]).output_dir == "1e5"
