@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 SECTION = "## Built-in comparison"
+TARGETS = ["q_proj", "v_proj"]
 # name -> lmoe overrides; alpha = 2 * rank everywhere (LoRA scale 2), E * r = 16 everywhere
 CONFIGS = {
     "lora_r16": {"num_experts": 1, "rank": 16, "alpha": 32, "composition": "params", "router": "softmax"},
@@ -57,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def overrides(args: argparse.Namespace, name: str) -> list[str]:
     """TrainConfig overrides shared by every config, plus the config's own lmoe.* keys."""
     common = [f"steps={args.steps}", f"output_dir={Path(args.work_dir) / name}", "compare_base=false",
-              f"mixture.test_per_skill={args.test_per_skill}", f"mixture.test_per_domain={args.test_per_domain}"]
+              f"mixture.test_per_skill={args.test_per_skill}", f"mixture.test_per_domain={args.test_per_domain}",
+              f"lmoe.target_modules=[{', '.join(TARGETS)}]"]  # lmoe.* overrides replace default_lmoe whole
     return common + [f"lmoe.{k}={v}" for k, v in CONFIGS[name].items()]
 
 
@@ -142,7 +144,7 @@ def format_table(rows: list[dict], steps: int) -> str:
 def section(rows: list[dict], args: argparse.Namespace, command: str) -> str:
     load = os.getloadavg()
     lines = [SECTION, "",
-             "Equal trainable parameters (E·r = 16, alpha = 2r) on the built-in model and mixture: "
+             "Equal trainable parameters (E·r = 16, alpha = 2r, experts on q_proj and v_proj of all 30 blocks) on the built-in model and mixture: "
              "`bench/compare.py`. Same steps, lr, batch, seed and target modules for every config "
              "(TrainConfig defaults otherwise). EM = greedy exact match on held-out skill items; ppl = "
              "held-out answer perplexity per conversation domain; active experts = mean number of experts "
