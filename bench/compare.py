@@ -59,7 +59,7 @@ def overrides(args: argparse.Namespace, name: str) -> list[str]:
     """TrainConfig overrides shared by every config, plus the config's own lmoe.* keys."""
     common = [f"steps={args.steps}", f"output_dir={Path(args.work_dir) / name}", "compare_base=false",
               f"mixture.test_per_skill={args.test_per_skill}", f"mixture.test_per_domain={args.test_per_domain}",
-              f"lmoe.target_modules=[{', '.join(TARGETS)}]"]  # lmoe.* overrides replace default_lmoe whole
+              f"lmoe.target_modules=[{', '.join(TARGETS)}]"]  # the recorded table used q/v
     return common + [f"lmoe.{k}={v}" for k, v in CONFIGS[name].items()]
 
 

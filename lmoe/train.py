@@ -44,10 +44,14 @@ CHECKPOINT, METRICS = "checkpoint.pt", "metrics.csv"
 COLUMNS = ["step", "loss", "lm_loss", "aux_loss", *AUX_COEFS, "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"]
 
 
+# The default run's mixture: 4 softmax-routed rank-4 experts on the attention and MLP inputs. A partial
+# `lmoe:` section (file or `lmoe.x=...` overrides) changes only the fields it names.
+DEFAULT_LMOE = dict(num_experts=4, rank=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                    router="softmax", composition="params")
+
+
 def default_lmoe() -> LMoEConfig:
-    """The default run's mixture: 4 softmax-routed rank-4 experts on the attention and MLP inputs."""
-    return LMoEConfig(num_experts=4, rank=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
-                      router="softmax", composition="params")
+    return LMoEConfig(**DEFAULT_LMOE)
 
 
 @dataclass
@@ -79,7 +83,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.lmoe, dict):
-            self.lmoe = LMoEConfig.from_dict(self.lmoe)
+            self.lmoe = LMoEConfig.from_dict({**DEFAULT_LMOE, **self.lmoe})
         if isinstance(self.mixture, dict):
             self.mixture = Mixture(**check_known_keys(Mixture, self.mixture, "mixture."))
         for name in ("data", "eval_data"):

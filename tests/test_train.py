@@ -39,6 +39,10 @@ def test_config_validation_and_overrides(tmp_path):
     path.write_text("steps: 5\nlmoe:\n  num_experts: 2\n")
     cfg = TrainConfig.from_file(path, ["lmoe.rank=3", "data=[a.jsonl, b.csv]", "mixture.skills=[add]"])
     assert (cfg.steps, cfg.lmoe.num_experts, cfg.lmoe.rank) == (5, 2, 3)
+    default = TrainConfig().lmoe  # a partial lmoe section keeps the default run's other fields
+    assert (cfg.lmoe.alpha, cfg.lmoe.target_modules) == (default.alpha, default.target_modules)
+    dynamic = TrainConfig.from_file(None, ["lmoe.router=dynamic"]).lmoe
+    assert (dynamic.rank, dynamic.target_modules, dynamic.load_balance_coef) == (default.rank, default.target_modules, 1.0)
     assert cfg.data == ["a.jsonl", "b.csv"] and cfg.mixture.skills == ["add"]
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="Did you mean 'steps'"):
