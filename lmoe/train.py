@@ -477,8 +477,8 @@ def _accumulate(accelerator, model, batches, pad_id) -> tuple[float, float, dict
         with (accelerator.no_sync(model) if not sync else nullcontext()), accelerator.autocast():
             out = model(**batch)
             aux = aux_loss(model_)
+            terms = aux_losses(model_)  # before backward: gradient checkpointing re-runs the layers' forward
             accelerator.backward(out.loss * weights[i] + aux / len(batches))
-        terms = aux_losses(model_)
         totals += torch.stack([out.loss.detach() * weights[i] / ranks, aux.detach() / len(batches) / ranks,
                                batch["attention_mask"].sum().float(),
                                *[terms[k].detach() / len(batches) / ranks if k in terms else torch.zeros(())
