@@ -26,7 +26,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import SavedTensorBytes, cuda_peak_bytes, environment, interleaved_medians  # noqa: E402
 from lmoe import LMoEConfig, aux_loss, inject, lmoe_layers  # noqa: E402
-from lmoe.merge import mean_routing, merge  # noqa: E402
+from lmoe import mean_routing, merge, record_routing  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -125,7 +125,9 @@ def merged_copy(model: nn.Module, ids: torch.Tensor) -> nn.Module:
     merged = shared_copy(model)
     for _, layer in lmoe_layers(merged):
         layer.base.weight = nn.Parameter(layer.base.weight.detach().clone(), requires_grad=False)
-    return merge(merged, mean_routing(merged, ids))
+    with torch.no_grad(), record_routing(merged) as rec:
+        merged(ids)
+    return merge(merged, mean_routing(rec))
 
 
 def generation(variants: dict[str, nn.Module], ids: torch.Tensor, args, device: torch.device) -> dict:

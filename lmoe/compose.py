@@ -387,7 +387,7 @@ def export_peft(model: nn.Module, directory: str | Path, g: Tensor | Mapping[str
     cfg = get_config(model)
     state, conv1d = {}, False
     for name, layer in lmoe_layers(model):
-        A, B = fixed_lora(layer, _routing_for(g, name, cfg.num_experts))
+        A, B = fixed_lora(layer, routing_vector(g, name, cfg.num_experts))
         state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.contiguous()
         state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.contiguous()
         conv1d |= type(layer.base).__name__ == "Conv1D"
@@ -402,14 +402,15 @@ def export_peft(model: nn.Module, directory: str | Path, g: Tensor | Mapping[str
     return directory
 
 
-def _routing_for(g: Tensor | Mapping[str, Tensor], name: str, E: int) -> Tensor:
+def routing_vector(g: Tensor | Mapping[str, Tensor], name: str, E: int) -> Tensor:
+    """Layer `name`'s fixed routing (E,) from one vector for all layers or a {layer name: (E,)} mapping."""
     if isinstance(g, Mapping):
         if name not in g:
-            raise ValueError(f"No routing for layer {name!r}: pass one (E,) tensor, or one per lmoe layer "
-                             "(names as in lmoe.lmoe_layers(model)), e.g. mean_routing(record).")
+            raise ValueError(f"No routing vector for layer {name!r}: pass one (E,) tensor for all layers, or one "
+                             "per lmoe layer (names as in lmoe.lmoe_layers(model)), e.g. mean_routing(record).")
         g = g[name]
     g = torch.as_tensor(g)
     if g.shape != (E,) or bool((g < 0).any()):
-        raise ValueError(f"Routing for {name} must be {E} non-negative weights (shape ({E},)), got shape "
-                         f"{tuple(g.shape)}; pass one skill's weights or mean_routing(record).")
+        raise ValueError(f"The routing vector for {name!r} has shape {tuple(g.shape)}; expected ({E},), "
+                         f"{E} non-negative weights, one per expert: one skill's weights or mean_routing(record).")
     return g

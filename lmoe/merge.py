@@ -3,8 +3,8 @@
 With the routing fixed to one vector g (E,) per layer, every mixture layer is one linear map:
 W = W0 + s * Delta W(g). `merge` adds that update to the base weight and makes the layer run its
 base alone (no router, no experts); `unmerge` subtracts it again and restores routing.
-A skill's routing: the mean of its tokens' weights, `{n: rec[n].mean(0) for n in rec}` after
-`with lmoe.record_routing(model) as rec: model(skill_ids)` (see `mean_routing`).
+A skill's routing: the mean of its tokens' weights, `lmoe.mean_routing(rec)` after
+`with lmoe.record_routing(model) as rec: model(skill_ids)`.
 """
 from __future__ import annotations
 
@@ -13,25 +13,17 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .inject import lmoe_layers, record_routing
+from .compose import routing_vector
+from .inject import lmoe_layers
 from .layer import MoLoRALinear
 
 
 def _routing_for(name: str, layer: MoLoRALinear, g: Tensor | Mapping[str, Tensor]) -> Tensor:
-    if isinstance(g, Mapping):
-        if name not in g:
-            raise ValueError(f"merge: no routing vector for layer {name!r}; pass one (E,) tensor for every "
-                             f"lmoe layer (names as in lmoe.lmoe_layers(model)) or a single (E,) tensor for all.")
-        g = g[name]
     weight = layer.base.weight
     if type(weight) is not nn.Parameter or not weight.dtype.is_floating_point:
         raise TypeError(f"merge needs a floating-point base weight; {name!r} wraps {type(layer.base).__name__} "
                         f"with a {weight.dtype} weight. Serve it unmerged, or load the base model in float.")
-    g = torch.as_tensor(g)
-    if g.shape != (layer.num_experts,):
-        raise ValueError(f"merge: the routing vector for {name!r} has shape {tuple(g.shape)}; expected "
-                         f"({layer.num_experts},), one weight per expert.")
-    return g.to(device=layer.lora_A.device)
+    return routing_vector(g, name, layer.num_experts).to(device=layer.lora_A.device)
 
 
 def _base_update(layer: MoLoRALinear, g: Tensor) -> Tensor:
@@ -68,11 +60,3 @@ def unmerge(model: nn.Module) -> nn.Module:
             weight -= _base_update(layer, layer.merged_routing).to(weight.dtype)
             layer.merged_routing = None
     return model
-
-
-@torch.no_grad()
-def mean_routing(model: nn.Module, input_ids: Tensor) -> dict[str, Tensor]:
-    """{layer name: mean routing vector (E,)} over the tokens of input_ids (batch, seq): one skill's routing."""
-    with record_routing(model) as rec:
-        model(input_ids)
-    return {name: rec[name].mean(0) for name in rec}

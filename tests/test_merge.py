@@ -4,7 +4,7 @@ import torch
 from conftest import tiny_model
 
 from lmoe import LMoEConfig, inject, lmoe_layers
-from lmoe.merge import mean_routing, merge, unmerge
+from lmoe import mean_routing, merge, record_routing, unmerge
 from lmoe.routing import Routing
 
 E = 3
@@ -66,7 +66,9 @@ def test_one_vector_for_all_layers_and_a_sparse_one(input_ids):
 
 def test_mean_routing_is_a_skills_routing_on_the_simplex(input_ids):
     model = trained_like("llama", "outputs")
-    routing = mean_routing(model, input_ids)
+    with torch.no_grad(), record_routing(model) as rec:
+        model(input_ids)
+    routing = mean_routing(rec)
     assert set(routing) == {name for name, _ in lmoe_layers(model)}
     for g in routing.values():
         assert g.shape == (E,) and (g >= 0).all()
@@ -81,9 +83,9 @@ def test_merge_errors_say_what_to_do(llama):
     with pytest.raises(ValueError, match="lmoe.inject"):
         merge(llama, torch.ones(E) / E)
     model = trained_like("llama", "params")
-    with pytest.raises(ValueError, match=r"expected \(3,\)"):
+    with pytest.raises(ValueError, match=r"shape \(4,\); expected \(3,\)"):
         merge(model, torch.ones(4) / 4)
-    with pytest.raises(ValueError, match="no routing vector for layer"):
+    with pytest.raises(ValueError, match="No routing vector for layer"):
         merge(model, {"model.layers.0.self_attn.q_proj": torch.ones(E) / E})
     merge(model, torch.ones(E) / E)
     with pytest.raises(ValueError, match="unmerge"):
