@@ -2,7 +2,8 @@
 
 Read top to bottom: train() builds everything, then runs steps; each step averages grad_accum
 micro-batches, clips, steps the optimizer, logs, and every save_every steps writes a checkpoint
-(adapter + optimizer + scheduler + RNG state) that resume() restores exactly.
+(adapter + optimizer + scheduler + step) that resume() restores exactly. Each step reseeds torch from
+(seed, step, process), so dropout differs between processes and a resumed run draws what the uninterrupted one drew.
 """
 from __future__ import annotations
 
@@ -209,34 +210,25 @@ class TrainState:
     global_batch: int = 0  # examples per global batch, 0 before the first step
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Seed torch (CPU and GPUs) for one optimizer step of one process: the processes draw different dropout
+    masks, and a resumed run (with any number of processes) draws the masks of the uninterrupted one."""
+    torch.manual_seed(random.Random(f"{seed}/{step}/{rank}").getrandbits(63))
 
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: TrainState, main: bool = True) -> None:
-    """Adapter, optimizer, scheduler, RNG and step in one file, written atomically by the main process.
+    """Adapter, optimizer, scheduler and step in one file, written atomically by the main process.
 
     Every process calls it: the adapter and optimizer state are gathered whole (keyed by parameter
     name, unsharded), so any number of processes can resume from the file.
     """
     adapter, optim = get_state_dict(model, optimizer, options=FULL)
     if main:
-        blob = {"adapter": adapter, "optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                "state": dataclasses.asdict(state)}
-        save_state(path, blob)
+        save_state(path, {"adapter": adapter, "optimizer": optim, "scheduler": scheduler.state_dict(),
+                          "state": dataclasses.asdict(state)})
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> TrainState:
@@ -246,8 +238,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> Train
     blob = load_state(path)  # checksum verified; weights_only: nothing in the file can run code
     set_state_dict(model, optimizer, model_state_dict=blob["adapter"], optim_state_dict=blob["optimizer"],
                    options=StateDictOptions(full_state_dict=True, strict=False))
-    scheduler.load_state_dict(blob["scheduler"])
-    set_rng_state(blob["rng"])
+    scheduler.load_state_dict(blob["scheduler"])  # no RNG state: seed_step reseeds every step
     return TrainState(**blob["state"])
 
 
@@ -397,6 +388,7 @@ def _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, pad_id, 
     model.train()
     while state.step < cfg.steps:
         started = time.perf_counter()
+        seed_step(cfg.seed, state.step, rank)
         batches = [next(stream)[rank::ranks] for _ in range(cfg.grad_accum)]
         lm, aux, terms, tokens = _accumulate(accelerator, model, batches, pad_id)
         state.batches, state.global_batch = state.batches + cfg.grad_accum, global_batch

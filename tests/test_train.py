@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmoe.train import TrainConfig, apply_overrides, read_metrics, train, warmup_cosine
+from lmoe.train import TrainConfig, apply_overrides, read_metrics, seed_step, train, warmup_cosine
 from tiny import tiny_model_dir, write_jsonl
 
 ROWS = [{"prompt": f"What is {a} + {b}?", "completion": str(a + b)} for a in range(10, 16) for b in range(20, 23)]
@@ -32,6 +32,17 @@ def test_warmup_cosine_against_hand_values():
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(8) == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
     assert f(12) == pytest.approx(0.0) and f(20) == pytest.approx(0.0)
+
+
+def test_seed_step_gives_each_process_its_own_reproducible_dropout():
+    def mask(seed, step, rank):
+        seed_step(seed, step, rank)
+        return torch.nn.functional.dropout(torch.ones(4096), p=0.5) != 0
+
+    reference = mask(0, 3, 0)
+    assert torch.equal(mask(0, 3, 0), reference)  # resume: the same (seed, step, process), the same mask
+    for other in [(0, 3, 1), (0, 4, 0), (1, 3, 0)]:  # another process, step or seed: another mask
+        assert (mask(*other) != reference).float().mean() > 0.3, other
 
 
 def test_config_validation_and_overrides(tmp_path):
