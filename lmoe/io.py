@@ -39,8 +39,9 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call write(tmp_path) then rename over path, so a crash never leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphaned_temps(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     except OSError as err:
         raise WriteError(err.errno, f"Could not write {path} ({err.strerror}); check that the directory is writable.") from err
     os.close(fd)
@@ -56,6 +57,25 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_orphaned_temps(path: Path) -> None:
+    """Delete temp files of `path` whose writer process is gone (a run killed mid-write leaves one,
+    as large as a checkpoint); a live writer's file is left alone. Names: .{name}.{pid}.{random}.tmp"""
+    for temp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = temp.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            temp.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 CHECKED_MAGIC = b"LMOE-SHA256 "

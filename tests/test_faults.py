@@ -100,6 +100,19 @@ def test_a_torn_checkpoint_never_loads_and_an_interrupted_write_keeps_the_old_on
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left behind
 
 
+def test_a_temp_file_left_by_a_killed_writer_is_removed_by_the_next_write(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process id that no longer runs
+    orphan = tmp_path / f".checkpoint.pt.{gone.pid}.abc123.tmp"
+    live = tmp_path / f".checkpoint.pt.{os.getpid()}.def456.tmp"  # another write in progress
+    orphan.write_bytes(b"half a checkpoint")
+    live.write_bytes(b"being written")
+    save_state(path, {"state": {"step": 1}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["checkpoint.pt", live.name])
+    assert load_state(path)["state"] == {"step": 1}
+
+
 def error_line(capsys) -> str:
     """The CLI's message: the last stderr line, after the progress bar it may share the line with."""
     line = capsys.readouterr().err.splitlines()[-1]
