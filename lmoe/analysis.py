@@ -54,22 +54,21 @@ def collect_routing(model: nn.Module, batches_by_name: Mapping[str, Iterable]) -
 
 
 def _route_group(model: nn.Module, batches: Iterable, device: torch.device) -> dict[str, Tensor]:
-    keep = []
-    with record_routing(model) as rec, torch.no_grad():
+    real = 0
+    with record_routing(model) as rec, torch.no_grad():  # the record leaves padding out
         for batch in batches:
             ids = batch["input_ids"] if isinstance(batch, Mapping) else batch
             mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
             mask = torch.ones_like(ids) if mask is None else mask
             model(input_ids=ids.to(device), attention_mask=mask.to(device))
-            keep.append(mask.reshape(-1).bool())
-        keep = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.bool)
+            real += int(mask.bool().sum())
         weights = {}
         for layer in rec:
             g = rec[layer].float().cpu()
-            if g.shape[0] != keep.shape[0]:
-                raise RuntimeError(f"Layer {layer} routed {g.shape[0]} tokens for {keep.shape[0]} input tokens; "
+            if g.shape[0] != real:
+                raise RuntimeError(f"Layer {layer} routed {g.shape[0]} tokens for {real} real input tokens; "
                                    "analysis needs each mixture layer to run once per forward.")
-            weights[layer] = g[keep]
+            weights[layer] = g
     return weights
 
 

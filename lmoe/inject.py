@@ -7,14 +7,17 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .config import ALL_LINEAR, AUX_COEFS, LMoEConfig
-from .layer import MoLoRALinear, is_linear
+from .layer import MoLoRALinear, TokenMask, is_linear
+from .routing import AuxStats
 
 log = logging.getLogger(__name__)
 CONFIG_ATTR = "lmoe_config"
-HOOKS_ATTR = "_lmoe_hooks"  # forward hooks inject added (lambda-head caching)
+HOOKS_ATTR = "_lmoe_hooks"  # forward hooks inject added (attention mask, lambda-head caching)
+MASK_ATTR = "_lmoe_token_mask"  # the TokenMask the model's layers share
 FROZEN_ATTR = "_lmoe_frozen"  # names of parameters inject froze, so remove can thaw them
 
 
@@ -67,15 +70,34 @@ def inject(model: nn.Module, cfg: LMoEConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     lambda_heads: dict = {}  # LD-MoLE: one lambda head per input width, shared by all layers (dynamic router)
+    mask = TokenMask()
     for name in targets:
-        _set_submodule(model, name, MoLoRALinear(model.get_submodule(name), cfg, lambda_heads))
+        layer = MoLoRALinear(model.get_submodule(name), cfg, lambda_heads)
+        layer.token_mask = mask
+        _set_submodule(model, name, layer)
     setattr(model, CONFIG_ATTR, cfg)
     setattr(model, FROZEN_ATTR, frozen)
-    setattr(model, HOOKS_ATTR, _lambda_cache_hooks(model, list(lambda_heads.values())))
+    setattr(model, MASK_ATTR, mask)
+    setattr(model, HOOKS_ATTR, _mask_hooks(model) + _lambda_cache_hooks(model, list(lambda_heads.values())))
     trainable, total = count_parameters(model)
     log.info("lmoe: %d layers, trainable params %s of %s (%.3f%%)",
              len(targets), f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return model
+
+
+def _mask_hooks(model: nn.Module) -> list:
+    """Show the layers the attention_mask (batch, seq) a model forward is called with, for that forward.
+
+    The hooks reach the mask through the model they run on, so a deep copy of the model uses its own.
+    """
+    def capture(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        getattr(module, MASK_ATTR).value = mask if isinstance(mask, Tensor) else None
+
+    def release(module, args, output):
+        getattr(module, MASK_ATTR).value = None
+
+    return [model.register_forward_pre_hook(capture, with_kwargs=True), model.register_forward_hook(release)]
 
 
 def _lambda_cache_hooks(model: nn.Module, heads: list) -> list:
@@ -103,7 +125,7 @@ def remove(model: nn.Module) -> nn.Module:
         params[name].requires_grad_(True)
     for handle in getattr(model, HOOKS_ATTR, []):
         handle.remove()
-    for attr in (CONFIG_ATTR, FROZEN_ATTR, HOOKS_ATTR):
+    for attr in (CONFIG_ATTR, FROZEN_ATTR, HOOKS_ATTR, MASK_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)
     return model
@@ -123,15 +145,36 @@ def get_config(model: nn.Module) -> LMoEConfig:
 
 
 def aux_losses(model: nn.Module) -> dict[str, Tensor]:
-    """Each auxiliary loss of the last training forward, averaged over layers (unweighted)."""
+    """Each auxiliary loss of the last training forward, averaged over layers (unweighted).
+
+    Under torch.distributed every process must call it after the same forward: the value of each
+    process, averaged over processes (as DDP/FSDP average gradients), is the loss of all their tokens
+    together, in value and in gradient (see AuxStats).
+    """
+    stats = [layer.last_aux for _, layer in lmoe_layers(model) if layer.last_aux is not None]
+    sum_counts_over_processes(stats)
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
-    for _, layer in lmoe_layers(model):
-        for key, value in (layer.last_aux or {}).items():
+    for layer_stats in stats:
+        for key, value in layer_stats.losses().items():
             sums[key] = sums[key] + value if key in sums else value
             counts[key] = counts.get(key, 0) + 1
     return {key: sums[key] / counts[key] for key in sums}
 
+
+def sum_counts_over_processes(stats: list[AuxStats]) -> None:
+    """Replace the layers' token and dispatch counts by their sums over all processes, in place: one
+    all-reduce for all layers, once per forward (counts already summed are left alone)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    todo = [s for s in stats if s.ranks == 1]
+    if not todo:
+        return
+    device = todo[0].counts.device
+    flat = torch.cat([s.counts.to(device, torch.float32) for s in todo])  # float32 counts are exact below 2^24
+    dist.all_reduce(flat)
+    for s, total in zip(todo, flat.split([s.counts.numel() for s in todo])):
+        s.counts, s.ranks = total.to(s.counts), dist.get_world_size()
 
 
 def aux_loss(model: nn.Module) -> Tensor:
@@ -151,7 +194,7 @@ class RoutingRecord(Mapping):
         self._lists: dict[str, list[Tensor]] = {name: [] for name in layers}
 
     def __getitem__(self, name: str) -> Tensor:
-        chunks = self._lists[name]
+        chunks = [g if mask is None else g[mask] for g, mask in self._lists[name]]  # padding left out
         return torch.cat(chunks) if chunks else torch.empty(0)
 
     def __iter__(self):
@@ -163,7 +206,10 @@ class RoutingRecord(Mapping):
 
 @contextmanager
 def record_routing(model: nn.Module):
-    """Record per-layer routing weights of every forward in the block: `rec[name]` -> (tokens, E)."""
+    """Record per-layer routing weights of every forward in the block: `rec[name]` -> (tokens, E).
+
+    Only real tokens: where the model is called with an attention_mask, padding is left out.
+    """
     layers = dict(lmoe_layers(model))
     if not layers:
         raise ValueError("record_routing needs a model with lmoe layers; call lmoe.inject first.")

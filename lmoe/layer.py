@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import AUX_COEFS, LMoEConfig
-from .routing import Routing, build_router
+from .routing import AuxStats, Routing, build_router
 
 
 def linear_shape(base: nn.Module) -> tuple[int, int]:
@@ -89,6 +89,14 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear8bitLt", "Linear4bit")
 
 
+class TokenMask:
+    """The attention mask (batch, seq) of the model forward in progress, or None. inject shares one
+    between a model's forward hooks and all its layers, so layers can leave padding out of their statistics."""
+
+    def __init__(self) -> None:
+        self.value: Tensor | None = None
+
+
 class MoLoRALinear(nn.Module):
     """y = W0 x + s * Delta(x), Delta mixing E LoRA experts with per-token router weights g(x).
 
@@ -117,8 +125,9 @@ class MoLoRALinear(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.reset_experts()
         self.aux_names = {name for name, coef in AUX_COEFS.items() if getattr(cfg, coef)}  # losses that count
-        self.last_aux: dict[str, Tensor] | None = None  # losses of the last training forward
-        self.recorder: list[Tensor] | None = None  # set by record_routing
+        self.last_aux: AuxStats | None = None  # what the losses of the last training forward need
+        self.recorder: list[tuple[Tensor, Tensor | None]] | None = None  # set by record_routing
+        self.token_mask = TokenMask()  # inject replaces it with the model's
         self.merged_routing: Tensor | None = None  # set by lmoe.merge: base holds W0 + s Delta W(g)
 
     def reset_experts(self) -> None:
@@ -142,7 +151,7 @@ class MoLoRALinear(nn.Module):
         y = self.base(x)
         x2 = x.reshape(-1, self.in_features)  # (tokens, d_in)
         routing = self.router.route(x2)
-        self._observe(routing)
+        self._observe(routing, self._real_tokens(x))
         A, B = self.stacked()
         dtype = _compute_dtype(x)
         args = (y.reshape(-1, self.out_features).to(dtype), self.dropout(x2).to(dtype), A.to(dtype), B.to(dtype),
@@ -151,12 +160,21 @@ class MoLoRALinear(nn.Module):
         out = _MixtureLoRA.apply(*args) if torch.is_grad_enabled() else mixture_lora(*args)[0]
         return out.view(y.shape).to(y.dtype)
 
-    def _observe(self, routing: Routing) -> None:
-        """Keep what aux_loss and record_routing need; only the last forward, so nothing accumulates."""
-        if self.training:
-            self.last_aux = self.router.aux_losses(routing, self.aux_names)
+    def _real_tokens(self, x: Tensor) -> Tensor | None:
+        """(tokens,) bool, false at padding: the model's attention mask when it matches x's (batch, seq)
+        (not e.g. while generating with a cache); None (every token counts) otherwise."""
+        mask = self.token_mask.value
+        if mask is None or mask.shape != x.shape[:-1]:
+            return None
+        return mask.reshape(-1).to(x.device) != 0
+
+    def _observe(self, routing: Routing, mask: Tensor | None) -> None:
+        """Keep what aux_loss and record_routing need; only the last forward, so nothing accumulates.
+        The mask is kept beside the weights: selecting the real tokens here would be a host sync."""
+        if self.training and self.aux_names:
+            self.last_aux = self.router.aux_stats(routing, self.aux_names, mask)
         if self.recorder is not None:
-            self.recorder.append(routing.weights.detach())
+            self.recorder.append((routing.weights.detach(), mask))
 
     def delta_weight(self, g: Tensor) -> Tensor:
         """The dense update s * Delta W (d_out, d_in) for one fixed routing vector g (E,)."""

@@ -76,32 +76,92 @@ def sparsity_threshold(u: Tensor, k: int) -> Tensor:
 
 
 # ---------------------------------------------------------------- auxiliary losses
+# Every loss is a function of sums over tokens (and a token count): sums add up over the parts of a
+# batch, so a mask can leave padding out and processes holding parts of a batch can give the loss of
+# the whole batch (AuxStats). mask: (tokens,) bool, true for the tokens that count; None: all count.
 
-def load_balance_loss(dispatch: Tensor, probs: Tensor) -> Tensor:
+def token_sum(v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Sum over the tokens (dim 0) of v (tokens, ...) where mask is true -> (...)."""
+    if mask is None:
+        return v.sum(0)
+    return torch.where(mask.view(-1, *[1] * (v.dim() - 1)), v, 0).sum(0)  # where, not *: padding may be inf
+
+
+def token_count(v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """How many tokens of v (tokens, ...) count, as a 0-dim tensor of v's dtype (no host sync)."""
+    return v.new_full((), v.shape[0]) if mask is None else mask.sum().to(v.dtype)
+
+
+def token_mean(v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean over the tokens of v (tokens, ...) where mask is true (0 if none do)."""
+    return token_sum(v, mask) / token_count(v, mask).clamp(min=1)
+
+
+def balance_from_sums(dispatched: Tensor, prob_sum: Tensor, count: Tensor) -> Tensor:
+    """E * sum_i f_i P_i from dispatches per expert (E,), router probabilities summed over tokens (E,) and
+    the token count: f_i = dispatched_i / all dispatches, P_i = prob_sum_i / count."""
+    f = dispatched / dispatched.sum().clamp(min=1)
+    return prob_sum.shape[-1] * (f * prob_sum).sum() / count.clamp(min=1)
+
+
+def load_balance_loss(dispatch: Tensor, probs: Tensor, mask: Tensor | None = None) -> Tensor:
     """Switch-Transformer balance loss E * sum_i f_i P_i.
 
     dispatch: (tokens, E) 0/1 mask of where tokens went; f_i is expert i's share of all dispatches.
     probs: (tokens, E) router probabilities; P_i is their mean. Equals 1 when perfectly balanced.
     """
-    f = dispatch.sum(0) / dispatch.sum().clamp(min=1)
-    return probs.shape[-1] * (f * probs.mean(0)).sum()
+    return balance_from_sums(token_sum(dispatch, mask), token_sum(probs, mask), token_count(probs, mask))
 
 
-def z_loss(u: Tensor) -> Tensor:
+def z_per_token(u: Tensor) -> Tensor:
+    """logsumexp(u)^2 per token: u (tokens, E) -> (tokens,)."""
+    return torch.logsumexp(u, dim=-1).square()
+
+
+def z_loss(u: Tensor, mask: Tensor | None = None) -> Tensor:
     """Router z-loss (ST-MoE): mean of logsumexp(u)^2, keeps logits small."""
-    return torch.logsumexp(u, dim=-1).square().mean()
+    return token_mean(z_per_token(u), mask)
 
 
-def sparsity_loss(u: Tensor, lam: Tensor, k: int) -> Tensor:
-    """LD-MoLE's analytical sparsity objective: mean over tokens of max(0, lambda_k(u) - lambda).
+def sparsity_per_token(u: Tensor, lam: Tensor, k: int) -> Tensor:
+    """max(0, lambda_k(u) - lambda) per token (u detached): u (tokens, E), lam (tokens, 1) -> (tokens,).
 
     lambda_k(u) = sparsity_threshold(u, k) is the exact lambda above which a token keeps at most k
-    experts, so the loss is zero once every token does. u is detached (the gate is not pushed; only
-    the lambda head learns from this loss). u: (tokens, E), lam: (tokens, 1); 0 when k >= E.
+    experts, so this is zero once a token does. u is detached (the gate is not pushed; only the lambda
+    head learns from it). All zeros when k >= E.
     """
     if k >= u.shape[-1]:
-        return lam.new_zeros(())
-    return F.relu(sparsity_threshold(u.detach(), k) - lam).mean()
+        return lam.new_zeros(lam.shape[0])
+    return F.relu(sparsity_threshold(u.detach(), k) - lam).squeeze(-1)
+
+
+def sparsity_loss(u: Tensor, lam: Tensor, k: int, mask: Tensor | None = None) -> Tensor:
+    """LD-MoLE's analytical sparsity objective: the mean over tokens of sparsity_per_token."""
+    return token_mean(sparsity_per_token(u, lam, k), mask)
+
+
+@dataclass
+class AuxStats:
+    """One forward's auxiliary losses as sums over its tokens, which add up over processes.
+
+    sums: loss name -> differentiable sum over tokens of its per-token value (load balance: of the
+    router probabilities, (E,)). counts: no gradient; (1,) tokens, then (E,) dispatches per expert
+    when load balance is wanted. After counts are summed over `ranks` processes, losses() gives each
+    process the share whose average over processes (as DDP/FSDP average gradients) is the loss of all
+    their tokens together, in value and gradient.
+    """
+
+    sums: dict[str, Tensor]
+    counts: Tensor
+    ranks: int = 1
+
+    def losses(self) -> dict[str, Tensor]:
+        """Each loss; with ranks R: R * (local sum) / (global count), for balance E * sum_i f_i P_i with
+        the global f and R * (local probability sums) / (global count) as P."""
+        n, dispatched = self.counts[0], self.counts[1:]
+        return {name: self.ranks * (balance_from_sums(dispatched, total, n) if name == "load_balance"
+                                    else total / n.clamp(min=1))
+                for name, total in self.sums.items()}
 
 
 # ---------------------------------------------------------------- routers
@@ -120,14 +180,26 @@ class Router(nn.Linear):
     def route(self, x: Tensor) -> Routing:
         raise NotImplementedError
 
-    def aux_losses(self, r: Routing, names: Collection[str] | None = None) -> dict[str, Tensor]:
-        """Unweighted auxiliary losses of one forward (only `names` if given); the config weights them."""
-        return {name: term() for name, term in self.loss_terms(r).items() if names is None or name in names}
+    def dispatch(self, r: Routing) -> Tensor:
+        """(tokens, E) 0/1: the experts each token counts for in f_i of the balance loss."""
+        return (r.weights > 0).to(r.weights.dtype)
 
-    def loss_terms(self, r: Routing) -> dict[str, Callable[[], Tensor]]:
-        """Each auxiliary loss this router defines, as a thunk so unused ones cost nothing."""
-        dispatch = lambda: (r.weights > 0).float()  # noqa: E731
-        return {"load_balance": lambda: load_balance_loss(dispatch(), r.probs), "z_loss": lambda: z_loss(r.logits)}
+    def token_losses(self, r: Routing) -> dict[str, Callable[[], Tensor]]:
+        """Each mean-over-tokens loss as a thunk giving its per-token values (tokens,); unused ones cost nothing."""
+        return {"z_loss": lambda: z_per_token(r.logits)}
+
+    def aux_stats(self, r: Routing, names: Collection[str], mask: Tensor | None = None) -> AuxStats:
+        """The sums the losses in `names` need, over the tokens where mask (tokens,) is true."""
+        sums = {name: token_sum(term(), mask) for name, term in self.token_losses(r).items() if name in names}
+        counts = token_count(r.logits, mask).view(1)
+        if "load_balance" in names:
+            sums["load_balance"] = token_sum(r.probs, mask)  # (E,)
+            counts = torch.cat([counts, token_sum(self.dispatch(r), mask)])  # (1 + E,)
+        return AuxStats(sums, counts.detach())
+
+    def aux_losses(self, r: Routing, mask: Tensor | None = None) -> dict[str, Tensor]:
+        """Every auxiliary loss this router defines, for one forward in one process (unweighted)."""
+        return self.aux_stats(r, {"load_balance", *self.token_losses(r)}, mask).losses()
 
 
 class SoftmaxRouter(Router):
@@ -138,9 +210,8 @@ class SoftmaxRouter(Router):
         g = softmax_route(u, self.temperature)
         return Routing(weights=g, logits=u, probs=g)
 
-    def loss_terms(self, r: Routing) -> dict[str, Callable[[], Tensor]]:
-        top = lambda: F.one_hot(r.weights.argmax(-1), r.weights.shape[-1]).float()  # noqa: E731
-        return {**super().loss_terms(r), "load_balance": lambda: load_balance_loss(top(), r.probs)}
+    def dispatch(self, r: Routing) -> Tensor:
+        return F.one_hot(r.weights.argmax(-1), r.weights.shape[-1]).to(r.weights.dtype)
 
 
 class TopKRouter(Router):
@@ -237,9 +308,9 @@ class DynamicRouter(Router):
         g = sparsegen_route(u, lam)
         return Routing(weights=g, logits=u, probs=g, extras={"lambda": lam})
 
-    def loss_terms(self, r: Routing) -> dict[str, Callable[[], Tensor]]:
-        return {**super().loss_terms(r),
-                "sparsity": lambda: sparsity_loss(r.logits, r.extras["lambda"], self.sparsity_target)}
+    def token_losses(self, r: Routing) -> dict[str, Callable[[], Tensor]]:
+        return {**super().token_losses(r),
+                "sparsity": lambda: sparsity_per_token(r.logits, r.extras["lambda"], self.sparsity_target)}
 
 
 ROUTER_CLASSES = {"softmax": SoftmaxRouter, "topk": TopKRouter, "dynamic": DynamicRouter}
