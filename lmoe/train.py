@@ -34,8 +34,9 @@ from tqdm.auto import tqdm
 from .config import LMoEConfig, check_known_keys
 from .data import IGNORE, Example, Mixture, batch_stream, collate, encode_all, read_records
 from .evaluate import evaluate_file, evaluate_mixture, format_table, write_json
+from .compose import freeze_experts
 from .inject import AUX_COEFS, aux_loss, aux_losses, count_parameters, inject
-from .io import load_state, save_adapter, save_state
+from .io import CONFIG_FILE, load_adapter, load_state, read_adapter_meta, save_adapter, save_state
 from .models import BUILTIN, LOAD_IN, check_context, load_model
 
 logger = logging.getLogger(__name__)
@@ -81,9 +82,14 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     load_in: str = "full"  # "8bit" / "4bit": the base quantised by bitsandbytes (CUDA only), experts in float32
     max_bad_steps: int = 5  # stop after this many consecutive steps with a non-finite loss or gradient
+    init_adapter: str | None = None  # a saved adapter directory to start from; its mixture replaces `lmoe`
+    train_experts: bool = True  # false: every expert frozen, only the routers (and lambda heads) learn
 
     def __post_init__(self) -> None:
-        if isinstance(self.lmoe, dict):
+        self._check_init_adapter()
+        if self.init_adapter is not None:
+            self.lmoe = adapter_lmoe(self.init_adapter, self.lmoe)
+        elif isinstance(self.lmoe, dict):
             self.lmoe = LMoEConfig.from_dict({**DEFAULT_LMOE, **self.lmoe})
         if isinstance(self.mixture, dict):
             self.mixture = Mixture(**check_known_keys(Mixture, self.mixture, "mixture."))
@@ -101,6 +107,16 @@ class TrainConfig:
         _check(self, "distributed", self.distributed in STRATEGIES, f"one of {', '.join(STRATEGIES)}")
         _check(self, "gradient_checkpointing", isinstance(self.gradient_checkpointing, bool), "true or false")
         _check(self, "load_in", self.load_in in LOAD_IN, f"one of {', '.join(LOAD_IN)}")
+
+    def _check_init_adapter(self) -> None:
+        if isinstance(self.init_adapter, os.PathLike):
+            self.init_adapter = os.fspath(self.init_adapter)
+        _check(self, "init_adapter", self.init_adapter is None or isinstance(self.init_adapter, str) and
+               self.init_adapter != "", "an adapter directory, or null for fresh experts")
+        _check(self, "train_experts", isinstance(self.train_experts, bool), "true or false")
+        if not self.train_experts and self.init_adapter is None:
+            raise ValueError("TrainConfig.train_experts=false needs init_adapter=DIR: fresh experts start at zero "
+                             "and, frozen, would stay there. Give the adapter to start from, or train_experts=true.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -126,6 +142,26 @@ class TrainConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def adapter_lmoe(directory: str, given: dict | LMoEConfig) -> LMoEConfig:
+    """The mixture of the adapter training starts from. An `lmoe` section (`given`) may only repeat its
+    values: a partial one (a dict) names the fields it sets, a whole one counts as unset when it is the default."""
+    if not (Path(directory) / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"TrainConfig.init_adapter={directory!r}: no adapter there ({CONFIG_FILE} is missing). "
+                                "Pass a directory written by `lmoe train` (OUTPUT_DIR/adapter) or `lmoe compose`, "
+                                "or drop init_adapter to start from fresh experts.")
+    saved = LMoEConfig.from_dict(read_adapter_meta(directory)["config"])
+    if isinstance(given, LMoEConfig):
+        given = {} if given == default_lmoe() else given.to_dict()
+    asked = LMoEConfig.from_dict({**saved.to_dict(), **given})
+    clash = [f"lmoe.{f.name}={getattr(asked, f.name)!r} (the adapter's is {getattr(saved, f.name)!r})"
+             for f in dataclasses.fields(LMoEConfig) if getattr(asked, f.name) != getattr(saved, f.name)]
+    if clash:
+        raise ValueError(f"TrainConfig: init_adapter={directory} brings its own mixture, and the lmoe section sets "
+                         f"{'; '.join(clash)}. Drop those lmoe keys to train the adapter's mixture, or drop "
+                         "init_adapter to train fresh experts.")
+    return saved
 
 
 def _finite(value: Any) -> bool:
@@ -284,6 +320,8 @@ def read_metrics(directory: str | Path) -> list[dict]:
 
 @dataclass
 class TrainResult:
+    """What train() returns. With several processes only the main one evaluates and holds the whole model:
+    the others return results={} and their own copy (DDP) or shards (FSDP) of the trained model."""
     model: nn.Module
     tokenizer: Any
     adapter_dir: Path
@@ -291,13 +329,15 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train cfg.lmoe experts on cfg.data (or the built-in mixture); save the adapter; evaluate.
+    """Train cfg.lmoe experts (fresh, or init_adapter's) on cfg.data (or the built-in mixture); save the
+    adapter; evaluate. The main process alone evaluates and saves (see TrainResult).
 
     on_step(row) is called with each step's metrics (the metrics.csv row) on the main process.
     """
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg)
-    if accelerator.is_main_process:
+    main = accelerator.is_main_process
+    if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.yaml").write_text(cfg.to_yaml())
     torch.manual_seed(cfg.seed)
@@ -306,10 +346,10 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[dict], None
     examples = training_examples(cfg, tokenizer)
     runs = {}
     if cfg.compare_base:
-        runs["base"] = _base_eval(out / "eval_base.json", resume, accelerator.is_main_process,
-                                  lambda: evaluate_all(model.to(accelerator.device), tokenizer, cfg))
-    torch.manual_seed(cfg.seed)  # every process builds the same experts
-    inject(model, cfg.lmoe)
+        model.to(accelerator.device)  # in every process: the experts are then drawn on the same device everywhere
+        if main:  # the others wait at the first collective of training
+            runs["base"] = _base_eval(out / "eval_base.json", resume, lambda: evaluate_all(model, tokenizer, cfg))
+    add_adapter(model, cfg)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total = count_parameters(model)
@@ -320,24 +360,46 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[dict], None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
     optimizer = accelerator.prepare_optimizer(optimizer)
     state = load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler) if resume else TrainState()
-    log = MetricsLog(out, state.step) if accelerator.is_main_process else None
+    log = MetricsLog(out, state.step) if main else None
     _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, tokenizer.pad_token_id, state, log, on_step)
+    model = _save_and_evaluate(cfg, accelerator, model, tokenizer, runs)
+    return TrainResult(model, tokenizer, out / "adapter", runs)
+
+
+def _save_and_evaluate(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module, tokenizer,
+                       runs: dict) -> nn.Module:
+    """Save the adapter and add runs["trained"], on the main process with the whole model; others only wait.
+    Returns this process's model."""
     model = _single_process_model(cfg, accelerator, model)
-    adapter_dir = save_adapter(model, out / "adapter") if accelerator.is_main_process else out / "adapter"
-    runs["trained"] = evaluate_all(model, tokenizer, cfg)
-    if accelerator.is_main_process and runs["trained"]:
-        write_json(runs, out / "eval.json")
-        print(format_table(runs))
-    return TrainResult(model, tokenizer, adapter_dir, runs)
+    if accelerator.is_main_process:
+        out = Path(cfg.output_dir)
+        save_adapter(model, out / "adapter")
+        runs["trained"] = evaluate_all(model, tokenizer, cfg)
+        if runs["trained"]:
+            write_json(runs, out / "eval.json")
+            print(format_table(runs))
+    accelerator.wait_for_everyone()  # the adapter is on disk when train() returns in any process
+    return model
 
 
-def _base_eval(path: Path, resume: bool, main: bool, compute: Callable[[], dict]) -> dict:
-    """The base model's results, kept in the output dir so that --resume does not pay for them again."""
+def add_adapter(model: nn.Module, cfg: TrainConfig) -> None:
+    """The mixture training starts from: the saved init_adapter, or fresh experts seeded alike in every
+    process; train_experts=False then freezes every expert, so only the routers learn."""
+    if cfg.init_adapter:
+        load_adapter(model, cfg.init_adapter)
+    else:
+        torch.manual_seed(cfg.seed)
+        inject(model, cfg.lmoe)
+    if not cfg.train_experts:
+        freeze_experts(model)
+
+
+def _base_eval(path: Path, resume: bool, compute: Callable[[], dict]) -> dict:
+    """The base model's results (main process), kept in the output dir so that --resume does not pay again."""
     if resume and path.is_file():
         return json.loads(path.read_text())
     results = compute()
-    if main:
-        write_json(results, path)
+    write_json(results, path)
     return results
 
 
@@ -366,13 +428,15 @@ def distribute(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module) -> 
 
 
 def _single_process_model(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module) -> nn.Module:
-    """The trained model whole on every process, for saving and evaluation; FSDP's shards are gathered
-    into a freshly loaded base (every process calls this)."""
+    """The trained model whole on the main process, for saving and evaluation. Every process calls this:
+    FSDP's shards are gathered (collectively) into a freshly loaded base there; the others keep their shards."""
     if not isinstance(model, FSDPModule):  # DDP keeps a whole copy in every process
         return accelerator.unwrap_model(model)
-    adapter, _ = get_state_dict(model, [], options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
+    adapter, _ = get_state_dict(model, [], options=FULL)  # cpu_offload: only the main process receives it
+    if not accelerator.is_main_process:
+        return model
     whole, _ = load_model(cfg.model)
-    inject(whole, cfg.lmoe)
+    add_adapter(whole, cfg)  # the frozen experts (not gathered) come from init_adapter
     whole.load_state_dict(adapter, strict=False)
     return whole.to(accelerator.device)
 

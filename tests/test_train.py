@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from lmoe.train import TrainConfig, apply_overrides, read_metrics, seed_step, train, warmup_cosine
@@ -110,6 +111,14 @@ def test_builtin_mixture_compares_base_and_trained(setup, tmp_path):
     assert (tmp_path / "mix" / "eval.json").is_file() and (tmp_path / "mix" / "eval_base.json").is_file()
 
 
+def test_other_processes_neither_evaluate_nor_save(setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(Accelerator, "is_main_process", property(lambda self: False))  # as on rank 1 of 2
+    mixture = {"domains": ["german"], "skills": ["add"], "per_domain": 4, "per_skill": 4,
+               "test_per_domain": 2, "test_per_skill": 2}
+    result = train(config(setup, tmp_path / "rank1", data=[], steps=2, compare_base=True, mixture=mixture))
+    assert result.results == {} and not (tmp_path / "rank1").exists()
+
+
 @pytest.mark.slow
 def test_builtin_model_learns_the_mixture(tmp_path):
     mixture = {"domains": ["german"], "skills": ["add"], "per_domain": 80, "per_skill": 80,
@@ -119,3 +128,43 @@ def test_builtin_model_learns_the_mixture(tmp_path):
     base, trained = result.results["base"], result.results["trained"]
     assert trained["perplexity"]["german"] < 0.8 * base["perplexity"]["german"]
     assert trained["exact_match"]["add"] > base["exact_match"]["add"] + 0.2
+
+
+def test_routers_only_from_a_saved_adapter_keeps_every_expert_and_resumes(setup, tmp_path):
+    start = train(config(setup, tmp_path / "experts", steps=3)).adapter_dir
+    initial = load_file(str(start / "adapter.safetensors"))
+    routers = config(setup, tmp_path / "routers", init_adapter=str(start), train_experts=False)
+    final = load_file(str(train(routers).adapter_dir / "adapter.safetensors"))
+    assert final.keys() == initial.keys()
+    experts = [k for k in final if k.endswith(("lora_A", "lora_B"))]
+    gates = [k for k in final if k.endswith("router.weight")]
+    assert experts and gates
+    assert all(torch.equal(final[k], initial[k]) for k in experts), "a frozen expert moved"
+    assert all(not torch.equal(final[k], initial[k]) for k in gates), "a router did not learn"
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "routers"))
+    saved = TrainConfig.from_file(tmp_path / "routers" / "train_config.yaml")
+    assert (saved.init_adapter, saved.train_experts, saved.lmoe) == (str(start), False, routers.lmoe)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_4(row):
+        if row["step"] == 4:
+            raise Interrupt
+    split = config(setup, tmp_path / "split", init_adapter=str(start), train_experts=False)
+    with pytest.raises(Interrupt):
+        train(split, on_step=stop_after_4)
+    resumed = load_file(str(train(split, resume=True).adapter_dir / "adapter.safetensors"))
+    for key in final:
+        torch.testing.assert_close(resumed[key], final[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_init_adapter_errors_say_what_to_change(setup, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"init_adapter='.*nowhere': no adapter there .* drop init_adapter"):
+        config(setup, tmp_path, init_adapter=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="train_experts=false needs init_adapter=DIR"):
+        config(setup, tmp_path, train_experts=False)
+    start = train(config(setup, tmp_path / "a", steps=1, save_every=0)).adapter_dir
+    with pytest.raises(ValueError, match=r"lmoe.rank=4 \(the adapter's is 2\)\. Drop those lmoe keys"):
+        config(setup, tmp_path, init_adapter=str(start), lmoe={"rank": 4})
+    assert TrainConfig(init_adapter=str(start)).lmoe.rank == 2  # no lmoe section: the adapter's mixture
