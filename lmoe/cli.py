@@ -19,7 +19,8 @@ def cmd_train(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace],
     parser.add_argument("--config", help="YAML/JSON TrainConfig file (fields: see lmoe.train.TrainConfig)")
     parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint.pt")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. steps=100 lmoe.num_experts=8 data=[my.jsonl]")
+                        help="config overrides, e.g. steps=100 lmoe.num_experts=8 data=[my.jsonl]; "
+                             "init_adapter=DIR train_experts=false trains the routers of a saved adapter")
 
     def run(args: argparse.Namespace) -> None:
         from .train import TrainConfig, train

@@ -27,6 +27,11 @@ def test_train_eval_generate(tmp_path, capsys):
           "steps=4", "--resume"])
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
 
+    routers = tmp_path / "routers"  # the same file's lmoe section repeats the adapter's mixture: accepted
+    main(["train", "--config", str(config), f"output_dir={routers}", f"init_adapter={out / 'adapter'}",
+          "train_experts=false", "steps=2"])
+    assert [r["step"] for r in read_metrics(routers)] == [1, 2] and (routers / "adapter").is_dir()
+
     capsys.readouterr()
     main(["eval", "--model", str(model), "--adapter", str(out / "adapter"), "--data", str(data), str(mc),
           "--json", str(tmp_path / "eval.json")])
@@ -45,7 +50,8 @@ def test_train_eval_generate(tmp_path, capsys):
 def test_errors_are_one_line_messages(tmp_path, capsys):  # more in tests/test_errors.py
     for argv, message in [(["train", "stepz=3"], "lmoe train: error: .*Did you mean 'steps'"),
                           (["eval", "--model", str(tiny_model_dir(tmp_path / "m")), "--adapter", str(tmp_path / "none")],
-                           "lmoe eval: error: No adapter at")]:
+                           "lmoe eval: error: No adapter at"),
+                          (["train", f"init_adapter={tmp_path / 'none'}"], "lmoe train: error: .*init_adapter=.*no adapter")]:
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2
