@@ -15,6 +15,7 @@ import copy
 import importlib.metadata
 import itertools
 import json
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -67,9 +68,9 @@ def peft_xlora(base: nn.Module, experts: int, rank: int, workdir: Path) -> nn.Mo
     return get_peft_model(model, cfg)
 
 
-def ours(base: nn.Module, experts: int, rank: int, router: str, composition: str) -> nn.Module:
+def ours(base: nn.Module, experts: int, rank: int, router: str, composition: str, **extra) -> nn.Module:
     cfg = LMoEConfig(num_experts=experts, rank=rank, alpha=2 * rank, router=router, composition=composition,
-                     top_k=min(2, experts), target_modules=TARGETS)
+                     top_k=min(2, experts), target_modules=TARGETS, **extra)
     return inject(shared_copy(base), cfg)
 
 
@@ -80,7 +81,10 @@ def build_variants(base: nn.Module, args, workdir: Path) -> dict[str, nn.Module]
         variants[f"x-lora {e}x{r}"] = peft_xlora(base, e, r, workdir)
     for composition, router in itertools.product(("params", "outputs"), ("softmax", "topk", "dynamic")):
         variants[f"ours {composition}/{router}"] = ours(base, e, r, router, composition)
-    return variants
+    for hidden in args.lambda_hidden:  # what the LD-MoLE lambda head's width costs
+        variants[f"ours params/dynamic h{hidden}"] = ours(base, e, r, "dynamic", "params", lambda_hidden=hidden)
+    keep = re.compile(args.only) if args.only else None
+    return {n: m for n, m in variants.items() if keep is None or keep.search(n) or n == f"lora r={e * r}"}
 
 
 def loss_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -177,6 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gen-repeats", type=int, default=3)
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no-xlora", action="store_true")
+    p.add_argument("--lambda-hidden", type=int, nargs="*", default=[],
+                   help="also run params/dynamic with these lambda-head widths (the paper's is 512)")
+    p.add_argument("--only", help="run only the variants whose name matches this regex (and LoRA rank E*r)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -191,9 +198,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as workdir:
         variants = build_variants(base, args, Path(workdir))
         train = training(variants, ids, args, device)
-        merged = merged_copy(variants["ours params/softmax"], ids[:1])
-        gen = generation({"base (no adapter)": base, **variants, "ours params/softmax merged": merged},
-                         ids, args, device)
+        extra = {}
+        if "ours params/softmax" in variants:
+            extra["ours params/softmax merged"] = merged_copy(variants["ours params/softmax"], ids[:1])
+        gen = generation({"base (no adapter)": base, **variants, **extra}, ids, args, device)
     ref = f"lora r={args.experts * args.rank}"
     report(train, gen, ref)
     if args.json:
