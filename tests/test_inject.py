@@ -1,10 +1,16 @@
 """inject / remove / aux_loss / record_routing on tiny transformers models of several families."""
+import copy
+import threading
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from conftest import VOCAB, tiny_model
 from lmoe import LMoEConfig, MoLoRALinear, aux_loss, aux_losses, count_parameters, inject, lmoe_layers, record_routing, remove
+from lmoe.config import AUX_COEFS
 
 FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
 TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
@@ -170,3 +176,157 @@ def test_shared_lambda_head_runs_once_per_distinct_input_with_identical_results(
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert all(head._last is None for head in heads)  # nothing is held after the forward
+
+
+# ---------------------------------------------------------------- aux losses: padding and processes
+
+def brute_force_aux(router, kind: str, x: torch.Tensor, k: int = 1) -> dict[str, torch.Tensor]:
+    """One layer's aux losses over the tokens x (tokens, d_in), from their definitions in DESIGN.md 3."""
+    routing = router.route(x)
+    u, g = routing.logits, routing.weights
+    E = u.shape[-1]
+    dispatch = F.one_hot(g.argmax(-1), E) if kind == "softmax" else (g > 0)
+    probs = torch.softmax(u, -1) if kind == "topk" else g
+    f = [dispatch[:, i].sum() / dispatch.sum() for i in range(E)]
+    out = {"load_balance": E * sum(f[i] * probs[:, i].mean() for i in range(E)),
+           "z_loss": (torch.logsumexp(u, -1) ** 2).mean()}
+    if kind == "dynamic":  # lambda_k(u) = 1 - sum_{j<=k} (u_(j) - u_(k+1)), the gate detached
+        top = u.detach().sort(-1, descending=True).values
+        threshold = 1 - (top[:, :k] - top[:, k:k + 1]).sum(-1)
+        out["sparsity"] = torch.clamp(threshold - routing.extras["lambda"][:, 0], min=0).mean()
+    return out
+
+
+def layer_mean(per_layer: list[dict]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([d[key] for d in per_layer]).mean() for key in per_layer[0]}
+
+
+def layer_inputs(model, run) -> dict[str, list[torch.Tensor]]:
+    """layer name -> the (tokens, d_in) inputs it saw during run(), graph kept."""
+    seen = {name: [] for name, _ in lmoe_layers(model)}
+    handles = [layer.register_forward_pre_hook(lambda m, args, name=name: seen[name].append(
+        args[0].reshape(-1, args[0].shape[-1]))) for name, layer in lmoe_layers(model)]
+    run()
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("router", ["softmax", "topk", "dynamic"])
+def test_padding_is_left_out_of_aux_losses_and_routing_records(router):
+    model = tiny_model("llama").double().train()
+    inject(model, LMoEConfig(num_experts=4, router=router, target_modules="all-linear", load_balance_coef=1.0,
+                             z_loss_coef=1.0, sparsity_coef=1.0, sparsity_target=1, lambda_hidden=8))
+    gen = torch.Generator().manual_seed(3)
+    examples = [torch.randint(0, VOCAB, (n,), generator=gen) for n in (7, 3, 5)]
+    ids = torch.randint(0, VOCAB, (3, 7), generator=gen)  # right-padded with random tokens
+    mask = torch.zeros(3, 7, dtype=torch.long)
+    for row, ex in enumerate(examples):
+        ids[row, :len(ex)], mask[row, :len(ex)] = ex, 1
+    with torch.no_grad(), record_routing(model) as rec:
+        model(ids, attention_mask=mask)
+        got = aux_losses(model)
+    # reference: the real tokens run alone, one example at a time, losses from the definitions
+    with torch.no_grad():
+        inputs = layer_inputs(model, lambda: [model(ex[None]) for ex in examples])
+        layers = dict(lmoe_layers(model))
+        expected = layer_mean([brute_force_aux(layers[name].router, router, torch.cat(xs)) for name, xs in inputs.items()])
+        for name, xs in inputs.items():
+            torch.testing.assert_close(rec[name], layers[name].router.route(torch.cat(xs)).weights)
+        assert got.keys() == expected.keys() == ({"load_balance", "z_loss", "sparsity"} if router == "dynamic"
+                                                 else {"load_balance", "z_loss"})
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-9, msg=key)  # float32 rotary
+        model(ids)  # without the mask the padding counts: the test can tell
+        assert not torch.allclose(aux_losses(model)["z_loss"], expected["z_loss"])
+    assert model.get_submodule("model.layers.0.mlp.up_proj").token_mask.value is None  # not held after forward
+
+
+class PerToken(nn.Module):
+    """Two linear layers applied token by token: a batch's real tokens go through it as they would alone."""
+
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x, attention_mask=None):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def fake_collectives(monkeypatch, ranks: int) -> tuple[threading.local, list]:
+    """torch.distributed as `ranks` threads see it: all_reduce sums the tensors of all threads."""
+    local, calls, seen = threading.local(), [], [None] * ranks
+    barrier = threading.Barrier(ranks, timeout=60)
+
+    def all_reduce(t, *args, **kwargs):
+        calls.append(local.rank)
+        seen[local.rank] = t.clone()
+        barrier.wait()
+        t.copy_(sum(seen))
+        barrier.wait()
+
+    for name, value in [("is_available", lambda: True), ("is_initialized", lambda: True),
+                        ("get_world_size", lambda *a: ranks), ("all_reduce", all_reduce)]:
+        monkeypatch.setattr(dist, name, value)
+    return local, calls
+
+
+@pytest.mark.parametrize("router", ["topk", "dynamic"])
+def test_aux_losses_over_processes_equal_one_process_on_the_whole_batch(router, monkeypatch):
+    torch.manual_seed(0)
+    coefs = dict(load_balance_coef=0.7, z_loss_coef=0.2, sparsity_coef=0.5 if router == "dynamic" else 0.0)
+    cfg = LMoEConfig(num_experts=4, rank=2, router=router, target_modules=["a", "b"], sparsity_target=1,
+                     lambda_hidden=5, **coefs)
+    model = inject(PerToken().double(), cfg).train()
+    gen = torch.Generator().manual_seed(1)
+    parts = []  # each process: 2 examples, right-padded with large garbage inputs
+    for lengths in ([3, 5], [2, 2], [6, 1]):
+        mask = (torch.arange(max(lengths) + 1) < torch.tensor(lengths)[:, None]).long()  # (2, T)
+        x = torch.randn(*mask.shape, 6, generator=gen, dtype=torch.float64)
+        parts.append((torch.where(mask[..., None].bool(), x, 20 * x), mask))
+    params = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
+    # reference: one process, the real tokens of all processes in one batch, losses from their definitions
+    whole = copy.deepcopy(model)
+    real = torch.cat([x[mask.bool()] for x, mask in parts])[None]  # (1, tokens, d)
+    inputs = layer_inputs(whole, lambda: whole(real))
+    expected = layer_mean([brute_force_aux(layer.router, router, inputs[name][0]) for name, layer in lmoe_layers(whole)])
+    sum(getattr(cfg, AUX_COEFS[key]) * value for key, value in expected.items()).backward()
+
+    ranks = len(parts)
+    local, calls = fake_collectives(monkeypatch, ranks)
+    replicas, results = [copy.deepcopy(model) for _ in parts], [None] * ranks
+
+    def process(rank):
+        try:
+            local.rank = rank
+            replicas[rank](*parts[rank][:1], attention_mask=parts[rank][1])
+            terms = aux_losses(replicas[rank])
+            aux_loss(replicas[rank]).backward()  # a second aux_losses: no second all-reduce
+            results[rank] = terms
+        except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
+            results[rank] = error
+
+    threads = [threading.Thread(target=process, args=(rank,)) for rank in range(ranks)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    assert sorted(calls) == list(range(ranks))  # one all-reduce per process for all layers
+    for key in expected:  # the logged value: the average over processes
+        torch.testing.assert_close(sum(r[key] for r in results) / ranks, expected[key].detach(), msg=key)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for name, (p, *copies) in zip(names, zip(params(whole), *map(params, replicas)), strict=True):
+        if p.grad is None:  # the experts: aux losses do not reach them
+            assert "lora_" in name and all(c.grad is None for c in copies), name
+        else:  # DDP averages the processes' gradients
+            torch.testing.assert_close(sum(c.grad for c in copies) / ranks, p.grad, msg=name)
+    routers = [layer.router for _, layer in lmoe_layers(whole)]
+    assert all(r.weight.grad is not None for r in routers)  # the gates (and the dynamic lambda head) learn
+    assert router == "topk" or routers[0].lambda_head.net[0].weight.grad is not None
+    # each process on its own tokens, averaged, is not the whole batch's balance loss: the test can tell
+    naive = [layer_mean([brute_force_aux(layer.router, router, xs[0]) for xs, (_, layer) in zip(
+        layer_inputs(whole, lambda: whole(x[mask.bool()][None])).values(), lmoe_layers(whole))]) for x, mask in parts]
+    assert abs(sum(n["load_balance"] for n in naive) / ranks - expected["load_balance"]) > 1e-3

@@ -345,6 +345,23 @@ def test_sparsity_loss_is_zero_when_the_target_is_all_experts():
     assert sparsity_loss(u, lam, 4) == 0
 
 
+def test_masked_losses_count_only_the_kept_tokens():
+    u, lam = random_problem(tokens=30, E=5, seed=3)
+    keep = torch.rand(30, generator=torch.Generator().manual_seed(0)) > 0.3
+    pad = lambda t, value: torch.where(keep[:, None], t, value)  # noqa: E731 - padding that would dominate
+    dispatch, probs = (sparsegen_route(u, lam) > 0).double(), softmax_route(u)
+    # hand references on the kept tokens alone
+    f = dispatch[keep].sum(0) / dispatch[keep].sum()
+    torch.testing.assert_close(load_balance_loss(pad(dispatch, 1.0), pad(probs, 1.0), keep),
+                               5 * (f * probs[keep].mean(0)).sum())
+    torch.testing.assert_close(z_loss(pad(u, 1e4), keep), (torch.logsumexp(u[keep], -1) ** 2).mean())
+    thresholds = torch.tensor([bisect_threshold(row.numpy(), 2) for row in u[keep]], dtype=torch.float64)
+    torch.testing.assert_close(sparsity_loss(pad(u, 1e4), pad(lam, -50.0), 2, keep),
+                               torch.clamp(thresholds - lam[keep, 0], min=0).mean(), rtol=0, atol=1e-9)
+    none = torch.zeros(30, dtype=torch.bool)  # nothing kept: zero, not NaN
+    assert z_loss(u, none) == 0 and load_balance_loss(dispatch, probs, none) == 0
+
+
 def test_aux_loss_weights_each_term_with_its_config_coefficient(input_ids):
     model = tiny_model("llama").train()
     cfg = LMoEConfig(num_experts=4, router="dynamic", target_modules=["q_proj"], load_balance_coef=0.5,
