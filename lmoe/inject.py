@@ -88,16 +88,20 @@ def inject(model: nn.Module, cfg: LMoEConfig) -> nn.Module:
 def _mask_hooks(model: nn.Module) -> list:
     """Show the layers the attention_mask (batch, seq) a model forward is called with, for that forward.
 
-    The hooks reach the mask through the model they run on, so a deep copy of the model uses its own.
+    The hooks reach the mask through the model they run on (a deep copy uses its own) and are
+    module-level functions (a pickled model keeps them).
     """
-    def capture(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        getattr(module, MASK_ATTR).value = mask if isinstance(mask, Tensor) else None
+    return [model.register_forward_pre_hook(_capture_mask, with_kwargs=True),
+            model.register_forward_hook(_release_mask)]
 
-    def release(module, args, output):
-        getattr(module, MASK_ATTR).value = None
 
-    return [model.register_forward_pre_hook(capture, with_kwargs=True), model.register_forward_hook(release)]
+def _capture_mask(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    mask = kwargs.get("attention_mask")
+    getattr(model, MASK_ATTR).value = mask if isinstance(mask, Tensor) else None
+
+
+def _release_mask(model: nn.Module, args: tuple, output) -> None:
+    getattr(model, MASK_ATTR).value = None
 
 
 def _lambda_cache_hooks(model: nn.Module, heads: list) -> list:
