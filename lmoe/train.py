@@ -3,7 +3,8 @@
 Read top to bottom: train() builds everything, then runs steps; each step averages grad_accum
 micro-batches, clips, steps the optimizer, logs, and every save_every steps writes a checkpoint
 (adapter + optimizer + scheduler + step) that resume() restores exactly. Each step reseeds torch from
-(seed, step, process), so dropout differs between processes and a resumed run draws what the uninterrupted one drew.
+(seed, step, process): dropout differs between processes, and a resumed run draws what the uninterrupted
+one drew.
 """
 from __future__ import annotations
 
@@ -31,10 +32,10 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
+from .compose import freeze_experts
 from .config import LMoEConfig, check_known_keys
 from .data import IGNORE, Example, Mixture, batch_stream, collate, encode_all, read_records
 from .evaluate import evaluate_file, evaluate_mixture, format_table, write_json
-from .compose import freeze_experts
 from .inject import AUX_COEFS, aux_loss, aux_losses, count_parameters, inject
 from .io import CONFIG_FILE, load_adapter, load_state, read_adapter_meta, save_adapter, save_state
 from .models import BUILTIN, LOAD_IN, check_context, load_model
@@ -146,11 +147,11 @@ class TrainConfig:
 
 def adapter_lmoe(directory: str, given: dict | LMoEConfig) -> LMoEConfig:
     """The mixture of the adapter training starts from. An `lmoe` section (`given`) may only repeat its
-    values: a partial one (a dict) names the fields it sets, a whole one counts as unset when it is the default."""
+    values: a partial one (a dict) names the fields it sets; a whole one counts as unset when it is the default."""
     if not (Path(directory) / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"TrainConfig.init_adapter={directory!r}: no adapter there ({CONFIG_FILE} is missing). "
-                                "Pass a directory written by `lmoe train` (OUTPUT_DIR/adapter) or `lmoe compose`, "
-                                "or drop init_adapter to start from fresh experts.")
+        raise FileNotFoundError(f"TrainConfig.init_adapter={directory!r}: no adapter there ({CONFIG_FILE} is "
+                                "missing). Pass a directory written by `lmoe train` (OUTPUT_DIR/adapter) or "
+                                "`lmoe compose`, or drop init_adapter to start from fresh experts.")
     saved = LMoEConfig.from_dict(read_adapter_meta(directory)["config"])
     if isinstance(given, LMoEConfig):
         given = {} if given == default_lmoe() else given.to_dict()

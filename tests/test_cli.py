@@ -51,7 +51,8 @@ def test_errors_are_one_line_messages(tmp_path, capsys):  # more in tests/test_e
     for argv, message in [(["train", "stepz=3"], "lmoe train: error: .*Did you mean 'steps'"),
                           (["eval", "--model", str(tiny_model_dir(tmp_path / "m")), "--adapter", str(tmp_path / "none")],
                            "lmoe eval: error: No adapter at"),
-                          (["train", f"init_adapter={tmp_path / 'none'}"], "lmoe train: error: .*init_adapter=.*no adapter")]:
+                          (["train", f"init_adapter={tmp_path / 'none'}"],
+                           "lmoe train: error: .*init_adapter=.*no adapter")]:
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2
