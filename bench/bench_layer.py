@@ -62,7 +62,8 @@ def build_variants(base: nn.Linear, experts: int, rank: int, lambda_hidden: int 
 def aux_term(module: nn.Module) -> torch.Tensor | None:
     """Ours: the router losses with the config's coefficients, as lmoe.aux_loss adds them to the loss."""
     aux = getattr(module, "last_aux", None)
-    terms = [module.aux_coefs[k] * v for k, v in (aux or {}).items() if module.aux_coefs[k]]
+    losses = aux.losses() if aux is not None else {}
+    terms = [module.aux_coefs[k] * v for k, v in losses.items() if module.aux_coefs[k]]
     return sum(terms) if terms else None
 
 
