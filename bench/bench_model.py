@@ -125,7 +125,7 @@ def activation_bytes(model: nn.Module, ids: torch.Tensor, device: torch.device) 
 def merged_copy(model: nn.Module, ids: torch.Tensor) -> nn.Module:
     """A copy of a trained lmoe model with the mean routing over ids folded into its own base weights."""
     for _, layer in lmoe_layers(model):
-        layer.last_aux = None  # losses of the last step hold the autograd graph, which cannot be copied
+        layer.forget_routing()  # the last step's routing holds its autograd graph, which cannot be copied
     merged = shared_copy(model)
     for _, layer in lmoe_layers(merged):
         layer.base.weight = nn.Parameter(layer.base.weight.detach().clone(), requires_grad=False)

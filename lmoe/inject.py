@@ -105,19 +105,18 @@ def _release_mask(model: nn.Module, args: tuple, output) -> None:
 
 
 def _lambda_cache_hooks(model: nn.Module, heads: list) -> list:
-    """Let shared lambda heads reuse results within one model forward, and hold nothing after it."""
+    """Clear the shared lambda heads' reuse cache before and after each model forward: nothing is
+    reused across forwards, and nothing is held after one (a checkpointed re-run refills it briefly)."""
     if not heads:
         return []
+    for head in heads:
+        head.caching = True
 
-    def open_caches(*_):
+    def clear_caches(*_):
         for head in heads:
-            head.open_cache()
+            head.clear_cache()
 
-    def close_caches(*_):
-        for head in heads:
-            head.close_cache()
-
-    return [model.register_forward_pre_hook(open_caches), model.register_forward_hook(close_caches)]
+    return [model.register_forward_pre_hook(clear_caches), model.register_forward_hook(clear_caches)]
 
 
 def remove(model: nn.Module) -> nn.Module:

@@ -241,7 +241,8 @@ class LambdaHead(nn.Module):
     def __init__(self, d_in: int, hidden: int, eps: float, **factory) -> None:
         super().__init__()
         self.eps = eps
-        self._caching, self._last = False, None  # (key, x, lambda) of the last call within one forward
+        self.caching = False  # reuse the last result for the very same input (see forward); inject turns it on
+        self._last = None  # (key, x, lambda) of the last call
         self.net = nn.Sequential(nn.Linear(d_in, hidden, **factory), nn.ReLU(), nn.Linear(hidden, 1, **factory))
         for linear in (self.net[0], self.net[2]):
             nn.init.constant_(linear.bias, LAMBDA_BIAS_INIT)
@@ -249,9 +250,10 @@ class LambdaHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: (tokens, d_in) -> lambda (tokens, 1) in float32 (float64 stays float64).
 
-        The head is shared and q/k/v (gate/up) read the very same input, so inside one model forward
-        (between open_cache and close_cache, which inject hooks around it) the last result is reused
-        while x, the head's weights and the grad/autocast mode are unchanged.
+        The head is shared and q/k/v (gate/up) read the very same input, so the last result is reused
+        while x, the head's weights and the grad/autocast mode are unchanged. In a model it stays on
+        between forwards, so that a gradient-checkpointed block re-run in backward makes the calls its
+        forward made; inject's hooks clear it around each model forward, so nothing is held between steps.
         """
         key = self._cache_key(x)
         if key is not None and self._last is not None and self._last[0] == key:
@@ -261,14 +263,11 @@ class LambdaHead(nn.Module):
         self._last = None if key is None else (key, x, lam)  # holding x keeps its memory from being reused
         return lam
 
-    def open_cache(self) -> None:
-        self._caching, self._last = True, None
-
-    def close_cache(self) -> None:
-        self._caching, self._last = False, None
+    def clear_cache(self) -> None:
+        self._last = None
 
     def _cache_key(self, x: Tensor) -> tuple | None:
-        if not self._caching or torch.compiler.is_compiling():
+        if not self.caching or torch.compiler.is_compiling():
             return None
         return (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, x._version, torch.is_grad_enabled(),
                 torch.is_autocast_enabled(x.device.type), tuple(p._version for p in self.parameters()))

@@ -163,7 +163,7 @@ def test_shared_lambda_head_runs_once_per_distinct_input_with_identical_results(
         for head in heads:
             head.net.register_forward_hook(lambda *_: calls.append(1))
             if not cache:
-                head.open_cache = head.close_cache
+                head.caching = False
         logits = model(input_ids).logits
         logits.square().sum().backward()
         grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
@@ -330,3 +330,32 @@ def test_aux_losses_over_processes_equal_one_process_on_the_whole_batch(router, 
     naive = [layer_mean([brute_force_aux(layer.router, router, xs[0]) for xs, (_, layer) in zip(
         layer_inputs(whole, lambda: whole(x[mask.bool()][None])).values(), lmoe_layers(whole))]) for x, mask in parts]
     assert abs(sum(n["load_balance"] for n in naive) / ranks - expected["load_balance"]) > 1e-3
+
+
+@pytest.mark.parametrize("router", ["softmax", "topk", "dynamic"])
+def test_gradient_checkpointing_gives_the_same_losses_and_gradients(router):
+    """Checkpointed blocks re-run their forward in backward; the routers' losses (padding masked) and the
+    shared lambda head's reuse must make that re-run save what the first run saved, and change nothing."""
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+
+    def run(checkpointing: bool):
+        model = tiny_model("llama").train()
+        inject(model, LMoEConfig(num_experts=3, rank=2, router=router, target_modules="all-linear",
+                                 load_balance_coef=0.1, z_loss_coef=0.01, sparsity_coef=0.1, lambda_hidden=8))
+        for _, layer in lmoe_layers(model):
+            nn.init.normal_(layer.lora_B, std=0.1)  # B = 0 would hide a wrong gradient of A or g
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        out = model(input_ids=ids, attention_mask=mask, labels=ids)
+        loss = out.loss + aux_loss(model)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, grads = run(checkpointing=False)
+    loss_ckpt, grads_ckpt = run(checkpointing=True)
+    torch.testing.assert_close(loss_ckpt, loss)
+    assert grads.keys() == grads_ckpt.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-6, msg=name)
