@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .config import ALL_LINEAR, AUX_COEFS, LMoEConfig
 from .layer import MoLoRALinear, TokenMask, is_linear
-from .routing import AuxStats
+from .routing import AuxStats, token_count, token_sum
 
 log = logging.getLogger(__name__)
 CONFIG_ATTR = "lmoe_config"
@@ -178,6 +178,20 @@ def sum_counts_over_processes(stats: list[AuxStats]) -> None:
     dist.all_reduce(flat)
     for s, total in zip(todo, flat.split([s.counts.numel() for s in todo])):
         s.counts, s.ranks = total.to(s.counts), dist.get_world_size()
+
+
+def active_expert_counts(model: nn.Module) -> Tensor:
+    """(2,): the experts in use (g > 0) summed over the real tokens of the last training forward and over
+    layers, and the number of those (token, layer) pairs. Both add up over micro-batches and processes;
+    their ratio is the mean number of experts a token uses in a layer."""
+    device = next(model.parameters()).device
+    counts = torch.zeros(2, device=device)
+    for _, layer in lmoe_layers(model):
+        if layer.last_routing is not None:
+            routing, mask = layer.last_routing
+            used = (routing.weights > 0).sum(-1).float()  # (tokens,)
+            counts += torch.stack([token_sum(used, mask), token_count(used, mask)]).to(device)
+    return counts
 
 
 def aux_loss(model: nn.Module) -> Tensor:

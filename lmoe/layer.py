@@ -125,7 +125,7 @@ class MoLoRALinear(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.reset_experts()
         self.aux_names = {name for name, coef in AUX_COEFS.items() if getattr(cfg, coef)}  # losses that count
-        self.last_routing: tuple[Routing, Tensor | None] | None = None  # last training forward's, with its mask
+        self.last_routing: tuple[Routing, Tensor | None] | None = None  # last training forward's, and its mask
         self._aux: AuxStats | None = None  # last_aux, once computed
         self.recorder: list[tuple[Tensor, Tensor | None]] | None = None  # set by record_routing
         self.token_mask = TokenMask()  # inject replaces it with the model's
@@ -172,7 +172,7 @@ class MoLoRALinear(nn.Module):
     def _observe(self, routing: Routing, mask: Tensor | None) -> None:
         """Keep what aux_loss and record_routing need; only the last forward, so nothing accumulates.
         The mask is kept beside the weights: selecting the real tokens here would be a host sync."""
-        if self.training and self.aux_names:  # references only: the losses' ops run later, in last_aux
+        if self.training:  # references only: the losses' ops run later, in last_aux
             self.last_routing, self._aux = (routing, mask), None
         if self.recorder is not None:
             self.recorder.append((routing.weights.detach(), mask))
@@ -182,7 +182,7 @@ class MoLoRALinear(nn.Module):
         """What the aux losses of the last training forward need, computed on first use. Not in forward:
         a gradient-checkpointed block re-runs its forward in backward (without the model's attention
         mask) and must save exactly the tensors the first run saved."""
-        if self._aux is None and self.last_routing is not None:
+        if self._aux is None and self.last_routing is not None and self.aux_names:
             routing, mask = self.last_routing
             self._aux = self.router.aux_stats(routing, self.aux_names, mask)
         return self._aux

@@ -36,7 +36,7 @@ from .compose import freeze_experts
 from .config import LMoEConfig, check_known_keys
 from .data import IGNORE, Example, Mixture, batch_stream, collate, encode_all, read_records
 from .evaluate import evaluate_file, evaluate_mixture, format_table, write_json
-from .inject import AUX_COEFS, aux_loss, aux_losses, count_parameters, inject
+from .inject import AUX_COEFS, active_expert_counts, aux_loss, aux_losses, count_parameters, inject
 from .io import CONFIG_FILE, load_adapter, load_state, read_adapter_meta, save_adapter, save_state
 from .models import BUILTIN, LOAD_IN, check_context, load_model
 
@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 STRATEGIES = ("ddp", "fsdp")  # how several processes (torchrun / accelerate launch) share the work
 CHECKPOINT, METRICS = "checkpoint.pt", "metrics.csv"
-COLUMNS = ["step", "loss", "lm_loss", "aux_loss", *AUX_COEFS, "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"]
+COLUMNS = ["step", "loss", "lm_loss", "aux_loss", *AUX_COEFS, "active_experts", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"]
 
 
 # The default run's mixture: 4 softmax-routed rank-4 experts on the attention and MLP inputs. A partial
@@ -469,7 +469,8 @@ def _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, pad_id, 
         seconds = time.perf_counter() - started
         state.elapsed_s += seconds
         row = {"step": state.step, "loss": lm + aux, "lm_loss": lm, "aux_loss": aux,
-               **{k: terms.get(k, "") for k in AUX_COEFS}, "lr": lr, "grad_norm": grad_norm,
+               **{k: terms.get(k, "") for k in AUX_COEFS}, "active_experts": terms["active_experts"],
+               "lr": lr, "grad_norm": grad_norm,
                "tokens": tokens, "tokens_per_s": tokens / seconds, "elapsed_s": state.elapsed_s}
         if log is not None:
             log.write(row)
@@ -518,7 +519,8 @@ def _skip_step(cfg: TrainConfig, step: int, bad: int, skipped: int) -> tuple[int
 
 
 def _accumulate(accelerator, model, batches, pad_id) -> tuple[float, float, dict, int]:
-    """Forward + backward of each micro-batch; returns the step's losses (all processes) and tokens.
+    """Forward + backward of each micro-batch; returns the step's LM and aux loss, the aux terms and the mean
+    number of experts a token uses in a layer ("active_experts"), and tokens: all over all processes.
 
     Each micro-batch's LM loss is its mean over the answer tokens of all processes (as one process
     would compute it on the whole global batch): the local mean is weighted by local / global count,
@@ -528,17 +530,19 @@ def _accumulate(accelerator, model, batches, pad_id) -> tuple[float, float, dict
     batches = [{k: v.to(accelerator.device) for k, v in collate(ex, pad_id).items()} for ex in batches]
     counts = torch.stack([(b["labels"][:, 1:] != IGNORE).sum() for b in batches]).float()  # loss tokens
     weights = ranks * counts / accelerator.reduce(counts.clone(), "sum") / len(batches)
-    totals = torch.zeros(3 + len(AUX_COEFS), device=accelerator.device)  # lm, aux, tokens, aux terms
+    totals = torch.zeros(5 + len(AUX_COEFS), device=accelerator.device)  # lm, aux, tokens, experts used, aux terms
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1  # all-reduce gradients once, after the last micro-batch
         with (accelerator.no_sync(model) if not sync else nullcontext()), accelerator.autocast():
             out = model(**batch)
             aux = aux_loss(model_)
             terms = aux_losses(model_)  # before backward: gradient checkpointing re-runs the layers' forward
+            experts = active_expert_counts(model_)  # (2,) experts used, (token, layer) pairs
             accelerator.backward(out.loss * weights[i] + aux / len(batches))
         totals += torch.stack([out.loss.detach() * weights[i] / ranks, aux.detach() / len(batches) / ranks,
-                               batch["attention_mask"].sum().float(),
+                               batch["attention_mask"].sum().float(), *experts,
                                *[terms[k].detach() / len(batches) / ranks if k in terms else torch.zeros(())
                                  for k in AUX_COEFS]]).to(totals)
-    lm, aux, tokens, *values = accelerator.reduce(totals, "sum").tolist()  # the one sync of the step
-    return lm, aux, {k: v for k, v in zip(AUX_COEFS, values) if k in terms}, int(tokens)
+    lm, aux, tokens, used, pairs, *values = accelerator.reduce(totals, "sum").tolist()  # the one sync of the step
+    stats = {k: v for k, v in zip(AUX_COEFS, values) if k in terms} | {"active_experts": used / max(pairs, 1)}
+    return lm, aux, stats, int(tokens)

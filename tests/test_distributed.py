@@ -64,7 +64,8 @@ def assert_same_adapter(a: Path, b: Path, atol: float) -> None:
 
 def assert_same_metrics(a: Path, b: Path) -> None:
     for ra, rb in zip(read_metrics(a), read_metrics(b), strict=True):
-        for key in ("step", "lm_loss", "aux_loss", "load_balance", "z_loss", "sparsity", "lr", "grad_norm", "tokens"):
+        for key in ("step", "lm_loss", "aux_loss", "load_balance", "z_loss", "sparsity", "active_experts", "lr",
+                    "grad_norm", "tokens"):
             expected = rb[key] if rb[key] == "" else pytest.approx(rb[key], rel=1e-4)  # '': a term not used
             assert ra[key] == expected, (ra["step"], key)
 

@@ -11,6 +11,7 @@ from torch import nn
 from conftest import VOCAB, tiny_model
 from lmoe import LMoEConfig, MoLoRALinear, aux_loss, aux_losses, count_parameters, inject, lmoe_layers, record_routing, remove
 from lmoe.config import AUX_COEFS
+from lmoe.inject import active_expert_counts
 
 FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
 TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
@@ -359,3 +360,25 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(router):
     assert grads.keys() == grads_ckpt.keys()
     for name in grads:
         torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("router", ["topk", "dynamic"])
+def test_active_expert_counts_count_the_real_tokens_of_every_layer(router):
+    model = tiny_model("llama").train()
+    inject(model, LMoEConfig(num_experts=4, rank=2, router=router, top_k=2, target_modules="all-linear",
+                             lambda_hidden=8))
+    if router == "dynamic":  # lambda near 1: sparse, a different number of experts per token
+        nn.init.constant_(next(iter(lmoe_layers(model)))[1].router.lambda_head.net[2].bias, 3.0)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+    with record_routing(model) as rec:
+        model(input_ids=ids, attention_mask=mask)
+    used, pairs = active_expert_counts(model).tolist()
+    layers = len(list(lmoe_layers(model)))
+    assert pairs == layers * int(mask.sum())  # padding left out
+    if router == "topk":
+        assert used == 2 * pairs
+    else:
+        assert used == sum(int((rec[name] > 0).sum()) for name in rec)
+        assert pairs < used < 4 * pairs

@@ -72,6 +72,7 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
     straight = read_metrics(tmp_path / "whole")
     assert [r["step"] for r in straight] == [1, 2, 3, 4, 5, 6]
     assert all(r["load_balance"] != "" and r["tokens"] > 0 for r in straight)
+    assert all(r["active_experts"] == 3 for r in straight)  # softmax routing: every expert, every token
 
     class Interrupt(Exception):
         pass
@@ -85,7 +86,7 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
     resumed = read_metrics(tmp_path / "split")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(straight, resumed):
-        for key in ("loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens"):
+        for key in ("loss", "lm_loss", "aux_loss", "active_experts", "lr", "grad_norm", "tokens"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
     final_a = load_file(str(whole.adapter_dir / "adapter.safetensors"))
     final_b = load_file(str(tmp_path / "split" / "adapter" / "adapter.safetensors"))
