@@ -13,3 +13,10 @@ __all__ = ["LMoEConfig", "MoLoRALinear", "inject", "remove", "aux_loss", "aux_lo
            "lmoe_layers", "record_routing", "save_adapter", "load_adapter", "__version__"]
 __all__ += ["compose", "load_experts", "add_experts", "remove_experts", "freeze_experts", "unfreeze_experts",
             "frozen_experts", "mean_routing", "export_peft", "merge", "unmerge"]
+
+
+def __getattr__(name: str):
+    if name == "LMoETrainer":  # imports transformers.Trainer (seconds), so only on first use
+        from .hf_trainer import LMoETrainer
+        return LMoETrainer
+    raise AttributeError(f"module 'lmoe' has no attribute {name!r}")

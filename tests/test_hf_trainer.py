@@ -1,0 +1,151 @@
+"""LMoETrainer against a hand-written loop: the objective per optimizer step is Trainer's LM loss plus the
+mean over the step's micro-batches of lmoe.aux_loss. Trainer's LM loss (transformers 5): for a model whose
+forward takes **kwargs (model_accepts_loss_kwargs), the summed token losses of all the step's micro-batches
+over their number of answer tokens (num_items_in_batch); otherwise the mean over micro-batches of each
+one's mean token loss (training_step divides by gradient_accumulation_steps)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import TrainingArguments
+
+import lmoe
+from lmoe.data import IGNORE, Example, collate
+from lmoe.hf_trainer import LMoETrainer
+from lmoe.io import adapter_state_dict
+from tests.conftest import VOCAB, tiny_model
+
+CFG = lmoe.LMoEConfig(num_experts=3, rank=2, target_modules=["q_proj", "v_proj"], load_balance_coef=0.5,
+                      z_loss_coef=0.1)
+LR, BATCH, ACCUM = 0.5, 2, 2
+
+
+def examples(n: int) -> list[dict]:
+    """Rows of different lengths whose first tokens (the prompt) have no loss, so micro-batches hold
+    different numbers of answer tokens and padding."""
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    for i in range(n):
+        length, prompt = 4 + (3 * i) % 7, 1 + i % 3
+        ids = torch.randint(0, VOCAB, (length,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
+    return rows
+
+
+def pad(rows: list[dict]) -> dict:
+    return collate([Example(r["input_ids"], r["labels"]) for r in rows], pad_id=0)
+
+
+def adapted_model(seed: int = 0):
+    """A tiny Llama with experts whose B is random (not zero), so every adapter tensor gets gradients."""
+    model = lmoe.inject(tiny_model("llama"), CFG)
+    torch.manual_seed(seed)
+    for _, layer in lmoe.lmoe_layers(model):
+        torch.nn.init.normal_(layer.lora_B, std=0.1)
+    return model
+
+
+def trainer(model, out, steps: int, **overrides) -> LMoETrainer:
+    args = dict(output_dir=str(out), per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUM,
+                max_steps=steps, learning_rate=LR, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
+                max_grad_norm=0.0, train_sampling_strategy="sequential", logging_steps=1, save_strategy="no",
+                report_to="none", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0)
+    return LMoETrainer(model=model, args=TrainingArguments(**{**args, **overrides}),
+                       train_dataset=examples(steps * BATCH * ACCUM), data_collator=pad)
+
+
+def step_tokens(micro: list[dict], batch: dict):
+    """Trainer's LM loss normalisation with num_items_in_batch: the answer tokens of the whole step."""
+    return sum((b["labels"][:, 1:] != IGNORE).sum() for b in micro)
+
+
+def micro_batch_tokens(micro: list[dict], batch: dict):
+    """Without it: each micro-batch's own answer tokens, times the number of micro-batches."""
+    return (batch["labels"][:, 1:] != IGNORE).sum() * len(micro)
+
+
+def reference_steps(model, steps: int, lm_denominator=step_tokens) -> list[float]:
+    """Plain SGD on the objective written out; returns each step's mean aux loss."""
+    rows = examples(steps * BATCH * ACCUM)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    aux_means = []
+    for step in range(steps):
+        micro = [pad(rows[i:i + BATCH]) for i in range(step * BATCH * ACCUM, (step + 1) * BATCH * ACCUM, BATCH)]
+        lm = aux = 0
+        for b in micro:
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            token_losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(),
+                                           ignore_index=IGNORE, reduction="sum")
+            lm = lm + token_losses / lm_denominator(micro, b)
+            aux = aux + lmoe.aux_loss(model) / len(micro)
+        grads = torch.autograd.grad(lm + aux, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p -= LR * g
+        aux_means.append(float(aux.detach()))
+    return aux_means
+
+
+def assert_same_adapter(a, b) -> None:
+    torch.testing.assert_close(adapter_state_dict(a), adapter_state_dict(b), rtol=1e-5, atol=1e-6)
+
+
+def test_steps_match_reference_loop(tmp_path):
+    t = trainer(adapted_model(), tmp_path, steps=2)
+    t.train()
+    reference = adapted_model()
+    reference_steps(reference, steps=2)
+    assert_same_adapter(t.model, reference)
+
+
+def test_steps_match_reference_loop_without_loss_kwargs(tmp_path):
+    t = trainer(adapted_model(), tmp_path, steps=2)
+    t.model_accepts_loss_kwargs = False  # as for a model whose forward takes no **kwargs
+    t.train()
+    reference = adapted_model()
+    reference_steps(reference, steps=2, lm_denominator=micro_batch_tokens)
+    assert_same_adapter(t.model, reference)
+
+
+def test_logs_aux_terms_averaged_over_interval(tmp_path):
+    t = trainer(adapted_model(), tmp_path, steps=2, logging_steps=2)
+    t.train()
+    aux_means = reference_steps(adapted_model(), steps=2)
+    [logged] = [row for row in t.state.log_history if "loss" in row]
+    assert logged["step"] == 2 and {"load_balance", "z_loss"} <= set(logged)
+    assert logged["aux_loss"] == pytest.approx(sum(aux_means) / 2, rel=1e-5)
+    assert logged["aux_loss"] == pytest.approx(CFG.load_balance_coef * logged["load_balance"]
+                                               + CFG.z_loss_coef * logged["z_loss"], rel=1e-5)
+
+
+def test_save_model_writes_adapter_that_load_adapter_reloads(tmp_path):
+    t = trainer(adapted_model(), tmp_path / "run", steps=1)
+    t.train()
+    t.save_model(str(tmp_path / "saved"))
+    files = {p.name for p in (tmp_path / "saved").iterdir()}
+    assert {"adapter_config.json", "adapter.safetensors", "training_args.bin"} <= files
+    assert not files & {"model.safetensors", "pytorch_model.bin", "config.json"}
+    loaded = lmoe.load_adapter(tiny_model("llama"), tmp_path / "saved")
+    ids = torch.tensor([examples(1)[0]["input_ids"]])
+    torch.testing.assert_close(loaded(ids).logits, t.model.eval()(ids).logits)
+
+
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
+    adam = dict(optim="adamw_torch", learning_rate=0.01, save_strategy="steps", save_steps=2)
+    whole = trainer(adapted_model(), tmp_path / "whole", steps=4, **adam)
+    whole.train()
+    checkpoint = tmp_path / "whole" / "checkpoint-2"
+    assert (checkpoint / "adapter.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+    resumed = trainer(adapted_model(), tmp_path / "resumed", steps=4, **adam)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 4
+    assert_same_adapter(resumed.model, whole.model)
+
+
+def test_model_without_experts_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"lmoe\.inject.*lmoe\.load_adapter"):
+        trainer(tiny_model("llama"), tmp_path, steps=1)
+
+
+def test_lazy_export():
+    assert lmoe.LMoETrainer is LMoETrainer
