@@ -3,6 +3,12 @@ mean over the step's micro-batches of lmoe.aux_loss. Trainer's LM loss (transfor
 forward takes **kwargs (model_accepts_loss_kwargs), the summed token losses of all the step's micro-batches
 over their number of answer tokens (num_items_in_batch); otherwise the mean over micro-batches of each
 one's mean token loss (training_step divides by gradient_accumulation_steps)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,8 +55,9 @@ def trainer(model, out, steps: int, **overrides) -> LMoETrainer:
                 max_steps=steps, learning_rate=LR, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
                 max_grad_norm=0.0, train_sampling_strategy="sequential", logging_steps=1, save_strategy="no",
                 report_to="none", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0)
-    return LMoETrainer(model=model, args=TrainingArguments(**{**args, **overrides}),
-                       train_dataset=examples(steps * BATCH * ACCUM), data_collator=pad)
+    args = TrainingArguments(**{**args, **overrides})
+    rows = examples(steps * args.world_size * args.per_device_train_batch_size * ACCUM)
+    return LMoETrainer(model=model, args=args, train_dataset=rows, data_collator=pad)
 
 
 def step_tokens(micro: list[dict], batch: dict):
@@ -149,3 +156,34 @@ def test_model_without_experts_is_refused(tmp_path):
 
 def test_lazy_export():
     assert lmoe.LMoETrainer is LMoETrainer
+
+
+def test_ddp_equals_one_process_on_the_whole_batch(tmp_path):
+    """2 processes with micro-batches of BATCH rows each = 1 process with 2 * BATCH: Trainer's LM loss
+    counts the tokens of all processes and multiplies by their number; the aux losses must not be."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "--monitor-interval", "0.1", __file__, str(tmp_path / "ddp")],
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = trainer(adapted_model(), tmp_path / "one", steps=2, per_device_train_batch_size=2 * BATCH)
+    one.train()
+    assert_same_adapter(lmoe.load_adapter(tiny_model("llama"), tmp_path / "ddp" / "final"), one.model)
+    logged = json.loads((tmp_path / "ddp" / "history.json").read_text())
+    for ddp_row, one_row in zip(logged, [row for row in one.state.log_history if "loss" in row], strict=True):
+        for key in ("loss", "aux_loss", "load_balance", "z_loss"):
+            assert ddp_row[key] == pytest.approx(one_row[key], rel=1e-5), (ddp_row["step"], key)
+
+
+def ddp_worker(out: str) -> None:
+    """torchrun worker: 2 steps on this process's share of each batch; save_model (every process calls it,
+    the main one writes) and the training logs."""
+    t = trainer(adapted_model(), out, steps=2)
+    t.train()
+    t.save_model(f"{out}/final")
+    if t.args.should_save:
+        Path(out, "history.json").write_text(json.dumps([row for row in t.state.log_history if "loss" in row]))
+
+
+if __name__ == "__main__":
+    ddp_worker(sys.argv[1])
