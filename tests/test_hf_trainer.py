@@ -50,14 +50,14 @@ def adapted_model(seed: int = 0):
     return model
 
 
-def trainer(model, out, steps: int, **overrides) -> LMoETrainer:
+def trainer(model, out, steps: int, eval_dataset=None, **overrides) -> LMoETrainer:
     args = dict(output_dir=str(out), per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUM,
                 max_steps=steps, learning_rate=LR, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
                 max_grad_norm=0.0, train_sampling_strategy="sequential", logging_steps=1, save_strategy="no",
                 report_to="none", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0)
     args = TrainingArguments(**{**args, **overrides})
     rows = examples(steps * args.world_size * args.per_device_train_batch_size * ACCUM)
-    return LMoETrainer(model=model, args=args, train_dataset=rows, data_collator=pad)
+    return LMoETrainer(model=model, args=args, train_dataset=rows, eval_dataset=eval_dataset, data_collator=pad)
 
 
 def step_tokens(micro: list[dict], batch: dict):
@@ -147,6 +147,15 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 4
     assert_same_adapter(resumed.model, whole.model)
+
+
+def test_load_best_model_at_end_loads_that_checkpoints_adapter(tmp_path):
+    # at lr 0.5 the eval loss rises in step 2: the best checkpoint is the first, not the last
+    t = trainer(adapted_model(), tmp_path, steps=2, eval_dataset=examples(4), eval_strategy="steps", eval_steps=1,
+                save_strategy="steps", save_steps=1, load_best_model_at_end=True, metric_for_best_model="loss")
+    t.train()
+    assert t.state.best_model_checkpoint == str(tmp_path / "checkpoint-1")
+    assert_same_adapter(t.model, lmoe.load_adapter(tiny_model("llama"), tmp_path / "checkpoint-1"))
 
 
 def test_model_without_experts_is_refused(tmp_path):
