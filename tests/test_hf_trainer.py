@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import VOCAB, tiny_model
 from transformers import TrainingArguments
 
 import lmoe
 from lmoe.data import IGNORE, Example, collate
 from lmoe.hf_trainer import LMoETrainer
 from lmoe.io import adapter_state_dict
-from tests.conftest import VOCAB, tiny_model
 
 CFG = lmoe.LMoEConfig(num_experts=3, rank=2, target_modules=["q_proj", "v_proj"], load_balance_coef=0.5,
                       z_loss_coef=0.1)
@@ -170,7 +170,8 @@ def test_lazy_export():
 def test_ddp_equals_one_process_on_the_whole_batch(tmp_path):
     """2 processes with micro-batches of BATCH rows each = 1 process with 2 * BATCH: Trainer's LM loss
     counts the tokens of all processes and multiplies by their number; the aux losses must not be."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    tests = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "--monitor-interval", "0.1", __file__, str(tmp_path / "ddp")],
                          env=env, capture_output=True, text=True, timeout=180)
