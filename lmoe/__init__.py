@@ -5,12 +5,12 @@ from .compose import (add_experts, compose, export_peft, freeze_experts, frozen_
                       remove_experts, unfreeze_experts)
 from .config import LMoEConfig
 from .inject import aux_loss, aux_losses, count_parameters, inject, lmoe_layers, record_routing, remove
-from .io import load_adapter, save_adapter
+from .io import load_adapter, load_adapter_weights, save_adapter
 from .layer import MoLoRALinear
 from .merge import merge, unmerge
 
 __all__ = ["LMoEConfig", "MoLoRALinear", "inject", "remove", "aux_loss", "aux_losses", "count_parameters",
-           "lmoe_layers", "record_routing", "save_adapter", "load_adapter", "__version__"]
+           "lmoe_layers", "record_routing", "save_adapter", "load_adapter", "load_adapter_weights", "__version__"]
 __all__ += ["compose", "load_experts", "add_experts", "remove_experts", "freeze_experts", "unfreeze_experts",
             "frozen_experts", "mean_routing", "export_peft", "merge", "unmerge"]
 

@@ -6,15 +6,14 @@ Imported on first use of `lmoe.LMoETrainer` (transformers.Trainer takes seconds 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from .inject import aux_loss, aux_losses, get_config, lmoe_layers
-from .io import WEIGHTS_FILE, _read_weights, adapter_state_dict, read_adapter_meta, save_adapter
+from .inject import aux_loss, aux_losses, lmoe_layers
+from .io import load_adapter_weights, save_adapter
 
 
 class LMoETrainer(Trainer):
@@ -98,14 +97,3 @@ def check_has_experts(model: nn.Module | None) -> None:
                          "a saved adapter, before building the trainer (or use transformers.Trainer).")
 
 
-def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
-    """Copy a saved adapter's weights into a model that has its mixture already (a checkpoint of this run)."""
-    meta = read_adapter_meta(directory)
-    if meta["config"] != get_config(model).to_dict():
-        raise ValueError(f"The adapter in {directory} has another mixture than this model ({meta['config']} vs "
-                         f"{get_config(model).to_dict()}); resume with the LMoEConfig it was trained with.")
-    weights = _read_weights(Path(directory) / WEIGHTS_FILE, meta.get("weights_sha256"))
-    if set(weights) != set(adapter_state_dict(model)):
-        raise ValueError(f"The adapter in {directory} does not fit this model's layers; resume on the base model "
-                         "it was trained with.")
-    model.load_state_dict(weights, strict=False)

@@ -169,17 +169,31 @@ def read_adapter_meta(directory: str | Path) -> dict:
 def load_adapter(base_model: nn.Module, directory: str | Path) -> nn.Module:
     """Inject the saved mixture into base_model (in place) and load its weights. Returns the model."""
     meta = read_adapter_meta(directory)
-    cfg = LMoEConfig.from_dict(meta["config"])
     check_base_matches(base_model, meta, directory)
-    inject(base_model, cfg)
+    inject(base_model, LMoEConfig.from_dict(meta["config"]))
+    _load_weights(base_model, directory, meta)
+    return base_model
+
+
+def load_adapter_weights(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Copy a saved adapter's weights into a model that has its mixture already (e.g. a checkpoint of this
+    run, resumed). Returns the model."""
+    meta = read_adapter_meta(directory)
+    if meta["config"] != get_config(model).to_dict():
+        raise ValueError(f"The adapter in {directory} has another mixture than this model ({meta['config']} vs "
+                         f"{get_config(model).to_dict()}); resume with the LMoEConfig it was trained with.")
+    _load_weights(model, directory, meta)
+    return model
+
+
+def _load_weights(model: nn.Module, directory: str | Path, meta: dict) -> None:
     weights = _read_weights(Path(directory) / WEIGHTS_FILE, meta.get("weights_sha256"))
-    expected = adapter_state_dict(base_model)
+    expected = adapter_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
         raise ValueError(f"Adapter {directory} does not fit this model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}.")
-    base_model.load_state_dict(weights, strict=False)  # copy_ casts to the adapter's dtype
-    return base_model
+    model.load_state_dict(weights, strict=False)  # copy_ casts to the model's dtype
 
 
 def check_base_matches(model: nn.Module, meta: dict, directory: str | Path) -> None:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import VOCAB, tiny_model
-from lmoe import LMoEConfig, MoLoRALinear, aux_loss, aux_losses, count_parameters, inject, lmoe_layers, record_routing, remove
+from lmoe import LMoEConfig, aux_loss, aux_losses, count_parameters, inject, lmoe_layers, record_routing, remove
 from lmoe.config import AUX_COEFS
 from lmoe.inject import active_expert_counts
 

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_model
-from lmoe import LMoEConfig, inject, lmoe_layers, load_adapter, save_adapter
+from lmoe import LMoEConfig, inject, lmoe_layers, load_adapter, load_adapter_weights, save_adapter
 
 
 def trained_like(kind="llama", router="dynamic", dtype=torch.float32):
@@ -71,3 +71,18 @@ def test_adapter_from_a_newer_format_asks_for_an_upgrade(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="Upgrade lmoe"):
         load_adapter(tiny_model(), tmp_path)
+
+
+def test_weights_load_into_a_model_with_the_same_mixture_only(tmp_path, input_ids):
+    model = trained_like()
+    save_adapter(model, tmp_path / "adapter")
+    fresh = tiny_model("llama")
+    inject(fresh, LMoEConfig(num_experts=3, rank=2, router="dynamic", router_bias=True,
+                             target_modules=["q_proj", "down_proj"]))
+    assert not torch.equal(fresh(input_ids).logits, model(input_ids).logits)
+    load_adapter_weights(fresh, tmp_path / "adapter")
+    assert torch.equal(fresh(input_ids).logits, model(input_ids).logits)
+    other = inject(tiny_model("llama"), LMoEConfig(num_experts=3, rank=4, router="dynamic", router_bias=True,
+                                                   target_modules=["q_proj", "down_proj"]))
+    with pytest.raises(ValueError, match="another mixture than this model"):
+        load_adapter_weights(other, tmp_path / "adapter")
