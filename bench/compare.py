@@ -37,6 +37,8 @@ CONFIGS = {
     "outputs_top2": {"num_experts": 4, "rank": 4, "alpha": 8, "composition": "outputs", "router": "topk", "top_k": 2},
     "params_dynamic": {"num_experts": 4, "rank": 4, "alpha": 8, "composition": "params", "router": "dynamic"},
     "outputs_dynamic": {"num_experts": 4, "rank": 4, "alpha": 8, "composition": "outputs", "router": "dynamic"},
+    "params_dynamic_h64": {"num_experts": 4, "rank": 4, "alpha": 8, "composition": "params", "router": "dynamic",
+                           "lambda_hidden": 64},  # the lambda head 8x narrower than the authors' 512
 }
 
 
@@ -113,6 +115,8 @@ def describe(row: dict) -> str:
     if c["num_experts"] == 1:
         return f"LoRA r={c['rank']}"
     router = f"top-{c['top_k']}" if c["router"] == "topk" else c["router"]
+    if "lambda_hidden" in c:
+        router += f" (lambda head {c['lambda_hidden']})"
     return f"{c['num_experts']}x r={c['rank']} {c['composition']} / {router}"
 
 
