@@ -134,6 +134,17 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
+def shared_modules(model: nn.Module) -> list[nn.Module]:
+    """The outermost modules that sit under more than one name, e.g. LD-MoLE's lambda heads, which every
+    layer of an input width shares (FSDP must give them one owner)."""
+    uses: dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        uses[id(module)] = uses.get(id(module), 0) + 1
+    shared = [m for m in model.modules() if uses[id(m)] > 1]
+    inner = {id(sub) for m in shared for sub in m.modules() if sub is not m}
+    return [m for m in shared if id(m) not in inner]
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     params = list(model.parameters())

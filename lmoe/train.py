@@ -36,7 +36,7 @@ from .compose import freeze_experts
 from .config import LMoEConfig, check_known_keys
 from .data import IGNORE, Example, Mixture, batch_stream, collate, encode_all, read_records
 from .evaluate import evaluate_file, evaluate_mixture, format_table, write_json
-from .inject import AUX_COEFS, active_expert_counts, aux_loss, aux_losses, count_parameters, inject
+from .inject import AUX_COEFS, active_expert_counts, aux_loss, aux_losses, count_parameters, inject, shared_modules
 from .io import CONFIG_FILE, load_adapter, load_state, read_adapter_meta, save_adapter, save_state
 from .models import BUILTIN, LOAD_IN, check_context, load_model
 
@@ -413,7 +413,10 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
 
 def distribute(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module) -> nn.Module:
     """DDP through accelerate, or with distributed=fsdp and several processes, torch's FSDP2 (fully_shard):
-    each decoder layer (the model's _no_split_modules), then the root. Mixed precision is autocast in both."""
+    each decoder layer (the model's _no_split_modules), then the root. Mixed precision is autocast in both.
+
+    Modules that several decoder layers share (LD-MoLE's lambda heads) belong to the root's unit, which
+    stays gathered from the forward through the backward; each layer's unit leaves them alone."""
     if cfg.distributed != "fsdp" or accelerator.num_processes == 1:
         return accelerator.prepare_model(model)
     blocks = set(getattr(model, "_no_split_modules", None) or [])
@@ -422,9 +425,13 @@ def distribute(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module) -> 
         for name, p in module.named_parameters(recurse=False):
             if not p.is_contiguous():
                 setattr(module, name, nn.Parameter(p.detach().contiguous(), requires_grad=p.requires_grad))
+    shared = shared_modules(model)
+    if shared:
+        model.lmoe_shared = nn.ModuleList(shared)  # a path to them outside every decoder layer
+    ignored = {p for module in shared for p in module.parameters()} or None
     for module in list(model.modules()):
         if type(module).__name__ in blocks:
-            fully_shard(module)
+            fully_shard(module, ignored_params=ignored)
     return fully_shard(model)
 
 

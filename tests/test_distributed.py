@@ -84,18 +84,20 @@ AUX = {"topk": {"router": "topk", "top_k": 2, "load_balance_coef": 0.5, "z_loss_
                    "sparsity_target": 1}}
 
 
-@pytest.mark.parametrize("router", sorted(AUX))
-def test_ddp_router_losses_equal_one_process_on_the_whole_batch(setup, router):
-    one = train(config(setup, setup[2] / f"one-{router}", AUX[router], save_every=0))
+@pytest.mark.parametrize("router,strategy", [("topk", "ddp"), ("dynamic", "ddp"), ("dynamic", "fsdp")])
+def test_router_losses_in_two_processes_equal_one_process_on_the_whole_batch(setup, router, strategy):
+    one = setup[2] / f"one-{router}"
+    if not (one / "adapter").is_dir():
+        train(config(setup, one, AUX[router], save_every=0))
     # activations recomputed in the 2-process run only: that must change nothing either
-    cfg = config(setup, setup[2] / f"ddp-{router}", AUX[router], batch_size=2, save_every=0,
-                 gradient_checkpointing=True)
+    cfg = config(setup, setup[2] / f"{strategy}-{router}", AUX[router], batch_size=2, save_every=0,
+                 gradient_checkpointing=True, distributed=strategy)
     run = torchrun(cfg)
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = read_metrics(setup[2] / f"one-{router}")
+    rows = read_metrics(one)
     assert all(row["load_balance"] > 0 and row["sparsity" if router == "dynamic" else "z_loss"] > 0 for row in rows)
-    assert_same_metrics(setup[2] / f"one-{router}", Path(cfg.output_dir))
-    assert_same_adapter(one.adapter_dir, Path(cfg.output_dir) / "adapter", atol=1e-5)
+    assert_same_metrics(one, Path(cfg.output_dir))
+    assert_same_adapter(one / "adapter", Path(cfg.output_dir) / "adapter", atol=1e-5)
 
 
 def test_fsdp_trains_and_saves_an_adapter_that_loads_in_one_process(setup, reference):

@@ -11,7 +11,7 @@ from torch import nn
 from conftest import VOCAB, tiny_model
 from lmoe import LMoEConfig, aux_loss, aux_losses, count_parameters, inject, lmoe_layers, record_routing, remove
 from lmoe.config import AUX_COEFS
-from lmoe.inject import active_expert_counts
+from lmoe.inject import active_expert_counts, shared_modules
 
 FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
 TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
@@ -382,3 +382,11 @@ def test_active_expert_counts_count_the_real_tokens_of_every_layer(router):
     else:
         assert used == sum(int((rec[name] > 0).sum()) for name in rec)
         assert pairs < used < 4 * pairs
+
+
+def test_shared_modules_are_the_lambda_heads_one_per_input_width():
+    model = inject(tiny_model("llama"), LMoEConfig(router="dynamic", target_modules="all-linear", lambda_hidden=8))
+    heads = {id(layer.router.lambda_head): layer.router.lambda_head for _, layer in lmoe_layers(model)}
+    assert len(heads) == 2  # hidden size 32 (q/k/v/o, gate/up) and intermediate 48 (down_proj)
+    assert {id(m) for m in shared_modules(model)} == set(heads)
+    assert shared_modules(inject(tiny_model("llama"), LMoEConfig(router="softmax"))) == []
