@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -408,6 +409,9 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """The processes (torchrun / accelerate launch), the device and autocast; cfg.distributed picks the sharding."""
     # accelerate starts gloo on CPU only when told to; under torchrun without a GPU, tell it
     cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    # accelerate keeps one precision per process; forget the last run's so train() can run again with
+    # another (a notebook, a sweep). The process group (PartialState) stays.
+    AcceleratorState._reset_state()
     return Accelerator(mixed_precision=mixed_precision(cfg.precision), cpu=cpu)
 
 

@@ -169,3 +169,9 @@ def test_init_adapter_errors_say_what_to_change(setup, tmp_path):
     with pytest.raises(ValueError, match=r"lmoe.rank=4 \(the adapter's is 2\)\. Drop those lmoe keys"):
         config(setup, tmp_path, init_adapter=str(start), lmoe={"rank": 4})
     assert TrainConfig(init_adapter=str(start)).lmoe.rank == 2  # no lmoe section: the adapter's mixture
+
+
+def test_train_runs_again_in_the_same_process_with_another_precision(setup, tmp_path):
+    for precision in ("bf16", "no"):  # accelerate keeps one precision per process unless told to forget it
+        train(config(setup, tmp_path / precision, precision=precision, steps=2, save_every=0))
+        assert len(read_metrics(tmp_path / precision)) == 2
