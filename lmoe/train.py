@@ -27,6 +27,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -264,9 +265,18 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: T
     name, unsharded), so any number of processes can resume from the file.
     """
     adapter, optim = get_state_dict(model, optimizer, options=FULL)
+    adapter = one_name_per_tensor(model, adapter)
     if main:
         save_state(path, {"adapter": adapter, "optimizer": optim, "scheduler": scheduler.state_dict(),
                           "state": dataclasses.asdict(state)})
+
+
+def one_name_per_tensor(model: nn.Module, state: dict) -> dict:
+    """state without the extra names of shared tensors (LD-MoLE's lambda heads sit under every layer's path,
+    and FSDP loads a sharded tensor under one name only): the names model.named_parameters() gives."""
+    module = extract_model_from_parallel(model)
+    names = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+    return {key: value for key, value in state.items() if key in names}
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> TrainState:
@@ -274,7 +284,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> Train
         raise FileNotFoundError(f"--resume: no checkpoint at {path}; train without --resume first "
                                 "(checkpoints are written every save_every steps).")
     blob = load_state(path)  # checksum verified; weights_only: nothing in the file can run code
-    set_state_dict(model, optimizer, model_state_dict=blob["adapter"], optim_state_dict=blob["optimizer"],
+    set_state_dict(model, optimizer, model_state_dict=one_name_per_tensor(model, blob["adapter"]),
+                   optim_state_dict=blob["optimizer"],
                    options=StateDictOptions(full_state_dict=True, strict=False))
     scheduler.load_state_dict(blob["scheduler"])  # no RNG state: seed_step reseeds every step
     return TrainState(**blob["state"])

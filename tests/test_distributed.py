@@ -100,6 +100,20 @@ def test_router_losses_in_two_processes_equal_one_process_on_the_whole_batch(set
     assert_same_adapter(one / "adapter", Path(cfg.output_dir) / "adapter", atol=1e-5)
 
 
+def test_fsdp_resume_with_shared_lambda_heads_equals_one_process(setup):
+    """LD-MoLE's lambda heads sit under every layer's path: the checkpoint must load back into FSDP shards."""
+    one = setup[2] / "one-dynamic"
+    if not (one / "adapter").is_dir():
+        train(config(setup, one, AUX["dynamic"], save_every=0))
+    cfg = config(setup, setup[2] / "fsdp-resume", AUX["dynamic"], batch_size=2, distributed="fsdp")
+    run = torchrun(cfg, stop_at=3)  # dies after step 3; checkpoint at step 2
+    assert run.returncode != 0 and "Interrupt" in run.stderr
+    run = torchrun(cfg, resume=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_metrics(one, Path(cfg.output_dir))
+    assert_same_adapter(one / "adapter", Path(cfg.output_dir) / "adapter", atol=1e-5)
+
+
 def test_fsdp_trains_and_saves_an_adapter_that_loads_in_one_process(setup, reference):
     cfg = config(setup, setup[2] / "fsdp", batch_size=2, distributed="fsdp", gradient_checkpointing=True)
     run = torchrun(cfg)
