@@ -96,6 +96,9 @@ def _mask_hooks(model: nn.Module) -> list:
 
 
 def _capture_mask(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    if model.training:  # the last step's routing (a few (tokens, E) tensors per layer) is not kept into this one
+        for _, layer in lmoe_layers(model):
+            layer.forget_routing()
     mask = kwargs.get("attention_mask")
     getattr(model, MASK_ATTR).value = mask if isinstance(mask, Tensor) else None
 

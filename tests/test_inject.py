@@ -390,3 +390,16 @@ def test_shared_modules_are_the_lambda_heads_one_per_input_width():
     assert len(heads) == 2  # hidden size 32 (q/k/v/o, gate/up) and intermediate 48 (down_proj)
     assert {id(m) for m in shared_modules(model)} == set(heads)
     assert shared_modules(inject(tiny_model("llama"), LMoEConfig(router="softmax"))) == []
+
+
+def test_a_training_forward_drops_the_last_ones_routing_before_it_starts(input_ids):
+    model = inject(tiny_model("llama"), LMoEConfig(router="topk", target_modules="all-linear")).train()
+    layers = [layer for _, layer in lmoe_layers(model)]
+    held_at_start = []
+    layers[0].register_forward_pre_hook(lambda *_: held_at_start.append([l.last_routing for l in layers]))
+    model(input_ids)
+    model(input_ids)
+    assert all(r is None for r in held_at_start[1])  # the first forward's routing was gone before the second ran
+    assert all(layer.last_routing is not None for layer in layers)  # the second's is kept for aux_loss
+    model.eval()(input_ids)
+    assert all(layer.last_routing is not None for layer in layers)  # evaluation leaves training's alone
