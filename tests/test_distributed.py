@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from lmoe import load_adapter
 from lmoe.models import load_model
@@ -98,6 +99,23 @@ def test_router_losses_in_two_processes_equal_one_process_on_the_whole_batch(set
     assert all(row["load_balance"] > 0 and row["sparsity" if router == "dynamic" else "z_loss"] > 0 for row in rows)
     assert_same_metrics(one, Path(cfg.output_dir))
     assert_same_adapter(one / "adapter", Path(cfg.output_dir) / "adapter", atol=1e-5)
+
+
+def test_gpt2_conv1d_under_fsdp_equals_one_process(setup):
+    """GPT-2's Conv1D projections (weights stored transposed), sharded per GPT2Block, LD-MoLE routing."""
+    root = setup[2] / "gpt2"
+    tok = AutoTokenizer.from_pretrained(setup[0])
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=256, resid_pdrop=0,
+                               embd_pdrop=0, attn_pdrop=0)).save_pretrained(root / "model")  # no dropout of its own
+    tok.save_pretrained(root / "model")
+    gpt2 = (root / "model", setup[1], root)
+    aux = {**AUX["dynamic"], "target_modules": ["c_attn", "c_fc"]}
+    one = train(config(gpt2, root / "one", aux, save_every=0))
+    cfg = config(gpt2, root / "fsdp", aux, batch_size=2, save_every=0, distributed="fsdp", gradient_checkpointing=True)
+    run = torchrun(cfg)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_metrics(root / "one", Path(cfg.output_dir))
+    assert_same_adapter(one.adapter_dir, Path(cfg.output_dir) / "adapter", atol=1e-5)
 
 
 def test_fsdp_resume_with_shared_lambda_heads_equals_one_process(setup):
