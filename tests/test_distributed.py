@@ -118,6 +118,24 @@ def test_gpt2_conv1d_under_fsdp_equals_one_process(setup):
     assert_same_adapter(one.adapter_dir, Path(cfg.output_dir) / "adapter", atol=1e-5)
 
 
+def test_routers_only_from_a_saved_adapter_under_fsdp_equals_one_process(setup):
+    """init_adapter + train_experts=false: the frozen experts come from the adapter, not from the shards."""
+    first = setup[2] / "one-dynamic"
+    if not (first / "adapter").is_dir():
+        train(config(setup, first, AUX["dynamic"], save_every=0))
+
+    def routers_only(out, **kw):
+        fields = config(setup, out, save_every=0, **kw).to_dict()
+        del fields["lmoe"]  # the adapter's own mixture applies
+        return TrainConfig.from_dict({**fields, "init_adapter": str(first / "adapter"), "train_experts": False})
+    one = train(routers_only(setup[2] / "routers-one"))
+    cfg = routers_only(setup[2] / "routers-fsdp", batch_size=2, distributed="fsdp")
+    run = torchrun(cfg)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_metrics(setup[2] / "routers-one", Path(cfg.output_dir))
+    assert_same_adapter(one.adapter_dir, Path(cfg.output_dir) / "adapter", atol=1e-5)
+
+
 def test_fsdp_resume_with_shared_lambda_heads_equals_one_process(setup):
     """LD-MoLE's lambda heads sit under every layer's path: the checkpoint must load back into FSDP shards."""
     one = setup[2] / "one-dynamic"
