@@ -32,6 +32,19 @@ from lmoe import mean_routing, merge, record_routing  # noqa: E402
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+# Llama-3.2-3B's block (the LD-MoLE paper's model), random weights: speed does not depend on the values.
+# The vocabulary is cut so that the LM head does not outweigh a model of a few blocks.
+LLAMA_3B_BLOCK = dict(hidden_size=3072, intermediate_size=8192, num_attention_heads=24, num_key_value_heads=8,
+                      vocab_size=8192, tie_word_embeddings=True)
+
+
+def random_llama_3b(layers: int, device: torch.device) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **LLAMA_3B_BLOCK))
+    return model.to(device).requires_grad_(False)
+
+
 def load_base(device: torch.device) -> nn.Module:
     """SmolLM2-135M-Instruct: lmoe.models' loader (safetensors cache) when there is one, else the GGUF."""
     try:
@@ -184,16 +197,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lambda-hidden", type=int, nargs="*", default=[],
                    help="also run params/dynamic with these lambda-head widths (the paper's is 512)")
     p.add_argument("--only", help="run only the variants whose name matches this regex (and LoRA rank E*r)")
+    p.add_argument("--llama-3b-blocks", type=int, default=0,
+                   help="instead of SmolLM2: this many random Llama-3.2-3B blocks (the LD-MoLE paper's model)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(environment(device))
-    print(f"SmolLM2-135M E={args.experts} r={args.rank} batch={args.batch}x{args.seq} targets={','.join(TARGETS)} "
+    name = f"{args.llama_3b_blocks} random Llama-3.2-3B blocks" if args.llama_3b_blocks else "SmolLM2-135M"
+    print(f"{name} E={args.experts} r={args.rank} batch={args.batch}x{args.seq} targets={','.join(TARGETS)} "
           f"repeats={args.repeats} warmup={args.warmup}")
     torch.manual_seed(0)
-    base = load_base(device)
+    base = random_llama_3b(args.llama_3b_blocks, device) if args.llama_3b_blocks else load_base(device)
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device=device)
     with tempfile.TemporaryDirectory() as workdir:
         variants = build_variants(base, args, Path(workdir))
