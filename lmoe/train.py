@@ -498,7 +498,8 @@ def _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, pad_id, 
             log.write(row)
             if on_step is not None:
                 on_step(row)
-        bar.set_postfix(loss=f"{lm:.3f}", aux=f"{aux:.4f}", tok_s=f"{tokens / seconds:.0f}")
+        bar.set_postfix(loss=f"{lm:.3f}", aux=f"{aux:.4f}", experts=f"{terms['active_experts']:.2f}",
+                        tok_s=f"{tokens / seconds:.0f}")
         bar.update()
         if finite and cfg.save_every and (state.step % cfg.save_every == 0 or state.step == cfg.steps):
             save_checkpoint(Path(cfg.output_dir) / CHECKPOINT, model, optimizer, scheduler, state,
