@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 CONFIG_ATTR = "lmoe_config"
 HOOKS_ATTR = "_lmoe_hooks"  # forward hooks inject added (attention mask, lambda-head caching)
 MASK_ATTR = "_lmoe_token_mask"  # the TokenMask the model's layers share
+HEADS_ATTR = "_lmoe_lambda_heads"  # LD-MoLE's shared lambda heads (a list), whose cache the hooks clear
 FROZEN_ATTR = "_lmoe_frozen"  # names of parameters inject froze, so remove can thaw them
 
 
@@ -109,17 +110,19 @@ def _release_mask(model: nn.Module, args: tuple, output) -> None:
 
 def _lambda_cache_hooks(model: nn.Module, heads: list) -> list:
     """Clear the shared lambda heads' reuse cache before and after each model forward: nothing is
-    reused across forwards, and nothing is held after one (a checkpointed re-run refills it briefly)."""
+    reused across forwards, and nothing is held after one (a checkpointed re-run refills it briefly).
+    Module-level hook functions that find the heads through the model: copies and pickles keep working."""
     if not heads:
         return []
     for head in heads:
         head.caching = True
+    setattr(model, HEADS_ATTR, heads)
+    return [model.register_forward_pre_hook(_clear_lambda_caches), model.register_forward_hook(_clear_lambda_caches)]
 
-    def clear_caches(*_):
-        for head in heads:
-            head.clear_cache()
 
-    return [model.register_forward_pre_hook(clear_caches), model.register_forward_hook(clear_caches)]
+def _clear_lambda_caches(model: nn.Module, *_) -> None:
+    for head in getattr(model, HEADS_ATTR):
+        head.clear_cache()
 
 
 def remove(model: nn.Module) -> nn.Module:
@@ -131,7 +134,7 @@ def remove(model: nn.Module) -> nn.Module:
         params[name].requires_grad_(True)
     for handle in getattr(model, HOOKS_ATTR, []):
         handle.remove()
-    for attr in (CONFIG_ATTR, FROZEN_ATTR, HOOKS_ATTR, MASK_ATTR):
+    for attr in (CONFIG_ATTR, FROZEN_ATTR, HOOKS_ATTR, MASK_ATTR, HEADS_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)
     return model

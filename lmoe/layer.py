@@ -191,6 +191,10 @@ class MoLoRALinear(nn.Module):
         """Drop the last forward's routing and losses (they hold its autograd graph)."""
         self.last_routing, self._aux = None, None
 
+    def __getstate__(self) -> dict:
+        # the last step's routing holds its autograd graph, which cannot be copied or pickled
+        return {**super().__getstate__(), "last_routing": None, "_aux": None}
+
     def delta_weight(self, g: Tensor) -> Tensor:
         """The dense update s * Delta W (d_out, d_in) for one fixed routing vector g (E,)."""
         g = g.to(self.lora_A.dtype)

@@ -273,9 +273,7 @@ class LambdaHead(nn.Module):
                 torch.is_autocast_enabled(x.device.type), tuple(p._version for p in self.parameters()))
 
     def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state["_last"] = None  # a cached graph tensor cannot be copied or pickled
-        return state
+        return {**super().__getstate__(), "_last": None}  # a cached graph tensor cannot be copied or pickled
 
 
 def lambda_head_for(d_in: int, cfg: LMoEConfig, shared: dict[int, LambdaHead] | None, **factory) -> LambdaHead:

@@ -1,5 +1,6 @@
 """inject / remove / aux_loss / record_routing on tiny transformers models of several families."""
 import copy
+import pickle
 import threading
 
 import pytest
@@ -403,3 +404,13 @@ def test_a_training_forward_drops_the_last_ones_routing_before_it_starts(input_i
     assert all(layer.last_routing is not None for layer in layers)  # the second's is kept for aux_loss
     model.eval()(input_ids)
     assert all(layer.last_routing is not None for layer in layers)  # evaluation leaves training's alone
+
+
+def test_a_trained_model_deep_copies_and_pickles_and_the_copy_computes_the_same(input_ids):
+    model = inject(tiny_model("llama"), LMoEConfig(router="dynamic", target_modules="all-linear",
+                                                   lambda_hidden=8)).train()
+    (model(input_ids=input_ids, labels=input_ids).loss + aux_loss(model)).backward()
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert all(layer.last_routing is None for _, layer in lmoe_layers(clone))
+        torch.testing.assert_close(clone.eval()(input_ids).logits, model.eval()(input_ids).logits)
+    assert all(layer.last_routing is not None for _, layer in lmoe_layers(model))  # the original keeps its own
