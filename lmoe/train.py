@@ -38,7 +38,8 @@ from .compose import freeze_experts
 from .config import LMoEConfig, check_known_keys
 from .data import IGNORE, Example, Mixture, batch_stream, collate, encode_all, read_records
 from .evaluate import evaluate_file, evaluate_mixture, format_table, write_json
-from .inject import AUX_COEFS, active_expert_counts, aux_loss, aux_losses, count_parameters, inject, shared_modules
+from .inject import (AUX_COEFS, active_expert_counts, aux_loss, aux_losses, count_parameters, get_config, inject,
+                     shared_modules)
 from .io import CONFIG_FILE, load_adapter, load_state, read_adapter_meta, save_adapter, save_state
 from .models import BUILTIN, LOAD_IN, check_context, load_model
 
@@ -268,7 +269,7 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: T
     adapter = one_name_per_tensor(model, adapter)
     if main:
         save_state(path, {"adapter": adapter, "optimizer": optim, "scheduler": scheduler.state_dict(),
-                          "state": dataclasses.asdict(state)})
+                          "state": dataclasses.asdict(state), "lmoe": mixture_of(model).to_dict()})
 
 
 def one_name_per_tensor(model: nn.Module, state: dict) -> dict:
@@ -279,11 +280,30 @@ def one_name_per_tensor(model: nn.Module, state: dict) -> dict:
     return {key: value for key, value in state.items() if key in names}
 
 
+def mixture_of(model: nn.Module) -> LMoEConfig:
+    return get_config(extract_model_from_parallel(model))
+
+
+def check_same_mixture(saved: dict | None, current: dict) -> None:
+    """--resume continues the checkpoint's mixture: every LMoEConfig field but the loss weights must match
+    (a checkpoint written before the mixture was recorded in it is not checked)."""
+    if saved is None:
+        return
+    free = set(AUX_COEFS.values())  # a loss weight may be changed on resume
+    diff = [key for key in current if key not in free and saved.get(key) != current[key]]
+    if diff:
+        raise ValueError("--resume: the checkpoint holds another mixture than this run asks for: "
+                         + ", ".join(f"lmoe.{k}={saved.get(k)!r} there, {current[k]!r} here" for k in diff)
+                         + ". Resume with the checkpoint's lmoe settings (train_config.yaml in the output "
+                         "directory holds them) or train into a new output_dir.")
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> TrainState:
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}; train without --resume first "
                                 "(checkpoints are written every save_every steps).")
     blob = load_state(path)  # checksum verified; weights_only: nothing in the file can run code
+    check_same_mixture(blob.get("lmoe"), mixture_of(model).to_dict())
     set_state_dict(model, optimizer, model_state_dict=one_name_per_tensor(model, blob["adapter"]),
                    optim_state_dict=blob["optimizer"],
                    options=StateDictOptions(full_state_dict=True, strict=False))

@@ -1,5 +1,6 @@
 """lmoe.train: config validation and overrides, the LR schedule, and exact resume from a checkpoint."""
 import math
+import re
 
 import pytest
 import torch
@@ -175,3 +176,16 @@ def test_train_runs_again_in_the_same_process_with_another_precision(setup, tmp_
     for precision in ("bf16", "no"):  # accelerate keeps one precision per process unless told to forget it
         train(config(setup, tmp_path / precision, precision=precision, steps=2, save_every=0))
         assert len(read_metrics(tmp_path / precision)) == 2
+
+
+def test_resume_with_another_mixture_names_the_keys(setup, tmp_path):
+    train(config(setup, tmp_path, steps=2, save_every=2))
+    for change, message in (({"rank": 4}, "lmoe.rank=2 there, 4 here"),
+                            ({"router": "dynamic"}, "lmoe.router='softmax' there, 'dynamic' here")):
+        cfg = config(setup, tmp_path, steps=4, save_every=2)
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), "lmoe": {**cfg.to_dict()["lmoe"], **change}})
+        with pytest.raises(ValueError, match=re.escape(message)):
+            train(cfg, resume=True)
+    cfg = config(setup, tmp_path, steps=3, save_every=3)  # a loss weight may change
+    train(TrainConfig.from_dict({**cfg.to_dict(), "lmoe": {**cfg.to_dict()["lmoe"], "z_loss_coef": 0.01}}), resume=True)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
