@@ -135,11 +135,16 @@ def evaluate_mixture(model: nn.Module, tokenizer, mixture: Mixture, max_length: 
     return results
 
 
-def evaluate_file(model: nn.Module, tokenizer, path: str | Path, max_length: int = 512) -> dict:
-    """Multiple-choice accuracy if the JSONL has "choices", otherwise answer perplexity per domain."""
+def is_choice_file(path: str | Path) -> bool:
+    """A multiple-choice JSONL: its first record has "choices"."""
     path = Path(path)
     first = next((line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()), "")
-    if path.suffix == ".jsonl" and '"choices"' in first:
+    return path.suffix == ".jsonl" and '"choices"' in first
+
+
+def evaluate_file(model: nn.Module, tokenizer, path: str | Path, max_length: int = 512) -> dict:
+    """Multiple-choice accuracy if the JSONL has "choices", otherwise answer perplexity per domain."""
+    if is_choice_file(path):
         return {"multiple_choice": multiple_choice(model, tokenizer, read_choice_records(path), max_length)}
     examples = encode_all(tokenizer, read_records(path), max_length)
     return {"perplexity": perplexity(model, examples, tokenizer.pad_token_id)}

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .compose import freeze_experts
 from .config import LMoEConfig, check_known_keys
 from .data import IGNORE, Example, Mixture, batch_stream, collate, encode_all, read_records
-from .evaluate import evaluate_file, evaluate_mixture, format_table, write_json
+from .evaluate import answer_logprobs, evaluate_file, evaluate_mixture, format_table, is_choice_file, write_json
 from .inject import (AUX_COEFS, active_expert_counts, aux_loss, aux_losses, count_parameters, get_config, inject,
                      shared_modules)
 from .io import CONFIG_FILE, load_adapter, load_state, read_adapter_meta, save_adapter, save_state
@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 STRATEGIES = ("ddp", "fsdp")  # how several processes (torchrun / accelerate launch) share the work
 CHECKPOINT, METRICS = "checkpoint.pt", "metrics.csv"
-COLUMNS = ["step", "loss", "lm_loss", "aux_loss", *AUX_COEFS, "active_experts", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"]
+COLUMNS = ["step", "loss", "lm_loss", "aux_loss", *AUX_COEFS, "active_experts", "eval_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"]
 
 
 # The default run's mixture: 4 softmax-routed rank-4 experts on the attention and MLP inputs. A partial
@@ -81,6 +81,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"
     save_every: int = 50
+    eval_every: int = 0  # > 0: the held-out answer loss every this many steps (metrics.csv eval_loss)
     compare_base: bool = True
     distributed: str = "ddp"
     gradient_checkpointing: bool = False
@@ -102,7 +103,7 @@ class TrainConfig:
                 setattr(self, name, [getattr(self, name)])
         for name in ("steps", "batch_size", "grad_accum", "max_length", "max_bad_steps"):
             _check(self, name, isinstance(getattr(self, name), int) and getattr(self, name) >= 1, "an integer >= 1")
-        for name in ("warmup_steps", "save_every", "seed"):
+        for name in ("warmup_steps", "save_every", "eval_every", "seed"):
             _check(self, name, isinstance(getattr(self, name), int) and getattr(self, name) >= 0, "an integer >= 0")
         _check(self, "lr", _finite(self.lr) and self.lr > 0, "a finite number > 0")
         for name in ("weight_decay", "max_grad_norm"):
@@ -230,6 +231,31 @@ def mixed_precision(precision: str) -> str:
 def training_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
     records = cfg.mixture.train_records() if not cfg.data else [r for path in cfg.data for r in read_records(path)]
     return encode_all(tokenizer, records, cfg.max_length)
+
+
+def validation_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
+    """What eval_every scores: the built-in mixture's held-out conversations and skill items, or the
+    answer-perplexity files of eval_data (multiple-choice files are scored at the end only)."""
+    if not cfg.eval_every:
+        return []
+    if not cfg.data:
+        records = cfg.mixture.conversations("test") + cfg.mixture.skill_items("test")
+    else:
+        records = [r for path in cfg.eval_data if not is_choice_file(path) for r in read_records(path)]
+    if not records:
+        raise ValueError(f"TrainConfig.eval_every={cfg.eval_every} needs held-out data: with your own data, give "
+                         "eval_data=[held_out.jsonl] (prompt/completion or chat records), or set eval_every=0.")
+    return encode_all(tokenizer, records, cfg.max_length)
+
+
+@torch.no_grad()
+def validation_loss(accelerator: Accelerator, model: nn.Module, examples: list[Example], pad_id: int) -> float:
+    """Mean negative log-likelihood per answer token of the held-out examples. Every process scores all of
+    them (the same value everywhere; FSDP's forwards need every process anyway)."""
+    with accelerator.autocast():
+        scores = answer_logprobs(accelerator.unwrap_model(model), examples, pad_id)
+    model.train()
+    return -sum(logprob for logprob, _ in scores) / max(sum(n for _, n in scores), 1)
 
 
 def evaluate_all(model: nn.Module, tokenizer, cfg: TrainConfig) -> dict:
@@ -376,7 +402,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[dict], None
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, load_in=cfg.load_in)
     check_context(model, cfg.max_length)
-    examples = training_examples(cfg, tokenizer)
+    examples, held_out = training_examples(cfg, tokenizer), validation_examples(cfg, tokenizer)
     runs = {}
     if cfg.compare_base:
         model.to(accelerator.device)  # in every process: the experts are then drawn on the same device everywhere
@@ -394,7 +420,9 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[dict], None
     optimizer = accelerator.prepare_optimizer(optimizer)
     state = load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler) if resume else TrainState()
     log = MetricsLog(out, state.step) if main else None
-    _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, tokenizer.pad_token_id, state, log, on_step)
+    score = (lambda: validation_loss(accelerator, model, held_out, tokenizer.pad_token_id)) if held_out else None
+    _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, tokenizer.pad_token_id, state, log, on_step,
+               score)
     model = _save_and_evaluate(cfg, accelerator, model, tokenizer, runs)
     return TrainResult(model, tokenizer, out / "adapter", runs)
 
@@ -484,8 +512,10 @@ def _single_process_model(cfg: TrainConfig, accelerator: Accelerator, model: nn.
     return whole.to(accelerator.device)
 
 
-def _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, pad_id, state, log, on_step) -> None:
-    """Optimizer steps state.step+1 .. cfg.steps; each averages grad_accum micro-batches per process."""
+def _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, pad_id, state, log, on_step,
+               score: Callable[[], float] | None = None) -> None:
+    """Optimizer steps state.step+1 .. cfg.steps; each averages grad_accum micro-batches per process.
+    score: the held-out loss, logged every cfg.eval_every steps."""
     ranks, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.batch_size * ranks  # each process takes a disjoint slice of every global batch
     _check_global_batch(state, global_batch, ranks)
@@ -514,6 +544,8 @@ def _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, pad_id, 
                **{k: terms.get(k, "") for k in AUX_COEFS}, "active_experts": terms["active_experts"],
                "lr": lr, "grad_norm": grad_norm,
                "tokens": tokens, "tokens_per_s": tokens / seconds, "elapsed_s": state.elapsed_s}
+        if score is not None and state.step % cfg.eval_every == 0:
+            row["eval_loss"] = score()
         if log is not None:
             log.write(row)
             if on_step is not None:

@@ -32,7 +32,7 @@ def config(setup, out, lmoe: dict | None = None, **kw) -> TrainConfig:
     """The run's TrainConfig; `lmoe` overrides some LMoEConfig fields."""
     model, data, _ = setup
     fields = dict(model=str(model), data=[str(data)], output_dir=str(out), steps=4, batch_size=4, grad_accum=2,
-                  lr=1e-2, warmup_steps=1, save_every=2, compare_base=False,
+                  lr=1e-2, warmup_steps=1, save_every=2, compare_base=False, eval_every=2, eval_data=[str(data)],
                   lmoe={"num_experts": 3, "rank": 2, "target_modules": "all-linear", "dropout": 0.0,
                         "load_balance_coef": 0.0, "z_loss_coef": 0.0, **(lmoe or {})})
     fields.update(kw)
@@ -65,8 +65,8 @@ def assert_same_adapter(a: Path, b: Path, atol: float) -> None:
 
 def assert_same_metrics(a: Path, b: Path) -> None:
     for ra, rb in zip(read_metrics(a), read_metrics(b), strict=True):
-        for key in ("step", "lm_loss", "aux_loss", "load_balance", "z_loss", "sparsity", "active_experts", "lr",
-                    "grad_norm", "tokens"):
+        for key in ("step", "lm_loss", "aux_loss", "load_balance", "z_loss", "sparsity", "active_experts",
+                    "eval_loss", "lr", "grad_norm", "tokens"):
             expected = rb[key] if rb[key] == "" else pytest.approx(rb[key], rel=1e-4)  # '': a term not used
             assert ra[key] == expected, (ra["step"], key)
 

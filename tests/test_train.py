@@ -6,7 +6,11 @@ import pytest
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lmoe import load_adapter
+from lmoe.data import encode_all, read_records
+from lmoe.evaluate import answer_logprobs
 from lmoe.train import TrainConfig, apply_overrides, read_metrics, seed_step, train, warmup_cosine
 from tiny import tiny_model_dir, write_jsonl
 
@@ -189,3 +193,19 @@ def test_resume_with_another_mixture_names_the_keys(setup, tmp_path):
     cfg = config(setup, tmp_path, steps=3, save_every=3)  # a loss weight may change
     train(TrainConfig.from_dict({**cfg.to_dict(), "lmoe": {**cfg.to_dict()["lmoe"], "z_loss_coef": 0.01}}), resume=True)
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_eval_every_logs_the_held_out_loss_of_the_model_at_that_step(setup, tmp_path):
+    model_dir, data = setup
+    result = train(config(setup, tmp_path, steps=4, save_every=0, eval_every=2, eval_data=[str(data)]))
+    rows = read_metrics(tmp_path)
+    assert [r["eval_loss"] == "" for r in rows] == [True, False, True, False]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples = encode_all(tokenizer, read_records(data), 128)
+    model = load_adapter(AutoModelForCausalLM.from_pretrained(model_dir), result.adapter_dir)
+    scores = answer_logprobs(model, examples, tokenizer.pad_token_id)  # the final model, scored independently
+    expected = -sum(lp for lp, _ in scores) / sum(n for _, n in scores)
+    assert rows[-1]["eval_loss"] == pytest.approx(expected, rel=1e-5)
+    assert rows[1]["eval_loss"] > rows[-1]["eval_loss"]  # it learns on what it is scored on
+    with pytest.raises(ValueError, match=r"eval_every=2 needs held-out data: .*eval_data="):
+        train(config(setup, tmp_path / "none", eval_every=2))
