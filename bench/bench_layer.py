@@ -47,7 +47,7 @@ def build_variants(base: nn.Linear, experts: int, rank: int, lambda_hidden: int 
     variants = {f"lora r={rank}": peft_lora(base, rank), f"lora r={experts * rank}": peft_lora(base, experts * rank)}
     for composition, router in itertools.product(COMPOSITIONS, ROUTERS):
         variants[f"ours {composition}/{router}"] = ours(base, experts, rank, router, composition)
-    if lambda_hidden:  # the dynamic router with a smaller lambda head than the paper's 512, to see what it costs
+    if lambda_hidden:  # the dynamic router with another lambda-head width than the default, to see what it costs
         for composition in COMPOSITIONS:
             variants[f"ours {composition}/dyn-h{lambda_hidden}"] = ours(base, experts, rank, "dynamic", composition,
                                                                       lambda_hidden=lambda_hidden)

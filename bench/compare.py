@@ -37,8 +37,8 @@ CONFIGS = {
     "outputs_top2": {"num_experts": 4, "rank": 4, "alpha": 8, "composition": "outputs", "router": "topk", "top_k": 2},
     "params_dynamic": {"num_experts": 4, "rank": 4, "alpha": 8, "composition": "params", "router": "dynamic"},
     "outputs_dynamic": {"num_experts": 4, "rank": 4, "alpha": 8, "composition": "outputs", "router": "dynamic"},
-    "params_dynamic_h64": {"num_experts": 4, "rank": 4, "alpha": 8, "composition": "params", "router": "dynamic",
-                           "lambda_hidden": 64},  # the lambda head 8x narrower than the authors' 512
+    "params_dynamic_h512": {"num_experts": 4, "rank": 4, "alpha": 8, "composition": "params", "router": "dynamic",
+                            "lambda_hidden": 512},  # the authors' run.sh width (for Llama-3.2-3B), not the default 64
 }
 
 

@@ -19,6 +19,14 @@ AUX_COEFS = {"load_balance": "load_balance_coef", "z_loss": "z_loss_coef", "spar
 LOAD_BALANCE_DEFAULTS = {"softmax": 0.01, "topk": 0.01, "dynamic": 1.0}
 
 
+def default_lambda_hidden(width: int) -> int:
+    """LD-MoLE's lambda-head width for a model whose layers read `width` features: width / 8 rounded down
+    to a power of two, from 32 to 512. The authors scale the head with the model (eshentw/LD-MoLE configs:
+    128 for Qwen3-0.6B, 256 for Qwen3-1.7B and Llama-3.2-3B, 512 in its run.sh for the 3B); a fixed 512
+    would do five times the arithmetic of the whole adapter on a 576-wide model."""
+    return max(32, min(512, 1 << max(0, (width // 8).bit_length() - 1)))
+
+
 def _fail(name: str, value: Any, expected: str) -> None:
     raise ValueError(f"LMoEConfig.{name}={value!r} is invalid: expected {expected}.")
 
@@ -46,10 +54,11 @@ class LMoEConfig:
     z_loss_coef: float = 0.0
     # LD-MoLE (router="dynamic"): the sparsity objective keeps at most sparsity_target experts per token;
     # the lambda head is Linear(d_in, lambda_hidden) -> ReLU -> Linear(lambda_hidden, 1), and
-    # lambda = logsigmoid(.) + 1 - lambda_eps < 1. Defaults are the authors' released settings.
+    # lambda = logsigmoid(.) + 1 - lambda_eps < 1. Defaults are the authors' released settings;
+    # lambda_hidden None: scaled to the model as the authors do (default_lambda_hidden), fixed by inject.
     sparsity_coef: float = 0.0
     sparsity_target: int = 2
-    lambda_hidden: int = 512
+    lambda_hidden: int | None = None
     lambda_eps: float = 0.01
 
     def __post_init__(self) -> None:
@@ -65,6 +74,8 @@ class LMoEConfig:
     def _check_ints(self) -> None:
         for name in ("num_experts", "rank", "top_k", "lambda_hidden", "sparsity_target"):
             value = getattr(self, name)
+            if name == "lambda_hidden" and value is None:  # chosen from the model's width
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 _fail(name, value, "an integer >= 1")
         if self.router == "topk" and self.top_k > self.num_experts:

@@ -1,6 +1,7 @@
 """Put MoLoRALinear layers into any nn.Module, freeze the rest, and read back losses and routing."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Iterator, Mapping
@@ -10,8 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .config import ALL_LINEAR, AUX_COEFS, LMoEConfig
-from .layer import MoLoRALinear, TokenMask, is_linear
+from .config import ALL_LINEAR, AUX_COEFS, LMoEConfig, default_lambda_hidden
+from .layer import MoLoRALinear, TokenMask, is_linear, linear_shape
 from .routing import AuxStats, token_count, token_sum
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ def inject(model: nn.Module, cfg: LMoEConfig) -> nn.Module:
     if any(True for _ in lmoe_layers(model)):
         raise ValueError("This model already has lmoe layers; call lmoe.remove(model) before injecting again.")
     targets = find_targets(model, cfg)
+    cfg = with_lambda_width(cfg, [linear_shape(model.get_submodule(name))[0] for name in targets])
     frozen = [name for name, p in model.named_parameters() if p.requires_grad]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -84,6 +86,14 @@ def inject(model: nn.Module, cfg: LMoEConfig) -> nn.Module:
     log.info("lmoe: %d layers, trainable params %s of %s (%.3f%%)",
              len(targets), f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return model
+
+
+def with_lambda_width(cfg: LMoEConfig, input_widths: list[int]) -> LMoEConfig:
+    """cfg with lambda_hidden fixed for a model (dynamic router, left unset): one width for all its lambda
+    heads, as the authors use, from the narrowest input of the target layers (a transformer's hidden size)."""
+    if cfg.router != "dynamic" or cfg.lambda_hidden is not None:
+        return cfg
+    return dataclasses.replace(cfg, lambda_hidden=default_lambda_hidden(min(input_widths)))
 
 
 def _mask_hooks(model: nn.Module) -> list:

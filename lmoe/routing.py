@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import LMoEConfig
+from .config import LMoEConfig, default_lambda_hidden
 
 
 @dataclass
@@ -44,25 +44,62 @@ def topk_route(u: Tensor, k: int, temperature: float = 1.0) -> Tensor:
     return torch.zeros_like(u).scatter(-1, index, torch.softmax(top / temperature, dim=-1))
 
 
-def sparsegen_route(u: Tensor, lam: Tensor) -> Tensor:
+def sparsegen_route(u: Tensor, lam: Tensor | float) -> Tensor:
     """LD-MoLE routing (Proposition 1): p = argmin_{p in simplex} ||p - u||^2 - lam ||p||^2, lam < 1.
 
     Closed form, row by row: sort u descending; the support size is
     k(u) = max{k : 1 - lam + k u_(k) > sum_{j<=k} u_(j)} (k = 1 always qualifies, so every token keeps
     at least one expert); tau = (sum_{j<=k(u)} u_(j) - 1 + lam) / k(u); p_i = max(u_i - tau, 0) / (1 - lam).
     Equivalently sparsemax(u / (1 - lam)). lam -> -inf gives uniform weights, lam -> 1 one-hot.
-    u: (tokens, E); lam: (tokens, 1) or a number. Autograd through the formula is the exact Jacobian.
+    u: (tokens, E); lam: (tokens, 1) or a number. Gradients: the exact Jacobian in closed form (_Sparsegen).
     """
-    d = 1 - lam  # (tokens, 1), > 0
+    lam = torch.as_tensor(lam, dtype=u.dtype, device=u.device)
+    return _Sparsegen.apply(u, lam)
+
+
+def sparsegen_weights(u: Tensor, d: Tensor) -> Tensor:
+    """The closed form of sparsegen_route given d = 1 - lam (> 0); plain tensor maths."""
     # p is invariant to shifting u; measuring from the top logit keeps the support's values within
     # about d of 0, so float32 keeps sum(p) = 1 even for large logits and lambda near 1
-    u = u - u.detach().amax(dim=-1, keepdim=True)
+    u = u - u.amax(dim=-1, keepdim=True)
     u_sorted = torch.sort(u, dim=-1, descending=True).values
     cumsum = u_sorted.cumsum(dim=-1)
     ks = torch.arange(1, u.shape[-1] + 1, device=u.device, dtype=u.dtype)
     support = (d + ks * u_sorted > cumsum).sum(dim=-1, keepdim=True)  # (tokens, 1), >= 1
     tau = (cumsum.gather(-1, support - 1) - d) / support.to(u.dtype)
     return torch.clamp(u - tau, min=0) / d
+
+
+class _Sparsegen(torch.autograd.Function):
+    """sparsegen_route with its Jacobian in closed form: only p and 1 - lam are saved (autograd through
+    the sort / cumsum / gather would keep about five (tokens, E) tensors and replay each op backward).
+
+    With v = u / d (d = 1 - lam) and S the support (p > 0), p = sparsemax(v), so
+    dL/dv_i = [i in S] (dL/dp_i - mean_{j in S} dL/dp_j), dL/du = dL/dv / d and, because dL/dv sums to
+    zero and v_i - tau / d = p_i on S, dL/dlam = sum_i dL/dv_i p_i / d.
+    """
+
+    @staticmethod
+    def forward(ctx, u: Tensor, lam: Tensor) -> Tensor:
+        d = 1 - lam
+        p = sparsegen_weights(u, d)
+        ctx.save_for_backward(p, d)
+        ctx.lam_shape = lam.shape
+        return p
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_p: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        p, d = ctx.saved_tensors
+        support = p > 0
+        grad_p = torch.where(support, grad_p, 0)
+        mean = grad_p.sum(-1, keepdim=True) / support.sum(-1, keepdim=True)
+        grad_v = torch.where(support, grad_p - mean, 0)
+        grad_u = grad_v / d if ctx.needs_input_grad[0] else None
+        grad_lam = None
+        if ctx.needs_input_grad[1]:
+            grad_lam = ((grad_v * p).sum(-1, keepdim=True) / d).sum_to_size(ctx.lam_shape)
+        return grad_u, grad_lam
 
 
 def sparsity_threshold(u: Tensor, k: int) -> Tensor:
@@ -278,12 +315,14 @@ class LambdaHead(nn.Module):
 
 def lambda_head_for(d_in: int, cfg: LMoEConfig, shared: dict[int, LambdaHead] | None, **factory) -> LambdaHead:
     """The lambda head for a router of input width d_in: from `shared` (one per width, made on first
-    use) as LD-MoLE shares it across layers and projections, or a private one when shared is None."""
-    if shared is None:
-        return LambdaHead(d_in, cfg.lambda_hidden, cfg.lambda_eps, **factory)
-    if d_in not in shared:
-        shared[d_in] = LambdaHead(d_in, cfg.lambda_hidden, cfg.lambda_eps, **factory)
-    return shared[d_in]
+    use) as LD-MoLE shares it across layers and projections, or a private one when shared is None.
+    Its width: cfg.lambda_hidden, or when unset (inject sets it for a whole model) default_lambda_hidden(d_in)."""
+    if shared is not None and d_in in shared:
+        return shared[d_in]
+    head = LambdaHead(d_in, cfg.lambda_hidden or default_lambda_hidden(d_in), cfg.lambda_eps, **factory)
+    if shared is not None:
+        shared[d_in] = head
+    return head
 
 
 class DynamicRouter(Router):

@@ -10,8 +10,9 @@ from torch.func import functional_call
 
 from conftest import tiny_model
 from lmoe import LMoEConfig, aux_loss, aux_losses, count_parameters, inject, lmoe_layers, load_adapter, save_adapter
+from lmoe.config import default_lambda_hidden
 from lmoe.routing import (LAMBDA_BIAS_INIT, LambdaHead, build_router, load_balance_loss, softmax_route,
-                          sparsegen_route, sparsity_loss, sparsity_threshold, topk_route, z_loss)
+                          sparsegen_route, sparsegen_weights, sparsity_loss, sparsity_threshold, topk_route, z_loss)
 
 ROUTERS = ["softmax", "topk", "dynamic"]
 
@@ -193,6 +194,21 @@ def test_closed_form_passes_gradcheck_away_from_ties():
     assert keep.sum() >= 20
     u, lam = u[keep].requires_grad_(), lam[keep].requires_grad_()
     assert torch.autograd.gradcheck(sparsegen_route, (u, lam), eps=1e-7, atol=1e-6)
+
+
+def test_closed_form_jacobian_equals_autograd_through_the_formula():
+    """The hand-written backward (_Sparsegen) against autograd replaying sort / cumsum / gather, float64,
+    per-token lambda and one lambda shared by all tokens."""
+    u, lam = random_problem(tokens=200, E=6, seed=11)
+    w = torch.randn(200, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    for lam_in in (lam, torch.tensor(-0.7, dtype=torch.float64)):
+        got_u, got_lam = u.clone().requires_grad_(), lam_in.clone().requires_grad_()
+        want_u, want_lam = u.clone().requires_grad_(), lam_in.clone().requires_grad_()
+        (sparsegen_route(got_u, got_lam) * w).sum().backward()
+        (sparsegen_weights(want_u, 1 - want_lam) * w).sum().backward()
+        assert got_lam.grad.shape == lam_in.shape
+        torch.testing.assert_close(got_u.grad, want_u.grad, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got_lam.grad, want_lam.grad, rtol=1e-10, atol=1e-10)
 
 
 def test_dynamic_router_passes_gradcheck_wrt_input_and_parameters():
@@ -377,6 +393,28 @@ def test_aux_loss_weights_each_term_with_its_config_coefficient(input_ids):
 def test_dynamic_defaults_are_the_authors_released_settings():
     cfg = LMoEConfig(router="dynamic")
     assert (cfg.load_balance_coef, cfg.sparsity_coef, cfg.sparsity_target, cfg.lambda_hidden, cfg.lambda_eps) == \
-        (1.0, 0.0, 2, 512, 0.01)
+        (1.0, 0.0, 2, None, 0.01)
     assert LMoEConfig(router="softmax").load_balance_coef == 0.01
     assert LMoEConfig.from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize("width, hidden", [(1024, 128), (2048, 256), (3072, 256), (576, 64), (64, 32), (16384, 512)])
+def test_default_lambda_width_follows_the_authors_per_model_configs(width, hidden):
+    # eshentw/LD-MoLE conf/model: Qwen3-0.6B (1024) 128, Qwen3-1.7B (2048) 256, Llama-3.2-3B (3072) 256;
+    # SmolLM2 (576) gets 64; within 32..512
+    assert default_lambda_hidden(width) == hidden
+
+
+def test_inject_fixes_one_lambda_width_for_the_whole_model_and_saves_it(tmp_path):
+    model = inject(tiny_model("llama"), LMoEConfig(router="dynamic", target_modules="all-linear"))
+    widths = {layer.in_features for _, layer in lmoe_layers(model)}
+    assert len(widths) > 1  # heads for several input widths, one hidden width
+    expected = default_lambda_hidden(min(widths))
+    assert model.lmoe_config.lambda_hidden == expected
+    heads = {id(layer.router.lambda_head): layer.router.lambda_head for _, layer in lmoe_layers(model)}
+    assert len(heads) == len(widths) and all(h.net[0].out_features == expected for h in heads.values())
+    save_adapter(model, tmp_path)
+    loaded = load_adapter(tiny_model("llama"), tmp_path)
+    assert loaded.lmoe_config.lambda_hidden == expected
+    explicit = inject(tiny_model("llama"), LMoEConfig(router="dynamic", target_modules="all-linear", lambda_hidden=24))
+    assert explicit.lmoe_config.lambda_hidden == 24
