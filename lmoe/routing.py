@@ -54,7 +54,9 @@ def sparsegen_route(u: Tensor, lam: Tensor | float) -> Tensor:
     u: (tokens, E); lam: (tokens, 1) or a number. Gradients: the exact Jacobian in closed form (_Sparsegen).
     """
     lam = torch.as_tensor(lam, dtype=u.dtype, device=u.device)
-    return _Sparsegen.apply(u, lam)
+    if torch.is_grad_enabled() and (u.requires_grad or lam.requires_grad):
+        return _Sparsegen.apply(u, lam)
+    return sparsegen_weights(u, 1 - lam)  # nothing to differentiate (e.g. generation): no Function bookkeeping
 
 
 def sparsegen_weights(u: Tensor, d: Tensor) -> Tensor:
