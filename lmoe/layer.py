@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import AUX_COEFS, LMoEConfig
@@ -17,6 +18,10 @@ def linear_shape(base: nn.Module) -> tuple[int, int]:
     if type(base).__name__ == "Conv1D":  # weight is (d_in, d_out); y = x @ W + b
         return base.weight.shape[0], base.weight.shape[1]
     raise TypeError(f"MoLoRALinear wraps nn.Linear or transformers' Conv1D, not {type(base).__name__}.")
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -48,41 +53,107 @@ def mix_backward(grad_m: Tensor, h: Tensor, g: Tensor, scaling: float, params: b
     return g.unsqueeze(-1) * grad_z, grad_g.squeeze(-1)
 
 
-def mixture_lora(y: Tensor, x: Tensor, A: Tensor, B: Tensor, g: Tensor, scaling: float,
-                 params: bool) -> tuple[Tensor, Tensor]:
-    """(y + s * B mix(A x, g), h = A x): y (tokens, d_out), x (tokens, d_in), A (E*r, d_in),
-    B (d_out, E*r), g (tokens, E), one dtype. The scale and the residual add ride on the second GEMM."""
-    h = (x @ A.t()).view(x.shape[0], g.shape[-1], -1)  # (tokens, E, r)
-    return torch.addmm(y, mix(h, g, g, params), B.t(), alpha=scaling), h
+def mixture(y: Tensor, h: Tensor, B: Tensor, g: Tensor, scaling: float, params: bool) -> Tensor:
+    """y + s * B mix(h, g): y (tokens, d_out), h = A x (tokens, E*r), B (d_out, E*r), g (tokens, E), one
+    dtype. The scale and the residual add ride on the GEMM."""
+    return torch.addmm(y, mix(h.view(h.shape[0], g.shape[-1], -1), g, g, params), B.t(), alpha=scaling)
 
 
-class _MixtureLoRA(torch.autograd.Function):
-    """y + s * B mix(A x, g): the two GEMMs of one rank-E*r LoRA with the routing mix between them.
+def projections(x: Tensor, lora_x: Tensor | None, W0: Tensor | None, b0: Tensor | None, A: Tensor,
+                Wg: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
+    """What a mixture layer computes from its input x (tokens, d_in): (y = W0 x + b0, or None without W0;
+    h = A x, the experts' codes (tokens, E*r); W_g x, the router's logits before bias (tokens, E)).
 
-    Saves what a rank-E*r LoRA saves (x and h = A x) plus g (tokens, E); the mixed codes
-    (tokens, E*r) are recomputed in backward rather than kept, so memory matches plain LoRA.
-    Arguments as mixture_lora.
+    lora_x: the experts' input when it is not x (dropout); without it A and W_g run as one GEMM.
+    """
+    y = None if W0 is None else F.linear(x, W0, b0)
+    if lora_x is None:
+        hw = x @ torch.cat([A, Wg]).t()
+        return y, hw[:, :A.shape[0]], hw[:, A.shape[0]:]
+    return y, lora_x @ A.t(), x @ Wg.t()
+
+
+class _Projections(torch.autograd.Function):
+    """projections() whose backward gives the input gradient as one GEMM and one accumulating GEMM,
+    dx = dy W0 + [dh, dw] [A; W_g], where autograd would run three GEMMs and add their (tokens, d_in)
+    results. Saves x (which the base product saves anyway), lora_x if given, and the weights. An output
+    no loss reached (e.g. h, when only a router loss is backpropagated) costs nothing and gives no gradient.
     """
 
     @staticmethod
-    def forward(ctx, y, x, A, B, g, scaling, params):
-        out, h = mixture_lora(y, x, A, B, g, scaling, params)
-        ctx.save_for_backward(x, A, B, g, h)
+    def forward(ctx, x, lora_x, W0, b0, A, Wg):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, lora_x, W0, A, Wg)
+        return projections(x, lora_x, W0, b0, A, Wg)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, grad_h, grad_w):
+        x, lora_x, W0, A, Wg = ctx.saved_tensors
+        need_x, need_lora_x, need_W0, need_b0, need_A, need_Wg = ctx.needs_input_grad
+        if W0 is None:
+            grad_y = None
+        one_gemm = lora_x is None and grad_h is not None and grad_w is not None  # h and W_g x came from one
+        if one_gemm:
+            codes = [(torch.cat([grad_h, grad_w], 1), torch.cat([A, Wg]))]
+        else:
+            codes = [(grad_w, Wg)] + ([(grad_h, A)] if lora_x is None else [])
+        to_x = [(grad, W) for grad, W in [(grad_y, W0)] + codes if grad is not None]
+        grad_x = None
+        if need_x and to_x:
+            grad_x = to_x[0][0] @ to_x[0][1]
+            for grad, W in to_x[1:]:
+                grad_x.addmm_(grad, W)
+        grad_A = grad_Wg = None
+        if one_gemm and need_A and need_Wg:
+            grad_A, grad_Wg = (codes[0][0].t() @ x).split([A.shape[0], Wg.shape[0]])
+        else:
+            if need_A and grad_h is not None:
+                grad_A = grad_h.t() @ (x if lora_x is None else lora_x)
+            if need_Wg and grad_w is not None:
+                grad_Wg = grad_w.t() @ x
+        grad_lora_x = grad_h @ A if need_lora_x and grad_h is not None else None
+        grad_W0 = grad_y.t() @ x if need_W0 and grad_y is not None else None
+        grad_b0 = grad_y.sum(0) if need_b0 and grad_y is not None else None
+        return grad_x, grad_lora_x, grad_W0, grad_b0, grad_A, grad_Wg
+
+
+class _MixtureLoRA(torch.autograd.Function):
+    """mixture(y, h, B, g): the second GEMM of one rank-E*r LoRA, with the routing mix before it.
+
+    Saves h and g (tokens, E); the mixed codes (tokens, E*r) are recomputed in backward rather than
+    kept, so memory matches plain LoRA. Arguments as mixture.
+    """
+
+    @staticmethod
+    def forward(ctx, y, h, B, g, scaling, params):
+        ctx.save_for_backward(h, B, g)
         ctx.scaling, ctx.params = scaling, params
-        return out
+        return mixture(y, h, B, g, scaling, params)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, A, B, g, h = ctx.saved_tensors
+        h, B, g = ctx.saved_tensors
         s, params = ctx.scaling, ctx.params
-        need_x, need_A, need_B, need_g = ctx.needs_input_grad[1:5]
+        h = h.view(h.shape[0], g.shape[-1], -1)  # (tokens, E, r)
+        need_h, need_B, need_g = ctx.needs_input_grad[1:4]
         grad_m = (grad_out.to(h.dtype) @ B).view_as(h)  # (tokens, E, r), without the scale s
         grad_B = grad_out.t().to(h.dtype) @ mix(h, g, s * g, params) if need_B else None
         grad_h, grad_g = mix_backward(grad_m, h, g, s, params)
-        grad_h = grad_h.flatten(1)  # (tokens, E*r)
-        grad_x = grad_h @ A if need_x else None
-        grad_A = grad_h.t() @ x if need_A else None
-        return grad_out, grad_x, grad_A, grad_B, grad_g if need_g else None, None, None
+        return grad_out, grad_h.flatten(1) if need_h else None, grad_B, grad_g if need_g else None, None, None
+
+
+def frozen_product(base: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+    """(W (d_out, d_in), bias) when the base is a plain nn.Linear or GPT-2 Conv1D, whose product the layer
+    then runs itself (see _Projections); None for anything else (e.g. 8/4-bit), and for a base with hooks
+    or a replaced forward (e.g. accelerate's offloading): the base runs as itself."""
+    if base._forward_pre_hooks or base._forward_hooks or "forward" in vars(base) or hasattr(base, "_hf_hook"):
+        return None
+    if type(base) is nn.Linear:
+        return base.weight, base.bias
+    if type(base).__name__ == "Conv1D":
+        return base.weight.t(), base.bias
+    return None
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -149,17 +220,32 @@ class MoLoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged_routing is not None:  # routing fixed and folded into the base weight
             return self.base(x)
-        y = self.base(x)
-        x2 = x.reshape(-1, self.in_features)  # (tokens, d_in)
-        routing = self.router.route(x2)
-        self._observe(routing, self._real_tokens(x))
-        A, B = self.stacked()
         dtype = _compute_dtype(x)
-        args = (y.reshape(-1, self.out_features).to(dtype), self.dropout(x2).to(dtype), A.to(dtype), B.to(dtype),
-                routing.weights.to(dtype), self.scaling, self.composition == "params")
+        x2 = x.reshape(-1, self.in_features)  # (tokens, d_in)
+        A, B = self.stacked()
         # without autograd (generation) the same maths runs directly: no Function bookkeeping per token
-        out = _MixtureLoRA.apply(*args) if torch.is_grad_enabled() else mixture_lora(*args)[0]
-        return out.view(y.shape).to(y.dtype)
+        grad = torch.is_grad_enabled()
+        y, h, wx = self._projections(x2, A, dtype, grad)
+        out_dtype = dtype
+        if y is None:  # a base the layer does not run itself (see frozen_product)
+            y = self.base(x)
+            out_dtype = y.dtype
+            y = y.reshape(-1, self.out_features).to(dtype)
+        routing = self.router.route(x2, wx)
+        self._observe(routing, self._real_tokens(x))
+        args = (y, h, B.to(dtype), routing.weights.to(dtype), self.scaling, self.composition == "params")
+        out = _MixtureLoRA.apply(*args) if grad else mixture(*args)
+        return out.view(*x.shape[:-1], self.out_features).to(out_dtype)
+
+    def _projections(self, x2: Tensor, A: Tensor, dtype: torch.dtype, grad: bool) -> tuple[Tensor | None, Tensor, Tensor]:
+        """projections() of x2 in dtype, through _Projections under autograd. The experts read x itself, in
+        one GEMM with the router (what pays is backward's single input-gradient GEMM), or dropout(x); without
+        autograd they read x as a separate input: two small GEMMs beat copying [A; W_g] per generated token."""
+        W0, b0 = frozen_product(self.base) or (None, None)
+        fuse = grad and isinstance(self.dropout, nn.Identity)
+        lora_x = None if fuse else self.dropout(x2).to(dtype)
+        args = (x2.to(dtype), lora_x, _cast(W0, dtype), _cast(b0, dtype), A.to(dtype), self.router.weight.to(dtype))
+        return _Projections.apply(*args) if grad else projections(*args)
 
     def _real_tokens(self, x: Tensor) -> Tensor | None:
         """(tokens,) bool, false at padding: the model's attention mask when it matches x's (batch, seq)

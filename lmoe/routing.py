@@ -212,11 +212,15 @@ class Router(nn.Linear):
         super().__init__(d_in, cfg.num_experts, bias=cfg.router_bias, **factory)
         self.temperature = cfg.temperature
 
-    def logits(self, x: Tensor) -> Tensor:
-        """u = W_g x (+ b_g) in float32, x: (tokens, d_in) -> (tokens, E)."""
-        return at_least_float32(super().forward(x))
+    def logits(self, x: Tensor, wx: Tensor | None = None) -> Tensor:
+        """u = W_g x (+ b_g) in float32, x: (tokens, d_in) -> (tokens, E). wx: W_g x when the caller has it
+        already (MoLoRALinear computes it in the same GEMM as the experts' A x)."""
+        if wx is None:
+            return at_least_float32(super().forward(x))
+        return at_least_float32(wx if self.bias is None else wx + self.bias)
 
-    def route(self, x: Tensor) -> Routing:
+    def route(self, x: Tensor, wx: Tensor | None = None) -> Routing:
+        """Routing for the tokens x (tokens, d_in); wx as in logits."""
         raise NotImplementedError
 
     def dispatch(self, r: Routing) -> Tensor:
@@ -244,8 +248,8 @@ class Router(nn.Linear):
 class SoftmaxRouter(Router):
     """Dense softmax gate (L-MoE). For load balance a token counts toward its top expert."""
 
-    def route(self, x: Tensor) -> Routing:
-        u = self.logits(x)
+    def route(self, x: Tensor, wx: Tensor | None = None) -> Routing:
+        u = self.logits(x, wx)
         g = softmax_route(u, self.temperature)
         return Routing(weights=g, logits=u, probs=g)
 
@@ -260,8 +264,8 @@ class TopKRouter(Router):
         super().__init__(d_in, cfg, **factory)
         self.top_k = cfg.top_k
 
-    def route(self, x: Tensor) -> Routing:
-        u = self.logits(x)
+    def route(self, x: Tensor, wx: Tensor | None = None) -> Routing:
+        u = self.logits(x, wx)
         g = topk_route(u, self.top_k, self.temperature)
         return Routing(weights=g, logits=u, probs=softmax_route(u, self.temperature))
 
@@ -340,8 +344,8 @@ class DynamicRouter(Router):
         self.sparsity_target = cfg.sparsity_target
         self.lambda_head = lambda_head_for(d_in, cfg, lambda_heads, **factory)
 
-    def route(self, x: Tensor) -> Routing:
-        u = self.logits(x)
+    def route(self, x: Tensor, wx: Tensor | None = None) -> Routing:
+        u = self.logits(x, wx)
         lam = self.lambda_head(x)
         g = sparsegen_route(u, lam)
         return Routing(weights=g, logits=u, probs=g, extras={"lambda": lam})

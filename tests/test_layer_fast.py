@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lmoe import LMoEConfig, MoLoRALinear
-from lmoe.layer import _MixtureLoRA
+from lmoe.layer import _MixtureLoRA, _Projections
 
 T, E, R, D_IN, D_OUT = 7, 4, 3, 5, 6
 
@@ -34,9 +34,41 @@ def inputs(sparse: bool):
 
 
 def fused(x, A, B, g, scaling, params):
+    """The layer's two Functions with the routing g given (the router's logits are computed and unused)."""
     B_stacked = B.permute(1, 0, 2).reshape(D_OUT, E * R)
+    router_weight = torch.zeros(E, D_IN, dtype=x.dtype)
+    _, h, _ = _Projections.apply(x, None, None, None, A.reshape(E * R, D_IN), router_weight)
     y = torch.zeros(x.shape[0], D_OUT, dtype=x.dtype)
-    return _MixtureLoRA.apply(y, x, A.reshape(E * R, D_IN), B_stacked, g, scaling, params)
+    return _MixtureLoRA.apply(y, h, B_stacked, g, scaling, params)
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("dropout_input", [True, False])
+def test_projections_gradients_match_autograd(with_base, dropout_input):
+    """_Projections' one-GEMM input gradient against autograd on the separate products (float64), with and
+    without the base product and a separate experts' input (dropout); gradcheck on top."""
+    gen = torch.Generator().manual_seed(1)
+    x, lora_x = (torch.randn(T, D_IN, generator=gen, dtype=torch.float64) for _ in range(2))
+    W0, b0 = torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64), torch.randn(D_OUT, generator=gen, dtype=torch.float64)
+    A, Wg = torch.randn(E * R, D_IN, generator=gen, dtype=torch.float64), torch.randn(E, D_IN, generator=gen, dtype=torch.float64)
+    lora_x = lora_x if dropout_input else None
+    W0, b0 = (W0, b0) if with_base else (None, None)
+    tensors = [t.requires_grad_() for t in (x, lora_x, W0, b0, A, Wg) if t is not None]
+
+    def reference(x, lora_x, W0, b0, A, Wg):
+        y = None if W0 is None else x @ W0.t() + b0
+        return y, (x if lora_x is None else lora_x) @ A.t(), x @ Wg.t()
+
+    def total(fn, *args):  # every output, weighted, so each gradient path is exercised
+        y, h, w = fn(*args)
+        return (0 if y is None else (y * torch.linspace(-1, 1, D_OUT, dtype=y.dtype)).sum()) + h.sin().sum() + w.cos().sum()
+
+    args = (x, lora_x, W0, b0, A, Wg)
+    got = torch.autograd.grad(total(_Projections.apply, *args), tensors)
+    want = torch.autograd.grad(total(reference, *args), tensors)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *t: tuple(o for o in _Projections.apply(*t) if o is not None), args)
 
 
 @pytest.mark.parametrize("params", [True, False])
