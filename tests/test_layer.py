@@ -5,6 +5,7 @@ from torch import nn
 from torch.func import functional_call
 
 from lmoe import LMoEConfig, MoLoRALinear
+from lmoe.layer import frozen_product
 
 ROUTERS = ["softmax", "topk", "dynamic"]
 COMPOSITIONS = ["params", "outputs"]
@@ -169,3 +170,60 @@ def test_delta_weight_matches_forward_for_fixed_routing(composition):
     x = torch.randn(4, 5, dtype=torch.float64)
     merged = layer.base(x) + x @ layer.delta_weight(g).T
     torch.testing.assert_close(merged, brute_force(layer, x, g.expand(4, 3)), rtol=1e-10, atol=1e-10)
+
+
+def run_layer(layer: MoLoRALinear, x: torch.Tensor, grad: bool = True):
+    """(output, gradients of x, A, B and the gate for the loss sum(out^2)); no gradients without autograd."""
+    x = x.clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        out = layer(x)
+    if not grad:
+        return out, []
+    out.square().sum().backward()
+    return out, [x.grad] + [p.grad for p in (layer.lora_A, layer.lora_B, layer.router.weight)]
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_every_way_of_running_the_products_agrees(router):
+    """A plain linear base runs inside the layer's own autograd Function with the experts and the gate
+    (frozen_product); a base with hooks or of another class runs as itself, and its hooks fire; without
+    autograd the products run directly. Same outputs and gradients (float64)."""
+    x = torch.randn(2, 3, 5, dtype=torch.float64)
+    plain = make_layer(router)
+    assert frozen_product(plain.base) is not None
+    want, want_grads = run_layer(plain, x)
+
+    class Subclass(nn.Linear):
+        pass
+
+    hooked, other = make_layer(router), make_layer(router)
+    calls = []
+    hooked.base.register_forward_hook(lambda *args: calls.append(1))
+    other.base.__class__ = Subclass
+    for layer in (hooked, other):
+        assert frozen_product(layer.base) is None
+        out, grads = run_layer(layer, x)
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+        for a, b in zip(grads, want_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert calls
+    torch.testing.assert_close(run_layer(make_layer(router), x, grad=False)[0], want, rtol=1e-12, atol=1e-12)
+
+
+def test_dropout_reaches_the_experts_only():
+    """With dropout the experts read dropout(x), while the base and the gate read x (values and gradients)."""
+    layer = make_layer("softmax")
+    layer.dropout = nn.Dropout(0.5)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    torch.manual_seed(3)
+    out, grads = run_layer(layer.train(), x)
+    layer.zero_grad()
+    xr = x.clone().requires_grad_()
+    torch.manual_seed(3)
+    dropped = nn.functional.dropout(xr, 0.5, training=True)
+    g = layer.router.route(xr).weights
+    want = layer.base(xr) + brute_force(layer, dropped, g) - layer.base(dropped)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    want.square().sum().backward()
+    for a, b in zip(grads, [xr.grad] + [p.grad for p in (layer.lora_A, layer.lora_B, layer.router.weight)], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
