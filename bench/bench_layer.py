@@ -21,7 +21,7 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import SavedTensorBytes, cuda_peak_bytes, environment, interleaved_medians  # noqa: E402
+from bench.common import add_cpu_options, prepare_cpu, SavedTensorBytes, cuda_peak_bytes, environment, interleaved_medians  # noqa: E402
 from lmoe import LMoEConfig, MoLoRALinear  # noqa: E402
 from lmoe.inject import AUX_COEFS  # noqa: E402
 
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--lambda-hidden", type=int, help="also run the dynamic router with this lambda-head width")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    add_cpu_options(p)
     p.add_argument("--json", type=Path, help="also write all figures here")
     args = p.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
@@ -154,8 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     args.ranks = args.ranks or ([4, 16] if args.quick else [4, 8, 16])
     args.repeats = args.repeats or (7 if args.quick else 15)
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    prepare_cpu(args, device)
     print(environment(device))
     print(f"d={args.dim} tokens={args.tokens} dtype={args.dtype} repeats={args.repeats} warmup={args.warmup}")
     results, worst = [], 0.0

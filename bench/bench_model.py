@@ -25,7 +25,7 @@ from peft import LoraConfig, XLoraConfig, get_peft_model
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import SavedTensorBytes, cuda_peak_bytes, environment, interleaved_medians  # noqa: E402
+from bench.common import add_cpu_options, prepare_cpu, SavedTensorBytes, cuda_peak_bytes, environment, interleaved_medians  # noqa: E402
 from lmoe import LMoEConfig, aux_loss, inject, lmoe_layers  # noqa: E402
 from lmoe import mean_routing, merge, record_routing  # noqa: E402
 
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2 if cuda else 1)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--gen-repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    add_cpu_options(p)
     p.add_argument("--no-xlora", action="store_true")
     p.add_argument("--lambda-hidden", type=int, nargs="*", default=[],
                    help="also run params/dynamic with these lambda-head widths (the paper's is 512)")
@@ -202,8 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    prepare_cpu(args, device)
     print(environment(device))
     name = f"{args.llama_3b_blocks} random Llama-3.2-3B blocks" if args.llama_3b_blocks else "SmolLM2-135M"
     print(f"{name} E={args.experts} r={args.rank} batch={args.batch}x{args.seq} targets={','.join(TARGETS)} "
