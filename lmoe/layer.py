@@ -30,33 +30,39 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
-def mix(h: Tensor, g: Tensor, weight: Tensor, params: bool) -> Tensor:
-    """Compose per-expert codes h = A x (tokens, E, r) with routing g (tokens, E) -> (tokens, E*r).
+def mixed_code(h: Tensor, g: Tensor) -> Tensor:
+    """z = A(x) x = sum_i g_i A_i x = sum_i g_i h_i: h (tokens, E, r), g (tokens, E) -> (tokens, 1, r)."""
+    return torch.bmm(g.unsqueeze(1), h)
 
-    Block j of the result is weight_j * z with z = sum_i g_i h_i = A(x) x (params), or weight_j * h_j
-    (outputs); weight is g, or s*g where the LoRA scale s is wanted inside. Times the stacked B: Delta.
+
+def mix(h: Tensor, g: Tensor, weight: Tensor, z: Tensor | None) -> Tensor:
+    """Compose per-expert codes h = A x (tokens, E, r) with routing -> (tokens, E*r).
+
+    Block j of the result is weight_j * z with z = mixed_code(h, g) (params composition: pass z), or
+    weight_j * h_j (outputs: z None); weight is g, or s*g where the LoRA scale s is wanted inside.
+    Times the stacked B: Delta.
     """
-    if params:
-        h = torch.bmm(g.unsqueeze(1), h)  # (tokens, 1, r): z = A(x) x = sum_i g_i A_i x
-    return (weight.unsqueeze(-1) * h).flatten(1)
+    return (weight.unsqueeze(-1) * (h if z is None else z)).flatten(1)
 
 
-def mix_backward(grad_m: Tensor, h: Tensor, g: Tensor, scaling: float, params: bool) -> tuple[Tensor, Tensor]:
-    """Gradients of s * mix(h, g, g) with respect to h (tokens, E, r) and g (tokens, E), given grad_m."""
+def mix_backward(grad_m: Tensor, h: Tensor, g: Tensor, scaling: float, z: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Gradients of s * mix(h, g, g, z) with respect to h (tokens, E, r) and g (tokens, E), given grad_m."""
     sg = scaling * g  # (tokens, E)
-    if not params:  # m_j = s g_j h_j
+    if z is None:  # outputs: m_j = s g_j h_j
         return sg.unsqueeze(-1) * grad_m, scaling * (grad_m * h).sum(-1)
-    z = torch.bmm(g.unsqueeze(1), h)  # (tokens, 1, r)
     grad_z = torch.bmm(sg.unsqueeze(1), grad_m)  # (tokens, 1, r): sum_j s g_j dm_j
     # m_j = s g_j z with z = sum_i g_i h_i: g enters twice, as the mixing weight and inside z
     grad_g = scaling * torch.bmm(grad_m, z.transpose(1, 2)) + torch.bmm(h, grad_z.transpose(1, 2))
     return g.unsqueeze(-1) * grad_z, grad_g.squeeze(-1)
 
 
-def mixture(y: Tensor, h: Tensor, B: Tensor, g: Tensor, scaling: float, params: bool) -> Tensor:
-    """y + s * B mix(h, g): y (tokens, d_out), h = A x (tokens, E*r), B (d_out, E*r), g (tokens, E), one
-    dtype. The scale and the residual add ride on the GEMM."""
-    return torch.addmm(y, mix(h.view(h.shape[0], g.shape[-1], -1), g, g, params), B.t(), alpha=scaling)
+def mixture(y: Tensor, h: Tensor, B: Tensor, g: Tensor, scaling: float, params: bool) -> tuple[Tensor, Tensor | None]:
+    """(y + s * B mix(h, g), z): y (tokens, d_out), h = A x (tokens, E*r), B (d_out, E*r), g (tokens, E), one
+    dtype; z the params composition's mixed code (tokens, 1, r), None for outputs. The scale and the
+    residual add ride on the GEMM."""
+    h = h.view(h.shape[0], g.shape[-1], -1)
+    z = mixed_code(h, g) if params else None
+    return torch.addmm(y, mix(h, g, g, z), B.t(), alpha=scaling), z
 
 
 def projections(x: Tensor, lora_x: Tensor | None, W0: Tensor | None, b0: Tensor | None, A: Tensor,
@@ -121,25 +127,26 @@ class _Projections(torch.autograd.Function):
 class _MixtureLoRA(torch.autograd.Function):
     """mixture(y, h, B, g): the second GEMM of one rank-E*r LoRA, with the routing mix before it.
 
-    Saves h and g (tokens, E); the mixed codes (tokens, E*r) are recomputed in backward rather than
-    kept, so memory matches plain LoRA. Arguments as mixture.
+    Saves h, g (tokens, E) and, for params, z (tokens, r); the mixed codes (tokens, E*r) are recomputed
+    in backward rather than kept, so memory matches plain LoRA. Arguments as mixture.
     """
 
     @staticmethod
     def forward(ctx, y, h, B, g, scaling, params):
-        ctx.save_for_backward(h, B, g)
-        ctx.scaling, ctx.params = scaling, params
-        return mixture(y, h, B, g, scaling, params)
+        out, z = mixture(y, h, B, g, scaling, params)
+        ctx.save_for_backward(h, B, g, z)
+        ctx.scaling = scaling
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, B, g = ctx.saved_tensors
-        s, params = ctx.scaling, ctx.params
+        h, B, g, z = ctx.saved_tensors
+        s = ctx.scaling
         h = h.view(h.shape[0], g.shape[-1], -1)  # (tokens, E, r)
         need_h, need_B, need_g = ctx.needs_input_grad[1:4]
         grad_m = (grad_out.to(h.dtype) @ B).view_as(h)  # (tokens, E, r), without the scale s
-        grad_B = grad_out.t().to(h.dtype) @ mix(h, g, s * g, params) if need_B else None
-        grad_h, grad_g = mix_backward(grad_m, h, g, s, params)
+        grad_B = grad_out.t().to(h.dtype) @ mix(h, g, s * g, z) if need_B else None
+        grad_h, grad_g = mix_backward(grad_m, h, g, s, z)
         return grad_out, grad_h.flatten(1) if need_h else None, grad_B, grad_g if need_g else None, None, None
 
 
@@ -234,7 +241,7 @@ class MoLoRALinear(nn.Module):
         routing = self.router.route(x2, wx)
         self._observe(routing, self._real_tokens(x))
         args = (y, h, B.to(dtype), routing.weights.to(dtype), self.scaling, self.composition == "params")
-        out = _MixtureLoRA.apply(*args) if grad else mixture(*args)
+        out = _MixtureLoRA.apply(*args) if grad else mixture(*args)[0]
         return out.view(*x.shape[:-1], self.out_features).to(out_dtype)
 
     def _projections(self, x2: Tensor, A: Tensor, dtype: torch.dtype, grad: bool) -> tuple[Tensor | None, Tensor, Tensor]:
