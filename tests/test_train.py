@@ -1,4 +1,5 @@
 """lmoe.train: config validation and overrides, the LR schedule, and exact resume from a checkpoint."""
+import json
 import math
 import re
 
@@ -209,3 +210,22 @@ def test_eval_every_logs_the_held_out_loss_of_the_model_at_that_step(setup, tmp_
     assert rows[1]["eval_loss"] > rows[-1]["eval_loss"]  # it learns on what it is scored on
     with pytest.raises(ValueError, match=r"eval_every=2 needs held-out data: .*eval_data="):
         train(config(setup, tmp_path / "none", eval_every=2))
+
+
+def test_dynamic_router_with_the_default_lambda_width_resumes(setup, tmp_path):
+    """lambda_hidden left unset: train_config.yaml keeps it unset, the adapter and checkpoints hold the width
+    inject chose, and a killed run resumes (the mixture check compares the chosen widths)."""
+    lmoe_cfg = {"num_experts": 3, "rank": 2, "target_modules": "all-linear", "router": "dynamic"}
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_4(row):
+        if row["step"] == 4:
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        train(config(setup, tmp_path / "run", lmoe=lmoe_cfg), on_step=stop_after_4)
+    result = train(config(setup, tmp_path / "run", lmoe=lmoe_cfg), resume=True)
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
+    saved = json.loads((result.adapter_dir / "adapter_config.json").read_text())["config"]
+    assert isinstance(saved["lambda_hidden"], int) and saved["lambda_hidden"] >= 32
