@@ -66,62 +66,77 @@ def mixture(y: Tensor, h: Tensor, B: Tensor, g: Tensor, scaling: float, params: 
 
 
 def projections(x: Tensor, lora_x: Tensor | None, W0: Tensor | None, b0: Tensor | None, A: Tensor,
-                Wg: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
+                *gates: Tensor) -> tuple[Tensor | None, ...]:
     """What a mixture layer computes from its input x (tokens, d_in): (y = W0 x + b0, or None without W0;
-    h = A x, the experts' codes (tokens, E*r); W_g x, the router's logits before bias (tokens, E)).
+    h = A x, the experts' codes (tokens, E*r); then G x for each gate weight G: the router's W_g and, for
+    LD-MoLE, its lambda head's first linear, see Router.x_weights).
 
-    lora_x: the experts' input when it is not x (dropout); without it A and W_g run as one GEMM.
+    lora_x: the experts' input when it is not x (dropout); without it A and the gates run as one GEMM.
     """
     y = None if W0 is None else F.linear(x, W0, b0)
+    sizes = [G.shape[0] for G in gates]
     if lora_x is None:
-        hw = x @ torch.cat([A, Wg]).t()
-        return y, hw[:, :A.shape[0]], hw[:, A.shape[0]:]
-    return y, lora_x @ A.t(), x @ Wg.t()
+        h, *gx = (x @ torch.cat([A, *gates]).t()).split([A.shape[0], *sizes], 1)
+        if len(gates) > 1:  # h and W_g x are kept (for backward, the aux losses): as views they would
+            h, gx[0] = h.contiguous(), gx[0].contiguous()  # also keep the lambda head's product, used once
+    else:
+        h, gx = lora_x @ A.t(), (x @ torch.cat(gates).t()).split(sizes, 1)
+    return (y, h, *gx)
+
+
+def _products_backward(grads: list[Tensor | None], weights: list[Tensor], inp: Tensor,
+                       need: list[bool]) -> tuple[tuple[Tensor, Tensor] | None, list[Tensor | None]]:
+    """For outputs W_i inp that came from one GEMM: ((G, W) with inp's gradient = G W, in one GEMM, or
+    None when no output got a gradient; each W_i's gradient where needed, from one GEMM too)."""
+    have = [i for i, grad in enumerate(grads) if grad is not None]
+    if not have:
+        return None, [None] * len(weights)
+    to_input = (torch.cat([grads[i] for i in have], 1), torch.cat([weights[i] for i in have]))
+    wanted = [i for i in have if need[i]]
+    weight_grads: list[Tensor | None] = [None] * len(weights)
+    if wanted:
+        stacked = torch.cat([grads[i] for i in wanted], 1).t() @ inp
+        for i, grad in zip(wanted, stacked.split([weights[i].shape[0] for i in wanted])):
+            weight_grads[i] = grad
+    return to_input, weight_grads
 
 
 class _Projections(torch.autograd.Function):
     """projections() whose backward gives the input gradient as one GEMM and one accumulating GEMM,
-    dx = dy W0 + [dh, dw] [A; W_g], where autograd would run three GEMMs and add their (tokens, d_in)
-    results. Saves x (which the base product saves anyway), lora_x if given, and the weights. An output
-    no loss reached (e.g. h, when only a router loss is backpropagated) costs nothing and gives no gradient.
+    dx = dy W0 + [dh, dg...] [A; gates], where autograd would run a GEMM per product and add their
+    (tokens, d_in) results. Saves x (which the base product saves anyway), lora_x if given, and the
+    weights. An output no loss reached (e.g. h, when only a router loss is backpropagated) costs nothing.
     """
 
     @staticmethod
-    def forward(ctx, x, lora_x, W0, b0, A, Wg):
+    def forward(ctx, x, lora_x, W0, b0, A, *gates):
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, lora_x, W0, A, Wg)
-        return projections(x, lora_x, W0, b0, A, Wg)
+        ctx.save_for_backward(x, lora_x, W0, A, *gates)
+        return projections(x, lora_x, W0, b0, A, *gates)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y, grad_h, grad_w):
-        x, lora_x, W0, A, Wg = ctx.saved_tensors
-        need_x, need_lora_x, need_W0, need_b0, need_A, need_Wg = ctx.needs_input_grad
-        if W0 is None:
-            grad_y = None
-        one_gemm = lora_x is None and grad_h is not None and grad_w is not None  # h and W_g x came from one
-        if one_gemm:
-            codes = [(torch.cat([grad_h, grad_w], 1), torch.cat([A, Wg]))]
+    def backward(ctx, grad_y, grad_h, *grad_gates):
+        x, lora_x, W0, A, *gates = ctx.saved_tensors
+        need_x, need_lora_x, need_W0, need_b0, need_A, *need_gates = ctx.needs_input_grad
+        if lora_x is None:  # h and the gates' products came from one GEMM: so do their gradients
+            to_x, (grad_A, *grad_g) = _products_backward([grad_h, *grad_gates], [A, *gates], x, [need_A, *need_gates])
+            from_lora_x = None
         else:
-            codes = [(grad_w, Wg)] + ([(grad_h, A)] if lora_x is None else [])
-        to_x = [(grad, W) for grad, W in [(grad_y, W0)] + codes if grad is not None]
+            to_x, grad_g = _products_backward(list(grad_gates), gates, x, need_gates)
+            from_lora_x, (grad_A,) = _products_backward([grad_h], [A], lora_x, [need_A])
+        grad_y = grad_y if W0 is not None else None
+        terms = [(grad_y, W0)] if grad_y is not None else []
+        terms += [to_x] if to_x is not None else []
         grad_x = None
-        if need_x and to_x:
-            grad_x = to_x[0][0] @ to_x[0][1]
-            for grad, W in to_x[1:]:
+        if need_x and terms:
+            grad_x = terms[0][0] @ terms[0][1]
+            for grad, W in terms[1:]:
                 grad_x.addmm_(grad, W)
-        grad_A = grad_Wg = None
-        if one_gemm and need_A and need_Wg:
-            grad_A, grad_Wg = (codes[0][0].t() @ x).split([A.shape[0], Wg.shape[0]])
-        else:
-            if need_A and grad_h is not None:
-                grad_A = grad_h.t() @ (x if lora_x is None else lora_x)
-            if need_Wg and grad_w is not None:
-                grad_Wg = grad_w.t() @ x
-        grad_lora_x = grad_h @ A if need_lora_x and grad_h is not None else None
+        grad_lora_x = from_lora_x[0] @ from_lora_x[1] if need_lora_x and from_lora_x is not None else None
         grad_W0 = grad_y.t() @ x if need_W0 and grad_y is not None else None
         grad_b0 = grad_y.sum(0) if need_b0 and grad_y is not None else None
-        return grad_x, grad_lora_x, grad_W0, grad_b0, grad_A, grad_Wg
+        return grad_x, grad_lora_x, grad_W0, grad_b0, grad_A, *grad_g
 
 
 class _MixtureLoRA(torch.autograd.Function):
@@ -232,26 +247,28 @@ class MoLoRALinear(nn.Module):
         A, B = self.stacked()
         # without autograd (generation) the same maths runs directly: no Function bookkeeping per token
         grad = torch.is_grad_enabled()
-        y, h, wx = self._projections(x2, A, dtype, grad)
+        y, h, wx, *projected = self._projections(x2, A, dtype, grad)
         out_dtype = dtype
         if y is None:  # a base the layer does not run itself (see frozen_product)
             y = self.base(x)
             out_dtype = y.dtype
             y = y.reshape(-1, self.out_features).to(dtype)
-        routing = self.router.route(x2, wx)
+        routing = self.router.route(x2, wx, *projected)
         self._observe(routing, self._real_tokens(x))
         args = (y, h, B.to(dtype), routing.weights.to(dtype), self.scaling, self.composition == "params")
         out = _MixtureLoRA.apply(*args) if grad else mixture(*args)[0]
         return out.view(*x.shape[:-1], self.out_features).to(out_dtype)
 
-    def _projections(self, x2: Tensor, A: Tensor, dtype: torch.dtype, grad: bool) -> tuple[Tensor | None, Tensor, Tensor]:
-        """projections() of x2 in dtype, through _Projections under autograd. The experts read x itself, in
-        one GEMM with the router (what pays is backward's single input-gradient GEMM), or dropout(x); without
-        autograd they read x as a separate input: two small GEMMs beat copying [A; W_g] per generated token."""
+    def _projections(self, x2: Tensor, A: Tensor, dtype: torch.dtype, grad: bool) -> tuple[Tensor | None, ...]:
+        """projections() of x2 in dtype, through _Projections under autograd: with the gate weights the
+        router asks for (x_weights) in one GEMM with the experts' A when they read x itself (what pays is
+        backward's single input-gradient GEMM). With dropout the experts read dropout(x); without autograd
+        (generation) x as a separate input and only W_g: small GEMMs beat copying weights per token."""
         W0, b0 = frozen_product(self.base) or (None, None)
         fuse = grad and isinstance(self.dropout, nn.Identity)
         lora_x = None if fuse else self.dropout(x2).to(dtype)
-        args = (x2.to(dtype), lora_x, _cast(W0, dtype), _cast(b0, dtype), A.to(dtype), self.router.weight.to(dtype))
+        gates = self.router.x_weights(x2) if grad else [self.router.weight]
+        args = (x2.to(dtype), lora_x, _cast(W0, dtype), _cast(b0, dtype), A.to(dtype), *(G.to(dtype) for G in gates))
         return _Projections.apply(*args) if grad else projections(*args)
 
     def _real_tokens(self, x: Tensor) -> Tensor | None:

@@ -219,9 +219,16 @@ class Router(nn.Linear):
             return at_least_float32(super().forward(x))
         return at_least_float32(wx if self.bias is None else wx + self.bias)
 
-    def route(self, x: Tensor, wx: Tensor | None = None) -> Routing:
-        """Routing for the tokens x (tokens, d_in); wx as in logits."""
+    def route(self, x: Tensor, wx: Tensor | None = None, *projected: Tensor) -> Routing:
+        """Routing for the tokens x (tokens, d_in); wx as in logits; projected: the products of x with the
+        extra weights x_weights gave, computed by the caller with wx."""
         raise NotImplementedError
+
+    def x_weights(self, x: Tensor) -> list[Tensor]:
+        """Every weight (out, d_in) whose product with x this router needs for these tokens: W_g, and for
+        LD-MoLE the lambda head's first linear unless its result for x is cached. MoLoRALinear runs them all
+        in one GEMM with the experts' A and passes the results to route."""
+        return [self.weight]
 
     def dispatch(self, r: Routing) -> Tensor:
         """(tokens, E) 0/1: the experts each token counts for in f_i of the balance loss."""
@@ -248,7 +255,7 @@ class Router(nn.Linear):
 class SoftmaxRouter(Router):
     """Dense softmax gate (L-MoE). For load balance a token counts toward its top expert."""
 
-    def route(self, x: Tensor, wx: Tensor | None = None) -> Routing:
+    def route(self, x: Tensor, wx: Tensor | None = None, *projected: Tensor) -> Routing:
         u = self.logits(x, wx)
         g = softmax_route(u, self.temperature)
         return Routing(weights=g, logits=u, probs=g)
@@ -264,7 +271,7 @@ class TopKRouter(Router):
         super().__init__(d_in, cfg, **factory)
         self.top_k = cfg.top_k
 
-    def route(self, x: Tensor, wx: Tensor | None = None) -> Routing:
+    def route(self, x: Tensor, wx: Tensor | None = None, *projected: Tensor) -> Routing:
         u = self.logits(x, wx)
         g = topk_route(u, self.top_k, self.temperature)
         return Routing(weights=g, logits=u, probs=softmax_route(u, self.temperature))
@@ -298,11 +305,22 @@ class LambdaHead(nn.Module):
         between forwards, so that a gradient-checkpointed block re-run in backward makes the calls its
         forward made; inject's hooks clear it around each model forward, so nothing is held between steps.
         """
+        lam = self.cached(x)
+        return self.from_hidden(x, x @ self.net[0].weight.t()) if lam is None else lam
+
+    def cached(self, x: Tensor) -> Tensor | None:
+        """lambda of the last call, if it was for this very x (see forward); else None."""
         key = self._cache_key(x)
-        if key is not None and self._last is not None and self._last[0] == key:
-            return self._last[2]
+        return self._last[2] if key is not None and self._last is not None and self._last[0] == key else None
+
+    def from_hidden(self, x: Tensor, hidden: Tensor) -> Tensor:
+        """lambda(x) given hidden = W1 x (the first linear without its bias), which a caller may compute in
+        a GEMM of its own (MoLoRALinear does, with the experts' A); the result is kept as forward's."""
+        first, second = self.net[0], self.net[2]
+        f = F.linear(torch.relu(hidden + first.bias), second.weight, second.bias)
         # 1 - lambda = eps - logsigmoid(f) = eps + softplus(-f): never below eps, even in half precision
-        lam = 1 - (self.eps + F.softplus(-at_least_float32(self.net(x))))
+        lam = 1 - (self.eps + F.softplus(-at_least_float32(f)))
+        key = self._cache_key(x)
         self._last = None if key is None else (key, x, lam)  # holding x keeps its memory from being reused
         return lam
 
@@ -344,11 +362,15 @@ class DynamicRouter(Router):
         self.sparsity_target = cfg.sparsity_target
         self.lambda_head = lambda_head_for(d_in, cfg, lambda_heads, **factory)
 
-    def route(self, x: Tensor, wx: Tensor | None = None) -> Routing:
+    def route(self, x: Tensor, wx: Tensor | None = None, *projected: Tensor) -> Routing:
         u = self.logits(x, wx)
-        lam = self.lambda_head(x)
+        lam = self.lambda_head.from_hidden(x, projected[0]) if projected else self.lambda_head(x)
         g = sparsegen_route(u, lam)
         return Routing(weights=g, logits=u, probs=g, extras={"lambda": lam})
+
+    def x_weights(self, x: Tensor) -> list[Tensor]:
+        head = self.lambda_head
+        return [self.weight] + ([] if head.cached(x) is not None else [head.net[0].weight])
 
     def token_losses(self, r: Routing) -> dict[str, Callable[[], Tensor]]:
         return {**super().token_losses(r),

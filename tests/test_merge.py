@@ -27,7 +27,7 @@ def force_routing(model, routing: dict) -> None:
     for name, layer in lmoe_layers(model):
         g = routing[name]
 
-        def route(x, wx=None, g=g):
+        def route(x, wx=None, *projected, g=g):
             w = g.to(x.dtype).expand(x.shape[0], -1)
             return Routing(weights=w, logits=w, probs=w)
         layer.router.route = route
