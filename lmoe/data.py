@@ -6,7 +6,6 @@ and Examples become length-bucketed padded batches.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -18,6 +17,9 @@ from pathlib import Path
 import torch
 import yaml
 from torch import Tensor
+
+from .skills import SKILLS, generate
+from .splits import held_out
 
 log = logging.getLogger(__name__)
 
@@ -213,11 +215,6 @@ def batch_stream(examples: list[Example], batch_size: int, seed: int, start: int
 
 # ---------------------------------------------------------------- built-in data
 
-def held_out(key: str, fraction: float) -> bool:
-    """Deterministic split: a stable hash of the key (not Python's salted hash) decides."""
-    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
-
-
 def corpus_root() -> Path:
     try:
         root = Path(importlib.metadata.distribution(CORPUS_PACKAGE).locate_file("chatterbot_corpus/data"))
@@ -260,7 +257,6 @@ class Mixture:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from .skills import SKILLS
         unknown = [s for s in self.skills if s not in SKILLS]
         if unknown:
             raise ValueError(f"Mixture.skills: unknown {unknown}; known skills are {', '.join(SKILLS)}.")
@@ -283,7 +279,6 @@ class Mixture:
 
     def skill_items(self, split: str) -> list[dict]:
         """Records with an exact "answer" for every skill; train and test items never share a question."""
-        from .skills import generate
         n = self.test_per_skill if split == "test" else self.per_skill
         records = []
         for skill in self.skills:

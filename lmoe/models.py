@@ -144,6 +144,17 @@ def check_context(model: nn.Module, max_length: int) -> None:
                          f"set max_length to at most {context}.")
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant). transformers >= 5.24 names it
+    activation_checkpointing_enable (gradient_checkpointing_enable is deprecated, gone in v6); older
+    releases have only the old name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def gguf_cache_path(path: Path) -> Path:
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]

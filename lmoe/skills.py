@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import random
 
+from .splits import held_out
+
 WORDS = ("apple river stone cloud tiger green paper music window garden bread horse silver candle "
          "forest summer winter yellow planet doctor orange bottle castle rocket pencil mirror dragon "
          "island butter rabbit jacket hammer violin spider carpet banana ladder pillow basket lemon "
@@ -59,7 +61,6 @@ SKILLS = {f.__name__: f for f in (add, number_words, sort, reverse_words, count_
 
 def generate(skill: str, n: int, split: str, seed: int) -> list[tuple[str, str]]:
     """n distinct (prompt, answer) pairs of the skill on the given side ("train" or "test")."""
-    from .data import held_out
     draw, rng = SKILLS[skill], random.Random(f"{seed}/{skill}/{split}")
     items: dict[str, tuple[str, str]] = {}
     for _ in range(200 * n + 1000):  # the smallest skill space (count_letters) holds a few hundred keys

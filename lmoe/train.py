@@ -41,7 +41,7 @@ from .evaluate import answer_logprobs, evaluate_file, evaluate_mixture, format_t
 from .inject import (AUX_COEFS, active_expert_counts, aux_loss, aux_losses, count_parameters, get_config, inject,
                      shared_modules)
 from .io import CONFIG_FILE, load_adapter, load_state, read_adapter_meta, save_adapter, save_state
-from .models import BUILTIN, LOAD_IN, check_context, load_model
+from .models import BUILTIN, LOAD_IN, check_context, enable_activation_checkpointing, load_model
 
 logger = logging.getLogger(__name__)
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -410,7 +410,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[dict], None
             runs["base"] = _base_eval(out / "eval_base.json", resume, lambda: evaluate_all(model, tokenizer, cfg))
     add_adapter(model, cfg)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     trainable, total = count_parameters(model)
     accelerator.print(f"lmoe: {len(examples)} training examples; trainable params {trainable:,} of {total:,}")
     model = distribute(cfg, accelerator, model)  # before the optimizer: FSDP replaces the parameters

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import VOCAB, tiny_model
+from lmoe.models import enable_activation_checkpointing
 from lmoe import LMoEConfig, aux_loss, aux_losses, count_parameters, inject, lmoe_layers, record_routing, remove
 from lmoe.config import AUX_COEFS
 from lmoe.inject import active_expert_counts, shared_modules
@@ -26,7 +27,9 @@ def test_fresh_injection_gives_base_logits_exactly(family, router, input_ids):
     ref = model(input_ids).logits
     inject(model, LMoEConfig(router=router, target_modules=TARGETS[family]))
     assert len(list(lmoe_layers(model))) == 4  # two targets in each of two blocks
-    assert torch.equal(model(input_ids).logits, ref)
+    # the layer runs the base product itself on (tokens, d_in), the base ran on (batch, seq, d_in): another
+    # GEMM grouping, so float32 tolerance; the added delta is exactly zero (test_layer, same computation)
+    torch.testing.assert_close(model(input_ids).logits, ref)
 
 
 def test_only_adapter_parameters_train_and_counts_add_up(llama):
@@ -177,7 +180,9 @@ def test_shared_lambda_head_runs_once_per_distinct_input_with_identical_results(
     logits, grads, calls, heads = run(cache=True)
     ref_logits, ref_grads, ref_calls, _ = run(cache=False)
     assert ref_calls == 14 and calls == 8  # per block: q/k/v share x, gate/up share x; o and down differ
-    assert torch.equal(logits, ref_logits)
+    # uncached, the head's first linear joins the projection GEMM ([A; W_g; W1] instead of [A; W_g]): the same
+    # maths grouped differently, equal to float32 rounding only
+    torch.testing.assert_close(logits, ref_logits)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert all(head._last is None for head in heads)  # nothing is held after the forward
@@ -352,7 +357,7 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(router):
         for _, layer in lmoe_layers(model):
             nn.init.normal_(layer.lora_B, std=0.1)  # B = 0 would hide a wrong gradient of A or g
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         out = model(input_ids=ids, attention_mask=mask, labels=ids)
         loss = out.loss + aux_loss(model)
         loss.backward()

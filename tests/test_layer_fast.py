@@ -113,7 +113,8 @@ def test_layer_matches_brute_force(router, composition):
 
 @pytest.mark.parametrize("composition", ["params", "outputs"])
 def test_inference_path_equals_training_path(composition):
-    """Without autograd the layer skips the Function; the numbers must be the same bits."""
+    """Without autograd the layer skips the Function and runs A and W_g as separate GEMMs (autograd: one GEMM on
+    [A; W_g]); the same maths, equal to float32 rounding (how BLAS groups a GEMM differs between CPUs)."""
     torch.manual_seed(0)
     base = torch.nn.Linear(D_IN, D_OUT).requires_grad_(False)
     layer = MoLoRALinear(base, LMoEConfig(num_experts=E, rank=R, composition=composition,
@@ -122,7 +123,7 @@ def test_inference_path_equals_training_path(composition):
     x = torch.randn(3, T, D_IN)
     with torch.no_grad():
         fast = layer(x)
-    assert torch.equal(fast, layer(x))
+    torch.testing.assert_close(fast, layer(x))
 
 
 @pytest.mark.parametrize("router", ["softmax", "topk", "dynamic"])
