@@ -1,8 +1,10 @@
 """Datasets as chat examples with labels on the answer tokens only: built-in tasks and user files.
 
-A record is {"messages": [{"role", "content"}, ...], "domain": str} or {"text": str, "domain": str}.
-Records become Examples (token ids + labels, -100 where no loss) with the tokenizer's chat template,
-and Examples become length-bucketed padded batches.
+A record is {"messages": [{"role", "content"}, ...], "domain": str}, {"text": str, "domain": str}, or
+{"segments": [(text, is_answer), ...], "domain": str} (plain text with the loss on the answer pieces);
+a multiple-choice row becomes a question record that lmoe.choices.training_record turns into one of
+those. Records become Examples (token ids + labels, -100 where no loss) with the tokenizer's chat
+template, and Examples become length-bucketed padded batches.
 """
 from __future__ import annotations
 
@@ -80,9 +82,13 @@ def _read_with_datasets(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def to_record(row: object, domain: str, where: str) -> dict:
-    """Normalise one row ({prompt, completion} | {messages} | {text}) to a record; say where a bad one is."""
+    """Normalise one row ({prompt, completion} | {messages} | {text} | {question, choices, answer}) to a
+    record; say where a bad one is."""
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}.")
+    if "choices" in row:
+        from .choices import choice_record  # lmoe.choices builds on this module
+        return choice_record(row, domain, where)
     domain = str(row.get("domain") or domain)
     if "messages" in row:
         messages = row["messages"]
@@ -97,7 +103,8 @@ def to_record(row: object, domain: str, where: str) -> dict:
         return {"messages": chat(row["prompt"], row["completion"]), "domain": domain}
     if isinstance(row.get("text"), str):
         return {"text": row["text"], "domain": domain}
-    raise ValueError(f"{where}: expected keys prompt+completion, messages, or text (strings); "
+    raise ValueError(f"{where}: expected keys prompt+completion, messages, or text (strings), "
+                     "or question+choices+answer; "
                      f"got {sorted(row)}.")
 
 
@@ -146,8 +153,12 @@ def encode(tokenizer, record: dict) -> Example:
         if tokenizer.eos_token_id is not None:
             ids = ids + [tokenizer.eos_token_id]
         return Example(ids, list(ids), record["domain"])
+    if "choices" in record:
+        raise ValueError(f"{record['where']}: a multiple-choice question trains through "
+                         "lmoe.choices.training_record(record, MultipleChoice(...)), which picks its prompt protocol.")
+    pieces = record["segments"] if "segments" in record else chat_segments(tokenizer, record["messages"])
     input_ids, labels = [], []
-    for text, is_answer in chat_segments(tokenizer, record["messages"]):
+    for text, is_answer in pieces:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         input_ids += ids
         labels += ids if is_answer else [IGNORE] * len(ids)
@@ -155,18 +166,22 @@ def encode(tokenizer, record: dict) -> Example:
 
 
 def encode_all(tokenizer, records: Iterable[dict], max_length: int) -> list[Example]:
-    """Encode and truncate to max_length tokens, warning once with how many were cut."""
-    examples, cut = [], 0
-    for record in records:
+    """Encode and truncate to max_length tokens, warning once with how many were cut and how many of
+    those lost every answer token (they are left out: nothing to learn or score)."""
+    examples, cut, dropped, total = [], 0, 0, 0
+    for total, record in enumerate(records, start=1):
         ex = encode(tokenizer, record)
-        if len(ex.input_ids) > max_length:
-            cut += 1
+        long = len(ex.input_ids) > max_length
+        if long:
             ex = Example(ex.input_ids[:max_length], ex.labels[:max_length], ex.domain)
-        if any(label != IGNORE for label in ex.labels[1:]):  # the first label is never predicted
+        keep = any(label != IGNORE for label in ex.labels[1:])  # the first label is never predicted
+        cut, dropped = cut + long, dropped + (long and not keep)
+        if keep:
             examples.append(ex)
     if cut:
-        log.warning("lmoe: %d of %d examples were longer than max_length=%d tokens and were truncated; "
-                    "raise max_length to keep them whole.", cut, len(examples), max_length)
+        log.warning("lmoe: %d of %d examples were longer than max_length=%d tokens and were truncated (%d of them "
+                    "lost their whole answer and were left out); raise max_length to keep them whole.",
+                    cut, total, max_length, dropped)
     return examples
 
 

@@ -1,10 +1,12 @@
-"""Evaluation: answer perplexity, greedy exact match per skill, multiple-choice log-likelihood accuracy.
+"""Evaluation: answer perplexity, greedy exact match per skill, multiple-choice accuracy (letter and cloze).
 
-Every metric is computed from the same two primitives: the summed log-probability of the labelled
-tokens of an Example (answer_logprobs) and batched generation from chat prompts (generate).
+Every metric is computed from three primitives: the summed log-probability of the labelled tokens of an
+Example (answer_logprobs), that of continuations sharing one prefix's KV cache (continuation_logprobs),
+and batched generation from chat prompts (generate).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections import defaultdict
@@ -13,7 +15,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
+from .choices import MultipleChoice, requests
 from .data import IGNORE, Example, Mixture, collate, encode_all, read_records, render_prompt
 from .io import atomic_write
 
@@ -85,43 +89,98 @@ def exact_match(model: nn.Module, tokenizer, records: list[dict], batch_size: in
     return {domain: hits[domain] / totals[domain] for domain in totals}
 
 
-def multiple_choice(model: nn.Module, tokenizer, records: list[dict], max_length: int = 512) -> dict[str, float]:
-    """lm-eval style accuracy: pick the choice with the highest summed log-likelihood as the answer
-    (acc), or the highest log-likelihood per character of the choice (acc_norm)."""
-    examples, sizes, gold = [], [], []
-    for record in records:
-        for choice in record["choices"]:
-            examples += encode_all(tokenizer, [{"messages": [{"role": "user", "content": record["question"]},
-                                                             {"role": "assistant", "content": choice}],
-                                                "domain": "mc"}], max_length)
-        sizes.append(len(record["choices"]))
-        gold.append(record["gold"])
-    scores = [lp for lp, _ in answer_logprobs(model, examples, tokenizer.pad_token_id)]
+def _takes_cache(model: nn.Module) -> bool:
+    """A transformers causal LM (KV cache, position_ids); anything else is scored without prefix sharing."""
+    return getattr(getattr(model, "config", None), "use_cache", None) is not None
+
+
+def continuation_logprobs(model: nn.Module, requests: list[tuple[list[int], list[list[int]]]], pad_id: int,
+                          batch_tokens: int = 4096, progress: bool = True) -> list[list[float]]:
+    """For each (prefix ids, [continuation ids, ...]): sum of log p(continuation | prefix), per continuation.
+
+    Each prefix runs once and its KV cache serves all its continuations; requests are batched by prefix
+    length, about batch_tokens (continuations x padded length) per batch. The same numbers as scoring
+    every prefix + continuation on its own (answer_logprobs), which models without a cache get."""
+    order = sorted(range(len(requests)), key=lambda i: (len(requests[i][0]), len(requests[i][1])))
+    batches, batch = [], []
+    for i in order:
+        grown = batch + [i]
+        width = len(requests[i][0]) + max(len(c) for j in grown for c in requests[j][1])
+        if batch and sum(len(requests[j][1]) for j in grown) * width > batch_tokens:
+            batches.append(batch)
+            grown = [i]
+        batch = grown
+    batches += [batch] if batch else []
+    score = _shared_batch if _takes_cache(model) else _unshared_batch
+    results: list[list[float]] = [[] for _ in requests]
+    model.eval()
+    with tqdm(total=sum(len(c) for _, c in requests), desc="score choices", unit="choice", disable=not progress,
+              leave=False) as bar:
+        for batch in batches:
+            for i, scores in zip(batch, score(model, [requests[i] for i in batch], pad_id)):
+                results[i] = scores
+            bar.update(sum(len(requests[i][1]) for i in batch))
+    return results
+
+
+def _unshared_batch(model: nn.Module, requests: list, pad_id: int) -> list[list[float]]:
+    """The reference: every prefix + continuation as its own sequence."""
+    examples = [Example(prefix + cont, [IGNORE] * len(prefix) + cont) for prefix, conts in requests for cont in conts]
+    flat = iter(lp for lp, _ in answer_logprobs(model, examples, pad_id, batch_size=len(examples)))
+    return [[next(flat) for _ in conts] for _, conts in requests]
+
+
+@torch.no_grad()
+def _shared_batch(model: nn.Module, requests: list, pad_id: int) -> list[list[float]]:
+    """Prefixes left-padded in one forward (last position's logits only), the cache repeated per continuation,
+    then every continuation right-padded in one forward that attends to its prefix's cache."""
+    device = _device(model)
+    width = max(len(p) for p, _ in requests)
+    ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, (prefix, _) in enumerate(requests):
+        ids[row, width - len(prefix):], mask[row, width - len(prefix):] = torch.tensor(prefix), 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    takes = inspect.signature(model.forward).parameters
+    cache_name = "cache" if "cache" in takes else "past_key_values"  # transformers >= 5.2 renamed it
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in takes else {}  # the last position's logits only
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
+    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # (questions, vocab): each continuation's first token
+    owner = torch.tensor([row for row, (_, conts) in enumerate(requests) for _ in conts], device=device)
+    conts = [c for _, cs in requests for c in cs]
+    logprob = first[owner, torch.tensor([c[0] for c in conts], device=device)]  # (continuations,)
+    longest = max(len(c) for c in conts)
+    if longest > 1:  # the letter protocol stops here: one forward per question
+        cache = getattr(out, "cache", None) or out.past_key_values
+        cache.reorder_cache(owner)  # row i of the cache now belongs to continuation i
+        tail = torch.full((len(conts), longest), pad_id, dtype=torch.long)
+        tail_mask = torch.zeros_like(tail)
+        for row, cont in enumerate(conts):
+            tail[row, :len(cont)], tail_mask[row, :len(cont)] = torch.tensor(cont), 1
+        tail, tail_mask = tail.to(device), tail_mask.to(device)
+        logits = model(input_ids=tail, attention_mask=torch.cat([mask[owner], tail_mask], 1), **{cache_name: cache},
+                       position_ids=mask.sum(-1)[owner, None] + torch.arange(longest, device=device),
+                       use_cache=True).logits[:, :-1].float()  # (continuations, longest-1, vocab)
+        picked = logits.gather(-1, tail[:, 1:, None]).squeeze(-1) - logits.logsumexp(-1)
+        logprob = logprob + (picked * tail_mask[:, 1:]).sum(-1)
+    flat = iter(logprob.tolist())
+    return [[next(flat) for _ in cs] for _, cs in requests]
+
+
+def multiple_choice(model: nn.Module, tokenizer, records: list[dict], fmt: MultipleChoice | None = None,
+                    max_length: int = 512, progress: bool = True) -> dict[str, float]:
+    """Accuracy on question records: letter protocol (acc: the most likely option letter), or cloze (acc:
+    highest summed log-likelihood of the choice text; acc_norm: per character of the choice, as lm-eval)."""
+    fmt = fmt or MultipleChoice()
+    scores = continuation_logprobs(model, requests(tokenizer, records, fmt, max_length), tokenizer.pad_token_id,
+                                   progress=progress)
     acc = acc_norm = 0
-    for record, n, answer in zip(records, sizes, gold):
-        mine, scores = scores[:n], scores[n:]
-        acc += max(range(n), key=lambda i: mine[i]) == answer
-        acc_norm += max(range(n), key=lambda i: mine[i] / max(len(record["choices"][i]), 1)) == answer
-    return {"acc": acc / len(records), "acc_norm": acc_norm / len(records), "n": len(records)}
-
-
-def read_choice_records(path: str | Path) -> list[dict]:
-    """JSONL of {"question", "choices": [...], "answer": index or choice text}, checked line by line."""
-    records = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            choices, answer = row["choices"], row["answer"]
-            gold = choices.index(answer) if isinstance(answer, str) else int(answer)
-            if not isinstance(row["question"], str) or not 0 <= gold < len(choices):
-                raise ValueError("answer out of range")
-        except (json.JSONDecodeError, KeyError, ValueError, TypeError) as err:
-            raise ValueError(f"{path}:{number}: expected {{\"question\": str, \"choices\": [str, ...], \"answer\": "
-                             f"index or one of the choices}} ({err}).") from err
-        records.append({"question": row["question"], "choices": [str(c) for c in choices], "gold": gold})
-    return records
+    for record, mine in zip(records, scores, strict=True):
+        acc += max(range(len(mine)), key=mine.__getitem__) == record["gold"]
+        acc_norm += max(range(len(mine)), key=lambda i: mine[i] / max(len(record["choices"][i]), 1)) == record["gold"]
+    result = {"acc": acc / len(records), "n": len(records)}
+    return result if fmt.protocol == "letter" else {**result, "acc_norm": acc_norm / len(records)}
 
 
 def evaluate_mixture(model: nn.Module, tokenizer, mixture: Mixture, max_length: int = 256) -> dict:
@@ -142,11 +201,17 @@ def is_choice_file(path: str | Path) -> bool:
     return path.suffix == ".jsonl" and '"choices"' in first
 
 
-def evaluate_file(model: nn.Module, tokenizer, path: str | Path, max_length: int = 512) -> dict:
-    """Multiple-choice accuracy if the JSONL has "choices", otherwise answer perplexity per domain."""
-    if is_choice_file(path):
-        return {"multiple_choice": multiple_choice(model, tokenizer, read_choice_records(path), max_length)}
-    examples = encode_all(tokenizer, read_records(path), max_length)
+def evaluate_file(model: nn.Module, tokenizer, path: str | Path, max_length: int = 512,
+                  fmt: MultipleChoice | None = None) -> dict:
+    """Multiple-choice accuracy if the records are questions ({"question", "choices", "answer"}),
+    otherwise answer perplexity per domain."""
+    records = read_records(path)
+    questions = [r for r in records if "choices" in r]
+    if questions and len(questions) < len(records):
+        raise ValueError(f"{path} mixes multiple-choice questions with other records; put them in two files.")
+    if questions:
+        return {"multiple_choice": multiple_choice(model, tokenizer, questions, fmt, max_length)}
+    examples = encode_all(tokenizer, records, max_length)
     return {"perplexity": perplexity(model, examples, tokenizer.pad_token_id)}
 
 

@@ -34,6 +34,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
+from .choices import MultipleChoice, training_record
 from .compose import freeze_experts
 from .config import LMoEConfig, check_known_keys
 from .data import IGNORE, Example, Mixture, batch_stream, collate, encode_all, read_records
@@ -70,6 +71,7 @@ class TrainConfig:
     output_dir: str = "runs/lmoe"
     lmoe: LMoEConfig = field(default_factory=default_lmoe)
     mixture: Mixture = field(default_factory=Mixture)
+    mc: MultipleChoice = field(default_factory=MultipleChoice)  # how multiple-choice data trains and is scored
     steps: int = 150
     batch_size: int = 8
     grad_accum: int = 1
@@ -98,6 +100,8 @@ class TrainConfig:
             self.lmoe = LMoEConfig.from_dict({**DEFAULT_LMOE, **self.lmoe})
         if isinstance(self.mixture, dict):
             self.mixture = Mixture(**check_known_keys(Mixture, self.mixture, "mixture."))
+        if isinstance(self.mc, dict):
+            self.mc = MultipleChoice(**check_known_keys(MultipleChoice, self.mc, "mc."))
         for name in ("data", "eval_data"):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)])
@@ -230,6 +234,7 @@ def mixed_precision(precision: str) -> str:
 
 def training_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
     records = cfg.mixture.train_records() if not cfg.data else [r for path in cfg.data for r in read_records(path)]
+    records = [training_record(r, cfg.mc) if "choices" in r else r for r in records]
     return encode_all(tokenizer, records, cfg.max_length)
 
 
@@ -262,7 +267,7 @@ def evaluate_all(model: nn.Module, tokenizer, cfg: TrainConfig) -> dict:
     """The built-in mixture's held-out metrics (when training on it) plus every eval_data file."""
     results = {} if cfg.data else evaluate_mixture(model, tokenizer, cfg.mixture, cfg.max_length)
     for path in cfg.eval_data:
-        for metric, values in evaluate_file(model, tokenizer, path, cfg.max_length).items():
+        for metric, values in evaluate_file(model, tokenizer, path, cfg.max_length, cfg.mc).items():
             results[f"{metric}:{Path(path).stem}"] = values
     return results
 

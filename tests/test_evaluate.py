@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 import lmoe.evaluate as ev
+from lmoe.choices import MultipleChoice, letter_prompt, requests
 from lmoe.data import Example, encode
-from tiny import tiny_tokenizer, write_jsonl
+from tiny import tiny_llama, tiny_tokenizer, write_jsonl
 
 
 class Bigram(nn.Module):
@@ -60,7 +61,7 @@ def test_multiple_choice_raw_and_length_normalised(tok, tmp_path):
     rows = [{"question": "the cat?", "choices": ["sat", "the mat on the mat", "hello there"], "answer": 1},
             {"question": "What is 12 + 30?", "choices": ["42", "one two three"], "answer": "42"}]
     path = write_jsonl(tmp_path / "mc.jsonl", rows)
-    got = ev.evaluate_file(Bigram(table), tok, path)["multiple_choice"]
+    got = ev.evaluate_file(Bigram(table), tok, path, fmt=MultipleChoice("cloze", "chat"))["multiple_choice"]
     acc = acc_norm = 0
     for row in rows:
         gold = row["answer"] if isinstance(row["answer"], int) else row["choices"].index(row["answer"])
@@ -72,10 +73,10 @@ def test_multiple_choice_raw_and_length_normalised(tok, tmp_path):
 
 def test_bad_multiple_choice_line_names_its_number(tmp_path, tok):
     path = tmp_path / "mc.jsonl"
-    path.write_text(json.dumps({"question": "q", "choices": ["a"], "answer": 0}) + "\n"
+    path.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0}) + "\n"
                     + json.dumps({"question": "q", "choices": ["a", "b"], "answer": 5}) + "\n")
-    with pytest.raises(ValueError, match=r"mc.jsonl:2:"):
-        ev.read_choice_records(path)
+    with pytest.raises(ValueError, match=r"mc.jsonl:2:.*out of range"):
+        ev.evaluate_file(Bigram(torch.zeros(len(tok), len(tok))), tok, path)
 
 
 def test_exact_match_per_domain_normalises_case_space_and_full_stop(tok, monkeypatch):
@@ -87,7 +88,6 @@ def test_exact_match_per_domain_normalises_case_space_and_full_stop(tok, monkeyp
 
 
 def test_generate_greedy_matches_step_by_step_argmax(tok):
-    from tiny import tiny_llama
     model = tiny_llama(len(tok))
     replies = ev.generate(model, tok, ["the cat", "What is 12 + 30? please"], max_new_tokens=5)
     for prompt, reply in zip(["the cat", "What is 12 + 30? please"], replies):
@@ -110,3 +110,86 @@ def test_format_table_side_by_side():
     assert lines[0].split() == ["metric", "base", "trained"]
     assert lines[1].split() == ["exact_match", "add", "0.100", "0.900"]
     assert lines[2].split() == ["perplexity", "german", "20.000", "5.500"]
+
+
+# ---------------------------------------------------------------- multiple choice on a real (tiny) transformer
+
+def _brute_force(model, prefix, continuation):
+    """log p(continuation | prefix) from one unpadded, uncached forward of prefix + continuation (float64)."""
+    ids = torch.tensor([prefix + continuation])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+    return sum(float(logp[len(prefix) + t - 1, tok_id]) for t, tok_id in enumerate(continuation))
+
+
+def sharp_llama(vocab: int, seed: int):
+    """A tiny Llama with sharp attention (query and key weights x 8), so that a wrong position or mask shows."""
+    model = tiny_llama(vocab, seed=seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(8)
+    return model
+
+
+QUESTIONS = [{"question": "the cat sat on" + " the mat" * k, "choices": ["sat", "the mat on the mat", "hello there" * (1 + k % 3),
+                                                                     "one two", "What is 12 + 30?"][:2 + k % 4],
+              "gold": k % 2, "domain": "mc", "where": f"q{k}"} for k in range(9)]
+
+
+@pytest.mark.parametrize("batch_tokens", [1, 120, 100_000])  # one question per batch, a few, all at once
+@pytest.mark.parametrize("protocol,template", [("cloze", "chat"), ("cloze", "plain"), ("letter", "chat"),
+                                               ("letter", "plain")])
+def test_prefix_shared_scores_equal_each_sequence_scored_alone(tok, protocol, template, batch_tokens):
+    model = sharp_llama(len(tok), seed=3)
+    reqs = requests(tok, QUESTIONS, MultipleChoice(protocol, template), max_length=512)
+    got = ev.continuation_logprobs(model, reqs, tok.pad_token_id, batch_tokens=batch_tokens, progress=False)
+    want = [[_brute_force(model, prefix, c) for c in conts] for prefix, conts in reqs]
+    assert [len(g) for g in got] == [len(q["choices"]) for q in QUESTIONS]
+    torch.testing.assert_close(torch.tensor(sum(got, []), dtype=torch.float64), torch.tensor(sum(want, []), dtype=torch.float64),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_letter_accuracy_against_a_loop_over_the_options(tok):
+    """The letter picked by one forward of each prompt is the argmax of log p(letter | prompt) over options,
+    each option scored by its own forward of the chat prompt followed by that letter."""
+    model = tiny_llama(len(tok), seed=5)
+    hits = 0
+    for q in QUESTIONS:
+        scores = []
+        for letter in "ABCDE"[:len(q["choices"])]:
+            ex = encode(tok, {"messages": [{"role": "user", "content": letter_prompt(q)},
+                                           {"role": "assistant", "content": letter}], "domain": "mc"})
+            start = ex.labels.index(next(t for t in ex.labels if t != -100))
+            scores.append(_brute_force(model, ex.input_ids[:start], ex.input_ids[start:start + 1]))
+        hits += max(range(len(scores)), key=scores.__getitem__) == q["gold"]
+    got = ev.multiple_choice(model, tok, QUESTIONS, MultipleChoice("letter", "chat"), progress=False)
+    assert got == {"acc": hits / len(QUESTIONS), "n": len(QUESTIONS)}
+
+
+def test_a_question_longer_than_max_length_is_scored_with_its_prompt_cut_from_the_left(tok, tmp_path, caplog):
+    """The ARC-E crash: a long question used to lose its answer to truncation and shift every later score."""
+    model = tiny_llama(len(tok), seed=1)
+    rows = [{"question": "one two three four five six seven " * 12, "choices": ["hello there", "the cat"], "answer": 1},
+            {"question": "the cat?", "choices": ["sat", "the mat on the mat", "hello"], "answer": 1}]
+    fmt = MultipleChoice("cloze", "chat")
+    (prefix, conts), (short, short_conts) = requests(tok, ev.read_records(write_jsonl(tmp_path / "mc.jsonl", rows)),
+                                                     fmt, max_length=10_000)
+    assert len(prefix) > 40
+    with caplog.at_level("WARNING"):
+        got = ev.evaluate_file(model, tok, tmp_path / "mc.jsonl", max_length=40, fmt=fmt)["multiple_choice"]
+    assert "1 of 2 multiple-choice prompts" in caplog.text
+    longest = max(len(c) for c in conts)
+    kept = prefix[-(40 - longest):]  # the prompt's end, so that the longest choice fits whole
+    long_scores = [_brute_force(model, kept, c) for c in conts]
+    short_scores = [_brute_force(model, short, c) for c in short_conts]
+    acc = [max(range(len(s)), key=s.__getitem__) == 1 for s in (long_scores, short_scores)]
+    assert got["n"] == 2 and got["acc"] == sum(acc) / 2
+
+
+def test_a_choice_longer_than_max_length_is_an_error_naming_the_question(tok, tmp_path):
+    rows = [{"question": "q", "choices": ["a", "b"], "answer": 0},
+            {"question": "q", "choices": ["a", "one two three four five six seven " * 8], "answer": 0}]
+    path = write_jsonl(tmp_path / "mc.jsonl", rows)
+    with pytest.raises(ValueError, match=r"mc.jsonl:2: a choice is \d+ tokens.*max_length=20"):
+        ev.evaluate_file(tiny_llama(len(tok)), tok, path, max_length=20, fmt=MultipleChoice("cloze", "chat"))
