@@ -166,10 +166,10 @@ def section(rows: list[dict], args: argparse.Namespace, command: str) -> str:
     return "\n".join(lines)
 
 
-def replace_section(text: str, new: str) -> str:
-    """text with the SECTION block (up to the next '## ' heading) replaced by new, or new appended."""
+def replace_section(text: str, new: str, title: str = SECTION) -> str:
+    """text with the `title` block (up to the next '## ' heading) replaced by new, or new appended."""
     lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == title), None)
     if start is None:
         return text.rstrip("\n") + "\n\n\n" + new.rstrip("\n") + "\n"
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))

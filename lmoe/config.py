@@ -50,6 +50,9 @@ class LMoEConfig:
     temperature: float = 1.0
     composition: str = "params"
     router_bias: bool = False
+    # std of the gate W_g's normal init; None: nn.Linear's default (uniform, std 1/sqrt(3 d_in)). Larger
+    # values start every token off a non-uniform routing, so the experts see different gradients from step 1.
+    router_init_std: float | None = None
     load_balance_coef: float | None = None  # None: LOAD_BALANCE_DEFAULTS[router]
     z_loss_coef: float = 0.0
     # LD-MoLE (router="dynamic"): the sparsity objective keeps at most sparsity_target experts per token;
@@ -90,6 +93,8 @@ class LMoEConfig:
             value = getattr(self, name)
             if not _is_number(value) or value < 0:
                 _fail(name, value, "a finite number >= 0")
+        if self.router_init_std is not None and (not _is_number(self.router_init_std) or self.router_init_std < 0):
+            _fail("router_init_std", self.router_init_std, "a finite number >= 0, or null for nn.Linear's init")
         if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
             _fail("dropout", self.dropout, "a probability in [0, 1)")
         if not _is_number(self.lambda_eps) or not 0 < self.lambda_eps < 1:

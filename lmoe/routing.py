@@ -211,6 +211,8 @@ class Router(nn.Linear):
     def __init__(self, d_in: int, cfg: LMoEConfig, **factory) -> None:
         super().__init__(d_in, cfg.num_experts, bias=cfg.router_bias, **factory)
         self.temperature = cfg.temperature
+        if cfg.router_init_std is not None:
+            nn.init.normal_(self.weight, std=cfg.router_init_std)
 
     def logits(self, x: Tensor, wx: Tensor | None = None) -> Tensor:
         """u = W_g x (+ b_g) in float32, x: (tokens, d_in) -> (tokens, E). wx: W_g x when the caller has it

@@ -40,7 +40,7 @@ from .config import LMoEConfig, check_known_keys
 from .data import IGNORE, Example, Mixture, batch_stream, collate, encode_all, read_records
 from .evaluate import answer_logprobs, evaluate_file, evaluate_mixture, format_table, is_choice_file, write_json
 from .inject import (AUX_COEFS, active_expert_counts, aux_loss, aux_losses, count_parameters, get_config, inject,
-                     shared_modules)
+                     lmoe_layers, shared_modules)
 from .io import CONFIG_FILE, load_adapter, load_state, read_adapter_meta, save_adapter, save_state
 from .models import BUILTIN, LOAD_IN, check_context, enable_activation_checkpointing, load_model
 
@@ -76,6 +76,7 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 2e-3
+    router_lr_scale: float = 1.0  # the routers' (and lambda heads') learning rate is lr times this
     weight_decay: float = 0.0
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
@@ -110,6 +111,7 @@ class TrainConfig:
         for name in ("warmup_steps", "save_every", "eval_every", "seed"):
             _check(self, name, isinstance(getattr(self, name), int) and getattr(self, name) >= 0, "an integer >= 0")
         _check(self, "lr", _finite(self.lr) and self.lr > 0, "a finite number > 0")
+        _check(self, "router_lr_scale", _finite(self.router_lr_scale) and self.router_lr_scale > 0, "a finite number > 0")
         for name in ("weight_decay", "max_grad_norm"):
             _check(self, name, _finite(getattr(self, name)) and getattr(self, name) >= 0, "a finite number >= 0")
         _check(self, "precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}")
@@ -419,8 +421,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[dict], None
     trainable, total = count_parameters(model)
     accelerator.print(f"lmoe: {len(examples)} training examples; trainable params {trainable:,} of {total:,}")
     model = distribute(cfg, accelerator, model)  # before the optimizer: FSDP replaces the parameters
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
     optimizer = accelerator.prepare_optimizer(optimizer)
     state = load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler) if resume else TrainState()
@@ -446,6 +447,19 @@ def _save_and_evaluate(cfg: TrainConfig, accelerator: Accelerator, model: nn.Mod
             print(format_table(runs))
     accelerator.wait_for_everyone()  # the adapter is on disk when train() returns in any process
     return model
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """The trainable parameters as AdamW groups: the experts at cfg.lr, the routers (gates and LD-MoLE's
+    lambda heads) at cfg.lr * cfg.router_lr_scale. The experts start at B = 0, so the routers get no
+    gradient at first and then one E times smaller than a single LoRA's; a higher router rate lets the
+    routing move before the experts settle."""
+    routers = {id(p) for _, layer in lmoe_layers(extract_model_from_parallel(model))
+               for p in layer.router.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in routers], "lr": cfg.lr},
+              {"params": [p for p in trainable if id(p) in routers], "lr": cfg.lr * cfg.router_lr_scale}]
+    return [g for g in groups if g["params"]]
 
 
 def add_adapter(model: nn.Module, cfg: TrainConfig) -> None:

@@ -9,7 +9,7 @@ BAD = [
     (dict(router="topk", num_experts=2, top_k=3), "top_k.*1 to num_experts=2"), (dict(alpha=0), "alpha"),
     (dict(dropout=1.0), "dropout"), (dict(temperature=-1), "temperature"), (dict(target_modules=[]), "target_modules"),
     (dict(load_balance_coef=-0.1), "load_balance_coef"), (dict(z_loss_coef=float("nan")), "z_loss_coef"),
-    (dict(rank=True), "rank"),
+    (dict(rank=True), "rank"), (dict(router_init_std=-0.1), "router_init_std"),
 ]
 
 

@@ -418,3 +418,14 @@ def test_inject_fixes_one_lambda_width_for_the_whole_model_and_saves_it(tmp_path
     assert loaded.lmoe_config.lambda_hidden == expected
     explicit = inject(tiny_model("llama"), LMoEConfig(router="dynamic", target_modules="all-linear", lambda_hidden=24))
     assert explicit.lmoe_config.lambda_hidden == 24
+
+
+@pytest.mark.parametrize("router", ["softmax", "topk", "dynamic"])
+def test_router_init_std_draws_the_gate_from_that_normal(router):
+    torch.manual_seed(0)
+    default = build_router(512, LMoEConfig(num_experts=8, router=router)).weight.detach()
+    drawn = build_router(512, LMoEConfig(num_experts=8, router=router, router_init_std=0.3)).weight.detach()
+    assert float(default.std()) == pytest.approx(1 / math.sqrt(3 * 512), rel=0.05)  # nn.Linear's uniform
+    assert float(drawn.std()) == pytest.approx(0.3, rel=0.05) and abs(float(drawn.mean())) < 0.02
+    # a normal, not a stretched uniform: mass beyond 2 std (uniform: none)
+    assert 0.03 < float((drawn.abs() > 0.6).float().mean()) < 0.07

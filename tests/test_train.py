@@ -229,3 +229,44 @@ def test_dynamic_router_with_the_default_lambda_width_resumes(setup, tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
     saved = json.loads((result.adapter_dir / "adapter_config.json").read_text())["config"]
     assert isinstance(saved["lambda_hidden"], int) and saved["lambda_hidden"] >= 32
+
+
+def test_router_lr_scale_puts_routers_and_lambda_heads_in_their_own_group(setup):
+    from lmoe import LMoEConfig, inject, lmoe_layers
+    from lmoe.train import param_groups
+
+    model = inject(AutoModelForCausalLM.from_pretrained(setup[0]),
+                   LMoEConfig(num_experts=3, rank=2, router="dynamic", target_modules="all-linear"))
+    cfg = TrainConfig(lr=1e-3, router_lr_scale=25.0)
+    experts, routers = param_groups(model, cfg)
+    assert experts["lr"] == 1e-3 and routers["lr"] == pytest.approx(0.025)
+    router_ids = {id(p) for _, layer in lmoe_layers(model) for p in layer.router.parameters()}
+    assert {id(p) for p in routers["params"]} == router_ids  # the shared lambda head once, with the gates
+    assert len(routers["params"]) == len(router_ids)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sorted(map(id, experts["params"] + routers["params"])) == sorted(map(id, trainable))
+    with pytest.raises(ValueError, match="router_lr_scale"):
+        TrainConfig(router_lr_scale=0)
+
+
+def test_a_higher_router_lr_moves_the_routers_further(setup, tmp_path):
+    """AdamW steps scale with the learning rate: at 30x, the gates travel much further from their init."""
+    travel = {}
+    for scale in (1.0, 30.0):
+        torch.manual_seed(0)
+        out = tmp_path / f"x{scale:g}"
+        train(config(setup, out, router_lr_scale=scale, lr=1e-3, save_every=0))
+        final = load_file(str(out / "adapter" / "adapter.safetensors"))
+        travel[scale] = sum(float((final[k] - v).norm()) for k, v in _gate_weights(out).items())
+    assert travel[30.0] > 8 * travel[1.0] > 0
+
+
+def _gate_weights(out) -> dict:
+    """The gates' initial weights of the run in `out`: the same seed re-injects the same init."""
+    from lmoe import LMoEConfig, inject
+    from lmoe.io import read_adapter_meta
+
+    torch.manual_seed(0)
+    cfg = LMoEConfig.from_dict(read_adapter_meta(out / "adapter")["config"])
+    model = inject(AutoModelForCausalLM.from_pretrained(TrainConfig.from_file(out / "train_config.yaml").model), cfg)
+    return {k: v for k, v in model.state_dict().items() if k.endswith("router.weight")}

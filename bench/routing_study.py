@@ -1,0 +1,217 @@
+"""What makes routing learn (issue 16): train the built-in mixture under named settings and seeds, and record
+quality (exact match per skill, answer perplexity per domain) beside routing specialisation (mutual information
+I(domain; expert), normalised entropy, top-weight share, active experts) on the held-out answer tokens.
+
+    .venv/bin/python bench/routing_study.py --configs default lr_x20 --seeds 0 1 2
+    .venv/bin/python bench/routing_study.py --report          # rewrite the RESULTS.md section from the results
+
+Each finished (config, seed) is appended to --results (JSON lines) at once, so a stopped study loses at most the
+run in progress; a rerun skips what is there. A setting is a list of TrainConfig overrides on top of the default run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SECTION = "## Routing study"
+LORA = ["lmoe.num_experts=1", "lmoe.rank=16", "lmoe.alpha=32"]  # rank E*r of the default mixture (4 x 4)
+OUTPUTS = ["lmoe.composition=outputs"]
+# name -> overrides of the default run (4 experts of rank 4, alpha 8, q/v/up_proj, params, softmax, lr 2e-3)
+CONFIGS: dict[str, list[str]] = {
+    "default": [],
+    "lora_r16": LORA,
+    "lr_x10": ["router_lr_scale=10"],
+    "lr_x30": ["router_lr_scale=30"],
+    "lr_x100": ["router_lr_scale=100"],
+    "init_0.1": ["lmoe.router_init_std=0.1"],
+    "init_0.1_lr_x30": ["lmoe.router_init_std=0.1", "router_lr_scale=30"],
+    "temp_0.3_lr_x30": ["lmoe.temperature=0.3", "router_lr_scale=30"],
+    "top2_lr_x30": ["lmoe.router=topk", "lmoe.top_k=2", "router_lr_scale=30"],
+    "top1_lr_x30": ["lmoe.router=topk", "lmoe.top_k=1", "router_lr_scale=30"],
+    "outputs": OUTPUTS,
+    "outputs_lr_x30": OUTPUTS + ["router_lr_scale=30"],
+    "outputs_top2_lr_x30": OUTPUTS + ["lmoe.router=topk", "lmoe.top_k=2", "router_lr_scale=30"],
+    "lb_0_lr_x30": ["lmoe.load_balance_coef=0", "router_lr_scale=30"],
+    "lb_0.1_lr_x30": ["lmoe.load_balance_coef=0.1", "router_lr_scale=30"],
+    "dynamic": ["lmoe.router=dynamic"],
+    "dynamic_sparsity": ["lmoe.router=dynamic", "lmoe.sparsity_coef=1.0"],
+    "dynamic_sparsity_lr_x30": ["lmoe.router=dynamic", "lmoe.sparsity_coef=1.0", "router_lr_scale=30"],
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", nargs="+", default=["default", "lora_r16"], metavar="NAME",
+                   help=f"settings to run, of: {', '.join(CONFIGS)}")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--extra", nargs="*", default=[], help="overrides added to every run (e.g. steps=100)")
+    p.add_argument("--results", default="bench/results/routing_study.jsonl")
+    p.add_argument("--work-dir", default="runs/study")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--report", action="store_true", help="only rewrite the RESULTS.md section from --results")
+    p.add_argument("--out", default="bench/RESULTS.md")
+    return p.parse_args(argv)
+
+
+def run_name(config: str, seed: int, extra: list[str]) -> str:
+    return f"{config}-s{seed}" + ("-" + "-".join(e.replace("=", "") for e in extra) if extra else "")
+
+
+@torch.no_grad()
+def routing_metrics(model, tokenizer, cfg) -> dict:
+    """Specialisation on the held-out answer tokens (interim; to be replaced by lmoe.analysis's)."""
+    from lmoe.data import IGNORE, collate, encode_all
+    from lmoe.inject import record_routing
+
+    examples = encode_all(tokenizer, cfg.mixture.conversations("test") + cfg.mixture.skill_items("test"),
+                          cfg.max_length)
+    model.eval()
+    per_domain: dict[str, dict[str, list]] = {}
+    for domain in sorted({e.domain for e in examples}):
+        group = [e for e in examples if e.domain == domain]
+        for i in range(0, len(group), 16):
+            batch = collate(group[i:i + 16], tokenizer.pad_token_id)
+            answer = (batch["labels"] != IGNORE)[batch["attention_mask"].bool()]
+            with record_routing(model) as rec:
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                for layer in rec:
+                    per_domain.setdefault(domain, {}).setdefault(layer, []).append(rec[layer].float()[answer])
+    layers = list(next(iter(per_domain.values())))
+    stats = {"mutual_information_bits": [], "entropy_normalised": [], "top_weight_above_half": [], "active_experts": []}
+    for layer in layers:
+        gs = {d: torch.cat(v[layer]) for d, v in per_domain.items()}
+        g_all = torch.cat(list(gs.values()))
+        E = g_all.shape[1]
+        n = {d: g.shape[0] for d, g in gs.items()}
+        total = sum(n.values())
+        cond = torch.stack([gs[d].mean(0) for d in gs])
+        pd = torch.tensor([n[d] / total for d in gs])
+        marg = (pd[:, None] * cond).sum(0)
+        h = lambda p: -(p * torch.log2(p.clamp_min(1e-12))).sum(-1)
+        stats["mutual_information_bits"].append(float(h(marg) - (pd * h(cond)).sum()))
+        ent = -(g_all * torch.log(g_all.clamp_min(1e-12))).sum(-1) / math.log(E)
+        stats["entropy_normalised"].append(float(ent.mean()))
+        stats["top_weight_above_half"].append(float((g_all.max(-1).values > 0.5).float().mean()))
+        stats["active_experts"].append(float((g_all > 0).sum(-1).float().mean()))
+    model.train()
+    return {"tokens": "held-out answer tokens", "per_layer": {"layers": layers, **stats},
+            "mean": {k: sum(v) / len(v) for k, v in stats.items()},
+            "group_usage": {d: torch.stack([torch.cat(v[l]).mean(0) for l in layers]).mean(0).tolist()
+                            for d, v in per_domain.items()}}
+
+
+def run_one(args: argparse.Namespace, config: str, seed: int) -> dict:
+    from lmoe.inject import count_parameters
+    from lmoe.train import TrainConfig, read_metrics, train
+
+    name = run_name(config, seed, args.extra)
+    overrides = [f"output_dir={Path(args.work_dir) / name}", "compare_base=false", f"seed={seed}",
+                 "save_every=0", *CONFIGS[config], *args.extra]
+    cfg = TrainConfig.from_file(None, overrides)
+    start = time.perf_counter()
+    result = train(cfg)
+    row = {"name": name, "config": config, "seed": seed, "overrides": overrides[1:],
+           "results": result.results["trained"], "wall_s": time.perf_counter() - start,
+           "s_per_step": read_metrics(cfg.output_dir)[-1]["elapsed_s"] / cfg.steps,
+           "trainable": count_parameters(result.model)[0], "steps": cfg.steps}
+    if cfg.lmoe.num_experts > 1:
+        row["routing"] = routing_metrics(result.model, result.tokenizer, cfg)
+    return row
+
+
+def done_names(path: Path) -> set[str]:
+    if not path.is_file():
+        return set()
+    return {json.loads(line)["name"] for line in path.read_text().splitlines() if line.strip()}
+
+
+# ---------------------------------------------------------------- report
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """One entry per (config, extra overrides): metric -> list over seeds."""
+    groups: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["config"], tuple(o for o in r["overrides"] if not o.startswith(("seed=", "output_dir="))))
+        g = groups.setdefault(key, {"config": r["config"], "overrides": list(key[1]), "seeds": [], "em": [],
+                                    "ppl": [], "mi": [], "entropy": [], "top50": [], "active": [], "s_step": []})
+        em, ppl = r["results"].get("exact_match", {}), r["results"].get("perplexity", {})
+        g["seeds"].append(r["seed"])
+        g["em"].append(sum(em.values()) / len(em))
+        g["ppl"].append(math.exp(sum(math.log(v) for v in ppl.values()) / len(ppl)))  # geometric mean
+        g["s_step"].append(r["s_per_step"])
+        rt = r.get("routing")
+        if rt:
+            g["mi"].append(rt["mean"]["mutual_information_bits"])
+            g["entropy"].append(rt["mean"]["entropy_normalised"])
+            g["top50"].append(rt["mean"]["top_weight_above_half"])
+            g["active"].append(rt["mean"]["active_experts"])
+    return list(groups.values())
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ["setting", "overrides", "seeds", "EM mean", "ppl (geo. mean)", "I(domain; expert) bits",
+            "entropy / log E", "share top > 0.5", "active experts", "s/step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in summarise(rows):
+        over = " ".join(o for o in g["overrides"] if not o.startswith(("compare_base", "save_every"))) or "(none)"
+        cells = [g["config"], f"`{over}`", str(len(g["seeds"])), mean_std(g["em"]), mean_std(g["ppl"]),
+                 mean_std(g["mi"]), mean_std(g["entropy"]), mean_std(g["top50"]), mean_std(g["active"]),
+                 f"{statistics.mean(g['s_step']):.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(results: Path, out: Path, note: str = "") -> None:
+    from compare import replace_section  # bench/compare.py: one implementation of the section rewrite
+
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    body = [SECTION, "", note, "", format_table(rows), ""] if note else [SECTION, "", format_table(rows), ""]
+    text = out.read_text() if out.is_file() else ""
+    out.write_text(replace_section(text, "\n".join(body), SECTION))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    results = Path(args.results)
+    if args.report:
+        write_report(results, Path(args.out))
+        return
+    unknown = [c for c in args.configs if c not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"routing_study: unknown settings {unknown}; known: {', '.join(CONFIGS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    for config in args.configs:
+        for seed in args.seeds:
+            if run_name(config, seed, args.extra) in done_names(results):
+                continue
+            print(f"routing_study: {config} seed {seed} {' '.join(args.extra)}", flush=True)
+            row = run_one(args, config, seed)
+            row["command"] = shlex.join([".venv/bin/python", "bench/routing_study.py", *sys.argv[1:]])
+            row["load_average"] = os.getloadavg()
+            with open(results, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps({k: row[k] for k in ("name", "wall_s", "s_per_step")} | {"routing": row.get("routing", {}).get("mean")}), flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    main()
