@@ -1,81 +1,87 @@
-"""Routing analysis: how many experts each token uses in each layer, how loaded each expert is, and
-which experts each skill (or any named group of data) uses; as a JSON summary and PNG plots.
+"""Routing analysis: how many experts each token uses in each layer, how sure and how loaded the routing
+is, and how much it specialises by skill or domain (I(domain; expert)); as a JSON summary and PNG plots.
 
-The model runs over named groups of batches under `lmoe.record_routing`; every real (unpadded) token
-gives one routing vector g (E,) per layer. An expert is active for a token when g_i > 0: always all E
-for softmax, k for top-k, a learned, varying number for the dynamic (LD-MoLE) router.
+The model runs over named groups of batches under `lmoe.record_routing`; every real (unpadded) token, or
+only every answer token (labels != -100), gives one routing vector g (E,) per layer. An expert is active
+for a token when g_i > 0: always all E for softmax, k for top-k, a learned, varying number for LD-MoLE.
+The statistics themselves are pure maths in lmoe.routing_stats.
 """
 from __future__ import annotations
 
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from .data import IGNORE, Example, Mixture, collate, encode_all
 from .inject import record_routing
-
-if TYPE_CHECKING:
-    from .data import Example
+from .routing_stats import RoutingStats, routing_stats, summary
 
 SUMMARY_FILE = "routing_summary.json"
-PLOT_FILES = {"load": "layer_expert_load.png", "active": "active_experts.png", "groups": "skill_expert_usage.png"}
-
-
-def active_experts(g: Tensor) -> Tensor:
-    """Number of experts with non-zero weight, per token: (tokens, E) -> (tokens,)."""
-    return (g > 0).sum(-1)
+PLOT_FILES = {"load": "layer_expert_load.png", "active": "active_experts.png", "groups": "skill_expert_usage.png",
+              "specialisation": "specialisation_by_layer.png", "experts_per_layer": "experts_per_token_by_layer.png"}
+TOKENS = {"all": "every real (unpadded) token", "answer": "answer tokens only (labels != -100)"}
 
 
 # ---------------------------------------------------------------- collecting routing weights
 
-def collect_routing(model: nn.Module, batches_by_name: Mapping[str, Iterable]) -> dict[str, dict[str, Tensor]]:
-    """group name -> layer name -> (tokens, E) float32 CPU routing weights of the group's real tokens.
+def collect_routing(model: nn.Module, batches_by_name: Mapping[str, Iterable],
+                    tokens: str = "all") -> dict[str, dict[str, Tensor]]:
+    """group name -> layer name -> (tokens, E) float32 CPU routing weights of the group's real tokens
+    (tokens="all") or of its answer tokens (tokens="answer": where the batch's labels are not -100).
 
-    A batch is a dict with "input_ids" (batch, T) and optionally "attention_mask" (padding is left
-    out), or a bare input_ids tensor. Runs in eval mode without gradients; the mode is restored.
+    A batch is a dict with "input_ids" (batch, T) and optionally "attention_mask" (padding is left out) and
+    "labels", or a bare input_ids tensor. Runs in eval mode without gradients; the mode is restored.
     """
+    if tokens not in TOKENS:
+        raise ValueError(f"collect_routing: tokens={tokens!r}; expected one of {', '.join(TOKENS)}.")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     out = {}
     try:
         for name, batches in batches_by_name.items():
-            out[name] = _route_group(model, batches, device)
+            out[name] = _route_group(model, batches, device, tokens == "answer")
     finally:
         model.train(was_training)
     return out
 
 
-def _route_group(model: nn.Module, batches: Iterable, device: torch.device) -> dict[str, Tensor]:
-    real = 0
+def _route_group(model: nn.Module, batches: Iterable, device: torch.device, answers: bool) -> dict[str, Tensor]:
+    keep = []  # per batch: which of its real tokens count, in the record's order (row-major, padding left out)
     with record_routing(model) as rec, torch.no_grad():  # the record leaves padding out
         for batch in batches:
             ids = batch["input_ids"] if isinstance(batch, Mapping) else batch
             mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
             mask = torch.ones_like(ids) if mask is None else mask
             model(input_ids=ids.to(device), attention_mask=mask.to(device))
-            real += int(mask.bool().sum())
+            keep.append(_answer_tokens(batch, mask) if answers else torch.ones(int(mask.bool().sum()), dtype=torch.bool))
+        keep = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.bool)
         weights = {}
         for layer in rec:
             g = rec[layer].float().cpu()
-            if g.shape[0] != real:
-                raise RuntimeError(f"Layer {layer} routed {g.shape[0]} tokens for {real} real input tokens; "
+            if g.shape[0] != len(keep):
+                raise RuntimeError(f"Layer {layer} routed {g.shape[0]} tokens for {len(keep)} real input tokens; "
                                    "analysis needs each mixture layer to run once per forward.")
-            weights[layer] = g
+            weights[layer] = g[keep]
     return weights
+
+
+def _answer_tokens(batch, mask: Tensor) -> Tensor:
+    """(real tokens,) bool: which real tokens of the batch are answer tokens."""
+    if not isinstance(batch, Mapping) or "labels" not in batch:
+        raise ValueError("collect_routing(tokens='answer') needs batches with \"labels\" (e.g. from "
+                         "batches_by_domain / lmoe.data.collate); use tokens='all' for bare input_ids.")
+    return (batch["labels"] != IGNORE)[mask.bool()].cpu()
 
 
 def batches_by_domain(examples: list[Example], pad_id: int, batch_size: int = 16) -> dict[str, list[dict]]:
     """Group encoded examples by their domain (skill or conversation domain) into padded batches."""
-    from .data import collate
-
     groups: dict[str, list[Example]] = {}
     for ex in examples:
         groups.setdefault(ex.domain, []).append(ex)
@@ -83,65 +89,24 @@ def batches_by_domain(examples: list[Example], pad_id: int, batch_size: int = 16
             for name, exs in groups.items()}
 
 
+def held_out_batches(tokenizer, mixture: Mixture | None = None, max_length: int = 128) -> dict[str, list[dict]]:
+    """The built-in mixture's held-out skill items and conversations, batched per skill / domain."""
+    mixture = Mixture() if mixture is None else mixture
+    examples = encode_all(tokenizer, mixture.skill_items("test") + mixture.conversations("test"), max_length)
+    return batches_by_domain(examples, tokenizer.pad_token_id)
+
+
 # ---------------------------------------------------------------- statistics
 
-@dataclass
-class RoutingStats:
-    """Routing statistics over all groups' tokens; rows follow `layers`, columns the E experts."""
-
-    layers: list[str]
-    groups: list[str]
-    tokens: dict[str, int]  # tokens per group
-    active_hist: Tensor  # (layers, E): share of tokens with 1..E active experts
-    mean_active: Tensor  # (layers,): mean number of active experts per token
-    load: Tensor  # (layers, E): mean routing weight g_i (rows sum to 1)
-    dispatch: Tensor  # (layers, E): share of tokens with g_i > 0
-    group_usage: Tensor  # (groups, layers, E): mean routing weight within each group
-    group_active: Tensor  # (groups, layers): mean active experts within each group
-
-    @property
-    def num_experts(self) -> int:
-        return self.load.shape[-1]
+def routing_summary(model: nn.Module, batches_by_name: Mapping[str, Iterable], tokens: str = "answer") -> dict:
+    """The JSON-ready statistics (lmoe.routing_stats.summary) of the groups' routing, with the tokens used."""
+    return {"tokens_used": TOKENS[tokens], **summary(routing_stats(collect_routing(model, batches_by_name, tokens)))}
 
 
-def routing_stats(routing: dict[str, dict[str, Tensor]]) -> RoutingStats:
-    """Statistics of collect_routing's output (groups must share layers; empty groups are dropped)."""
-    groups = [name for name, layers in routing.items() if layers and next(iter(layers.values())).shape[0]]
-    if not groups:
-        raise ValueError("No routed tokens to analyse: every group of batches was empty.")
-    layers = list(routing[groups[0]])
-    pooled = [torch.cat([routing[g][layer] for g in groups]) for layer in layers]
-    E = pooled[0].shape[-1]
-    counts = [active_experts(g) for g in pooled]
-    return RoutingStats(
-        layers=layers, groups=groups, tokens={g: next(iter(routing[g].values())).shape[0] for g in groups},
-        active_hist=torch.stack([torch.bincount(c - 1, minlength=E).float() / len(c) for c in counts]),
-        mean_active=torch.stack([c.float().mean() for c in counts]),
-        load=torch.stack([g.mean(0) for g in pooled]),
-        dispatch=torch.stack([(g > 0).float().mean(0) for g in pooled]),
-        group_usage=torch.stack([torch.stack([routing[g][layer].mean(0) for layer in layers]) for g in groups]),
-        group_active=torch.stack([torch.stack([active_experts(routing[g][layer]).float().mean() for layer in layers])
-                                  for g in groups]))
-
-
-def summary(stats: RoutingStats) -> dict:
-    """The statistics as plain JSON-ready data."""
-    def r(t: Tensor) -> list | float:
-        return [round(v, 6) for v in t.tolist()] if t.dim() else round(t.item(), 6)
-
-    return {
-        "num_experts": stats.num_experts,
-        "tokens": stats.tokens,
-        "mean_active_experts": r(stats.mean_active.mean()),
-        "layers": {layer: {"mean_active_experts": r(stats.mean_active[i]),
-                           "active_experts_share": r(stats.active_hist[i]),  # index k-1: share with k active
-                           "expert_load": r(stats.load[i]), "expert_dispatch": r(stats.dispatch[i])}
-                   for i, layer in enumerate(stats.layers)},
-        "groups": {group: {"tokens": stats.tokens[group], "mean_active_experts": r(stats.group_active[j].mean()),
-                           "expert_usage": r(stats.group_usage[j].mean(0)),  # mean over layers
-                           "mean_active_experts_per_layer": r(stats.group_active[j])}
-                   for j, group in enumerate(stats.groups)},
-    }
+def held_out_specialisation(model: nn.Module, tokenizer, mixture: Mixture | None = None, max_length: int = 128) -> dict:
+    """routing_summary on the answer tokens of the built-in mixture's held-out data, grouped by skill/domain:
+    the routing entropy, I(domain; expert), top weight > 0.5 share, active experts and load, per layer."""
+    return routing_summary(model, held_out_batches(tokenizer, mixture, max_length), "answer")
 
 
 def mean_active_experts(model: nn.Module, batches: Iterable) -> dict[str, float]:
@@ -168,9 +133,12 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _heatmap(fig: Figure, ax, values: Tensor, label: str, rows: list[str], columns: list[str]) -> None:
-    """values (rows, columns) as colours with a colour bar; long label lists are thinned to stay readable."""
-    im = ax.imshow(values.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+def _heatmap(fig: Figure, ax, values: Tensor, label: str, rows: list[str], columns: list[str],
+             top: float | None = None) -> None:
+    """values (rows, columns) as colours with a colour bar from 0 to top (default: the values' range); long
+    label lists are thinned to stay readable."""
+    scale = {} if top is None else {"vmin": 0.0, "vmax": max(top, float(values.max()))}
+    im = ax.imshow(values.numpy(), aspect="auto", cmap="viridis", interpolation="nearest", **scale)
     step = max(1, len(rows) // 30)
     ax.set_yticks(range(0, len(rows), step), rows[::step], fontsize=8 if len(rows) > 12 else 9)
     step = max(1, len(columns) // 50)
@@ -189,7 +157,7 @@ def plot_layer_load(stats: RoutingStats, path: Path) -> None:
     fig = _new_figure(_layers_width(len(stats.layers)), max(3.5, 0.3 * stats.num_experts + 2.5))
     ax = fig.add_subplot()
     _heatmap(fig, ax, stats.load.T, "mean routing weight", [str(i) for i in range(stats.num_experts)],
-             short_layer_names(stats.layers))
+             short_layer_names(stats.layers), 2 / stats.num_experts)
     ax.set(xlabel="layer", ylabel="expert", title=f"Expert load per layer ({sum(stats.tokens.values())} tokens)")
     fig.savefig(path)
 
@@ -214,30 +182,86 @@ def plot_active_experts(stats: RoutingStats, path: Path) -> None:
 
 
 def plot_group_usage(stats: RoutingStats, path: Path) -> None:
-    """Heatmap: each group's (skill's) mean routing weight per expert, averaged over layers."""
-    usage = stats.group_usage.mean(1)  # (groups, E)
-    fig = _new_figure(max(5.0, 0.5 * stats.num_experts + 3), max(3.0, 0.35 * len(stats.groups) + 1.5))
+    """Heatmaps of each group's (skill's) mean routing weight per expert: averaged over layers, and in the
+    layer whose routing tells most about the group (expert indices mean nothing across layers). Colours run
+    from 0 to at least 2/E, so that uniform routing (1/E) looks flat."""
+    best, top = int(stats.mutual_info.argmax()), 2 / stats.num_experts
+    fig = _new_figure(2 * max(5.0, 0.5 * stats.num_experts + 3), max(3.0, 0.35 * len(stats.groups) + 1.5))
+    left, right = fig.subplots(1, 2)
+    experts = [str(i) for i in range(stats.num_experts)]
+    _heatmap(fig, left, stats.group_usage.mean(1), "mean routing weight (over layers)", stats.groups, experts, top)
+    left.set(xlabel="expert (same index in every layer)", ylabel="skill / domain",
+             title=f"Mean over layers (the layers' mean I = {stats.mutual_info.mean():.3f} bit)")
+    _heatmap(fig, right, stats.group_usage[:, best], "mean routing weight", stats.groups, experts, top)
+    right.set(xlabel="expert", title=f"Layer {short_layer_names(stats.layers)[best]} (I = {stats.mutual_info[best]:.3f} bit)")
+    fig.savefig(path)
+
+
+def plot_specialisation(stats: RoutingStats, path: Path) -> None:
+    """Per layer: mean normalised routing entropy and share of tokens with top weight > 0.5 (left axis),
+    I(group; expert) in bits (right axis)."""
+    x, names = range(len(stats.layers)), short_layer_names(stats.layers)
+    fig = _new_figure(_layers_width(len(stats.layers)) + 1, 4.0)
     ax = fig.add_subplot()
-    _heatmap(fig, ax, usage, "mean routing weight (over layers)", stats.groups,
-             [str(i) for i in range(stats.num_experts)])
-    ax.set(xlabel="expert (same index in every layer)", ylabel="skill / domain", title="Expert usage per skill")
+    ax.plot(x, stats.entropy.numpy(), "-o", markersize=2, color="tab:blue", label="routing entropy / log E")
+    ax.plot(x, stats.confident.numpy(), "-o", markersize=2, color="tab:green", label="share with top weight > 0.5")
+    ax.set(ylim=(-0.02, 1.02), xlabel="layer", ylabel="entropy / share of tokens",
+           title=f"Routing specialisation per layer ({sum(stats.tokens.values())} tokens, {len(stats.groups)} groups)")
+    step = max(1, len(names) // 50)
+    ax.set_xticks(range(0, len(names), step), names[::step], fontsize=7, rotation=90)
+    bits = ax.twinx()
+    bits.plot(x, stats.mutual_info.numpy(), "-o", markersize=2, color="tab:red", label="I(skill; expert)")
+    top = max(1, min(len(stats.groups), stats.num_experts))
+    bits.set(ylim=(0, max(0.05, 1.1 * float(stats.mutual_info.max()))), ylabel=f"bits (max log2 {top})")
+    fig.legend(loc="outside upper center", ncols=3, fontsize=8)
+    fig.savefig(path)
+
+
+def _block_and_kind(name: str) -> tuple[int, str]:
+    """"model.layers.3.self_attn.q_proj" -> (3, "q_proj"); (0, name) where there is no block number."""
+    block = re.search(r"(?:^|\.)(\d+)\.(.+)$", name)
+    return (int(block.group(1)), block.group(2).rsplit(".", 1)[-1]) if block else (0, name)
+
+
+def plot_experts_per_layer(stats: RoutingStats, path: Path) -> None:
+    """LD-MoLE's view: mean active experts per token against the transformer block, one line per projection,
+    with a band of one standard deviation over tokens."""
+    kinds: dict[str, list[tuple[int, int]]] = {}
+    for i, name in enumerate(stats.layers):
+        block, kind = _block_and_kind(name)
+        kinds.setdefault(kind, []).append((block, i))
+    fig = _new_figure(max(6.0, 0.15 * len(stats.layers) / max(len(kinds), 1) + 5), 4.0)
+    ax = fig.add_subplot()
+    for kind, rows in kinds.items():
+        blocks, index = [b for b, _ in rows], [i for _, i in rows]
+        mean, std = stats.mean_active[index].numpy(), stats.std_active[index].numpy()
+        ax.plot(blocks, mean, "-o", markersize=3, label=kind)
+        ax.fill_between(blocks, mean - std, mean + std, alpha=0.15)
+    ax.set(ylim=(0.5, stats.num_experts + 0.5), xlabel="transformer block", ylabel="active experts per token",
+           title=f"Experts per token by layer (mean {stats.mean_active.mean():.2f} of {stats.num_experts}; band: ±1 std)")
+    fig.legend(loc="outside right upper", fontsize=8)
     fig.savefig(path)
 
 
 # ---------------------------------------------------------------- all of it
 
-def analyze(model: nn.Module, batches_by_name: Mapping[str, Iterable], out_dir: str | Path) -> dict:
-    """Route every group's batches, write out_dir/routing_summary.json and the three PNG plots.
+PLOTS = {"load": plot_layer_load, "active": plot_active_experts, "groups": plot_group_usage,
+         "specialisation": plot_specialisation, "experts_per_layer": plot_experts_per_layer}
 
-    batches_by_name: group (skill or domain) name -> batches (see collect_routing). Returns the summary.
+
+def analyze(model: nn.Module, batches_by_name: Mapping[str, Iterable], out_dir: str | Path,
+            tokens: str = "answer") -> dict:
+    """Route every group's batches (every real token, or the answer tokens only), write
+    out_dir/routing_summary.json and the PNG plots of PLOT_FILES. Returns the summary.
+
+    batches_by_name: group (skill or domain) name -> batches (see collect_routing).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stats = routing_stats(collect_routing(model, batches_by_name))
-    plot_layer_load(stats, out / PLOT_FILES["load"])
-    plot_active_experts(stats, out / PLOT_FILES["active"])
-    plot_group_usage(stats, out / PLOT_FILES["groups"])
-    result = summary(stats)
-    result["files"] = {key: str(out / name) for key, name in PLOT_FILES.items()}
+    stats = routing_stats(collect_routing(model, batches_by_name, tokens))
+    for key, plot in PLOTS.items():
+        plot(stats, out / PLOT_FILES[key])
+    result = {"tokens_used": TOKENS[tokens], **summary(stats),
+              "files": {key: str(out / name) for key, name in PLOT_FILES.items()}}
     (out / SUMMARY_FILE).write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -91,25 +91,33 @@ def cmd_generate(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespac
 
 
 def cmd_analyze(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
-    """Routing of a trained adapter: active experts per token per layer, expert load, experts per skill (PNG + JSON)."""
+    """Routing of a trained adapter: entropy, I(skill; expert), active experts and expert load per layer (PNG + JSON)."""
     parser.add_argument("adapter", help="adapter directory written by `lmoe train`")
     parser.add_argument("--model", default="builtin", help="the base model the adapter was trained on (as in train)")
     parser.add_argument("--data", nargs="*", default=[],
                         help="JSONL/CSV/JSON/Parquet files, grouped by each record's domain (default: the file name); "
                              "default: the built-in mixture's held-out skills and conversation domains")
+    parser.add_argument("--tokens", default="answer", choices=["answer", "all"],
+                        help="answer (default): only the answer tokens (all of a text record); all: every real token")
     parser.add_argument("--out", help="output directory (default: ADAPTER/analysis)")
     parser.add_argument("--max-length", type=int, default=512)
 
     def run(args: argparse.Namespace) -> None:
-        from .analysis import analyze, batches_by_domain
-        from .data import Mixture, encode_all, read_records
+        from .analysis import analyze, batches_by_domain, held_out_batches
+        from .data import encode_all, read_records
         model, tokenizer = _load(args)
-        mixture = Mixture()
-        records = ([r for path in args.data for r in read_records(path)] if args.data
-                   else mixture.skill_items("test") + mixture.conversations("test"))
-        examples = encode_all(tokenizer, records, args.max_length)
-        result = analyze(model, batches_by_domain(examples, tokenizer.pad_token_id), args.out or Path(args.adapter) / "analysis")
-        print(f"mean active experts per token: {result['mean_active_experts']:.2f} of {result['num_experts']}")
+        if args.data:
+            records = [r for path in args.data for r in read_records(path)]
+            batches = batches_by_domain(encode_all(tokenizer, records, args.max_length), tokenizer.pad_token_id)
+        else:
+            batches = held_out_batches(tokenizer, max_length=args.max_length)
+        result = analyze(model, batches, args.out or Path(args.adapter) / "analysis", args.tokens)
+        print(f"routing on {result['tokens_used']}, averaged over {len(result['layers'])} layers:")
+        print(f"  mean active experts per token: {result['mean_active_experts']:.2f} of {result['num_experts']}")
+        print(f"  routing entropy / log E: {result['routing_entropy']:.3f}   top weight > 0.5: "
+              f"{result['top_weight_over_half']:.3f} of tokens")
+        print(f"  I(skill/domain; expert): {result['mutual_information_bits']:.3f} bit "
+              f"(at most {result['mutual_information_max_bits']:.2f})")
         for group, stats in result["groups"].items():
             print(f"  {group:32s} {stats['tokens']:7d} tokens  {stats['mean_active_experts']:.2f} experts")
         print("wrote", ", ".join(result["files"].values()))

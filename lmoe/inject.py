@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from .config import ALL_LINEAR, AUX_COEFS, LMoEConfig, default_lambda_hidden
 from .layer import MoLoRALinear, TokenMask, is_linear, linear_shape
 from .routing import AuxStats, token_count, token_sum
+from .routing_stats import token_statistics
 
 log = logging.getLogger(__name__)
 CONFIG_ATTR = "lmoe_config"
@@ -207,18 +208,25 @@ def sum_counts_over_processes(stats: list[AuxStats]) -> None:
         s.counts, s.ranks = total.to(s.counts), dist.get_world_size()
 
 
-def active_expert_counts(model: nn.Module) -> Tensor:
-    """(2,): the experts in use (g > 0) summed over the real tokens of the last training forward and over
-    layers, and the number of those (token, layer) pairs. Both add up over micro-batches and processes;
-    their ratio is the mean number of experts a token uses in a layer."""
+def routing_counts(model: nn.Module) -> Tensor:
+    """(4,): over the real tokens of the last training forward and over layers, the sums of the experts in use
+    (g > 0), the normalised routing entropy, the tokens whose top weight exceeds 0.5, and the number of those
+    (token, layer) pairs. All add up over micro-batches and processes; divided by the last, each is a mean
+    per token and layer. No host sync."""
     device = next(model.parameters()).device
-    counts = torch.zeros(2, device=device)
+    counts = torch.zeros(4, device=device)
     for _, layer in lmoe_layers(model):
         if layer.last_routing is not None:
             routing, mask = layer.last_routing
-            used = (routing.weights > 0).sum(-1).float()  # (tokens,)
-            counts += torch.stack([token_sum(used, mask), token_count(used, mask)]).to(device)
+            per_token = token_statistics(routing.weights.detach())  # (tokens, 3)
+            counts += torch.cat([token_sum(per_token, mask), token_count(per_token, mask)[None]]).to(device)
     return counts
+
+
+def active_expert_counts(model: nn.Module) -> Tensor:
+    """(2,): the experts in use summed over real tokens and layers, and the number of (token, layer) pairs
+    (see routing_counts); their ratio is the mean number of experts a token uses in a layer."""
+    return routing_counts(model)[::3]
 
 
 def aux_loss(model: nn.Module) -> Tensor:

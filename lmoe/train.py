@@ -39,16 +39,19 @@ from .compose import freeze_experts
 from .config import LMoEConfig, check_known_keys
 from .data import IGNORE, Example, Mixture, batch_stream, collate, encode_all, read_records
 from .evaluate import answer_logprobs, evaluate_file, evaluate_mixture, format_table, is_choice_file, write_json
-from .inject import (AUX_COEFS, active_expert_counts, aux_loss, aux_losses, count_parameters, get_config, inject,
-                     lmoe_layers, shared_modules)
+from .inject import (AUX_COEFS, aux_loss, aux_losses, count_parameters, get_config, inject, lmoe_layers,
+                     routing_counts, shared_modules)
 from .io import CONFIG_FILE, load_adapter, load_state, read_adapter_meta, save_adapter, save_state
 from .models import BUILTIN, LOAD_IN, check_context, enable_activation_checkpointing, load_model
 
 logger = logging.getLogger(__name__)
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 STRATEGIES = ("ddp", "fsdp")  # how several processes (torchrun / accelerate launch) share the work
-CHECKPOINT, METRICS = "checkpoint.pt", "metrics.csv"
-COLUMNS = ["step", "loss", "lm_loss", "aux_loss", *AUX_COEFS, "active_experts", "eval_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"]
+CHECKPOINT, METRICS, ROUTING_FILE = "checkpoint.pt", "metrics.csv", "routing.json"
+ROUTING_SUMMARY = ("mutual_information_bits", "routing_entropy", "top_weight_over_half", "mean_active_experts")
+ROUTING_COLUMNS = ["active_experts", "routing_entropy", "top_weight_over_half"]  # means per token and layer
+COLUMNS = ["step", "loss", "lm_loss", "aux_loss", *AUX_COEFS, *ROUTING_COLUMNS, "eval_loss", "lr", "grad_norm", "tokens",
+           "tokens_per_s", "elapsed_s"]
 
 
 # The default run's mixture: 4 softmax-routed rank-4 experts on the attention and MLP inputs. A partial
@@ -442,6 +445,8 @@ def _save_and_evaluate(cfg: TrainConfig, accelerator: Accelerator, model: nn.Mod
         out = Path(cfg.output_dir)
         save_adapter(model, out / "adapter")
         runs["trained"] = evaluate_all(model, tokenizer, cfg)
+        if not cfg.data and (cfg.mixture.skills or cfg.mixture.domains):
+            runs["trained"]["routing"] = held_out_routing(model, tokenizer, cfg, out / ROUTING_FILE)
         if runs["trained"]:
             write_json(runs, out / "eval.json")
             print(format_table(runs))
@@ -460,6 +465,15 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     groups = [{"params": [p for p in trainable if id(p) not in routers], "lr": cfg.lr},
               {"params": [p for p in trainable if id(p) in routers], "lr": cfg.lr * cfg.router_lr_scale}]
     return [g for g in groups if g["params"]]
+
+
+def held_out_routing(model: nn.Module, tokenizer, cfg: TrainConfig, path: Path) -> dict[str, float]:
+    """How the routing specialises on the answer tokens of the built-in mixture's held-out data, averaged over
+    layers (I(skill/domain; expert) in bits, entropy / log E, ...); written whole, per layer, to path."""
+    from .analysis import held_out_specialisation  # plotting libraries: imported only when used
+    result = held_out_specialisation(model, tokenizer, cfg.mixture, cfg.max_length)
+    write_json(result, path)
+    return {key: result[key] for key in ROUTING_SUMMARY}
 
 
 def add_adapter(model: nn.Module, cfg: TrainConfig) -> None:
@@ -560,7 +574,7 @@ def _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, pad_id, 
         seconds = time.perf_counter() - started
         state.elapsed_s += seconds
         row = {"step": state.step, "loss": lm + aux, "lm_loss": lm, "aux_loss": aux,
-               **{k: terms.get(k, "") for k in AUX_COEFS}, "active_experts": terms["active_experts"],
+               **{k: terms.get(k, "") for k in AUX_COEFS}, **{k: terms[k] for k in ROUTING_COLUMNS},
                "lr": lr, "grad_norm": grad_norm,
                "tokens": tokens, "tokens_per_s": tokens / seconds, "elapsed_s": state.elapsed_s}
         if score is not None and state.step % cfg.eval_every == 0:
@@ -570,7 +584,7 @@ def _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, pad_id, 
             if on_step is not None:
                 on_step(row)
         bar.set_postfix(loss=f"{lm:.3f}", aux=f"{aux:.4f}", experts=f"{terms['active_experts']:.2f}",
-                        tok_s=f"{tokens / seconds:.0f}")
+                        H=f"{terms['routing_entropy']:.2f}", tok_s=f"{tokens / seconds:.0f}")
         bar.update()
         if finite and cfg.save_every and (state.step % cfg.save_every == 0 or state.step == cfg.steps):
             save_checkpoint(Path(cfg.output_dir) / CHECKPOINT, model, optimizer, scheduler, state,
@@ -613,8 +627,9 @@ def _skip_step(cfg: TrainConfig, step: int, bad: int, skipped: int) -> tuple[int
 
 
 def _accumulate(accelerator, model, batches, pad_id) -> tuple[float, float, dict, int]:
-    """Forward + backward of each micro-batch; returns the step's LM and aux loss, the aux terms and the mean
-    number of experts a token uses in a layer ("active_experts"), and tokens: all over all processes.
+    """Forward + backward of each micro-batch; returns the step's LM and aux loss, the aux terms and the routing's
+    means per token and layer (ROUTING_COLUMNS: experts in use, normalised entropy, share with top weight > 0.5),
+    and tokens: all over all processes.
 
     Each micro-batch's LM loss is its mean over the answer tokens of all processes (as one process
     would compute it on the whole global batch): the local mean is weighted by local / global count,
@@ -624,19 +639,21 @@ def _accumulate(accelerator, model, batches, pad_id) -> tuple[float, float, dict
     batches = [{k: v.to(accelerator.device) for k, v in collate(ex, pad_id).items()} for ex in batches]
     counts = torch.stack([(b["labels"][:, 1:] != IGNORE).sum() for b in batches]).float()  # loss tokens
     weights = ranks * counts / accelerator.reduce(counts.clone(), "sum") / len(batches)
-    totals = torch.zeros(5 + len(AUX_COEFS), device=accelerator.device)  # lm, aux, tokens, experts used, aux terms
+    totals = torch.zeros(7 + len(AUX_COEFS), device=accelerator.device)  # lm, aux, tokens, routing_counts, aux terms
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1  # all-reduce gradients once, after the last micro-batch
         with (accelerator.no_sync(model) if not sync else nullcontext()), accelerator.autocast():
             out = model(**batch)
             aux = aux_loss(model_)
             terms = aux_losses(model_)  # before backward: gradient checkpointing re-runs the layers' forward
-            experts = active_expert_counts(model_)  # (2,) experts used, (token, layer) pairs
+            routing = routing_counts(model_)  # (4,) experts used, entropy, confident tokens, (token, layer) pairs
             accelerator.backward(out.loss * weights[i] + aux / len(batches))
         totals += torch.stack([out.loss.detach() * weights[i] / ranks, aux.detach() / len(batches) / ranks,
-                               batch["attention_mask"].sum().float(), *experts,
+                               batch["attention_mask"].sum().float(), *routing,
                                *[terms[k].detach() / len(batches) / ranks if k in terms else torch.zeros(())
                                  for k in AUX_COEFS]]).to(totals)
-    lm, aux, tokens, used, pairs, *values = accelerator.reduce(totals, "sum").tolist()  # the one sync of the step
-    stats = {k: v for k, v in zip(AUX_COEFS, values) if k in terms} | {"active_experts": used / max(pairs, 1)}
+    lm, aux, tokens, *sums = accelerator.reduce(totals, "sum").tolist()  # the one sync of the step
+    routing, pairs, values = sums[:3], sums[3], sums[4:]
+    stats = {k: v for k, v in zip(AUX_COEFS, values) if k in terms} | \
+        {k: v / max(pairs, 1) for k, v in zip(ROUTING_COLUMNS, routing)}
     return lm, aux, stats, int(tokens)

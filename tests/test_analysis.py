@@ -1,13 +1,16 @@
 """Routing analysis on a tiny random model: statistics against a direct count, JSON summary, readable PNGs."""
 import json
+import math
 
 import pytest
 import torch
 
 from conftest import VOCAB, tiny_model
+from test_routing_stats import mi_from_joint
 from lmoe import LMoEConfig, inject, lmoe_layers, record_routing, save_adapter
-from lmoe.analysis import (PLOT_FILES, SUMMARY_FILE, active_experts, analyze, collect_routing, mean_active_experts,
-                           routing_stats, short_layer_names)
+from lmoe.data import IGNORE, encode_all, read_records
+from lmoe.analysis import PLOT_FILES, SUMMARY_FILE, analyze, collect_routing, mean_active_experts, short_layer_names
+from lmoe.routing_stats import active_experts, routing_stats
 
 E = 5
 
@@ -34,8 +37,21 @@ def groups():
             "sort": [torch.randint(0, VOCAB, (4, 6), generator=gen)]}
 
 
-def direct_weights(model, batches_by_name):
-    """Independent reference: record every forward, then keep the real tokens by hand."""
+def labelled_groups():
+    """groups() with labels: -100 on each row's first tokens (the prompt) and on padding."""
+    out = {}
+    for name, batches in groups().items():
+        out[name] = []
+        for batch in batches:
+            batch = batch if isinstance(batch, dict) else {"input_ids": batch, "attention_mask": torch.ones_like(batch)}
+            labels = torch.where(batch["attention_mask"].bool(), batch["input_ids"], IGNORE)
+            labels[:, :2] = IGNORE
+            out[name].append({**batch, "labels": labels})
+    return out
+
+
+def direct_weights(model, batches_by_name, answers=False):
+    """Independent reference: record every forward, then keep the real (or answer) tokens by hand."""
     out = {}
     for name, batches in batches_by_name.items():
         rows = {}
@@ -44,6 +60,8 @@ def direct_weights(model, batches_by_name):
             with record_routing(model) as rec, torch.no_grad():
                 model(ids)  # padding positions do not change the real tokens' routing (causal, right-padded)
             keep = torch.ones(ids.numel(), dtype=torch.bool) if mask is None else mask.reshape(-1).bool()
+            if answers:
+                keep &= batch["labels"].reshape(-1) != IGNORE
             for layer in rec:
                 rows.setdefault(layer, []).append(rec[layer][keep])
         out[name] = {layer: torch.cat(chunks) for layer, chunks in rows.items()}
@@ -78,15 +96,43 @@ def test_fixed_routers_have_a_fixed_number_of_active_experts(router, expected):
     assert (stats.mean_active == expected).all() and (stats.active_hist[:, expected - 1] == 1).all()
 
 
+def test_answer_tokens_are_the_labelled_real_tokens():
+    model = randomised("dynamic")
+    data = labelled_groups()
+    routed = collect_routing(model, data, tokens="answer")
+    ref = direct_weights(model, data, answers=True)
+    assert next(iter(routed["add"].values())).shape[0] == 5 + 2 + 0 + 6  # rows of 7, 4, 2 real tokens; 5 and 5
+    for name in data:
+        for layer in ref[name]:
+            torch.testing.assert_close(routed[name][layer], ref[name][layer])
+    with pytest.raises(ValueError, match="needs batches with"):
+        collect_routing(model, groups(), tokens="answer")
+
+
 def test_analyze_writes_summary_and_pngs(tmp_path):
     model = randomised("dynamic").train()
-    result = analyze(model, groups(), tmp_path)
+    data = labelled_groups()
+    result = analyze(model, data, tmp_path)
     assert model.training  # the mode is restored
     on_disk = json.loads((tmp_path / SUMMARY_FILE).read_text())
     assert on_disk == result
     assert set(result["groups"]) == {"add", "sort"} and result["num_experts"] == E
-    per_layer = [v["mean_active_experts"] for v in result["layers"].values()]
-    assert result["mean_active_experts"] == pytest.approx(sum(per_layer) / len(per_layer), abs=1e-5)
+    assert result["tokens_used"].startswith("answer tokens")
+    ref = direct_weights(model, data, answers=True)
+    sizes = torch.tensor([ref[g][next(iter(ref[g]))].shape[0] for g in ("add", "sort")])
+    for layer, stats in result["layers"].items():
+        g = torch.cat([ref["add"][layer], ref["sort"][layer]]).double()
+        usage = torch.stack([ref[name][layer].double().mean(0) for name in ("add", "sort")])
+        assert stats["mutual_information_bits"] == pytest.approx(mi_from_joint(usage, sizes), abs=1e-5)
+        entropy = -(g * torch.where(g > 0, g.log(), 0)).sum(-1) / math.log(E)
+        assert stats["routing_entropy"] == pytest.approx(entropy.mean().item(), abs=1e-5)
+        assert stats["top_weight_over_half"] == pytest.approx((g.max(-1).values > 0.5).double().mean().item(), abs=1e-6)
+        top1 = torch.bincount(g.argmax(-1), minlength=E).double() / len(g)
+        assert stats["expert_top1_share"] == pytest.approx(top1.tolist(), abs=1e-6)
+    for key in ("mean_active_experts", "routing_entropy", "mutual_information_bits", "top_weight_over_half"):
+        per_layer = [v[key] for v in result["layers"].values()]
+        assert result[key] == pytest.approx(sum(per_layer) / len(per_layer), abs=1e-5)
+    assert 0 < result["mutual_information_bits"] < result["mutual_information_max_bits"] == 1
     for name in PLOT_FILES.values():
         data = (tmp_path / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5000
@@ -121,4 +167,10 @@ def test_cli_analyze_groups_data_by_domain(tmp_path, capsys):
     result = json.loads((tmp_path / "out" / SUMMARY_FILE).read_text())
     assert set(result["groups"]) == {"add", "greet", "mixed"} and len(result["layers"]) == 4
     assert all((tmp_path / "out" / name).is_file() for name in PLOT_FILES.values())
-    assert "mean active experts per token" in capsys.readouterr().out
+    _, tokenizer = load_model(str(model_dir))
+    answers = {}  # domain -> answer tokens (a text record: all of them)
+    for ex in encode_all(tokenizer, read_records(add) + read_records(mixed), 512):
+        answers[ex.domain] = answers.get(ex.domain, 0) + sum(label != IGNORE for label in ex.labels)
+    assert result["tokens"] == answers
+    printed = capsys.readouterr().out
+    assert "mean active experts per token" in printed and "I(skill/domain; expert)" in printed

@@ -1,5 +1,6 @@
 """inject / remove / aux_loss / record_routing on tiny transformers models of several families."""
 import copy
+import math
 import pickle
 import threading
 
@@ -13,7 +14,7 @@ from conftest import VOCAB, tiny_model
 from lmoe.models import enable_activation_checkpointing
 from lmoe import LMoEConfig, aux_loss, aux_losses, count_parameters, inject, lmoe_layers, record_routing, remove
 from lmoe.config import AUX_COEFS
-from lmoe.inject import active_expert_counts, shared_modules
+from lmoe.inject import active_expert_counts, routing_counts, shared_modules
 
 FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
 TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
@@ -391,6 +392,24 @@ def test_active_expert_counts_count_the_real_tokens_of_every_layer(router):
     else:
         assert used == sum(int((rec[name] > 0).sum()) for name in rec)
         assert pairs < used < 4 * pairs
+
+
+def test_routing_counts_sum_entropy_and_confident_tokens_over_real_tokens_and_layers():
+    model = tiny_model("llama").train()
+    inject(model, LMoEConfig(num_experts=4, rank=2, router="dynamic", target_modules="all-linear", lambda_hidden=8))
+    nn.init.constant_(next(iter(lmoe_layers(model)))[1].router.lambda_head.net[2].bias, 3.0)  # sparse: some 1-hot
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with record_routing(model) as rec:
+        model(input_ids=ids, attention_mask=mask)
+    g = torch.cat([rec[name] for name in rec]).double()  # (real tokens x layers, E), padding left out
+    entropy = -(g * torch.where(g > 0, g.log(), 0)).sum(-1) / math.log(4)
+    expected = torch.tensor([(g > 0).sum().item(), entropy.sum().item(), (g.max(-1).values > 0.5).sum().item(), len(g)],
+                            dtype=torch.float64)
+    torch.testing.assert_close(routing_counts(model).double(), expected, rtol=1e-5, atol=1e-4)
+    assert 0 < expected[2] < expected[3]  # some tokens confident, some not
+    torch.testing.assert_close(active_expert_counts(model), routing_counts(model)[[0, 3]])
 
 
 def test_shared_modules_are_the_lambda_heads_one_per_input_width():

@@ -79,6 +79,7 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
     assert [r["step"] for r in straight] == [1, 2, 3, 4, 5, 6]
     assert all(r["load_balance"] != "" and r["tokens"] > 0 for r in straight)
     assert all(r["active_experts"] == 3 for r in straight)  # softmax routing: every expert, every token
+    assert all(0.9 < r["routing_entropy"] <= 1 and r["top_weight_over_half"] < 0.5 for r in straight)  # near uniform
 
     class Interrupt(Exception):
         pass
@@ -116,6 +117,10 @@ def test_builtin_mixture_compares_base_and_trained(setup, tmp_path):
     for run in result.results.values():
         assert set(run["exact_match"]) == {"add", "sort"} and set(run["perplexity"]) == {"german"}
     assert (tmp_path / "mix" / "eval.json").is_file() and (tmp_path / "mix" / "eval_base.json").is_file()
+    routing = json.loads((tmp_path / "mix" / "routing.json").read_text())  # the held-out answer tokens, per layer
+    assert set(routing["tokens"]) == {"add", "sort", "german"} and "routing" not in result.results["base"]
+    assert result.results["trained"]["routing"] == {k: routing[k] for k in result.results["trained"]["routing"]}
+    assert 0 <= routing["mutual_information_bits"] <= routing["mutual_information_max_bits"] == pytest.approx(math.log2(3))
 
 
 def test_other_processes_neither_evaluate_nor_save(setup, tmp_path, monkeypatch):
