@@ -53,6 +53,9 @@ class LMoEConfig:
     # std of the gate W_g's normal init; None: nn.Linear's default (uniform, std 1/sqrt(3 d_in)). Larger
     # values start every token off a non-uniform routing, so the experts see different gradients from step 1.
     router_init_std: float | None = None
+    # true: the router (and LD-MoLE's lambda head) reads the experts' dropped-out input, as the LD-MoLE
+    # authors' code does; false: the clean input (no effect without dropout, or at evaluation)
+    router_reads_dropout: bool = False
     load_balance_coef: float | None = None  # None: LOAD_BALANCE_DEFAULTS[router]
     z_loss_coef: float = 0.0
     # LD-MoLE (router="dynamic"): the sparsity objective keeps at most sparsity_target experts per token;
@@ -109,8 +112,9 @@ class LMoEConfig:
             _fail("router", self.router, f"one of {', '.join(ROUTERS)}")
         if self.composition not in COMPOSITIONS:
             _fail("composition", self.composition, f"one of {', '.join(COMPOSITIONS)}")
-        if not isinstance(self.router_bias, bool):
-            _fail("router_bias", self.router_bias, "true or false")
+        for name in ("router_bias", "router_reads_dropout"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "true or false")
 
     def _check_targets(self) -> None:
         targets = self.target_modules

@@ -75,6 +75,8 @@ def projections(x: Tensor, lora_x: Tensor | None, W0: Tensor | None, b0: Tensor 
     """
     y = None if W0 is None else F.linear(x, W0, b0)
     sizes = [G.shape[0] for G in gates]
+    if not gates:  # the router reads another input (router_reads_dropout) and runs its own products
+        return (y, (x if lora_x is None else lora_x) @ A.t())
     if lora_x is None:
         h, *gx = (x @ torch.cat([A, *gates]).t()).split([A.shape[0], *sizes], 1)
         if len(gates) > 1:  # h and W_g x are kept (for backward, the aux losses): as views they would
@@ -123,7 +125,7 @@ class _Projections(torch.autograd.Function):
             to_x, (grad_A, *grad_g) = _products_backward([grad_h, *grad_gates], [A, *gates], x, [need_A, *need_gates])
             from_lora_x = None
         else:
-            to_x, grad_g = _products_backward(list(grad_gates), gates, x, need_gates)
+            to_x, grad_g = _products_backward(list(grad_gates), gates, x, need_gates) if gates else (None, [])
             from_lora_x, (grad_A,) = _products_backward([grad_h], [A], lora_x, [need_A])
         grad_y = grad_y if W0 is not None else None
         terms = [(grad_y, W0)] if grad_y is not None else []
@@ -216,6 +218,7 @@ class MoLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(B.permute(1, 0, 2))
         self.router = build_router(self.in_features, cfg, lambda_heads, **factory)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.router_reads_dropout = cfg.router_reads_dropout
         self.reset_experts()
         self.aux_names = {name for name, coef in AUX_COEFS.items() if getattr(cfg, coef)}  # losses that count
         self.last_routing: tuple[Routing, Tensor | None] | None = None  # last training forward's, and its mask
@@ -247,27 +250,29 @@ class MoLoRALinear(nn.Module):
         A, B = self.stacked()
         # without autograd (generation) the same maths runs directly: no Function bookkeeping per token
         grad = torch.is_grad_enabled()
-        y, h, wx, *projected = self._projections(x2, A, dtype, grad)
+        lora_x = None if grad and isinstance(self.dropout, nn.Identity) else self.dropout(x2).to(dtype)
+        gates_read_x = lora_x is None or not self.router_reads_dropout or not self.training
+        y, h, *gx = self._projections(x2, lora_x, A, dtype, grad, gates_read_x)
         out_dtype = dtype
         if y is None:  # a base the layer does not run itself (see frozen_product)
             y = self.base(x)
             out_dtype = y.dtype
             y = y.reshape(-1, self.out_features).to(dtype)
-        routing = self.router.route(x2, wx, *projected)
+        routing = self.router.route(x2, *gx) if gates_read_x else self.router.route(lora_x)
         self._observe(routing, self._real_tokens(x))
         args = (y, h, B.to(dtype), routing.weights.to(dtype), self.scaling, self.composition == "params")
         out = _MixtureLoRA.apply(*args) if grad else mixture(*args)[0]
         return out.view(*x.shape[:-1], self.out_features).to(out_dtype)
 
-    def _projections(self, x2: Tensor, A: Tensor, dtype: torch.dtype, grad: bool) -> tuple[Tensor | None, ...]:
+    def _projections(self, x2: Tensor, lora_x: Tensor | None, A: Tensor, dtype: torch.dtype, grad: bool,
+                     gates_read_x: bool) -> tuple[Tensor | None, ...]:
         """projections() of x2 in dtype, through _Projections under autograd: with the gate weights the
         router asks for (x_weights) in one GEMM with the experts' A when they read x itself (what pays is
-        backward's single input-gradient GEMM). With dropout the experts read dropout(x); without autograd
-        (generation) x as a separate input and only W_g: small GEMMs beat copying weights per token."""
+        backward's single input-gradient GEMM). With dropout the experts read lora_x = dropout(x); without
+        autograd (generation) x as a separate input and only W_g: small GEMMs beat copying weights per token.
+        gates_read_x false: no gate products here (the router reads lora_x and runs its own)."""
         W0, b0 = frozen_product(self.base) or (None, None)
-        fuse = grad and isinstance(self.dropout, nn.Identity)
-        lora_x = None if fuse else self.dropout(x2).to(dtype)
-        gates = self.router.x_weights(x2) if grad else [self.router.weight]
+        gates = [] if not gates_read_x else self.router.x_weights(x2) if grad else [self.router.weight]
         args = (x2.to(dtype), lora_x, _cast(W0, dtype), _cast(b0, dtype), A.to(dtype), *(G.to(dtype) for G in gates))
         return _Projections.apply(*args) if grad else projections(*args)
 

@@ -42,6 +42,7 @@ from .evaluate import answer_logprobs, evaluate_file, evaluate_mixture, format_t
 from .inject import (AUX_COEFS, aux_loss, aux_losses, count_parameters, get_config, inject, lmoe_layers,
                      routing_counts, shared_modules)
 from .io import CONFIG_FILE, load_adapter, load_state, read_adapter_meta, save_adapter, save_state
+from .objective import set_label_smoothing
 from .models import BUILTIN, LOAD_IN, check_context, enable_activation_checkpointing, load_model
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,16 @@ COLUMNS = ["step", "loss", "lm_loss", "aux_loss", *AUX_COEFS, *ROUTING_COLUMNS, 
 # `lmoe:` section (file or `lmoe.x=...` overrides) changes only the fields it names.
 DEFAULT_LMOE = dict(num_experts=4, rank=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
                     router="softmax", composition="params")
+
+
+# LD-MoLE's released settings (eshentw/LD-MoLE: conf/finetune.yaml, conf/model/*.yaml, conf/task/*.yaml, run.sh):
+# label smoothing 0.1, AdamW weight decay 0.1 on experts, routers and lambda heads, LoRA dropout 0.1 read by the
+# experts, the gate and the lambda head alike, 8 experts of rank 8 (alpha 16) composed by outputs on all seven
+# projections, dynamic routing with load balance 1.0. Their learning rate (1e-4 over 3-10 epochs) is left to `lr`.
+SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RECIPES = {"ld-mole": dict(label_smoothing=0.1, weight_decay=0.1, lmoe=dict(
+    num_experts=8, rank=8, alpha=16, dropout=0.1, router_reads_dropout=True, composition="outputs",
+    router="dynamic", load_balance_coef=1.0, target_modules=SEVEN_PROJECTIONS))}
 
 
 def default_lmoe() -> LMoEConfig:
@@ -80,7 +91,8 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 2e-3
     router_lr_scale: float = 1.0  # the routers' (and lambda heads') learning rate is lr times this
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW's, on every trainable parameter (experts, routers, lambda heads)
+    label_smoothing: float = 0.0  # of the LM loss (lmoe.objective)
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
     max_length: int = 128
@@ -95,8 +107,10 @@ class TrainConfig:
     max_bad_steps: int = 5  # stop after this many consecutive steps with a non-finite loss or gradient
     init_adapter: str | None = None  # a saved adapter directory to start from; its mixture replaces `lmoe`
     train_experts: bool = True  # false: every expert frozen, only the routers (and lambda heads) learn
+    recipe: str | None = None  # "ld-mole": the LD-MoLE authors' settings (RECIPES) for every field left at its default
 
     def __post_init__(self) -> None:
+        self._apply_recipe()
         self._check_init_adapter()
         if self.init_adapter is not None:
             self.lmoe = adapter_lmoe(self.init_adapter, self.lmoe)
@@ -114,6 +128,8 @@ class TrainConfig:
         for name in ("warmup_steps", "save_every", "eval_every", "seed"):
             _check(self, name, isinstance(getattr(self, name), int) and getattr(self, name) >= 0, "an integer >= 0")
         _check(self, "lr", _finite(self.lr) and self.lr > 0, "a finite number > 0")
+        _check(self, "label_smoothing", _finite(self.label_smoothing) and 0 <= self.label_smoothing < 1,
+               "a number in [0, 1)")
         _check(self, "router_lr_scale", _finite(self.router_lr_scale) and self.router_lr_scale > 0, "a finite number > 0")
         for name in ("weight_decay", "max_grad_norm"):
             _check(self, name, _finite(getattr(self, name)) and getattr(self, name) >= 0, "a finite number >= 0")
@@ -121,6 +137,21 @@ class TrainConfig:
         _check(self, "distributed", self.distributed in STRATEGIES, f"one of {', '.join(STRATEGIES)}")
         _check(self, "gradient_checkpointing", isinstance(self.gradient_checkpointing, bool), "true or false")
         _check(self, "load_in", self.load_in in LOAD_IN, f"one of {', '.join(LOAD_IN)}")
+
+    def _apply_recipe(self) -> None:
+        """Fill the fields still at their defaults (top level and lmoe.*) from the named recipe."""
+        if self.recipe is None:
+            return
+        _check(self, "recipe", self.recipe in RECIPES, f"null or one of {', '.join(RECIPES)}")
+        recipe = RECIPES[self.recipe]
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        for name, value in recipe.items():
+            if name != "lmoe" and getattr(self, name) == defaults[name]:
+                setattr(self, name, value)
+        if isinstance(self.lmoe, LMoEConfig):  # a whole config counts as given where it differs from the default
+            self.lmoe = {k: v for k, v in self.lmoe.to_dict().items() if v != default_lmoe().to_dict()[k]}
+        if self.init_adapter is None:
+            self.lmoe = {**DEFAULT_LMOE, **recipe["lmoe"], **self.lmoe}
 
     def _check_init_adapter(self) -> None:
         if isinstance(self.init_adapter, os.PathLike):
@@ -412,6 +443,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[dict], None
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, load_in=cfg.load_in)
     check_context(model, cfg.max_length)
+    set_label_smoothing(model, cfg.label_smoothing)
     examples, held_out = training_examples(cfg, tokenizer), validation_examples(cfg, tokenizer)
     runs = {}
     if cfg.compare_base:

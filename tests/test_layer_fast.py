@@ -143,3 +143,34 @@ def test_layer_compiles_without_graph_breaks(router):
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("router", ["softmax", "dynamic"])
+@pytest.mark.parametrize("composition", ["params", "outputs"])
+def test_router_reads_the_experts_dropped_out_input(router, composition):
+    """router_reads_dropout: in training, the gate (and lambda head) see the very dropout(x) the experts see;
+    outputs and gradients against the per-token formulas on that input (float64)."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(D_IN, D_OUT).double().requires_grad_(False)
+    cfg = LMoEConfig(num_experts=E, rank=R, router=router, composition=composition, dropout=0.5,
+                     router_reads_dropout=True, lambda_hidden=4, target_modules="all-linear")
+    layer = MoLoRALinear(base, cfg).double().train()
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(T, D_IN, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(5)
+    y = layer(x)
+    torch.manual_seed(5)
+    xd = torch.nn.functional.dropout(x, 0.5, training=True)  # the same draw: the same mask
+    g = layer.router.route(xd).weights
+    assert not torch.allclose(g, layer.router.route(x).weights)  # the clean input would route otherwise
+    want = base(x) + brute_delta(xd, layer.lora_A, layer.lora_B, g, layer.scaling, composition == "params")
+    torch.testing.assert_close(y, want)
+    wrt = (x, *(p for p in layer.parameters() if p.requires_grad))
+    grad_out = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, wrt, grad_out), torch.autograd.grad(want, wrt, grad_out)):
+        torch.testing.assert_close(a, b)
+    layer.eval()  # no dropout at evaluation: the clean input everywhere
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), base(x) + brute_delta(x, layer.lora_A, layer.lora_B,
+                                                                    layer.router.route(x).weights, layer.scaling,
+                                                                    composition == "params"))

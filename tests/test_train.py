@@ -275,3 +275,31 @@ def _gate_weights(out) -> dict:
     cfg = LMoEConfig.from_dict(read_adapter_meta(out / "adapter")["config"])
     model = inject(AutoModelForCausalLM.from_pretrained(TrainConfig.from_file(out / "train_config.yaml").model), cfg)
     return {k: v for k, v in model.state_dict().items() if k.endswith("router.weight")}
+
+
+def test_ld_mole_recipe_fills_the_fields_left_at_their_defaults():
+    from lmoe.train import RECIPES, SEVEN_PROJECTIONS
+
+    cfg = TrainConfig.from_file(None, ["recipe=ld-mole"])
+    assert (cfg.label_smoothing, cfg.weight_decay) == (0.1, 0.1)
+    m = cfg.lmoe
+    assert (m.num_experts, m.rank, m.alpha, m.dropout, m.router, m.composition, m.load_balance_coef) == \
+        (8, 8, 16, 0.1, "dynamic", "outputs", 1.0)
+    assert m.router_reads_dropout and m.target_modules == SEVEN_PROJECTIONS
+    mine = TrainConfig.from_file(None, ["recipe=ld-mole", "label_smoothing=0.2", "lmoe.rank=4"])
+    assert mine.label_smoothing == 0.2 and mine.lmoe.rank == 4 and mine.lmoe.num_experts == 8  # given values win
+    assert TrainConfig(recipe="ld-mole").lmoe.num_experts == 8  # from Python too
+    assert set(RECIPES) == {"ld-mole"}
+    with pytest.raises(ValueError, match="TrainConfig.recipe='lora' is invalid: expected null or one of ld-mole"):
+        TrainConfig(recipe="lora")
+
+
+def test_label_smoothing_reaches_the_training_loss(setup, tmp_path):
+    """Step 1 logs the LM loss of the same batch and weights (B = 0: the base model), so only the smoothing
+    (whose formula tests/test_objective.py checks) can change it."""
+    plain = train(config(setup, tmp_path / "plain", steps=1, save_every=0))
+    smooth = train(config(setup, tmp_path / "smooth", steps=1, save_every=0, label_smoothing=0.3))
+    a, b = read_metrics(tmp_path / "plain")[0]["lm_loss"], read_metrics(tmp_path / "smooth")[0]["lm_loss"]
+    assert abs(b - a) > 1e-3
+    assert type(smooth.model.loss_function).__name__ == "SmoothedCausalLMLoss"
+    assert type(plain.model.loss_function).__name__ != "SmoothedCausalLMLoss"
