@@ -1,7 +1,8 @@
 """Multiple-choice questions: records, the two prompt protocols, and the token requests that scoring needs.
 
 A question record is {"question", "choices": [str, ...], "gold": index, "domain", "where"}, optionally
-"cloze": the prompt text lm-eval's cloze protocol shows instead of the question (e.g. "Question: ...\nAnswer:").
+"cloze": the prompt text lm-eval's cloze protocol shows instead of the question (e.g. "Question: ...\nAnswer:"),
+and "cloze_choices": the texts it scores instead of the choices (WinoGrande: each name with the sentence's rest).
 
 - letter (LD-MoLE): the prompt lists the options ("Options:\nA. ...\nB. ...\nAnswer:"); the model's
   log-probabilities of the option letters at the answer position pick the choice; the training target is
@@ -17,7 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .data import chat, chat_segments
+from .data import Example, chat, chat_segments, encode
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,9 @@ def prompt_text(record: dict, fmt: MultipleChoice) -> str:
 
 def answers(record: dict, fmt: MultipleChoice) -> list[str]:
     """What the model may answer, one per choice: the letters, or the choice texts."""
-    return list(LETTERS[:len(record["choices"])]) if fmt.protocol == "letter" else record["choices"]
+    if fmt.protocol == "letter":
+        return list(LETTERS[:len(record["choices"])])
+    return record.get("cloze_choices", record["choices"])
 
 
 def segments(tokenizer, record: dict, fmt: MultipleChoice, answer: str) -> list[tuple[str, bool]]:
@@ -93,6 +96,21 @@ def training_record(record: dict, fmt: MultipleChoice) -> dict:
     if fmt.template == "chat":
         return {"messages": chat(prompt, answer), "domain": record["domain"]}
     return {"segments": [(prompt, False), (" " + answer, True)], "domain": record["domain"]}
+
+
+def encode_questions(tokenizer, records: list[dict], fmt: MultipleChoice, max_length: int) -> list[Example]:
+    """Training examples of question records; a long one loses the beginning of its prompt, never its answer
+    (the answer ends the example). Warns once how many were cut."""
+    examples, cut = [], 0
+    for record in records:
+        ex = encode(tokenizer, training_record(record, fmt))
+        cut += len(ex.input_ids) > max_length
+        examples.append(Example(ex.input_ids[-max_length:], ex.labels[-max_length:], ex.domain))
+    if cut:
+        log.warning("lmoe: %d of %d multiple-choice training examples were longer than max_length=%d tokens; their "
+                    "prompt's beginning was cut (the answers are whole). Raise max_length to keep them.",
+                    cut, len(records), max_length)
+    return examples
 
 
 def request(tokenizer, record: dict, fmt: MultipleChoice) -> tuple[list[int], list[list[int]]]:

