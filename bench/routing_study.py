@@ -66,49 +66,6 @@ def run_name(config: str, seed: int, extra: list[str]) -> str:
     return f"{config}-s{seed}" + ("-" + "-".join(e.replace("=", "") for e in extra) if extra else "")
 
 
-@torch.no_grad()
-def routing_metrics(model, tokenizer, cfg) -> dict:
-    """Specialisation on the held-out answer tokens (interim; to be replaced by lmoe.analysis's)."""
-    from lmoe.data import IGNORE, collate, encode_all
-    from lmoe.inject import record_routing
-
-    examples = encode_all(tokenizer, cfg.mixture.conversations("test") + cfg.mixture.skill_items("test"),
-                          cfg.max_length)
-    model.eval()
-    per_domain: dict[str, dict[str, list]] = {}
-    for domain in sorted({e.domain for e in examples}):
-        group = [e for e in examples if e.domain == domain]
-        for i in range(0, len(group), 16):
-            batch = collate(group[i:i + 16], tokenizer.pad_token_id)
-            answer = (batch["labels"] != IGNORE)[batch["attention_mask"].bool()]
-            with record_routing(model) as rec:
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                for layer in rec:
-                    per_domain.setdefault(domain, {}).setdefault(layer, []).append(rec[layer].float()[answer])
-    layers = list(next(iter(per_domain.values())))
-    stats = {"mutual_information_bits": [], "entropy_normalised": [], "top_weight_above_half": [], "active_experts": []}
-    for layer in layers:
-        gs = {d: torch.cat(v[layer]) for d, v in per_domain.items()}
-        g_all = torch.cat(list(gs.values()))
-        E = g_all.shape[1]
-        n = {d: g.shape[0] for d, g in gs.items()}
-        total = sum(n.values())
-        cond = torch.stack([gs[d].mean(0) for d in gs])
-        pd = torch.tensor([n[d] / total for d in gs])
-        marg = (pd[:, None] * cond).sum(0)
-        h = lambda p: -(p * torch.log2(p.clamp_min(1e-12))).sum(-1)
-        stats["mutual_information_bits"].append(float(h(marg) - (pd * h(cond)).sum()))
-        ent = -(g_all * torch.log(g_all.clamp_min(1e-12))).sum(-1) / math.log(E)
-        stats["entropy_normalised"].append(float(ent.mean()))
-        stats["top_weight_above_half"].append(float((g_all.max(-1).values > 0.5).float().mean()))
-        stats["active_experts"].append(float((g_all > 0).sum(-1).float().mean()))
-    model.train()
-    return {"tokens": "held-out answer tokens", "per_layer": {"layers": layers, **stats},
-            "mean": {k: sum(v) / len(v) for k, v in stats.items()},
-            "group_usage": {d: torch.stack([torch.cat(v[l]).mean(0) for l in layers]).mean(0).tolist()
-                            for d, v in per_domain.items()}}
-
-
 def run_one(args: argparse.Namespace, config: str, seed: int) -> dict:
     from lmoe.inject import count_parameters
     from lmoe.train import TrainConfig, read_metrics, train
@@ -123,8 +80,8 @@ def run_one(args: argparse.Namespace, config: str, seed: int) -> dict:
            "results": result.results["trained"], "wall_s": time.perf_counter() - start,
            "s_per_step": read_metrics(cfg.output_dir)[-1]["elapsed_s"] / cfg.steps,
            "trainable": count_parameters(result.model)[0], "steps": cfg.steps}
-    if cfg.lmoe.num_experts > 1:
-        row["routing"] = routing_metrics(result.model, result.tokenizer, cfg)
+    if cfg.lmoe.num_experts > 1:  # train() measured it on the held-out answer tokens (routing.json per layer)
+        row["routing"] = row["results"].pop("routing")
     return row
 
 
@@ -144,6 +101,16 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def routing_means(routing: dict | None) -> dict | None:
+    """The layer means of lmoe.analysis.held_out_specialisation; rows of the study's first runs kept the same
+    four numbers (same definitions, answer tokens) under other names."""
+    if not routing or "mean" not in routing:
+        return routing
+    m = routing["mean"]
+    return {"mutual_information_bits": m["mutual_information_bits"], "routing_entropy": m["entropy_normalised"],
+            "top_weight_over_half": m["top_weight_above_half"], "mean_active_experts": m["active_experts"]}
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     """One entry per (config, extra overrides): metric -> list over seeds."""
     groups: dict[tuple, dict] = {}
@@ -156,12 +123,11 @@ def summarise(rows: list[dict]) -> list[dict]:
         g["em"].append(sum(em.values()) / len(em))
         g["ppl"].append(math.exp(sum(math.log(v) for v in ppl.values()) / len(ppl)))  # geometric mean
         g["s_step"].append(r["s_per_step"])
-        rt = r.get("routing")
+        rt = routing_means(r.get("routing"))
         if rt:
-            g["mi"].append(rt["mean"]["mutual_information_bits"])
-            g["entropy"].append(rt["mean"]["entropy_normalised"])
-            g["top50"].append(rt["mean"]["top_weight_above_half"])
-            g["active"].append(rt["mean"]["active_experts"])
+            for key, name in (("mi", "mutual_information_bits"), ("entropy", "routing_entropy"),
+                              ("top50", "top_weight_over_half"), ("active", "mean_active_experts")):
+                g[key].append(rt[name])
     return list(groups.values())
 
 
@@ -209,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
             row["load_average"] = os.getloadavg()
             with open(results, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(json.dumps({k: row[k] for k in ("name", "wall_s", "s_per_step")} | {"routing": row.get("routing", {}).get("mean")}), flush=True)
+            print(json.dumps({k: row.get(k) for k in ("name", "wall_s", "s_per_step", "routing")}), flush=True)
 
 
 if __name__ == "__main__":
