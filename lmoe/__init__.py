@@ -8,11 +8,12 @@ from .inject import aux_loss, aux_losses, count_parameters, inject, lmoe_layers,
 from .io import load_adapter, load_adapter_weights, save_adapter
 from .layer import MoLoRALinear
 from .merge import merge, unmerge
+from .optim import param_groups
 
 __all__ = ["LMoEConfig", "MoLoRALinear", "inject", "remove", "aux_loss", "aux_losses", "count_parameters",
            "lmoe_layers", "record_routing", "save_adapter", "load_adapter", "load_adapter_weights", "__version__"]
 __all__ += ["compose", "load_experts", "add_experts", "remove_experts", "freeze_experts", "unfreeze_experts",
-            "frozen_experts", "mean_routing", "export_peft", "merge", "unmerge"]
+            "frozen_experts", "mean_routing", "export_peft", "merge", "unmerge", "param_groups"]
 
 
 def __getattr__(name: str):

@@ -41,10 +41,11 @@ from .config import LMoEConfig, check_known_keys
 from .data import IGNORE, Example, Mixture, batch_stream, collate, encode_all, read_records
 from .evaluate import (answer_logprobs, evaluate_benchmarks, evaluate_file, evaluate_mixture, format_table,
                        is_choice_file, write_json)
-from .inject import (AUX_COEFS, aux_loss, aux_losses, count_parameters, get_config, inject, lmoe_layers,
+from .inject import (AUX_COEFS, aux_loss, aux_losses, count_parameters, get_config, inject,
                      routing_counts, shared_modules)
 from .io import CONFIG_FILE, load_adapter, load_state, read_adapter_meta, save_adapter, save_state
 from .objective import set_label_smoothing
+from .optim import param_groups
 from .models import BUILTIN, LOAD_IN, check_context, enable_activation_checkpointing, load_model
 
 logger = logging.getLogger(__name__)
@@ -462,7 +463,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[dict], None
     trainable, total = count_parameters(model)
     accelerator.print(f"lmoe: {len(examples)} training examples; trainable params {trainable:,} of {total:,}")
     model = distribute(cfg, accelerator, model)  # before the optimizer: FSDP replaces the parameters
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.router_lr_scale), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
     optimizer = accelerator.prepare_optimizer(optimizer)
     state = load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler) if resume else TrainState()
@@ -490,19 +491,6 @@ def _save_and_evaluate(cfg: TrainConfig, accelerator: Accelerator, model: nn.Mod
             print(format_table(runs))
     accelerator.wait_for_everyone()  # the adapter is on disk when train() returns in any process
     return model
-
-
-def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    """The trainable parameters as AdamW groups: the experts at cfg.lr, the routers (gates and LD-MoLE's
-    lambda heads) at cfg.lr * cfg.router_lr_scale. The experts start at B = 0, so the routers get no
-    gradient at first and then one E times smaller than a single LoRA's; a higher router rate lets the
-    routing move before the experts settle."""
-    routers = {id(p) for _, layer in lmoe_layers(extract_model_from_parallel(model))
-               for p in layer.router.parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if id(p) not in routers], "lr": cfg.lr},
-              {"params": [p for p in trainable if id(p) in routers], "lr": cfg.lr * cfg.router_lr_scale}]
-    return [g for g in groups if g["params"]]
 
 
 def held_out_routing(model: nn.Module, tokenizer, cfg: TrainConfig, path: Path) -> dict[str, float]:

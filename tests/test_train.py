@@ -238,12 +238,11 @@ def test_dynamic_router_with_the_default_lambda_width_resumes(setup, tmp_path):
 
 def test_router_lr_scale_puts_routers_and_lambda_heads_in_their_own_group(setup):
     from lmoe import LMoEConfig, inject, lmoe_layers
-    from lmoe.train import param_groups
+    from lmoe import param_groups
 
     model = inject(AutoModelForCausalLM.from_pretrained(setup[0]),
                    LMoEConfig(num_experts=3, rank=2, router="dynamic", target_modules="all-linear"))
-    cfg = TrainConfig(lr=1e-3, router_lr_scale=25.0)
-    experts, routers = param_groups(model, cfg)
+    experts, routers = param_groups(model, 1e-3, router_lr_scale=25.0)
     assert experts["lr"] == 1e-3 and routers["lr"] == pytest.approx(0.025)
     router_ids = {id(p) for _, layer in lmoe_layers(model) for p in layer.router.parameters()}
     assert {id(p) for p in routers["params"]} == router_ids  # the shared lambda head once, with the gates
