@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from .inject import aux_loss, aux_losses, lmoe_layers
+from .inject import aux_loss, aux_loss_apart, aux_losses, lmoe_layers
 from .io import load_adapter_weights, save_adapter
 
 
@@ -36,10 +36,12 @@ class LMoETrainer(Trainer):
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch: Tensor | int | None = None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                             num_items_in_batch=num_items_in_batch)
+        unwrapped = self.accelerator.unwrap_model(model)
+        with aux_loss_apart(unwrapped):  # Trainer's loss is the LM loss alone; the aux terms are added here
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
         if model.training:  # evaluation forwards keep no routing
-            loss = loss + self._aux_share(self.accelerator.unwrap_model(model), num_items_in_batch)
+            loss = loss + self._aux_share(unwrapped, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
     def _aux_share(self, model: nn.Module, num_items_in_batch: Tensor | int | None) -> Tensor:

@@ -22,6 +22,9 @@ HOOKS_ATTR = "_lmoe_hooks"  # forward hooks inject added (attention mask, lambda
 MASK_ATTR = "_lmoe_token_mask"  # the TokenMask the model's layers share
 HEADS_ATTR = "_lmoe_lambda_heads"  # LD-MoLE's shared lambda heads (a list), whose cache the hooks clear
 FROZEN_ATTR = "_lmoe_frozen"  # names of parameters inject froze, so remove can thaw them
+APART_ATTR = "_lmoe_aux_apart"  # inside aux_loss_apart: the model's loss is the LM loss alone
+FOLDED_ATTR = "_lmoe_aux_folded"  # the last forward's loss holds its router losses (aux_loss then gives 0)
+QUANTIZED_ATTR = "_hf_peft_config_loaded"  # transformers' mark that a quantised model carries trainable adapters
 
 
 def lmoe_layers(model: nn.Module) -> Iterator[tuple[str, MoLoRALinear]]:
@@ -83,6 +86,8 @@ def inject(model: nn.Module, cfg: LMoEConfig) -> nn.Module:
     setattr(model, FROZEN_ATTR, frozen)
     setattr(model, MASK_ATTR, mask)
     setattr(model, HOOKS_ATTR, _mask_hooks(model) + _lambda_cache_hooks(model, list(lambda_heads.values())))
+    if getattr(model, "is_quantized", False):  # else Trainer refuses it as "purely quantized" (as not a PeftModel)
+        setattr(model, QUANTIZED_ATTR, True)
     trainable, total = count_parameters(model)
     log.info("lmoe: %d layers, trainable params %s of %s (%.3f%%)",
              len(targets), f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
@@ -98,25 +103,105 @@ def with_lambda_width(cfg: LMoEConfig, input_widths: list[int]) -> LMoEConfig:
 
 
 def _mask_hooks(model: nn.Module) -> list:
-    """Show the layers the attention_mask (batch, seq) a model forward is called with, for that forward.
+    """Show the layers the attention_mask (batch, seq) a model forward is called with, for that forward,
+    and add the router losses to the loss of a training forward with labels (add_aux_to_loss).
 
     The hooks reach the mask through the model they run on (a deep copy uses its own) and are
     module-level functions (a pickled model keeps them).
     """
     return [model.register_forward_pre_hook(_capture_mask, with_kwargs=True),
-            model.register_forward_hook(_release_mask)]
+            model.register_forward_hook(_release_mask, with_kwargs=True)]
 
 
 def _capture_mask(model: nn.Module, args: tuple, kwargs: dict) -> None:
     if model.training:  # the last step's routing (a few (tokens, E) tensors per layer) is not kept into this one
         for _, layer in lmoe_layers(model):
             layer.forget_routing()
+    if kwargs.get("fused_lm_head"):
+        _check_head_not_adapted(model)
+    setattr(model, FOLDED_ATTR, False)
     mask = kwargs.get("attention_mask")
     getattr(model, MASK_ATTR).value = mask if isinstance(mask, Tensor) else None
 
 
-def _release_mask(model: nn.Module, args: tuple, output) -> None:
+def _release_mask(model: nn.Module, args: tuple, kwargs: dict, output):
     getattr(model, MASK_ATTR).value = None
+    return add_aux_to_loss(model, kwargs, output)
+
+
+def _check_head_not_adapted(model: nn.Module) -> None:
+    """TRL's fused LM head multiplies the hidden states by lm_head.weight itself: experts there would not train."""
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get) and isinstance(get(), MoLoRALinear):
+        raise ValueError("lmoe experts on the output head (lm_head) do not train under TRL's SFTTrainer: its loss "
+                         "multiplies the hidden states by lm_head.weight directly. Remove 'lm_head' from "
+                         "LMoEConfig.target_modules (\"all-linear\" leaves it out).")
+
+
+# ---------------------------------------------------------------- the router losses inside the model's loss
+
+def add_aux_to_loss(model: nn.Module, kwargs: dict, output):
+    """A training forward with labels returns loss = LM loss + w * aux_loss and output.aux_loss = aux_loss, as
+    transformers' MoE models do, so any training loop trains the routers. w = 1, or, where the loss is summed
+    over the tokens of a whole optimizer step (Trainer's num_items_in_batch), this micro-batch's share of
+    those tokens: the router losses of the step then count once, weighted like the tokens.
+
+    TRL's fused head (FusedCausalLMOutput) recomputes the loss from log_probs: they get w * aux_loss's
+    gradient (their values unchanged), so TRL's loss trains the routers too.
+    """
+    labels = kwargs.get("shift_labels", kwargs.get("labels"))
+    if (not model.training or getattr(model, APART_ATTR, 0) or labels is None or not isinstance(output, dict)
+            or output.get("loss") is None or not any(layer.last_aux is not None for _, layer in lmoe_layers(model))):
+        return output
+    aux = aux_loss(model)
+    share = _token_share(labels if "shift_labels" in kwargs else labels[..., 1:], kwargs.get("num_items_in_batch"))
+    scaled = aux if share is None else aux * share
+    output = _with_aux_field(output)
+    output["loss"] = output["loss"] + scaled
+    output["aux_loss"] = aux
+    if output.get("log_probs") is not None and output.get("label_mask") is not None:  # TRL: loss = -sum(log_probs) / N
+        output["log_probs"] = output["log_probs"] - (aux - aux.detach()) * output["label_mask"]
+    setattr(model, FOLDED_ATTR, True)
+    return output
+
+
+_WITH_AUX: dict[type, type] = {}  # output class -> its subclass with an aux_loss field
+
+
+def _with_aux_field(output):
+    """output as an instance of a class with an aux_loss field: DDP rebuilds outputs as type(output)(**output)."""
+    cls = type(output)
+    if not dataclasses.is_dataclass(cls) or "aux_loss" in {f.name for f in dataclasses.fields(cls)}:
+        return output
+    if cls not in _WITH_AUX:
+        _WITH_AUX[cls] = dataclasses.make_dataclass(
+            cls.__name__, [("aux_loss", Tensor | None, dataclasses.field(default=None))], bases=(cls,))
+    return _WITH_AUX[cls](**output)
+
+
+def _token_share(labels: Tensor, num_items_in_batch) -> Tensor | None:
+    """This micro-batch's answer tokens over num_items_in_batch (None without it). Under torch.distributed, the
+    micro-batch's tokens of all processes over num_items_in_batch times their number: Trainer (with its default
+    average_tokens_across_devices) counts all processes' tokens in num_items_in_batch and multiplies each loss
+    by the number of processes, DDP averages, and each process's aux_loss averaged is that of all their tokens."""
+    if num_items_in_batch is None:
+        return None
+    tokens = (labels != -100).sum().float()
+    ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if ranks > 1:
+        dist.all_reduce(tokens)
+    return tokens / (torch.as_tensor(num_items_in_batch, device=tokens.device).float() * ranks)
+
+
+@contextmanager
+def aux_loss_apart(model: nn.Module):
+    """Inside the block the model's loss is the LM loss alone and aux_loss(model) gives the router losses, for a
+    loop that weighs them itself (lmoe train, LMoETrainer)."""
+    setattr(model, APART_ATTR, getattr(model, APART_ATTR, 0) + 1)
+    try:
+        yield model
+    finally:
+        setattr(model, APART_ATTR, getattr(model, APART_ATTR) - 1)
 
 
 def _lambda_cache_hooks(model: nn.Module, heads: list) -> list:
@@ -145,8 +230,8 @@ def remove(model: nn.Module) -> nn.Module:
         params[name].requires_grad_(True)
     for handle in getattr(model, HOOKS_ATTR, []):
         handle.remove()
-    for attr in (CONFIG_ATTR, FROZEN_ATTR, HOOKS_ATTR, MASK_ATTR, HEADS_ATTR):
-        if hasattr(model, attr):
+    for attr in (CONFIG_ATTR, FROZEN_ATTR, HOOKS_ATTR, MASK_ATTR, HEADS_ATTR, APART_ATTR, FOLDED_ATTR, QUANTIZED_ATTR):
+        if attr in vars(model):  # not the class's own value (transformers has one for QUANTIZED_ATTR)
             delattr(model, attr)
     return model
 
@@ -230,11 +315,13 @@ def active_expert_counts(model: nn.Module) -> Tensor:
 
 
 def aux_loss(model: nn.Module) -> Tensor:
-    """sum_k coef_k * (loss k averaged over layers), from the last training forward; 0 if none ran."""
+    """sum_k coef_k * (loss k averaged over layers), from the last training forward, that its loss does not hold
+    yet: 0 if none ran, and 0 after a forward with labels (whose output.loss has it, output.aux_loss shows it),
+    so `out.loss + aux_loss(model)` counts it once."""
     cfg = get_config(model)
     terms = [getattr(cfg, AUX_COEFS[key]) * value for key, value in aux_losses(model).items()
              if getattr(cfg, AUX_COEFS[key])]
-    if terms:
+    if terms and not getattr(model, FOLDED_ATTR, False):
         return torch.stack(terms).sum()
     return torch.zeros((), device=next(model.parameters()).device)
 

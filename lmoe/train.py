@@ -43,6 +43,7 @@ from .evaluate import (answer_logprobs, evaluate_benchmarks, evaluate_file, eval
                        is_choice_file, write_json)
 from .inject import (AUX_COEFS, aux_loss, aux_losses, count_parameters, get_config, inject,
                      routing_counts, shared_modules)
+from .inject import aux_loss_apart
 from .io import CONFIG_FILE, load_adapter, load_state, read_adapter_meta, save_adapter, save_state
 from .objective import set_label_smoothing
 from .optim import param_groups
@@ -668,7 +669,8 @@ def _accumulate(accelerator, model, batches, pad_id) -> tuple[float, float, dict
     totals = torch.zeros(7 + len(AUX_COEFS), device=accelerator.device)  # lm, aux, tokens, routing_counts, aux terms
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1  # all-reduce gradients once, after the last micro-batch
-        with (accelerator.no_sync(model) if not sync else nullcontext()), accelerator.autocast():
+        with (accelerator.no_sync(model) if not sync else nullcontext()), accelerator.autocast(), \
+                aux_loss_apart(model_):  # the LM loss alone in out.loss: the aux terms are weighted here
             out = model(**batch)
             aux = aux_loss(model_)
             terms = aux_losses(model_)  # before backward: gradient checkpointing re-runs the layers' forward

@@ -170,12 +170,7 @@ def test_lazy_export():
 def test_ddp_equals_one_process_on_the_whole_batch(tmp_path):
     """2 processes with micro-batches of BATCH rows each = 1 process with 2 * BATCH: Trainer's LM loss
     counts the tokens of all processes and multiplies by their number; the aux losses must not be."""
-    tests = Path(__file__).parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "--monitor-interval", "0.1", __file__, str(tmp_path / "ddp")],
-                         env=env, capture_output=True, text=True, timeout=180)
-    assert run.returncode == 0, run.stderr[-3000:]
+    torchrun(__file__, tmp_path / "ddp")
     one = trainer(adapted_model(), tmp_path / "one", steps=2, per_device_train_batch_size=2 * BATCH)
     one.train()
     assert_same_adapter(lmoe.load_adapter(tiny_model("llama"), tmp_path / "ddp" / "final"), one.model)
@@ -183,6 +178,16 @@ def test_ddp_equals_one_process_on_the_whole_batch(tmp_path):
     for ddp_row, one_row in zip(logged, [row for row in one.state.log_history if "loss" in row], strict=True):
         for key in ("loss", "aux_loss", "load_balance", "z_loss"):
             assert ddp_row[key] == pytest.approx(one_row[key], rel=1e-5), (ddp_row["step"], key)
+
+
+def torchrun(script: str, out: Path) -> None:
+    """Run script's __main__ in 2 CPU processes (torchrun) with out as its argument; fail with their stderr."""
+    tests = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "--monitor-interval", "0.1", script, str(out)],
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 def ddp_worker(out: str) -> None:
