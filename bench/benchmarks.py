@@ -1,0 +1,189 @@
+"""LoRA vs L-MoE routers on standard benchmarks at equal trainable adapter parameters (issue 14 item 6).
+
+Every config trains on the union of the tasks' train sides (lmoe.benchmarks' split policy) with the same
+steps, lr, batch, seeds and target modules, and is scored on a fixed subset of each task's test side with
+LD-MoLE's letter protocol (chat template). Only the `lmoe.*` overrides of CONFIGS differ: E * r = 16
+everywhere (experts' A and B: the same parameters as one rank-16 LoRA), alpha = 2r. Each finished run is
+appended to --results (JSONL) at once, and the table in --out (bench/RESULTS.md) is rewritten, so an
+interrupted grid keeps what it finished and the same command continues it.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/benchmarks.py                 # the default grid (2-core CPU)
+    .venv/bin/python bench/benchmarks.py --model DIR --tasks arc_easy arc_challenge openbookqa csqa hellaswag \
+        --steps 1000 --batch-size 16 --test-items 0 --max-length 512                       # a GPU, the paper's scale
+    .venv/bin/python bench/benchmarks.py --configs lora_r16 params_dynamic --seeds 0 1 2 3 4
+
+Extend the grid by adding a (name, overrides) pair to CONFIGS; overrides are TrainConfig keys
+(`lmoe.router=...`, `lr=...`), so a routing default found elsewhere is one more line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.compare import replace_section
+
+SECTION = "## Benchmarks: LoRA vs L-MoE at equal adapter parameters (`bench/benchmarks.py`)"
+# LD-MoLE's tasks that the package has, but HellaSwag (its prompts are twice as long; add it on a GPU)
+TASKS = ["arc_easy", "arc_challenge", "openbookqa", "csqa"]
+LORA = {"lmoe.num_experts": 1, "lmoe.rank": 16, "lmoe.alpha": 32}
+MOE = {"lmoe.num_experts": 4, "lmoe.rank": 4, "lmoe.alpha": 8}
+SPARSITY = 0.1  # "with its sparsity loss"; the authors' released run.sh sets it to 0 (reg_loss_coef=0.0)
+CONFIGS = [  # (name, TrainConfig overrides)
+    ("lora_r16", {**LORA}),
+    ("params_softmax", {**MOE, "lmoe.composition": "params", "lmoe.router": "softmax"}),
+    ("outputs_softmax", {**MOE, "lmoe.composition": "outputs", "lmoe.router": "softmax"}),
+    ("params_top2", {**MOE, "lmoe.composition": "params", "lmoe.router": "topk", "lmoe.top_k": 2}),
+    ("outputs_top2", {**MOE, "lmoe.composition": "outputs", "lmoe.router": "topk", "lmoe.top_k": 2}),
+    ("params_dynamic", {**MOE, "lmoe.composition": "params", "lmoe.router": "dynamic"}),
+    ("outputs_dynamic", {**MOE, "lmoe.composition": "outputs", "lmoe.router": "dynamic"}),
+    ("params_dynamic_sparsity", {**MOE, "lmoe.composition": "params", "lmoe.router": "dynamic",
+                                 "lmoe.sparsity_coef": SPARSITY}),
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="builtin", help="'builtin' or a local HF model directory")
+    p.add_argument("--tasks", nargs="+", default=TASKS)
+    p.add_argument("--configs", nargs="+", default=[n for n, _ in CONFIGS], choices=[n for n, _ in CONFIGS])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--test-items", type=int, default=50, help="test questions per task (0: all)")
+    p.add_argument("--results", default="bench/results/benchmarks.jsonl", help="one JSON line per finished run")
+    p.add_argument("--out", default="bench/RESULTS.md", help="markdown file whose benchmark section is rewritten")
+    p.add_argument("--work-dir", default="runs/benchmarks")
+    return p.parse_args(argv)
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """What makes two runs comparable: rows with other settings are kept in the file but not tabled."""
+    return {"model": args.model, "tasks": args.tasks, "steps": args.steps, "batch_size": args.batch_size,
+            "lr": args.lr, "max_length": args.max_length, "test_items": args.test_items}
+
+
+def train_overrides(args: argparse.Namespace, name: str, seed: int) -> list[str]:
+    mine = dict(CONFIGS)[name]
+    common = {"model": args.model, "data": "[" + ", ".join(f"bench:{t}" for t in args.tasks) + "]",
+              "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "max_length": args.max_length,
+              "seed": seed, "save_every": 0, "compare_base": "false", "mc.protocol": "letter",
+              "mc.test_items": args.test_items, "output_dir": f"{args.work_dir}/{name}-s{seed}"}
+    return [f"{k}={v}" for k, v in {**common, **mine}.items()]
+
+
+def run_base(args: argparse.Namespace) -> dict:
+    from lmoe.choices import MultipleChoice
+    from lmoe.evaluate import evaluate_benchmarks
+    from lmoe.models import load_model
+    model, tokenizer = load_model(args.model)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    start = time.perf_counter()
+    results = evaluate_benchmarks(model, tokenizer, args.tasks, MultipleChoice("letter", "chat", args.test_items),
+                                  args.max_length)
+    return {"config": "base", "seed": None, "results": results, "eval_s": time.perf_counter() - start}
+
+
+def run_config(args: argparse.Namespace, name: str, seed: int) -> dict:
+    from lmoe.inject import count_parameters
+    from lmoe.train import TrainConfig, read_metrics, train
+    cfg = TrainConfig.from_file(None, train_overrides(args, name, seed))
+    start = time.perf_counter()
+    result = train(cfg)
+    rows = read_metrics(cfg.output_dir)
+    last = rows[-min(10, len(rows)):]
+    return {"config": name, "seed": seed, "overrides": dict(CONFIGS)[name], "results": result.results["trained"],
+            "trainable": count_parameters(result.model)[0], "s_per_step": rows[-1]["elapsed_s"] / len(rows),
+            "active_experts": sum(r["active_experts"] for r in last) / len(last), "wall_s": time.perf_counter() - start}
+
+
+# ---------------------------------------------------------------- table
+
+def mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def table(rows: list[dict], tasks: list[str]) -> str:
+    head = ["config", "seeds", "trainable params"] + tasks + ["average", "SE of average", "active experts", "s/step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in ["base"] + [n for n, _ in CONFIGS]:
+        mine = [r for r in rows if r["config"] == name]
+        if not mine:
+            continue
+        acc = [r["results"]["acc"] for r in mine]
+        averages = [a["average"] for a in acc]
+        n = sum(mine[0]["results"]["n"][t] for t in tasks)
+        p = statistics.mean(averages)
+        # seeds' spread when there are several, else the binomial error of the pooled test questions
+        se = statistics.stdev(averages) / math.sqrt(len(averages)) if len(averages) > 1 else math.sqrt(p * (1 - p) / n)
+        cells = [name, str(len(mine)) if name != "base" else "-",
+                 f"{mine[0]['trainable']:,}" if "trainable" in mine[0] else "-"]
+        cells += [mean_sd([a[t] for a in acc]) for t in tasks] + [mean_sd(averages), f"{se:.3f}"]
+        cells += [f"{statistics.mean(r['active_experts'] for r in mine):.2f}" if "active_experts" in mine[0] else "-",
+                  f"{statistics.mean(r['s_per_step'] for r in mine):.2f}" if "s_per_step" in mine[0] else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_section(rows: list[dict], args: argparse.Namespace, command: str, planned: int) -> None:
+    n = {t: rows[0]["results"]["n"][t] for t in args.tasks} if rows else {}
+    load = os.getloadavg()
+    done = sum(r["config"] != "base" for r in rows)
+    text = [SECTION, "",
+            f"Command: `{command}` ({done} of {planned} training runs finished when this was written, "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average {load[0]:.1f}).", "",
+            f"Every config: {args.steps} steps of {args.batch_size} questions from the union of the tasks' train "
+            f"sides, lr {args.lr}, max_length {args.max_length}, experts on q_proj, v_proj, up_proj; E·r = 16 "
+            "(LoRA: rank 16), alpha = 2r. Scored with LD-MoLE's letter protocol (chat template) on a fixed subset "
+            f"of each task's test side: n = {n} questions. Per task: mean ± standard deviation over seeds; "
+            "SE of average: standard deviation of the seeds' averages / sqrt(seeds) (base: binomial, pooled "
+            "questions). Active experts: experts with g > 0 per token and layer, mean of the last 10 steps. "
+            "s/step: training loop only. Split policy: ARC-E, ARC-C, OBQA train on validation, test on the "
+            "test split; MMLU dev + validation / test; the other tasks split validation by a hash of the "
+            "question (30% test).", "",
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} torch threads.", "", table(rows, args.tasks), ""]
+    path = Path(args.out)
+    current = path.read_text() if path.is_file() else ""  # re-read: others edit other sections meanwhile
+    path.write_text(replace_section(current, "\n".join(text)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    command = shlex.join(["OMP_NUM_THREADS=1", ".venv/bin/python", "bench/benchmarks.py", *given])
+    store = Path(args.results)
+    store.parent.mkdir(parents=True, exist_ok=True)
+    kept = [json.loads(line) for line in store.read_text().splitlines()] if store.is_file() else []
+    rows = [r for r in kept if r.get("settings") == settings(args)]
+    done = {(r["config"], r["seed"]) for r in rows}
+    plan = [("base", None)] + [(name, seed) for seed in args.seeds for name in args.configs]  # seed-major
+    for name, seed in plan:
+        if (name, seed) in done:
+            continue
+        print(f"benchmarks: {name} seed {seed}", flush=True)
+        row = run_base(args) if name == "base" else run_config(args, name, seed)
+        row["settings"] = settings(args)
+        with open(store, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        rows.append(row)
+        write_section(rows, args, command, len(plan) - 1)
+        print(table(rows, args.tasks), flush=True)
+    write_section(rows, args, command, len(plan) - 1)
+
+
+if __name__ == "__main__":
+    main()

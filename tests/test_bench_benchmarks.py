@@ -1,0 +1,38 @@
+"""bench/benchmarks.py's grid and table (no model runs): overrides, mean ± std over seeds, standard errors."""
+import math
+import statistics
+
+import pytest
+
+from bench.benchmarks import CONFIGS, parse_args, table, train_overrides
+from lmoe.train import TrainConfig
+
+
+def row(config, seed, accs, n=50, **extra):
+    acc = dict(zip(["arc_easy", "csqa"], accs))
+    return {"config": config, "seed": seed, "results": {"acc": {**acc, "average": sum(accs) / 2},
+                                                         "n": {"arc_easy": n, "csqa": n}}, **extra}
+
+
+def test_every_config_is_a_valid_train_config_at_equal_expert_parameters():
+    args = parse_args([])
+    for name, _ in CONFIGS:
+        cfg = TrainConfig.from_file(None, train_overrides(args, name, seed=1))
+        assert cfg.lmoe.num_experts * cfg.lmoe.rank == 16 and cfg.lmoe.alpha == 2 * cfg.lmoe.rank
+        assert cfg.seed == 1 and cfg.data == [f"bench:{t}" for t in args.tasks] and cfg.mc.protocol == "letter"
+    assert TrainConfig.from_file(None, train_overrides(args, "params_dynamic_sparsity", 0)).lmoe.sparsity_coef > 0
+
+
+def test_table_means_spreads_and_standard_errors():
+    extra = {"trainable": 1000, "active_experts": 2.0, "s_per_step": 3.0}
+    rows = [row("base", None, [0.2, 0.4]), row("lora_r16", 0, [0.5, 0.3], **extra), row("lora_r16", 1, [0.7, 0.5], **extra)]
+    lines = table(rows, ["arc_easy", "csqa"]).splitlines()
+    base = lines[2].split(" | ")
+    p = 0.3
+    assert base[5:7] == ["0.300", f"{math.sqrt(p * (1 - p) / 100):.3f}"]  # binomial SE of the 100 pooled questions
+    lora = lines[3].split(" | ")
+    sd = statistics.stdev([0.5, 0.7])
+    assert lora[1:5] == ["2", "1,000", f"0.600 ± {sd:.3f}", f"0.400 ± {sd:.3f}"]
+    assert lora[5:7] == [f"0.500 ± {sd:.3f}", f"{sd / math.sqrt(2):.3f}"]
+    assert lora[7:] == ["2.00", "3.00 |"]
+    assert len(lines) == 4  # configs without a finished run are left out
