@@ -8,6 +8,9 @@ from .inject import aux_loss, aux_losses, count_parameters, inject, lmoe_layers,
 from .io import load_adapter, load_adapter_weights, save_adapter
 from .layer import MoLoRALinear
 from .merge import merge, unmerge
+from .peft_hook import install as _install_peft_hook
+
+_install_peft_hook()  # lmoe registers with PEFT once peft is imported (before or after lmoe)
 from .optim import param_groups
 
 __all__ = ["LMoEConfig", "MoLoRALinear", "inject", "remove", "aux_loss", "aux_losses", "count_parameters",

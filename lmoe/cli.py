@@ -56,8 +56,14 @@ def cmd_eval(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     parser.add_argument("--test-items", type=int, default=0, help="benchmark questions per task (0: all)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--json", help="write the results here as JSON")
+    parser.add_argument("--lm-eval", nargs="+", metavar="TASK",
+                        help="score lm-eval-harness tasks instead (pip install lm-eval); results as lm-eval gives them")
+    parser.add_argument("--include-path", help="--lm-eval: a folder of task YAMLs, e.g. examples/lm_eval")
+    parser.add_argument("--limit", type=int, help="--lm-eval: documents per task (default: all)")
 
     def run(args: argparse.Namespace) -> None:
+        if args.lm_eval:
+            return _run_lm_eval(args)
         from .benchmarks import PREFIX, root, task_names
         from .choices import MultipleChoice
         from .data import Mixture
@@ -77,6 +83,16 @@ def cmd_eval(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
         if args.json:
             write_json(results, args.json)
     return run
+
+
+def _run_lm_eval(args: argparse.Namespace) -> None:
+    from .evaluate import write_json
+    from .lm_eval_tasks import lm_eval_results, lm_eval_table
+    model, tokenizer = _load(args)
+    results = lm_eval_results(model, tokenizer, args.lm_eval, args.include_path, args.limit)
+    print(lm_eval_table(results))
+    if args.json:
+        write_json(results["results"], args.json)
 
 
 def cmd_generate(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:

@@ -23,7 +23,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from .config import LMoEConfig
 from .inject import CONFIG_ATTR, find_targets, get_config, inject, lmoe_layers
-from .io import WEIGHTS_FILE, atomic_write, read_adapter_meta
+from .io import atomic_write, is_lmoe_adapter, read_adapter_meta, read_adapter_weights
 from .layer import MoLoRALinear, is_linear
 
 PEFT_CONFIG = "adapter_config.json"
@@ -48,7 +48,7 @@ class LoRA:
 
 def read_lora(directory: str | Path) -> LoRA:
     """A PEFT LoRA adapter directory, or an lmoe adapter with one expert (a plain LoRA, e.g. `lmoe train` at E=1)."""
-    if (Path(directory) / WEIGHTS_FILE).is_file():
+    if is_lmoe_adapter(directory):
         return _read_lmoe_lora(directory)
     return read_peft_lora(directory)
 
@@ -81,7 +81,7 @@ def _read_lmoe_lora(directory: str | Path) -> LoRA:
     if cfg.num_experts != 1:
         raise ValueError(f"{directory} is an lmoe mixture of {cfg.num_experts} experts, not one LoRA; export a "
                          "fixed routing of it with lmoe.export_peft and compose that.")
-    weights = load_file(str(Path(directory) / WEIGHTS_FILE))
+    weights = read_adapter_weights(directory, meta)
     return LoRA(Path(directory), {name: (weights[f"{name}.lora_A"][0], cfg.scaling * weights[f"{name}.lora_B"][0])
                                   for name in meta["layers"]})
 

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .peft_hook import PeftFields
+
 ROUTERS = ("softmax", "topk", "dynamic")
 COMPOSITIONS = ("params", "outputs")
 ALL_LINEAR = "all-linear"
@@ -32,7 +34,7 @@ def _fail(name: str, value: Any, expected: str) -> None:
 
 
 @dataclass
-class LMoEConfig:
+class LMoEConfig(PeftFields):  # PeftFields: peft.get_peft_model(model, LMoEConfig(...)) works
     """What to inject and how to route. See DESIGN.md sections 1-3 for the maths.
 
     target_modules: module names (matched against the last part of the dotted name, or the whole

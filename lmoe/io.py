@@ -24,8 +24,10 @@ from .inject import get_config, inject, lmoe_layers
 from .layer import linear_shape
 
 CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter.safetensors"
-FORMAT_VERSION = 1
+WEIGHTS_FILE = "adapter_model.safetensors"  # PEFT's names, so PeftModel.from_pretrained reads the directory
+WEIGHTS_FILE_V1 = "adapter.safetensors"  # format 1 (lmoe before PEFT's names); still read
+FORMAT_VERSION = 2
+PEFT_TYPE = "LMOE"  # peft_type in adapter_config.json: PEFT finds lmoe's config and tuner by it (peft_integration)
 
 
 class WriteError(OSError):
@@ -136,17 +138,34 @@ def base_fingerprint(model: nn.Module) -> dict[str, list[int]]:
     return {name: [layer.in_features, layer.out_features] for name, layer in lmoe_layers(model)}
 
 
+def adapter_meta(model: nn.Module) -> dict:
+    """adapter_config.json of the model's adapter: lmoe's keys, and PEFT's (peft_type, base model) beside them."""
+    return {"peft_type": PEFT_TYPE, "task_type": None, "inference_mode": True,
+            "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
+            "lmoe_version": __version__, "format_version": FORMAT_VERSION, "base_model_type": _model_type(model),
+            "config": get_config(model).to_dict(), "layers": base_fingerprint(model)}
+
+
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
-    """Write directory/adapter_config.json and directory/adapter.safetensors (atomically)."""
+    """Write directory/adapter_config.json and directory/adapter_model.safetensors (atomically), the files
+    PeftModel.save_pretrained writes for this adapter."""
     directory = Path(directory)
-    meta = {"lmoe_version": __version__, "format_version": FORMAT_VERSION,
-            "base_model_type": _model_type(model), "config": get_config(model).to_dict(),
-            "layers": base_fingerprint(model)}
+    meta = adapter_meta(model)
     state = adapter_state_dict(model)
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     meta["weights_sha256"] = sha256_file(directory / WEIGHTS_FILE)  # the config is written last: it seals the pair
     atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
     return directory
+
+
+def is_lmoe_adapter(directory: str | Path) -> bool:
+    """Whether directory holds an lmoe adapter (either format), not e.g. a PEFT LoRA."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return (Path(directory) / WEIGHTS_FILE_V1).is_file()
+    return isinstance(meta, dict) and {"config", "layers"} <= set(meta)
 
 
 def read_adapter_meta(directory: str | Path) -> dict:
@@ -186,8 +205,14 @@ def load_adapter_weights(model: nn.Module, directory: str | Path) -> nn.Module:
     return model
 
 
+def read_adapter_weights(directory: str | Path, meta: dict) -> dict:
+    """The adapter's tensors keyed as adapter_state_dict keys them, from either format's file."""
+    name = WEIGHTS_FILE if meta.get("format_version", 1) >= 2 else WEIGHTS_FILE_V1
+    return _read_weights(Path(directory) / name, meta.get("weights_sha256"))
+
+
 def _load_weights(model: nn.Module, directory: str | Path, meta: dict) -> None:
-    weights = _read_weights(Path(directory) / WEIGHTS_FILE, meta.get("weights_sha256"))
+    weights = read_adapter_weights(directory, meta)
     expected = adapter_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
@@ -217,7 +242,7 @@ def check_base_matches(model: nn.Module, meta: dict, directory: str | Path) -> N
 
 
 def _read_weights(path: Path, sha256: str | None = None) -> dict:
-    """The tensors of adapter.safetensors, checked against the config's checksum and for NaN/inf values."""
+    """The tensors of the weights file, checked against the config's checksum and for NaN/inf values."""
     if not path.is_file():
         raise FileNotFoundError(f"Adapter weights {path} are missing; the adapter directory is incomplete.")
     if sha256 is not None and sha256_file(path) != sha256:

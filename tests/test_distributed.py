@@ -57,7 +57,7 @@ def reference(setup):
 
 
 def assert_same_adapter(a: Path, b: Path, atol: float) -> None:
-    wa, wb = load_file(str(a / "adapter.safetensors")), load_file(str(b / "adapter.safetensors"))
+    wa, wb = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
     assert wa.keys() == wb.keys()
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=atol, msg=key)

@@ -95,7 +95,7 @@ def test_adapter_from_a_newer_lmoe(files, tmp_path, capsys):
 @pytest.mark.parametrize("damage", ["truncate", "flip", "nan"])
 def test_damaged_adapter_weights(files, tmp_path, capsys, damage):
     adapter = shutil.copytree(files["adapter"], tmp_path / "adapter")
-    weights = adapter / "adapter.safetensors"
+    weights = adapter / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
     if damage == "truncate":
         data = data[: len(data) // 2]

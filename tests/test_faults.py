@@ -66,8 +66,8 @@ def test_sigkill_at_a_random_point_then_resume_gives_the_same_adapter(setup, tmp
     main(train_argv(setup, out) + ["--resume"])
 
     assert [r["step"] for r in read_metrics(out)] == list(range(1, STEPS + 1))
-    whole = load_file(str(tmp_path / "whole" / "adapter" / "adapter.safetensors"))
-    resumed = load_file(str(out / "adapter" / "adapter.safetensors"))
+    whole = load_file(str(tmp_path / "whole" / "adapter" / "adapter_model.safetensors"))
+    resumed = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert whole.keys() == resumed.keys()
     for key in whole:
         torch.testing.assert_close(resumed[key], whole[key], rtol=1e-5, atol=1e-6,
@@ -158,7 +158,7 @@ def test_a_nan_step_is_skipped_and_counted(setup, tmp_path, caplog, monkeypatch)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert math.isnan(rows[2]["loss"]) and all(math.isfinite(r["loss"]) for i, r in enumerate(rows) if i != 2)
     assert "step 3 skipped: the loss or gradient is NaN/inf (1 in a row, 1 in this run)" in caplog.text
-    adapter = load_file(str(out / "adapter" / "adapter.safetensors"))
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert all(torch.isfinite(t).all() for t in adapter.values())
 
 

@@ -130,7 +130,7 @@ def test_save_model_writes_adapter_that_load_adapter_reloads(tmp_path):
     t.train()
     t.save_model(str(tmp_path / "saved"))
     files = {p.name for p in (tmp_path / "saved").iterdir()}
-    assert {"adapter_config.json", "adapter.safetensors", "training_args.bin"} <= files
+    assert {"adapter_config.json", "adapter_model.safetensors", "training_args.bin"} <= files
     assert not files & {"model.safetensors", "pytorch_model.bin", "config.json"}
     loaded = lmoe.load_adapter(tiny_model("llama"), tmp_path / "saved")
     ids = torch.tensor([examples(1)[0]["input_ids"]])
@@ -142,7 +142,7 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
     whole = trainer(adapted_model(), tmp_path / "whole", steps=4, **adam)
     whole.train()
     checkpoint = tmp_path / "whole" / "checkpoint-2"
-    assert (checkpoint / "adapter.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+    assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
     resumed = trainer(adapted_model(), tmp_path / "resumed", steps=4, **adam)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 4

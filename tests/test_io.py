@@ -36,7 +36,7 @@ def test_save_then_load_reproduces_logits_bit_for_bit(tmp_path, input_ids, kind,
 def test_files_hold_only_adapter_tensors_and_the_config(tmp_path):
     model = trained_like()
     save_adapter(model, tmp_path)
-    tensors = load_file(str(tmp_path / "adapter.safetensors"))
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert tensors and not any(".base." in k for k in tensors)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable <= set(tensors)
@@ -58,7 +58,7 @@ def test_missing_or_corrupt_files_are_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
         load_adapter(tiny_model(), tmp_path)
     save_adapter(trained_like(), tmp_path)
-    weights = tmp_path / "adapter.safetensors"
+    weights = tmp_path / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="corrupt or truncated"):
         load_adapter(tiny_model(), tmp_path)

@@ -269,7 +269,7 @@ def test_shared_lambda_head_saves_once_and_loads_back(tmp_path, input_ids):
     ref = model(input_ids).logits
     save_adapter(model, tmp_path)
     from safetensors.torch import load_file
-    saved = load_file(str(tmp_path / "adapter.safetensors"))
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert sum("lambda_head" in key for key in saved) == 4  # one head (two Linear layers) for width 32
     loaded = load_adapter(tiny_model("llama"), tmp_path)
     assert torch.equal(loaded(input_ids).logits, ref)

@@ -95,8 +95,8 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
     for a, b in zip(straight, resumed):
         for key in ("loss", "lm_loss", "aux_loss", "active_experts", "lr", "grad_norm", "tokens"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
-    final_a = load_file(str(whole.adapter_dir / "adapter.safetensors"))
-    final_b = load_file(str(tmp_path / "split" / "adapter" / "adapter.safetensors"))
+    final_a = load_file(str(whole.adapter_dir / "adapter_model.safetensors"))
+    final_b = load_file(str(tmp_path / "split" / "adapter" / "adapter_model.safetensors"))
     assert final_a.keys() == final_b.keys()
     for key in final_a:
         torch.testing.assert_close(final_a[key], final_b[key], rtol=1e-6, atol=1e-7)
@@ -144,9 +144,9 @@ def test_builtin_model_learns_the_mixture(tmp_path):
 
 def test_routers_only_from_a_saved_adapter_keeps_every_expert_and_resumes(setup, tmp_path):
     start = train(config(setup, tmp_path / "experts", steps=3)).adapter_dir
-    initial = load_file(str(start / "adapter.safetensors"))
+    initial = load_file(str(start / "adapter_model.safetensors"))
     routers = config(setup, tmp_path / "routers", init_adapter=str(start), train_experts=False)
-    final = load_file(str(train(routers).adapter_dir / "adapter.safetensors"))
+    final = load_file(str(train(routers).adapter_dir / "adapter_model.safetensors"))
     assert final.keys() == initial.keys()
     experts = [k for k in final if k.endswith(("lora_A", "lora_B"))]
     gates = [k for k in final if k.endswith("router.weight")]
@@ -166,7 +166,7 @@ def test_routers_only_from_a_saved_adapter_keeps_every_expert_and_resumes(setup,
     split = config(setup, tmp_path / "split", init_adapter=str(start), train_experts=False)
     with pytest.raises(Interrupt):
         train(split, on_step=stop_after_4)
-    resumed = load_file(str(train(split, resume=True).adapter_dir / "adapter.safetensors"))
+    resumed = load_file(str(train(split, resume=True).adapter_dir / "adapter_model.safetensors"))
     for key in final:
         torch.testing.assert_close(resumed[key], final[key], rtol=1e-6, atol=1e-7, msg=key)
 
@@ -260,7 +260,7 @@ def test_a_higher_router_lr_moves_the_routers_further(setup, tmp_path):
         torch.manual_seed(0)
         out = tmp_path / f"x{scale:g}"
         train(config(setup, out, router_lr_scale=scale, lr=1e-3, save_every=0))
-        final = load_file(str(out / "adapter" / "adapter.safetensors"))
+        final = load_file(str(out / "adapter" / "adapter_model.safetensors"))
         travel[scale] = sum(float((final[k] - v).norm()) for k, v in _gate_weights(out).items())
     assert travel[30.0] > 8 * travel[1.0] > 0
 

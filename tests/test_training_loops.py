@@ -129,6 +129,24 @@ def test_plain_trainer_under_ddp_equals_one_process_on_the_whole_batch(tmp_path)
     assert_same_adapter(lmoe.load_adapter(tiny_model("llama"), tmp_path / "ddp"), one.model)
 
 
+def test_plain_trainer_on_a_peft_model_matches_the_loop_and_saves_the_adapter(tmp_path):
+    """get_peft_model(model, LMoEConfig): Trainer trains it as the bare injected model and saves PEFT's files."""
+    from peft import get_peft_model
+    model = get_peft_model(tiny_model("llama"), CFG)
+    torch.manual_seed(0)  # as adapted_model
+    for _, layer in lmoe.lmoe_layers(model):
+        torch.nn.init.normal_(layer.lora_B, std=0.1)
+    t = Trainer(model=model, args=TrainingArguments(**args(tmp_path / "run", steps=2)),
+                train_dataset=examples(2 * BATCH * ACCUM), data_collator=pad)
+    t.train()
+    reference = adapted_model()
+    reference_step_tokens(reference, steps=2)
+    assert_same_adapter(model.get_base_model(), reference)
+    t.save_model(str(tmp_path / "saved"))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "saved").iterdir()}
+    assert_same_adapter(lmoe.load_adapter(tiny_model("llama"), tmp_path / "saved"), reference)
+
+
 def sft_trainer(model, out, steps: int, **overrides):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
