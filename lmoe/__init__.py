@@ -1,9 +1,10 @@
 """lmoe: fine-tune causal LMs with a mixture of LoRA experts, trained end to end (L-MoE, LD-MoLE)."""
 __version__ = "0.1.0"
 
-from .compose import (add_experts, compose, export_peft, freeze_experts, frozen_experts, load_experts, mean_routing,
-                      remove_experts, unfreeze_experts)
+from .compose import (add_experts, compose, freeze_experts, frozen_experts, load_experts, remove_experts,
+                      unfreeze_experts)
 from .config import LMoEConfig
+from .export import export_peft, mean_routing
 from .inject import aux_loss, aux_losses, count_parameters, inject, lmoe_layers, record_routing, remove
 from .io import load_adapter, load_adapter_weights, save_adapter
 from .layer import MoLoRALinear

@@ -1,5 +1,5 @@
-"""Modular skills: a mixture built from PEFT LoRA adapters; experts added, frozen or removed; a fixed
-routing exported back to a plain PEFT LoRA adapter.
+"""Modular skills: a mixture built from PEFT LoRA adapters; experts added, frozen or removed (a fixed
+routing goes back to a plain PEFT LoRA adapter in lmoe/export.py).
 
 Each layer stacks its experts in one Parameter (lora_A (E, r, d_in), lora_B (E, d_out, r)), so an
 expert is a slice: adding or removing one rebuilds the Parameters (build the optimizer afterwards),
@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from .config import LMoEConfig
 from .inject import CONFIG_ATTR, find_targets, get_config, inject, lmoe_layers
-from .io import atomic_write, is_lmoe_adapter, read_adapter_meta, read_adapter_weights
+from .io import is_lmoe_adapter, read_adapter_meta, read_adapter_weights
 from .layer import MoLoRALinear, is_linear
 
 PEFT_CONFIG = "adapter_config.json"
@@ -355,51 +355,6 @@ def _restore_frozen(optimizer, args, kwargs) -> None:
             layer.lora_A[idx] = A
             layer.lora_B[idx] = B
             layer._lmoe_snapshot = None
-
-
-# ---------------------------------------------------------------- exporting a fixed routing to PEFT
-
-def mean_routing(record: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """layer name -> (E,) mean routing weights over the tokens of an lmoe.record_routing record."""
-    return {name: weights.float().mean(0) for name, weights in record.items()}
-
-
-def fixed_lora(layer: MoLoRALinear, g: Tensor) -> tuple[Tensor, Tensor]:
-    """The layer with routing fixed at g (E,) as one LoRA (A (r', d_in), B (d_out, r')), B A = s Delta W(g).
-
-    outputs: r' = E r, the experts side by side with block i of B scaled by s g_i.
-    params: r' = r, A(g) = sum g_i A_i and B(g) = s sum g_i B_i (exact when g does not depend on x).
-    """
-    g = g.to(device=layer.lora_A.device, dtype=layer.lora_A.dtype)
-    if layer.composition == "params":
-        A = torch.einsum("e,erd->rd", g, layer.lora_A)
-        return A, layer.scaling * torch.einsum("e,eor->or", g, layer.lora_B)
-    A, B = layer.stacked()
-    return A, B * (layer.scaling * g).repeat_interleave(layer.rank)
-
-
-@torch.no_grad()
-def export_peft(model: nn.Module, directory: str | Path, g: Tensor | Mapping[str, Tensor]) -> Path:
-    """Write the mixture with routing fixed at g as a plain PEFT LoRA adapter (PeftModel.from_pretrained loads it).
-
-    g: (E,) for every layer (one skill's routing), or layer name -> (E,) (e.g. mean_routing(record)).
-    """
-    cfg = get_config(model)
-    state, conv1d = {}, False
-    for name, layer in lmoe_layers(model):
-        A, B = fixed_lora(layer, routing_vector(g, name, cfg.num_experts))
-        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.contiguous()
-        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.contiguous()
-        conv1d |= type(layer.base).__name__ == "Conv1D"
-    rank = A.shape[0]
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,  # scale 1: s is in B
-              "target_modules": [name for name, _ in lmoe_layers(model)], "lora_dropout": cfg.dropout,
-              "fan_in_fan_out": conv1d, "bias": "none", "inference_mode": True,
-              "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None)}
-    directory = Path(directory)
-    atomic_write(directory / PEFT_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    atomic_write(directory / PEFT_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
-    return directory
 
 
 def routing_vector(g: Tensor | Mapping[str, Tensor], name: str, E: int) -> Tensor:

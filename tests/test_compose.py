@@ -1,13 +1,17 @@
 """Modular skills against independent references: PEFT's own forward of each adapter, mixtures rebuilt by hand."""
+import json
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 from torch import nn
 
 from conftest import VOCAB, tiny_model
 from lmoe import LMoEConfig, inject, lmoe_layers, load_adapter, record_routing, save_adapter
-from lmoe.compose import (add_experts, compose, export_peft, freeze_experts, frozen_experts, load_experts,
-                          mean_routing, read_lora, read_peft_lora, remove_experts, unfreeze_experts)
+from lmoe.compose import (add_experts, compose, freeze_experts, frozen_experts, load_experts, read_lora,
+                          read_peft_lora, remove_experts, unfreeze_experts)
+from lmoe.export import export_peft, mean_routing
 
 TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 
@@ -260,3 +264,33 @@ def test_export_mean_routing_per_layer(input_ids, tmp_path):
     fix_routing(model, g)  # the reference: every layer's router pinned to its own mean
     torch.testing.assert_close(peft_logits(tmp_path / "mean", input_ids), lmoe_logits(model, input_ids),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("composition, own, served", [("outputs", 6, 8), ("params", 2, 8)])
+def test_export_padded_to_a_vllm_rank_is_exact(tmp_path, capsys, composition, own, served):
+    """Zero rows of A and columns of B change no product: the padded adapter gives the unpadded one's logits."""
+    model = inject(tiny_model("llama"), LMoEConfig(num_experts=3, rank=2, composition=composition))
+    for _, layer in lmoe_layers(model):
+        torch.nn.init.normal_(layer.lora_B, std=0.2)
+    g = torch.tensor([0.2, 0.5, 0.3])
+    export_peft(model, tmp_path / "own", g)
+    export_peft(model, tmp_path / "vllm", g, rank="vllm")
+    assert f"--max-lora-rank {served}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "vllm" / "adapter_config.json").read_text())["r"] == served
+    own_w, padded = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("own", "vllm"))
+    for key, tensor in own_w.items():
+        assert padded[key].shape[0 if "lora_A" in key else 1] == served
+        assert torch.equal(padded[key][:own] if "lora_A" in key else padded[key][:, :own], tensor)
+        assert not (padded[key][own:] if "lora_A" in key else padded[key][:, own:]).any()
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    logits = [PeftModel.from_pretrained(tiny_model("llama"), tmp_path / d)(ids).logits for d in ("own", "vllm")]
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-6)
+
+
+def test_export_rank_below_its_own_is_refused(tmp_path):
+    model = inject(tiny_model("llama"), LMoEConfig(num_experts=3, rank=2, composition="outputs"))
+    with pytest.raises(ValueError, match=r"rank=4.*>= the LoRA's own rank 6"):
+        export_peft(model, tmp_path, torch.ones(3) / 3, rank=4)
+    with pytest.raises(ValueError, match="vLLM serves ranks up to 512"):
+        from lmoe.export import padded_rank
+        padded_rank(600, "vllm")
