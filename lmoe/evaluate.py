@@ -144,7 +144,7 @@ def _shared_batch(model: nn.Module, requests: list, pad_id: int) -> list[list[fl
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     takes = inspect.signature(model.forward).parameters
-    cache_name = "cache" if "cache" in takes else "past_key_values"  # transformers >= 5.2 renamed it
+    cache_name = "cache" if "cache" in takes else "past_key_values"  # the newer transformers name, else the older
     keep = {"logits_to_keep": 1} if "logits_to_keep" in takes else {}  # the last position's logits only
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
     first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # (questions, vocab): each continuation's first token

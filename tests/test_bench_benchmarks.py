@@ -19,7 +19,7 @@ def test_every_config_is_a_valid_train_config_at_equal_expert_parameters():
     for name, _ in CONFIGS:
         cfg = TrainConfig.from_file(None, train_overrides(args, name, seed=1))
         assert cfg.lmoe.num_experts * cfg.lmoe.rank == 16 and cfg.lmoe.alpha == 2 * cfg.lmoe.rank
-        assert cfg.seed == 1 and cfg.data == [f"bench:{t}" for t in args.tasks] and cfg.mc.protocol == "letter"
+        assert cfg.seed == 1 and cfg.data == [f"bench:{t}" for t in args.tasks] and cfg.mc.protocol == "cloze"
     assert TrainConfig.from_file(None, train_overrides(args, "params_dynamic_sparsity", 0)).lmoe.sparsity_coef > 0
 
 
