@@ -27,9 +27,16 @@ FOLDED_ATTR = "_lmoe_aux_folded"  # the last forward's loss holds its router los
 QUANTIZED_ATTR = "_hf_peft_config_loaded"  # transformers' mark that a quantised model carries trainable adapters
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PeftModel (peft.get_peft_model with an LMoEConfig), else model itself:
+    layer names are then the same whether a PeftModel or the model inside it is passed."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
 def lmoe_layers(model: nn.Module) -> Iterator[tuple[str, MoLoRALinear]]:
-    """(qualified name, layer) for every mixture layer in the model, in module order."""
-    for name, module in model.named_modules():
+    """(qualified name, layer) for every mixture layer in the model (or the PeftModel's model), in module order."""
+    for name, module in unwrapped(model).named_modules():
         if isinstance(module, MoLoRALinear):
             yield name, module
 
@@ -223,6 +230,7 @@ def _clear_lambda_caches(model: nn.Module, *_) -> None:
 
 def remove(model: nn.Module) -> nn.Module:
     """Put the original base layers back (adapters dropped, trainability restored), in place. Returns model."""
+    model = unwrapped(model)
     for name, layer in list(lmoe_layers(model)):
         _set_submodule(model, name, layer.base)
     params = dict(model.named_parameters())

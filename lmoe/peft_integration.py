@@ -168,9 +168,8 @@ class LMoETuner(BaseTuner):
     def _get_adapter_state_dict(cls, model: nn.Module, config: PeftConfig, adapter_name: str,
                                 state_dict: dict[str, Tensor], unwanted_adapter_names: list[str]) -> dict[str, Tensor]:
         """The tensors save_adapter writes, under its names (from state_dict, as Trainer or FSDP gathered it)."""
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         prefix = PEFT_PREFIX if any(k.startswith(PEFT_PREFIX) for k in state_dict) else ""
-        return {name: state_dict[prefix + name] for name in adapter_state_dict(inner)}
+        return {name: state_dict[prefix + name] for name in adapter_state_dict(model)}
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -180,8 +179,7 @@ class LMoETuner(BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: PeftConfig, adapter_name: str,
                                            state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """File keys -> the PeftModel's keys; every adapter tensor must be there, and nothing else."""
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        expected = set(adapter_state_dict(inner))
+        expected = set(adapter_state_dict(model))
         missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
         if missing or unexpected:
             raise ValueError(f"This lmoe adapter does not fit the model: missing {missing[:5]}, unexpected "

@@ -158,3 +158,14 @@ def test_import_lmoe_does_not_import_peft():
     run = subprocess.run([sys.executable, "-c", "import sys, lmoe; print('peft' in sys.modules)"],
                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
     assert run.stdout.strip() == "False", run.stderr[-2000:]
+
+
+def test_lmoe_functions_take_the_peft_model_as_the_model_inside(tmp_path):
+    """Layer names (record_routing, save_adapter, export) are the transformers model's, PeftModel or not."""
+    model = peft_model()
+    with lmoe.record_routing(model) as rec:
+        model(input_ids=IDS)
+    assert set(rec) == {name for name, _ in lmoe.lmoe_layers(model.get_base_model())}
+    assert all(not name.startswith("base_model.") for name in rec)
+    lmoe.save_adapter(model, tmp_path)
+    torch.testing.assert_close(logits(lmoe.load_adapter(tiny_model("llama"), tmp_path)), logits(model), rtol=0, atol=0)
