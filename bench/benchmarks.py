@@ -164,7 +164,7 @@ def write_section(rows: list[dict], args: argparse.Namespace, command: str, plan
             f"{torch.get_num_threads()} torch threads.", "", table(rows, args.tasks), ""]
     path = Path(args.out)
     current = path.read_text() if path.is_file() else ""  # re-read: others edit other sections meanwhile
-    path.write_text(replace_section(current, "\n".join(text)))
+    path.write_text(replace_section(current, "\n".join(text), SECTION))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,3 +36,17 @@ def test_table_means_spreads_and_standard_errors():
     assert lora[5:7] == [f"0.500 ± {sd:.3f}", f"{sd / math.sqrt(2):.3f}"]
     assert lora[7:] == ["2.00", "3.00 |"]
     assert len(lines) == 4  # configs without a finished run are left out
+
+
+def test_the_section_is_rewritten_in_place_and_other_sections_stay(tmp_path):
+    from bench.benchmarks import SECTION, write_section
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# R\n\n## Built-in comparison\nkept\n\n## Other\nalso kept\n")
+    args = parse_args(["--out", str(out), "--tasks", "arc_easy", "csqa"])
+    rows = [row("base", None, [0.2, 0.4])]
+    write_section(rows, args, "cmd", planned=24)
+    write_section(rows + [row("lora_r16", 0, [0.5, 0.3], trainable=1, active_experts=1.0, s_per_step=1.0)], args,
+                  "cmd", planned=24)
+    text = out.read_text()
+    assert text.count(SECTION) == 1 and "## Built-in comparison\nkept\n" in text and "## Other\nalso kept\n" in text
+    assert "| lora_r16 | 1 |" in text and "1 of 24 training runs" in text

@@ -151,3 +151,14 @@ def test_the_real_package_sizes_and_disjoint_sides(monkeypatch):
         fingerprints = [{benchmarks._fingerprint(r) for r in side} for side in (train, test)]
         assert not fingerprints[0] & fingerprints[1], name
         assert all(0 <= r["gold"] < len(r["choices"]) for r in train + test)
+
+
+def test_eval_command_scores_benchmarks_with_the_chosen_protocol(data, tmp_path):
+    from lmoe.cli import main
+    model = tiny_model_dir(tmp_path / "model")
+    out = tmp_path / "r.json"
+    main(["eval", "--model", str(model), "--benchmark", "piqa", "arc_easy", "--protocol", "cloze", "--template", "plain",
+          "--test-items", "3", "--json", str(out)])
+    got = json.loads(out.read_text())
+    assert got["n"] == {"piqa": 3, "arc_easy": 3} and set(got) == {"acc", "acc_norm", "n"}
+    assert got["acc_norm"]["average"] == pytest.approx((got["acc_norm"]["piqa"] + got["acc_norm"]["arc_easy"]) / 2)
