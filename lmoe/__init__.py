@@ -1,9 +1,9 @@
 """lmoe: fine-tune causal LMs with a mixture of LoRA experts, trained end to end (L-MoE, LD-MoLE)."""
 __version__ = "0.1.0"
 
-from .compose import (add_experts, compose, freeze_experts, frozen_experts, load_experts, remove_experts,
-                      unfreeze_experts)
+from .compose import compose, load_experts
 from .config import LMoEConfig
+from .experts import add_experts, freeze_experts, frozen_experts, remove_experts, unfreeze_experts
 from .export import export_peft, mean_routing
 from .inject import aux_loss, aux_losses, count_parameters, inject, lmoe_layers, record_routing, remove
 from .io import load_adapter, load_adapter_weights, save_adapter

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import CHECKPOINT, TrainState, load_checkpoint, save_checkpoint
-from .compose import freeze_experts
+from .experts import freeze_experts
 from .data import IGNORE, batch_stream, collate
 from .distributed import clip_grad_norm, distribute, make_accelerator, single_process_model
 from .evaluate import format_table, write_json

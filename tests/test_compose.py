@@ -9,8 +9,8 @@ from torch import nn
 
 from conftest import VOCAB, tiny_model
 from lmoe import LMoEConfig, inject, lmoe_layers, load_adapter, record_routing, save_adapter
-from lmoe.compose import (add_experts, compose, freeze_experts, frozen_experts, load_experts, read_lora,
-                          read_peft_lora, remove_experts, unfreeze_experts)
+from lmoe.compose import compose, load_experts, read_lora, read_peft_lora
+from lmoe.experts import add_experts, freeze_experts, frozen_experts, remove_experts, unfreeze_experts
 from lmoe.export import export_peft, mean_routing
 
 TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
