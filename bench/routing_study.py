@@ -25,32 +25,34 @@ import torch
 SECTION = "## Routing study"
 LORA = ["lmoe.num_experts=1", "lmoe.rank=16", "lmoe.alpha=32"]  # rank E*r of the default mixture (4 x 4)
 OUTPUTS = ["lmoe.composition=outputs"]
-# name -> overrides of the default run (4 experts of rank 4, alpha 8, q/v/up_proj, params, softmax, lr 2e-3)
+# name -> overrides of the default run (4 experts of rank 4, alpha 8, q/v/up_proj, params, softmax, lr 2e-3);
+# each names its router rate, so the rows keep their meaning whatever the default
 CONFIGS: dict[str, list[str]] = {
-    "default": [],
+    "lr_x1": ["router_lr_scale=1"],  # the routers at the experts' rate (the default before this study)
     "lora_r16": LORA,
     "lr_x10": ["router_lr_scale=10"],
     "lr_x30": ["router_lr_scale=30"],
     "lr_x100": ["router_lr_scale=100"],
-    "init_0.1": ["lmoe.router_init_std=0.1"],
+    "init_0.1": ["lmoe.router_init_std=0.1", "router_lr_scale=1"],
     "init_0.1_lr_x30": ["lmoe.router_init_std=0.1", "router_lr_scale=30"],
     "temp_0.3_lr_x30": ["lmoe.temperature=0.3", "router_lr_scale=30"],
     "top2_lr_x30": ["lmoe.router=topk", "lmoe.top_k=2", "router_lr_scale=30"],
     "top1_lr_x30": ["lmoe.router=topk", "lmoe.top_k=1", "router_lr_scale=30"],
-    "outputs": OUTPUTS,
+    "outputs": OUTPUTS + ["router_lr_scale=1"],
     "outputs_lr_x30": OUTPUTS + ["router_lr_scale=30"],
     "outputs_top2_lr_x30": OUTPUTS + ["lmoe.router=topk", "lmoe.top_k=2", "router_lr_scale=30"],
     "lb_0_lr_x30": ["lmoe.load_balance_coef=0", "router_lr_scale=30"],
     "lb_0.1_lr_x30": ["lmoe.load_balance_coef=0.1", "router_lr_scale=30"],
-    "dynamic": ["lmoe.router=dynamic"],
-    "dynamic_sparsity": ["lmoe.router=dynamic", "lmoe.sparsity_coef=1.0"],
+    "dynamic": ["lmoe.router=dynamic", "router_lr_scale=1"],
+    "dynamic_sparsity": ["lmoe.router=dynamic", "lmoe.sparsity_coef=1.0", "router_lr_scale=1"],
+    "dynamic_lr_x30": ["lmoe.router=dynamic", "router_lr_scale=30"],
     "dynamic_sparsity_lr_x30": ["lmoe.router=dynamic", "lmoe.sparsity_coef=1.0", "router_lr_scale=30"],
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", nargs="+", default=["default", "lora_r16"], metavar="NAME",
+    p.add_argument("--configs", nargs="+", default=["lr_x30", "lora_r16"], metavar="NAME",
                    help=f"settings to run, of: {', '.join(CONFIGS)}")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--extra", nargs="*", default=[], help="overrides added to every run (e.g. steps=100)")

@@ -12,12 +12,12 @@ from .merge import merge, unmerge
 from .peft_hook import install as _install_peft_hook
 
 _install_peft_hook()  # lmoe registers with PEFT once peft is imported (before or after lmoe)
-from .optim import param_groups
+from .optim import param_groups, scale_router_lr
 
 __all__ = ["LMoEConfig", "MoLoRALinear", "inject", "remove", "aux_loss", "aux_losses", "count_parameters",
            "lmoe_layers", "record_routing", "save_adapter", "load_adapter", "load_adapter_weights", "__version__"]
 __all__ += ["compose", "load_experts", "add_experts", "remove_experts", "freeze_experts", "unfreeze_experts",
-            "frozen_experts", "mean_routing", "export_peft", "merge", "unmerge", "param_groups"]
+            "frozen_experts", "mean_routing", "export_peft", "merge", "unmerge", "param_groups", "scale_router_lr"]
 
 
 def __getattr__(name: str):

@@ -14,6 +14,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 
 from .inject import aux_loss, aux_loss_apart, aux_losses, lmoe_layers
 from .io import load_adapter_weights, save_adapter
+from .optim import scale_router_lr
 
 
 class LMoETrainer(Trainer):
@@ -24,15 +25,26 @@ class LMoETrainer(Trainer):
     interval. Single process or DDP; not DataParallel, FSDP or DeepSpeed.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, router_lr_scale: float = 30.0, **kwargs) -> None:
+        """router_lr_scale: the routers (and lambda heads) learn at Trainer's learning rate times this, as in
+        `lmoe train` (bench/RESULTS.md, routing study); 1 keeps Trainer's single rate."""
         super().__init__(*args, **kwargs)
         check_has_experts(self.model)
+        self.router_lr_scale = router_lr_scale
         if self.args.n_gpu > 1 or self.is_fsdp_enabled or self.is_deepspeed_enabled:
             raise ValueError("LMoETrainer runs on one device or under DDP (torchrun / accelerate launch, one GPU "
                              "per process); DataParallel (several GPUs in one process), FSDP and DeepSpeed are not "
                              "supported. For FSDP use `lmoe train distributed=fsdp`.")
         self._aux_sums: dict[str, Tensor] = {}  # per-step means of the aux terms, summed since the last log
         self._aux_steps = 0.0  # optimizer steps in those sums
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Trainer's optimizer (its weight-decay groups), the routers split off at lr * router_lr_scale."""
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if fresh:
+            scale_router_lr(optimizer, self.model if model is None else model, self.router_lr_scale)
+        return optimizer
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch: Tensor | int | None = None):

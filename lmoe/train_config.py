@@ -57,7 +57,7 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 2e-3
-    router_lr_scale: float = 1.0  # the routers' (and lambda heads') learning rate is lr times this
+    router_lr_scale: float = 30.0  # routers and lambda heads learn at lr times this (bench/RESULTS.md, routing study)
     weight_decay: float = 0.0  # AdamW's, on every trainable parameter (experts, routers, lambda heads)
     label_smoothing: float = 0.0  # of the LM loss (lmoe.objective)
     warmup_steps: int = 10

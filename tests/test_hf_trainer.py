@@ -50,14 +50,15 @@ def adapted_model(seed: int = 0):
     return model
 
 
-def trainer(model, out, steps: int, eval_dataset=None, **overrides) -> LMoETrainer:
+def trainer(model, out, steps: int, eval_dataset=None, router_lr_scale: float = 30.0, **overrides) -> LMoETrainer:
     args = dict(output_dir=str(out), per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUM,
                 max_steps=steps, learning_rate=LR, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
                 max_grad_norm=0.0, train_sampling_strategy="sequential", logging_steps=1, save_strategy="no",
                 report_to="none", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0)
     args = TrainingArguments(**{**args, **overrides})
     rows = examples(steps * args.world_size * args.per_device_train_batch_size * ACCUM)
-    return LMoETrainer(model=model, args=args, train_dataset=rows, eval_dataset=eval_dataset, data_collator=pad)
+    return LMoETrainer(model=model, args=args, train_dataset=rows, eval_dataset=eval_dataset, data_collator=pad,
+                       router_lr_scale=router_lr_scale)
 
 
 def step_tokens(micro: list[dict], batch: dict):
@@ -70,10 +71,14 @@ def micro_batch_tokens(micro: list[dict], batch: dict):
     return (batch["labels"][:, 1:] != IGNORE).sum() * len(micro)
 
 
-def reference_steps(model, steps: int, lm_denominator=step_tokens) -> list[float]:
-    """Plain SGD on the objective written out; returns each step's mean aux loss."""
+def reference_steps(model, steps: int, lm_denominator=step_tokens, router_lr_scale: float = 30.0) -> list[float]:
+    """Plain SGD on the objective written out, the routers (by name) at LR * router_lr_scale (LMoETrainer's
+    default 30); returns each step's mean aux loss."""
     rows = examples(steps * BATCH * ACCUM)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    rates = [LR * router_lr_scale if ".router." in n else LR for n, _ in named]
+    assert any(".router." in n for n, _ in named) and any(".router." not in n for n, _ in named)
     model.train()
     aux_means = []
     for step in range(steps):
@@ -87,8 +92,8 @@ def reference_steps(model, steps: int, lm_denominator=step_tokens) -> list[float
             aux = aux + lmoe.aux_loss(model) / len(micro)
         grads = torch.autograd.grad(lm + aux, params)
         with torch.no_grad():
-            for p, g in zip(params, grads):
-                p -= LR * g
+            for p, g, rate in zip(params, grads, rates):
+                p -= rate * g
         aux_means.append(float(aux.detach()))
     return aux_means
 
@@ -103,6 +108,23 @@ def test_steps_match_reference_loop(tmp_path):
     reference = adapted_model()
     reference_steps(reference, steps=2)
     assert_same_adapter(t.model, reference)
+
+
+def test_router_lr_scale_one_keeps_trainers_single_rate_and_groups_keep_weight_decay(tmp_path):
+    t = trainer(adapted_model(), tmp_path, steps=2, router_lr_scale=1.0)
+    t.train()
+    reference = adapted_model()
+    reference_steps(reference, steps=2, router_lr_scale=1.0)
+    assert_same_adapter(t.model, reference)
+    split = trainer(adapted_model(), tmp_path / "wd", steps=1, weight_decay=0.1, learning_rate=1e-3)
+    groups = split.create_optimizer().param_groups
+    routers = {id(p) for n, p in split.model.named_parameters() if ".router." in n}
+    for g in groups:
+        kinds = {id(p) in routers for p in g["params"]}
+        assert len(kinds) == 1  # a group holds routers only, or experts only
+        assert g["lr"] == pytest.approx(1e-3 * (30 if kinds == {True} else 1))
+    assert {g["weight_decay"] for g in groups} <= {0.0, 0.1}
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in split.model.parameters())
 
 
 def test_steps_match_reference_loop_without_loss_kwargs(tmp_path):

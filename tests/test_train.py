@@ -79,7 +79,9 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
     assert [r["step"] for r in straight] == [1, 2, 3, 4, 5, 6]
     assert all(r["load_balance"] != "" and r["tokens"] > 0 for r in straight)
     assert all(r["active_experts"] == 3 for r in straight)  # softmax routing: every expert, every token
-    assert all(0.9 < r["routing_entropy"] <= 1 and r["top_weight_over_half"] < 0.5 for r in straight)  # near uniform
+    first = straight[0]  # logged from the forward before any update: fresh routers, near uniform
+    assert 0.9 < first["routing_entropy"] <= 1 and first["top_weight_over_half"] < 0.5
+    assert all(0 <= r["routing_entropy"] <= 1 and 0 <= r["top_weight_over_half"] <= 1 for r in straight)
 
     class Interrupt(Exception):
         pass
