@@ -84,6 +84,7 @@ def run_one(args: argparse.Namespace, config: str, seed: int) -> dict:
            "trainable": count_parameters(result.model)[0], "steps": cfg.steps}
     if cfg.lmoe.num_experts > 1:  # train() measured it on the held-out answer tokens (routing.json per layer)
         row["routing"] = row["results"].pop("routing")
+        row["routing_layers"] = json.loads((Path(cfg.output_dir) / "routing.json").read_text())["layers"]
     return row
 
 
