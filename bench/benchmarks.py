@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-items", type=int, default=50, help="test questions per task (0: all)")
     p.add_argument("--protocol", choices=["cloze", "letter"], default="cloze", help="training target and scoring")
     p.add_argument("--template", choices=["plain", "chat"], default="plain")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="TrainConfig overrides for every config, e.g. router_lr_scale=1 (the table of record)")
     p.add_argument("--results", default="bench/results/benchmarks.jsonl", help="one JSON line per finished run")
     p.add_argument("--out", default="bench/RESULTS.md", help="markdown file whose benchmark section is rewritten")
     p.add_argument("--work-dir", default="runs/benchmarks")
@@ -75,7 +77,7 @@ def settings(args: argparse.Namespace) -> dict:
     """What makes two runs comparable: rows with other settings are kept in the file but not tabled."""
     return {"model": args.model, "tasks": args.tasks, "steps": args.steps, "batch_size": args.batch_size,
             "lr": args.lr, "max_length": args.max_length, "test_items": args.test_items, "protocol": args.protocol,
-            "template": args.template}
+            "template": args.template} | ({"set": args.set} if args.set else {})
 
 
 def train_overrides(args: argparse.Namespace, name: str, seed: int) -> list[str]:
@@ -85,7 +87,7 @@ def train_overrides(args: argparse.Namespace, name: str, seed: int) -> list[str]
               "seed": seed, "save_every": 0, "compare_base": "false", "mc.protocol": args.protocol,
               "mc.template": args.template,
               "mc.test_items": args.test_items, "output_dir": f"{args.work_dir}/{name}-s{seed}"}
-    return [f"{k}={v}" for k, v in {**common, **mine}.items()]
+    return [f"{k}={v}" for k, v in {**common, **mine}.items()] + list(args.set)
 
 
 def run_base(args: argparse.Namespace) -> dict:

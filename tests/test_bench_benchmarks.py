@@ -4,7 +4,7 @@ import statistics
 
 import pytest
 
-from bench.benchmarks import CONFIGS, parse_args, table, train_overrides
+from bench.benchmarks import CONFIGS, parse_args, settings, table, train_overrides
 from lmoe.train import TrainConfig
 
 
@@ -21,6 +21,9 @@ def test_every_config_is_a_valid_train_config_at_equal_expert_parameters():
         assert cfg.lmoe.num_experts * cfg.lmoe.rank == 16 and cfg.lmoe.alpha == 2 * cfg.lmoe.rank
         assert cfg.seed == 1 and cfg.data == [f"bench:{t}" for t in args.tasks] and cfg.mc.protocol == "cloze"
     assert TrainConfig.from_file(None, train_overrides(args, "params_dynamic_sparsity", 0)).lmoe.sparsity_coef > 0
+    pinned = parse_args(["--set", "router_lr_scale=1"])
+    assert TrainConfig.from_file(None, train_overrides(pinned, "params_top2", 0)).router_lr_scale == 1
+    assert settings(pinned)["set"] == ["router_lr_scale=1"] and "set" not in settings(args)
 
 
 def test_table_means_spreads_and_standard_errors():
