@@ -92,17 +92,17 @@ class LMoEConfig(PeftFields):  # PeftFields: peft.get_peft_model(model, LMoEConf
     def _check_floats(self) -> None:
         for name in ("alpha", "temperature"):
             value = getattr(self, name)
-            if not _is_number(value) or value <= 0:
+            if not is_number(value) or value <= 0:
                 _fail(name, value, "a finite number > 0")
         for name in ("load_balance_coef", "z_loss_coef", "sparsity_coef"):
             value = getattr(self, name)
-            if not _is_number(value) or value < 0:
+            if not is_number(value) or value < 0:
                 _fail(name, value, "a finite number >= 0")
-        if self.router_init_std is not None and (not _is_number(self.router_init_std) or self.router_init_std < 0):
+        if self.router_init_std is not None and (not is_number(self.router_init_std) or self.router_init_std < 0):
             _fail("router_init_std", self.router_init_std, "a finite number >= 0, or null for nn.Linear's init")
-        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
+        if not is_number(self.dropout) or not 0 <= self.dropout < 1:
             _fail("dropout", self.dropout, "a probability in [0, 1)")
-        if not _is_number(self.lambda_eps) or not 0 < self.lambda_eps < 1:
+        if not is_number(self.lambda_eps) or not 0 < self.lambda_eps < 1:
             _fail("lambda_eps", self.lambda_eps, "a number in (0, 1) (lambda <= 1 - lambda_eps)")
         if self.router == "dynamic" and self.sparsity_coef > 0 and self.sparsity_target >= self.num_experts:
             _fail("sparsity_target", self.sparsity_target,
@@ -174,7 +174,7 @@ def check_known_keys(cls: type, data: dict[str, Any], prefix: str = "") -> dict[
     return data
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     """A finite int or float (not a bool, NaN or inf)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

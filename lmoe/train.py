@@ -2,7 +2,7 @@
 
 Read top to bottom: train() builds everything, then runs steps; each step averages grad_accum
 micro-batches, clips, steps the optimizer, logs, and every save_every steps writes a checkpoint
-(adapter + optimizer + scheduler + step) that resume() restores exactly. Each step reseeds torch from
+(adapter + optimizer + scheduler + step) that train(cfg, resume=True) restores exactly. Each step reseeds torch from
 (seed, step, process): dropout differs between processes, and a resumed run draws what the uninterrupted
 one drew. The building blocks: train_config (TrainConfig), train_data and train_eval (what a run reads and
 how it is scored), checkpoint, metrics_log, distributed (processes, DDP/FSDP2).

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from .choices import MultipleChoice
-from .config import LMoEConfig, check_known_keys
+from .config import LMoEConfig, check_known_keys, is_number
 from .data import Mixture
 from .io import CONFIG_FILE, read_adapter_meta
 from .models import BUILTIN, LOAD_IN
@@ -94,12 +94,12 @@ class TrainConfig:
             _check(self, name, isinstance(getattr(self, name), int) and getattr(self, name) >= 1, "an integer >= 1")
         for name in ("warmup_steps", "save_every", "eval_every", "seed"):
             _check(self, name, isinstance(getattr(self, name), int) and getattr(self, name) >= 0, "an integer >= 0")
-        _check(self, "lr", _finite(self.lr) and self.lr > 0, "a finite number > 0")
-        _check(self, "label_smoothing", _finite(self.label_smoothing) and 0 <= self.label_smoothing < 1,
+        _check(self, "lr", is_number(self.lr) and self.lr > 0, "a finite number > 0")
+        _check(self, "label_smoothing", is_number(self.label_smoothing) and 0 <= self.label_smoothing < 1,
                "a number in [0, 1)")
-        _check(self, "router_lr_scale", _finite(self.router_lr_scale) and self.router_lr_scale > 0, "a finite number > 0")
+        _check(self, "router_lr_scale", is_number(self.router_lr_scale) and self.router_lr_scale > 0, "a finite number > 0")
         for name in ("weight_decay", "max_grad_norm"):
-            _check(self, name, _finite(getattr(self, name)) and getattr(self, name) >= 0, "a finite number >= 0")
+            _check(self, name, is_number(getattr(self, name)) and getattr(self, name) >= 0, "a finite number >= 0")
         _check(self, "precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}")
         _check(self, "distributed", self.distributed in STRATEGIES, f"one of {', '.join(STRATEGIES)}")
         _check(self, "gradient_checkpointing", isinstance(self.gradient_checkpointing, bool), "true or false")
@@ -174,10 +174,6 @@ def adapter_lmoe(directory: str, given: dict | LMoEConfig) -> LMoEConfig:
                          f"{'; '.join(clash)}. Drop those lmoe keys to train the adapter's mixture, or drop "
                          "init_adapter to train fresh experts.")
     return saved
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check(cfg: Any, name: str, ok: bool, expected: str) -> None:
