@@ -104,16 +104,6 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def routing_means(routing: dict | None) -> dict | None:
-    """The layer means of lmoe.analysis.held_out_specialisation; rows of the study's first runs kept the same
-    four numbers (same definitions, answer tokens) under other names."""
-    if not routing or "mean" not in routing:
-        return routing
-    m = routing["mean"]
-    return {"mutual_information_bits": m["mutual_information_bits"], "routing_entropy": m["entropy_normalised"],
-            "top_weight_over_half": m["top_weight_above_half"], "mean_active_experts": m["active_experts"]}
-
-
 def summarise(rows: list[dict]) -> list[dict]:
     """One entry per (config, extra overrides): metric -> list over seeds."""
     groups: dict[tuple, dict] = {}
@@ -126,7 +116,7 @@ def summarise(rows: list[dict]) -> list[dict]:
         g["em"].append(sum(em.values()) / len(em))
         g["ppl"].append(math.exp(sum(math.log(v) for v in ppl.values()) / len(ppl)))  # geometric mean
         g["s_step"].append(r["s_per_step"])
-        rt = routing_means(r.get("routing"))
+        rt = r.get("routing")
         if rt:
             for key, name in (("mi", "mutual_information_bits"), ("entropy", "routing_entropy"),
                               ("top50", "top_weight_over_half"), ("active", "mean_active_experts")):
