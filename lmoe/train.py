@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
+from .anneal import annealed_temperature, set_router_temperature
 from .checkpoint import CHECKPOINT, TrainState, load_checkpoint, save_checkpoint
 from .experts import freeze_experts
 from .data import IGNORE, batch_stream, collate
@@ -160,6 +161,9 @@ def _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, pad_id, 
     model.train()
     while state.step < cfg.steps:
         started = time.perf_counter()
+        if cfg.temperature_start is not None:
+            set_router_temperature(model, annealed_temperature(cfg.temperature_start, cfg.lmoe.temperature,
+                                                               cfg.temperature_anneal_steps, state.step))
         seed_step(cfg.seed, state.step, rank)
         batches = [next(stream)[rank::ranks] for _ in range(cfg.grad_accum)]
         lm, aux, terms, tokens = _accumulate(accelerator, model, batches, pad_id)
@@ -193,6 +197,8 @@ def _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, pad_id, 
                             accelerator.is_main_process)
             accelerator.wait_for_everyone()
     bar.close()
+    if cfg.temperature_start is not None:  # the saved adapter serves at lmoe.temperature, where training ended
+        set_router_temperature(model, cfg.lmoe.temperature)
     if log is not None:
         log.close()
 

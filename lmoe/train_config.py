@@ -60,6 +60,8 @@ class TrainConfig:
     router_lr_scale: float = 30.0  # routers and lambda heads learn at lr times this (bench/RESULTS.md, routing study)
     weight_decay: float = 0.0  # AdamW's, on every trainable parameter (experts, routers, lambda heads)
     label_smoothing: float = 0.0  # of the LM loss (lmoe.objective)
+    temperature_start: float | None = None  # set: the gates' temperature anneals from it to lmoe.temperature (anneal.py)
+    temperature_anneal_steps: int = 0  # ... over this many steps (1..steps)
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
     max_length: int = 128
@@ -104,6 +106,21 @@ class TrainConfig:
         _check(self, "distributed", self.distributed in STRATEGIES, f"one of {', '.join(STRATEGIES)}")
         _check(self, "gradient_checkpointing", isinstance(self.gradient_checkpointing, bool), "true or false")
         _check(self, "load_in", self.load_in in LOAD_IN, f"one of {', '.join(LOAD_IN)}")
+        self._check_annealing()
+
+    def _check_annealing(self) -> None:
+        if self.temperature_start is None:
+            _check(self, "temperature_anneal_steps", self.temperature_anneal_steps == 0,
+                   "0 without temperature_start (the temperature to anneal from)")
+            return
+        _check(self, "temperature_start", is_number(self.temperature_start) and self.temperature_start > 0,
+               "null or a finite number > 0")
+        _check(self, "temperature_anneal_steps", isinstance(self.temperature_anneal_steps, int) and
+               1 <= self.temperature_anneal_steps <= self.steps, f"an integer in 1..steps ({self.steps})")
+        if self.lmoe.router == "dynamic":
+            raise ValueError(f"TrainConfig.temperature_start={self.temperature_start!r}: lmoe.router=dynamic has no "
+                             "temperature (sparsegen's lambda sets how sparse it is). Drop temperature_start, or "
+                             "use lmoe.router=softmax or topk.")
 
     def _apply_recipe(self) -> None:
         """Fill the fields still at their defaults (top level and lmoe.*) from the named recipe."""
