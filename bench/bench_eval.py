@@ -11,16 +11,19 @@ on the same model in the same process, alternating; the script also reports the 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from bench.common import environment
-from lmoe import benchmarks
-from lmoe.choices import MultipleChoice, requests
-from lmoe.data import IGNORE, Example
-from lmoe.evaluate import answer_logprobs, continuation_logprobs
-from lmoe.models import load_model
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file: the repository root
+from bench.common import environment  # noqa: E402
+from lmoe import benchmarks  # noqa: E402
+from lmoe.choices import MultipleChoice, requests  # noqa: E402
+from lmoe.data import IGNORE, Example  # noqa: E402
+from lmoe.evaluate import answer_logprobs, continuation_logprobs  # noqa: E402
+from lmoe.models import load_model  # noqa: E402
 
 
 def unshared(model, reqs, pad_id: int) -> list[list[float]]:

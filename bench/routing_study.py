@@ -22,6 +22,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file: the repository root
+from bench.compare import replace_section  # noqa: E402
+
 SECTION = "## Routing study"
 LORA = ["lmoe.num_experts=1", "lmoe.rank=16", "lmoe.alpha=32"]  # rank E*r of the default mixture (4 x 4)
 OUTPUTS = ["lmoe.composition=outputs"]
@@ -147,8 +150,6 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_report(results: Path, out: Path, note: str = "") -> None:
-    from compare import replace_section  # bench/compare.py: one implementation of the section rewrite
-
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     body = [SECTION, "", note, "", format_table(rows), ""] if note else [SECTION, "", format_table(rows), ""]
     text = out.read_text() if out.is_file() else ""
@@ -181,5 +182,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent))
     main()
