@@ -146,11 +146,16 @@ def table(rows: list[dict], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def section_title(args: argparse.Namespace) -> str:
+    """One section per --set: grids with other overrides (router_lr_scale=1 and =30) are tabled side by side."""
+    return SECTION + (f" with `{' '.join(args.set)}`" if args.set else "")
+
+
 def write_section(rows: list[dict], args: argparse.Namespace, command: str, planned: int) -> None:
     n = {t: rows[0]["results"]["n"][t] for t in args.tasks} if rows else {}
     load = os.getloadavg()
     done = sum(r["config"] != "base" for r in rows)
-    text = [SECTION, "",
+    text = [section_title(args), "",
             f"Command: `{command}` ({done} of {planned} training runs finished when this was written, "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average {load[0]:.1f}).", "",
             f"Every config: {args.steps} steps of {args.batch_size} questions from the union of the tasks' train "
@@ -167,7 +172,7 @@ def write_section(rows: list[dict], args: argparse.Namespace, command: str, plan
             f"{torch.get_num_threads()} torch threads.", "", table(rows, args.tasks), ""]
     path = Path(args.out)
     current = path.read_text() if path.is_file() else ""  # re-read: others edit other sections meanwhile
-    path.write_text(replace_section(current, "\n".join(text), SECTION))
+    path.write_text(replace_section(current, "\n".join(text), section_title(args)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -53,3 +53,8 @@ def test_the_section_is_rewritten_in_place_and_other_sections_stay(tmp_path):
     text = out.read_text()
     assert text.count(SECTION) == 1 and "## Built-in comparison\nkept\n" in text and "## Other\nalso kept\n" in text
     assert "| lora_r16 | 1 |" in text and "1 of 24 training runs" in text
+    pinned = parse_args(["--out", str(out), "--tasks", "arc_easy", "csqa", "--set", "router_lr_scale=30"])
+    write_section(rows, pinned, "cmd", planned=24)  # another --set: a section of its own, the first one kept
+    text = out.read_text()
+    assert f"{SECTION} with `router_lr_scale=30`\n" in text and "| lora_r16 | 1 |" in text
+    assert text.count(SECTION + "\n") == 1
