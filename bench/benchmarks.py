@@ -178,7 +178,9 @@ def write_section(rows: list[dict], args: argparse.Namespace, command: str, plan
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
-    command = shlex.join(["OMP_NUM_THREADS=1", ".venv/bin/python", "bench/benchmarks.py", *given])
+    threads = os.environ.get("OMP_NUM_THREADS")
+    command = shlex.join([*([f"OMP_NUM_THREADS={threads}"] if threads else []), ".venv/bin/python",
+                         "bench/benchmarks.py", *given])
     store = Path(args.results)
     store.parent.mkdir(parents=True, exist_ok=True)
     kept = [json.loads(line) for line in store.read_text().splitlines()] if store.is_file() else []
