@@ -47,6 +47,7 @@ CONFIGS: dict[str, list[str]] = {
     "lb_0_lr_x30": ["lmoe.load_balance_coef=0", "router_lr_scale=30"],
     "lb_0.1_lr_x30": ["lmoe.load_balance_coef=0.1", "router_lr_scale=30"],
     "zloss_0.01_lr_x30": ["lmoe.z_loss_coef=0.01", "router_lr_scale=30"],
+    "anneal_3to1_lr_x30": ["temperature_start=3", "temperature_anneal_steps=75", "router_lr_scale=30"],
     "dynamic": ["lmoe.router=dynamic", "router_lr_scale=1"],
     "dynamic_sparsity": ["lmoe.router=dynamic", "lmoe.sparsity_coef=1.0", "router_lr_scale=1"],
     "dynamic_lr_x30": ["lmoe.router=dynamic", "router_lr_scale=30"],
@@ -55,6 +56,8 @@ CONFIGS: dict[str, list[str]] = {
                                    "router_lr_scale=30"],
     "dynamic_sparsity_k3_lr_x30": ["lmoe.router=dynamic", "lmoe.sparsity_coef=1.0", "lmoe.sparsity_target=3",
                                    "router_lr_scale=30"],
+    "dynamic_sparsity_lambda0_lr_x30": ["lmoe.router=dynamic", "lmoe.sparsity_coef=1.0", "lmoe.lambda_bias_init=0",
+                                        "router_lr_scale=30"],
     "dynamic_sparsity_0.1_lr_x30": ["lmoe.router=dynamic", "lmoe.sparsity_coef=0.1", "router_lr_scale=30"],
     "recipe_ld-mole": ["recipe=ld-mole"],  # the authors' settings (E=8 r=8, seven projections), routers at 30x
     "lora_r64_seven": ["lmoe.num_experts=1", "lmoe.rank=64", "lmoe.alpha=128",

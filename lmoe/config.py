@@ -19,6 +19,7 @@ AUX_COEFS = {"load_balance": "load_balance_coef", "z_loss": "z_loss_coef", "spar
 # load_balance_coef when left unset: the Switch-Transformer 0.01 for softmax/top-k; LD-MoLE's released
 # recipe (eshentw/LD-MoLE run.sh, lb_loss_coef=1.0) for the dynamic router
 LOAD_BALANCE_DEFAULTS = {"softmax": 0.01, "topk": 0.01, "dynamic": 1.0}
+LAMBDA_BIAS_INIT = -2.5  # the authors' init of every bias of the lambda head (lambda ~ -1.6: dense at first)
 
 
 def default_lambda_hidden(width: int) -> int:
@@ -68,6 +69,8 @@ class LMoEConfig(PeftFields):  # PeftFields: peft.get_peft_model(model, LMoEConf
     sparsity_target: int = 2
     lambda_hidden: int | None = None
     lambda_eps: float = 0.01
+    # every bias of the lambda head at init; the authors' -2.5 gives lambda ~ -1.6 (dense), 0 about 0.3
+    lambda_bias_init: float = LAMBDA_BIAS_INIT
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
@@ -102,6 +105,8 @@ class LMoEConfig(PeftFields):  # PeftFields: peft.get_peft_model(model, LMoEConf
             _fail("router_init_std", self.router_init_std, "a finite number >= 0, or null for nn.Linear's init")
         if not is_number(self.dropout) or not 0 <= self.dropout < 1:
             _fail("dropout", self.dropout, "a probability in [0, 1)")
+        if not is_number(self.lambda_bias_init):
+            _fail("lambda_bias_init", self.lambda_bias_init, "a finite number")
         if not is_number(self.lambda_eps) or not 0 < self.lambda_eps < 1:
             _fail("lambda_eps", self.lambda_eps, "a number in (0, 1) (lambda <= 1 - lambda_eps)")
         if self.router == "dynamic" and self.sparsity_coef > 0 and self.sparsity_target >= self.num_experts:

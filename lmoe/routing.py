@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import LMoEConfig, default_lambda_hidden
+from .config import LAMBDA_BIAS_INIT, LMoEConfig, default_lambda_hidden
 
 
 @dataclass
@@ -279,25 +279,22 @@ class TopKRouter(Router):
         return Routing(weights=g, logits=u, probs=softmax_route(u, self.temperature))
 
 
-LAMBDA_BIAS_INIT = -2.5  # the authors' init: every bias of the lambda head starts at -2.5, lambda ~ -1.6
-
-
 class LambdaHead(nn.Module):
     """LD-MoLE's sparsity head: lambda(x) = logsigmoid(f(x)) + 1 - eps, with f = Linear -> ReLU -> Linear.
 
     lambda lies in (-inf, 1 - eps], so the projection is always defined (lambda < 1). Weights start
-    Kaiming-uniform (nn.Linear's default), every bias at LAMBDA_BIAS_INIT: lambda ~ -1.6 at first,
-    i.e. dense routing that training (and the sparsity loss) makes sparser.
+    Kaiming-uniform (nn.Linear's default), every bias at bias_init (the authors' LAMBDA_BIAS_INIT: lambda ~ -1.6
+    at first, i.e. dense routing that training and the sparsity loss make sparser).
     """
 
-    def __init__(self, d_in: int, hidden: int, eps: float, **factory) -> None:
+    def __init__(self, d_in: int, hidden: int, eps: float, bias_init: float = LAMBDA_BIAS_INIT, **factory) -> None:
         super().__init__()
         self.eps = eps
         self.caching = False  # reuse the last result for the very same input (see forward); inject turns it on
         self._last = None  # (key, x, lambda) of the last call
         self.net = nn.Sequential(nn.Linear(d_in, hidden, **factory), nn.ReLU(), nn.Linear(hidden, 1, **factory))
         for linear in (self.net[0], self.net[2]):
-            nn.init.constant_(linear.bias, LAMBDA_BIAS_INIT)
+            nn.init.constant_(linear.bias, bias_init)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (tokens, d_in) -> lambda (tokens, 1) in float32 (float64 stays float64).
@@ -345,7 +342,8 @@ def lambda_head_for(d_in: int, cfg: LMoEConfig, shared: dict[int, LambdaHead] | 
     Its width: cfg.lambda_hidden, or when unset (inject sets it for a whole model) default_lambda_hidden(d_in)."""
     if shared is not None and d_in in shared:
         return shared[d_in]
-    head = LambdaHead(d_in, cfg.lambda_hidden or default_lambda_hidden(d_in), cfg.lambda_eps, **factory)
+    head = LambdaHead(d_in, cfg.lambda_hidden or default_lambda_hidden(d_in), cfg.lambda_eps, cfg.lambda_bias_init,
+                      **factory)
     if shared is not None:
         shared[d_in] = head
     return head

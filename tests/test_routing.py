@@ -245,6 +245,19 @@ def test_lambda_head_parametrisation_and_init():
     assert lam.dtype == torch.float32 and (1 - lam >= 0.01 - 1e-7).all()
 
 
+def test_lambda_bias_init_sets_every_bias_of_the_head_and_so_lambda_at_init():
+    # x = 0: f = relu(b) * sum(W2) + b; with b = 0 that is 0, so lambda = logsigmoid(0) + 0.99 = 0.99 - log 2
+    model = inject(tiny_model("llama"), LMoEConfig(num_experts=4, router="dynamic", target_modules="all-linear",
+                                                   lambda_hidden=8, lambda_bias_init=0.0))
+    heads = {id(m): m for m in model.modules() if isinstance(m, LambdaHead)}.values()
+    assert heads and all((lin.bias == 0).all() for h in heads for lin in (h.net[0], h.net[2]))
+    head = next(iter(heads)).double()
+    lam = head(torch.zeros(2, head.net[0].in_features, dtype=torch.float64))
+    torch.testing.assert_close(lam, torch.full((2, 1), 0.99 - math.log(2), dtype=torch.float64))
+    with pytest.raises(ValueError, match="lambda_bias_init=nan is invalid"):
+        LMoEConfig(router="dynamic", lambda_bias_init=float("nan"))
+
+
 def test_inject_shares_one_lambda_head_per_input_width():
     model = tiny_model("llama")
     inject(model, LMoEConfig(num_experts=4, router="dynamic", target_modules="all-linear", lambda_hidden=8))
