@@ -407,7 +407,8 @@ def test_dynamic_defaults_are_the_authors_released_settings():
     cfg = LMoEConfig(router="dynamic")
     assert (cfg.load_balance_coef, cfg.sparsity_coef, cfg.sparsity_target, cfg.lambda_hidden, cfg.lambda_eps) == \
         (1.0, 0.0, 2, None, 0.01)
-    assert LMoEConfig(router="softmax").load_balance_coef == 0.01
+    assert LMoEConfig(router="softmax").load_balance_coef == 0.1  # the routing study's choice
+    assert LMoEConfig(router="topk").load_balance_coef == 0.01
     assert LMoEConfig.from_json(cfg.to_json()) == cfg
 
 
