@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file
 from bench.compare import replace_section  # noqa: E402
 
 SECTION = "## Routing study"
+COLLAPSED = 0.01  # bits: a layer whose routing says (almost) nothing about the domain, one expert for all or uniform
 LORA = ["lmoe.num_experts=1", "lmoe.rank=16", "lmoe.alpha=32"]  # rank E*r of the default mixture (4 x 4)
 OUTPUTS = ["lmoe.composition=outputs"]
 LB_0_01 = ["lmoe.load_balance_coef=0.01"]  # the softmax gate's balance weight before this study chose 0.1
@@ -127,7 +128,8 @@ def summarise(rows: list[dict]) -> list[dict]:
     for r in rows:
         key = (r["config"], tuple(o for o in r["overrides"] if not o.startswith(("seed=", "output_dir="))))
         g = groups.setdefault(key, {"config": r["config"], "overrides": list(key[1]), "seeds": [], "em": [],
-                                    "ppl": [], "mi": [], "entropy": [], "top50": [], "active": [], "s_step": []})
+                                    "ppl": [], "mi": [], "entropy": [], "top50": [], "active": [], "collapsed": [],
+                                    "s_step": []})
         em, ppl = r["results"].get("exact_match", {}), r["results"].get("perplexity", {})
         g["seeds"].append(r["seed"])
         g["em"].append(sum(em.values()) / len(em))
@@ -138,17 +140,20 @@ def summarise(rows: list[dict]) -> list[dict]:
             for key, name in (("mi", "mutual_information_bits"), ("entropy", "routing_entropy"),
                               ("top50", "top_weight_over_half"), ("active", "mean_active_experts")):
                 g[key].append(rt[name])
-    return list(groups.values())
+            g["collapsed"].append(sum(v["mutual_information_bits"] < COLLAPSED for v in r["routing_layers"].values()))
+    order = list(CONFIGS)  # the table in CONFIGS' order, a setting's longer runs after it
+    return sorted(groups.values(), key=lambda g: order.index(g["config"]) if g["config"] in order else len(order))
 
 
 def format_table(rows: list[dict]) -> str:
     head = ["setting", "overrides", "seeds", "EM mean", "ppl (geo. mean)", "I(domain; expert) bits",
-            "entropy / log E", "share top > 0.5", "active experts", "s/step"]
+            "entropy / log E", "share top > 0.5", "active experts", f"layers with I < {COLLAPSED}", "s/step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in summarise(rows):
         over = " ".join(o for o in g["overrides"] if not o.startswith(("compare_base", "save_every"))) or "(none)"
         cells = [g["config"], f"`{over}`", str(len(g["seeds"])), mean_std(g["em"]), mean_std(g["ppl"]),
                  mean_std(g["mi"]), mean_std(g["entropy"]), mean_std(g["top50"]), mean_std(g["active"]),
+                 " / ".join(map(str, g["collapsed"])) or "-",
                  f"{statistics.mean(g['s_step']):.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

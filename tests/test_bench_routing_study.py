@@ -17,6 +17,7 @@ def row(config, seed, em, ppl, mi=None, extra=()):
     if mi is not None:
         r["routing"] = {"mutual_information_bits": mi, "routing_entropy": 0.5, "top_weight_over_half": 0.9,
                         "mean_active_experts": 4.0}
+        r["routing_layers"] = {f"l{i}": {"mutual_information_bits": v} for i, v in enumerate([0.0, 0.009, 2 * mi])}
     return r
 
 
@@ -36,16 +37,17 @@ def test_seeds_group_per_setting_with_mean_std_and_geometric_perplexity():
     rows = [row("lr_x30", 0, [0.6, 0.8], [20.0, 45.0], mi=0.2), row("lr_x30", 1, [0.8, 0.8], [30.0, 30.0], mi=0.4),
             row("lora_r16", 0, [0.5, 0.7], [10.0, 40.0]), row("lr_x30", 0, [0.1, 0.1], [5.0, 5.0], 0.1, ["steps=300"])]
     groups = summarise(rows)
-    assert [(g["config"], g["seeds"]) for g in groups] == [("lr_x30", [0, 1]), ("lora_r16", [0]), ("lr_x30", [0])]
-    first = groups[0]
+    assert [(g["config"], g["seeds"]) for g in groups] == [("lora_r16", [0]), ("lr_x30", [0, 1]), ("lr_x30", [0])]
+    first = groups[1]
     assert first["em"] == pytest.approx([0.7, 0.8]) and first["ppl"] == pytest.approx([30.0, 30.0])  # sqrt(20 * 45)
-    assert first["mi"] == [0.2, 0.4] and groups[1]["mi"] == []  # LoRA has no routing
+    assert first["mi"] == [0.2, 0.4] and groups[0]["mi"] == []  # LoRA has no routing
     lines = format_table(rows).splitlines()
-    cells = lines[2].split(" | ")
+    cells = lines[3].split(" | ")
     sd = statistics.stdev([0.7, 0.8])
     assert cells[2:5] == ["2", f"{0.75:.3f} ± {sd:.3f}", "30.000 ± 0.000"]
     assert cells[5] == f"0.300 ± {statistics.stdev([0.2, 0.4]):.3f}"
-    assert lines[3].split(" | ")[3:6] == ["0.600", f"{math.sqrt(400):.3f}", "-"]
+    assert cells[9] == "2 / 2"  # per seed, the layers under 0.01 bit
+    assert lines[2].split(" | ")[3:6] == ["0.600", f"{math.sqrt(400):.3f}", "-"]
     assert "steps=300" in lines[4] and "compare_base" not in lines[4] and len(lines) == 5
 
 
