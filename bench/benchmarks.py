@@ -154,13 +154,17 @@ def section_title(args: argparse.Namespace) -> str:
     return SECTION + (f" with `{' '.join(args.set)}`" if args.set else "")
 
 
-def write_section(rows: list[dict], args: argparse.Namespace, command: str, planned: int) -> None:
+def write_section(rows: list[dict], args: argparse.Namespace, command: str, planned: int,
+                  finished: int | None = None) -> None:
+    """finished: how many of this command's planned runs are done (default: every training row, for one
+    command that made them all); the table holds every row with these settings, from any command."""
     n = {t: rows[0]["results"]["n"][t] for t in args.tasks} if rows else {}
     load = os.getloadavg()
-    done = sum(r["config"] != "base" for r in rows)
+    done = sum(r["config"] != "base" for r in rows) if finished is None else finished
     text = [section_title(args), "",
-            f"Command: `{command}` ({done} of {planned} training runs finished when this was written, "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average {load[0]:.1f}).", "",
+            f"Command: `{command}` ({done} of its {planned} training runs finished when this was written, "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average {load[0]:.1f}; the table: "
+            f"every run with these settings in {args.results}).", "",
             f"Every config: {args.steps} steps of {args.batch_size} questions from the union of the tasks' train "
             f"sides, lr {args.lr}, max_length {args.max_length}, experts on q_proj, v_proj, up_proj; E·r = 16 "
             f"(LoRA: rank 16), alpha = 2r. Protocol {args.protocol} ({args.template} template; cloze: acc, the summed "
@@ -199,9 +203,15 @@ def main(argv: list[str] | None = None) -> None:
         with open(store, "a") as f:
             f.write(json.dumps(row) + "\n")
         rows.append(row)
-        write_section(rows, args, command, len(plan) - 1)
+        write_section(rows, args, command, len(plan) - 1, finished(rows, plan))
         print(table(rows, args.tasks), flush=True)
-    write_section(rows, args, command, len(plan) - 1)
+    write_section(rows, args, command, len(plan) - 1, finished(rows, plan))
+
+
+def finished(rows: list[dict], plan: list[tuple]) -> int:
+    """The training runs of `plan` that rows hold."""
+    wanted = {p for p in plan if p[0] != "base"}
+    return len(wanted & {(r["config"], r["seed"]) for r in rows})
 
 
 if __name__ == "__main__":
