@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file: the repository root
+from bench.common import mean_sd  # noqa: E402
 from bench.compare import replace_section  # noqa: E402
 
 SECTION = "## Benchmarks: LoRA vs L-MoE at equal adapter parameters (`bench/benchmarks.py`)"
@@ -121,12 +122,6 @@ def run_config(args: argparse.Namespace, name: str, seed: int) -> dict:
 
 # ---------------------------------------------------------------- table
 
-def mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def table(rows: list[dict], tasks: list[str]) -> str:
     head = ["config", "seeds", "trainable params"] + tasks + ["average", "SE of average", "active experts", "s/step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -154,13 +149,11 @@ def section_title(args: argparse.Namespace) -> str:
     return SECTION + (f" with `{' '.join(args.set)}`" if args.set else "")
 
 
-def write_section(rows: list[dict], args: argparse.Namespace, command: str, planned: int,
-                  finished: int | None = None) -> None:
-    """finished: how many of this command's planned runs are done (default: every training row, for one
-    command that made them all); the table holds every row with these settings, from any command."""
+def write_section(rows: list[dict], args: argparse.Namespace, command: str, planned: int, done: int) -> None:
+    """done: how many of this command's planned training runs are finished (`finished`); the table holds every
+    row with these settings, from any command."""
     n = {t: rows[0]["results"]["n"][t] for t in args.tasks} if rows else {}
     load = os.getloadavg()
-    done = sum(r["config"] != "base" for r in rows) if finished is None else finished
     text = [section_title(args), "",
             f"Command: `{command}` ({done} of its {planned} training runs finished when this was written, "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average {load[0]:.1f}; the table: "

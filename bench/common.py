@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: interleaved timing with warm-up and medians, activation memory, environment."""
+"""Shared benchmark helpers: interleaved timing with warm-up and medians, activation memory, environment,
+mean ± std over seeds for the result tables."""
 from __future__ import annotations
 
 import ctypes
@@ -10,6 +11,15 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
+
+def mean_sd(values: list[float]) -> str:
+    """A table cell over seeds: '-' for none, the value for one, else mean ± sample std (3 decimals)."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def sync(device: torch.device) -> None:

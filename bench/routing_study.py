@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file: the repository root
+from bench.common import mean_sd  # noqa: E402
 from bench.compare import replace_section  # noqa: E402
 
 SECTION = "## Routing study"
@@ -114,14 +115,6 @@ def done_names(path: Path) -> set[str]:
 
 # ---------------------------------------------------------------- report
 
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def summarise(rows: list[dict]) -> list[dict]:
     """One entry per (config, extra overrides): metric -> list over seeds."""
     groups: dict[tuple, dict] = {}
@@ -151,8 +144,8 @@ def format_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in summarise(rows):
         over = " ".join(o for o in g["overrides"] if not o.startswith(("compare_base", "save_every"))) or "(none)"
-        cells = [g["config"], f"`{over}`", str(len(g["seeds"])), mean_std(g["em"]), mean_std(g["ppl"]),
-                 mean_std(g["mi"]), mean_std(g["entropy"]), mean_std(g["top50"]), mean_std(g["active"]),
+        cells = [g["config"], f"`{over}`", str(len(g["seeds"])), mean_sd(g["em"]), mean_sd(g["ppl"]),
+                 mean_sd(g["mi"]), mean_sd(g["entropy"]), mean_sd(g["top50"]), mean_sd(g["active"]),
                  " / ".join(map(str, g["collapsed"])) or "-",
                  f"{statistics.mean(g['s_step']):.2f}"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -47,9 +47,9 @@ def test_the_section_is_rewritten_in_place_and_other_sections_stay(tmp_path):
     out.write_text("# R\n\n## Built-in comparison\nkept\n\n## Other\nalso kept\n")
     args = parse_args(["--out", str(out), "--tasks", "arc_easy", "csqa"])
     rows = [row("base", None, [0.2, 0.4])]
-    write_section(rows, args, "cmd", planned=24)
+    write_section(rows, args, "cmd", planned=24, done=0)
     write_section(rows + [row("lora_r16", 0, [0.5, 0.3], trainable=1, active_experts=1.0, s_per_step=1.0)], args,
-                  "cmd", planned=24)
+                  "cmd", planned=24, done=1)
     text = out.read_text()
     assert text.count(SECTION) == 1 and "## Built-in comparison\nkept\n" in text and "## Other\nalso kept\n" in text
     assert "| lora_r16 | 1 |" in text and "1 of its 24 training runs" in text
@@ -57,7 +57,7 @@ def test_the_section_is_rewritten_in_place_and_other_sections_stay(tmp_path):
     assert finished(rows + [row("lora_r16", 0, [0.5, 0.3]), row("lora_r16", 7, [0.5, 0.3])],
                     [("base", None), ("lora_r16", 0), ("lora_r16", 1)]) == 1  # seed 7 is another command's
     pinned = parse_args(["--out", str(out), "--tasks", "arc_easy", "csqa", "--set", "router_lr_scale=30"])
-    write_section(rows, pinned, "cmd", planned=24)  # another --set: a section of its own, the first one kept
+    write_section(rows, pinned, "cmd", planned=24, done=0)  # another --set: a section of its own, the first one kept
     text = out.read_text()
     assert f"{SECTION} with `router_lr_scale=30`\n" in text and "| lora_r16 | 1 |" in text
     assert text.count(SECTION + "\n") == 1
