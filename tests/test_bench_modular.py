@@ -1,0 +1,67 @@
+"""The modular-skills study's arithmetic (bench/modular_report.py, bench/modular_parts.py) against hand values."""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.modular_parts import own_expert_share, task_information  # noqa: E402
+from bench.modular_report import compose_correct, continual_matrix, forgetting, paired  # noqa: E402
+
+TASKS = ["a", "b"]
+
+
+def test_own_expert_share_per_task_per_layer_and_mean():
+    usage = {"a": {"l1": torch.tensor([0.9, 0.1]), "l2": torch.tensor([0.5, 0.5])},
+             "b": {"l1": torch.tensor([0.3, 0.7]), "l2": torch.tensor([0.2, 0.8])}}
+    share = own_expert_share(usage, {"a": 0, "b": 1})
+    assert share["per_task"] == pytest.approx({"a": 0.7, "b": 0.75})  # (0.9 + 0.5) / 2, (0.7 + 0.8) / 2
+    assert share["per_layer"] == pytest.approx({"l1": 0.8, "l2": 0.65})
+    assert share["mean"] == pytest.approx(0.725)
+
+
+def test_task_information_is_one_bit_for_two_tasks_on_their_own_experts_and_zero_when_alike():
+    usage = {"a": {"l1": torch.tensor([1.0, 0.0]), "l2": torch.tensor([0.5, 0.5])},
+             "b": {"l1": torch.tensor([0.0, 1.0]), "l2": torch.tensor([0.5, 0.5])}}
+    info = task_information(usage, {"a": 10, "b": 10})
+    assert info["per_layer"]["l1"] == pytest.approx(1.0)
+    assert info["per_layer"]["l2"] == pytest.approx(0.0, abs=1e-12)
+    assert info["mean"] == pytest.approx(0.5)
+
+
+def test_forgetting_is_best_earlier_accuracy_minus_final():
+    matrix = [[0.6, None, None],
+              [0.5, 0.7, None],
+              [0.55, 0.4, 0.8]]
+    # task a: best of 0.6 (stage 0), 0.5 (stage 1) -> 0.6 - 0.55; task b: 0.7 - 0.4
+    assert forgetting(matrix) == pytest.approx([0.05, 0.3])
+
+
+def test_paired_difference_and_its_standard_error_by_hand():
+    a = {0: {"a": "1100", "b": "1111"}, 1: {"a": "1110", "b": "1011"}}
+    b = {None: {"a": "1000", "b": "1011"}}  # seed-independent (the base model)
+    p = paired(a, b, TASKS)
+    # seed 0: (0.5 - 0.25 + 1 - 0.75) / 2 = 0.25; seed 1: (0.75 - 0.25 + 0.75 - 0.75) / 2 = 0.25
+    assert p["mean"] == pytest.approx(0.25) and p["sd"] == pytest.approx(0.0) and p["seeds"] == 2
+    d_a = torch.tensor([0, 1, 0.5, 0], dtype=torch.float64)  # per question, averaged over the seeds
+    d_b = torch.tensor([0, 0.5, 0, 0], dtype=torch.float64)
+    se = math.sqrt(float(d_a.var()) / 4 + float(d_b.var()) / 4) / 2
+    assert p["se"] == pytest.approx(se)
+
+
+def compose_row(method, seed, correct):
+    return {"part": "compose", "method": method, "seed": seed, "correct": correct}
+
+
+def test_oracle_is_each_task_scored_with_its_own_adapter():
+    rows = [compose_row("adapter:a", 0, {"a": "11", "b": "00"}), compose_row("adapter:b", 0, {"a": "00", "b": "10"})]
+    assert compose_correct(rows, TASKS)["oracle"] == {0: {"a": "11", "b": "10"}}
+
+
+def test_continual_matrix_takes_stage_zero_of_the_sequential_lora_from_task_zeros_adapter():
+    rows = [compose_row("adapter:a", 0, {"a": "1100", "b": "0000"}),
+            {"part": "continual", "method": "seq_lora", "seed": 0, "stage": 1, "correct": {"a": "1000", "b": "1111"}}]
+    assert continual_matrix(rows, TASKS, "seq_lora") == {0: [[0.5, None], [0.25, 1.0]]}
+    assert continual_matrix(rows[1:], TASKS, "lmoe_add") == {}  # an unfinished method is left out
