@@ -3,7 +3,9 @@
 Every config trains on the union of the tasks' train sides (lmoe.benchmarks' split policy) with the same
 steps, lr, batch, seeds and target modules, and is scored on a fixed subset of each task's test side, by
 default with lm-eval's cloze protocol on plain text (--protocol letter --template chat: LD-MoLE's; on the
-built-in 135M model it is at chance before and after a CPU-sized training run, so the default is cloze). Only the `lmoe.*` overrides of CONFIGS differ: E * r = 16
+built-in 135M model it is at chance before and after a CPU-sized training run, so the default is cloze). One
+protocol per grid (it is also the training target), named in every row of the table. Only the `lmoe.*`
+overrides of CONFIGS differ: E * r = 16
 everywhere (experts' A and B: the same parameters as one rank-16 LoRA), alpha = 2r. Each finished run is
 appended to --results (JSONL) at once, and the table in --out (bench/RESULTS.md) is rewritten, so an
 interrupted grid keeps what it finished and the same command continues it.
@@ -122,20 +124,36 @@ def run_config(args: argparse.Namespace, name: str, seed: int) -> dict:
 
 # ---------------------------------------------------------------- table
 
-def table(rows: list[dict], tasks: list[str]) -> str:
-    head = ["config", "seeds", "trainable params"] + tasks + ["average", "SE of average", "active experts", "s/step"]
+def protocol(args: argparse.Namespace) -> str:
+    """The grid's protocol/template, as lmoe's results name it (e.g. "cloze/plain")."""
+    return f"{args.protocol}/{args.template}"
+
+
+def accuracy(results: dict, task: str, key: str) -> float:
+    """A task's (or "average"'s) acc by protocol/template `key`. Rows written before lmoe's results named their
+    protocol hold results["acc"][task], scored by the protocol of their settings (the same key)."""
+    return results["acc"][task] if "acc" in results else results[f"bench:{task}"][key]["acc"]
+
+
+def questions(results: dict, task: str) -> int:
+    return results["n"][task] if "acc" in results else results[f"bench:{task}"]["n"]
+
+
+def table(rows: list[dict], tasks: list[str], key: str) -> str:
+    head = (["config", "protocol", "seeds", "trainable params"] + tasks
+            + ["average", "SE of average", "active experts", "s/step"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in ["base"] + [n for n, _ in CONFIGS]:
         mine = [r for r in rows if r["config"] == name]
         if not mine:
             continue
-        acc = [r["results"]["acc"] for r in mine]
+        acc = [{t: accuracy(r["results"], t, key) for t in [*tasks, "average"]} for r in mine]
         averages = [a["average"] for a in acc]
-        n = sum(mine[0]["results"]["n"][t] for t in tasks)
+        n = sum(questions(mine[0]["results"], t) for t in tasks)
         p = statistics.mean(averages)
         # seeds' spread when there are several, else the binomial error of the pooled test questions
         se = statistics.stdev(averages) / math.sqrt(len(averages)) if len(averages) > 1 else math.sqrt(p * (1 - p) / n)
-        cells = [name, str(len(mine)) if name != "base" else "-",
+        cells = [name, key + " acc", str(len(mine)) if name != "base" else "-",
                  f"{mine[0]['trainable']:,}" if "trainable" in mine[0] else "-"]
         cells += [mean_sd([a[t] for a in acc]) for t in tasks] + [mean_sd(averages), f"{se:.3f}"]
         cells += [f"{statistics.mean(r['active_experts'] for r in mine):.2f}" if "active_experts" in mine[0] else "-",
@@ -152,7 +170,7 @@ def section_title(args: argparse.Namespace) -> str:
 def write_section(rows: list[dict], args: argparse.Namespace, command: str, planned: int, done: int) -> None:
     """done: how many of this command's planned training runs are finished (`finished`); the table holds every
     row with these settings, from any command."""
-    n = {t: rows[0]["results"]["n"][t] for t in args.tasks} if rows else {}
+    n = {t: questions(rows[0]["results"], t) for t in args.tasks} if rows else {}
     load = os.getloadavg()
     text = [section_title(args), "",
             f"Command: `{command}` ({done} of its {planned} training runs finished when this was written, "
@@ -169,7 +187,7 @@ def write_section(rows: list[dict], args: argparse.Namespace, command: str, plan
             "test split; MMLU dev + validation / test; the other tasks split validation by a hash of the "
             "question (30% test).", "",
             f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} torch threads.", "", table(rows, args.tasks), ""]
+            f"{torch.get_num_threads()} torch threads.", "", table(rows, args.tasks, protocol(args)), ""]
     path = Path(args.out)
     current = path.read_text() if path.is_file() else ""  # re-read: others edit other sections meanwhile
     path.write_text(replace_section(current, "\n".join(text), section_title(args)))
@@ -197,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
             f.write(json.dumps(row) + "\n")
         rows.append(row)
         write_section(rows, args, command, len(plan) - 1, finished(rows, plan))
-        print(table(rows, args.tasks), flush=True)
+        print(table(rows, args.tasks, protocol(args)), flush=True)
     write_section(rows, args, command, len(plan) - 1, finished(rows, plan))
 
 

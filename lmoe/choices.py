@@ -12,17 +12,21 @@ and "cloze_choices": the texts it scores instead of the choices (WinoGrande: eac
 
 Either is rendered with the model's chat template (the prompt as the user turn, the answer as the reply)
 or as plain text (prompt, then " " + answer: what lm-eval scores, for published base-model figures).
+- auto (the default): both are scored (the letter protocol costs one forward per question), and a question
+  trains on the gold choice's text, cloze's target, which any model can learn from; letter targets (LD-MoLE's
+  recipe) are one `mc.protocol=letter` away.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .data import Example, chat, chat_segments, encode
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("letter", "cloze")
+PROTOCOLS = ("letter", "cloze")  # the ways a question is put; "auto" (the default) scores both
+AUTO = "auto"
 TEMPLATES = ("chat", "plain")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 INSTRUCTION = "Below is a multiple-choice question. Choose the correct answer."
@@ -30,20 +34,35 @@ INSTRUCTION = "Below is a multiple-choice question. Choose the correct answer."
 
 @dataclass
 class MultipleChoice:
-    """How multiple-choice data trains and is scored: protocol, template, and how many benchmark test
-    questions per task to score (0: all of them; else a fixed, seed-independent subset)."""
+    """How multiple-choice data trains and is scored: protocol (letter, cloze, or auto: both scored, trained
+    as cloze), template, and how many benchmark test questions per task to score (0: all; else a fixed,
+    seed-independent subset)."""
 
-    protocol: str = "letter"
+    protocol: str = AUTO
     template: str = "chat"
     test_items: int = 0
 
     def __post_init__(self) -> None:
-        if self.protocol not in PROTOCOLS:
-            raise ValueError(f"mc.protocol={self.protocol!r} is invalid: expected one of {', '.join(PROTOCOLS)}.")
+        if self.protocol not in (AUTO, *PROTOCOLS):
+            raise ValueError(f"mc.protocol={self.protocol!r} is invalid: expected one of "
+                             f"{', '.join((AUTO, *PROTOCOLS))}.")
         if self.template not in TEMPLATES:
             raise ValueError(f"mc.template={self.template!r} is invalid: expected one of {', '.join(TEMPLATES)}.")
         if not isinstance(self.test_items, int) or isinstance(self.test_items, bool) or self.test_items < 0:
             raise ValueError(f"mc.test_items={self.test_items!r} is invalid: expected an integer >= 0 (0 = all).")
+
+    def scored(self) -> list[MultipleChoice]:
+        """The protocols a question is scored by, one each: auto gives letter and cloze."""
+        return [replace(self, protocol=p) for p in PROTOCOLS] if self.protocol == AUTO else [self]
+
+    def trained(self) -> MultipleChoice:
+        """The protocol whose target a question trains on: auto trains on the gold choice's text (cloze's)."""
+        return replace(self, protocol="cloze") if self.protocol == AUTO else self
+
+    @property
+    def key(self) -> str:
+        """What results name this protocol by, e.g. "letter/chat" (protocol/template)."""
+        return f"{self.protocol}/{self.template}"
 
 
 def choice_record(row: dict, domain: str, where: str) -> dict:
@@ -91,6 +110,7 @@ def segments(tokenizer, record: dict, fmt: MultipleChoice, answer: str) -> list[
 
 def training_record(record: dict, fmt: MultipleChoice) -> dict:
     """The record a question trains as: its prompt, and the gold letter or choice text as the answer."""
+    fmt = fmt.trained()
     answer = answers(record, fmt)[record["gold"]]
     prompt = prompt_text(record, fmt)
     if fmt.template == "chat":
@@ -116,6 +136,8 @@ def encode_questions(tokenizer, records: list[dict], fmt: MultipleChoice, max_le
 def request(tokenizer, record: dict, fmt: MultipleChoice) -> tuple[list[int], list[list[int]]]:
     """(prompt token ids, token ids of each answer), each piece tokenised on its own as training does.
     Letter answers keep only the tokens that tell them apart (see distinct_heads)."""
+    if fmt.protocol == AUTO:
+        raise ValueError("lmoe.choices.request scores one protocol at a time: pass each of fmt.scored().")
     prefix, continuations = None, []
     for answer in answers(record, fmt):
         pieces = segments(tokenizer, record, fmt, answer)

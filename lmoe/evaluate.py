@@ -1,4 +1,5 @@
-"""Evaluation: answer perplexity, greedy exact match per skill, multiple-choice accuracy (letter and cloze).
+"""Evaluation: answer perplexity, greedy exact match per skill, multiple-choice accuracy (letter and cloze;
+every accuracy named by its protocol and template, with a warning where letter is at chance and cloze is not).
 
 Every metric is computed from three primitives: the summed log-probability of the labelled tokens of an
 Example (answer_logprobs), that of continuations sharing one prefix's KV cache (continuation_logprobs),
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -21,6 +23,13 @@ from . import benchmarks
 from .choices import MultipleChoice, answers, requests
 from .data import IGNORE, Example, Mixture, collate, encode_all, read_records, render_prompt
 from .io import atomic_write
+
+log = logging.getLogger(__name__)
+
+# The letter protocol is "at chance" where a one-sided binomial test cannot tell it from guessing at this level,
+# and cloze "clearly above" where the same test puts it above guessing at this one (multiple_choice's warning).
+LETTER_AT_CHANCE = 0.05
+CLOZE_ABOVE_CHANCE = 0.001
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -170,10 +179,21 @@ def _shared_batch(model: nn.Module, requests: list, pad_id: int) -> list[list[fl
 
 
 def multiple_choice(model: nn.Module, tokenizer, records: list[dict], fmt: MultipleChoice | None = None,
-                    max_length: int = 512, progress: bool = True) -> dict[str, float]:
-    """Accuracy on question records: letter protocol (acc: the most likely option letter), or cloze (acc:
-    highest summed log-likelihood of the choice text; acc_norm: per character of the choice, as lm-eval)."""
+                    max_length: int = 512, progress: bool = True) -> dict:
+    """Accuracy on question records by each protocol fmt scores (auto: letter and cloze), each result named by
+    its protocol and template: {"n", "chance", "letter/chat": {"protocol", "template", "acc"}, "cloze/chat":
+    {..., "acc_norm"}}. chance: the mean of 1 / number of choices, what guessing scores."""
     fmt = fmt or MultipleChoice()
+    result = {"n": len(records), "chance": sum(1 / len(r["choices"]) for r in records) / len(records)}
+    for one in fmt.scored():
+        result[one.key] = _accuracy(model, tokenizer, records, one, max_length, progress)
+    return result
+
+
+def _accuracy(model: nn.Module, tokenizer, records: list[dict], fmt: MultipleChoice, max_length: int,
+              progress: bool) -> dict:
+    """One protocol: letter (acc: the most likely option letter), or cloze (acc: highest summed log-likelihood
+    of the choice text; acc_norm: per character of the choice, as lm-eval)."""
     scores = continuation_logprobs(model, requests(tokenizer, records, fmt, max_length), tokenizer.pad_token_id,
                                    progress=progress)
     acc = acc_norm = 0
@@ -181,8 +201,41 @@ def multiple_choice(model: nn.Module, tokenizer, records: list[dict], fmt: Multi
         chars = [max(len(text), 1) for text in answers(record, fmt)]
         acc += max(range(len(mine)), key=mine.__getitem__) == record["gold"]
         acc_norm += max(range(len(mine)), key=lambda i: mine[i] / chars[i]) == record["gold"]
-    result = {"acc": acc / len(records), "n": len(records)}
+    result = {"protocol": fmt.protocol, "template": fmt.template, "acc": acc / len(records)}
     return result if fmt.protocol == "letter" else {**result, "acc_norm": acc_norm / len(records)}
+
+
+def binomial_tail(hits: int, n: int, p: float) -> float:
+    """P(X >= hits) for X ~ Binomial(n, p), 0 < p < 1: how likely guessing gets at least `hits` of n right."""
+    if hits <= 0:
+        return 1.0
+    terms = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p)
+             + (n - k) * math.log1p(-p) for k in range(hits, n + 1)]  # log P(X = k), summed in log space
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def letter_at_chance(scored: dict) -> str | None:
+    """What to warn of (e.g. "letter 0.248, cloze 0.630 (chance 0.250, n=500)") when multiple_choice's letter
+    accuracy is not above chance (one-sided binomial test against the mean chance, p > LETTER_AT_CHANCE) while
+    cloze's clearly is (p < CLOZE_ABOVE_CHANCE); else None."""
+    by = {r["protocol"]: r["acc"] for r in scored.values() if isinstance(r, dict)}
+    if not {"letter", "cloze"} <= by.keys():
+        return None
+    n, chance = scored["n"], scored["chance"]
+    p = {protocol: binomial_tail(round(acc * n), n, chance) for protocol, acc in by.items()}
+    if p["letter"] > LETTER_AT_CHANCE and p["cloze"] < CLOZE_ABOVE_CHANCE:
+        return f"letter {by['letter']:.3f}, cloze {by['cloze']:.3f} (chance {chance:.3f}, n={n})"
+    return None
+
+
+def warn_letter_at_chance(sources: dict[str, dict]) -> None:
+    """One warning line naming every source (name -> multiple_choice's result) where letter_at_chance holds."""
+    found = [f"{name}: {line}" for name, scored in sources.items() if (line := letter_at_chance(scored))]
+    if found:
+        log.warning("lmoe: the letter protocol scores at chance where cloze does not (%s): the model does not "
+                    "answer with option letters, so its letter rows say nothing of what it knows; read the cloze "
+                    "rows, or train on letter targets (mc.protocol=letter) to teach it the letters.", "; ".join(found))
 
 
 def evaluate_mixture(model: nn.Module, tokenizer, mixture: Mixture, max_length: int = 256) -> dict:
@@ -214,41 +267,55 @@ def evaluate_file(model: nn.Module, tokenizer, path: str | Path, max_length: int
     if questions and len(questions) < len(records):
         raise ValueError(f"{path} mixes multiple-choice questions with other records; put them in two files.")
     if questions:
-        return {"multiple_choice": multiple_choice(model, tokenizer, questions, fmt, max_length)}
+        scored = multiple_choice(model, tokenizer, questions, fmt, max_length)
+        warn_letter_at_chance({str(path): scored})
+        return {"multiple_choice": scored}
     examples = encode_all(tokenizer, records, max_length)
     return {"perplexity": perplexity(model, examples, tokenizer.pad_token_id)}
 
 
 def evaluate_benchmarks(model: nn.Module, tokenizer, names: list[str], fmt: MultipleChoice | None = None,
                         max_length: int = 512) -> dict:
-    """Accuracy on each benchmark's test split (fmt.test_items questions of it, 0: all) and their unweighted
-    average: {"acc": {task: value, "average": value}, "n": {task: questions}} (+ "acc_norm" for cloze)."""
+    """Accuracy on each benchmark's test split (fmt.test_items questions of it, 0: all), "bench:NAME":
+    multiple_choice's result, and "bench:average": {protocol/template: the tasks' unweighted mean acc (and
+    acc_norm), with its protocol and template}."""
     fmt = fmt or MultipleChoice()
-    results: dict[str, dict] = {}
-    for name in names:
-        questions = benchmarks.subset(benchmarks.load(name, "test"), fmt.test_items)
-        for metric, value in multiple_choice(model, tokenizer, questions, fmt, max_length).items():
-            results.setdefault(metric, {})[name] = value
-    for metric in ("acc", "acc_norm"):
-        if metric in results:
-            results[metric]["average"] = sum(results[metric].values()) / len(results[metric])
-    return results
+    results = {benchmarks.PREFIX + name: multiple_choice(
+        model, tokenizer, benchmarks.subset(benchmarks.load(name, "test"), fmt.test_items), fmt, max_length)
+        for name in names}
+    warn_letter_at_chance(results)
+    average = {}
+    for key in (one.key for one in fmt.scored()):
+        tasks = [task[key] for task in results.values()]
+        average[key] = {**tasks[0], **{metric: sum(t[metric] for t in tasks) / len(tasks)
+                                       for metric in ("acc", "acc_norm") if metric in tasks[0]}}
+    return results | {benchmarks.PREFIX + "average": average}
 
 
 def format_table(runs: dict[str, dict]) -> str:
-    """Side-by-side table: one row per (metric, task), one column per run (e.g. base, trained)."""
+    """Side-by-side table: one row per number in the runs' results, labelled by its keys (e.g. "perplexity
+    german", "multiple_choice:mc letter/chat acc"), one column per run (e.g. base, trained)."""
     names = list(runs)
     rows = {}
     for name in names:
-        for metric, values in runs[name].items():
-            for task, value in values.items():
-                rows.setdefault((metric, task), {})[name] = value
-    width = max([len(f"{m} {t}") for m, t in rows] + [12])
+        for label, value in _numbers(runs[name]):
+            rows.setdefault(label, {})[name] = value
+    width = max([len(label) for label in rows] + [12])
     lines = [f"{'metric':<{width}}" + "".join(f"{n:>12}" for n in names)]
-    for (metric, task), values in rows.items():
-        cells = "".join(f"{values[n]:>12.3f}" if n in values else f"{'-':>12}" for n in names)
-        lines.append(f"{metric + ' ' + task:<{width}}" + cells)
+    for label, values in rows.items():
+        cells = "".join(f"{'-':>12}" if n not in values else f"{values[n]:>12d}" if isinstance(values[n], int)
+                        else f"{values[n]:>12.3f}" for n in names)
+        lines.append(f"{label:<{width}}" + cells)
     return "\n".join(lines)
+
+
+def _numbers(results: dict, labels: tuple[str, ...] = ()):
+    """(label, number) for every number in nested results; the names (protocol, template) are in the labels."""
+    for key, value in results.items():
+        if isinstance(value, dict):
+            yield from _numbers(value, (*labels, key))
+        elif not isinstance(value, str):
+            yield " ".join((*labels, key)), value
 
 
 def write_json(results: dict, path: str | Path) -> None:

@@ -74,7 +74,7 @@ class TrainResult:
     model: nn.Module
     tokenizer: Any
     adapter_dir: Path
-    results: dict  # run name ("base", "trained") -> metric -> task -> value
+    results: dict  # run name ("base", "trained") -> metric -> task -> value (multiple choice: -> protocol/template)
 
 
 def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[dict], None] | None = None) -> TrainResult:

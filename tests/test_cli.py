@@ -21,7 +21,11 @@ def test_train_eval_generate(tmp_path, capsys):
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
     saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert saved["config"]["target_modules"] == ["q_proj", "up_proj"] and saved["config"]["num_experts"] == 2
-    assert "multiple_choice:mc" in json.loads((out / "eval.json").read_text())["trained"]
+    scored = json.loads((out / "eval.json").read_text())["trained"]["multiple_choice:mc"]  # default: both protocols
+    assert scored["letter/chat"]["protocol"] == "letter" and scored["cloze/chat"]["protocol"] == "cloze"
+    assert scored["letter/chat"]["template"] == scored["cloze/chat"]["template"] == "chat"
+    table = capsys.readouterr().out  # the trained run's table: a row per protocol
+    assert "multiple_choice:mc letter/chat acc" in table and "multiple_choice:mc cloze/chat acc_norm" in table
 
     main(["train", "--config", str(config), f"output_dir={out}", "lmoe.target_modules=[q_proj, up_proj]",
           "steps=4", "--resume"])
@@ -37,7 +41,17 @@ def test_train_eval_generate(tmp_path, capsys):
           "--json", str(tmp_path / "eval.json")])
     results = json.loads((tmp_path / "eval.json").read_text())
     assert results["perplexity:chat"]["chat"] > 1 and results["multiple_choice:mc"]["n"] == 1
-    assert "perplexity:chat chat" in capsys.readouterr().out
+    cloze = results["multiple_choice:mc"]["cloze/chat"]
+    assert set(cloze) == {"protocol", "template", "acc", "acc_norm"} and (cloze["protocol"], cloze["template"]) == (
+        "cloze", "chat")
+    printed = capsys.readouterr().out
+    assert "perplexity:chat chat" in printed
+    assert "multiple_choice:mc letter/chat acc" in printed and "multiple_choice:mc cloze/chat acc" in printed
+    main(["eval", "--model", str(model), "--data", str(mc), "--protocol", "letter", "--template", "plain",
+          "--json", str(tmp_path / "letter.json")])
+    letter = json.loads((tmp_path / "letter.json").read_text())["multiple_choice:mc"]
+    assert set(letter) == {"n", "chance", "letter/plain"}  # the protocol asked for, alone
+    assert "multiple_choice:mc letter/plain acc" in capsys.readouterr().out
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("hello there\n\nthe cat?\n")

@@ -68,7 +68,8 @@ def test_multiple_choice_raw_and_length_normalised(tok, tmp_path):
         scores = [_choice_score(tok, table, row["question"], c) for c in row["choices"]]
         acc += max(range(len(scores)), key=scores.__getitem__) == gold
         acc_norm += max(range(len(scores)), key=lambda i: scores[i] / len(row["choices"][i])) == gold
-    assert got == {"acc": acc / 2, "acc_norm": acc_norm / 2, "n": 2}
+    assert got == {"n": 2, "chance": (1 / 3 + 1 / 2) / 2,
+                   "cloze/chat": {"protocol": "cloze", "template": "chat", "acc": acc / 2, "acc_norm": acc_norm / 2}}
 
 
 def test_bad_multiple_choice_line_names_its_number(tmp_path, tok):
@@ -104,12 +105,17 @@ def test_generate_greedy_matches_step_by_step_argmax(tok):
 
 
 def test_format_table_side_by_side():
+    mc = {"n": 500, "letter/chat": {"protocol": "letter", "template": "chat", "acc": 0.25}}
     table = ev.format_table({"base": {"exact_match": {"add": 0.1}, "perplexity": {"german": 20.0}},
-                             "trained": {"exact_match": {"add": 0.9}, "perplexity": {"german": 5.5}}})
+                             "trained": {"exact_match": {"add": 0.9}, "perplexity": {"german": 5.5},
+                                         "multiple_choice:mc": mc}})
     lines = table.splitlines()
     assert lines[0].split() == ["metric", "base", "trained"]
     assert lines[1].split() == ["exact_match", "add", "0.100", "0.900"]
     assert lines[2].split() == ["perplexity", "german", "20.000", "5.500"]
+    assert lines[3].split() == ["multiple_choice:mc", "n", "-", "500"]  # counts as counts
+    assert lines[4].split() == ["multiple_choice:mc", "letter/chat", "acc", "-", "0.250"]  # protocol/template named
+    assert len(lines) == 5
 
 
 # ---------------------------------------------------------------- multiple choice on a real (tiny) transformer
@@ -164,7 +170,9 @@ def test_letter_accuracy_against_a_loop_over_the_options(tok):
             scores.append(_brute_force(model, ex.input_ids[:start], ex.input_ids[start:start + 1]))
         hits += max(range(len(scores)), key=scores.__getitem__) == q["gold"]
     got = ev.multiple_choice(model, tok, QUESTIONS, MultipleChoice("letter", "chat"), progress=False)
-    assert got == {"acc": hits / len(QUESTIONS), "n": len(QUESTIONS)}
+    chance = sum(1 / len(q["choices"]) for q in QUESTIONS) / len(QUESTIONS)
+    assert got == {"n": len(QUESTIONS), "chance": chance,
+                   "letter/chat": {"protocol": "letter", "template": "chat", "acc": hits / len(QUESTIONS)}}
 
 
 def test_a_question_longer_than_max_length_is_scored_with_its_prompt_cut_from_the_left(tok, tmp_path, caplog):
@@ -184,7 +192,7 @@ def test_a_question_longer_than_max_length_is_scored_with_its_prompt_cut_from_th
     long_scores = [_brute_force(model, kept, c) for c in conts]
     short_scores = [_brute_force(model, short, c) for c in short_conts]
     acc = [max(range(len(s)), key=s.__getitem__) == 1 for s in (long_scores, short_scores)]
-    assert got["n"] == 2 and got["acc"] == sum(acc) / 2
+    assert got["n"] == 2 and got["cloze/chat"]["acc"] == sum(acc) / 2
 
 
 def test_a_choice_longer_than_max_length_is_an_error_naming_the_question(tok, tmp_path):
@@ -193,3 +201,83 @@ def test_a_choice_longer_than_max_length_is_an_error_naming_the_question(tok, tm
     path = write_jsonl(tmp_path / "mc.jsonl", rows)
     with pytest.raises(ValueError, match=r"mc.jsonl:2: a choice is \d+ tokens.*max_length=20"):
         ev.evaluate_file(tiny_llama(len(tok)), tok, path, max_length=20, fmt=MultipleChoice("cloze", "chat"))
+
+
+# ---------------------------------------------------------------- which protocol, and when letter is at chance
+
+def test_auto_scores_both_protocols_as_each_alone(tok):
+    model = tiny_llama(len(tok), seed=2)
+    got = ev.multiple_choice(model, tok, QUESTIONS, MultipleChoice(), progress=False)  # the default: auto
+    assert set(got) == {"n", "chance", "letter/chat", "cloze/chat"}
+    for protocol in ("letter", "cloze"):
+        alone = ev.multiple_choice(model, tok, QUESTIONS, MultipleChoice(protocol, "chat"), progress=False)
+        assert got[f"{protocol}/chat"] == alone[f"{protocol}/chat"] and got[f"{protocol}/chat"]["protocol"] == protocol
+
+
+@pytest.mark.parametrize("hits,n,p", [(0, 5, 0.25), (3, 5, 0.25), (5, 5, 0.5), (10, 40, 0.25), (17, 40, 0.3)])
+def test_binomial_tail_against_exact_fractions(hits, n, p):
+    from fractions import Fraction
+    q = Fraction(p).limit_denominator(100)
+    exact = sum(math.comb(n, k) * q ** k * (1 - q) ** (n - k) for k in range(hits, n + 1))
+    assert ev.binomial_tail(hits, n, float(q)) == pytest.approx(float(exact), rel=1e-9)
+
+
+def _scored(letter, cloze, n, chance=0.25):
+    return {"n": n, "chance": chance, "letter/chat": {"protocol": "letter", "template": "chat", "acc": letter},
+            "cloze/chat": {"protocol": "cloze", "template": "chat", "acc": cloze, "acc_norm": 0.0}}
+
+
+def test_letter_at_chance_needs_letter_within_chance_and_cloze_clearly_above():
+    assert ev.letter_at_chance(_scored(0.25, 0.6, 100)) == "letter 0.250, cloze 0.600 (chance 0.250, n=100)"
+    assert ev.letter_at_chance(_scored(0.10, 0.6, 100))  # below chance is no skill either
+    assert ev.letter_at_chance(_scored(0.40, 0.6, 100)) is None  # P(>= 40 of 100 | 1/4) < 0.05: letters work
+    assert ev.letter_at_chance(_scored(0.25, 0.33, 100)) is None  # P(>= 33 | 1/4) = 0.04: cloze not clearly above
+    assert ev.letter_at_chance(_scored(0.25, 1.0, 4)) is None  # 4 of 4: P = 0.004, too few questions to tell
+    one = _scored(0.25, 0.6, 100)
+    del one["cloze/chat"]
+    assert ev.letter_at_chance(one) is None  # one protocol scored: nothing to compare
+
+
+def _questions_the_model_answers_by_cloze(model, tok, n=40, k=4):
+    """n questions of k choices whose gold is the choice the model's cloze scores pick, rotated so that the
+    gold stands at every position equally often (cloze scores do not depend on the choices' order)."""
+    words = ["sat", "the mat", "hello there", "one two", "apple river", "stone", "the cat", "five six", "how are you"]
+    base = [{"question": f"{words[i % 9]} {words[(i * 5) % 9]} {i}?", "domain": "mc", "where": f"q{i}",
+             "choices": [words[(i + j * 2) % 9] + f" {j}" for j in range(k)], "gold": 0} for i in range(n)]
+    scores = ev.continuation_logprobs(model, requests(tok, base, MultipleChoice("cloze", "chat"), 512),
+                                      tok.pad_token_id, progress=False)
+    out = []
+    for i, (q, s) in enumerate(zip(base, scores)):
+        best = max(range(k), key=s.__getitem__)
+        shift = (best - i % k) % k  # choices[best] moves to position i % k
+        out.append({**q, "choices": q["choices"][shift:] + q["choices"][:shift], "gold": i % k})
+    return out
+
+
+def test_warning_fires_when_the_model_prefers_no_letter(tok, caplog, tmp_path):
+    model = tiny_llama(len(tok), seed=4)
+    letters = requests(tok, [QUESTIONS[3]], MultipleChoice("letter", "chat"), 512)[0][1]
+    assert all(len(head) == 1 for head in letters)  # one token per letter
+    with torch.no_grad():  # every letter's logit exactly 0: no letter preferred, the first wins every tie
+        model.lm_head.weight[[head[0] for head in letters]] = 0
+    questions = _questions_the_model_answers_by_cloze(model, tok)
+    path = write_jsonl(tmp_path / "mc.jsonl", [{"question": q["question"], "choices": q["choices"],
+                                                "answer": q["gold"]} for q in questions])
+    with caplog.at_level("WARNING"):
+        got = ev.evaluate_file(model, tok, path)["multiple_choice"]
+    assert got["letter/chat"]["acc"] == 0.25 and got["cloze/chat"]["acc"] == 1.0
+    (line,) = [r.getMessage() for r in caplog.records if "letter protocol scores at chance" in r.getMessage()]
+    assert f"{path}: letter 0.250, cloze 1.000 (chance 0.250, n=40)" in line and "\n" not in line
+
+
+def test_no_warning_where_letter_accuracy_is_above_chance(tok, caplog):
+    model = tiny_llama(len(tok), seed=4)
+    questions = _questions_the_model_answers_by_cloze(model, tok)
+    scores = ev.continuation_logprobs(model, requests(tok, questions, MultipleChoice("letter", "chat"), 512),
+                                      tok.pad_token_id, progress=False)
+    by_letter = [{**q, "gold": max(range(len(s)), key=s.__getitem__)} for q, s in zip(questions, scores)]
+    with caplog.at_level("WARNING"):
+        got = ev.multiple_choice(model, tok, by_letter, progress=False)
+        ev.warn_letter_at_chance({"mc": got})
+    assert got["letter/chat"]["acc"] == 1.0
+    assert "letter protocol" not in caplog.text
