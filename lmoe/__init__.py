@@ -9,6 +9,7 @@ from .inject import aux_loss, aux_losses, count_parameters, inject, lmoe_layers,
 from .io import load_adapter, load_adapter_weights, save_adapter
 from .layer import MoLoRALinear
 from .merge import merge, unmerge
+from .mixture_edit import add_adapters, describe_mixture
 from .peft_hook import install as _install_peft_hook
 
 _install_peft_hook()  # lmoe registers with PEFT once peft is imported (before or after lmoe)
@@ -17,7 +18,8 @@ from .optim import param_groups, scale_router_lr
 __all__ = ["LMoEConfig", "MoLoRALinear", "inject", "remove", "aux_loss", "aux_losses", "count_parameters",
            "lmoe_layers", "record_routing", "save_adapter", "load_adapter", "load_adapter_weights", "__version__"]
 __all__ += ["compose", "load_experts", "add_experts", "remove_experts", "freeze_experts", "unfreeze_experts",
-            "frozen_experts", "mean_routing", "export_peft", "merge", "unmerge", "param_groups", "scale_router_lr"]
+            "frozen_experts", "mean_routing", "export_peft", "merge", "unmerge", "param_groups", "scale_router_lr",
+            "add_adapters", "describe_mixture"]
 
 
 def __getattr__(name: str):

@@ -1,4 +1,5 @@
-"""`lmoe train | eval | generate | analyze`: a thin shell over lmoe.train, lmoe.evaluate, lmoe.models, lmoe.analysis.
+"""`lmoe train | eval | generate | analyze | compose | experts`: a thin shell over lmoe.train, lmoe.evaluate,
+lmoe.models, lmoe.analysis, lmoe.compose, lmoe.experts, lmoe.mixture_edit.
 
 A subcommand is one function `cmd_<name>(parser) -> handler`: it adds its arguments and returns the
 function that runs it. Add one by writing such a function and listing it in COMMANDS.
@@ -178,8 +179,103 @@ def cmd_compose(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace
     return run
 
 
+def cmd_experts(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
+    """A mixture's experts: list them; add LoRA adapters or fresh experts; remove or replace some (a new adapter)."""
+    actions = parser.add_subparsers(dest="action", required=True, metavar="{list,add,remove,replace}")
+    handlers = {name: action(actions.add_parser(name, help=action.__doc__, description=action.__doc__))
+                for name, action in {"list": _experts_list, "add": _experts_add, "remove": _experts_remove,
+                                     "replace": _experts_replace}.items()}
+    return lambda args: handlers[args.action](args)
+
+
+def _experts_list(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
+    """Experts, rank, target modules and router of a mixture, and each expert's update size and router row."""
+    parser.add_argument("mixture", help="adapter directory written by `lmoe train`, `lmoe compose` or `lmoe experts`")
+    parser.add_argument("--json", help="write the description here as JSON")
+
+    def run(args: argparse.Namespace) -> None:
+        from .evaluate import write_json
+        from .mixture_edit import describe_mixture, format_mixture
+        desc = describe_mixture(args.mixture)
+        print(format_mixture(desc))
+        if args.json:
+            write_json(desc, args.json)
+    return run
+
+
+def _edit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("mixture", help="adapter directory written by `lmoe train`, `lmoe compose` or `lmoe experts`")
+    parser.add_argument("--model", default="builtin", help="the base model the mixture was trained on (as in train)")
+    parser.add_argument("--out", required=True, help="adapter directory to write (may be MIXTURE itself)")
+
+
+def _edit(args: argparse.Namespace, change: Callable) -> None:
+    """Load args.mixture onto args.model, apply change(model), save the result to args.out."""
+    from .io import load_adapter, save_adapter
+    from .models import load_model
+    model = load_adapter(load_model(args.model)[0], args.mixture)
+    change(model)
+    print("wrote", save_adapter(model, args.out))
+
+
+def _experts_add(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
+    """New experts: LoRA adapters of the same base (PEFT's, or `lmoe train` at lmoe.num_experts=1), or fresh ones."""
+    _edit_arguments(parser)
+    parser.add_argument("adapters", nargs="*", help="LoRA adapter directories, one new expert each")
+    parser.add_argument("--fresh", type=int, default=0, metavar="N",
+                        help="add N fresh experts (LoRA init, B = 0), to train with frozen_experts=[...]")
+    parser.add_argument("--logit", type=float,
+                        help="the new router rows' bias below the mean row (default -4: weight <= e^-4, learning; "
+                             "--logit=-1e4: outputs exactly unchanged, but the new experts get no gradient)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fresh experts' A")
+
+    def run(args: argparse.Namespace) -> None:
+        import torch
+        from .experts import add_experts
+        from .mixture_edit import ADDED_EXPERT_LOGIT, add_adapters
+        if args.fresh < 0 or not args.adapters and not args.fresh:
+            raise ValueError("give adapter directories to add, or --fresh N (N >= 1) for N new experts.")
+        logit = ADDED_EXPERT_LOGIT if args.logit is None else args.logit
+        torch.manual_seed(args.seed)
+        added = []
+
+        def change(model) -> None:
+            added.extend(add_adapters(model, args.adapters, logit) if args.adapters else [])
+            added.extend(add_experts(model, args.fresh, logit) if args.fresh else [])
+        _edit(args, change)
+        train = f"lmoe train init_adapter={args.out}" + ("" if args.model == "builtin" else f" model={args.model}")
+        print(f"new experts: {', '.join(map(str, added))}; next, train " + (
+            f"them and the router, the earlier experts frozen: {train} "
+            f"frozen_experts=[{','.join(map(str, range(added[0])))}] data=[NEW.jsonl,REPLAY.jsonl]" if args.fresh else
+            f"the router: {train} train_experts=false data=[MIXED.jsonl]"))
+    return run
+
+
+def _experts_remove(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
+    """Drop experts (their slices of A, B and the router) from a mixture."""
+    _edit_arguments(parser)
+    parser.add_argument("experts", nargs="+", type=int, help="expert indices (see `lmoe experts list`)")
+
+    def run(args: argparse.Namespace) -> None:
+        from .experts import remove_experts
+        _edit(args, lambda model: remove_experts(model, args.experts))
+    return run
+
+
+def _experts_replace(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
+    """Put a LoRA adapter in an expert's slot; it keeps that expert's router row."""
+    _edit_arguments(parser)
+    parser.add_argument("expert", type=int, help="expert index (see `lmoe experts list`)")
+    parser.add_argument("adapter", help="LoRA adapter directory (PEFT's, or `lmoe train` at lmoe.num_experts=1)")
+
+    def run(args: argparse.Namespace) -> None:
+        from .compose import load_experts
+        _edit(args, lambda model: load_experts(model, [args.adapter], [args.expert]))
+    return run
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "analyze": cmd_analyze,
-            "compose": cmd_compose}
+            "compose": cmd_compose, "experts": cmd_experts}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,7 +20,7 @@ from .config import LMoEConfig
 from .experts import check_experts, check_unmerged
 from .inject import find_targets, inject, lmoe_layers
 from .io import is_lmoe_adapter, read_adapter_meta, read_adapter_weights
-from .layer import MoLoRALinear, is_linear
+from .layer import is_linear
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -168,30 +168,48 @@ def _short_targets(model: nn.Module, cfg: LMoEConfig, paths: list[str]) -> list[
 
 @torch.no_grad()
 def _copy_experts(model: nn.Module, loras: list[LoRA], experts: Sequence[int]) -> None:
+    check_fit(model, loras)  # all of them before any slot changes
     layers = dict(lmoe_layers(model))
     for lora, e in zip(loras, experts):
-        extra = sorted(set(lora.modules) - set(layers))
-        if extra:
-            raise ValueError(f"Adapter {lora.path} has LoRA weights for {extra[:3]}, which this mixture does not "
-                             "wrap; build the mixture with compose() over all adapters instead.")
         for name, layer in layers.items():
             layer.lora_A[e].zero_()  # a module the adapter skips: the expert adds nothing there
             layer.lora_B[e].zero_()
             if name in lora.modules:
                 A, B = lora.modules[name]
-                _check_shape(lora, name, layer, A)
                 layer.lora_A[e, : A.shape[0]].copy_(A)  # zero padding to the mixture's rank is exact
                 layer.lora_B[e, :, : A.shape[0]].copy_(B / layer.scaling)
 
 
-def _check_shape(lora: LoRA, name: str, layer: MoLoRALinear, A: Tensor) -> None:
-    B = lora.modules[name][1]
-    if A.shape[1] != layer.in_features or B.shape[0] != layer.out_features:
-        raise ValueError(f"Adapter {lora.path}: {name} maps {A.shape[1]} -> {B.shape[0]} features, the model's layer "
-                         f"{layer.in_features} -> {layer.out_features}; it was trained on a different base model.")
-    if A.shape[0] > layer.rank:
-        raise ValueError(f"Adapter {lora.path}: {name} has rank {A.shape[0]} > the mixture's rank {layer.rank}; "
-                         "compose() the adapters together so the mixture takes the largest rank.")
+def check_fit(model: nn.Module, loras: Sequence[LoRA]) -> None:
+    """Each LoRA can become an expert of this mixture: it was trained on this base (its modules exist with
+    the same shapes), adapts only modules the mixture wraps, and has at most the mixture's rank."""
+    modules, layers = dict(model.named_modules()), dict(lmoe_layers(model))
+    wraps = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in layers}))
+    for lora in loras:
+        absent = sorted(set(lora.modules) - set(modules))
+        if absent:
+            raise ValueError(f"Adapter {lora.path} adapts {_some(absent)}, which this {type(model).__name__} does "
+                             "not have: it was trained on another base model. Use adapters of the mixture's base.")
+        extra = sorted(set(lora.modules) - set(layers))
+        if extra:
+            raise ValueError(f"Adapter {lora.path} adapts {_some(extra)}, which this mixture does not wrap (it wraps "
+                             f"{wraps}). Rebuild the mixture with `lmoe compose` (lmoe.compose) over all its adapters "
+                             "and this one: it wraps their union.")
+        for name, (A, B) in lora.modules.items():
+            layer = layers[name]
+            if A.shape[1] != layer.in_features or B.shape[0] != layer.out_features:
+                raise ValueError(f"Adapter {lora.path}: {name} maps {A.shape[1]} -> {B.shape[0]} features, this "
+                                 f"base's layer {layer.in_features} -> {layer.out_features}: it was trained on "
+                                 "another base model. Use adapters of the mixture's base.")
+            if A.shape[0] > layer.rank:
+                raise ValueError(f"Adapter {lora.path}: {name} has rank {A.shape[0]}, above the mixture's rank "
+                                 f"{layer.rank} (experts share one rank; smaller ones are zero-padded). Rebuild the "
+                                 "mixture with `lmoe compose` (lmoe.compose) over all its adapters and this one: it "
+                                 f"takes the largest rank. Or train this skill at rank <= {layer.rank}.")
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 # ---------------------------------------------------------------- a fixed routing (for merge and export)

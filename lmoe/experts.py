@@ -1,5 +1,5 @@
-"""A mixture's experts changed in place: experts added (router rows that change nothing), removed, frozen
-(all of them: the routers alone train) or unfrozen.
+"""A mixture's experts changed in place: experts added (router rows that move routing by at most e^logit),
+removed, frozen (all of them: the routers alone train) or unfrozen.
 
 Each layer stacks its experts in one Parameter (lora_A (E, r, d_in), lora_B (E, d_out, r)), so an
 expert is a slice: adding or removing one rebuilds the Parameters (build the optimizer afterwards),
@@ -27,10 +27,12 @@ NEW_EXPERT_LOGIT = -1e4  # exp() underflows to exactly 0 in float32; also below 
 def add_experts(model: nn.Module, n: int = 1, logit: float = NEW_EXPERT_LOGIT) -> list[int]:
     """Append n experts to every layer (LoRA init: A random, B = 0); returns their indices.
 
-    Their router rows get zero weights and bias `logit` (a bias is added if the router had none). The
-    default keeps routing weights and outputs exactly as they were for softmax, topk and dynamic routers,
-    but also gives the new experts exactly zero weight and gradient; a moderate logit (e.g. -4) changes
-    routing by about e^logit and lets them learn from the first step (topk: once they reach the top k).
+    Each new router row starts at the mean of the existing rows, its bias `logit` below their mean bias (a
+    bias is added if the router had none): a new expert's logit is the others' mean + logit, so its softmax
+    weight is at most e^logit on every token, however large the trained logits are. The default keeps routing
+    weights and outputs exactly as they were for softmax, topk and dynamic routers, but also gives the new
+    experts exactly zero weight and gradient; a moderate logit (e.g. -4) changes routing by at most about
+    e^logit and lets them learn from the first step (topk: once they reach the top k).
     """
     cfg = get_config(model)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -89,9 +91,9 @@ def _rebuild(layer: MoLoRALinear, keep: list[int], n: int, logit: float) -> None
     if router.bias is None and n:
         router.bias = nn.Parameter(router.weight.new_zeros(router.out_features),
                                    requires_grad=router.weight.requires_grad)
-    for name, p in list(router.named_parameters(recurse=False)):
-        fill = logit if name == "bias" else 0.0
-        setattr(router, name, _grown(p, idx, p.new_full((n, *p.shape[1:]), fill)))
+    for name, p in list(router.named_parameters(recurse=False)):  # weight (E, d_in), bias (E,)
+        start = p[idx].mean(0, keepdim=True).expand(n, *p.shape[1:]) + (logit if name == "bias" else 0.0)
+        setattr(router, name, _grown(p, idx, start))
     router.out_features = layer.num_experts = len(keep) + n
     _apply_freeze(layer, torch.cat([frozen, torch.zeros(n, dtype=torch.bool)]))
 

@@ -137,7 +137,8 @@ def _save_and_evaluate(cfg: TrainConfig, accelerator: Accelerator, model: nn.Mod
 
 def add_adapter(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """The mixture training starts from: the saved init_adapter, or fresh experts seeded alike in every
-    process; train_experts=False then freezes every expert, so only the routers learn."""
+    process; train_experts=False then freezes every expert, so only the routers learn, and frozen_experts the
+    experts it names, so the others and the routers learn."""
     if cfg.init_adapter:
         load_adapter(model, cfg.init_adapter)
     else:
@@ -145,6 +146,8 @@ def add_adapter(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         inject(model, cfg.lmoe)
     if not cfg.train_experts:
         freeze_experts(model)
+    elif cfg.frozen_experts:
+        freeze_experts(model, cfg.frozen_experts)
     return model
 
 

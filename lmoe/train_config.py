@@ -76,6 +76,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # stop after this many consecutive steps with a non-finite loss or gradient
     init_adapter: str | None = None  # a saved adapter directory to start from; its mixture replaces `lmoe`
     train_experts: bool = True  # false: every expert frozen, only the routers (and lambda heads) learn
+    frozen_experts: list[int] = field(default_factory=list)  # these experts of init_adapter frozen, the rest learn
     recipe: str | None = None  # "ld-mole": the LD-MoLE authors' settings (RECIPES) for every field left at its default
 
     def __post_init__(self) -> None:
@@ -83,6 +84,7 @@ class TrainConfig:
         self._check_init_adapter()
         if self.init_adapter is not None:
             self.lmoe = adapter_lmoe(self.init_adapter, self.lmoe)
+            self._check_frozen_experts()
         elif isinstance(self.lmoe, dict):
             self.lmoe = LMoEConfig.from_dict({**DEFAULT_LMOE, **self.lmoe})
         if isinstance(self.mixture, dict):
@@ -146,6 +148,26 @@ class TrainConfig:
         if not self.train_experts and self.init_adapter is None:
             raise ValueError("TrainConfig.train_experts=false needs init_adapter=DIR: fresh experts start at zero "
                              "and, frozen, would stay there. Give the adapter to start from, or train_experts=true.")
+        if isinstance(self.frozen_experts, int) and not isinstance(self.frozen_experts, bool):
+            self.frozen_experts = [self.frozen_experts]
+        _check(self, "frozen_experts", isinstance(self.frozen_experts, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.frozen_experts)
+            and len(set(self.frozen_experts)) == len(self.frozen_experts), "a list of distinct expert indices")
+        if self.frozen_experts and self.init_adapter is None:
+            raise ValueError(f"TrainConfig.frozen_experts={self.frozen_experts} needs init_adapter=DIR: it keeps "
+                             "experts of a saved mixture as they are (e.g. after `lmoe experts add MIX --fresh 1`). "
+                             "Give the adapter, or drop frozen_experts.")
+        if self.frozen_experts and not self.train_experts:
+            raise ValueError(f"TrainConfig.frozen_experts={self.frozen_experts} with train_experts=false: every "
+                             "expert is frozen already. Drop one of them.")
+
+    def _check_frozen_experts(self) -> None:
+        E = self.lmoe.num_experts
+        _check(self, "frozen_experts", all(i < E for i in self.frozen_experts),
+               f"indices of init_adapter's {E} experts, 0 to {E - 1}")
+        if self.frozen_experts and self.distributed == "fsdp":
+            raise ValueError("TrainConfig.frozen_experts with distributed=fsdp: FSDP shards the stacked experts that "
+                             "freezing masks slice by slice. Use distributed=ddp, or train_experts=false.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -48,3 +48,14 @@ def tiny_model_dir(path: Path) -> Path:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def peft_lora_dir(base, out: Path, seed: int, **lora) -> Path:
+    """A PEFT LoRA of `base` (a model directory or a model) with random non-zero A and B, saved to out."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    model = base if isinstance(base, torch.nn.Module) else AutoModelForCausalLM.from_pretrained(base)
+    torch.manual_seed(seed)
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False} | lora
+    get_peft_model(model, LoraConfig(**lora)).save_pretrained(out)
+    return out
