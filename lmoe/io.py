@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _lmoe_peft_hook import PEFT_TYPE  # peft_type in adapter_config.json: PEFT finds lmoe's config and tuner by it
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -27,7 +28,6 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"  # PEFT's names, so PeftModel.from_pretrained reads the directory
 WEIGHTS_FILE_V1 = "adapter.safetensors"  # format 1 (lmoe before PEFT's names); still read
 FORMAT_VERSION = 2
-PEFT_TYPE = "LMOE"  # peft_type in adapter_config.json: PEFT finds lmoe's config and tuner by it (peft_integration)
 
 
 class WriteError(OSError):

@@ -2,8 +2,9 @@
 save_pretrained, disable_adapter, unload and merge_and_unload (with a fixed routing).
 
 PEFT has no plugin hook (register_peft_method accepts only members of its closed PeftType enum), so lmoe puts
-a member of its own str enum, equal to "LMOE" (adapter_config.json's peft_type), into PEFT's mapping tables.
-That rests on PEFT internals: only the tested range of peft versions is registered (SUPPORTED_PEFT).
+a member of its own str enum, equal to "LMOE" (adapter_config.json's peft_type), into PEFT's mapping tables, and
+makes LMoEConfig a subclass of peft.PeftConfig (TRL's SFTTrainer(peft_config=...) checks for one). That rests on
+PEFT internals: only the tested range of peft versions is registered (SUPPORTED_PEFT).
 The tuner delegates to lmoe's own inject / remove / merge; the files are save_adapter's (lmoe.io).
 """
 from __future__ import annotations
@@ -11,8 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-import peft
-from packaging.version import Version
+from _lmoe_peft_hook import SUPPORTED_PEFT, peft_range_error
 from peft import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -23,8 +23,9 @@ from .inject import _set_submodule, inject, lmoe_layers, remove
 from .io import FORMAT_VERSION, PEFT_TYPE, adapter_meta, adapter_state_dict
 from .layer import MoLoRALinear
 from .merge import merge, unmerge
+from .peft_hook import PeftFields
 
-SUPPORTED_PEFT = ("0.21.0", "0.22.0")  # [from, below): the versions whose internals this module is tested against
+__all__ = ["SUPPORTED_PEFT", "LMoEPeftConfig", "LMoETuner", "register", "supported_peft"]
 PEFT_PREFIX = "base_model.model."  # a PeftModel's keys: PeftModel.base_model (the tuner) .model (the LM)
 
 
@@ -35,20 +36,21 @@ class LMoEPeftType(str, enum.Enum):
 
 
 def supported_peft() -> bool:
-    low, high = SUPPORTED_PEFT
-    return Version(low) <= Version(peft.__version__) < Version(high)
+    return peft_range_error() is None
 
 
 def register() -> LMoEPeftType:
-    """Put lmoe's config and tuner into PEFT's tables (once); returns the peft_type they are filed under."""
-    if not supported_peft():
-        raise RuntimeError(f"lmoe's PEFT entry points support peft>={SUPPORTED_PEFT[0]},<{SUPPORTED_PEFT[1]}; "
-                           f"peft {peft.__version__} is installed. pip install 'peft>={SUPPORTED_PEFT[0]},"
-                           f"<{SUPPORTED_PEFT[1]}', or use lmoe.inject / save_adapter / load_adapter without PEFT.")
+    """Put lmoe's config and tuner into PEFT's tables (once) and make every LMoEConfig, made before or after, a
+    peft.PeftConfig; returns the peft_type they are filed under."""
+    error = peft_range_error()
+    if error is not None:
+        raise RuntimeError(error)
     member = LMoEPeftType.LMOE
     PEFT_TYPE_TO_CONFIG_MAPPING[member] = LMoEPeftConfig
     PEFT_TYPE_TO_TUNER_MAPPING[member] = LMoETuner
     PEFT_TYPE_TO_PREFIX_MAPPING[member] = LMoETuner.prefix
+    if not issubclass(LMoEConfig, PeftConfig):  # PeftFields first: its peft_type, not PeftConfig's None
+        LMoEConfig.__bases__ = (PeftFields, PeftConfig)
     return member
 
 
@@ -66,7 +68,7 @@ class LMoEPeftConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = LMoEPeftType.LMOE
+        self.peft_type = register()  # built directly (LMoEPeftConfig.from_lmoe), PEFT must find the tuner too
         if self.format_version > FORMAT_VERSION:
             raise ValueError(f"This lmoe adapter is in format {self.format_version} (lmoe {self.lmoe_version}); "
                              f"the installed lmoe reads format {FORMAT_VERSION}. Upgrade lmoe to load it.")

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 import lmoe
 from lmoe.inject import get_config
 from lmoe.io import CONFIG_FILE, WEIGHTS_FILE, adapter_state_dict
+from lmoe.peft_integration import PEFT_PREFIX, LMoETuner
 
 IDS = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
 
@@ -143,15 +144,17 @@ def test_installed_peft_is_in_the_supported_range():
     assert peft_integration.supported_peft(), peft.__version__
 
 
-@pytest.mark.parametrize("order", ["import lmoe, peft", "import peft, lmoe",
+@pytest.mark.parametrize("order", ["import lmoe; cfg = lmoe.LMoEConfig(); import peft", "import peft, lmoe",
                                    "import lmoe, importlib.util; importlib.util.find_spec('peft'); import peft"])
 def test_registration_when_peft_is_imported_before_or_after_lmoe(order):
-    """After lmoe, also when something probes for peft first (transformers' is_peft_available does)."""
+    """After lmoe, also when something probes for peft first (transformers' is_peft_available does); every
+    LMoEConfig, one made before `import peft` too, is then a peft.PeftConfig (TRL's peft_config= asks)."""
     code = (f"import sys; {order}; from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING as M; "
-            "print(M['LMOE'].__name__, 'lmoe' in sys.modules)")
+            "cfg = globals().get('cfg') or lmoe.LMoEConfig(); "
+            "print(M['LMOE'].__name__, 'lmoe' in sys.modules, isinstance(cfg, peft.PeftConfig))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).parent.parent)
-    assert run.stdout.split() == ["LMoETuner", "True"], run.stderr[-2000:]
+    assert run.stdout.split() == ["LMoETuner", "True", "True"], run.stderr[-2000:]
 
 
 def test_import_lmoe_does_not_import_peft():
@@ -169,3 +172,34 @@ def test_lmoe_functions_take_the_peft_model_as_the_model_inside(tmp_path):
     assert all(not name.startswith("base_model.") for name in rec)
     lmoe.save_adapter(model, tmp_path)
     torch.testing.assert_close(logits(lmoe.load_adapter(tiny_model("llama"), tmp_path)), logits(model), rtol=0, atol=0)
+
+
+def test_trl_sft_trainer_takes_an_lmoe_config_as_its_peft_config(tmp_path):
+    """TRL's usual call, a model directory and `peft_config=lmoe.LMoEConfig(...)`, two steps: every expert and
+    router tensor moved, nothing of the base did."""
+    from datasets import Dataset
+    from tiny import CORPUS, tiny_model_dir
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+    base = str(tiny_model_dir(tmp_path / "base"))
+    args = SFTConfig(str(tmp_path / "out"), max_steps=2, use_cpu=True, report_to="none", learning_rate=1e-2,
+                     save_strategy="no")
+    trainer = SFTTrainer(model=base, args=args, train_dataset=Dataset.from_dict({"text": CORPUS}),
+                         processing_class=AutoTokenizer.from_pretrained(base),
+                         peft_config=lmoe.LMoEConfig(num_experts=4, rank=8))
+    assert isinstance(trainer.model, PeftModel) and isinstance(trainer.model.base_model, LMoETuner)
+    start = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    moved = {name for name, p in trainer.model.named_parameters() if not torch.equal(p, start[name])}
+    assert moved == {PEFT_PREFIX + name for name in adapter_state_dict(trainer.model.get_base_model())}
+    assert any(".router." in name for name in moved) and any(".lora_A" in name for name in moved)
+
+
+def test_a_peft_config_built_from_lmoes_registers_itself(monkeypatch):
+    """LMoEPeftConfig.from_lmoe(cfg) passed where a PeftConfig goes, with nothing filed in PEFT's tables yet."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+    from lmoe.peft_integration import LMoEPeftConfig
+    for table in (PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING):
+        monkeypatch.delitem(table, "LMOE")
+    model = get_peft_model(tiny_model("llama"), LMoEPeftConfig.from_lmoe(lmoe.LMoEConfig(num_experts=2, rank=2)))
+    assert isinstance(model.base_model, LMoETuner)
