@@ -74,7 +74,7 @@ def fit(model: nn.Module, train: list[Example], steps: int, batch_size: int, lr:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     return statistics.mean(losses[-10:])
 
