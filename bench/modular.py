@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="bench/RESULTS.md")
     p.add_argument("--work-dir", default="runs/modular")
     p.add_argument("--lock", help="a lock file held during each heavy unit (shared with other jobs' `flock`)")
+    p.add_argument("--share-cores", action="store_true",
+                   help="a shared small CPU: each unit takes 2 torch threads when nothing else runs, else 1")
     p.add_argument("--report", action="store_true", help="only rewrite the tables from --results")
     return p.parse_args(argv)
 
@@ -118,6 +120,8 @@ class Study:
         print(f"modular: {key} seed {self.seed}", flush=True)
         start = time.perf_counter()
         with parts.heavy(self.args.lock):
+            if self.args.share_cores:
+                parts.share_cores()
             torch.manual_seed(self.seed or 0)
             rows = run()
         for row in rows if isinstance(rows, list) else [rows]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import random
 import statistics
 from collections.abc import Iterable, Sequence
@@ -143,3 +144,10 @@ def heavy(lock: str | None):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def share_cores(cores: int = 2) -> None:
+    """Two torch threads stall each other's cores when another job runs (5-10x slower on 2 cores): take
+    `cores` threads only when the load besides this process's own threads is under half a core, else 1."""
+    others = os.getloadavg()[0] - torch.get_num_threads()
+    torch.set_num_threads(cores if others < 0.5 else 1)
