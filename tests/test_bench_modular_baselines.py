@@ -48,7 +48,8 @@ def logits(model, ids):
 
 def adapter_delta(directory, layer):
     """(s B A) of one layer of a saved adapter, float64, straight from its files."""
-    weights, config = load_file(directory / "adapter_model.safetensors"), json.loads((directory / "adapter_config.json").read_text())
+    weights = load_file(directory / "adapter_model.safetensors")
+    config = json.loads((directory / "adapter_config.json").read_text())
     A = weights[f"base_model.model.{layer}.lora_A.weight"].double()
     B = weights[f"base_model.model.{layer}.lora_B.weight"].double()
     return config["lora_alpha"] / config["r"] * B @ A  # (d_out, d_in)
