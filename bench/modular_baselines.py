@@ -41,6 +41,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file: the repository root
 from lmoe import compose, freeze_experts  # noqa: E402
 from lmoe.compose import PEFT_PREFIX, LoRA, read_peft_lora  # noqa: E402
+from lmoe.io import is_lmoe_adapter  # noqa: E402
 
 # PEFT's own defaults, read from the installed peft: top_k 3, router_temperature 1.0, use_gks False, rng_seed None
 ARROW_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ArrowConfig) if f.init}
@@ -60,6 +61,10 @@ def _library(adapter_dirs: Sequence[str | Path]) -> list[LoRA]:
     if not adapter_dirs:
         raise ValueError("No adapter directories given; pass the PEFT LoRA directories (adapter_config.json + "
                          "adapter_model.safetensors) to route over.")
+    for d in adapter_dirs:
+        if is_lmoe_adapter(d):
+            raise ValueError(f"{d} is an lmoe adapter; PEFT's Arrow and X-LoRA load PEFT LoRA files. Write one "
+                             f"with lmoe.export_peft(lmoe.load_adapter(base, {str(d)!r}), OUT, torch.ones(1)).")
     loras = [read_peft_lora(d) for d in adapter_dirs]
     for lora in loras[1:]:
         if set(lora.modules) != set(loras[0].modules):

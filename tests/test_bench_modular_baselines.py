@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from bench.modular_baselines import (NoCacheLM, arrow_model, record_arrow_routing, save_random_lora, train_xlora,
                                      xlora_model)
 from conftest import VOCAB, tiny_model
-from lmoe import compose, lmoe_layers, merge
+from lmoe import LMoEConfig, compose, inject, lmoe_layers, merge, save_adapter
 from lmoe.data import Example, collate
 from lmoe.evaluate import continuation_logprobs
 
@@ -185,3 +185,6 @@ def test_bad_libraries_get_one_clear_line(adapters, tmp_path):
         xlora_model(tiny_model("llama"), [adapters[0], fewer])
     with pytest.raises(ValueError, match="No adapter directories"):
         arrow_model(tiny_model("llama"), [])
+    mixture = save_adapter(inject(tiny_model("llama"), LMoEConfig(num_experts=1, rank=4)), tmp_path / "lmoe")
+    with pytest.raises(ValueError, match="is an lmoe adapter.*export_peft"):
+        xlora_model(tiny_model("llama"), [adapters[0], mixture])
