@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--router-steps", type=int, default=30, help="batches of router-only (and X-LoRA) training")
     p.add_argument("--replay", type=float, default=0.05, help="share of a continual stage's examples replayed")
     p.add_argument("--new-expert-logit", type=float, default=-4.0, help="add_experts' router bias for a new skill")
-    p.add_argument("--test-items", type=int, default=100, help="test questions per task (0: all)")
+    p.add_argument("--test-items", type=int, default=50, help="test questions per task (0: all)")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--results", default="bench/results/modular.jsonl")
     p.add_argument("--out", default="bench/RESULTS.md")
@@ -276,8 +276,8 @@ def main(argv: list[str] | None = None) -> None:
             study = Study(args, 0, done, store)
             study.seed = None
             study.unit(("base", "base", None), lambda: {"method": "base", "correct": study.score(study.base())})
-        for part in args.parts:  # part-major: the composition table has every seed before continual starts
-            for seed in args.seeds:
+        for seed in args.seeds:  # seed-major: a stopped run has whole seeds of both parts
+            for part in args.parts:
                 getattr(Study(args, seed, done, store), f"{part}_part")()
                 write_report(rows(), args, command)
     write_report(rows(), args, command)
