@@ -14,6 +14,7 @@ from .peft_hook import PeftFields
 
 ROUTERS = ("softmax", "topk", "dynamic")
 COMPOSITIONS = ("params", "outputs")
+EXECUTIONS = ("auto", "dense", "sparse")
 ALL_LINEAR = "all-linear"
 AUX_COEFS = {"load_balance": "load_balance_coef", "z_loss": "z_loss_coef", "sparsity": "sparsity_coef"}
 # load_balance_coef when left unset: 0.1 for the softmax gate (bench/RESULTS.md, routing study: with the routers
@@ -73,6 +74,10 @@ class LMoEConfig(PeftFields):  # PeftFields: peft.get_peft_model(model, LMoEConf
     lambda_eps: float = 0.01
     # every bias of the lambda head at init; the authors' -2.5 gives lambda ~ -1.6 (dense), 0 about 0.3
     lambda_bias_init: float = LAMBDA_BIAS_INIT
+    # how the experts run (the same values and gradients either way): "dense", every expert for every token as
+    # one rank-E*r LoRA; "sparse", only the (token, expert) pairs with g > 0 (lmoe/sparse.py); "auto", the
+    # faster of the two by the rule measured in bench/RESULTS.md (sparse.prefer_sparse)
+    execution: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
@@ -121,6 +126,8 @@ class LMoEConfig(PeftFields):  # PeftFields: peft.get_peft_model(model, LMoEConf
             _fail("router", self.router, f"one of {', '.join(ROUTERS)}")
         if self.composition not in COMPOSITIONS:
             _fail("composition", self.composition, f"one of {', '.join(COMPOSITIONS)}")
+        if self.execution not in EXECUTIONS:
+            _fail("execution", self.execution, f"one of {', '.join(EXECUTIONS)} (auto: the measured rule picks)")
         for name in ("router_bias", "router_reads_dropout"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "true or false")

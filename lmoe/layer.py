@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .config import AUX_COEFS, LMoEConfig
 from .routing import AuxStats, Routing, build_router
+from .sparse import SparseMixture, prefer_sparse, route_pairs, sparse_mixture
 
 
 def linear_shape(base: nn.Module) -> tuple[int, int]:
@@ -208,6 +209,7 @@ class MoLoRALinear(nn.Module):
         self.num_experts, self.rank = cfg.num_experts, cfg.rank
         self.scaling = cfg.scaling
         self.composition = cfg.composition
+        self.execution = cfg.execution  # "auto", "dense" or "sparse": see _plan
         weight = base.weight
         factory = {"device": weight.device,
                    "dtype": weight.dtype if weight.dtype.is_floating_point else torch.float32}
@@ -247,12 +249,14 @@ class MoLoRALinear(nn.Module):
             return self.base(x)
         dtype = _compute_dtype(x)
         x2 = x.reshape(-1, self.in_features)  # (tokens, d_in)
-        A, B = self.stacked()
+        A = self.stacked()[0]
         # without autograd (generation) the same maths runs directly: no Function bookkeeping per token
         grad = torch.is_grad_enabled()
         lora_x = None if grad and isinstance(self.dropout, nn.Identity) else self.dropout(x2).to(dtype)
         gates_read_x = lora_x is None or not self.router_reads_dropout or not self.training
-        y, h, *gx = self._projections(x2, lora_x, A, dtype, grad, gates_read_x)
+        plan = self._plan(x2.shape[0])
+        # the dense path's A x rides on the base / gate GEMM; the sparse one computes its pairs' only
+        y, h, *gx = self._projections(x2, lora_x, A if plan == "dense" else A[:0], dtype, grad, gates_read_x)
         out_dtype = dtype
         if y is None:  # a base the layer does not run itself (see frozen_product)
             y = self.base(x)
@@ -260,9 +264,32 @@ class MoLoRALinear(nn.Module):
             y = y.reshape(-1, self.out_features).to(dtype)
         routing = self.router.route(x2, *gx) if gates_read_x else self.router.route(lora_x)
         self._observe(routing, self._real_tokens(x))
-        args = (y, h, B.to(dtype), routing.weights.to(dtype), self.scaling, self.composition == "params")
-        out = _MixtureLoRA.apply(*args) if grad else mixture(*args)[0]
+        experts_x = x2.to(dtype) if lora_x is None else lora_x
+        out = self._mix(plan, y, h, experts_x, routing.weights.to(dtype), grad)
         return out.view(*x.shape[:-1], self.out_features).to(out_dtype)
+
+    def _plan(self, tokens: int) -> str:
+        """How this forward runs the experts: "dense", "sparse", or "observe" (decide from the routing's
+        count of active pairs; the dynamic router's count is known only then). See sparse.prefer_sparse."""
+        if self.execution != "auto":
+            return self.execution
+        per_token = self.router.experts_per_token()
+        if per_token is not None:
+            return "sparse" if prefer_sparse(self.num_experts, self.rank, per_token, tokens) else "dense"
+        return "observe" if prefer_sparse(self.num_experts, self.rank, 1, tokens) else "dense"
+
+    def _mix(self, plan: str, y: Tensor, h: Tensor, experts_x: Tensor, g: Tensor, grad: bool) -> Tensor:
+        """y + s * Delta from the routing g (tokens, E): dense from the codes h = A x (tokens, E*r), or sparse
+        from the experts' input experts_x over the pairs with g > 0."""
+        params, dtype = self.composition == "params", y.dtype
+        if plan != "dense":
+            pairs = route_pairs(g, None if plan == "observe" else self.router.experts_per_token())
+            if plan == "sparse" or prefer_sparse(self.num_experts, self.rank, len(pairs.token) / len(g), len(g)):
+                args = (y, experts_x, self.lora_A.to(dtype), self.lora_B.to(dtype), g, pairs, self.scaling, params)
+                return SparseMixture.apply(*args) if grad else sparse_mixture(*args)[0]
+            h = experts_x @ self.stacked()[0].to(dtype).t()  # observed dense after all: the codes, by autograd
+        args = (y, h, self.stacked()[1].to(dtype), g, self.scaling, params)
+        return _MixtureLoRA.apply(*args) if grad else mixture(*args)[0]
 
     def _projections(self, x2: Tensor, lora_x: Tensor | None, A: Tensor, dtype: torch.dtype, grad: bool,
                      gates_read_x: bool) -> tuple[Tensor | None, ...]:

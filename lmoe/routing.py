@@ -232,6 +232,11 @@ class Router(nn.Linear):
         in one GEMM with the experts' A and passes the results to route."""
         return [self.weight]
 
+    def experts_per_token(self) -> int | None:
+        """How many experts every token routes to, where the router fixes it (softmax: all E; top-k: k);
+        None where the routing decides per token (dynamic). The layer's sparse path sizes its work by it."""
+        return self.out_features
+
     def dispatch(self, r: Routing) -> Tensor:
         """(tokens, E) 0/1: the experts each token counts for in f_i of the balance loss."""
         return (r.weights > 0).to(r.weights.dtype)
@@ -272,6 +277,9 @@ class TopKRouter(Router):
     def __init__(self, d_in: int, cfg: LMoEConfig, **factory) -> None:
         super().__init__(d_in, cfg, **factory)
         self.top_k = cfg.top_k
+
+    def experts_per_token(self) -> int | None:
+        return self.top_k
 
     def route(self, x: Tensor, wx: Tensor | None = None, *projected: Tensor) -> Routing:
         u = self.logits(x, wx)
@@ -367,6 +375,9 @@ class DynamicRouter(Router):
         lam = self.lambda_head.from_hidden(x, projected[0]) if projected else self.lambda_head(x)
         g = sparsegen_route(u, lam)
         return Routing(weights=g, logits=u, probs=g, extras={"lambda": lam})
+
+    def experts_per_token(self) -> int | None:
+        return None
 
     def x_weights(self, x: Tensor) -> list[Tensor]:
         head = self.lambda_head

@@ -10,6 +10,7 @@ BAD = [
     (dict(dropout=1.0), "dropout"), (dict(temperature=-1), "temperature"), (dict(target_modules=[]), "target_modules"),
     (dict(load_balance_coef=-0.1), "load_balance_coef"), (dict(z_loss_coef=float("nan")), "z_loss_coef"),
     (dict(rank=True), "rank"), (dict(router_init_std=-0.1), "router_init_std"),
+    (dict(execution="fast"), "execution.*auto, dense, sparse"),
 ]
 
 
