@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import pickle
 import tempfile
@@ -28,6 +29,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"  # PEFT's names, so PeftModel.from_pretrained reads the directory
 WEIGHTS_FILE_V1 = "adapter.safetensors"  # format 1 (lmoe before PEFT's names); still read
 FORMAT_VERSION = 2
+log = logging.getLogger(__name__)
 
 
 class WriteError(OSError):
@@ -143,7 +145,16 @@ def adapter_meta(model: nn.Module) -> dict:
     return {"peft_type": PEFT_TYPE, "task_type": None, "inference_mode": True,
             "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
             "lmoe_version": __version__, "format_version": FORMAT_VERSION, "base_model_type": _model_type(model),
-            "config": get_config(model).to_dict(), "layers": base_fingerprint(model)}
+            "config": get_config(model).to_dict(), "layers": base_fingerprint(model),
+            "auto_mapping": _auto_mapping(model)}
+
+
+def _auto_mapping(model: nn.Module) -> dict | None:
+    """The base model's class, as PeftModel.save_pretrained records it: AutoPeftModelForCausalLM builds it from this."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel: the model inside
+    if getattr(inner, "config", None) is None:  # not a transformers model: nothing an Auto class could load
+        return None
+    return {"base_model_class": type(inner).__name__, "parent_library": type(inner).__module__}
 
 
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
@@ -207,8 +218,30 @@ def load_adapter_weights(model: nn.Module, directory: str | Path) -> nn.Module:
 
 def read_adapter_weights(directory: str | Path, meta: dict) -> dict:
     """The adapter's tensors keyed as adapter_state_dict keys them, from either format's file."""
-    name = WEIGHTS_FILE if meta.get("format_version", 1) >= 2 else WEIGHTS_FILE_V1
-    return _read_weights(Path(directory) / name, meta.get("weights_sha256"))
+    return _read_weights(weights_path(directory, meta), meta.get("weights_sha256"))
+
+
+def weights_path(directory: str | Path, meta: dict) -> Path:
+    return Path(directory) / (WEIGHTS_FILE if meta.get("format_version", 1) >= 2 else WEIGHTS_FILE_V1)
+
+
+def verify_adapter(directory: str | Path) -> None:
+    """Check a saved adapter's weights file against the checksum its config holds (what PEFT's loader is given
+    before it reads the file; lmoe's own readers check in _read_weights)."""
+    meta = read_adapter_meta(directory)
+    verify_weights(weights_path(directory, meta), meta.get("weights_sha256"))
+
+
+def verify_weights(path: Path, sha256: str | None) -> None:
+    """Refuse a weights file whose SHA-256 is not the recorded one; one warning line where none is recorded."""
+    if not path.is_file():
+        raise FileNotFoundError(f"Adapter weights {path} are missing; the adapter directory is incomplete.")
+    if sha256 is None:
+        log.warning("lmoe: adapter %s has no checksum of its weights (saved by an older lmoe): they cannot be "
+                    "verified. Save it again (save_adapter or save_pretrained) to seal it.", path.parent)
+    elif sha256_file(path) != sha256:
+        raise ValueError(f"Adapter weights {path} are corrupt or truncated: they do not match the checksum in "
+                         f"{CONFIG_FILE} (changed or written only half-way). Save the adapter again or restore a copy.")
 
 
 def _load_weights(model: nn.Module, directory: str | Path, meta: dict) -> None:
@@ -243,11 +276,7 @@ def check_base_matches(model: nn.Module, meta: dict, directory: str | Path) -> N
 
 def _read_weights(path: Path, sha256: str | None = None) -> dict:
     """The tensors of the weights file, checked against the config's checksum and for NaN/inf values."""
-    if not path.is_file():
-        raise FileNotFoundError(f"Adapter weights {path} are missing; the adapter directory is incomplete.")
-    if sha256 is not None and sha256_file(path) != sha256:
-        raise ValueError(f"Adapter weights {path} are corrupt or truncated: they do not match the checksum in "
-                         f"{CONFIG_FILE} (changed or written only half-way). Save the adapter again or restore a copy.")
+    verify_weights(path, sha256)
     try:
         weights = load_file(str(path))
     except Exception as err:  # safetensors raises its own error types for truncated/corrupt headers

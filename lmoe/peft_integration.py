@@ -4,23 +4,28 @@ save_pretrained, disable_adapter, unload and merge_and_unload (with a fixed rout
 PEFT has no plugin hook (register_peft_method accepts only members of its closed PeftType enum), so lmoe puts
 a member of its own str enum, equal to "LMOE" (adapter_config.json's peft_type), into PEFT's mapping tables, and
 makes LMoEConfig a subclass of peft.PeftConfig (TRL's SFTTrainer(peft_config=...) checks for one). That rests on
-PEFT internals: only the tested range of peft versions is registered (SUPPORTED_PEFT).
+PEFT internals: only the tested range of peft versions is registered (SUPPORTED_PEFT). PEFT's weights loader is
+wrapped to check an lmoe adapter's checksum first, and LMoEPeftConfig writes it, as lmoe.io's readers and writer do.
 The tuner delegates to lmoe's own inject / remove / merge; the files are save_adapter's (lmoe.io).
 """
 from __future__ import annotations
 
 import enum
+import functools
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from _lmoe_peft_hook import SUPPORTED_PEFT, peft_range_error
-from peft import PeftConfig
+from peft import PeftConfig, peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import Tensor, nn
 
 from .config import LMoEConfig
 from .inject import _set_submodule, inject, lmoe_layers, remove
-from .io import FORMAT_VERSION, PEFT_TYPE, adapter_meta, adapter_state_dict
+from .io import (CONFIG_FILE, FORMAT_VERSION, PEFT_TYPE, WEIGHTS_FILE, adapter_meta, adapter_state_dict, atomic_write,
+                 is_lmoe_adapter, sha256_file, verify_adapter)
 from .layer import MoLoRALinear
 from .merge import merge, unmerge
 from .peft_hook import PeftFields
@@ -51,7 +56,24 @@ def register() -> LMoEPeftType:
     PEFT_TYPE_TO_PREFIX_MAPPING[member] = LMoETuner.prefix
     if not issubclass(LMoEConfig, PeftConfig):  # PeftFields first: its peft_type, not PeftConfig's None
         LMoEConfig.__bases__ = (PeftFields, PeftConfig)
+    if not hasattr(peft_model.load_peft_weights, "lmoe_checked"):
+        peft_model.load_peft_weights = checked(peft_model.load_peft_weights)
     return member
+
+
+def checked(load_peft_weights):
+    """PEFT's weights loader (PeftModel.load_adapter: from_pretrained, AutoPeftModel, lm-eval, Trainer's resume)
+    that first checks a local lmoe adapter's weights against its config's checksum, as lmoe.load_adapter does."""
+
+    @functools.wraps(load_peft_weights)
+    def load(model_id, *args, **kwargs):
+        directory = Path(model_id, kwargs.get("subfolder") or "")
+        if is_lmoe_adapter(directory):
+            verify_adapter(directory)
+        return load_peft_weights(model_id, *args, **kwargs)
+
+    load.lmoe_checked = True
+    return load
 
 
 @dataclass
@@ -77,6 +99,17 @@ class LMoEPeftConfig(PeftConfig):
     @property
     def lmoe(self) -> LMoEConfig:
         return LMoEConfig.from_dict(self.config)
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """PEFT's adapter_config.json, sealed as save_adapter seals it: with the checksum of the weights file that
+        PeftModel.save_pretrained has just written, and replacing the old config atomically (a crash in between
+        leaves the old checksum beside the new weights: refused, never loaded)."""
+        weights = Path(save_directory, WEIGHTS_FILE)
+        self.weights_sha256 = sha256_file(weights) if weights.is_file() else None
+        with tempfile.TemporaryDirectory() as tmp:  # PEFT's own writer, then the file moved in whole
+            super().save_pretrained(tmp, **kwargs)
+            text = Path(tmp, CONFIG_FILE).read_text()
+        atomic_write(Path(save_directory, CONFIG_FILE), lambda path: Path(path).write_text(text))
 
     @classmethod
     def from_lmoe(cls, cfg: LMoEConfig) -> "LMoEPeftConfig":

@@ -15,7 +15,7 @@ import yaml
 from .choices import MultipleChoice
 from .config import LMoEConfig, check_known_keys, is_number
 from .data import Mixture
-from .io import CONFIG_FILE, read_adapter_meta
+from .io import CONFIG_FILE, read_adapter_meta, verify_adapter
 from .models import BUILTIN, LOAD_IN
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -202,6 +202,7 @@ def adapter_lmoe(directory: str, given: dict | LMoEConfig) -> LMoEConfig:
         raise FileNotFoundError(f"TrainConfig.init_adapter={directory!r}: no adapter there ({CONFIG_FILE} is "
                                 "missing). Pass a directory written by `lmoe train` (OUTPUT_DIR/adapter) or "
                                 "`lmoe compose`, or drop init_adapter to start from fresh experts.")
+    verify_adapter(directory)  # a corrupt adapter stops the run here, not after the base model's evaluation
     saved = LMoEConfig.from_dict(read_adapter_meta(directory)["config"])
     if isinstance(given, LMoEConfig):
         given = {} if given == default_lmoe() else given.to_dict()
