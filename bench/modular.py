@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="bench/RESULTS.md")
     p.add_argument("--work-dir", default="runs/modular")
     p.add_argument("--lock", help="a lock file held during each heavy unit (shared with other jobs' `flock`)")
+    p.add_argument("--only", nargs="+", metavar="METHOD",
+                   help="run only these units (the task adapters always run), e.g. zero_router arrow_default")
     p.add_argument("--share-cores", action="store_true",
                    help="a shared small CPU: each unit takes 2 torch threads when nothing else runs, else 1")
     p.add_argument("--report", action="store_true", help="only rewrite the tables from --results")
@@ -115,7 +117,8 @@ class Study:
 
     def unit(self, key: tuple, run) -> None:
         """Run one unit unless the results file has it; append its row at once."""
-        if (*key, self.seed) in self.done:
+        if (*key, self.seed) in self.done or (self.args.only and key[1] not in self.args.only
+                                               and not key[1].startswith(("adapter:", "base"))):
             return
         print(f"modular: {key} seed {self.seed}", flush=True)
         start = time.perf_counter()
