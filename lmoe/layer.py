@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from .config import AUX_COEFS, LMoEConfig
 from .routing import AuxStats, Routing, build_router
-from .sparse import SparseMixture, prefer_sparse, route_pairs, sparse_mixture
+from .sparse import (GroupedMixture, active_counts, gathered_mixture, gathers, grouped_mixture, prefer_sparse,
+                     route_pairs)
 
 
 def linear_shape(base: nn.Module) -> tuple[int, int]:
@@ -280,13 +281,17 @@ class MoLoRALinear(nn.Module):
 
     def _mix(self, plan: str, y: Tensor, h: Tensor, experts_x: Tensor, g: Tensor, grad: bool) -> Tensor:
         """y + s * Delta from the routing g (tokens, E): dense from the codes h = A x (tokens, E*r), or sparse
-        from the experts' input experts_x over the pairs with g > 0."""
-        params, dtype = self.composition == "params", y.dtype
+        from the experts' input experts_x over the pairs with g > 0 (lmoe.sparse)."""
+        (tokens, E), params, dtype = g.shape, self.composition == "params", y.dtype
         if plan != "dense":
-            pairs = route_pairs(g, None if plan == "observe" else self.router.experts_per_token())
-            if plan == "sparse" or prefer_sparse(self.num_experts, self.rank, len(pairs.token) / len(g), len(g)):
-                args = (y, experts_x, self.lora_A.to(dtype), self.lora_B.to(dtype), g, pairs, self.scaling, params)
-                return SparseMixture.apply(*args) if grad else sparse_mixture(*args)[0]
+            per_token = self.router.experts_per_token()
+            most, active = (per_token, per_token) if per_token is not None else active_counts(g)
+            if plan != "observe" or prefer_sparse(E, self.rank, active, tokens):
+                A, B = self.lora_A.to(dtype), self.lora_B.to(dtype)
+                if gathers(E, most, tokens):  # few tokens (generation): gather each token's own experts
+                    return gathered_mixture(y, experts_x, A, B, g, most, self.scaling, params)
+                args = (y, experts_x, A, B, g, route_pairs(g, per_token), self.scaling, params)
+                return GroupedMixture.apply(*args) if grad else grouped_mixture(*args)[0]
             h = experts_x @ self.stacked()[0].to(dtype).t()  # observed dense after all: the codes, by autograd
         args = (y, h, self.stacked()[1].to(dtype), g, self.scaling, params)
         return _MixtureLoRA.apply(*args) if grad else mixture(*args)[0]

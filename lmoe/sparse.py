@@ -1,8 +1,9 @@
 """Sparse execution of a mixture: only the (token, expert) pairs a token routes to (g > 0) are computed.
 
-The dense path (layer.py) runs all E experts for every token as one rank-E*r LoRA; here the pairs are
-sorted by expert, each expert's tokens are gathered, and its A and B multiply only those rows (one grouped
-GEMM per product, torch's grouped_mm where the device has it), forward and backward. The maths is the
+The dense path (layer.py) runs all E experts for every token as one rank-E*r LoRA. Here, for many tokens, the
+pairs are sorted by expert, each expert's tokens are gathered, and its A and B multiply only those rows (one
+grouped GEMM per product, torch's grouped_mm where the device takes it), forward and backward; for few tokens
+(generation: fewer pairs than experts) each token's own experts' A and B are gathered instead. The maths is the
 dense path's (DESIGN.md section 1), per pair p = (t, e) with weight w_p = g_te:
     h_p = A_e x_t;  outputs: v_p = w_p h_p;  params: z_t = sum_{p of t} w_p h_p, v_p = w_p z_t
     Delta_t = sum_{p of t} B_e v_p,  y = y0 + s Delta.
@@ -96,7 +97,7 @@ def pair_codes_backward(grad_v: Tensor, h: Tensor, w: Tensor, z: Tensor | None,
     return w.unsqueeze(1) * grad_z, (grad_v * z.index_select(0, token)).sum(1) + (h * grad_z).sum(1)
 
 
-def sparse_mixture(y: Tensor, x: Tensor, A: Tensor, B: Tensor, g: Tensor, pairs: Pairs, scaling: float,
+def grouped_mixture(y: Tensor, x: Tensor, A: Tensor, B: Tensor, g: Tensor, pairs: Pairs, scaling: float,
                    params: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """(y + s * Delta, h, z) from the pairs only: y (tokens, d_out), x the experts' input (tokens, d_in),
     A (E, r, d_in), B (E, d_out, r), g (tokens, E), one dtype; h (N, r) the pairs' codes A_e x_t."""
@@ -107,14 +108,14 @@ def sparse_mixture(y: Tensor, x: Tensor, A: Tensor, B: Tensor, g: Tensor, pairs:
     return y.index_add(0, pairs.token, grouped_mm(v, B.transpose(1, 2), pairs), alpha=scaling), h, z
 
 
-class SparseMixture(torch.autograd.Function):
-    """sparse_mixture with its backward over the same pairs: every product of the dense path's backward, for
+class GroupedMixture(torch.autograd.Function):
+    """grouped_mixture with its backward over the same pairs: every product of the dense path's backward, for
     the pairs only. Saves the pairs, h (N, r) and z (tokens, r); x (which the base product saves anyway) is
     gathered again rather than kept per pair."""
 
     @staticmethod
     def forward(ctx, y, x, A, B, g, pairs, scaling, params):
-        out, h, z = sparse_mixture(y, x, A, B, g, pairs, scaling, params)
+        out, h, z = grouped_mixture(y, x, A, B, g, pairs, scaling, params)
         ctx.save_for_backward(x, A, B, g, h, z, pairs.token, pairs.expert, pairs.ends)
         ctx.scaling = scaling
         return out
@@ -127,8 +128,11 @@ class SparseMixture(torch.autograd.Function):
         need_x, need_A, need_B, need_g = ctx.needs_input_grad[1:5]
         w = g[token, expert]
         grad_rows = grad_out.to(h.dtype).index_select(0, token)  # (N, d_out)
-        grad_v = s * grouped_mm(grad_rows, B, pairs)  # (N, r)
-        grad_B = s * grouped_mm(grad_rows.t(), pair_codes(h, w, z, token), pairs) if need_B else None
+        # B's own layout (d_out, E, r) strides each expert's rows E*r apart: a copy of B (E*r*d_out values)
+        # halves this product's time on the CPU (2.0 vs 4.0 ms at E = 64, d = 576, 2048 pairs)
+        grad_v = s * grouped_mm(grad_rows, B.contiguous(), pairs)  # (N, r)
+        # as (v^T grad)^T: the products' row-major operand on the right (1.1 vs 3.0 ms there)
+        grad_B = s * grouped_mm(pair_codes(h, w, z, token).t(), grad_rows, pairs).transpose(1, 2) if need_B else None
         grad_h, grad_w = pair_codes_backward(grad_v, h, w, z, token)
         grad_g = torch.zeros_like(g).index_put_((token, expert), grad_w) if need_g else None
         grad_A = grouped_mm(grad_h.t(), x.index_select(0, token), pairs) if need_A else None
@@ -136,7 +140,45 @@ class SparseMixture(torch.autograd.Function):
         return grad_out, grad_x, grad_A, grad_B, grad_g, None, None, None
 
 
+def gathered_mixture(y: Tensor, x: Tensor, A: Tensor, B: Tensor, g: Tensor, k: int, scaling: float,
+                     params: bool) -> Tensor:
+    """y + s * Delta from each token's k largest weights with its own experts' A and B gathered, (tokens, k, r,
+    d): for few tokens (generation), where it reads less than the whole bank. Plain autograd ops. Arguments
+    as grouped_mixture; k at least each token's number of experts with g > 0."""
+    (tokens, d_in), r = x.shape, A.shape[1]
+    w, index = torch.topk(g, k, dim=-1)  # (tokens, k)
+    h = torch.bmm(A.index_select(0, index.flatten()).view(tokens, k * r, d_in), x.unsqueeze(2)).view(tokens, k, r)
+    codes = torch.bmm(w.unsqueeze(1), h) if params else h  # params: z = sum_j w_j h_j, (tokens, 1, r)
+    m = (w.unsqueeze(2) * codes).view(tokens, k * r, 1)
+    B_tokens = B.index_select(0, index.flatten()).view(tokens, k, -1, r).transpose(1, 2)  # (tokens, d_out, k, r)
+    return torch.baddbmm(y.unsqueeze(2), B_tokens.reshape(tokens, -1, k * r), m, alpha=scaling).squeeze(2)
+
+
+# The auto rule's constants, fitted to bench/bench_sparse.py (d = 576, 1 CPU thread; bench/RESULTS.md, "Sparse
+# execution"), in units of one rank of one token's dense LoRA (2 d multiply-adds each way): a pair's row gathered
+# and scattered costs PAIR_COST more than its r ranks, an expert's group GROUP_COST; gathering each token's own
+# experts pays once the dense bank has GATHER_MIN_RANK ranks.
+PAIR_COST, GROUP_COST, GATHER_MIN_RANK = 64, 512, 512
+
+
+def gathers(experts: int, active: float, tokens: int) -> bool:
+    """Whether the sparse path gathers each token's experts (few tokens: at most a quarter as many pairs as
+    experts) rather than grouping the pairs by expert."""
+    return 4 * tokens * active <= experts
+
+
 def prefer_sparse(experts: int, rank: int, active: float, tokens: int) -> bool:
-    """Whether the sparse path is the faster for E experts of rank r, `active` experts per token on average
-    (top-k: k) and this many tokens. Placeholder until measured."""
-    return experts >= 16 and active * 4 <= experts
+    """Whether the sparse path is the faster for E experts of rank r with `active` experts a token on average
+    (top-k: k) over this many tokens: the dense path costs tokens * E * r; grouping costs each pair r + PAIR_COST
+    and each expert GROUP_COST; gathering (gathers) pays from E * r = GATHER_MIN_RANK. At E = 4-8 experts of
+    rank 4-8 it is always dense."""
+    if gathers(experts, active, tokens):
+        return experts * rank >= GATHER_MIN_RANK
+    return tokens * experts * rank > tokens * active * (rank + PAIR_COST) + experts * GROUP_COST
+
+
+def active_counts(g: Tensor) -> tuple[int, float]:
+    """(the most experts any token routes to, the mean per token) for routing g (tokens, E): one host read."""
+    per_token = (g > 0).sum(-1)
+    most, total = torch.stack([per_token.max(), per_token.sum()]).tolist()
+    return int(most), total / max(1, g.shape[0])

@@ -33,14 +33,17 @@ def gradients(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, grad_out: to
 @pytest.mark.parametrize("router", SPARSE_ROUTERS)
 @pytest.mark.parametrize("composition", COMPOSITIONS)
 @pytest.mark.parametrize("E", [2, 8, 64])
-def test_sparse_layer_equals_per_token_brute_force(router, composition, E, no_dense):
-    """Values and every gradient (input, experts, gate, lambda head) against the DESIGN.md formulas, float64."""
+@pytest.mark.parametrize("shape", [(1, 1), (4, 10)])
+def test_sparse_layer_equals_per_token_brute_force(router, composition, E, shape, no_dense):
+    """Values and every gradient (input, experts, gate, lambda head) against the DESIGN.md formulas, float64;
+    one token (each token's experts gathered) and 40 (pairs grouped by expert, except for the dynamic router
+    at E = 64 with few experts a token)."""
     layer = make_layer(router, composition, E=E, r=2)
     layer.execution = "sparse"
-    x = torch.randn(2, 5, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(*shape, 5, dtype=torch.float64, requires_grad=True)
     out = layer(x)
     g = layer.router.route(x.reshape(-1, 5)).weights
-    if router == "dynamic" and E > 2:
+    if router == "dynamic" and E > 2 and shape[1] > 1:
         assert ((g > 0).sum(-1) < E).all() and ((g > 0).sum(-1) > 1).any()  # sparse, and not one-hot
     want = brute_force(layer, x, g)
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
@@ -219,15 +222,16 @@ def test_auto_keeps_todays_sizes_dense_and_goes_sparse_for_many_experts():
 def test_auto_dynamic_router_follows_the_observed_number_of_experts(monkeypatch):
     """LD-MoLE at E = 64: dense while lambda keeps (nearly) every expert, sparse once it routes few."""
     ran = []
-    monkeypatch.setattr(lmoe.layer, "sparse_mixture", lambda *args: ran.append("sparse") or (args[0], None, None))
+    monkeypatch.setattr(lmoe.layer, "gathered_mixture", lambda *args: ran.append("gathered") or args[0])
+    monkeypatch.setattr(lmoe.layer, "grouped_mixture", lambda *args: ran.append("grouped") or (args[0], None, None))
     monkeypatch.setattr(lmoe.layer, "mixture", lambda *args: ran.append("dense") or (args[0], None))
     layer = MoLoRALinear(nn.Linear(32, 32), LMoEConfig(num_experts=64, router="dynamic", lambda_hidden=8,
                                                        target_modules="all-linear"))
-    x = torch.randn(64, 32)
     with torch.no_grad():
         head_bias = layer.router.lambda_head.net[2].bias
         head_bias.fill_(-10.0)  # lambda about -9: sparsemax(u / 10), nearly uniform
-        layer(x)
+        layer(torch.randn(64, 32))
         head_bias.fill_(8.0)  # lambda near 1: about one expert a token
-        layer(x)
-    assert ran == ["dense", "sparse"]
+        layer(torch.randn(200, 32))  # 200 tokens of one or two experts: the pairs grouped by expert
+        layer(torch.randn(4, 32))  # 4 tokens: their experts' weights gathered
+    assert ran == ["dense", "grouped", "gathered"]
