@@ -4,7 +4,8 @@ import torch
 
 from conftest import VOCAB, tiny_model
 from lmoe import LMoEConfig, inject, lmoe_layers, record_routing
-from lmoe.prototypes import init_router_from_experts, mean_layer_inputs, top_right_singular_vectors
+from lmoe.inject import get_config
+from lmoe.prototypes import init_router_from_experts, projection_moments, top_right_singular_vectors
 
 
 def random_experts(E=3, r=4, d_in=12, d_out=10, seed=0):
@@ -46,40 +47,43 @@ def batches():
     return [{"input_ids": ids, "attention_mask": mask}]
 
 
-def test_mean_layer_inputs_leave_padding_out():
-    model = mixture()
-    means = mean_layer_inputs(model, batches())
-    name, layer = next(iter(lmoe_layers(model)))
+def layer_inputs(model, layer, batch):
+    """The layer's inputs at the batch's real tokens (tokens, d_in), float64, captured by a hook."""
     seen = []
     handle = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
-    b = batches()[0]
     with torch.no_grad():
-        model(**b)
+        model(**batch)
     handle.remove()
-    x = seen[0].reshape(3, 7, -1)[b["attention_mask"].bool()]  # (real tokens, d_in)
-    torch.testing.assert_close(means[name], x.double().mean(0))
+    B, T = batch["input_ids"].shape
+    return seen[0].reshape(B, T, -1)[batch["attention_mask"].bool()].double()
 
 
-def test_router_scores_are_arrows_where_the_mean_sets_the_sign():
-    """Each router row is sign(<v, m>) v: its logit equals Arrow's |<v, x>| on every token whose projection has
-    the mean's sign, and the routing is softmax of those logits."""
+def test_projection_moments_leave_padding_out():
     model = mixture()
-    init_router_from_experts(model, batches())
-    means = mean_layer_inputs(model, batches())
     name, layer = next(iter(lmoe_layers(model)))
     v = top_right_singular_vectors(layer.lora_A, layer.lora_B)
-    sign = torch.sign(v @ means[name])
-    torch.testing.assert_close(layer.router.weight.double(), sign[:, None] * v, rtol=0, atol=1e-6)
-    inputs = []
-    handle = layer.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach()))
-    b = batches()[0]
-    with torch.no_grad(), record_routing(model) as rec:
-        model(**b)
-    handle.remove()
-    x = inputs[0].reshape(3, 7, -1)[b["attention_mask"].bool()].double()  # (tokens, d_in)
+    mean, sd = projection_moments(model, batches(), {n: top_right_singular_vectors(l.lora_A, l.lora_B)
+                                                     for n, l in lmoe_layers(model)})[name]
+    p = layer_inputs(model, layer, batches()[0]) @ v.T  # (real tokens, E)
+    torch.testing.assert_close(mean, p.mean(0))
+    torch.testing.assert_close(sd, p.std(0))
+
+
+def test_router_starts_at_each_experts_signed_standardised_arrow_score():
+    """u_i = sign(mu_i) (<v_i, x> - mu_i) / sd_i; where a token's projection has the mean's sign, the score before
+    centring is Arrow's |<v_i, x>|; the routing is softmax of u."""
+    model = mixture()
+    name, layer = next(iter(lmoe_layers(model)))
+    x = layer_inputs(model, layer, batches()[0])  # before the router changes: the experts decide the inputs
+    init_router_from_experts(model, batches())
+    v = top_right_singular_vectors(layer.lora_A, layer.lora_B)
     proj = x @ v.T  # (tokens, E)
-    arrow = proj.abs()
-    agrees = torch.sign(proj) == sign  # tokens where the linear router sees Arrow's score
-    logits = proj * sign
-    torch.testing.assert_close(logits[agrees], arrow[agrees])
-    torch.testing.assert_close(rec[name].double(), torch.softmax(logits, -1), rtol=0, atol=1e-5)
+    sign = torch.where(proj.mean(0) < 0, -1.0, 1.0).double()
+    u = sign * (proj - proj.mean(0)) / proj.std(0)
+    agrees = torch.sign(proj) == sign
+    torch.testing.assert_close((sign * proj)[agrees], proj.abs()[agrees])
+    with torch.no_grad(), record_routing(model) as rec:
+        model(**batches()[0])
+    torch.testing.assert_close(rec[name].double(), torch.softmax(u, -1), rtol=0, atol=1e-5)
+    assert u.std(0).tolist() == pytest.approx([1.0] * 3)  # standardised: not the near-uniform raw scale
+    assert get_config(model).router_bias and layer.router.bias is not None
