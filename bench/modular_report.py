@@ -16,12 +16,14 @@ from bench.common import mean_sd
 from bench.compare import replace_section
 
 SECTION = "## Modular skills: compose, route, add (`bench/modular.py`)"
-COMPOSE_ORDER = ["base", "oracle", "uniform", "zero_router", "proto_zeroshot", "proto_router", "arrow_default",
-                 "arrow_other", "xlora"]  # then multitask_r*, end_to_end
+COMPOSE_ORDER = ["base", "oracle", "uniform", "zero_router", "proto_raw_zeroshot", "proto_raw_router", "proto_zeroshot",
+                 "proto_router", "arrow_default", "arrow_other", "xlora"]  # then multitask_r*, end_to_end
 LABELS = {"base": "base model", "oracle": "(b) each task with its own adapter (oracle)",
           "uniform": "(c) adapters averaged (uniform routing)",
           "zero_router": "(d) lmoe composed, zero router trained alone",
-          "proto_zeroshot": "(4) lmoe composed, router from the adapters' singular vectors, no training",
+          "proto_raw_zeroshot": "(4) router from the adapters' singular vectors at Arrow's raw scale, no training",
+          "proto_raw_router": "(4) the same, then the router trained alone",
+          "proto_zeroshot": "(4) router from the singular vectors, standardised scores, no training",
           "proto_router": "(4) the same, then the router trained alone",
           "arrow_default": "(e) PEFT Arrow, its defaults", "arrow_other": "(e) PEFT Arrow, other setting",
           "xlora": "(f) PEFT X-LoRA, classifier trained", "end_to_end": "(h) lmoe end to end, same budget"}
@@ -105,7 +107,7 @@ def routing_table(rows: list[dict], tasks: list[str]) -> str:
     lines = ["| routing (test questions' tokens, mean over layers) | seeds | " + " | ".join(
         f"share to own expert, {t}" for t in tasks) + " | share, mean | I(task; expert), bits (max 2) |",
              "|" + "---|" * (len(tasks) + 4)]
-    for m in ["uniform", "zero_router", "proto_zeroshot", "proto_router"]:
+    for m in ["uniform", "zero_router", "proto_raw_zeroshot", "proto_raw_router", "proto_zeroshot", "proto_router"]:
         mine = [r for r in rows if r["part"] == "compose" and r["method"] == m and "own_share" in r]
         if not mine:
             continue
