@@ -6,6 +6,11 @@ All variants of one (E, r) run interleaved in one process; medians; ratios again
 
     python bench/bench_layer.py            # full grid: E = 2,4,8,16,32 x r = 4,8,16
     python bench/bench_layer.py --quick    # subset, a few minutes on 2 CPU cores
+    python bench/bench_layer.py --scaling  # E = 4..128 at r = 8, top-2: each E's time and memory / E = 4's
+
+--scaling (issue 22): top-k and the dynamic router (its lambda held where `--active` experts a token are
+on) in both compositions with the default execution (auto), top-k forced dense (the path before sparse
+execution), and PEFT LoRA of rank E*r, every E of one router in one interleaved run.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import add_cpu_options, prepare_cpu, SavedTensorBytes, cuda_peak_bytes, environment, interleaved_medians  # noqa: E402
+from bench.common import (add_cpu_options, prepare_cpu, SavedTensorBytes, cuda_peak_bytes, environment,  # noqa: E402
+                          interleaved_medians, scaling_rows)
 from lmoe import LMoEConfig, MoLoRALinear  # noqa: E402
 from lmoe.inject import AUX_COEFS  # noqa: E402
 
@@ -65,6 +71,70 @@ def aux_term(module: nn.Module) -> torch.Tensor | None:
     losses = aux.losses() if aux is not None else {}
     terms = [module.aux_coefs[k] * v for k, v in losses.items() if module.aux_coefs[k]]
     return sum(terms) if terms else None
+
+
+def hold_active(layer: MoLoRALinear, x: torch.Tensor, target: float) -> float:
+    """Hold the dynamic router's lambda at the constant (the head's last layer: weight 0, a bias found by
+    bisection) at which `target` experts a token are on, as after training; returns the mean it reached."""
+    head = layer.router.lambda_head.net[2]
+    nn.init.zeros_(head.weight)
+    lo, hi, active = -30.0, 30.0, float("nan")
+    with torch.no_grad():
+        for _ in range(40):  # a larger bias: lambda nearer 1, fewer experts
+            head.bias.fill_((lo + hi) / 2)
+            active = float((layer.router.route(x.reshape(-1, x.shape[-1])).weights > 0).sum(-1).float().mean())
+            lo, hi = ((lo + hi) / 2, hi) if active > target else (lo, (lo + hi) / 2)
+    return active
+
+
+def scaling_variants(base: nn.Linear, experts: list[int], rank: int, x: torch.Tensor,
+                     active: float) -> tuple[dict[str, nn.Module], dict[str, float]]:
+    """(variants named "family @E", the dynamic variants' mean experts a token)."""
+    variants, reached = {}, {}
+    for e in experts:
+        variants[f"lora r=E*{rank} @{e}"] = peft_lora(base, e * rank)
+        for composition, router in itertools.product(COMPOSITIONS, ("topk", "dynamic")):
+            variants[f"ours {composition}/{router} @{e}"] = ours(base, e, rank, router, composition)
+        variants[f"ours params/topk dense @{e}"] = ours(base, e, rank, "topk", "params", execution="dense")
+    for module in variants.values():
+        for name, p in module.named_parameters():
+            p.requires_grad_(not name.startswith("base"))
+            if "lora_B" in name:
+                nn.init.normal_(p, std=0.02)
+    for name, module in variants.items():
+        if "dynamic" in name:
+            reached[name] = hold_active(module, x, active)
+    return variants, reached
+
+
+def bench_scaling(args, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    base = nn.Linear(args.dim, args.dim, bias=False, device=device, dtype=args.dtype).requires_grad_(False)
+    x = torch.randn(1, args.tokens, args.dim, device=device, dtype=args.dtype, requires_grad=True)
+    dy = torch.randn_like(x.detach())
+    variants, reached = scaling_variants(base, args.experts, args.ranks[0], x, args.active)
+    variants = {n: m.to(device=device, dtype=args.dtype).train() for n, m in variants.items()}
+    params = [p for m in variants.values() for p in m.parameters() if p.requires_grad] + [x]
+
+    def clear() -> None:
+        for p in params:
+            p.grad = None
+
+    out = {"active": reached}
+    out["act_bytes_no_input"] = {n: activation_bytes(m, x, dy, device, include_input=False)
+                                 for n, m in variants.items()}
+    out["fwd_bwd_s"] = interleaved_medians({n: (lambda m=m: train_step(m, x, dy)) for n, m in variants.items()},
+                                           args.repeats, args.warmup, device, clear)
+    return out
+
+
+def report_scaling(result: dict, experts: list[int]) -> None:
+    """Per family, each E's time and memory and its ratio to the family's first E."""
+    print(f"\nratios: / E={experts[0]} of the same row, same run")
+    print("\n".join(scaling_rows(result["fwd_bwd_s"], experts, 1e3, "fwd+bwd ms")))
+    print("\n".join(scaling_rows(result["act_bytes_no_input"], experts, 2**-20, "saved MiB, excl. input")))
+    for name, active in result["active"].items():
+        print(f"{name}: {active:.2f} experts a token")
 
 
 def train_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
@@ -137,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="E = 2,8,32 x r = 4,16 and fewer repeats")
+    p.add_argument("--scaling", action="store_true", help="E = 4..128 at r = 8, each / E = 4 (issue 22)")
+    p.add_argument("--active", type=float, default=2.0, help="--scaling: the dynamic router's experts a token")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--dim", type=int, default=2048 if cuda else 576)
     p.add_argument("--tokens", type=int, default=4096 if cuda else 1024)
@@ -150,13 +222,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, help="also write all figures here")
     args = p.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
-    args.experts = args.experts or ([2, 8, 32] if args.quick else [2, 4, 8, 16, 32])
-    args.ranks = args.ranks or ([4, 16] if args.quick else [4, 8, 16])
-    args.repeats = args.repeats or (7 if args.quick else 15)
+    args.experts = args.experts or ([2, 8, 32] if args.quick else [4, 8, 16, 32, 64, 128] if args.scaling
+                                    else [2, 4, 8, 16, 32])
+    args.ranks = args.ranks or ([4, 16] if args.quick else [8] if args.scaling else [4, 8, 16])
+    args.repeats = args.repeats or (7 if args.quick or args.scaling else 15)
     device = torch.device(args.device)
     prepare_cpu(args, device)
     print(environment(device))
     print(f"d={args.dim} tokens={args.tokens} dtype={args.dtype} repeats={args.repeats} warmup={args.warmup}")
+    if args.scaling:
+        result = bench_scaling(args, device)
+        report_scaling(result, args.experts)
+        if args.json:
+            args.json.write_text(json.dumps({"env": environment(device), "args": {k: str(v) for k, v in
+                                                                                  vars(args).items()},
+                                             "scaling": result}, indent=1))
+        return
     results, worst = [], 0.0
     for e, r in itertools.product(args.experts, args.ranks):
         results.append(bench_one(e, r, args, device))

@@ -7,6 +7,11 @@ get ratios against LoRA rank E*r. Memory: bytes autograd saves for backward (CPU
 
     python bench/bench_model.py                 # E=4 r=8, batch 2 x 128 tokens, all linear layers
     python bench/bench_model.py --threads 1     # steadier ratios on a CPU shared with other jobs
+    python bench/bench_model.py --experts 4 16 64 --no-xlora --only 'lora|/topk|params/dynamic'
+                                                # issue 22: each E's step and generation / E = 4's
+
+With several --experts, every variant is built at each E (named "variant @E") and the tables give each E
+against the first, same run; the dynamic router's lambda is then held where --active experts a token are on.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import add_cpu_options, prepare_cpu, SavedTensorBytes, cuda_peak_bytes, environment, interleaved_medians  # noqa: E402
 from lmoe import LMoEConfig, aux_loss, inject, lmoe_layers  # noqa: E402
 from lmoe import mean_routing, merge, record_routing  # noqa: E402
+from bench.common import scaling_rows  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -88,16 +94,48 @@ def ours(base: nn.Module, experts: int, rank: int, router: str, composition: str
 
 
 def build_variants(base: nn.Module, args, workdir: Path) -> dict[str, nn.Module]:
-    e, r = args.experts, args.rank
-    variants = {f"lora r={r}": peft_lora(base, r), f"lora r={e * r}": peft_lora(base, e * r)}
-    if not args.no_xlora:
-        variants[f"x-lora {e}x{r}"] = peft_xlora(base, e, r, workdir)
-    for composition, router in itertools.product(("params", "outputs"), ("softmax", "topk", "dynamic")):
-        variants[f"ours {composition}/{router}"] = ours(base, e, r, router, composition)
-    for hidden in args.lambda_hidden:  # what the LD-MoLE lambda head's width costs
-        variants[f"ours params/dynamic h{hidden}"] = ours(base, e, r, "dynamic", "params", lambda_hidden=hidden)
+    variants = {}
+    for e in args.experts:
+        variants.update({f"{n} @{e}" if len(args.experts) > 1 else n: m
+                         for n, m in variants_at(base, e, args, workdir).items()})
+    return variants
+
+
+def variants_at(base: nn.Module, e: int, args, workdir: Path) -> dict[str, nn.Module]:
+    r = args.rank
     keep = re.compile(args.only) if args.only else None
-    return {n: m for n, m in variants.items() if keep is None or keep.search(n) or n == f"lora r={e * r}"}
+    wanted = (lambda n: keep is None or keep.search(n) or n == f"lora r={e * r}")
+    variants = {}
+    for name, build in [(f"lora r={r}", lambda: peft_lora(base, r)), (f"lora r={e * r}", lambda: peft_lora(base, e * r)),
+                        (f"x-lora {e}x{r}", lambda: None if args.no_xlora else peft_xlora(base, e, r, workdir))]:
+        if wanted(name) and (model := build()) is not None:
+            variants[name] = model
+    for composition, router in itertools.product(("params", "outputs"), ("softmax", "topk", "dynamic")):
+        if wanted(f"ours {composition}/{router}"):
+            variants[f"ours {composition}/{router}"] = ours(base, e, r, router, composition)
+    for hidden in args.lambda_hidden:  # what the LD-MoLE lambda head's width costs
+        if wanted(f"ours params/dynamic h{hidden}"):
+            variants[f"ours params/dynamic h{hidden}"] = ours(base, e, r, "dynamic", "params", lambda_hidden=hidden)
+    return variants
+
+
+def hold_active(model: nn.Module, ids: torch.Tensor, target: float) -> float:
+    """Hold LD-MoLE's lambda (the shared heads' last layer: weight 0, one bias found by bisection) where `target`
+    experts a token are on over all layers, as after training; returns the mean reached."""
+    heads = {id(layer.router.lambda_head): layer.router.lambda_head.net[2] for _, layer in lmoe_layers(model)}
+    lo, hi, active = -30.0, 30.0, float("nan")
+    for head in heads.values():
+        nn.init.zeros_(head.weight)
+    with torch.no_grad():
+        for _ in range(20):  # a larger bias: lambda nearer 1, fewer experts
+            for head in heads.values():
+                head.bias.fill_((lo + hi) / 2)
+            with record_routing(model) as rec:
+                model(ids)
+            counts = [(g > 0).sum(-1).float().mean() for gs in rec.values() for g in gs]
+            active = float(torch.stack(counts).mean())
+            lo, hi = ((lo + hi) / 2, hi) if active > target else (lo, (lo + hi) / 2)
+    return active
 
 
 def loss_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -119,7 +157,19 @@ def training(variants: dict[str, nn.Module], ids: torch.Tensor, args, device: to
 
     times = interleaved_medians({n: step(n) for n in variants}, args.repeats, args.warmup, device)
     memory = {n: activation_bytes(m, ids, device) for n, m in variants.items()}
-    return {"step_s": times, "tokens_per_s": {n: ids.numel() / t for n, t in times.items()}, "act_bytes": memory}
+    return {"step_s": times, "tokens_per_s": {n: ids.numel() / t for n, t in times.items()}, "act_bytes": memory,
+            "optimizer_s": optimizer_times(variants, optimizers, ids, args, device)}
+
+
+def optimizer_times(variants: dict[str, nn.Module], optimizers: dict, ids: torch.Tensor, args,
+                    device: torch.device) -> dict[str, float]:
+    """Seconds of the AdamW step alone (part of step_s): it touches every adapter parameter, routed or not."""
+    times = {}
+    for name, model in variants.items():
+        loss_of(model.train(), ids).backward()
+        times[name] = interleaved_medians({name: optimizers[name].step}, args.repeats, 1, device)[name]
+        optimizers[name].zero_grad(set_to_none=True)
+    return times
 
 
 def activation_bytes(model: nn.Module, ids: torch.Tensor, device: torch.device) -> int:
@@ -180,11 +230,22 @@ def report(train: dict, gen: dict, ref: str) -> None:
         print(f"{n:28s} {v:7.1f} {gen[ref] / v:6.2f}")
 
 
+def report_scaling(train: dict, gen: dict, experts: list[int]) -> None:
+    print(f"\nratios: / E={experts[0]} of the same row, same run (time: > 1 is slower; tokens/s: < 1 is slower)")
+    fwd_bwd = {n: t - train["optimizer_s"][n] for n, t in train["step_s"].items()}
+    for values, scale, unit in [(train["tokens_per_s"], 1.0, "training tokens/s"),
+                                (train["step_s"], 1.0, "training step s"), (train["optimizer_s"], 1.0, "of it AdamW s"),
+                                (fwd_bwd, 1.0, "of it fwd+bwd s"), (train["act_bytes"], 2**-20, "act MiB"),
+                                (gen, 1.0, "generation tokens/s")]:
+        print("\n".join(scaling_rows({n: v for n, v in values.items() if " @" in n}, experts, scale, unit)))
+
+
 def main(argv: list[str] | None = None) -> None:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--experts", type=int, default=4)
+    p.add_argument("--experts", type=int, nargs="+", default=[4])
+    p.add_argument("--active", type=float, default=2.0, help="several --experts: the dynamic router's experts a token")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--batch", type=int, default=8 if cuda else 2)
     p.add_argument("--seq", type=int, default=256 if cuda else 128)
@@ -205,23 +266,29 @@ def main(argv: list[str] | None = None) -> None:
     prepare_cpu(args, device)
     print(environment(device))
     name = f"{args.llama_3b_blocks} random Llama-3.2-3B blocks" if args.llama_3b_blocks else "SmolLM2-135M"
-    print(f"{name} E={args.experts} r={args.rank} batch={args.batch}x{args.seq} targets={','.join(TARGETS)} "
+    print(f"{name} E={','.join(map(str, args.experts))} r={args.rank} batch={args.batch}x{args.seq} targets={','.join(TARGETS)} "
           f"repeats={args.repeats} warmup={args.warmup}")
     torch.manual_seed(0)
     base = random_llama_3b(args.llama_3b_blocks, device) if args.llama_3b_blocks else load_base(device)
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device=device)
     with tempfile.TemporaryDirectory() as workdir:
         variants = build_variants(base, args, Path(workdir))
+        active = {n: hold_active(m, ids, args.active) for n, m in variants.items()
+                  if "dynamic" in n and len(args.experts) > 1}
+        for n, a in active.items():
+            print(f"{n}: lambda held at {a:.2f} experts a token")
         train = training(variants, ids, args, device)
         extra = {}
         if "ours params/softmax" in variants:
             extra["ours params/softmax merged"] = merged_copy(variants["ours params/softmax"], ids[:1])
         gen = generation({"base (no adapter)": base, **variants, **extra}, ids, args, device)
-    ref = f"lora r={args.experts * args.rank}"
-    report(train, gen, ref)
+    if len(args.experts) > 1:
+        report_scaling(train, gen, args.experts)
+    else:
+        report(train, gen, f"lora r={args.experts[0] * args.rank}")
     if args.json:
         args.json.write_text(json.dumps({"env": environment(device), "args": {k: str(v) for k, v in vars(args).items()},
-                                         "train": train, "generation_tokens_per_s": gen}, indent=1))
+                                         "train": train, "generation_tokens_per_s": gen, "active": active}, indent=1))
 
 
 if __name__ == "__main__":

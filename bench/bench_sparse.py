@@ -5,13 +5,21 @@ token count. Prints the time ratio sparse / dense (< 1: sparse is faster) and wh
 
     python bench/bench_sparse.py                         # d = 576: E 4..64, r 4/8/16, k 1/2, 1..1024 tokens
     python bench/bench_sparse.py --dim 3072 --tokens 1024 --ranks 8
+    python bench/bench_sparse.py --before 7bccc23        # today's sizes: the layer now (auto) / at that commit
+
+--before REV: the layer of commit REV (lmoe/ taken by `git archive`) against today's with execution=auto, for
+every router and composition at E 4/8, r 4/8, k 2: that the dense path got no slower where auto keeps it.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import json
+import math
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -23,21 +31,41 @@ from lmoe import LMoEConfig, MoLoRALinear  # noqa: E402
 from lmoe.sparse import prefer_sparse  # noqa: E402
 
 
-def layers(base: nn.Linear, experts: int, rank: int, k: int, composition: str) -> dict[str, MoLoRALinear]:
-    cfg = LMoEConfig(num_experts=experts, rank=rank, alpha=2 * rank, router="topk", top_k=k,
-                     composition=composition, target_modules="all-linear", load_balance_coef=0.0)
-    dense = MoLoRALinear(base, cfg)
-    nn.init.normal_(dense.lora_B, std=0.02)
-    sparse = MoLoRALinear(base, cfg)
-    sparse.load_state_dict(dense.state_dict())
-    dense.execution, sparse.execution = "dense", "sparse"
-    return {"dense": dense, "sparse": sparse}
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def measure(experts: int, rank: int, k: int, tokens: int, args, device: torch.device) -> dict:
+def layer_class_at(rev: str) -> type:
+    """MoLoRALinear as commit rev had it: its lmoe/ unpacked as the package lmoe_before (an empty __init__)."""
+    tmp = Path(tempfile.mkdtemp())
+    subprocess.run(f"git archive {rev} lmoe | tar -x -C {tmp}", shell=True, check=True, cwd=ROOT)
+    (tmp / "lmoe").rename(tmp / "lmoe_before")
+    (tmp / "lmoe_before" / "__init__.py").write_text("")
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module("lmoe_before.layer").MoLoRALinear
+
+
+def layers(base: nn.Linear, point: dict, args) -> dict[str, nn.Module]:
+    """The two layers a point compares, with the same weights: dense / sparse, or before / now (auto)."""
+    cfg = LMoEConfig(num_experts=point["experts"], rank=point["rank"], alpha=2 * point["rank"],
+                     router=point["router"], top_k=point["k"], composition=point["composition"],
+                     target_modules="all-linear")
+    names = ("before", "now") if args.before else ("dense", "sparse")
+    classes = (args.before_class, MoLoRALinear) if args.before else (MoLoRALinear, MoLoRALinear)
+    pair = {}
+    for name, cls in zip(names, classes):
+        torch.manual_seed(0)
+        pair[name] = cls(base, cfg)
+        nn.init.normal_(pair[name].lora_B, std=0.02)
+        if name in ("dense", "sparse"):
+            pair[name].execution = name
+    return pair
+
+
+def measure(point: dict, args, device: torch.device) -> dict:
+    tokens = point["tokens"]
     torch.manual_seed(0)
     base = nn.Linear(args.dim, args.dim, bias=False, device=device).requires_grad_(False)
-    pair = {n: m.to(device) for n, m in layers(base, experts, rank, k, args.composition).items()}
+    pair = {n: m.to(device) for n, m in layers(base, point, args).items()}
     x = torch.randn(tokens, args.dim, device=device, requires_grad=True)
     dy = torch.randn(tokens, args.dim, device=device)
 
@@ -60,8 +88,17 @@ def measure(experts: int, rank: int, k: int, tokens: int, args, device: torch.de
     repeats = args.repeats if tokens >= 128 else 3 * args.repeats  # short runs: more of them, same wall time
     fb = interleaved_medians({n: train(m) for n, m in pair.items()}, repeats, args.warmup, device, clear)
     fwd = interleaved_medians({n: infer(m) for n, m in pair.items()}, repeats, args.warmup, device)
-    return {"experts": experts, "rank": rank, "k": k, "tokens": tokens, "fwd_bwd_s": fb, "fwd_s": fwd,
-            "rule": "sparse" if prefer_sparse(experts, rank, k, tokens) else "dense"}
+    rule = "sparse" if prefer_sparse(point["experts"], point["rank"], point["k"], tokens) else "dense"
+    return {**point, "fwd_bwd_s": fb, "fwd_s": fwd, "rule": rule}
+
+
+def points(args) -> list[dict]:
+    """Every (E, r, k, tokens) to measure, with the router and composition of each."""
+    mixes = (list(itertools.product(("softmax", "topk", "dynamic"), ("params", "outputs"))) if args.before
+             else [("topk", args.composition)])
+    return [dict(experts=e, rank=r, k=k, tokens=t, router=router, composition=composition)
+            for e, r, k, t, (router, composition) in itertools.product(args.experts, args.ranks, args.k, args.tokens,
+                                                                       mixes) if k < e]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,30 +111,40 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--k", type=int, nargs="+", default=[1, 2])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 1024])
     p.add_argument("--composition", default="params", choices=["params", "outputs"])
+    p.add_argument("--before", help="a commit: its layer against today's (auto) at today's sizes")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     add_cpu_options(p)
     p.add_argument("--json", type=Path, help="write every figure here (rewritten after each point)")
     args = p.parse_args(argv)
+    if args.before:
+        args.before_class = layer_class_at(args.before)
+        for name, value in (("experts", [4, 8]), ("ranks", [4, 8]), ("k", [2])):
+            if getattr(args, name) == p.get_default(name):
+                setattr(args, name, value)
     device = torch.device(args.device)
     prepare_cpu(args, device)
     print(environment(device))
-    print(f"d={args.dim} composition={args.composition} repeats={args.repeats} (x3 under 128 tokens)")
-    print(f"{'E':>4s} {'r':>3s} {'k':>2s} {'tokens':>6s} {'dense fb ms':>11s} {'sparse/dense':>12s} "
-          f"{'dense fwd ms':>12s} {'sparse/dense':>12s}  rule")
+    a, b = ("before", "now") if args.before else ("dense", "sparse")
+    print(f"d={args.dim} repeats={args.repeats} (x3 under 128 tokens); ratios {b} / {a} (< 1: {b} is faster)")
+    print(f"{'E':>4s} {'r':>3s} {'k':>2s} {'tokens':>6s} {'router':>8s} {'comp.':>8s} {a + ' fb ms':>11s} "
+          f"{'ratio':>6s} {a + ' fwd ms':>12s} {'ratio':>6s}  rule")
     results = []
-    for e, r, k, t in itertools.product(args.experts, args.ranks, args.k, args.tokens):
-        if k >= e:
-            continue
-        res = measure(e, r, k, t, args, device)
+    for point in points(args):
+        res = measure(point, args, device)
         results.append(res)
         fb, fwd = res["fwd_bwd_s"], res["fwd_s"]
-        print(f"{e:4d} {r:3d} {k:2d} {t:6d} {1e3 * fb['dense']:11.3f} {fb['sparse'] / fb['dense']:12.2f} "
-              f"{1e3 * fwd['dense']:12.3f} {fwd['sparse'] / fwd['dense']:12.2f}  {res['rule']}", flush=True)
+        print(f"{res['experts']:4d} {res['rank']:3d} {res['k']:2d} {res['tokens']:6d} {res['router']:>8s} "
+              f"{res['composition']:>8s} {1e3 * fb[a]:11.3f} {fb[b] / fb[a]:6.2f} {1e3 * fwd[a]:12.3f} "
+              f"{fwd[b] / fwd[a]:6.2f}  {res['rule']}", flush=True)
         if args.json:
             args.json.write_text(json.dumps({"env": environment(device), "args": {k: str(v) for k, v in
                                                                                   vars(args).items()},
                                              "results": results}, indent=1))
+    for key in ("fwd_bwd_s", "fwd_s"):
+        ratios = [r[key][b] / r[key][a] for r in results]
+        print(f"{key}: geometric mean of {b} / {a} over {len(ratios)} points: "
+              f"{math.exp(sum(map(math.log, ratios)) / len(ratios)):.3f}")
 
 
 if __name__ == "__main__":

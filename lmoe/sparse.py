@@ -150,8 +150,10 @@ def gathered_mixture(y: Tensor, x: Tensor, A: Tensor, B: Tensor, g: Tensor, k: i
     h = torch.bmm(A.index_select(0, index.flatten()).view(tokens, k * r, d_in), x.unsqueeze(2)).view(tokens, k, r)
     codes = torch.bmm(w.unsqueeze(1), h) if params else h  # params: z = sum_j w_j h_j, (tokens, 1, r)
     m = (w.unsqueeze(2) * codes).view(tokens, k * r, 1)
-    B_tokens = B.index_select(0, index.flatten()).view(tokens, k, -1, r).transpose(1, 2)  # (tokens, d_out, k, r)
-    return torch.baddbmm(y.unsqueeze(2), B_tokens.reshape(tokens, -1, k * r), m, alpha=scaling).squeeze(2)
+    # B's own layout is (d_out, E, r): the gathered experts come out (d_out, tokens * k, r), a copy-free (tokens,
+    # d_out, k*r) view
+    B_tokens = B.transpose(0, 1).index_select(1, index.flatten()).view(-1, tokens, k * r).transpose(0, 1)
+    return torch.baddbmm(y.unsqueeze(2), B_tokens, m, alpha=scaling).squeeze(2)
 
 
 # The auto rule's constants, fitted to bench/bench_sparse.py (d = 576, 1 CPU thread; bench/RESULTS.md, "Sparse

@@ -36,6 +36,53 @@ def test_layer_on_the_gpu_equals_float64_on_the_cpu(router, composition):
             assert_close_to(p_gpu.grad, p.grad, msg=name)
 
 
+@pytest.mark.parametrize("router", ["topk", "dynamic"])
+@pytest.mark.parametrize("composition", COMPOSITIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_path_on_the_gpu_equals_float64_on_the_cpu(router, composition, dtype):
+    """execution=sparse on the GPU (bfloat16: torch's grouped GEMM; float32: the per-expert loop) against the
+    float64 CPU layer, 48 tokens (pairs grouped by expert) and 1 (each token's experts gathered)."""
+    ref = make_layer(router, composition, E=16, r=8, d_in=64, d_out=48)
+    gpu = copy.deepcopy(ref).to(CUDA, dtype)
+    gpu.execution = "sparse"
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    for shape in [(3, 16, 64), (1, 1, 64)]:
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        x_gpu = x.detach().to(CUDA, dtype).requires_grad_()
+        y, y_gpu = ref(x), gpu(x_gpu)
+        scale = float(y.detach().abs().max())
+        torch.testing.assert_close(y_gpu.double().cpu(), y, rtol=0, atol=tolerance * scale)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        y_gpu.backward(dy.to(CUDA, dtype))
+        for (name, p), p_gpu in zip(ref.named_parameters(), gpu.parameters()):
+            if p.requires_grad:
+                torch.testing.assert_close(p_gpu.grad.double().cpu(), p.grad, rtol=0,
+                                           atol=tolerance * float(p.grad.abs().max()) + 1e-12, msg=name)
+        ref.zero_grad()
+        gpu.zero_grad()
+
+
+def test_sparse_topk_under_bf16_autocast_makes_no_host_sync():
+    torch.manual_seed(0)
+    model = inject(TwoLayers(), LMoEConfig(num_experts=16, rank=8, router="topk", execution="sparse",
+                                           target_modules=["up", "down"], load_balance_coef=0.01)).to(CUDA).train()
+    x = torch.randn(2, 33, 64, device=CUDA)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x).float().square().mean() + aux_loss(model)
+        loss.backward()
+
+    step()  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 class TwoLayers(torch.nn.Module):
     """A plain module (no transformers code, which may sync on its own) with two routed layers."""
 

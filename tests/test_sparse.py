@@ -235,3 +235,20 @@ def test_auto_dynamic_router_follows_the_observed_number_of_experts(monkeypatch)
         layer(torch.randn(200, 32))  # 200 tokens of one or two experts: the pairs grouped by expert
         layer(torch.randn(4, 32))  # 4 tokens: their experts' weights gathered
     assert ran == ["dense", "grouped", "gathered"]
+
+
+def test_auto_dynamic_router_observed_dense_keeps_every_gradient():
+    """auto at E = 64 with nearly every expert on: the codes A x are computed apart from the base product (the
+    routing is known only after it), the rest as dense; values and gradients as execution=dense (float64)."""
+    auto = make_layer("dynamic", "params", E=64, r=4)
+    with torch.no_grad():
+        auto.router.lambda_head.net[2].bias.fill_(-100.0)  # sparsemax(u / 100): (nearly) uniform
+    dense = copy.deepcopy(auto)
+    auto.execution, dense.execution = "auto", "dense"
+    x = torch.randn(300, 5, dtype=torch.float64, requires_grad=True)
+    assert auto._plan(300) == "observe" and (auto.router.route(x).weights > 0).sum(-1).float().mean() > 32
+    got, want = auto(x), dense(x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    grad_out = torch.randn_like(got)
+    for a, b in zip(gradients(auto, x, got, grad_out), gradients(dense, x, want, grad_out), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
