@@ -117,6 +117,29 @@ def routing_table(rows: list[dict], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def layer_share_table(rows: list[dict], method: str = "zero_router", groups: int = 3) -> str:
+    """The own-expert share and I(task; expert) per layer, averaged within module kind x depth range, over seeds."""
+    mine = [r for r in rows if r["part"] == "compose" and r["method"] == method and "own_share" in r]
+    if not mine:
+        return ""
+    names = list(mine[0]["own_share"]["per_layer"])
+    blocks = [int(next(p for p in n.split(".") if p.isdigit())) for n in names]
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
+    width = -(-(max(blocks) + 1) // groups)
+    head = [f"blocks {g * width}-{min((g + 1) * width, max(blocks) + 1) - 1}" for g in range(groups)]
+    lines = [f"`{method}` per layer ({len(mine)} seeds): own-expert share / I(task; expert) bits, mean over the "
+             "layers of each cell", "", "| module | " + " | ".join(head) + " |", "|" + "---|" * (groups + 1)]
+    for kind in kinds:
+        cells = []
+        for g in range(groups):
+            chosen = [n for n, b in zip(names, blocks) if n.endswith(kind) and b // width == g]
+            share = statistics.mean(r["own_share"]["per_layer"][n] for r in mine for n in chosen)
+            info = statistics.mean(r["information"]["per_layer"][n] for r in mine for n in chosen)
+            cells.append(f"{share:.3f} / {info:.3f}")
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def transfer_table(rows: list[dict], tasks: list[str]) -> str:
     data = compose_correct(rows, tasks)
     lines = ["| adapter trained on \\ scored on | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
@@ -197,7 +220,7 @@ def write_report(rows: list[dict], args, command: str) -> None:
             f"lr {args.lr}, routers at 30x, {args.router_items} questions per task in the router's mixed set, "
             f"{args.router_steps} router steps, replay {args.replay}; cloze protocol, plain template; n = {n} test "
             "questions per task. Mean ± sd over seeds.", "",
-            compose_table(rows, tasks), "", pairs_table(rows, tasks), "", routing_table(rows, tasks), "",
+            compose_table(rows, tasks), "", pairs_table(rows, tasks), "", routing_table(rows, tasks), "", layer_share_table(rows), "",
             "Transfer: each adapter on every task (the diagonal is the oracle).", "", transfer_table(rows, tasks), "",
             "Continual learning, tasks in this order: " + " -> ".join(tasks), "", continual_table(rows, tasks), "",
             matrices_text(rows, tasks)]

@@ -65,3 +65,15 @@ def test_continual_matrix_takes_stage_zero_of_the_sequential_lora_from_task_zero
             {"part": "continual", "method": "seq_lora", "seed": 0, "stage": 1, "correct": {"a": "1000", "b": "1111"}}]
     assert continual_matrix(rows, TASKS, "seq_lora") == {0: [[0.5, None], [0.25, 1.0]]}
     assert continual_matrix(rows[1:], TASKS, "lmoe_add") == {}  # an unfinished method is left out
+
+
+def test_layer_share_table_averages_each_module_kind_within_its_depth_range():
+    from bench.modular_report import layer_share_table
+    per_layer = {"m.layers.0.q_proj": 0.2, "m.layers.1.q_proj": 0.4, "m.layers.2.q_proj": 0.9, "m.layers.3.q_proj": 0.5,
+                 "m.layers.0.up_proj": 0.3, "m.layers.1.up_proj": 0.3, "m.layers.2.up_proj": 0.6, "m.layers.3.up_proj": 0.8}
+    row = {"part": "compose", "method": "zero_router", "own_share": {"per_layer": per_layer},
+           "information": {"per_layer": {k: 2 * v for k, v in per_layer.items()}}}
+    table = layer_share_table([row], groups=2)
+    assert "| q_proj | 0.300 / 0.600 | 0.700 / 1.400 |" in table  # blocks 0-1: (0.2 + 0.4) / 2; blocks 2-3
+    assert "| up_proj | 0.300 / 0.600 | 0.700 / 1.400 |" in table
+    assert "blocks 0-1 | blocks 2-3" in table
