@@ -29,3 +29,11 @@ def llama():
 @pytest.fixture
 def input_ids():
     return torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state that a Trainer left (TRL's SFTConfig turns on bf16 on a CPU): a later
+    Accelerator() in the same process would inherit it."""
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

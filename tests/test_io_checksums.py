@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import reset_accelerate
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from tiny import CORPUS, tiny_model_dir, tiny_tokenizer, write_jsonl
 from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
@@ -74,6 +75,7 @@ def write_trl(base: Path, out: Path) -> list[Path]:
     args = SFTConfig(str(out), max_steps=1, save_steps=1, report_to="none", use_cpu=True)
     SFTTrainer(model=str(base), args=args, train_dataset=Dataset.from_dict({"text": CORPUS}),
                processing_class=tiny_tokenizer(), peft_config=lmoe.LMoEConfig(**CFG)).train()
+    reset_accelerate()
     return [out / "checkpoint-1"]
 
 
