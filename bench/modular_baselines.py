@@ -9,8 +9,10 @@
 
     .venv/bin/python bench/modular_baselines.py [--hidden 576 --layers 6 --experts 4]   # X-LoRA's step cost
 
-Measured so (2 CPU cores, batch 8 x 128, q/v/up_proj, rank 4, 4 adapters): an X-LoRA step costs 1.61x a PEFT
-LoRA step at hidden 576 (1.44 vs 0.90 s), 1.64x at 256; lmoe's router-only step on the composed adapters 0.96x.
+Measured so (CPU seconds per step, 1 thread, batch 8 x 128, q/v/up_proj, rank 4, 4 adapters): an X-LoRA step
+costs 1.82x a PEFT LoRA step at hidden 576, 6 layers (2.78 vs 1.53 s), 1.97x at 256, 4 layers; lmoe's router-only
+step on the composed adapters 0.99-1.03x. Its first pass is a whole no-grad forward (logits and loss included),
+and it runs its adapters one by one.
 
 Both wrap the base model in place (PEFT injects its layers): give each its own freshly loaded base. Arrow's
 model is PEFT's PeftModel and is scored with lmoe.evaluate's shared KV cache (routing is per token, so a cached
@@ -215,19 +217,20 @@ def save_random_lora(model: nn.Module, directory: str | Path, rank: int, target_
 
 
 def step_seconds(models: dict[str, nn.Module], batch: dict[str, Tensor], steps: int) -> dict[str, float]:
-    """Median wall time of each model's training step (forward, backward, AdamW over what requires grad), the
-    models taking turns step by step so that a change in the machine's load hits all alike; after one warm-up."""
+    """Median CPU seconds of each model's training step (forward, backward, AdamW over what requires grad), the
+    models taking turns step by step so that a change in the machine's load hits all alike; after one warm-up.
+    CPU time, not wall time: on a shared machine other jobs' load moves wall times by multiples."""
     optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
                   for name, m in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(steps + 1):
         for name, model in models.items():
             model.train()
-            start = time.perf_counter()
+            start = time.process_time()
             model(**batch).loss.backward()
             optimizers[name].step()
             optimizers[name].zero_grad(set_to_none=True)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(time.process_time() - start)
             model.eval()
     return {name: statistics.median(t[1:]) for name, t in times.items()}
 
@@ -242,7 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is compute, not waiting)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=2048, hidden_size=args.hidden, num_hidden_layers=args.layers,
@@ -264,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     reference = next(iter(seconds.values()))
     print(f"Llama hidden {args.hidden}, {args.layers} layers, batch {args.batch} x {args.length}, "
           f"{torch.get_num_threads()} threads, median of {args.steps} steps taken in turn\n")
-    print("| step | s/step | x LoRA |\n|---|---|---|")
+    print("| step | CPU s/step | x LoRA |\n|---|---|---|")
     for name, s in seconds.items():
         print(f"| {name} | {s:.3f} | {s / reference:.2f} |")
 
