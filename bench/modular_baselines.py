@@ -3,7 +3,7 @@
 - Arrow (`arrow_model`): training-free. In each adapted layer, adapter i's prototype is the top right singular
   vector v_i of its update B_i A_i; a token with layer input x scores |<v_i, x>|, keeps the top_k adapters and
   weighs their outputs s_i B_i A_i x by a softmax of those scores at router_temperature (others get 0).
-- X-LoRA (`xlora_model`, `train_xlora`): a classifier on the base model's last hidden state gives every token
+- X-LoRA (`xlora_model`; bench/modular_parts.fit trains it): a classifier on the base model's last hidden state gives every token
   one weight per adapter (the same in all layers unless layerwise_scalings). Each forward runs the model twice:
   once with the adapters off for those hidden states, once with the weighted adapters. Only the classifier trains.
 
@@ -25,12 +25,11 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import itertools
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -169,35 +168,6 @@ def xlora_model(base_model: nn.Module, adapter_dirs: Sequence[str | Path],
     config = XLoraConfig(task_type="CAUSAL_LM", hidden_size=base_model.config.hidden_size, xlora_depth=depth,
                          adapters={str(i): str(d) for i, d in enumerate(adapter_dirs)}, **options)
     return NoCacheLM(get_peft_model(base_model, config)).eval()
-
-
-def train_xlora(model: nn.Module, batches: Iterable[dict[str, Tensor]], steps: int, lr: float,
-                weight_decay: float = 0.0) -> list[float]:
-    """`steps` AdamW steps on the LM loss over the parameters that require grad (X-LoRA's classifier).
-
-    batches: dicts of input_ids, attention_mask, labels (lmoe.data.collate), at least `steps` of them (e.g.
-    collate over lmoe.data.batch_stream). Returns each step's loss; leaves the model in eval mode.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("train_xlora found no trainable parameters; pass the model xlora_model returned.")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    device = params[0].device
-    losses = []
-    model.train()
-    try:
-        for step, batch in itertools.zip_longest(range(steps), itertools.islice(batches, steps)):
-            if batch is None:
-                raise ValueError(f"train_xlora ran out of batches after {step} of {steps} steps; pass an endless "
-                                 "stream (e.g. collate over lmoe.data.batch_stream) or more batches.")
-            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-    finally:
-        model.eval()
-    return losses
 
 
 # ---------------------------------------------------------------- random adapters and the step-cost measurement
