@@ -14,7 +14,7 @@ trained on the new task plus a replay share of earlier tasks' questions).
 Each finished unit is appended to --results at once (per-question correctness, for paired differences) and
 the tables in --out are rewritten, so a stopped run keeps what it finished and the same command continues.
 
-    .venv/bin/python bench/modular.py                      # the CPU study (2 cores: about 30 min a seed)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/modular.py --share-cores   # the CPU study (2 shared cores: 100+ min a seed)
     .venv/bin/python bench/modular.py --model DIR --steps 500 --test-items 0 --router-items 500   # a GPU
     .venv/bin/python bench/modular.py --report             # tables from the results file only
 """
