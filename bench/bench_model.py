@@ -94,9 +94,11 @@ def ours(base: nn.Module, experts: int, rank: int, router: str, composition: str
 
 
 def build_variants(base: nn.Module, args, workdir: Path) -> dict[str, nn.Module]:
+    if len(args.experts) == 1:
+        return variants_at(base, args.experts[0], args, workdir)
     variants = {}
-    for e in args.experts:
-        variants.update({f"{n} @{e}" if len(args.experts) > 1 else n: m
+    for e in args.experts:  # one row per variant: LoRA of rank E*r is "lora r=E*r" at every E
+        variants.update({f"{n.replace(f'r={e * args.rank}', f'r=E*{args.rank}')} @{e}": m
                          for n, m in variants_at(base, e, args, workdir).items()})
     return variants
 

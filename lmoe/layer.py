@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from .config import AUX_COEFS, LMoEConfig
 from .routing import AuxStats, Routing, build_router
-from .sparse import (GroupedMixture, active_counts, gathered_mixture, gathers, grouped_mixture, prefer_sparse,
-                     route_pairs)
+from .sparse import (DENSE_UP_TO_RANK, GroupedMixture, active_counts, gathered_mixture, gathers, grouped_mixture,
+                     prefer_sparse, route_pairs)
 
 
 def linear_shape(base: nn.Module) -> tuple[int, int]:
@@ -250,7 +250,7 @@ class MoLoRALinear(nn.Module):
             return self.base(x)
         dtype = _compute_dtype(x)
         x2 = x.reshape(-1, self.in_features)  # (tokens, d_in)
-        A = self.stacked()[0]
+        A, B = self.stacked()
         # without autograd (generation) the same maths runs directly: no Function bookkeeping per token
         grad = torch.is_grad_enabled()
         lora_x = None if grad and isinstance(self.dropout, nn.Identity) else self.dropout(x2).to(dtype)
@@ -265,7 +265,12 @@ class MoLoRALinear(nn.Module):
             y = y.reshape(-1, self.out_features).to(dtype)
         routing = self.router.route(x2, *gx) if gates_read_x else self.router.route(lora_x)
         self._observe(routing, self._real_tokens(x))
-        out = self._mix(plan, y, h, x2 if lora_x is None else lora_x, routing.weights.to(dtype), grad)
+        g, experts_x = routing.weights.to(dtype), x2 if lora_x is None else lora_x
+        out = None if plan == "dense" else self._sparse(plan, y, experts_x.to(dtype), g, grad)
+        if out is None:  # dense: planned, or observed (then the codes A x run apart, by autograd)
+            h = h if plan == "dense" else experts_x.to(dtype) @ A.to(dtype).t()
+            args = (y, h, B.to(dtype), g, self.scaling, self.composition == "params")
+            out = _MixtureLoRA.apply(*args) if grad else mixture(*args)[0]
         return out.view(*x.shape[:-1], self.out_features).to(out_dtype)
 
     def _plan(self, tokens: int) -> str:
@@ -273,28 +278,26 @@ class MoLoRALinear(nn.Module):
         count of active pairs; the dynamic router's count is known only then). See sparse.prefer_sparse."""
         if self.execution != "auto":
             return self.execution
+        if self.num_experts * self.rank <= DENSE_UP_TO_RANK:  # today's sizes: no call per forward
+            return "dense"
         per_token = self.router.experts_per_token()
         if per_token is not None:
             return "sparse" if prefer_sparse(self.num_experts, self.rank, per_token, tokens) else "dense"
         return "observe" if prefer_sparse(self.num_experts, self.rank, 1, tokens) else "dense"
 
-    def _mix(self, plan: str, y: Tensor, h: Tensor, experts_x: Tensor, g: Tensor, grad: bool) -> Tensor:
-        """y + s * Delta from the routing g (tokens, E): dense from the codes h = A x (tokens, E*r), or sparse
-        from the experts' input experts_x over the pairs with g > 0 (lmoe.sparse)."""
-        (tokens, E), params, dtype = g.shape, self.composition == "params", y.dtype
-        if plan != "dense":
-            experts_x = experts_x.to(dtype)
-            per_token = self.router.experts_per_token()
-            most, active = (per_token, per_token) if per_token is not None else active_counts(g)
-            if plan != "observe" or prefer_sparse(E, self.rank, active, tokens):
-                A, B = self.lora_A.to(dtype), self.lora_B.to(dtype)
-                if gathers(E, most, tokens):  # few tokens (generation): gather each token's own experts
-                    return gathered_mixture(y, experts_x, A, B, g, most, self.scaling, params)
-                args = (y, experts_x, A, B, g, route_pairs(g, per_token), self.scaling, params)
-                return GroupedMixture.apply(*args) if grad else grouped_mixture(*args)[0]
-            h = experts_x @ self.stacked()[0].to(dtype).t()  # observed dense after all: the codes, by autograd
-        args = (y, h, self.stacked()[1].to(dtype), g, self.scaling, params)
-        return _MixtureLoRA.apply(*args) if grad else mixture(*args)[0]
+    def _sparse(self, plan: str, y: Tensor, experts_x: Tensor, g: Tensor, grad: bool) -> Tensor | None:
+        """y + s * Delta over the pairs with g > 0 (lmoe.sparse), from the experts' input experts_x and the
+        routing g (tokens, E); None where the plan was to observe and the routing is too dense to pay."""
+        (tokens, E), params = g.shape, self.composition == "params"
+        per_token = self.router.experts_per_token()
+        most, active = (per_token, per_token) if per_token is not None else active_counts(g)
+        if plan == "observe" and not prefer_sparse(E, self.rank, active, tokens):
+            return None
+        A, B = self.lora_A.to(y.dtype), self.lora_B.to(y.dtype)
+        if gathers(E, most, tokens):  # few tokens (generation): gather each token's own experts
+            return gathered_mixture(y, experts_x, A, B, g, most, self.scaling, params)
+        args = (y, experts_x, A, B, g, route_pairs(g, per_token), self.scaling, params)
+        return GroupedMixture.apply(*args) if grad else grouped_mixture(*args)[0]
 
     def _projections(self, x2: Tensor, lora_x: Tensor | None, A: Tensor, dtype: torch.dtype, grad: bool,
                      gates_read_x: bool) -> tuple[Tensor | None, ...]:

@@ -98,35 +98,35 @@ def pair_codes_backward(grad_v: Tensor, h: Tensor, w: Tensor, z: Tensor | None,
 
 
 def grouped_mixture(y: Tensor, x: Tensor, A: Tensor, B: Tensor, g: Tensor, pairs: Pairs, scaling: float,
-                   params: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(y + s * Delta, h, z) from the pairs only: y (tokens, d_out), x the experts' input (tokens, d_in),
-    A (E, r, d_in), B (E, d_out, r), g (tokens, E), one dtype; h (N, r) the pairs' codes A_e x_t."""
+                   params: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """(y + s * Delta, h, z, w) from the pairs only: y (tokens, d_out), x the experts' input (tokens, d_in),
+    A (E, r, d_in), B (E, d_out, r), g (tokens, E), one dtype; h (N, r) the pairs' codes A_e x_t, w (N,) their
+    weights."""
     w = g[pairs.token, pairs.expert]  # (N,)
     h = grouped_mm(x.index_select(0, pairs.token), A.transpose(1, 2), pairs)  # (N, r)
     z = mixed_code(h, w, pairs.token, x.shape[0]) if params else None
     v = pair_codes(h, w, z, pairs.token)
-    return y.index_add(0, pairs.token, grouped_mm(v, B.transpose(1, 2), pairs), alpha=scaling), h, z
+    return y.index_add(0, pairs.token, grouped_mm(v, B.transpose(1, 2), pairs), alpha=scaling), h, z, w
 
 
 class GroupedMixture(torch.autograd.Function):
     """grouped_mixture with its backward over the same pairs: every product of the dense path's backward, for
-    the pairs only. Saves the pairs, h (N, r) and z (tokens, r); x (which the base product saves anyway) is
-    gathered again rather than kept per pair."""
+    the pairs only. Saves the pairs, their weights and codes h (N, r), and z (tokens, r); x (which the base
+    product saves anyway) is gathered again rather than kept per pair."""
 
     @staticmethod
     def forward(ctx, y, x, A, B, g, pairs, scaling, params):
-        out, h, z = grouped_mixture(y, x, A, B, g, pairs, scaling, params)
-        ctx.save_for_backward(x, A, B, g, h, z, pairs.token, pairs.expert, pairs.ends)
-        ctx.scaling = scaling
+        out, h, z, w = grouped_mixture(y, x, A, B, g, pairs, scaling, params)
+        ctx.save_for_backward(x, A, B, w, h, z, pairs.token, pairs.expert, pairs.ends)
+        ctx.scaling, ctx.routing_shape = scaling, g.shape
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, A, B, g, h, z, token, expert, ends = ctx.saved_tensors
+        x, A, B, w, h, z, token, expert, ends = ctx.saved_tensors
         pairs, s = Pairs(token, expert, ends), ctx.scaling
         need_x, need_A, need_B, need_g = ctx.needs_input_grad[1:5]
-        w = g[token, expert]
         grad_rows = grad_out.to(h.dtype).index_select(0, token)  # (N, d_out)
         # B's own layout (d_out, E, r) strides each expert's rows E*r apart: a copy of B (E*r*d_out values)
         # halves this product's time on the CPU (2.0 vs 4.0 ms at E = 64, d = 576, 2048 pairs)
@@ -134,7 +134,7 @@ class GroupedMixture(torch.autograd.Function):
         # as (v^T grad)^T: the products' row-major operand on the right (1.1 vs 3.0 ms there)
         grad_B = s * grouped_mm(pair_codes(h, w, z, token).t(), grad_rows, pairs).transpose(1, 2) if need_B else None
         grad_h, grad_w = pair_codes_backward(grad_v, h, w, z, token)
-        grad_g = torch.zeros_like(g).index_put_((token, expert), grad_w) if need_g else None
+        grad_g = w.new_zeros(ctx.routing_shape).index_put_((token, expert), grad_w) if need_g else None
         grad_A = grouped_mm(grad_h.t(), x.index_select(0, token), pairs) if need_A else None
         grad_x = torch.zeros_like(x).index_add_(0, token, grouped_mm(grad_h, A, pairs)) if need_x else None
         return grad_out, grad_x, grad_A, grad_B, grad_g, None, None, None
@@ -161,6 +161,7 @@ def gathered_mixture(y: Tensor, x: Tensor, A: Tensor, B: Tensor, g: Tensor, k: i
 # and scattered costs PAIR_COST more than its r ranks, an expert's group GROUP_COST; gathering each token's own
 # experts pays once the dense bank has GATHER_MIN_RANK ranks.
 PAIR_COST, GROUP_COST, GATHER_MIN_RANK = 64, 512, 512
+DENSE_UP_TO_RANK = PAIR_COST  # prefer_sparse is false whenever E * r is at most this: grouping needs E r > r + PAIR_COST
 
 
 def gathers(experts: int, active: float, tokens: int) -> bool:

@@ -1,6 +1,7 @@
 """The sparse execution path (lmoe/sparse.py): per-token brute force in float64, the dense path in float32,
 grouped products against explicit loops, and the rule that picks the path."""
 import copy
+import itertools
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import lmoe.layer
 from conftest import VOCAB, tiny_model
 from lmoe import LMoEConfig, MoLoRALinear, aux_loss, inject, lmoe_layers
 from lmoe.experts import add_experts, remove_experts
-from lmoe.sparse import _grouped_ok, grouped_mm, prefer_sparse, route_pairs
+from lmoe.sparse import DENSE_UP_TO_RANK, _grouped_ok, grouped_mm, prefer_sparse, route_pairs
 from test_layer import COMPOSITIONS, brute_force, make_layer
 
 SPARSE_ROUTERS = ["topk", "dynamic"]
@@ -214,6 +215,9 @@ def test_auto_keeps_todays_sizes_dense_and_goes_sparse_for_many_experts():
             for tokens in (1, 16, 256, 1024, 8192):
                 assert not prefer_sparse(E, r, 2, tokens), (E, r, tokens)
                 assert not prefer_sparse(E, r, 1, tokens), (E, r, tokens)  # the dynamic router's best case
+    for E, r in itertools.product(range(1, 65), range(1, 65)):  # the layer's shortcut agrees with the rule
+        if E * r <= DENSE_UP_TO_RANK:
+            assert not any(prefer_sparse(E, r, 1, tokens) for tokens in (1, 7, 64, 1024, 10**6)), (E, r)
     for tokens in (1, 1024):
         assert prefer_sparse(64, 8, 2, tokens)
     assert not prefer_sparse(64, 8, 64, 1024)  # every expert active (softmax; LD-MoLE at its init)
