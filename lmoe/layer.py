@@ -67,6 +67,13 @@ def mixture(y: Tensor, h: Tensor, B: Tensor, g: Tensor, scaling: float, params: 
     return torch.addmm(y, mix(h, g, g, z), B.t(), alpha=scaling), z
 
 
+def joined(tensors: list[Tensor], dim: int = 0) -> Tensor:
+    """torch.cat of the tensors not empty along dim, and no copy where one is left (e.g. the gate's W_g alone:
+    a copy of it per forward cost 46 us of a 480 us layer at E = 64 in generation)."""
+    kept = [t for t in tensors if t.shape[dim]] or tensors[:1]
+    return kept[0] if len(kept) == 1 else torch.cat(kept, dim)
+
+
 def projections(x: Tensor, lora_x: Tensor | None, W0: Tensor | None, b0: Tensor | None, A: Tensor,
                 *gates: Tensor) -> tuple[Tensor | None, ...]:
     """What a mixture layer computes from its input x (tokens, d_in): (y = W0 x + b0, or None without W0;
@@ -80,11 +87,11 @@ def projections(x: Tensor, lora_x: Tensor | None, W0: Tensor | None, b0: Tensor 
     if not gates:  # the router reads another input (router_reads_dropout) and runs its own products
         return (y, (x if lora_x is None else lora_x) @ A.t())
     if lora_x is None:
-        h, *gx = (x @ torch.cat([A, *gates]).t()).split([A.shape[0], *sizes], 1)
+        h, *gx = (x @ joined([A, *gates]).t()).split([A.shape[0], *sizes], 1)
         if len(gates) > 1:  # h and W_g x are kept (for backward, the aux losses): as views they would
             h, gx[0] = h.contiguous(), gx[0].contiguous()  # also keep the lambda head's product, used once
     else:
-        h, gx = lora_x @ A.t(), (x @ torch.cat(gates).t()).split(sizes, 1)
+        h, gx = lora_x @ A.t(), (x @ joined(gates).t()).split(sizes, 1)
     return (y, h, *gx)
 
 
@@ -95,11 +102,11 @@ def _products_backward(grads: list[Tensor | None], weights: list[Tensor], inp: T
     have = [i for i, grad in enumerate(grads) if grad is not None]
     if not have:
         return None, [None] * len(weights)
-    to_input = (torch.cat([grads[i] for i in have], 1), torch.cat([weights[i] for i in have]))
+    to_input = (joined([grads[i] for i in have], 1), joined([weights[i] for i in have]))
     wanted = [i for i in have if need[i]]
     weight_grads: list[Tensor | None] = [None] * len(weights)
     if wanted:
-        stacked = torch.cat([grads[i] for i in wanted], 1).t() @ inp
+        stacked = joined([grads[i] for i in wanted], 1).t() @ inp
         for i, grad in zip(wanted, stacked.split([weights[i].shape[0] for i in wanted])):
             weight_grads[i] = grad
     return to_input, weight_grads
