@@ -1,25 +1,18 @@
-"""The README's "Use with PEFT / Trainer / TRL / lm-eval / vLLM" section runs as written, block after block in one
-namespace, on a tiny local model (BASE) with lm-eval's example task; then its results are checked. The "Modular
-skills" section's commands run one by one on a tiny model too."""
+"""docs/integrations.md's "Use with PEFT / Trainer / TRL / lm-eval / vLLM" section runs as written, block after block
+in one namespace, on a tiny local model (BASE) with lm-eval's example task; then its results are checked.
+docs/modular.md's commands run one by one on a tiny model too."""
 import json
 import re
 import shlex
-from pathlib import Path
 
-import pytest
 import torch
 
+from test_readme_blocks import INTEGRATIONS, MODULAR, ROOT, blocks_by_section, sections
 from tiny import CORPUS, peft_lora_dir, tiny_model_dir, write_jsonl
-
-ROOT = Path(__file__).parent.parent
-SECTION = "## Use with PEFT / Trainer / TRL / lm-eval / vLLM"
 
 
 def section_blocks() -> list[str]:
-    text = ROOT.joinpath("README.md").read_text()
-    start = text.index(SECTION)
-    end = text.index("\n## ", start + len(SECTION))
-    return re.findall(r"```python\n(.*?)```", text[start:end], flags=re.S)
+    return blocks_by_section()[INTEGRATIONS]
 
 
 def test_the_section_has_a_block_for_each_tool():
@@ -37,7 +30,7 @@ def test_readme_section_runs(tmp_path, monkeypatch, capsys):
         if not torch.cuda.is_available():  # SFTConfig's bf16 and HFLM's device default to a GPU
             block = block.replace('SFTConfig("out", ', 'SFTConfig("out", bf16=False, ')
             block = block.replace('HFLM(pretrained=BASE, ', 'HFLM(pretrained=BASE, device="cpu", ')
-        exec(compile(block, "README.md", "exec"), namespace)
+        exec(compile(block, INTEGRATIONS[0], "exec"), namespace)
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "adapter").iterdir()}
     assert json.loads((tmp_path / "lora/skill/adapter_config.json").read_text())["r"] == 8
     assert "--max-lora-rank 8" in capsys.readouterr().out
@@ -47,14 +40,10 @@ def test_readme_section_runs(tmp_path, monkeypatch, capsys):
     assert trained and all(torch.isfinite(torch.tensor(row["loss"])) for row in trained if "loss" in row)
 
 
-MODULAR = "## Modular skills: compose LoRA adapters"
-
-
-def section_commands(title: str) -> list[str]:
-    """The shell commands of a section's ```bash blocks, comments and blank lines dropped."""
-    text = ROOT.joinpath("README.md").read_text()
-    start = text.index(title)
-    blocks = re.findall(r"```bash\n(.*?)```", text[start:text.index("\n## ", start + len(title))], flags=re.S)
+def section_commands(section: tuple[str, str]) -> list[str]:
+    """The shell commands of a section's ```bash blocks (section: (page, heading)), comments and blank lines
+    dropped."""
+    blocks = re.findall(r"```bash\n(.*?)```", sections()[section], flags=re.S)
     lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
     return [line for line in lines if line]
 

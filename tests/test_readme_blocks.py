@@ -1,5 +1,6 @@
-"""Every Python block of the README runs: the "Use with PEFT / ..." section's in tests/test_readme.py, every other
-section's here, on tiny models and data that stand for the names its blocks use (NAMES), heavy calls cut down."""
+"""Every Python block of the README and of docs/*.md runs: the integrations page's "Use with PEFT / ..." section's in
+tests/test_readme.py, every other section's here, on tiny models and data that stand for the names its blocks use
+(NAMES), heavy calls cut down. A section is keyed by (page, heading): its "#" or "##" line."""
 import re
 from pathlib import Path
 
@@ -8,18 +9,32 @@ import torch
 from conftest import VOCAB, tiny_model
 from tiny import CORPUS, tiny_llama, tiny_model_dir, tiny_tokenizer
 
-ROOT = Path(__file__).parent.parent
-RUN_ELSEWHERE = {"## Use with PEFT / Trainer / TRL / lm-eval / vLLM"}  # tests/test_readme.py
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in ROOT.joinpath("docs").glob("*.md"))]
+INTEGRATIONS = ("docs/integrations.md", "## Use with PEFT / Trainer / TRL / lm-eval / vLLM")
+MODULAR = ("docs/modular.md", "# Modular skills: compose LoRA adapters")
+RUN_ELSEWHERE = {INTEGRATIONS}  # tests/test_readme.py
 
 
-def blocks_by_section() -> dict[str, list[str]]:
-    """"## heading" -> the Python blocks under it, in order, for every section of README.md that has one."""
+def sections() -> dict[tuple[str, str], str]:
+    """(page, heading) -> the text from that "#" or "##" line to the next one, for README.md and docs/*.md; a line
+    inside a code fence is code, never a heading."""
     found = {}
-    for part in re.split(r"\n(?=## )", ROOT.joinpath("README.md").read_text()):
-        blocks = re.findall(r"```python\n(.*?)```", part, flags=re.S)
-        if blocks:
-            found[part.split("\n", 1)[0]] = blocks
+    for page in PAGES:
+        key, fenced = (page, ""), False
+        for line in ROOT.joinpath(page).read_text().splitlines(keepends=True):
+            fenced ^= line.startswith("```")
+            if not fenced and line.startswith(("# ", "## ")):
+                key = (page, line.rstrip())
+                assert key not in found, f"{page} has two sections headed {key[1]!r}: the tests cannot tell them apart"
+            found[key] = found.get(key, "") + line
     return found
+
+
+def blocks_by_section() -> dict[tuple[str, str], list[str]]:
+    """(page, heading) -> the Python blocks under it, in order, for every section that has one."""
+    found = {key: re.findall(r"```python\n(.*?)```", text, flags=re.S) for key, text in sections().items()}
+    return {key: blocks for key, blocks in found.items() if blocks}
 
 
 def library_names(tmp_path: Path) -> dict:
@@ -58,21 +73,25 @@ def modular_names(tmp_path: Path) -> dict:
     return {"base_model": tiny_model("llama"), "skill_batch": torch.randint(0, VOCAB, (2, 9))}
 
 
-MODULAR = "## Modular skills: compose LoRA adapters"
-NAMES = {"## Library": library_names, "## Training with the Hugging Face Trainer": trainer_names,
-         "## Train, evaluate, generate": train_names, MODULAR: modular_names}
+NAMES = {("README.md", "## Library"): library_names,
+         ("docs/integrations.md", "## Training with the Hugging Face Trainer"): trainer_names,
+         ("docs/training.md", "# Train, evaluate, generate"): train_names, MODULAR: modular_names}
 
 
 def test_every_section_with_python_blocks_is_run():
-    missing = set(blocks_by_section()) - RUN_ELSEWHERE - set(NAMES)
-    assert not missing, f"README sections whose Python blocks no test runs: {sorted(missing)}; add them to NAMES"
+    found = set(blocks_by_section())
+    missing = sorted(found - RUN_ELSEWHERE - set(NAMES))
+    assert not missing, (f"sections (page, heading) whose Python blocks no test runs: {missing}; add each to NAMES in "
+                         "tests/test_readme_blocks.py with stand-ins for the names its blocks use")
+    gone = sorted((set(NAMES) | RUN_ELSEWHERE) - found)
+    assert not gone, f"the tests name sections that hold no Python block (moved or renamed?): {gone}"
 
 
-@pytest.mark.parametrize("section", sorted(NAMES))
+@pytest.mark.parametrize("section", sorted(NAMES), ids=" ".join)
 def test_readme_block_runs(section, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     names = NAMES[section](tmp_path)
     old, new = names.pop("__replace__", ("", ""))
     for block in blocks_by_section()[section]:
         assert old in block, f"{section}: the block no longer holds {old}; update this test's stand-in"
-        exec(compile(block.replace(old, new), "README.md", "exec"), names)
+        exec(compile(block.replace(old, new), section[0], "exec"), names)
