@@ -5,7 +5,7 @@ interpreter start-up, so lm-eval's CLI or any script's PeftModel.from_pretrained
 A module outside the package: importing lmoe.anything would import lmoe and torch at every start-up. Here the
 start-up cost is this file (the standard library only) and a finder that compares one name per later import;
 lmoe (and so torch) is imported only after the program has imported peft itself. The work is in
-lmoe.peft_integration."""
+lmoe.integrations.peft_tuner."""
 import sys
 
 SUPPORTED_PEFT = ("0.21.0", "0.22.0")  # [from, below): the peft versions whose internals lmoe is tested against
@@ -76,11 +76,14 @@ def register_quietly() -> None:
     """Register where the installed peft is supported, else file the one-line refusal; never break `import peft`."""
     try:
         if peft_range_error() is None:
-            from lmoe.peft_integration import register
+            from lmoe.integrations.peft_tuner import register
             register()
         else:
             from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
             PEFT_TYPE_TO_CONFIG_MAPPING.setdefault(PEFT_TYPE, UnsupportedPeft)
+            if "lmoe.config" in sys.modules:  # get_peft_model(model, LMoEConfig()) then names the peft to install
+                from lmoe.integrations.peft_fields import attach
+                attach()
     except Exception as err:  # peft's own methods must go on working whatever lmoe's state
         import logging
         logging.getLogger("lmoe").warning("lmoe could not register with PEFT (%s: %s); peft.get_peft_model(model, "

@@ -1,7 +1,7 @@
 """Multiple-choice scoring speed: choices per second before and after prefix sharing (issue 14 item 5).
 
 Before: every prompt + choice as its own sequence, 16 per batch in file order (what `lmoe eval` did).
-After: lmoe.evaluate.continuation_logprobs (one forward of each prompt, its KV cache reused by every choice,
+After: lmoe.evaluation.scoring.continuation_logprobs (one forward of each prompt, its KV cache reused by every choice,
 questions batched by length). Both score the same ARC-Easy test questions (cloze protocol, chat template)
 on the same model in the same process, alternating; the script also reports the largest score difference.
 
@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file: the repository root
 from bench.common import environment  # noqa: E402
-from lmoe import benchmarks  # noqa: E402
-from lmoe.choices import MultipleChoice, requests  # noqa: E402
-from lmoe.data import IGNORE, Example  # noqa: E402
-from lmoe.evaluate import answer_logprobs, continuation_logprobs  # noqa: E402
+from lmoe.data import benchmarks  # noqa: E402
+from lmoe.data.choices import MultipleChoice, requests  # noqa: E402
+from lmoe.data.encoding import Example, IGNORE  # noqa: E402
+from lmoe.evaluation.scoring import answer_logprobs, continuation_logprobs  # noqa: E402
 from lmoe.models import load_model  # noqa: E402
 
 

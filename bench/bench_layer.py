@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (add_cpu_options, prepare_cpu, SavedTensorBytes, cuda_peak_bytes, environment,  # noqa: E402
                           interleaved_medians, scaling_rows)
 from lmoe import LMoEConfig, MoLoRALinear  # noqa: E402
-from lmoe.inject import AUX_COEFS  # noqa: E402
+from lmoe.config import AUX_COEFS  # noqa: E402
 
 ROUTERS = ("softmax", "topk", "dynamic")
 COMPOSITIONS = ("params", "outputs")

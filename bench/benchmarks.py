@@ -1,6 +1,6 @@
 """LoRA vs L-MoE routers on standard benchmarks at equal trainable adapter parameters (issue 14 item 6).
 
-Every config trains on the union of the tasks' train sides (lmoe.benchmarks' split policy) with the same
+Every config trains on the union of the tasks' train sides (lmoe.data.benchmarks' split policy) with the same
 steps, lr, batch, seeds and target modules, and is scored on a fixed subset of each task's test side, by
 default with lm-eval's cloze protocol on plain text (--protocol letter --template chat: LD-MoLE's; on the
 built-in 135M model it is at chance before and after a CPU-sized training run, so the default is cloze). One
@@ -98,8 +98,8 @@ def train_overrides(args: argparse.Namespace, name: str, seed: int) -> list[str]
 
 
 def run_base(args: argparse.Namespace) -> dict:
-    from lmoe.choices import MultipleChoice
-    from lmoe.evaluate import evaluate_benchmarks
+    from lmoe.data.choices import MultipleChoice
+    from lmoe.evaluation.scoring import evaluate_benchmarks
     from lmoe.models import load_model
     model, tokenizer = load_model(args.model)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
@@ -111,7 +111,9 @@ def run_base(args: argparse.Namespace) -> dict:
 
 def run_config(args: argparse.Namespace, name: str, seed: int) -> dict:
     from lmoe.inject import count_parameters
-    from lmoe.train import TrainConfig, read_metrics, train
+    from lmoe.training.config import TrainConfig
+    from lmoe.training.loop import train
+    from lmoe.training.metrics_log import read_metrics
     cfg = TrainConfig.from_file(None, train_overrides(args, name, seed))
     start = time.perf_counter()
     result = train(cfg)

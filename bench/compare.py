@@ -69,8 +69,8 @@ def overrides(args: argparse.Namespace, name: str) -> list[str]:
 
 def heldout_batches(cfg, tokenizer) -> list[dict]:
     """Every held-out example of the mixture (conversations and skills, answers included), padded."""
-    from lmoe.analysis import batches_by_domain
-    from lmoe.data import encode_all
+    from lmoe.evaluation.analysis import batches_by_domain
+    from lmoe.data.encoding import encode_all
 
     records = cfg.mixture.conversations("test") + cfg.mixture.skill_items("test")
     examples = encode_all(tokenizer, records, cfg.max_length)
@@ -79,7 +79,8 @@ def heldout_batches(cfg, tokenizer) -> list[dict]:
 
 def run_base(args: argparse.Namespace) -> dict:
     from lmoe.models import load_model
-    from lmoe.train import TrainConfig, evaluate_all
+    from lmoe.training.config import TrainConfig
+    from lmoe.training.evaluation import evaluate_all
 
     cfg = TrainConfig.from_file(None, overrides(args, "lora_r16"))
     model, tokenizer = load_model(cfg.model)
@@ -89,9 +90,11 @@ def run_base(args: argparse.Namespace) -> dict:
 
 
 def run_config(args: argparse.Namespace, name: str) -> dict:
-    from lmoe.analysis import mean_active_experts
+    from lmoe.evaluation.analysis import mean_active_experts
     from lmoe.inject import count_parameters
-    from lmoe.train import TrainConfig, read_metrics, train
+    from lmoe.training.config import TrainConfig
+    from lmoe.training.loop import train
+    from lmoe.training.metrics_log import read_metrics
 
     cfg = TrainConfig.from_file(None, overrides(args, name))
     start = time.perf_counter()

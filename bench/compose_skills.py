@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 
 from lmoe import LMoEConfig, aux_loss, compose, freeze_experts
-from lmoe.data import Mixture, batch_stream, collate, encode_all
-from lmoe.evaluate import evaluate_mixture
+from lmoe.data.encoding import batch_stream, collate, encode_all
+from lmoe.data.builtin import Mixture
+from lmoe.evaluation.scoring import evaluate_mixture
 from lmoe.models import load_model
-from lmoe.train import TrainConfig, train
+from lmoe.training.config import TrainConfig
+from lmoe.training.loop import train
 
 SKILLS = Mixture().skills
 LORA = LMoEConfig(num_experts=1, rank=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])

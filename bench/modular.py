@@ -4,7 +4,7 @@ PEFT's Arrow and X-LoRA, a multitask LoRA and end-to-end lmoe, on the same adapt
 Part `compose`, per seed: a PEFT LoRA per task (rank r on q/v/up_proj, `--steps` batches of its train side),
 scored on every task (the diagonal is the oracle); then over the same adapter files: uniform routing (the
 adapters averaged), lmoe's composed mixture with a zero router trained alone on a small mixed set, the same
-router started from the adapters' singular vectors (lmoe.prototypes) before and after that training, Arrow
+router started from the adapters' singular vectors (lmoe.modular.prototypes) before and after that training, Arrow
 (two settings), X-LoRA (classifier trained on the mixed set), a multitask LoRA on the union (rank E*r and r,
 E * steps) and end-to-end lmoe (E experts of rank r, E * steps).
 Part `continual`, per seed: the tasks arrive in the given order; a LoRA fine-tuned on each in turn, with and
@@ -159,8 +159,8 @@ class Study:
 
     def router_only(self, proto: bool, train: bool) -> dict:
         from lmoe import freeze_experts
-        from lmoe.data import collate
-        from lmoe.prototypes import init_router_from_experts
+        from lmoe.data.encoding import collate
+        from lmoe.modular.prototypes import init_router_from_experts
         model, mixed = self.composed(), self.mixed()
         if proto:  # the mixed set's text, unlabelled (no task names), fixes each prototype's sign
             batches = [collate(mixed[i:i + 16], self.pad) for i in range(0, len(mixed), 16)]

@@ -15,10 +15,10 @@ step on the composed adapters 0.99-1.03x. Its first pass is a whole no-grad forw
 and it runs its adapters one by one.
 
 Both wrap the base model in place (PEFT injects its layers): give each its own freshly loaded base. Arrow's
-model is PEFT's PeftModel and is scored with lmoe.evaluate's shared KV cache (routing is per token, so a cached
+model is PEFT's PeftModel and is scored with lmoe.evaluation.scoring's shared KV cache (routing is per token, so a cached
 prefix changes nothing). X-LoRA's is not: its first pass would write into the cache of its second, and the
 scores come out silently wrong, so xlora_model returns a wrapper that refuses a cache and has no `config`,
-which lmoe.evaluate then scores sequence by sequence.
+which lmoe.evaluation.scoring then scores sequence by sequence.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file: the repository root
 from lmoe import compose, freeze_experts  # noqa: E402
-from lmoe.compose import PEFT_PREFIX, LoRA, read_peft_lora  # noqa: E402
+from lmoe.modular.compose import LoRA, PEFT_PREFIX, read_peft_lora  # noqa: E402
 from lmoe.io import is_lmoe_adapter  # noqa: E402
 
 # PEFT's own defaults, read from the installed peft: top_k 3, router_temperature 1.0, use_gks False, rng_seed None
@@ -88,7 +88,7 @@ def arrow_model(base_model: nn.Module, adapter_dirs: Sequence[str | Path], top_k
     ranks = sorted({lora.rank for lora in loras})
     if len(ranks) > 1:
         raise ValueError(f"The adapters have ranks {ranks}; PEFT's Arrow needs one rank for all. Retrain them at one "
-                         "rank (lmoe.compose zero-pads mixed ranks, Arrow does not).")
+                         "rank (lmoe.modular.compose zero-pads mixed ranks, Arrow does not).")
     if not 1 <= top_k <= len(loras):
         raise ValueError(f"Arrow's top_k={top_k} must be between 1 and the number of adapters ({len(loras)}); "
                          f"pass top_k={min(max(top_k, 1), len(loras))}.")
@@ -138,7 +138,7 @@ def _arrow_recorder(rows: list[Tensor]):
 # ---------------------------------------------------------------- X-LoRA
 
 class NoCacheLM(nn.Module):
-    """A causal LM that runs without a KV cache. It has no `config`, so lmoe.evaluate scores every prefix and
+    """A causal LM that runs without a KV cache. It has no `config`, so lmoe.evaluation.scoring scores every prefix and
     continuation as a whole sequence; `.peft` is the PEFT model inside."""
 
     def __init__(self, peft_model: nn.Module) -> None:
@@ -149,7 +149,7 @@ class NoCacheLM(nn.Module):
                 **kwargs):
         if kwargs.pop("use_cache", False) or any(kwargs.get(k) is not None for k in ("past_key_values", "cache")):
             raise ValueError("X-LoRA cannot use a KV cache: its scaling pass (adapters off) and its real pass would "
-                             "write the same cache. Score whole sequences (lmoe.evaluate does for this model).")
+                             "write the same cache. Score whole sequences (lmoe.evaluation.scoring does for this model).")
         return self.peft(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False,
                          **kwargs)
 

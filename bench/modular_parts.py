@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmoe import benchmarks
-from lmoe.choices import MultipleChoice, encode_questions, requests
-from lmoe.data import Example, batch_stream, collate
-from lmoe.evaluate import continuation_logprobs
+from lmoe.data import benchmarks
+from lmoe.data.choices import MultipleChoice, encode_questions, requests
+from lmoe.data.encoding import Example, batch_stream, collate
+from lmoe.evaluation.scoring import continuation_logprobs
 from lmoe.inject import lmoe_layers, record_routing
-from lmoe.optim import param_groups
+from lmoe.training.optim import param_groups
 from lmoe.routing_stats import mutual_information
-from lmoe.train import seed_step, warmup_cosine
+from lmoe.training.loop import seed_step, warmup_cosine
 
 FORMAT = MultipleChoice("cloze", "plain")  # lm-eval's protocol: trains on the choice's text, scores its likelihood
 TARGETS = ["q_proj", "v_proj", "up_proj"]
@@ -35,7 +35,7 @@ WARMUP, MAX_GRAD_NORM = 10, 1.0  # lmoe train's defaults
 # ---------------------------------------------------------------- data
 
 def train_questions(task: str) -> list[dict]:
-    """The task's train side (lmoe.benchmarks' split policy: never shares a question with the test side)."""
+    """The task's train side (lmoe.data.benchmarks' split policy: never shares a question with the test side)."""
     return benchmarks.load(task, "train")
 
 

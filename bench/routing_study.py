@@ -89,7 +89,9 @@ def run_name(config: str, seed: int, extra: list[str]) -> str:
 
 def run_one(args: argparse.Namespace, config: str, seed: int) -> dict:
     from lmoe.inject import count_parameters
-    from lmoe.train import TrainConfig, read_metrics, train
+    from lmoe.training.config import TrainConfig
+    from lmoe.training.loop import train
+    from lmoe.training.metrics_log import read_metrics
 
     name = run_name(config, seed, args.extra)
     overrides = [f"output_dir={Path(args.work_dir) / name}", "compare_base=false", f"seed={seed}",

@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny local model (no downloads)
 from tiny import tiny_model_dir, write_jsonl  # noqa: E402
 
-from lmoe.train import TrainConfig, train  # noqa: E402
+from lmoe.training.config import TrainConfig  # noqa: E402
+from lmoe.training.loop import train  # noqa: E402
 
 MB = 1 << 20
 

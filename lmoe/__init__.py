@@ -1,19 +1,24 @@
-"""lmoe: fine-tune causal LMs with a mixture of LoRA experts, trained end to end (L-MoE, LD-MoLE)."""
-__version__ = "0.1.0"
+"""lmoe: fine-tune causal LMs with a mixture of LoRA experts, trained end to end (L-MoE, LD-MoLE).
 
-from .compose import compose, load_experts
+The mixture itself lives here (config, routing, layer, sparse, inject, io); the subpackages hold what builds on
+it: modular (skills as experts), data, training, evaluation, integrations (PEFT, Trainer, lm-eval)."""
+from _lmoe_peft_hook import install as _install_peft_hook
+
+from . import _moved
 from .config import LMoEConfig
-from .experts import add_experts, freeze_experts, frozen_experts, remove_experts, unfreeze_experts
-from .export import export_peft, mean_routing
 from .inject import aux_loss, aux_losses, count_parameters, inject, lmoe_layers, record_routing, remove
 from .io import load_adapter, load_adapter_weights, save_adapter
 from .layer import MoLoRALinear
-from .merge import merge, unmerge
-from .mixture_edit import add_adapters, describe_mixture
-from .peft_hook import install as _install_peft_hook
+from .modular.compose import compose, load_experts
+from .modular.edit import add_adapters, describe_mixture
+from .modular.experts import add_experts, freeze_experts, frozen_experts, remove_experts, unfreeze_experts
+from .modular.export import export_peft, mean_routing
+from .modular.merge import merge, unmerge
+from .training.optim import param_groups, scale_router_lr
+from .version import __version__
 
 _install_peft_hook()  # lmoe registers with PEFT once peft is imported (before or after lmoe)
-from .optim import param_groups, scale_router_lr
+_moved.install()  # the module names before the subpackages keep importing, with a warning
 
 __all__ = ["LMoEConfig", "MoLoRALinear", "inject", "remove", "aux_loss", "aux_losses", "count_parameters",
            "lmoe_layers", "record_routing", "save_adapter", "load_adapter", "load_adapter_weights", "__version__"]
@@ -24,6 +29,6 @@ __all__ += ["compose", "load_experts", "add_experts", "remove_experts", "freeze_
 
 def __getattr__(name: str):
     if name == "LMoETrainer":  # imports transformers.Trainer (seconds), so only on first use
-        from .hf_trainer import LMoETrainer
+        from .integrations.hf_trainer import LMoETrainer
         return LMoETrainer
     raise AttributeError(f"module 'lmoe' has no attribute {name!r}")

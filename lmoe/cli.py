@@ -1,5 +1,5 @@
-"""`lmoe train | eval | generate | analyze | compose | experts`: a thin shell over lmoe.train, lmoe.evaluate,
-lmoe.models, lmoe.analysis, lmoe.compose, lmoe.experts, lmoe.mixture_edit.
+"""`lmoe train | eval | generate | analyze | compose | experts`: a thin shell over lmoe.training.loop, lmoe.evaluation.scoring,
+lmoe.models, lmoe.evaluation.analysis, lmoe.modular.compose, lmoe.modular.experts, lmoe.modular.edit.
 
 A subcommand is one function `cmd_<name>(parser) -> handler`: it adds its arguments and returns the
 function that runs it. Add one by writing such a function and listing it in COMMANDS.
@@ -17,14 +17,15 @@ from pathlib import Path
 
 def cmd_train(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
     """Fine-tune a mixture of LoRA experts; no arguments = the built-in model and mixture."""
-    parser.add_argument("--config", help="YAML/JSON TrainConfig file (fields: see lmoe.train.TrainConfig)")
+    parser.add_argument("--config", help="YAML/JSON TrainConfig file (fields: see lmoe.training.loop.TrainConfig)")
     parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint.pt")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. steps=100 lmoe.num_experts=8 data=[my.jsonl]; "
                              "init_adapter=DIR train_experts=false trains the routers of a saved adapter")
 
     def run(args: argparse.Namespace) -> None:
-        from .train import TrainConfig, train
+        from .training.config import TrainConfig
+        from .training.loop import train
         train(TrainConfig.from_file(args.config, args.overrides), resume=args.resume)
     return run
 
@@ -66,10 +67,10 @@ def cmd_eval(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     def run(args: argparse.Namespace) -> None:
         if args.lm_eval:
             return _run_lm_eval(args)
-        from .benchmarks import PREFIX, root, task_names
-        from .choices import MultipleChoice
-        from .data import Mixture
-        from .evaluate import evaluate_benchmarks, evaluate_file, evaluate_mixture, format_table, write_json
+        from .data.benchmarks import PREFIX, root, task_names
+        from .data.choices import MultipleChoice
+        from .data.builtin import Mixture
+        from .evaluation.scoring import evaluate_benchmarks, evaluate_file, evaluate_mixture, format_table, write_json
         fmt = MultipleChoice(args.protocol, args.template, args.test_items)
         names = task_names([PREFIX + name for name in args.benchmark])
         if names:
@@ -88,8 +89,8 @@ def cmd_eval(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
 
 
 def _run_lm_eval(args: argparse.Namespace) -> None:
-    from .evaluate import write_json
-    from .lm_eval_tasks import lm_eval_results, lm_eval_table
+    from .evaluation.scoring import write_json
+    from .integrations.lm_eval_tasks import lm_eval_results, lm_eval_table
     model, tokenizer = _load(args)
     results = lm_eval_results(model, tokenizer, args.lm_eval, args.include_path, args.limit)
     print(lm_eval_table(results))
@@ -110,7 +111,7 @@ def cmd_generate(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespac
 
     def run(args: argparse.Namespace) -> None:
         import torch
-        from .evaluate import generate
+        from .evaluation.scoring import generate
         prompts = list(args.prompts)
         if args.file:
             prompts += [line for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -137,8 +138,9 @@ def cmd_analyze(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace
     parser.add_argument("--max-length", type=int, default=512)
 
     def run(args: argparse.Namespace) -> None:
-        from .analysis import analyze, batches_by_domain, held_out_batches
-        from .data import encode_all, read_records
+        from .evaluation.analysis import analyze, batches_by_domain, held_out_batches
+        from .data.encoding import encode_all
+        from .data.records import read_records
         model, tokenizer = _load(args)
         if args.data:
             records = [r for path in args.data for r in read_records(path)]
@@ -169,7 +171,7 @@ def cmd_compose(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace
                         help="outputs (default): one-hot routing reproduces each adapter exactly")
 
     def run(args: argparse.Namespace) -> None:
-        from .compose import compose
+        from .modular.compose import compose
         from .config import LMoEConfig
         from .io import save_adapter
         from .models import load_model
@@ -194,8 +196,8 @@ def _experts_list(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespa
     parser.add_argument("--json", help="write the description here as JSON")
 
     def run(args: argparse.Namespace) -> None:
-        from .evaluate import write_json
-        from .mixture_edit import describe_mixture, format_mixture
+        from .evaluation.scoring import write_json
+        from .modular.edit import describe_mixture, format_mixture
         desc = describe_mixture(args.mixture)
         print(format_mixture(desc))
         if args.json:
@@ -231,8 +233,8 @@ def _experts_add(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespac
 
     def run(args: argparse.Namespace) -> None:
         import torch
-        from .experts import add_experts
-        from .mixture_edit import ADDED_EXPERT_LOGIT, add_adapters
+        from .modular.experts import add_experts
+        from .modular.edit import ADDED_EXPERT_LOGIT, add_adapters
         if args.fresh < 0 or not args.adapters and not args.fresh:
             raise ValueError("give adapter directories to add, or --fresh N (N >= 1) for N new experts.")
         logit = ADDED_EXPERT_LOGIT if args.logit is None else args.logit
@@ -257,7 +259,7 @@ def _experts_remove(parser: argparse.ArgumentParser) -> Callable[[argparse.Names
     parser.add_argument("experts", nargs="+", type=int, help="expert indices (see `lmoe experts list`)")
 
     def run(args: argparse.Namespace) -> None:
-        from .experts import remove_experts
+        from .modular.experts import remove_experts
         _edit(args, lambda model: remove_experts(model, args.experts))
     return run
 
@@ -269,7 +271,7 @@ def _experts_replace(parser: argparse.ArgumentParser) -> Callable[[argparse.Name
     parser.add_argument("adapter", help="LoRA adapter directory (PEFT's, or `lmoe train` at lmoe.num_experts=1)")
 
     def run(args: argparse.Namespace) -> None:
-        from .compose import load_experts
+        from .modular.compose import load_experts
         _edit(args, lambda model: load_experts(model, [args.adapter], [args.expert]))
     return run
 

@@ -10,8 +10,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .peft_hook import PeftFields
-
 ROUTERS = ("softmax", "topk", "dynamic")
 COMPOSITIONS = ("params", "outputs")
 EXECUTIONS = ("auto", "dense", "sparse")
@@ -33,12 +31,17 @@ def default_lambda_hidden(width: int) -> int:
     return max(32, min(512, 1 << max(0, (width // 8).bit_length() - 1)))
 
 
+class Extensible:
+    """An empty base an integration may replace (Python lets a class change a base of plain Python, not object):
+    lmoe.integrations.peft_fields makes every LMoEConfig a peft.PeftConfig once peft is imported."""
+
+
 def _fail(name: str, value: Any, expected: str) -> None:
     raise ValueError(f"LMoEConfig.{name}={value!r} is invalid: expected {expected}.")
 
 
 @dataclass
-class LMoEConfig(PeftFields):  # PeftFields: peft.get_peft_model(model, LMoEConfig(...)) works
+class LMoEConfig(Extensible):
     """What to inject and how to route. See DESIGN.md sections 1-3 for the maths.
 
     target_modules: module names (matched against the last part of the dotted name, or the whole

@@ -20,7 +20,7 @@ from _lmoe_peft_hook import PEFT_TYPE  # peft_type in adapter_config.json: PEFT 
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
+from .version import __version__
 from .config import LMoEConfig
 from .inject import get_config, inject, lmoe_layers
 from .layer import linear_shape

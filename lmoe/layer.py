@@ -235,7 +235,7 @@ class MoLoRALinear(nn.Module):
         self._aux: AuxStats | None = None  # last_aux, once computed
         self.recorder: list[tuple[Tensor, Tensor | None]] | None = None  # set by record_routing
         self.token_mask = TokenMask()  # inject replaces it with the model's
-        self.merged_routing: Tensor | None = None  # set by lmoe.merge: base holds W0 + s Delta W(g)
+        self.merged_routing: Tensor | None = None  # set by lmoe.modular.merge: base holds W0 + s Delta W(g)
 
     def reset_experts(self) -> None:
         """LoRA init: each A_i Kaiming-uniform (independently drawn), B_i = 0, so Delta starts at 0."""

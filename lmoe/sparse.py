@@ -157,9 +157,9 @@ def gathered_mixture(y: Tensor, x: Tensor, A: Tensor, B: Tensor, g: Tensor, k: i
 
 
 # The auto rule's constants, fitted to bench/bench_sparse.py (d = 576, 1 CPU thread; bench/RESULTS.md, "Sparse
-# execution"), in units of one rank of one token's dense LoRA (2 d multiply-adds each way): a pair's row gathered
-# and scattered costs PAIR_COST more than its r ranks, an expert's group GROUP_COST; gathering each token's own
-# experts pays once the dense bank has GATHER_MIN_RANK ranks.
+# routing: cost as the number of experts grows"), in units of one rank of one token's dense LoRA (2 d
+# multiply-adds each way): a pair's row gathered and scattered costs PAIR_COST more than its r ranks, an expert's
+# group GROUP_COST; gathering each token's own experts pays once the dense bank has GATHER_MIN_RANK ranks.
 PAIR_COST, GROUP_COST, GATHER_MIN_RANK = 64, 512, 512
 DENSE_UP_TO_RANK = PAIR_COST  # prefer_sparse is false whenever E * r is at most this: grouping needs E r > r + PAIR_COST
 

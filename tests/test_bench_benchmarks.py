@@ -2,10 +2,8 @@
 import math
 import statistics
 
-import pytest
-
 from bench.benchmarks import CONFIGS, parse_args, settings, table, train_overrides
-from lmoe.train import TrainConfig
+from lmoe.training.config import TrainConfig
 
 
 def row(config, seed, accs, n=50, **extra):

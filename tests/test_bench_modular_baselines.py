@@ -1,4 +1,4 @@
-"""bench/modular_baselines.py: PEFT's Arrow and X-LoRA over the same adapter files as lmoe.compose (tiny Llama)."""
+"""bench/modular_baselines.py: PEFT's Arrow and X-LoRA over the same adapter files as lmoe.modular.compose (tiny Llama)."""
 import json
 
 import pytest
@@ -11,9 +11,9 @@ from bench.modular_parts import fit  # noqa: E402
 from bench.modular_baselines import (NoCacheLM, arrow_model, record_arrow_routing, save_random_lora,
                                      xlora_model)
 from conftest import VOCAB, tiny_model
-from lmoe import LMoEConfig, compose, inject, lmoe_layers, merge, save_adapter
-from lmoe.data import Example
-from lmoe.evaluate import continuation_logprobs
+from lmoe import LMoEConfig, compose, inject, lmoe_layers, merge, save_adapter  # noqa: E402
+from lmoe.data.encoding import Example  # noqa: E402
+from lmoe.evaluation.scoring import continuation_logprobs  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 LAYER = "model.layers.1.self_attn.v_proj"  # d_out 16 > E: each token's weights can be read back from its output
@@ -136,7 +136,7 @@ def whole_sequence_logprobs(model, reqs):
 
 def test_arrow_scores_and_generates_with_the_kv_cache(adapters):
     model, reqs = arrow_model(tiny_model("llama"), adapters), requests()
-    assert model.config.use_cache  # lmoe.evaluate takes the shared-cache path for it
+    assert model.config.use_cache  # lmoe.evaluation.scoring takes the shared-cache path for it
     torch.testing.assert_close(torch.tensor(continuation_logprobs(model, reqs, 0, progress=False)).double(),
                                whole_sequence_logprobs(model, reqs), atol=1e-4, rtol=0)
     # greedy generation with the cache: each new token is (up to float ties) the argmax of a cache-free forward

@@ -7,7 +7,7 @@ import statistics
 import pytest
 
 from bench.routing_study import CONFIGS, SECTION, format_table, run_name, summarise, write_report
-from lmoe.train import TrainConfig
+from lmoe.training.config import TrainConfig
 
 
 def row(config, seed, em, ppl, mi=None, extra=()):

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from lmoe.cli import main
-from lmoe.train import read_metrics
+from lmoe.training.metrics_log import read_metrics
 from tiny import tiny_model_dir, write_jsonl
 
 

@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lmoe import LMoEConfig, compose, lmoe_layers, load_adapter, record_routing, save_adapter
 from lmoe.cli import main
-from lmoe.mixture_edit import describe_mixture
-from lmoe.train import TrainConfig, read_metrics
-from test_compose import fix_routing
-from tiny import peft_lora_dir, tiny_model_dir, write_jsonl
+from lmoe.modular.edit import describe_mixture
+from lmoe.training.config import TrainConfig
+from lmoe.training.metrics_log import read_metrics
+from tiny import fix_routing, peft_lora_dir, tiny_model_dir, write_jsonl
 
 WEIGHTS = "adapter_model.safetensors"
 

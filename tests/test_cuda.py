@@ -142,13 +142,14 @@ def test_bf16_autocast_training_on_the_gpu_learns_and_leaves_the_base_alone(rout
 
 
 def test_lmoe_train_on_one_gpu(tmp_path):
-    from test_train import config
+    from tiny import train_config
     from tiny import tiny_model_dir, write_jsonl
-    from lmoe.train import read_metrics, train
+    from lmoe.training.loop import train
+    from lmoe.training.metrics_log import read_metrics
 
     rows = [{"prompt": f"Repeat {w}.", "completion": w} for w in ("cat", "mat", "stone", "river")] * 4
     setup = (tiny_model_dir(tmp_path / "model"), write_jsonl(tmp_path / "rows.jsonl", rows))
-    result = train(config(setup, tmp_path / "run", precision="bf16"))
+    result = train(train_config(setup, tmp_path / "run", precision="bf16"))
     metrics = read_metrics(tmp_path / "run")
     assert next(result.model.parameters()).device.type == "cuda"
     assert all(torch.isfinite(torch.tensor(r["loss"])) and r["tokens_per_s"] > 0 for r in metrics)

@@ -11,7 +11,7 @@ from conftest import tiny_model
 from lmoe import LMoEConfig, inject, save_adapter
 from lmoe.cli import main
 from lmoe.models import BUILTIN_FILE, BUILTIN_PACKAGE
-from lmoe.train import TrainConfig
+from lmoe.training.config import TrainConfig
 from tiny import tiny_model_dir, write_jsonl
 
 ROWS = [{"prompt": f"the cat {i}?", "completion": f"sat {i}"} for i in range(8)]

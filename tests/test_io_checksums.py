@@ -1,4 +1,4 @@
-"""The adapter seal (lmoe/io.py, lmoe/peft_integration.py): every writer records the SHA-256 of the weights file in
+"""The adapter seal (lmoe/io.py, lmoe/integrations/peft_tuner.py): every writer records the SHA-256 of the weights file in
 adapter_config.json, every reader refuses weights that do not match it with save_adapter's one line. Each writer x
 each reader, with one byte flipped in the middle of the weights, the file cut in half, and the weights file of
 another adapter of the same shapes (also what a crash between a writer's two files leaves); an adapter without a
@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, 
 import lmoe
 from lmoe.cli import main
 from lmoe.io import CONFIG_FILE, WEIGHTS_FILE, sha256_file
-from lmoe.peft_integration import LMoEPeftConfig
+from lmoe.integrations.peft_tuner import LMoEPeftConfig
 
 CFG = dict(num_experts=2, rank=2)
 REFUSED = r"Adapter weights .*adapter_model\.safetensors are corrupt or truncated: they do not match the checksum in"

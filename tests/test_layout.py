@@ -1,23 +1,64 @@
-"""The package's layout: every module imports in a fresh interpreter, and the modules' top-level
-imports of each other form no circle (a circle makes the import order decide what works)."""
+"""The package's layout: every module imports in a fresh interpreter; the modules' imports of each other, at the
+top of a file or inside a function, form no circle (a circle makes the import order decide what works); and each
+subpackage imports only the layers below it (the mixture itself knows nothing of data, training or PEFT)."""
 import ast
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "lmoe"
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "lmoe"
 
 
-def top_level_imports(path: Path) -> set[str]:
-    """The sibling modules that path imports at module level (`from .x import`; imports inside functions,
-    made on first use, cannot close a circle at import time)."""
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+# What each part may import: the mixture at the top of the package; data beside it, knowing nothing of it;
+# the rest built on those. cli and the package's own __init__ may import anything.
+GROUPS = ("core", "data", "modular", "evaluation", "training", "integrations")
+MAY_IMPORT = {"core": {"core"}, "data": {"data"}, "modular": {"core", "modular"},
+              "evaluation": {"core", "data", "evaluation"},
+              "training": {"core", "data", "modular", "evaluation", "training"},
+              "integrations": {"core", "modular", "training", "integrations"}}
+ANYTHING = {"lmoe", "lmoe.cli", "lmoe._moved"}
+
+
+def group(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in GROUPS else "core"
+
+
+def resolve(importer: str, node: ast.ImportFrom | ast.Import) -> set[str]:
+    """The lmoe modules an import statement loads (`from pkg import name` loads pkg.name where that is a module)."""
+    if isinstance(node, ast.Import):
+        return {a.name for a in node.names if a.name in MODULES}
+    if node.level:
+        package = importer if MODULES[importer].name == "__init__.py" else importer.rsplit(".", 1)[0]
+        base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1])
+        target = f"{base}.{node.module}" if node.module else base
+    else:
+        target = node.module or ""
+    if target not in MODULES:
+        return set()
+    subs = {f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in MODULES}
+    return subs | ({target} if len(subs) < len(node.names) else set())
+
+
+def imports(module: str) -> set[str]:
+    """Every lmoe module that `module` imports, at its top or inside a function."""
+    tree = ast.parse(MODULES[module].read_text())
     found = set()
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            found |= {node.module} if node.module else {alias.name for alias in node.names}
-    return {name.split(".")[0] for name in found}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found |= resolve(module, node)
+    return found - {module}
+
+
+GRAPH = {name: imports(name) for name in MODULES}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -48,22 +89,64 @@ def test_find_cycle_finds_a_circle_and_only_a_circle():
     assert find_cycle({"a": {"a"}}) == ["a", "a"]
 
 
-def test_no_import_circle_between_the_modules():
-    graph = {name: top_level_imports(PACKAGE / f"{name}.py") for name in MODULES}
-    assert find_cycle(graph) is None, f"import circle: {' -> '.join(find_cycle(graph))}"
+def test_imports_see_function_level_relative_and_from_package_imports():
+    """The graph's reader, on the imports it must see: a relative import inside a function, `from .. import x`
+    of a module, and a name (not a module) from a package's __init__."""
+    assert "lmoe.training.loop" in GRAPH["lmoe.cli"]  # inside cli's functions only
+    assert "lmoe.data.benchmarks" in GRAPH["lmoe.evaluation.scoring"]  # from ..data import benchmarks
+    assert "lmoe.evaluation.analysis" in GRAPH["lmoe.training.evaluation"]  # inside a function
+    assert GRAPH["lmoe.version"] == set()
 
 
-def test_every_module_imports_in_a_fresh_interpreter():
-    """One interpreter for all (each costs seconds of torch/transformers imports); with no circle, each
-    module also imports alone."""
-    code = "; ".join(f"import lmoe.{name}" for name in MODULES)
+def test_no_import_circle_between_the_modules_also_through_imports_inside_functions():
+    assert find_cycle(GRAPH) is None, f"import circle: {' -> '.join(find_cycle(GRAPH))}"
+
+
+def test_each_part_imports_only_the_layers_below_it():
+    wrong = [f"{a} imports {b}" for a, targets in GRAPH.items() if a not in ANYTHING
+             for b in sorted(targets) if b not in ANYTHING and group(b) not in MAY_IMPORT[group(a)]]
+    assert not wrong, "layering broken: " + "; ".join(wrong)
+
+
+def test_the_mixture_config_knows_nothing_of_peft():
+    """PEFT's fields and registration live with the PEFT integration, which extends the config when peft loads."""
+    tree = ast.parse((PACKAGE / "config.py").read_text())
+    modules = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in modules if "peft" in m.lower()] and GRAPH["lmoe.config"] == set(), modules
+
+
+def test_every_module_imports_in_a_fresh_interpreter_and_old_names_still_import():
+    """One interpreter for all (each costs seconds of torch/transformers imports); with no circle, each module
+    also imports alone. A module's name before the subpackages imports the module at its new place."""
+    code = "; ".join(f"import {name}" for name in MODULES)
+    code += ("; import warnings; warnings.simplefilter('error'); import lmoe.training.loop as new"
+             "\ntry:\n import lmoe.train\nexcept DeprecationWarning as w: print(w)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "lmoe.train moved to lmoe.training.loop; import it from there."
 
 
-def test_the_readme_architecture_list_names_every_module_and_only_those():
-    readme = (PACKAGE.parent / "README.md").read_text()
-    section = readme.split("## Architecture", 1)[1].split("\n## ", 1)[0]
-    listed = set(re.findall(r"lmoe/(\w+)\.py", section))
-    assert listed == set(MODULES), (f"README.md's Architecture list: add {sorted(set(MODULES) - listed)}, "
-                                    f"remove {sorted(listed - set(MODULES))}")
+def test_an_old_module_name_is_the_new_module_and_one_that_would_hide_a_function_fails_in_one_line():
+    code = ("import warnings, lmoe; warnings.simplefilter('ignore'); import lmoe.train, lmoe.training.loop, "
+            "lmoe.data.encoding as enc; from lmoe.data import collate; "
+            "print(lmoe.train is lmoe.training.loop, collate is enc.collate)\n"
+            "try:\n import lmoe.merge\nexcept ImportError as e: print(e, callable(lmoe.merge))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.splitlines() == ["True True", "lmoe.merge moved to lmoe.modular.merge; import it from there. "
+                                        "True"], done.stderr[-2000:]
+
+
+def test_the_architecture_list_names_every_module_and_only_those():
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    listed = set(re.findall(r"`(lmoe/[\w/]+\.py)`", page))
+    files = {str(p.relative_to(ROOT)) for p in MODULES.values()}
+    assert listed == files, (f"docs/architecture.md: add {sorted(files - listed)}, remove {sorted(listed - files)}")
+
+
+def test_tests_mirror_the_package():
+    """A test file of a subpackage's module sits in that subpackage's folder of tests/."""
+    misplaced = [str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
+                 if p.parent.name in GROUPS[1:] and not (PACKAGE / p.parent.name).is_dir()]
+    folders = {p.parent.name for p in (ROOT / "tests").rglob("test_*.py")} - {"tests"}
+    assert not misplaced and folders <= set(GROUPS[1:]), (misplaced, folders)

@@ -107,5 +107,5 @@ def test_builtin_smollm2_loads_and_answers():
     model, tok = models.load_model()
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
     assert model.config.num_hidden_layers == 30 and len(tok) == 49152
-    from lmoe.evaluate import generate
+    from lmoe.evaluation.scoring import generate
     assert generate(model, tok, ["What is the capital of France?"], max_new_tokens=12)[0]

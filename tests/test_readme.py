@@ -54,7 +54,7 @@ def test_modular_skills_commands_run(tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file
 
     from lmoe.cli import main
-    from lmoe.mixture_edit import describe_mixture
+    from lmoe.modular.edit import describe_mixture
     monkeypatch.chdir(tmp_path)
     base = str(tiny_model_dir(tmp_path / "base"))
     commands = section_commands(MODULAR)

@@ -11,8 +11,9 @@ from torch.func import functional_call
 from conftest import tiny_model
 from lmoe import LMoEConfig, aux_loss, aux_losses, count_parameters, inject, lmoe_layers, load_adapter, save_adapter
 from lmoe.config import default_lambda_hidden
-from lmoe.routing import (LAMBDA_BIAS_INIT, LambdaHead, build_router, load_balance_loss, softmax_route,
-                          sparsegen_route, sparsegen_weights, sparsity_loss, sparsity_threshold, topk_route, z_loss)
+from lmoe.config import LAMBDA_BIAS_INIT
+from lmoe.routing import (LambdaHead, build_router, load_balance_loss, softmax_route, sparsegen_route,
+                          sparsegen_weights, sparsity_loss, sparsity_threshold, topk_route, z_loss)
 
 ROUTERS = ["softmax", "topk", "dynamic"]
 

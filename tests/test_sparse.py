@@ -9,8 +9,8 @@ from torch import nn
 
 import lmoe.layer
 from conftest import VOCAB, tiny_model
-from lmoe import LMoEConfig, MoLoRALinear, aux_loss, inject, lmoe_layers
-from lmoe.experts import add_experts, remove_experts
+from lmoe import LMoEConfig, MoLoRALinear, aux_loss, inject
+from lmoe.modular.experts import add_experts, remove_experts
 from lmoe.sparse import DENSE_UP_TO_RANK, _grouped_ok, grouped_mm, prefer_sparse, route_pairs
 from test_layer import COMPOSITIONS, brute_force, make_layer
 

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
+from torch import nn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from lmoe import lmoe_layers
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -59,3 +63,31 @@ def peft_lora_dir(base, out: Path, seed: int, **lora) -> Path:
     lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False} | lora
     get_peft_model(model, LoraConfig(**lora)).save_pretrained(out)
     return out
+
+
+def fix_routing(model, g):
+    """Make every router return g (E,) for every token: zero gate, bias log g (exp(-inf) = 0 exactly)."""
+    with torch.no_grad():
+        for name, layer in lmoe_layers(model):
+            weights = g[name] if isinstance(g, dict) else g
+            layer.router.weight.zero_()
+            layer.router.bias = nn.Parameter(weights.float().log())
+
+
+def train_config(setup, out, **kw):
+    """A short run of the tiny model on setup = (model dir, data file), checkpoints every 3 steps."""
+    from lmoe.training.config import TrainConfig
+    model, data = setup
+    fields = dict(model=str(model), data=[str(data)], output_dir=str(out), steps=6, batch_size=4, grad_accum=2,
+                  lr=1e-2, warmup_steps=2, save_every=3, compare_base=False,
+                  lmoe={"num_experts": 3, "rank": 2, "target_modules": "all-linear", "dropout": 0.1,
+                        "load_balance_coef": 0.01, "z_loss_coef": 0.001})
+    fields.update(kw)
+    return TrainConfig.from_dict(fields)
+
+
+def worker_pythonpath(test_file: str) -> str:
+    """PYTHONPATH for a test file run as a torchrun worker: the repository, tests/ (conftest, tiny), its own folder."""
+    here = Path(test_file).resolve().parent
+    tests = next(p for p in (here, *here.parents) if p.name == "tests")
+    return os.pathsep.join([str(tests.parent), str(tests), str(here)])

@@ -1,0 +1,315 @@
+"""Evaluation: answer perplexity, greedy exact match per skill, multiple-choice accuracy (letter and cloze;
+every accuracy named by its protocol and template, with a warning where letter is at chance and cloze is not).
+
+Every metric is computed from three primitives: the summed log-probability of the labelled tokens of an
+Example (answer_logprobs), that of continuations sharing one prefix's KV cache (continuation_logprobs),
+and batched generation from chat prompts (generate).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import benchmarks
+from ..data.builtin import Mixture
+from ..data.choices import MultipleChoice, answers, requests
+from ..data.encoding import IGNORE, Example, collate, encode_all, render_prompt
+from ..data.records import read_records
+from ..io import atomic_write
+
+log = logging.getLogger(__name__)
+
+# The letter protocol is "at chance" where a one-sided binomial test cannot tell it from guessing at this level,
+# and cloze "clearly above" where the same test puts it above guessing at this one (multiple_choice's warning).
+LETTER_AT_CHANCE = 0.05
+CLOZE_ABOVE_CHANCE = 0.001
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def answer_logprobs(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int = 16) -> list[tuple[float, int]]:
+    """(sum of log p(label token | prefix), number of label tokens) for each example, in order."""
+    model.eval()
+    results = []
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(_device(model)) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        targets = batch["labels"][:, 1:]  # (batch, T-1): token t is predicted from logits at t-1
+        logp = F.log_softmax(logits[:, :-1], dim=-1)
+        picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        keep = targets != IGNORE
+        results += list(zip((picked * keep).sum(1).tolist(), keep.sum(1).tolist()))
+    return results
+
+
+def perplexity(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int = 16) -> dict[str, float]:
+    """domain -> exp(mean negative log-likelihood per answer token) over that domain's examples."""
+    nll, count = defaultdict(float), defaultdict(int)
+    for ex, (logprob, n) in zip(examples, answer_logprobs(model, examples, pad_id, batch_size)):
+        nll[ex.domain] -= logprob
+        count[ex.domain] += n
+    return {domain: math.exp(nll[domain] / count[domain]) for domain in nll if count[domain]}
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompts: list[str | list[dict]], max_new_tokens: int = 64,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 32) -> list[str]:
+    """Replies to chat prompts (a user message string or a list of messages), greedy unless do_sample."""
+    model.eval()
+    texts = [render_prompt(tokenizer, [{"role": "user", "content": p}] if isinstance(p, str) else p) for p in prompts]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # left padding so replies start together
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+    replies = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(_device(model))
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id, **sampling)
+            replies += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return [r.strip() for r in replies]
+
+
+def normalise(answer: str) -> str:
+    """Case, surrounding space and a final full stop do not count against an exact answer."""
+    return answer.strip().rstrip(".").strip().lower()
+
+
+def exact_match(model: nn.Module, tokenizer, records: list[dict], batch_size: int = 32) -> dict[str, float]:
+    """domain -> fraction of records whose greedy reply equals record["answer"] (after normalise)."""
+    prompts = [r["messages"][:-1] for r in records]
+    longest = max(len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in records)
+    replies = generate(model, tokenizer, prompts, max_new_tokens=longest + 4, batch_size=batch_size)
+    hits, totals = defaultdict(int), defaultdict(int)
+    for record, reply in zip(records, replies):
+        hits[record["domain"]] += normalise(reply) == normalise(record["answer"])
+        totals[record["domain"]] += 1
+    return {domain: hits[domain] / totals[domain] for domain in totals}
+
+
+def _takes_cache(model: nn.Module) -> bool:
+    """A transformers causal LM (KV cache, position_ids); anything else is scored without prefix sharing."""
+    return getattr(getattr(model, "config", None), "use_cache", None) is not None
+
+
+def continuation_logprobs(model: nn.Module, requests: list[tuple[list[int], list[list[int]]]], pad_id: int,
+                          batch_tokens: int = 4096, progress: bool = True) -> list[list[float]]:
+    """For each (prefix ids, [continuation ids, ...]): sum of log p(continuation | prefix), per continuation.
+
+    Each prefix runs once and its KV cache serves all its continuations; requests are batched by prefix
+    length, about batch_tokens (continuations x padded length) per batch. The same numbers as scoring
+    every prefix + continuation on its own (answer_logprobs), which models without a cache get."""
+    order = sorted(range(len(requests)), key=lambda i: (len(requests[i][0]), len(requests[i][1])))
+    batches, batch = [], []
+    for i in order:
+        grown = batch + [i]
+        width = len(requests[i][0]) + max(len(c) for j in grown for c in requests[j][1])
+        if batch and sum(len(requests[j][1]) for j in grown) * width > batch_tokens:
+            batches.append(batch)
+            grown = [i]
+        batch = grown
+    batches += [batch] if batch else []
+    score = _shared_batch if _takes_cache(model) else _unshared_batch
+    results: list[list[float]] = [[] for _ in requests]
+    model.eval()
+    with tqdm(total=sum(len(c) for _, c in requests), desc="score choices", unit="choice", disable=not progress,
+              leave=False) as bar:
+        for batch in batches:
+            for i, scores in zip(batch, score(model, [requests[i] for i in batch], pad_id)):
+                results[i] = scores
+            bar.update(sum(len(requests[i][1]) for i in batch))
+    return results
+
+
+def _unshared_batch(model: nn.Module, requests: list, pad_id: int) -> list[list[float]]:
+    """The reference: every prefix + continuation as its own sequence."""
+    examples = [Example(prefix + cont, [IGNORE] * len(prefix) + cont) for prefix, conts in requests for cont in conts]
+    flat = iter(lp for lp, _ in answer_logprobs(model, examples, pad_id, batch_size=len(examples)))
+    return [[next(flat) for _ in conts] for _, conts in requests]
+
+
+@torch.no_grad()
+def _shared_batch(model: nn.Module, requests: list, pad_id: int) -> list[list[float]]:
+    """Prefixes left-padded in one forward (last position's logits only), the cache repeated per continuation,
+    then every continuation right-padded in one forward that attends to its prefix's cache."""
+    device = _device(model)
+    width = max(len(p) for p, _ in requests)
+    ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, (prefix, _) in enumerate(requests):
+        ids[row, width - len(prefix):], mask[row, width - len(prefix):] = torch.tensor(prefix), 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    takes = inspect.signature(model.forward).parameters
+    cache_name = "cache" if "cache" in takes else "past_key_values"  # the newer transformers name, else the older
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in takes else {}  # the last position's logits only
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
+    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # (questions, vocab): each continuation's first token
+    owner = torch.tensor([row for row, (_, conts) in enumerate(requests) for _ in conts], device=device)
+    conts = [c for _, cs in requests for c in cs]
+    logprob = first[owner, torch.tensor([c[0] for c in conts], device=device)]  # (continuations,)
+    longest = max(len(c) for c in conts)
+    if longest > 1:  # the letter protocol stops here: one forward per question
+        cache = getattr(out, "cache", None) or out.past_key_values
+        cache.reorder_cache(owner)  # row i of the cache now belongs to continuation i
+        tail = torch.full((len(conts), longest), pad_id, dtype=torch.long)
+        tail_mask = torch.zeros_like(tail)
+        for row, cont in enumerate(conts):
+            tail[row, :len(cont)], tail_mask[row, :len(cont)] = torch.tensor(cont), 1
+        tail, tail_mask = tail.to(device), tail_mask.to(device)
+        logits = model(input_ids=tail, attention_mask=torch.cat([mask[owner], tail_mask], 1), **{cache_name: cache},
+                       position_ids=mask.sum(-1)[owner, None] + torch.arange(longest, device=device),
+                       use_cache=True).logits[:, :-1].float()  # (continuations, longest-1, vocab)
+        picked = logits.gather(-1, tail[:, 1:, None]).squeeze(-1) - logits.logsumexp(-1)
+        logprob = logprob + (picked * tail_mask[:, 1:]).sum(-1)
+    flat = iter(logprob.tolist())
+    return [[next(flat) for _ in cs] for _, cs in requests]
+
+
+def multiple_choice(model: nn.Module, tokenizer, records: list[dict], fmt: MultipleChoice | None = None,
+                    max_length: int = 512, progress: bool = True) -> dict:
+    """Accuracy on question records by each protocol fmt scores (auto: letter and cloze), each result named by
+    its protocol and template: {"n", "chance", "letter/chat": {"protocol", "template", "acc"}, "cloze/chat":
+    {..., "acc_norm"}}. chance: the mean of 1 / number of choices, what guessing scores."""
+    fmt = fmt or MultipleChoice()
+    result = {"n": len(records), "chance": sum(1 / len(r["choices"]) for r in records) / len(records)}
+    for one in fmt.scored():
+        result[one.key] = _accuracy(model, tokenizer, records, one, max_length, progress)
+    return result
+
+
+def _accuracy(model: nn.Module, tokenizer, records: list[dict], fmt: MultipleChoice, max_length: int,
+              progress: bool) -> dict:
+    """One protocol: letter (acc: the most likely option letter), or cloze (acc: highest summed log-likelihood
+    of the choice text; acc_norm: per character of the choice, as lm-eval)."""
+    scores = continuation_logprobs(model, requests(tokenizer, records, fmt, max_length), tokenizer.pad_token_id,
+                                   progress=progress)
+    acc = acc_norm = 0
+    for record, mine in zip(records, scores, strict=True):
+        chars = [max(len(text), 1) for text in answers(record, fmt)]
+        acc += max(range(len(mine)), key=mine.__getitem__) == record["gold"]
+        acc_norm += max(range(len(mine)), key=lambda i: mine[i] / chars[i]) == record["gold"]
+    result = {"protocol": fmt.protocol, "template": fmt.template, "acc": acc / len(records)}
+    return result if fmt.protocol == "letter" else {**result, "acc_norm": acc_norm / len(records)}
+
+
+def binomial_tail(hits: int, n: int, p: float) -> float:
+    """P(X >= hits) for X ~ Binomial(n, p), 0 < p < 1: how likely guessing gets at least `hits` of n right."""
+    if hits <= 0:
+        return 1.0
+    terms = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p)
+             + (n - k) * math.log1p(-p) for k in range(hits, n + 1)]  # log P(X = k), summed in log space
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def letter_at_chance(scored: dict) -> str | None:
+    """What to warn of (e.g. "letter 0.248, cloze 0.630 (chance 0.250, n=500)") when multiple_choice's letter
+    accuracy is not above chance (one-sided binomial test against the mean chance, p > LETTER_AT_CHANCE) while
+    cloze's clearly is (p < CLOZE_ABOVE_CHANCE); else None."""
+    by = {r["protocol"]: r["acc"] for r in scored.values() if isinstance(r, dict)}
+    if not {"letter", "cloze"} <= by.keys():
+        return None
+    n, chance = scored["n"], scored["chance"]
+    p = {protocol: binomial_tail(round(acc * n), n, chance) for protocol, acc in by.items()}
+    if p["letter"] > LETTER_AT_CHANCE and p["cloze"] < CLOZE_ABOVE_CHANCE:
+        return f"letter {by['letter']:.3f}, cloze {by['cloze']:.3f} (chance {chance:.3f}, n={n})"
+    return None
+
+
+def warn_letter_at_chance(sources: dict[str, dict]) -> None:
+    """One warning line naming every source (name -> multiple_choice's result) where letter_at_chance holds."""
+    found = [f"{name}: {line}" for name, scored in sources.items() if (line := letter_at_chance(scored))]
+    if found:
+        log.warning("lmoe: the letter protocol scores at chance where cloze does not (%s): the model does not "
+                    "answer with option letters, so its letter rows say nothing of what it knows; read the cloze "
+                    "rows, or train on letter targets (mc.protocol=letter) to teach it the letters.", "; ".join(found))
+
+
+def evaluate_mixture(model: nn.Module, tokenizer, mixture: Mixture, max_length: int = 256) -> dict:
+    """Held-out metrics of the built-in mixture: exact match per skill, answer perplexity per domain."""
+    results = {}
+    if mixture.skills:
+        results["exact_match"] = exact_match(model, tokenizer, mixture.skill_items("test"))
+    if mixture.domains:
+        held_out = encode_all(tokenizer, mixture.conversations("test"), max_length)
+        results["perplexity"] = perplexity(model, held_out, tokenizer.pad_token_id)
+    return results
+
+
+def evaluate_file(model: nn.Module, tokenizer, path: str | Path, max_length: int = 512,
+                  fmt: MultipleChoice | None = None) -> dict:
+    """Multiple-choice accuracy if the records are questions ({"question", "choices", "answer"}),
+    otherwise answer perplexity per domain."""
+    records = read_records(path)
+    questions = [r for r in records if "choices" in r]
+    if questions and len(questions) < len(records):
+        raise ValueError(f"{path} mixes multiple-choice questions with other records; put them in two files.")
+    if questions:
+        scored = multiple_choice(model, tokenizer, questions, fmt, max_length)
+        warn_letter_at_chance({str(path): scored})
+        return {"multiple_choice": scored}
+    examples = encode_all(tokenizer, records, max_length)
+    return {"perplexity": perplexity(model, examples, tokenizer.pad_token_id)}
+
+
+def evaluate_benchmarks(model: nn.Module, tokenizer, names: list[str], fmt: MultipleChoice | None = None,
+                        max_length: int = 512) -> dict:
+    """Accuracy on each benchmark's test split (fmt.test_items questions of it, 0: all), "bench:NAME":
+    multiple_choice's result, and "bench:average": {protocol/template: the tasks' unweighted mean acc (and
+    acc_norm), with its protocol and template}."""
+    fmt = fmt or MultipleChoice()
+    results = {benchmarks.PREFIX + name: multiple_choice(
+        model, tokenizer, benchmarks.subset(benchmarks.load(name, "test"), fmt.test_items), fmt, max_length)
+        for name in names}
+    warn_letter_at_chance(results)
+    average = {}
+    for key in (one.key for one in fmt.scored()):
+        tasks = [task[key] for task in results.values()]
+        average[key] = {**tasks[0], **{metric: sum(t[metric] for t in tasks) / len(tasks)
+                                       for metric in ("acc", "acc_norm") if metric in tasks[0]}}
+    return results | {benchmarks.PREFIX + "average": average}
+
+
+def format_table(runs: dict[str, dict]) -> str:
+    """Side-by-side table: one row per number in the runs' results, labelled by its keys (e.g. "perplexity
+    german", "multiple_choice:mc letter/chat acc"), one column per run (e.g. base, trained)."""
+    names = list(runs)
+    rows = {}
+    for name in names:
+        for label, value in _numbers(runs[name]):
+            rows.setdefault(label, {})[name] = value
+    width = max([len(label) for label in rows] + [12])
+    lines = [f"{'metric':<{width}}" + "".join(f"{n:>12}" for n in names)]
+    for label, values in rows.items():
+        cells = "".join(f"{'-':>12}" if n not in values else f"{values[n]:>12d}" if isinstance(values[n], int)
+                        else f"{values[n]:>12.3f}" for n in names)
+        lines.append(f"{label:<{width}}" + cells)
+    return "\n".join(lines)
+
+
+def _numbers(results: dict, labels: tuple[str, ...] = ()):
+    """(label, number) for every number in nested results; the names (protocol, template) are in the labels."""
+    for key, value in results.items():
+        if isinstance(value, dict):
+            yield from _numbers(value, (*labels, key))
+        elif not isinstance(value, str):
+            yield " ".join((*labels, key)), value
+
+
+def write_json(results: dict, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n"))

@@ -1,0 +1,2 @@
+"""lmoe inside other tools: a PEFT method (peft_tuner, peft_fields), the Hugging Face Trainer (hf_trainer), and
+lm-eval's tasks (lm_eval_tasks)."""

@@ -1,0 +1,249 @@
+"""TrainConfig: everything `lmoe train` needs, validated when built; YAML/JSON files, key=value overrides, recipes."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import LMoEConfig, check_known_keys, is_number
+from ..data.builtin import Mixture
+from ..data.choices import MultipleChoice
+from ..io import CONFIG_FILE, read_adapter_meta, verify_adapter
+from ..models import BUILTIN, LOAD_IN
+
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+STRATEGIES = ("ddp", "fsdp")  # how several processes (torchrun / accelerate launch) share the work
+
+
+# The default run's mixture: 4 softmax-routed rank-4 experts on the attention and MLP inputs. A partial
+# `lmoe:` section (file or `lmoe.x=...` overrides) changes only the fields it names.
+DEFAULT_LMOE = dict(num_experts=4, rank=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                    router="softmax", composition="params")
+
+
+# LD-MoLE's released settings (eshentw/LD-MoLE: conf/finetune.yaml, conf/model/*.yaml, conf/task/*.yaml, run.sh):
+# label smoothing 0.1, AdamW weight decay 0.1 on experts, routers and lambda heads, LoRA dropout 0.1 read by the
+# experts, the gate and the lambda head alike, 8 experts of rank 8 (alpha 16) composed by outputs on all seven
+# projections, dynamic routing with load balance 1.0. Their learning rate (1e-4 over 3-10 epochs) is left to `lr`.
+SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RECIPES = {"ld-mole": dict(label_smoothing=0.1, weight_decay=0.1, lmoe=dict(
+    num_experts=8, rank=8, alpha=16, dropout=0.1, router_reads_dropout=True, composition="outputs",
+    router="dynamic", load_balance_coef=1.0, target_modules=SEVEN_PROJECTIONS))}
+
+
+def default_lmoe() -> LMoEConfig:
+    return LMoEConfig(**DEFAULT_LMOE)
+
+
+@dataclass
+class TrainConfig:
+    """Everything `lmoe train` needs. data empty = the built-in mixture (with a base-vs-trained table)."""
+
+    model: str = BUILTIN
+    data: list[str] = field(default_factory=list)
+    eval_data: list[str] = field(default_factory=list)
+    output_dir: str = "runs/lmoe"
+    lmoe: LMoEConfig = field(default_factory=default_lmoe)
+    mixture: Mixture = field(default_factory=Mixture)
+    mc: MultipleChoice = field(default_factory=MultipleChoice)  # how multiple-choice data trains and is scored
+    steps: int = 150
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-3
+    router_lr_scale: float = 30.0  # routers and lambda heads learn at lr times this (bench/RESULTS.md, routing study)
+    weight_decay: float = 0.0  # AdamW's, on every trainable parameter (experts, routers, lambda heads)
+    label_smoothing: float = 0.0  # of the LM loss (lmoe.training.objective)
+    temperature_start: float | None = None  # set: the gates' temperature anneals from it to lmoe.temperature (anneal.py)
+    temperature_anneal_steps: int = 0  # ... over this many steps (1..steps)
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    max_length: int = 128
+    seed: int = 0
+    precision: str = "auto"
+    save_every: int = 50
+    eval_every: int = 0  # > 0: the held-out answer loss every this many steps (metrics.csv eval_loss)
+    compare_base: bool = True
+    distributed: str = "ddp"
+    gradient_checkpointing: bool = False
+    load_in: str = "full"  # "8bit" / "4bit": the base quantised by bitsandbytes (CUDA only), experts in float32
+    max_bad_steps: int = 5  # stop after this many consecutive steps with a non-finite loss or gradient
+    init_adapter: str | None = None  # a saved adapter directory to start from; its mixture replaces `lmoe`
+    train_experts: bool = True  # false: every expert frozen, only the routers (and lambda heads) learn
+    frozen_experts: list[int] = field(default_factory=list)  # these experts of init_adapter frozen, the rest learn
+    recipe: str | None = None  # "ld-mole": the LD-MoLE authors' settings (RECIPES) for every field left at its default
+
+    def __post_init__(self) -> None:
+        self._apply_recipe()
+        self._check_init_adapter()
+        if self.init_adapter is not None:
+            self.lmoe = adapter_lmoe(self.init_adapter, self.lmoe)
+            self._check_frozen_experts()
+        elif isinstance(self.lmoe, dict):
+            self.lmoe = LMoEConfig.from_dict({**DEFAULT_LMOE, **self.lmoe})
+        if isinstance(self.mixture, dict):
+            self.mixture = Mixture(**check_known_keys(Mixture, self.mixture, "mixture."))
+        if isinstance(self.mc, dict):
+            self.mc = MultipleChoice(**check_known_keys(MultipleChoice, self.mc, "mc."))
+        for name in ("data", "eval_data"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "max_bad_steps"):
+            _check(self, name, isinstance(getattr(self, name), int) and getattr(self, name) >= 1, "an integer >= 1")
+        for name in ("warmup_steps", "save_every", "eval_every", "seed"):
+            _check(self, name, isinstance(getattr(self, name), int) and getattr(self, name) >= 0, "an integer >= 0")
+        _check(self, "lr", is_number(self.lr) and self.lr > 0, "a finite number > 0")
+        _check(self, "label_smoothing", is_number(self.label_smoothing) and 0 <= self.label_smoothing < 1,
+               "a number in [0, 1)")
+        _check(self, "router_lr_scale", is_number(self.router_lr_scale) and self.router_lr_scale > 0, "a finite number > 0")
+        for name in ("weight_decay", "max_grad_norm"):
+            _check(self, name, is_number(getattr(self, name)) and getattr(self, name) >= 0, "a finite number >= 0")
+        _check(self, "precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}")
+        _check(self, "distributed", self.distributed in STRATEGIES, f"one of {', '.join(STRATEGIES)}")
+        _check(self, "gradient_checkpointing", isinstance(self.gradient_checkpointing, bool), "true or false")
+        _check(self, "load_in", self.load_in in LOAD_IN, f"one of {', '.join(LOAD_IN)}")
+        self._check_annealing()
+
+    def _check_annealing(self) -> None:
+        if self.temperature_start is None:
+            _check(self, "temperature_anneal_steps", self.temperature_anneal_steps == 0,
+                   "0 without temperature_start (the temperature to anneal from)")
+            return
+        _check(self, "temperature_start", is_number(self.temperature_start) and self.temperature_start > 0,
+               "null or a finite number > 0")
+        _check(self, "temperature_anneal_steps", isinstance(self.temperature_anneal_steps, int) and
+               1 <= self.temperature_anneal_steps <= self.steps, f"an integer in 1..steps ({self.steps})")
+        if self.lmoe.router == "dynamic":
+            raise ValueError(f"TrainConfig.temperature_start={self.temperature_start!r}: lmoe.router=dynamic has no "
+                             "temperature (sparsegen's lambda sets how sparse it is). Drop temperature_start, or "
+                             "use lmoe.router=softmax or topk.")
+
+    def _apply_recipe(self) -> None:
+        """Fill the fields still at their defaults (top level and lmoe.*) from the named recipe."""
+        if self.recipe is None:
+            return
+        _check(self, "recipe", self.recipe in RECIPES, f"null or one of {', '.join(RECIPES)}")
+        recipe = RECIPES[self.recipe]
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        for name, value in recipe.items():
+            if name != "lmoe" and getattr(self, name) == defaults[name]:
+                setattr(self, name, value)
+        if isinstance(self.lmoe, LMoEConfig):  # a whole config counts as given where it differs from the default
+            self.lmoe = {k: v for k, v in self.lmoe.to_dict().items() if v != default_lmoe().to_dict()[k]}
+        if self.init_adapter is None:
+            self.lmoe = {**DEFAULT_LMOE, **recipe["lmoe"], **self.lmoe}
+
+    def _check_init_adapter(self) -> None:
+        if isinstance(self.init_adapter, os.PathLike):
+            self.init_adapter = os.fspath(self.init_adapter)
+        _check(self, "init_adapter", self.init_adapter is None or isinstance(self.init_adapter, str) and
+               self.init_adapter != "", "an adapter directory, or null for fresh experts")
+        _check(self, "train_experts", isinstance(self.train_experts, bool), "true or false")
+        if not self.train_experts and self.init_adapter is None:
+            raise ValueError("TrainConfig.train_experts=false needs init_adapter=DIR: fresh experts start at zero "
+                             "and, frozen, would stay there. Give the adapter to start from, or train_experts=true.")
+        if isinstance(self.frozen_experts, int) and not isinstance(self.frozen_experts, bool):
+            self.frozen_experts = [self.frozen_experts]
+        _check(self, "frozen_experts", isinstance(self.frozen_experts, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.frozen_experts)
+            and len(set(self.frozen_experts)) == len(self.frozen_experts), "a list of distinct expert indices")
+        if self.frozen_experts and self.init_adapter is None:
+            raise ValueError(f"TrainConfig.frozen_experts={self.frozen_experts} needs init_adapter=DIR: it keeps "
+                             "experts of a saved mixture as they are (e.g. after `lmoe experts add MIX --fresh 1`). "
+                             "Give the adapter, or drop frozen_experts.")
+        if self.frozen_experts and not self.train_experts:
+            raise ValueError(f"TrainConfig.frozen_experts={self.frozen_experts} with train_experts=false: every "
+                             "expert is frozen already. Drop one of them.")
+
+    def _check_frozen_experts(self) -> None:
+        E = self.lmoe.num_experts
+        _check(self, "frozen_experts", all(i < E for i in self.frozen_experts),
+               f"indices of init_adapter's {E} experts, 0 to {E - 1}")
+        if self.frozen_experts and self.distributed == "fsdp":
+            raise ValueError("TrainConfig.frozen_experts with distributed=fsdp: FSDP shards the stacked experts that "
+                             "freezing masks slice by slice. Use distributed=ddp, or train_experts=false.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        return cls(**check_known_keys(cls, data))
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: list[str] = ()) -> "TrainConfig":
+        """A YAML or JSON file (or None for defaults) plus "dotted.key=value" overrides (values parsed as YAML)."""
+        data = {}
+        if path:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"Config file {path} does not exist; pass an existing YAML/JSON file to --config.")
+            try:
+                data = load_yaml(Path(path).read_text()) or {}
+            except yaml.YAMLError as err:
+                raise ValueError(f"Config {path} is not valid YAML ({err}); fix the file.") from err
+            if not isinstance(data, dict):
+                raise ValueError(f"Config {path} must be a mapping of fields, got {type(data).__name__}.")
+        return cls.from_dict(apply_overrides(data, overrides))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def adapter_lmoe(directory: str, given: dict | LMoEConfig) -> LMoEConfig:
+    """The mixture of the adapter training starts from. An `lmoe` section (`given`) may only repeat its
+    values: a partial one (a dict) names the fields it sets; a whole one counts as unset when it is the default."""
+    if not (Path(directory) / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"TrainConfig.init_adapter={directory!r}: no adapter there ({CONFIG_FILE} is "
+                                "missing). Pass a directory written by `lmoe train` (OUTPUT_DIR/adapter) or "
+                                "`lmoe compose`, or drop init_adapter to start from fresh experts.")
+    verify_adapter(directory)  # a corrupt adapter stops the run here, not after the base model's evaluation
+    saved = LMoEConfig.from_dict(read_adapter_meta(directory)["config"])
+    if isinstance(given, LMoEConfig):
+        given = {} if given == default_lmoe() else given.to_dict()
+    asked = LMoEConfig.from_dict({**saved.to_dict(), **given})
+    clash = [f"lmoe.{f.name}={getattr(asked, f.name)!r} (the adapter's is {getattr(saved, f.name)!r})"
+             for f in dataclasses.fields(LMoEConfig) if getattr(asked, f.name) != getattr(saved, f.name)]
+    if clash:
+        raise ValueError(f"TrainConfig: init_adapter={directory} brings its own mixture, and the lmoe section sets "
+                         f"{'; '.join(clash)}. Drop those lmoe keys to train the adapter's mixture, or drop "
+                         "init_adapter to train fresh experts.")
+    return saved
+
+
+def _check(cfg: Any, name: str, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"TrainConfig.{name}={getattr(cfg, name)!r} is invalid: expected {expected}.")
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that 1e-4 and 2E5 are numbers (as in YAML 1.2 and JSON), not strings."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set "a.b=value" entries in a nested dict (copied); value is parsed as YAML ("3" -> 3, "[a, b]" -> list)."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"Override {item!r} must look like key=value, e.g. steps=100 or lmoe.num_experts=8.")
+        node, parts = data, key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        try:
+            node[parts[-1]] = load_yaml(value)
+        except yaml.YAMLError as err:
+            raise ValueError(f"Override {item!r}: the value is not valid YAML ({err}); quote it or fix it.") from err
+    return data

@@ -1,0 +1,257 @@
+"""The training loop: frozen base + mixture of LoRA experts, AdamW with warm-up and cosine decay.
+
+Read top to bottom: train() builds everything, then runs steps; each step averages grad_accum
+micro-batches, clips, steps the optimizer, logs, and every save_every steps writes a checkpoint
+(adapter + optimizer + scheduler + step) that train(cfg, resume=True) restores exactly. Each step reseeds torch from
+(seed, step, process): dropout differs between processes, and a resumed run draws what the uninterrupted
+one drew. The building blocks: train_config (TrainConfig), train_data and train_eval (what a run reads and
+how it is scored), checkpoint, metrics_log, distributed (processes, DDP/FSDP2).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data.encoding import IGNORE, batch_stream, collate
+from ..evaluation.scoring import format_table, write_json
+from ..inject import AUX_COEFS, aux_loss, aux_loss_apart, aux_losses, count_parameters, inject, routing_counts
+from ..io import load_adapter, save_adapter
+from ..models import check_context, enable_activation_checkpointing, load_model
+from ..modular.experts import freeze_experts
+from .anneal import annealed_temperature, set_router_temperature
+from .checkpoint import CHECKPOINT, TrainState, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import training_examples, validation_examples
+from .distributed import clip_grad_norm, distribute, make_accelerator, single_process_model
+from .evaluation import ROUTING_FILE, cached_eval, evaluate_all, held_out_routing, validation_loss
+from .metrics_log import ROUTING_COLUMNS, MetricsLog
+from .objective import set_label_smoothing
+from .optim import param_groups
+
+logger = logging.getLogger(__name__)
+
+
+def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
+    """LR multiplier: linear from 1/warmup to 1 over `warmup` steps, then cosine decay to 0 at `total`."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Seed torch (CPU and GPUs) for one optimizer step of one process: the processes draw different dropout
+    masks, and a resumed run (with any number of processes) draws the masks of the uninterrupted one."""
+    torch.manual_seed(random.Random(f"{seed}/{step}/{rank}").getrandbits(63))
+
+
+@dataclass
+class TrainResult:
+    """What train() returns. With several processes only the main one evaluates and holds the whole model:
+    the others return results={} and their own copy (DDP) or shards (FSDP) of the trained model."""
+    model: nn.Module
+    tokenizer: Any
+    adapter_dir: Path
+    results: dict  # run name ("base", "trained") -> metric -> task -> value (multiple choice: -> protocol/template)
+
+
+def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train cfg.lmoe experts (fresh, or init_adapter's) on cfg.data (or the built-in mixture); save the
+    adapter; evaluate. The main process alone evaluates and saves (see TrainResult).
+
+    on_step(row) is called with each step's metrics (the metrics.csv row) on the main process.
+    """
+    out = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg)
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.yaml").write_text(cfg.to_yaml())
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(cfg.model, load_in=cfg.load_in)
+    check_context(model, cfg.max_length)
+    set_label_smoothing(model, cfg.label_smoothing)
+    examples, held_out = training_examples(cfg, tokenizer), validation_examples(cfg, tokenizer)
+    runs = {}
+    if cfg.compare_base:
+        model.to(accelerator.device)  # in every process: the experts are then drawn on the same device everywhere
+        if main:  # the others wait at the first collective of training
+            runs["base"] = cached_eval(out / "eval_base.json", resume, lambda: evaluate_all(model, tokenizer, cfg))
+    add_adapter(model, cfg)
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    trainable, total = count_parameters(model)
+    accelerator.print(f"lmoe: {len(examples)} training examples; trainable params {trainable:,} of {total:,}")
+    model = distribute(cfg, accelerator, model)  # before the optimizer: FSDP replaces the parameters
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.router_lr_scale), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
+    optimizer = accelerator.prepare_optimizer(optimizer)
+    state = load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler) if resume else TrainState()
+    log = MetricsLog(out, state.step) if main else None
+    score = (lambda: validation_loss(accelerator, model, held_out, tokenizer.pad_token_id)) if held_out else None
+    _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, tokenizer.pad_token_id, state, log, on_step,
+               score)
+    model = _save_and_evaluate(cfg, accelerator, model, tokenizer, runs)
+    return TrainResult(model, tokenizer, out / "adapter", runs)
+
+
+def _save_and_evaluate(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module, tokenizer,
+                       runs: dict) -> nn.Module:
+    """Save the adapter and add runs["trained"], on the main process with the whole model; others only wait.
+    Returns this process's model."""
+    model = single_process_model(accelerator, model, lambda: add_adapter(load_model(cfg.model)[0], cfg))
+    if accelerator.is_main_process:
+        out = Path(cfg.output_dir)
+        save_adapter(model, out / "adapter")
+        runs["trained"] = evaluate_all(model, tokenizer, cfg)
+        if not cfg.data and (cfg.mixture.skills or cfg.mixture.domains):
+            runs["trained"]["routing"] = held_out_routing(model, tokenizer, cfg, out / ROUTING_FILE)
+        if runs["trained"]:
+            write_json(runs, out / "eval.json")
+            print(format_table(runs))
+    accelerator.wait_for_everyone()  # the adapter is on disk when train() returns in any process
+    return model
+
+
+def add_adapter(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """The mixture training starts from: the saved init_adapter, or fresh experts seeded alike in every
+    process; train_experts=False then freezes every expert, so only the routers learn, and frozen_experts the
+    experts it names, so the others and the routers learn."""
+    if cfg.init_adapter:
+        load_adapter(model, cfg.init_adapter)
+    else:
+        torch.manual_seed(cfg.seed)
+        inject(model, cfg.lmoe)
+    if not cfg.train_experts:
+        freeze_experts(model)
+    elif cfg.frozen_experts:
+        freeze_experts(model, cfg.frozen_experts)
+    return model
+
+
+def _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, pad_id, state, log, on_step,
+               score: Callable[[], float] | None = None) -> None:
+    """Optimizer steps state.step+1 .. cfg.steps; each averages grad_accum micro-batches per process.
+    score: the held-out loss, logged every cfg.eval_every steps."""
+    ranks, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = cfg.batch_size * ranks  # each process takes a disjoint slice of every global batch
+    _check_global_batch(state, global_batch, ranks)
+    stream = batch_stream(examples, global_batch, cfg.seed, start=state.batches)
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not accelerator.is_main_process)
+    bad = skipped = 0  # steps with a NaN/inf loss or gradient: in a row, and in this run
+    model.train()
+    while state.step < cfg.steps:
+        started = time.perf_counter()
+        if cfg.temperature_start is not None:
+            set_router_temperature(model, annealed_temperature(cfg.temperature_start, cfg.lmoe.temperature,
+                                                               cfg.temperature_anneal_steps, state.step))
+        seed_step(cfg.seed, state.step, rank)
+        batches = [next(stream)[rank::ranks] for _ in range(cfg.grad_accum)]
+        lm, aux, terms, tokens = _accumulate(accelerator, model, batches, pad_id)
+        state.batches, state.global_batch = state.batches + cfg.grad_accum, global_batch
+        grad_norm = float(clip_grad_norm(accelerator, model, cfg.max_grad_norm))
+        lr = scheduler.get_last_lr()[0]
+        finite = math.isfinite(lm + aux) and math.isfinite(grad_norm)  # both on the host already
+        if finite:
+            optimizer.step()
+        bad, skipped = (0, skipped) if finite else _skip_step(cfg, state.step + 1, bad + 1, skipped + 1)
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        seconds = time.perf_counter() - started
+        state.elapsed_s += seconds
+        row = {"step": state.step, "loss": lm + aux, "lm_loss": lm, "aux_loss": aux,
+               **{k: terms.get(k, "") for k in AUX_COEFS}, **{k: terms[k] for k in ROUTING_COLUMNS},
+               "lr": lr, "grad_norm": grad_norm,
+               "tokens": tokens, "tokens_per_s": tokens / seconds, "elapsed_s": state.elapsed_s}
+        if score is not None and state.step % cfg.eval_every == 0:
+            row["eval_loss"] = score()
+        if log is not None:
+            log.write(row)
+            if on_step is not None:
+                on_step(row)
+        bar.set_postfix(loss=f"{lm:.3f}", aux=f"{aux:.4f}", experts=f"{terms['active_experts']:.2f}",
+                        H=f"{terms['routing_entropy']:.2f}", tok_s=f"{tokens / seconds:.0f}")
+        bar.update()
+        if finite and cfg.save_every and (state.step % cfg.save_every == 0 or state.step == cfg.steps):
+            save_checkpoint(Path(cfg.output_dir) / CHECKPOINT, model, optimizer, scheduler, state,
+                            accelerator.is_main_process)
+            accelerator.wait_for_everyone()
+    bar.close()
+    if cfg.temperature_start is not None:  # the saved adapter serves at lmoe.temperature, where training ended
+        set_router_temperature(model, cfg.lmoe.temperature)
+    if log is not None:
+        log.close()
+
+
+def _check_global_batch(state: TrainState, global_batch: int, ranks: int) -> None:
+    if state.global_batch and state.global_batch != global_batch:
+        raise ValueError(
+            f"--resume: the checkpoint was trained on global batches of {state.global_batch} examples "
+            f"(batch_size x processes), this run makes {global_batch} ({ranks} processes); set "
+            f"batch_size={state.global_batch // ranks} so that the data continues where it stopped.")
+
+
+class NonFiniteLoss(ValueError):
+    """max_bad_steps steps in a row had a NaN/inf loss or gradient; the last good checkpoint is kept."""
+
+
+def _skip_step(cfg: TrainConfig, step: int, bad: int, skipped: int) -> tuple[int, int]:
+    """Log a step whose update was dropped for a NaN/inf loss or gradient; stop after max_bad_steps in a row."""
+    logger.warning("lmoe: step %d skipped: the loss or gradient is NaN/inf (%d in a row, %d in this run)",
+                   step, bad, skipped)
+    if bad >= cfg.max_bad_steps:
+        checkpoint = Path(cfg.output_dir) / CHECKPOINT
+        kept = f"the last good checkpoint {checkpoint} is kept" if checkpoint.is_file() else "no checkpoint was written"
+        raise NonFiniteLoss(f"Training stopped at step {step}: the loss or gradient was NaN/inf for {bad} steps in "
+                            f"a row (max_bad_steps={cfg.max_bad_steps}); {kept}. Lower lr, check the data, or use "
+                            "precision=no, then train again (--resume continues from the checkpoint).")
+    return bad, skipped
+
+
+def _accumulate(accelerator, model, batches, pad_id) -> tuple[float, float, dict, int]:
+    """Forward + backward of each micro-batch; returns the step's LM and aux loss, the aux terms and the routing's
+    means per token and layer (ROUTING_COLUMNS: experts in use, normalised entropy, share with top weight > 0.5),
+    and tokens: all over all processes.
+
+    Each micro-batch's LM loss is its mean over the answer tokens of all processes (as one process
+    would compute it on the whole global batch): the local mean is weighted by local / global count,
+    times the number of processes because DDP averages gradients. Micro-batches then count equally.
+    """
+    ranks, model_ = accelerator.num_processes, accelerator.unwrap_model(model)
+    batches = [{k: v.to(accelerator.device) for k, v in collate(ex, pad_id).items()} for ex in batches]
+    counts = torch.stack([(b["labels"][:, 1:] != IGNORE).sum() for b in batches]).float()  # loss tokens
+    weights = ranks * counts / accelerator.reduce(counts.clone(), "sum") / len(batches)
+    totals = torch.zeros(7 + len(AUX_COEFS), device=accelerator.device)  # lm, aux, tokens, routing_counts, aux terms
+    for i, batch in enumerate(batches):
+        sync = i == len(batches) - 1  # all-reduce gradients once, after the last micro-batch
+        with (accelerator.no_sync(model) if not sync else nullcontext()), accelerator.autocast(), \
+                aux_loss_apart(model_):  # the LM loss alone in out.loss: the aux terms are weighted here
+            out = model(**batch)
+            aux = aux_loss(model_)
+            terms = aux_losses(model_)  # before backward: gradient checkpointing re-runs the layers' forward
+            routing = routing_counts(model_)  # (4,) experts used, entropy, confident tokens, (token, layer) pairs
+            accelerator.backward(out.loss * weights[i] + aux / len(batches))
+        totals += torch.stack([out.loss.detach() * weights[i] / ranks, aux.detach() / len(batches) / ranks,
+                               batch["attention_mask"].sum().float(), *routing,
+                               *[terms[k].detach() / len(batches) / ranks if k in terms else torch.zeros(())
+                                 for k in AUX_COEFS]]).to(totals)
+    lm, aux, tokens, *sums = accelerator.reduce(totals, "sum").tolist()  # the one sync of the step
+    routing, pairs, values = sums[:3], sums[3], sums[4:]
+    stats = {k: v for k, v in zip(AUX_COEFS, values) if k in terms} | \
+        {k: v / max(pairs, 1) for k, v in zip(ROUTING_COLUMNS, routing)}
+    return lm, aux, stats, int(tokens)

@@ -1,0 +1,50 @@
+"""The per-step log of a training run: metrics.csv (one row a step, cut back on resume), TensorBoard if installed."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from ..inject import AUX_COEFS
+
+METRICS = "metrics.csv"
+ROUTING_COLUMNS = ["active_experts", "routing_entropy", "top_weight_over_half"]  # means per token and layer
+COLUMNS = ["step", "loss", "lm_loss", "aux_loss", *AUX_COEFS, *ROUTING_COLUMNS, "eval_loss", "lr", "grad_norm", "tokens",
+           "tokens_per_s", "elapsed_s"]
+
+
+class MetricsLog:
+    """metrics.csv (rows after the resumed step are dropped) and TensorBoard when it is installed."""
+
+    def __init__(self, directory: Path, resume_step: int) -> None:
+        self.path = directory / METRICS
+        rows = []
+        if resume_step and self.path.is_file():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.board = SummaryWriter(str(directory / "tensorboard"))
+        except ImportError:  # tensorboard is optional
+            self.board = None
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, COLUMNS).writerow(row)
+        if self.board is not None:
+            for key, value in row.items():
+                if key != "step" and value != "":
+                    self.board.add_scalar(f"train/{key}", value, row["step"])
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+
+def read_metrics(directory: str | Path) -> list[dict]:
+    """The rows of a run's metrics.csv as dicts of floats ('' for a missing aux term)."""
+    with open(Path(directory) / METRICS, newline="") as f:
+        return [{k: float(v) if v != "" else "" for k, v in row.items()} for row in csv.DictReader(f)]

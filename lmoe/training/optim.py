@@ -1,0 +1,42 @@
+"""Optimizer parameter groups for a mixture: the routers learn at their own rate. Any training loop can use
+them: build the groups (`torch.optim.AdamW(lmoe.param_groups(model, lr, router_lr_scale=30))`, as `lmoe train`
+does) or split an optimizer that exists (`scale_router_lr(optimizer, model, 30)`, as LMoETrainer does)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..inject import lmoe_layers
+
+
+def router_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of the routers' parameters (gates and LD-MoLE's shared lambda heads)."""
+    module = getattr(model, "module", model)  # DDP / accelerate wrappers keep the model as .module
+    return {id(p) for _, layer in lmoe_layers(module) for p in layer.router.parameters()}
+
+
+def param_groups(model: nn.Module, lr: float, router_lr_scale: float = 1.0) -> list[dict]:
+    """The trainable parameters as optimizer groups: the experts at lr, the routers (gates and LD-MoLE's
+    lambda heads, each once) at lr * router_lr_scale. The experts start at B = 0, so the routers get no
+    gradient at first and then one about E times smaller than a single LoRA's: at the experts' rate the
+    routing barely moves from uniform (bench/RESULTS.md, routing study). Empty groups are left out."""
+    routers = router_parameter_ids(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in routers], "lr": lr},
+              {"params": [p for p in trainable if id(p) in routers], "lr": lr * router_lr_scale}]
+    return [g for g in groups if g["params"]]
+
+
+def scale_router_lr(optimizer: torch.optim.Optimizer, model: nn.Module, router_lr_scale: float) -> None:
+    """Move the routers' parameters of every group of a fresh optimizer into a copy of that group (same
+    weight decay, betas, ...) whose lr is router_lr_scale times the group's. Before the first step only."""
+    if router_lr_scale == 1:
+        return
+    routers = router_parameter_ids(model)
+    for group in list(optimizer.param_groups):
+        moved = [p for p in group["params"] if id(p) in routers]
+        if moved:
+            group["params"] = [p for p in group["params"] if id(p) not in routers]
+            optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"},
+                                       "params": moved, "lr": group["lr"] * router_lr_scale})
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
