@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import add_cpu_options, prepare_cpu, SavedTensorBytes, cuda_peak_bytes, environment, interleaved_medians  # noqa: E402
 from lmoe import LMoEConfig, aux_loss, inject, lmoe_layers  # noqa: E402
 from lmoe import mean_routing, merge, record_routing  # noqa: E402
+from lmoe.training.optim import adamw  # noqa: E402
 from bench.common import scaling_rows  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -146,7 +147,8 @@ def loss_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def training(variants: dict[str, nn.Module], ids: torch.Tensor, args, device: torch.device) -> dict:
-    optimizers = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
+    # every variant steps with the optimizer lmoe train uses (torch's fused AdamW where it applies)
+    optimizers = {n: adamw([{"params": [p for p in m.parameters() if p.requires_grad]}], lr=1e-5)
                   for n, m in variants.items()}
 
     def step(name):

@@ -13,6 +13,14 @@ from .sparse import (DENSE_UP_TO_RANK, GroupedMixture, active_counts, gathered_m
                      prefer_sparse, route_pairs)
 
 
+def expert_bank_B(B: Tensor) -> Tensor:
+    """B (E, d_out, r) in the layout a layer keeps lora_B in: its values stored as (E, r, d_out), shown as the
+    (E, d_out, r) transpose. Then the dense path's stacked B (d_out, E*r) is a view, each expert's B_e one
+    block (the sparse path's grouped GEMMs read it in place), and both paths' gradients come out in this
+    layout, so autograd never copies a bank-sized gradient to match the parameter."""
+    return B.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def linear_shape(base: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of an nn.Linear (or subclass, e.g. bitsandbytes) or a transformers GPT-2 Conv1D."""
     if isinstance(base, nn.Linear) or hasattr(base, "in_features"):
@@ -171,7 +179,8 @@ class _MixtureLoRA(torch.autograd.Function):
         h = h.view(h.shape[0], g.shape[-1], -1)  # (tokens, E, r)
         need_h, need_B, need_g = ctx.needs_input_grad[1:4]
         grad_m = (grad_out.to(h.dtype) @ B).view_as(h)  # (tokens, E, r), without the scale s
-        grad_B = grad_out.t().to(h.dtype) @ mix(h, g, s * g, z) if need_B else None
+        # as (m^T grad)^T: in the layout of the stacked B's storage (expert_bank_B), so no copy to match it
+        grad_B = (mix(h, g, s * g, z).t() @ grad_out.to(h.dtype)).t() if need_B else None
         grad_h, grad_g = mix_backward(grad_m, h, g, s, z)
         return grad_out, grad_h.flatten(1) if need_h else None, grad_B, grad_g if need_g else None, None, None
 
@@ -222,10 +231,8 @@ class MoLoRALinear(nn.Module):
         factory = {"device": weight.device,
                    "dtype": weight.dtype if weight.dtype.is_floating_point else torch.float32}
         self.lora_A = nn.Parameter(torch.empty(self.num_experts, self.rank, self.in_features, **factory))
-        # B is stored as (d_out, E, r) and exposed as its (E, d_out, r) permutation: then the stacked
-        # B (d_out, E*r) of every forward, and its gradient, are views instead of copies.
-        B = torch.zeros(self.out_features, self.num_experts, self.rank, **factory)
-        self.lora_B = nn.Parameter(B.permute(1, 0, 2))
+        self.lora_B = nn.Parameter(expert_bank_B(torch.zeros(self.num_experts, self.out_features, self.rank,
+                                                             **factory)))
         self.router = build_router(self.in_features, cfg, lambda_heads, **factory)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.router_reads_dropout = cfg.router_reads_dropout
@@ -246,10 +253,11 @@ class MoLoRALinear(nn.Module):
     def stacked(self) -> tuple[Tensor, Tensor]:
         """A as (E*r, d_in) and B as (d_out, E*r): the experts laid side by side as one LoRA.
 
-        Views of the parameters in their own layout; a copy only if lora_B was replaced by a contiguous one.
+        Views of the parameters in their own layout (expert_bank_B); a copy only if lora_B was replaced by
+        one in another layout.
         """
         A = self.lora_A.reshape(self.num_experts * self.rank, self.in_features)
-        B = self.lora_B.permute(1, 0, 2).reshape(self.out_features, self.num_experts * self.rank)
+        B = self.lora_B.transpose(1, 2).reshape(self.num_experts * self.rank, self.out_features).t()
         return A, B
 
     def forward(self, x: Tensor) -> Tensor:

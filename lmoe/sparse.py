@@ -128,11 +128,10 @@ class GroupedMixture(torch.autograd.Function):
         pairs, s = Pairs(token, expert, ends), ctx.scaling
         need_x, need_A, need_B, need_g = ctx.needs_input_grad[1:5]
         grad_rows = grad_out.to(h.dtype).index_select(0, token)  # (N, d_out)
-        # B's own layout (d_out, E, r) strides each expert's rows E*r apart: a copy of B (E*r*d_out values)
-        # halves this product's time on the CPU (2.0 vs 4.0 ms at E = 64, d = 576, 2048 pairs)
-        grad_v = s * grouped_mm(grad_rows, B.contiguous(), pairs)  # (N, r)
-        # as (v^T grad)^T: the products' row-major operand on the right (1.1 vs 3.0 ms there)
-        grad_B = s * grouped_mm(pair_codes(h, w, z, token).t(), grad_rows, pairs).transpose(1, 2) if need_B else None
+        grad_v = s * grouped_mm(grad_rows, B, pairs)  # (N, r); B_e is one block in the layer's layout
+        # as (v^T grad)^T: the products' row-major operand on the right (1.1 vs 3.0 ms at E = 64, d = 576, 2048
+        # pairs), and the result in lora_B's own layout (layer.expert_bank_B); s rides on the (N, r) codes
+        grad_B = grouped_mm((s * pair_codes(h, w, z, token)).t(), grad_rows, pairs).transpose(1, 2) if need_B else None
         grad_h, grad_w = pair_codes_backward(grad_v, h, w, z, token)
         grad_g = w.new_zeros(ctx.routing_shape).index_put_((token, expert), grad_w) if need_g else None
         grad_A = grouped_mm(grad_h.t(), x.index_select(0, token), pairs) if need_A else None
@@ -150,9 +149,9 @@ def gathered_mixture(y: Tensor, x: Tensor, A: Tensor, B: Tensor, g: Tensor, k: i
     h = torch.bmm(A.index_select(0, index.flatten()).view(tokens, k * r, d_in), x.unsqueeze(2)).view(tokens, k, r)
     codes = torch.bmm(w.unsqueeze(1), h) if params else h  # params: z = sum_j w_j h_j, (tokens, 1, r)
     m = (w.unsqueeze(2) * codes).view(tokens, k * r, 1)
-    # B's own layout is (d_out, E, r): the gathered experts come out (d_out, tokens * k, r), a copy-free (tokens,
-    # d_out, k*r) view
-    B_tokens = B.transpose(0, 1).index_select(1, index.flatten()).view(-1, tokens, k * r).transpose(0, 1)
+    # B's own layout stores (E, r, d_out) (layer.expert_bank_B): the gathered experts come out (tokens * k, r,
+    # d_out), a copy-free (tokens, d_out, k*r) view
+    B_tokens = B.transpose(1, 2).index_select(0, index.flatten()).view(tokens, k * r, -1).transpose(1, 2)
     return torch.baddbmm(y.unsqueeze(2), B_tokens, m, alpha=scaling).squeeze(2)
 
 

@@ -90,6 +90,23 @@ def test_sparse_equals_dense_in_float32(router, top_k, composition, E):
         assert_near(a, b)
 
 
+@pytest.mark.parametrize("execution", ["dense", "sparse"])
+def test_expert_gradients_arrive_in_the_parameters_layout(execution):
+    """Each path's gradient of lora_A and lora_B already has the parameter's strides, so autograd does not copy
+    a bank-sized gradient (E r d values per layer) to match it; lora_B's layout survives add_experts."""
+    model = inject(nn.Sequential(nn.Linear(32, 48)), LMoEConfig(num_experts=8, rank=4, router="topk",
+                                                                 execution=execution, target_modules=["0"]))
+    add_experts(model, 1)
+    layer = model[0]
+    nn.init.normal_(layer.lora_B)
+    arrived = {}
+    for name in ("lora_A", "lora_B"):
+        getattr(layer, name).register_hook(lambda grad, name=name: arrived.update({name: grad.stride()}))
+    layer(torch.randn(40, 32)).square().sum().backward()
+    assert arrived == {"lora_A": layer.lora_A.stride(), "lora_B": layer.lora_B.stride()}
+    assert layer.stacked()[1].data_ptr() == layer.lora_B.data_ptr()  # the dense path's stacked B: a view
+
+
 @pytest.mark.parametrize("router", SPARSE_ROUTERS)
 def test_padding_masks_leave_the_same_losses_and_gradients(router):
     """A model with padding: LM loss + router losses (which count only real tokens) and their gradients."""

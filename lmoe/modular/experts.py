@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from ..inject import CONFIG_ATTR, get_config, lmoe_layers
-from ..layer import MoLoRALinear
+from ..layer import MoLoRALinear, expert_bank_B
 
 NEW_EXPERT_LOGIT = -1e4  # exp() underflows to exactly 0 in float32; also below any sparsemax threshold
 
@@ -85,8 +85,7 @@ def _rebuild(layer: MoLoRALinear, keep: list[int], n: int, logit: float) -> None
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as MoLoRALinear.reset_experts
     layer.lora_A = _grown(layer.lora_A, idx, A)
     B = torch.cat([layer.lora_B[idx], layer.lora_B.new_zeros(n, *layer.lora_B.shape[1:])])
-    B = B.transpose(0, 1).contiguous().transpose(0, 1)  # MoLoRALinear stores B as (d_out, E, r)
-    layer.lora_B = nn.Parameter(B, requires_grad=layer.lora_B.requires_grad)
+    layer.lora_B = nn.Parameter(expert_bank_B(B), requires_grad=layer.lora_B.requires_grad)
     router = layer.router
     if router.bias is None and n:
         router.bias = nn.Parameter(router.weight.new_zeros(router.out_features),

@@ -38,7 +38,7 @@ from .distributed import clip_grad_norm, distribute, make_accelerator, single_pr
 from .evaluation import ROUTING_FILE, cached_eval, evaluate_all, held_out_routing, validation_loss
 from .metrics_log import ROUTING_COLUMNS, MetricsLog
 from .objective import set_label_smoothing
-from .optim import param_groups
+from .optim import adamw, param_groups
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[dict], None
     trainable, total = count_parameters(model)
     accelerator.print(f"lmoe: {len(examples)} training examples; trainable params {trainable:,} of {total:,}")
     model = distribute(cfg, accelerator, model)  # before the optimizer: FSDP replaces the parameters
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.router_lr_scale), weight_decay=cfg.weight_decay)
+    optimizer = adamw(param_groups(model, cfg.lr, cfg.router_lr_scale), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
     optimizer = accelerator.prepare_optimizer(optimizer)
     state = load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler) if resume else TrainState()

@@ -1,6 +1,7 @@
 """Optimizer parameter groups for a mixture: the routers learn at their own rate. Any training loop can use
-them: build the groups (`torch.optim.AdamW(lmoe.param_groups(model, lr, router_lr_scale=30))`, as `lmoe train`
-does) or split an optimizer that exists (`scale_router_lr(optimizer, model, 30)`, as LMoETrainer does)."""
+them: build the groups (`torch.optim.AdamW(lmoe.param_groups(model, lr, router_lr_scale=30))`; `lmoe train`
+passes them to `adamw`, torch's fused AdamW where the parameters allow) or split an optimizer that exists
+(`scale_router_lr(optimizer, model, 30)`, as LMoETrainer does)."""
 from __future__ import annotations
 
 import torch
@@ -25,6 +26,20 @@ def param_groups(model: nn.Module, lr: float, router_lr_scale: float = 1.0) -> l
     groups = [{"params": [p for p in trainable if id(p) not in routers], "lr": lr},
               {"params": [p for p in trainable if id(p) in routers], "lr": lr * router_lr_scale}]
     return [g for g in groups if g["params"]]
+
+
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def adamw(groups: list[dict], **kwargs) -> torch.optim.AdamW:
+    """torch's AdamW over the groups, fused (one kernel per parameter group and step) where every parameter is
+    a plain floating-point tensor on the CPU or a CUDA GPU: the same update as the per-tensor loop torch uses
+    by default on the CPU, in one pass over memory instead of a dozen (5x faster over 49M expert values,
+    bench/RESULTS.md "Sparse routing"), which matters once the experts outnumber the base's weights."""
+    params = [p for group in groups for p in group["params"]]
+    fused = bool(params) and all(type(p) is nn.Parameter and p.is_floating_point() and p.device.type in FUSED_DEVICES
+                                 for p in params) and len({p.device for p in params}) == 1
+    return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
 
 
 def scale_router_lr(optimizer: torch.optim.Optimizer, model: nn.Module, router_lr_scale: float) -> None:

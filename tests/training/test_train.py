@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+from torch import nn
 from accelerate import Accelerator
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -246,6 +247,34 @@ def test_router_lr_scale_puts_routers_and_lambda_heads_in_their_own_group(setup)
     assert sorted(map(id, experts["params"] + routers["params"])) == sorted(map(id, trainable))
     with pytest.raises(ValueError, match="router_lr_scale"):
         TrainConfig(router_lr_scale=0)
+
+
+def test_adamw_is_fused_where_it_can_be_and_steps_as_the_per_tensor_loop(setup):
+    """lmoe train's optimizer: torch's fused AdamW for plain CPU parameters, the same update as the default
+    loop (float64, with weight decay and the routers' own rate); unfused for a tensor subclass."""
+    from lmoe import LMoEConfig, inject, param_groups
+    from lmoe.training.optim import adamw
+
+    torch.manual_seed(0)
+    models = [inject(AutoModelForCausalLM.from_pretrained(setup[0]).double(),
+                     LMoEConfig(num_experts=3, rank=2, target_modules="all-linear")) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [adamw(param_groups(models[0], 1e-2, 30.0), weight_decay=0.1),
+                  torch.optim.AdamW(param_groups(models[1], 1e-2, 30.0), weight_decay=0.1)]
+    assert optimizers[0].defaults["fused"] and not optimizers[1].defaults["fused"]
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        for model, optimizer in zip(models, optimizers):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert all(p.abs().sum() > 0 for n, p in models[0].named_parameters() if "lora_B" in n)  # B left its zero init
+
+    class Wrapped(torch.Tensor):  # e.g. FSDP's DTensor: left to torch's default
+        pass
+    assert not adamw([{"params": [nn.Parameter(torch.zeros(2).as_subclass(Wrapped))]}]).defaults["fused"]
 
 
 def test_a_higher_router_lr_moves_the_routers_further(setup, tmp_path):
