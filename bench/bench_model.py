@@ -161,19 +161,24 @@ def training(variants: dict[str, nn.Module], ids: torch.Tensor, args, device: to
 
     times = interleaved_medians({n: step(n) for n in variants}, args.repeats, args.warmup, device)
     memory = {n: activation_bytes(m, ids, device) for n, m in variants.items()}
+    fused, loop = optimizer_times(variants, optimizers, ids, args, device)
     return {"step_s": times, "tokens_per_s": {n: ids.numel() / t for n, t in times.items()}, "act_bytes": memory,
-            "optimizer_s": optimizer_times(variants, optimizers, ids, args, device)}
+            "optimizer_s": fused, "optimizer_loop_s": loop}
 
 
 def optimizer_times(variants: dict[str, nn.Module], optimizers: dict, ids: torch.Tensor, args,
-                    device: torch.device) -> dict[str, float]:
-    """Seconds of the AdamW step alone (part of step_s): it touches every adapter parameter, routed or not."""
-    times = {}
+                    device: torch.device) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds of the AdamW step alone (part of step_s; it touches every adapter parameter, routed or not), and
+    of torch's per-tensor AdamW (its CPU default) on the same gradients."""
+    fused, loop = {}, {}
     for name, model in variants.items():
         loss_of(model.train(), ids).backward()
-        times[name] = interleaved_medians({name: optimizers[name].step}, args.repeats, 1, device)[name]
+        default = torch.optim.AdamW(optimizers[name].param_groups[0]["params"], lr=1e-5, foreach=False)
+        times = interleaved_medians({"fused": optimizers[name].step, "loop": default.step}, args.repeats, 1, device)
+        fused[name], loop[name] = times["fused"], times["loop"]
+        del default
         optimizers[name].zero_grad(set_to_none=True)
-    return times
+    return fused, loop
 
 
 def activation_bytes(model: nn.Module, ids: torch.Tensor, device: torch.device) -> int:
@@ -239,6 +244,7 @@ def report_scaling(train: dict, gen: dict, experts: list[int]) -> None:
     fwd_bwd = {n: t - train["optimizer_s"][n] for n, t in train["step_s"].items()}
     for values, scale, unit in [(train["tokens_per_s"], 1.0, "training tokens/s"),
                                 (train["step_s"], 1.0, "training step s"), (train["optimizer_s"], 1.0, "of it AdamW s"),
+                                (train["optimizer_loop_s"], 1.0, "per-tensor AdamW s"),
                                 (fwd_bwd, 1.0, "of it fwd+bwd s"), (train["act_bytes"], 2**-20, "act MiB"),
                                 (gen, 1.0, "generation tokens/s")]:
         print("\n".join(scaling_rows({n: v for n, v in values.items() if " @" in n}, experts, scale, unit)))

@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--router-items", type=int, default=50, help="questions per task in the router's mixed set")
     p.add_argument("--router-steps", type=int, default=30, help="batches of router-only (and X-LoRA) training")
     p.add_argument("--replay", type=float, default=0.05, help="share of a continual stage's examples replayed")
+    p.add_argument("--more-replay", type=float, default=0.25,
+                   help="a second replay share, run by naming its units, e.g. --only lmoe_add_replay25 seq_lora_replay25")
     p.add_argument("--new-expert-logit", type=float, default=-4.0, help="add_experts' router bias for a new skill")
     p.add_argument("--test-items", type=int, default=50, help="test questions per task (0: all)")
     p.add_argument("--max-length", type=int, default=256)
@@ -62,6 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a shared small CPU: each unit takes 2 torch threads when nothing else runs, else 1")
     p.add_argument("--report", action="store_true", help="only rewrite the tables from --results")
     return p.parse_args(argv)
+
+
+def replay_method(method: str, share: float) -> str:
+    """The continual unit's name at another replay share than --replay: e.g. lmoe_add_replay25 for 0.25."""
+    return f"{method}_replay{round(100 * share)}"
 
 
 def settings(args: argparse.Namespace) -> dict:
@@ -255,11 +262,17 @@ class Study:
 
     def continual_part(self) -> None:
         self.ensure_adapters()  # stage 0 of the sequential LoRA is task 0's adapter
-        share = self.args.replay
-        for method, run in [("seq_lora", lambda: self.sequential_lora("seq_lora", 0.0)),
-                            ("seq_lora_replay", lambda: self.sequential_lora("seq_lora_replay", share)),
-                            ("lmoe_add", lambda: self.add_experts("lmoe_add", 0.0)),
-                            ("lmoe_add_replay", lambda: self.add_experts("lmoe_add_replay", share))]:
+        share, more = self.args.replay, self.args.more_replay
+        units = [("seq_lora", lambda: self.sequential_lora("seq_lora", 0.0)),
+                 ("seq_lora_replay", lambda: self.sequential_lora("seq_lora_replay", share)),
+                 ("lmoe_add", lambda: self.add_experts("lmoe_add", 0.0)),
+                 ("lmoe_add_replay", lambda: self.add_experts("lmoe_add_replay", share))]
+        if self.args.only:  # the second share only where asked for by name (not part of a default run)
+            units += [(name, run) for name, run in [
+                (replay_method("lmoe_add", more), lambda: self.add_experts(replay_method("lmoe_add", more), more)),
+                (replay_method("seq_lora", more), lambda: self.sequential_lora(replay_method("seq_lora", more), more))]
+                if name in self.args.only]
+        for method, run in units:
             self.unit(("continual", method, len(self.args.tasks) - 1), run)
 
 

@@ -173,12 +173,18 @@ def forgetting(matrix: list[list[float | None]]) -> list[float]:
     return [max(matrix[k][j] for k in range(j, K - 1)) - matrix[K - 1][j] for j in range(K - 1)]
 
 
+def continual_methods(rows: list[dict]) -> list[str]:
+    """The continual units in the results: the four of every run, then other replay shares (e.g. _replay25)."""
+    first = ["seq_lora", "seq_lora_replay", "lmoe_add", "lmoe_add_replay"]
+    return first + sorted({r["method"] for r in rows if r["part"] == "continual"} - set(first))
+
+
 def continual_table(rows: list[dict], tasks: list[str]) -> str:
     own = compose_correct(rows, tasks)
     lines = ["| method | seeds | after stage k: average over the tasks seen (k = 0..) | final average | "
              + " | ".join(f"forgetting {t}" for t in tasks[:-1]) + " | new skill at its stage - its own adapter |",
              "|" + "---|" * (len(tasks) + 4)]
-    for method in ["seq_lora", "seq_lora_replay", "lmoe_add", "lmoe_add_replay"]:
+    for method in continual_methods(rows):
         mats = continual_matrix(rows, tasks, method)
         if not mats:
             continue
@@ -197,7 +203,7 @@ def continual_table(rows: list[dict], tasks: list[str]) -> str:
 def matrices_text(rows: list[dict], tasks: list[str]) -> str:
     """Each method's accuracy matrix, mean over seeds: row = after stage k, column = task j."""
     out = []
-    for method in ["seq_lora", "seq_lora_replay", "lmoe_add", "lmoe_add_replay"]:
+    for method in continual_methods(rows):
         mats = continual_matrix(rows, tasks, method)
         if not mats:
             continue
