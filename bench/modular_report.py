@@ -29,7 +29,8 @@ LABELS = {"base": "base model", "oracle": "(b) each task with its own adapter (o
           "xlora": "(f) PEFT X-LoRA, classifier trained", "end_to_end": "(h) lmoe end to end, same budget"}
 PAIRS = [("zero_router", "arrow_default"), ("zero_router", "uniform"), ("zero_router", "oracle"),
          ("proto_router", "arrow_default"), ("proto_router", "uniform"), ("proto_router", "oracle"),
-         ("proto_zeroshot", "arrow_default"), ("proto_router", "zero_router")]
+         ("proto_zeroshot", "arrow_default"), ("proto_router", "zero_router"),
+         ("multitask_r8", "zero_router"), ("multitask_r32", "zero_router"), ("end_to_end", "zero_router")]
 
 
 def bits(s: str) -> list[int]:

@@ -67,6 +67,21 @@ def test_continual_matrix_takes_stage_zero_of_the_sequential_lora_from_task_zero
     assert continual_matrix(rows[1:], TASKS, "lmoe_add") == {}  # an unfinished method is left out
 
 
+def test_a_second_replay_share_is_its_own_row_of_the_continual_table():
+    from bench.modular import replay_method
+    from bench.modular_report import continual_methods, continual_table
+    assert replay_method("lmoe_add", 0.25) == "lmoe_add_replay25"
+    rows = [compose_row("adapter:a", 0, {"a": "11"}), compose_row("adapter:b", 0, {"b": "11"})]
+    for method, final in [("lmoe_add", {"a": "10", "b": "11"}), ("lmoe_add_replay25", {"a": "11", "b": "01"})]:
+        rows += [{"part": "continual", "method": method, "seed": 0, "stage": 0, "correct": {"a": "11"}},
+                 {"part": "continual", "method": method, "seed": 0, "stage": 1, "correct": final}]
+    assert continual_methods(rows)[-1] == "lmoe_add_replay25" and continual_methods(rows)[:4] == [
+        "seq_lora", "seq_lora_replay", "lmoe_add", "lmoe_add_replay"]
+    table = {line.split(" | ")[0].strip("| "): line for line in continual_table(rows, TASKS).splitlines()[2:]}
+    assert set(table) == {"lmoe_add", "lmoe_add_replay25"}
+    assert "| 0.750 | 0.500 |" in table["lmoe_add"] and "| 0.750 | 0.000 |" in table["lmoe_add_replay25"]
+
+
 def test_layer_share_table_averages_each_module_kind_within_its_depth_range():
     from bench.modular_report import layer_share_table
     per_layer = {"m.layers.0.q_proj": 0.2, "m.layers.1.q_proj": 0.4, "m.layers.2.q_proj": 0.9, "m.layers.3.q_proj": 0.5,
