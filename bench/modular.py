@@ -263,15 +263,14 @@ class Study:
     def continual_part(self) -> None:
         self.ensure_adapters()  # stage 0 of the sequential LoRA is task 0's adapter
         share, more = self.args.replay, self.args.more_replay
+        lmoe_more, lora_more = replay_method("lmoe_add", more), replay_method("seq_lora", more)
         units = [("seq_lora", lambda: self.sequential_lora("seq_lora", 0.0)),
                  ("seq_lora_replay", lambda: self.sequential_lora("seq_lora_replay", share)),
                  ("lmoe_add", lambda: self.add_experts("lmoe_add", 0.0)),
                  ("lmoe_add_replay", lambda: self.add_experts("lmoe_add_replay", share))]
-        if self.args.only:  # the second share only where asked for by name (not part of a default run)
-            units += [(name, run) for name, run in [
-                (replay_method("lmoe_add", more), lambda: self.add_experts(replay_method("lmoe_add", more), more)),
-                (replay_method("seq_lora", more), lambda: self.sequential_lora(replay_method("seq_lora", more), more))]
-                if name in self.args.only]
+        if self.args.only:  # the second share is not part of a default run; unit() keeps the ones --only names
+            units += [(lmoe_more, lambda: self.add_experts(lmoe_more, more)),
+                      (lora_more, lambda: self.sequential_lora(lora_more, more))]
         for method, run in units:
             self.unit(("continual", method, len(self.args.tasks) - 1), run)
 
