@@ -11,6 +11,7 @@ from .config import AUX_COEFS, LMoEConfig
 from .routing import AuxStats, Routing, build_router
 from .sparse import (DENSE_UP_TO_RANK, GroupedMixture, active_counts, gathered_mixture, gathers, grouped_mixture,
                      prefer_sparse, route_pairs)
+from .sparse_csr import CsrMixture, csr_mixture, csr_ok, pattern
 
 
 def expert_bank_B(B: Tensor) -> Tensor:
@@ -311,6 +312,9 @@ class MoLoRALinear(nn.Module):
         A, B = self.lora_A.to(y.dtype), self.lora_B.to(y.dtype)
         if gathers(E, most, tokens):  # few tokens (generation): gather each token's own experts
             return gathered_mixture(y, experts_x, A, B, g, most, self.scaling, params)
+        if csr_ok(experts_x, A, B):  # CPU: one sparse-matrix product per product, not one GEMM per expert
+            args = (y, experts_x, A, B, g, pattern(g, per_token, self.rank), self.scaling, params)
+            return CsrMixture.apply(*args) if grad else csr_mixture(*args)[0]
         args = (y, experts_x, A, B, g, route_pairs(g, per_token), self.scaling, params)
         return GroupedMixture.apply(*args) if grad else grouped_mixture(*args)[0]
 

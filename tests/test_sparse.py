@@ -26,6 +26,22 @@ def no_dense(monkeypatch):
     monkeypatch.setattr(lmoe.layer, "mixture", refuse)
 
 
+@pytest.fixture(params=["csr", "grouped"])
+def kernel(request, monkeypatch):
+    """Each of the sparse path's two ways to run the grouped products, the other made to fail: CSR products (CPU,
+    float32/64) and torch's grouped GEMM / per-expert loop (any device)."""
+    def refuse(*args):
+        raise AssertionError("the other kernel ran")
+    if request.param == "grouped":
+        monkeypatch.setattr(lmoe.layer, "csr_ok", lambda *tensors: False)
+        monkeypatch.setattr(lmoe.layer.CsrMixture, "apply", refuse)
+        monkeypatch.setattr(lmoe.layer, "csr_mixture", refuse)
+    else:
+        monkeypatch.setattr(lmoe.layer.GroupedMixture, "apply", refuse)
+        monkeypatch.setattr(lmoe.layer, "grouped_mixture", refuse)
+    return request.param
+
+
 def gradients(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor) -> list[torch.Tensor]:
     wrt = [x] + [p for p in layer.parameters() if p.requires_grad]
     return list(torch.autograd.grad(out, wrt, grad_out, allow_unused=True))
@@ -35,10 +51,10 @@ def gradients(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, grad_out: to
 @pytest.mark.parametrize("composition", COMPOSITIONS)
 @pytest.mark.parametrize("E", [2, 8, 64])
 @pytest.mark.parametrize("shape", [(1, 1), (4, 10)])
-def test_sparse_layer_equals_per_token_brute_force(router, composition, E, shape, no_dense):
+def test_sparse_layer_equals_per_token_brute_force(router, composition, E, shape, no_dense, kernel):
     """Values and every gradient (input, experts, gate, lambda head) against the DESIGN.md formulas, float64;
     one token (each token's experts gathered) and 40 (pairs grouped by expert, except for the dynamic router
-    at E = 64 with few experts a token)."""
+    at E = 64 with few experts a token), through either kernel."""
     layer = make_layer(router, composition, E=E, r=2)
     layer.execution = "sparse"
     x = torch.randn(*shape, 5, dtype=torch.float64, requires_grad=True)
@@ -77,9 +93,10 @@ def assert_near(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
 @pytest.mark.parametrize("router,top_k", [("topk", 2), ("dynamic", 2), ("topk", "E")])
 @pytest.mark.parametrize("composition", COMPOSITIONS)
 @pytest.mark.parametrize("E", [2, 8, 64])
-def test_sparse_equals_dense_in_float32(router, top_k, composition, E):
+def test_sparse_equals_dense_in_float32(router, top_k, composition, E, kernel):
     """The issue's check: sparse and dense agree to float32 tolerance in values and every gradient, top-k with
-    k = 2 and k = E, the dynamic router; through torch's grouped GEMM (these sizes are ones it takes)."""
+    k = 2 and k = E, the dynamic router; through the CSR products and through torch's grouped GEMM (these sizes
+    are ones it takes)."""
     dense, sparse = layer_pair(router, composition, E, top_k=E if top_k == "E" else top_k)
     x = torch.randn(3, 40, 32, requires_grad=True)
     assert _grouped_ok(x, sparse.lora_A.transpose(1, 2))
@@ -244,7 +261,7 @@ def test_auto_dynamic_router_follows_the_observed_number_of_experts(monkeypatch)
     """LD-MoLE at E = 64: dense while lambda keeps (nearly) every expert, sparse once it routes few."""
     ran = []
     monkeypatch.setattr(lmoe.layer, "gathered_mixture", lambda *args: ran.append("gathered") or args[0])
-    monkeypatch.setattr(lmoe.layer, "grouped_mixture", lambda *args: ran.append("grouped") or (args[0], None, None))
+    monkeypatch.setattr(lmoe.layer, "csr_mixture", lambda *args: ran.append("grouped") or (args[0], None, None))
     monkeypatch.setattr(lmoe.layer, "mixture", lambda *args: ran.append("dense") or (args[0], None))
     layer = MoLoRALinear(nn.Linear(32, 32), LMoEConfig(num_experts=64, router="dynamic", lambda_hidden=8,
                                                        target_modules="all-linear"))

@@ -1,0 +1,144 @@
+"""The sparse path on the CPU as sparse-matrix products: the routed pairs as one block-sparse (tokens, E*r) matrix.
+
+Grouping pairs by expert (sparse.py) runs one small GEMM per expert and product: on the CPU each costs ~8 us of
+call overhead whatever its size, so at E = 64 the six products of a layer's forward and backward cost ~3 ms at
+256 tokens, more than the arithmetic. Here the pairs' codes are the values of a CSR matrix V (tokens, E*r) whose
+row t holds, at the columns e*r .. e*r + r-1 of each of its experts e, that pair's r-vector; then every product of
+the mixture is one sparse-dense product (MKL's, through torch), whose cost is the pairs' multiply-adds:
+    h = (x A^T) sampled at V's pattern        (SDDMM: torch.sparse.sampled_addmm)
+    y + s V B                                  (SpMM)
+    backward: dV = s (dy B^T) at the pattern; dB = s V^T dy; dA = dH^T x; dx = dH A   (dH: dh as a CSR matrix)
+with A (E*r, d_in) and B (E*r, d_out) the banks' own storage (lora_A, layer.expert_bank_B), so no weight is
+copied or gathered and no (pairs, d) row is gathered or scattered. The transposed products read V^T, built as its
+own CSR matrix (rows e*r + j, columns the expert's tokens) from a fixed permutation of the values. The per-pair
+mixing (weights, the params composition's z) is sparse.py's, on (pairs, r) values in token order.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .sparse import mixed_code, pair_codes, pair_codes_backward
+
+# torch says once per process that CSR support is in beta; the ops used here are stable since torch 2.0
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+
+
+def csr_ok(*tensors: Tensor) -> bool:
+    """Whether the CSR path takes these operands: CPU float32 / float64 (what MKL's sparse products run)."""
+    return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.dtype == tensors[0].dtype
+               for t in tensors)
+
+
+@dataclass
+class Pattern:
+    """The pairs in token order and the two CSR patterns they make, for experts of rank r."""
+
+    token: Tensor  # (N,) int64, ascending
+    expert: Tensor  # (N,) int64
+    shape: tuple[int, int]  # (tokens, E*r)
+    rank: int
+    rows: Tensor  # (tokens + 1,) V's row pointers
+    cols: Tensor  # (N*r,) V's column indices
+    t_rows: Tensor  # (E*r + 1,) V^T's row pointers
+    t_cols: Tensor  # (N*r,) V^T's column indices (tokens)
+    t_order: Tensor  # (N*r,) V^T's values = V's values (flattened) at t_order
+
+    def matrix(self, values: Tensor) -> Tensor:
+        """V with these (N, r) values."""
+        return torch.sparse_csr_tensor(self.rows, self.cols, values.reshape(-1), self.shape, check_invariants=False)
+
+    def transposed(self, values: Tensor) -> Tensor:
+        """V^T (E*r, tokens) with these (N, r) values."""
+        return torch.sparse_csr_tensor(self.t_rows, self.t_cols, values.reshape(-1).index_select(0, self.t_order),
+                                       self.shape[::-1], check_invariants=False)
+
+    def sampled(self, a: Tensor, b: Tensor) -> Tensor:
+        """(a @ b) at V's pattern, as (N, r) values."""
+        zero = self.matrix(a.new_zeros(self.cols.shape[0]))
+        return torch.sparse.sampled_addmm(zero, a, b, beta=0.0).values().view(-1, self.rank)
+
+
+def pattern(g: Tensor, per_token: int | None, rank: int) -> Pattern:
+    """The pairs of routing g (tokens, E): top-k's k largest weights of each token (per_token = k; a pair of weight
+    0 adds nothing) or, per_token None, every g > 0."""
+    (tokens, E), device = g.shape, g.device
+    if per_token is None:
+        token, expert = (g > 0).nonzero().unbind(1)  # row-major: by token, then expert
+        per_row = torch.bincount(token, minlength=tokens)
+    else:
+        expert = torch.topk(g, per_token, dim=-1, sorted=False).indices.sort(-1).values.flatten()
+        token = torch.arange(tokens, device=device).repeat_interleave(per_token)
+        per_row = torch.full((tokens,), per_token, device=device)
+    j = torch.arange(rank, device=device)
+    rows = torch.cat([per_row.new_zeros(1), per_row.cumsum(0)]) * rank
+    cols = (expert.unsqueeze(1) * rank + j).flatten()
+    # V^T: row e*r + j holds expert e's pairs (in token order) at column token, value v[p, j]
+    by_expert = torch.argsort(expert, stable=True)
+    counts = torch.bincount(expert, minlength=E)
+    start = counts.cumsum(0) - counts
+    e = expert.index_select(0, by_expert)
+    within = torch.arange(expert.shape[0], device=device) - start.index_select(0, e)
+    dest = ((start.index_select(0, e) * rank + within).unsqueeze(1) + j * counts.index_select(0, e).unsqueeze(1))
+    dest = dest.flatten()
+    t_order = torch.empty_like(dest).index_copy_(0, dest, (by_expert.unsqueeze(1) * rank + j).flatten())
+    t_cols = torch.empty_like(dest).index_copy_(0, dest, token.index_select(0, by_expert).repeat_interleave(rank))
+    t_rows = torch.cat([(start.unsqueeze(1) * rank + j * counts.unsqueeze(1)).flatten(),
+                        rows.new_full((1,), cols.shape[0])])
+    return Pattern(token, expert, (tokens, E * rank), rank, rows, cols, t_rows, t_cols, t_order)
+
+
+def times(sparse: Tensor, dense: Tensor) -> Tensor:
+    """sparse @ dense, into a fresh tensor: torch's mm of a CSR matrix zeroes a result, accumulates into it and
+    copies it out (0.84 against 0.28 ms at E = 64, 256 tokens, d = 576); addmm with beta 0 writes it once."""
+    return torch.addmm(dense.new_empty(sparse.shape[0], dense.shape[1]), sparse, dense, beta=0.0)
+
+
+def banks(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """A (E, r, d_in) and B (E, d_out, r) in their storage's (E*r, d) layout (views for the parameters)."""
+    return A.reshape(-1, A.shape[-1]), B.transpose(1, 2).reshape(-1, B.shape[1])
+
+
+def csr_mixture(y: Tensor, x: Tensor, A: Tensor, B: Tensor, g: Tensor, pat: Pattern, scaling: float,
+                params: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """(y + s * Delta, h, z, w) over the pattern's pairs: arguments as sparse.grouped_mixture."""
+    A2, B2 = banks(A, B)
+    w = g[pat.token, pat.expert]  # (N,)
+    h = pat.sampled(x, A2.t())  # (N, r): A_e x_t
+    z = mixed_code(h, w, pat.token, x.shape[0]) if params else None
+    v = pair_codes(h, w, z, pat.token)
+    return torch.addmm(y, pat.matrix(v), B2, alpha=scaling), h, z, w
+
+
+class CsrMixture(torch.autograd.Function):
+    """csr_mixture with its backward as the same sparse products. Saves x (which the base product saves anyway),
+    the banks, the pairs' weights w (N,), codes h (N, r) and, for params, z (tokens, r)."""
+
+    @staticmethod
+    def forward(ctx, y, x, A, B, g, pat, scaling, params):
+        out, h, z, w = csr_mixture(y, x, A, B, g, pat, scaling, params)
+        ctx.save_for_backward(x, A, B, w, h, z)
+        ctx.pattern, ctx.scaling, ctx.routing_shape = pat, scaling, g.shape
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, A, B, w, h, z = ctx.saved_tensors
+        pat, s = ctx.pattern, ctx.scaling
+        need_x, need_A, need_B, need_g = ctx.needs_input_grad[1:5]
+        A2, B2 = banks(A, B)
+        grad_out = grad_out.to(h.dtype).contiguous()
+        grad_v = pat.sampled(grad_out, B2.t()).mul_(s)  # (N, r)
+        grad_B = None
+        if need_B:  # (E*r, d_out): lora_B's storage layout (layer.expert_bank_B)
+            grad_B = times(pat.transposed(s * pair_codes(h, w, z, pat.token)), grad_out).view(B.shape[0], -1, B.shape[1])
+            grad_B = grad_B.transpose(1, 2)
+        grad_h, grad_w = pair_codes_backward(grad_v, h, w, z, pat.token)
+        grad_g = w.new_zeros(ctx.routing_shape).index_put_((pat.token, pat.expert), grad_w) if need_g else None
+        grad_A = times(pat.transposed(grad_h), x).view_as(A) if need_A else None
+        grad_x = times(pat.matrix(grad_h), A2) if need_x else None
+        return grad_out, grad_x, grad_A, grad_B, grad_g, None, None, None
