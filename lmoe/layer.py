@@ -282,7 +282,7 @@ class MoLoRALinear(nn.Module):
         routing = self.router.route(x2, *gx) if gates_read_x else self.router.route(lora_x)
         self._observe(routing, self._real_tokens(x))
         g, experts_x = routing.weights.to(dtype), x2 if lora_x is None else lora_x
-        out = None if plan == "dense" else self._sparse(plan, y, experts_x.to(dtype), g, grad)
+        out = None if plan == "dense" else self._sparse(plan, y, experts_x.to(dtype), g, grad, routing.top_index)
         if out is None:  # dense: planned, or observed (then the codes A x run apart, by autograd)
             h = h if plan == "dense" else experts_x.to(dtype) @ A.to(dtype).t()
             args = (y, h, B.to(dtype), g, self.scaling, self.composition == "params")
@@ -301,9 +301,11 @@ class MoLoRALinear(nn.Module):
             return "sparse" if prefer_sparse(self.num_experts, self.rank, per_token, tokens) else "dense"
         return "observe" if prefer_sparse(self.num_experts, self.rank, 1, tokens) else "dense"
 
-    def _sparse(self, plan: str, y: Tensor, experts_x: Tensor, g: Tensor, grad: bool) -> Tensor | None:
-        """y + s * Delta over the pairs with g > 0 (lmoe.sparse), from the experts' input experts_x and the
-        routing g (tokens, E); None where the plan was to observe and the routing is too dense to pay."""
+    def _sparse(self, plan: str, y: Tensor, experts_x: Tensor, g: Tensor, grad: bool,
+                index: Tensor | None) -> Tensor | None:
+        """y + s * Delta over the pairs with g > 0 (lmoe.sparse), from the experts' input experts_x, the
+        routing g (tokens, E) and, from top-k, its experts' index (tokens, k); None where the plan was to observe
+        and the routing is too dense to pay."""
         (tokens, E), params = g.shape, self.composition == "params"
         per_token = self.router.experts_per_token()
         most, active = (per_token, per_token) if per_token is not None else active_counts(g)
@@ -311,9 +313,9 @@ class MoLoRALinear(nn.Module):
             return None
         A, B = self.lora_A.to(y.dtype), self.lora_B.to(y.dtype)
         if gathers(E, most, tokens):  # few tokens (generation): gather each token's own experts
-            return gathered_mixture(y, experts_x, A, B, g, most, self.scaling, params)
+            return gathered_mixture(y, experts_x, A, B, g, most, self.scaling, params, index)
         if csr_ok(experts_x, A, B):  # CPU: one sparse-matrix product per product, not one GEMM per expert
-            args = (y, experts_x, A, B, g, pattern(g, per_token, self.rank), self.scaling, params)
+            args = (y, experts_x, A, B, g, pattern(g, per_token, self.rank, index), self.scaling, params)
             return CsrMixture.apply(*args) if grad else csr_mixture(*args)[0]
         args = (y, experts_x, A, B, g, route_pairs(g, per_token), self.scaling, params)
         return GroupedMixture.apply(*args) if grad else grouped_mixture(*args)[0]

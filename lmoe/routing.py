@@ -24,6 +24,7 @@ class Routing:
     logits: Tensor  # u
     probs: Tensor  # dense router probabilities used by the load-balance loss
     extras: dict[str, Tensor] = field(default_factory=dict)  # per-router values (e.g. lambda)
+    top_index: Tensor | None = None  # (tokens, k) int64: the experts of weight g > 0 where the router fixes k
 
 
 # ---------------------------------------------------------------- routing functions (pure maths)
@@ -40,8 +41,13 @@ def softmax_route(u: Tensor, temperature: float = 1.0) -> Tensor:
 
 def topk_route(u: Tensor, k: int, temperature: float = 1.0) -> Tensor:
     """Keep the k largest logits, softmax over them, exact zeros elsewhere."""
+    return topk_route_indexed(u, k, temperature)[0]
+
+
+def topk_route_indexed(u: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(topk_route(u, k), the k experts' indices (tokens, k)): the sparse path reads them instead of a second topk."""
     top, index = torch.topk(u, k, dim=-1)
-    return torch.zeros_like(u).scatter(-1, index, torch.softmax(top / temperature, dim=-1))
+    return torch.zeros_like(u).scatter(-1, index, torch.softmax(top / temperature, dim=-1)), index
 
 
 def sparsegen_route(u: Tensor, lam: Tensor | float) -> Tensor:
@@ -283,8 +289,8 @@ class TopKRouter(Router):
 
     def route(self, x: Tensor, wx: Tensor | None = None, *projected: Tensor) -> Routing:
         u = self.logits(x, wx)
-        g = topk_route(u, self.top_k, self.temperature)
-        return Routing(weights=g, logits=u, probs=softmax_route(u, self.temperature))
+        g, index = topk_route_indexed(u, self.top_k, self.temperature)
+        return Routing(weights=g, logits=u, probs=softmax_route(u, self.temperature), top_index=index)
 
 
 class LambdaHead(nn.Module):

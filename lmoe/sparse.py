@@ -141,12 +141,13 @@ class GroupedMixture(torch.autograd.Function):
 
 
 def gathered_mixture(y: Tensor, x: Tensor, A: Tensor, B: Tensor, g: Tensor, k: int, scaling: float,
-                     params: bool) -> Tensor:
+                     params: bool, index: Tensor | None = None) -> Tensor:
     """y + s * Delta from each token's k largest weights with its own experts' A and B gathered, (tokens, k, r,
     d): for few tokens (generation), where it reads less than the whole bank. Plain autograd ops. Arguments
-    as grouped_mixture; k at least each token's number of experts with g > 0."""
+    as grouped_mixture; k at least each token's number of experts with g > 0; index (tokens, k): those experts
+    when the router gave them (top-k), else found here."""
     (tokens, d_in), r = x.shape, A.shape[1]
-    w, index = torch.topk(g, k, dim=-1)  # (tokens, k)
+    w, index = torch.topk(g, k, dim=-1) if index is None else (g.gather(1, index), index)  # (tokens, k)
     h = torch.bmm(A.index_select(0, index.flatten()).view(tokens, k * r, d_in), x.unsqueeze(2)).view(tokens, k, r)
     codes = torch.bmm(w.unsqueeze(1), h) if params else h  # params: z = sum_j w_j h_j, (tokens, 1, r)
     m = (w.unsqueeze(2) * codes).view(tokens, k * r, 1)

@@ -41,7 +41,7 @@ class Pattern:
     expert: Tensor  # (N,) int64
     shape: tuple[int, int]  # (tokens, E*r)
     rank: int
-    rows: Tensor  # (tokens + 1,) V's row pointers
+    rows: Tensor  # (tokens + 1,) V's row pointers (int32 where the sizes allow, as the next three)
     cols: Tensor  # (N*r,) V's column indices
     t_rows: Tensor  # (E*r + 1,) V^T's row pointers
     t_cols: Tensor  # (N*r,) V^T's column indices (tokens)
@@ -62,15 +62,16 @@ class Pattern:
         return torch.sparse.sampled_addmm(zero, a, b, beta=0.0).values().view(-1, self.rank)
 
 
-def pattern(g: Tensor, per_token: int | None, rank: int) -> Pattern:
+def pattern(g: Tensor, per_token: int | None, rank: int, index: Tensor | None = None) -> Pattern:
     """The pairs of routing g (tokens, E): top-k's k largest weights of each token (per_token = k; a pair of weight
-    0 adds nothing) or, per_token None, every g > 0."""
+    0 adds nothing; index (tokens, k): those experts when the router gave them) or, per_token None, every g > 0."""
     (tokens, E), device = g.shape, g.device
     if per_token is None:
         token, expert = (g > 0).nonzero().unbind(1)  # row-major: by token, then expert
         per_row = torch.bincount(token, minlength=tokens)
     else:
-        expert = torch.topk(g, per_token, dim=-1, sorted=False).indices.sort(-1).values.flatten()
+        index = torch.topk(g, per_token, dim=-1, sorted=False).indices if index is None else index
+        expert = index.sort(-1).values.flatten()  # CSR: each row's columns ascending
         token = torch.arange(tokens, device=device).repeat_interleave(per_token)
         per_row = torch.full((tokens,), per_token, device=device)
     j = torch.arange(rank, device=device)
@@ -88,7 +89,10 @@ def pattern(g: Tensor, per_token: int | None, rank: int) -> Pattern:
     t_cols = torch.empty_like(dest).index_copy_(0, dest, token.index_select(0, by_expert).repeat_interleave(rank))
     t_rows = torch.cat([(start.unsqueeze(1) * rank + j * counts.unsqueeze(1)).flatten(),
                         rows.new_full((1,), cols.shape[0])])
-    return Pattern(token, expert, (tokens, E * rank), rank, rows, cols, t_rows, t_cols, t_order)
+    # MKL's sparse products take 32-bit indices: torch would convert 64-bit ones at every product
+    index_dtype = torch.int32 if max(cols.shape[0], E * rank, tokens) < 2 ** 31 else torch.int64
+    return Pattern(token, expert, (tokens, E * rank), rank, rows.to(index_dtype), cols.to(index_dtype),
+                   t_rows.to(index_dtype), t_cols.to(index_dtype), t_order)
 
 
 def times(sparse: Tensor, dense: Tensor) -> Tensor:
