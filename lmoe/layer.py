@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from .config import AUX_COEFS, LMoEConfig
 from .routing import AuxStats, Routing, build_router
-from .sparse import (DENSE_UP_TO_RANK, GroupedMixture, active_counts, gathered_mixture, gathers, grouped_mixture,
-                     prefer_sparse, route_pairs)
+from .sparse import (CSR_GROUP_COST, DENSE_UP_TO_RANK, GROUP_COST, GroupedMixture, active_counts, gathered_mixture,
+                     gathers, grouped_mixture, prefer_sparse, route_pairs)
 from .sparse_csr import CsrMixture, csr_mixture, csr_ok, pattern
 
 
@@ -296,10 +296,14 @@ class MoLoRALinear(nn.Module):
             return self.execution
         if self.num_experts * self.rank <= DENSE_UP_TO_RANK:  # today's sizes: no call per forward
             return "dense"
-        per_token = self.router.experts_per_token()
+        per_token, cost = self.router.experts_per_token(), self._group_cost()
         if per_token is not None:
-            return "sparse" if prefer_sparse(self.num_experts, self.rank, per_token, tokens) else "dense"
-        return "observe" if prefer_sparse(self.num_experts, self.rank, 1, tokens) else "dense"
+            return "sparse" if prefer_sparse(self.num_experts, self.rank, per_token, tokens, cost) else "dense"
+        return "observe" if prefer_sparse(self.num_experts, self.rank, 1, tokens, cost) else "dense"
+
+    def _group_cost(self) -> int:
+        """The auto rule's cost of an expert's group: lower where the CSR products run (CPU, float32/64)."""
+        return CSR_GROUP_COST if csr_ok(self.lora_A) else GROUP_COST
 
     def _sparse(self, plan: str, y: Tensor, experts_x: Tensor, g: Tensor, grad: bool,
                 index: Tensor | None) -> Tensor | None:
@@ -309,7 +313,7 @@ class MoLoRALinear(nn.Module):
         (tokens, E), params = g.shape, self.composition == "params"
         per_token = self.router.experts_per_token()
         most, active = (per_token, per_token) if per_token is not None else active_counts(g)
-        if plan == "observe" and not prefer_sparse(E, self.rank, active, tokens):
+        if plan == "observe" and not prefer_sparse(E, self.rank, active, tokens, self._group_cost()):
             return None
         A, B = self.lora_A.to(y.dtype), self.lora_B.to(y.dtype)
         if gathers(E, most, tokens):  # few tokens (generation): gather each token's own experts

@@ -162,6 +162,9 @@ def gathered_mixture(y: Tensor, x: Tensor, A: Tensor, B: Tensor, g: Tensor, k: i
 # multiply-adds each way): a pair's row gathered and scattered costs PAIR_COST more than its r ranks, an expert's
 # group GROUP_COST; gathering each token's own experts pays once the dense bank has GATHER_MIN_RANK ranks.
 PAIR_COST, GROUP_COST, GATHER_MIN_RANK = 64, 512, 512
+# sparse_csr's products make no call per expert: refitted to bench/bench_sparse.py at d = 576, E 8-64, r 8, k 2,
+# 16-1024 tokens (bench/results/issue22_rule_csr.txt): the same pair cost, an expert's share 32
+CSR_GROUP_COST = 32
 DENSE_UP_TO_RANK = PAIR_COST  # prefer_sparse is false whenever E * r is at most this: grouping needs E r > r + PAIR_COST
 
 
@@ -171,14 +174,14 @@ def gathers(experts: int, active: float, tokens: int) -> bool:
     return 4 * tokens * active <= experts
 
 
-def prefer_sparse(experts: int, rank: int, active: float, tokens: int) -> bool:
+def prefer_sparse(experts: int, rank: int, active: float, tokens: int, group_cost: int = GROUP_COST) -> bool:
     """Whether the sparse path is the faster for E experts of rank r with `active` experts a token on average
     (top-k: k) over this many tokens: the dense path costs tokens * E * r; grouping costs each pair r + PAIR_COST
-    and each expert GROUP_COST; gathering (gathers) pays from E * r = GATHER_MIN_RANK. At E = 4-8 experts of
-    rank 4-8 it is always dense."""
+    and each expert group_cost (GROUP_COST; CSR_GROUP_COST for sparse_csr's products); gathering (gathers) pays
+    from E * r = GATHER_MIN_RANK. At E = 4-8 experts of rank 4-8 it is always dense."""
     if gathers(experts, active, tokens):
         return experts * rank >= GATHER_MIN_RANK
-    return tokens * experts * rank > tokens * active * (rank + PAIR_COST) + experts * GROUP_COST
+    return tokens * experts * rank > tokens * active * (rank + PAIR_COST) + experts * group_cost
 
 
 def active_counts(g: Tensor) -> tuple[int, float]:

@@ -11,7 +11,8 @@ import lmoe.layer
 from conftest import VOCAB, tiny_model
 from lmoe import LMoEConfig, MoLoRALinear, aux_loss, inject
 from lmoe.modular.experts import add_experts, remove_experts
-from lmoe.sparse import DENSE_UP_TO_RANK, _grouped_ok, grouped_mm, prefer_sparse, route_pairs
+from lmoe.sparse import (CSR_GROUP_COST, DENSE_UP_TO_RANK, GROUP_COST, _grouped_ok, grouped_mm, prefer_sparse,
+                         route_pairs)
 from test_layer import COMPOSITIONS, brute_force, make_layer
 
 SPARSE_ROUTERS = ["topk", "dynamic"]
@@ -243,18 +244,34 @@ def test_adding_and_removing_experts_keeps_sparse_equal_to_dense(input_ids):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_auto_keeps_todays_sizes_dense_and_goes_sparse_for_many_experts():
+@pytest.mark.parametrize("cost", [GROUP_COST, CSR_GROUP_COST])
+def test_auto_keeps_todays_sizes_dense_and_goes_sparse_for_many_experts(cost):
     for E in (4, 8):
         for r in (4, 8):
             for tokens in (1, 16, 256, 1024, 8192):
-                assert not prefer_sparse(E, r, 2, tokens), (E, r, tokens)
-                assert not prefer_sparse(E, r, 1, tokens), (E, r, tokens)  # the dynamic router's best case
+                assert not prefer_sparse(E, r, 2, tokens, cost), (E, r, tokens)
+                assert not prefer_sparse(E, r, 1, tokens, cost), (E, r, tokens)  # the dynamic router's best case
     for E, r in itertools.product(range(1, 65), range(1, 65)):  # the layer's shortcut agrees with the rule
         if E * r <= DENSE_UP_TO_RANK:
-            assert not any(prefer_sparse(E, r, 1, tokens) for tokens in (1, 7, 64, 1024, 10**6)), (E, r)
+            assert not any(prefer_sparse(E, r, 1, tokens, cost) for tokens in (1, 7, 64, 1024, 10**6)), (E, r)
     for tokens in (1, 1024):
-        assert prefer_sparse(64, 8, 2, tokens)
-    assert not prefer_sparse(64, 8, 64, 1024)  # every expert active (softmax; LD-MoLE at its init)
+        assert prefer_sparse(64, 8, 2, tokens, cost)
+    assert not prefer_sparse(64, 8, 64, 1024, cost)  # every expert active (softmax; LD-MoLE at its init)
+
+
+def test_auto_rule_for_the_csr_products_follows_their_measured_crossover():
+    """bench/results/issue22_rule_csr.txt (fwd+bwd, d = 576, r 8, k 2): CSR sparse won at E = 32 from 16 tokens
+    and at E = 64 from 16, tied or lost at E = 16 up to 1024; the grouped kernel's rule keeps E = 32 at 128
+    tokens dense."""
+    for E, tokens in [(32, 16), (32, 128), (64, 16), (64, 128)]:
+        assert prefer_sparse(E, 8, 2, tokens, CSR_GROUP_COST), (E, tokens)
+    for tokens in (16, 128, 256, 1024):
+        assert not prefer_sparse(16, 8, 2, tokens, CSR_GROUP_COST), tokens
+    assert not prefer_sparse(32, 8, 2, 128, GROUP_COST)
+    layer = MoLoRALinear(nn.Linear(32, 32), LMoEConfig(num_experts=32, rank=8, router="topk",
+                                                       target_modules="all-linear"))
+    assert layer._plan(128) == "sparse"
+    assert layer.to(torch.bfloat16)._plan(128) == "dense"  # bf16 on the CPU: the grouped kernel's rule
 
 
 def test_auto_dynamic_router_follows_the_observed_number_of_experts(monkeypatch):
