@@ -36,7 +36,12 @@ def at_least_float32(t: Tensor) -> Tensor:
 
 def softmax_route(u: Tensor, temperature: float = 1.0) -> Tensor:
     """Dense L-MoE gate: g = softmax(u / T)."""
-    return torch.softmax(u / temperature, dim=-1)
+    return torch.softmax(scaled(u, temperature), dim=-1)
+
+
+def scaled(u: Tensor, temperature: float) -> Tensor:
+    """u / T, and u itself at T = 1 (exact either way; one op fewer per layer and token when generating)."""
+    return u if temperature == 1.0 else u / temperature
 
 
 def topk_route(u: Tensor, k: int, temperature: float = 1.0) -> Tensor:
@@ -47,7 +52,7 @@ def topk_route(u: Tensor, k: int, temperature: float = 1.0) -> Tensor:
 def topk_route_indexed(u: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """(topk_route(u, k), the k experts' indices (tokens, k)): the sparse path reads them instead of a second topk."""
     top, index = torch.topk(u, k, dim=-1)
-    return torch.zeros_like(u).scatter(-1, index, torch.softmax(top / temperature, dim=-1)), index
+    return torch.zeros_like(u).scatter(-1, index, torch.softmax(scaled(top, temperature), dim=-1)), index
 
 
 def sparsegen_route(u: Tensor, lam: Tensor | float) -> Tensor:
