@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import lmoe.layer  # noqa: E402
 from bench.bench_model import load_base, loss_of, ours  # noqa: E402
-from bench.common import add_cpu_options, environment, interleaved_medians, prepare_cpu  # noqa: E402
+from bench.common import cpu_run, interleaved_medians  # noqa: E402
 from lmoe.sparse_csr import csr_ok  # noqa: E402
 
 
@@ -36,12 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--json", type=Path)
-    add_cpu_options(p)
-    args = p.parse_args(argv)
-    device = torch.device("cpu")
-    prepare_cpu(args, device)
-    print(environment(device))
+    args, device = cpu_run(p, argv)
     base = load_base(device)
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     models = {"E=4 dense": ours(base, 4, 8, "topk", "params"), f"E={args.experts}": ours(base, args.experts, 8, "topk", "params")}

@@ -9,6 +9,8 @@ import statistics
 import time
 from collections.abc import Callable
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -133,6 +135,18 @@ def prepare_cpu(args, device: torch.device) -> None:
         torch.set_num_threads(args.threads)
     if device.type == "cpu" and not args.default_allocator:
         keep_freed_memory()
+
+
+def cpu_run(parser, argv: list[str] | None) -> tuple:
+    """(args, the CPU device) for a CPU-only script: --json and add_cpu_options added to its parser, prepared
+    (prepare_cpu), its environment printed."""
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    add_cpu_options(parser)
+    args = parser.parse_args(argv)
+    device = torch.device("cpu")
+    prepare_cpu(args, device)
+    print(environment(device))
+    return args, device
 
 
 def environment(device: torch.device) -> str:
