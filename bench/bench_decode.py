@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -16,19 +15,15 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_layer import ours  # noqa: E402
-from bench.common import cpu_run  # noqa: E402
+from bench.common import cpu_run, interleaved_medians  # noqa: E402
 
 
-def medians_us(runs: dict, rounds: int, calls: int) -> dict[str, float]:
-    """Median over rounds of the mean time of `calls` calls, each round running every variant in turn."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                run()
-            times[name].append((time.perf_counter() - start) / calls * 1e6)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+def repeated(run, calls: int):
+    """run called `calls` times: one timed unit, so that a call of a few microseconds is timed in bulk."""
+    def many():
+        for _ in range(calls):
+            run()
+    return many
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,14 +38,14 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     base = nn.Linear(args.dim, args.dim, bias=False).requires_grad_(False)
     x = torch.randn(1, args.tokens, args.dim)
-    runs = {"base alone": lambda: base(x)}
+    runs = {"base alone": repeated(lambda: base(x), args.calls)}
     for e in args.experts:
         layer = ours(base, e, 8, "topk", args.composition).eval()
         nn.init.normal_(layer.lora_B, std=0.02)
-        runs[f"E={e}"] = (lambda m: lambda: m(x))(layer)
+        runs[f"E={e}"] = repeated((lambda m: lambda: m(x))(layer), args.calls)
     with torch.no_grad():
-        medians_us(runs, 2, args.calls)  # warm-up
-        result = medians_us(runs, args.rounds, args.calls)
+        seconds = interleaved_medians(runs, args.rounds, 2, device)
+    result = {name: s / args.calls * 1e6 for name, s in seconds.items()}
     ref = result[f"E={args.experts[0]}"]
     for name, us in result.items():
         print(f"{name:12s} {us:8.1f} us  {us / ref:5.2f}x E={args.experts[0]}")

@@ -8,7 +8,6 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-
 from pathlib import Path
 
 import torch

@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from .config import AUX_COEFS, LMoEConfig
 from .routing import AuxStats, Routing, build_router
-from .sparse import (CSR_GROUP_COST, DENSE_UP_TO_RANK, GROUP_COST, GroupedMixture, active_counts, gathered_mixture,
-                     gathers, grouped_mixture, prefer_sparse, route_pairs)
+from .sparse import (DENSE_UP_TO_RANK, GroupedMixture, active_counts, gathered_mixture, gathers, group_cost,
+                     grouped_mixture, prefer_sparse, route_pairs)
 from .sparse_csr import CsrMixture, csr_mixture, csr_ok, pattern
 
 
@@ -271,7 +271,8 @@ class MoLoRALinear(nn.Module):
         grad = torch.is_grad_enabled()
         lora_x = None if grad and isinstance(self.dropout, nn.Identity) else self.dropout(x2).to(dtype)
         gates_read_x = lora_x is None or not self.router_reads_dropout or not self.training
-        plan = self._plan(x2.shape[0])
+        csr = csr_ok(x2.device, dtype)  # which kernel a sparse plan runs: CSR products or grouped GEMMs
+        plan = self._plan(x2.shape[0], csr)
         # the dense path's A x rides on the base / gate GEMM; the sparse one computes its pairs' only
         y, h, *gx = self._projections(x2, lora_x, A if plan == "dense" else A[:0], dtype, grad, gates_read_x)
         out_dtype = dtype
@@ -282,43 +283,41 @@ class MoLoRALinear(nn.Module):
         routing = self.router.route(x2, *gx) if gates_read_x else self.router.route(lora_x)
         self._observe(routing, self._real_tokens(x))
         g, experts_x = routing.weights.to(dtype), x2 if lora_x is None else lora_x
-        out = None if plan == "dense" else self._sparse(plan, y, experts_x.to(dtype), g, grad, routing.top_index)
+        out = None if plan == "dense" else self._sparse(plan, y, experts_x.to(dtype), g, grad, routing.top_index,
+                                                         csr)
         if out is None:  # dense: planned, or observed (then the codes A x run apart, by autograd)
             h = h if plan == "dense" else experts_x.to(dtype) @ A.to(dtype).t()
             args = (y, h, B.to(dtype), g, self.scaling, self.composition == "params")
             out = _MixtureLoRA.apply(*args) if grad else mixture(*args)[0]
         return out.view(*x.shape[:-1], self.out_features).to(out_dtype)
 
-    def _plan(self, tokens: int) -> str:
+    def _plan(self, tokens: int, csr: bool) -> str:
         """How this forward runs the experts: "dense", "sparse", or "observe" (decide from the routing's
-        count of active pairs; the dynamic router's count is known only then). See sparse.prefer_sparse."""
+        count of active pairs; the dynamic router's count is known only then). See sparse.prefer_sparse; csr:
+        whether the sparse path would run the CSR products (sparse_csr.csr_ok)."""
         if self.execution != "auto":
             return self.execution
         if self.num_experts * self.rank <= DENSE_UP_TO_RANK:  # today's sizes: no call per forward
             return "dense"
-        per_token, cost = self.router.experts_per_token(), self._group_cost()
+        per_token, cost = self.router.experts_per_token(), group_cost(csr)
         if per_token is not None:
             return "sparse" if prefer_sparse(self.num_experts, self.rank, per_token, tokens, cost) else "dense"
         return "observe" if prefer_sparse(self.num_experts, self.rank, 1, tokens, cost) else "dense"
 
-    def _group_cost(self) -> int:
-        """The auto rule's cost of an expert's group: lower where the CSR products run (CPU, float32/64)."""
-        return CSR_GROUP_COST if csr_ok(self.lora_A) else GROUP_COST
-
     def _sparse(self, plan: str, y: Tensor, experts_x: Tensor, g: Tensor, grad: bool,
-                index: Tensor | None) -> Tensor | None:
+                index: Tensor | None, csr: bool) -> Tensor | None:
         """y + s * Delta over the pairs with g > 0 (lmoe.sparse), from the experts' input experts_x, the
-        routing g (tokens, E) and, from top-k, its experts' index (tokens, k); None where the plan was to observe
-        and the routing is too dense to pay."""
+        routing g (tokens, E) and, from top-k, its experts' index (tokens, k), through the CSR products (csr)
+        or grouped GEMMs; None where the plan was to observe and the routing is too dense to pay."""
         (tokens, E), params = g.shape, self.composition == "params"
         per_token = self.router.experts_per_token()
         most, active = (per_token, per_token) if per_token is not None else active_counts(g)
-        if plan == "observe" and not prefer_sparse(E, self.rank, active, tokens, self._group_cost()):
+        if plan == "observe" and not prefer_sparse(E, self.rank, active, tokens, group_cost(csr)):
             return None
         A, B = self.lora_A.to(y.dtype), self.lora_B.to(y.dtype)
         if gathers(E, most, tokens):  # few tokens (generation): gather each token's own experts
             return gathered_mixture(y, experts_x, A, B, g, most, self.scaling, params, index)
-        if csr_ok(experts_x, A, B):  # CPU: one sparse-matrix product per product, not one GEMM per expert
+        if csr:  # CPU: one sparse-matrix product per product, not one GEMM per expert
             args = (y, experts_x, A, B, g, pattern(g, per_token, self.rank, index), self.scaling, params)
             return CsrMixture.apply(*args) if grad else csr_mixture(*args)[0]
         args = (y, experts_x, A, B, g, route_pairs(g, per_token), self.scaling, params)

@@ -165,6 +165,12 @@ PAIR_COST, GROUP_COST, GATHER_MIN_RANK = 64, 512, 512
 # sparse_csr's products make no call per expert: refitted to bench/bench_sparse.py at d = 576, E 8-64, r 8, k 2,
 # 16-1024 tokens (bench/results/issue22_rule_csr.txt): the same pair cost, an expert's share 32
 CSR_GROUP_COST = 32
+
+
+def group_cost(csr: bool) -> int:
+    """prefer_sparse's cost of an expert's group for the kernel that runs: CSR products or grouped GEMMs."""
+    return CSR_GROUP_COST if csr else GROUP_COST
+
 DENSE_UP_TO_RANK = PAIR_COST  # prefer_sparse is false whenever E * r is at most this: grouping needs E r > r + PAIR_COST
 
 

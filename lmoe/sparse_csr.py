@@ -27,10 +27,10 @@ from .sparse import mixed_code, pair_codes, pair_codes_backward
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 
-def csr_ok(*tensors: Tensor) -> bool:
-    """Whether the CSR path takes these operands: CPU float32 / float64 (what MKL's sparse products run)."""
-    return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.dtype == tensors[0].dtype
-               for t in tensors)
+def csr_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the CSR path runs a layer computing in dtype on device: CPU float32 / float64 (what MKL's sparse
+    products take)."""
+    return device.type == "cpu" and dtype in (torch.float32, torch.float64)
 
 
 @dataclass

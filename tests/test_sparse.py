@@ -13,6 +13,7 @@ from lmoe import LMoEConfig, MoLoRALinear, aux_loss, inject
 from lmoe.modular.experts import add_experts, remove_experts
 from lmoe.sparse import (CSR_GROUP_COST, DENSE_UP_TO_RANK, GROUP_COST, _grouped_ok, grouped_mm, prefer_sparse,
                          route_pairs)
+from lmoe.sparse_csr import csr_ok
 from test_layer import COMPOSITIONS, brute_force, make_layer
 
 SPARSE_ROUTERS = ["topk", "dynamic"]
@@ -34,7 +35,7 @@ def kernel(request, monkeypatch):
     def refuse(*args):
         raise AssertionError("the other kernel ran")
     if request.param == "grouped":
-        monkeypatch.setattr(lmoe.layer, "csr_ok", lambda *tensors: False)
+        monkeypatch.setattr(lmoe.layer, "csr_ok", lambda device, dtype: False)
         monkeypatch.setattr(lmoe.layer.CsrMixture, "apply", refuse)
         monkeypatch.setattr(lmoe.layer, "csr_mixture", refuse)
     else:
@@ -202,8 +203,13 @@ def test_grouped_gemm_is_skipped_for_sizes_it_does_not_take():
 
 
 @pytest.mark.parametrize("composition", COMPOSITIONS)
-def test_half_precision_sparse_close_to_float32_dense(composition):
-    """bfloat16 on the CPU runs through torch's grouped GEMM too; rounding aside it is the dense float32 result."""
+def test_half_precision_sparse_close_to_float32_dense(composition, monkeypatch):
+    """bfloat16 on the CPU runs through torch's grouped GEMM (not the CSR products, which MKL runs in float32/64
+    only); rounding aside it is the dense float32 result."""
+    def refuse(*args):
+        raise AssertionError("the CSR kernel ran in bfloat16")
+    monkeypatch.setattr(lmoe.layer.CsrMixture, "apply", refuse)
+    monkeypatch.setattr(lmoe.layer, "csr_mixture", refuse)
     dense, sparse = layer_pair("topk", composition, 16)
     sparse.to(torch.bfloat16)
     x = torch.randn(2, 20, 32)
@@ -270,8 +276,8 @@ def test_auto_rule_for_the_csr_products_follows_their_measured_crossover():
     assert not prefer_sparse(32, 8, 2, 128, GROUP_COST)
     layer = MoLoRALinear(nn.Linear(32, 32), LMoEConfig(num_experts=32, rank=8, router="topk",
                                                        target_modules="all-linear"))
-    assert layer._plan(128) == "sparse"
-    assert layer.to(torch.bfloat16)._plan(128) == "dense"  # bf16 on the CPU: the grouped kernel's rule
+    assert layer._plan(128, csr_ok(torch.device("cpu"), torch.float32)) == "sparse"
+    assert layer._plan(128, csr_ok(torch.device("cpu"), torch.bfloat16)) == "dense"  # bf16: the grouped rule
 
 
 def test_auto_dynamic_router_follows_the_observed_number_of_experts(monkeypatch):
@@ -301,7 +307,7 @@ def test_auto_dynamic_router_observed_dense_keeps_every_gradient():
     dense = copy.deepcopy(auto)
     auto.execution, dense.execution = "auto", "dense"
     x = torch.randn(300, 5, dtype=torch.float64, requires_grad=True)
-    assert auto._plan(300) == "observe" and (auto.router.route(x).weights > 0).sum(-1).float().mean() > 32
+    assert auto._plan(300, True) == "observe" and (auto.router.route(x).weights > 0).sum(-1).float().mean() > 32
     got, want = auto(x), dense(x)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     grad_out = torch.randn_like(got)

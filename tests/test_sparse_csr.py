@@ -90,7 +90,7 @@ def test_csr_mixture_gradcheck_and_grouped_agree(name, params):
     B = torch.randn(E, r, d_out, dtype=torch.float64, generator=gen).transpose(1, 2).requires_grad_()
     g = g0.double().requires_grad_()
     pat, pairs = pattern(g0, k, r), route_pairs(g0, k)
-    assert csr_ok(x, A, B)
+    assert csr_ok(x.device, x.dtype)
 
     def csr(*args):
         return CsrMixture.apply(*args, pat, 1.5, params)
@@ -110,9 +110,10 @@ def test_csr_mixture_gradcheck_and_grouped_agree(name, params):
 
 
 def test_csr_is_for_cpu_floats_only():
-    assert csr_ok(torch.randn(2), torch.randn(2, dtype=torch.float32))
-    assert not csr_ok(torch.randn(2).bfloat16())
-    assert not csr_ok(torch.randn(2), torch.randn(2, dtype=torch.float64))  # mixed
+    cpu = torch.device("cpu")
+    assert csr_ok(cpu, torch.float32) and csr_ok(cpu, torch.float64)
+    assert not csr_ok(cpu, torch.bfloat16) and not csr_ok(cpu, torch.float16)
+    assert not csr_ok(torch.device("cuda"), torch.float32)  # a GPU: the grouped kernel
 
 
 def test_the_routers_top_index_gives_the_same_pattern():
