@@ -2,8 +2,6 @@
 mean ± std over seeds for the result tables."""
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import platform
 import statistics
 import time
@@ -12,6 +10,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+import lmoe.allocator
 
 
 def mean_sd(values: list[float]) -> str:
@@ -98,13 +98,11 @@ def cuda_peak_bytes(step: Callable[[], None], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - start
 
 
-# glibc mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 ALLOCATOR = "default"
 
 
 def keep_freed_memory() -> None:
-    """Tell glibc to keep freed memory for reuse instead of returning it to the system (CPU runs).
+    """lmoe.allocator.keep_freed_memory (what `lmoe train` does on a CPU), and the environment line says so.
 
     By default a large tensor is mmap-ed fresh and unmapped when freed, so the next step page-faults
     and zeroes it again; which variant pays depends on its allocation pattern and varied run to run by
@@ -112,13 +110,7 @@ def keep_freed_memory() -> None:
     kept, every variant computes from reused memory and the ratios measure the work.
     """
     global ALLOCATOR
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is None or not hasattr(libc, "mallopt"):
-        return
-    ok = all(libc.mallopt(param, value) == 1 for param, value in
-             ((M_MMAP_THRESHOLD, 1 << 30), (M_TRIM_THRESHOLD, 1 << 34), (M_TOP_PAD, 1 << 30)))
-    ALLOCATOR = "glibc, freed memory kept (mallopt)" if ok else "default"
+    ALLOCATOR = "glibc, freed memory kept (mallopt)" if lmoe.allocator.keep_freed_memory() else "default"
 
 
 def add_cpu_options(parser) -> None:
