@@ -94,14 +94,20 @@ def projections(x: Tensor, lora_x: Tensor | None, W0: Tensor | None, b0: Tensor 
     y = None if W0 is None else F.linear(x, W0, b0)
     sizes = [G.shape[0] for G in gates]
     if not gates:  # the router reads another input (router_reads_dropout) and runs its own products
-        return (y, (x if lora_x is None else lora_x) @ A.t())
+        return (y, codes(x if lora_x is None else lora_x, A))
     if lora_x is None:
         h, *gx = (x @ joined([A, *gates]).t()).split([A.shape[0], *sizes], 1)
         if len(gates) > 1:  # h and W_g x are kept (for backward, the aux losses): as views they would
             h, gx[0] = h.contiguous(), gx[0].contiguous()  # also keep the lambda head's product, used once
-    else:
-        h, gx = lora_x @ A.t(), (x @ joined(gates).t()).split(sizes, 1)
+    else:  # one gate (top-k, softmax): its product as is, no one-piece split
+        h, gx = codes(lora_x, A), [x @ gates[0].t()] if len(gates) == 1 else (x @ joined(gates).t()).split(sizes, 1)
     return (y, h, *gx)
+
+
+def codes(x: Tensor, A: Tensor) -> Tensor | None:
+    """h = A x, or None for an A without rows (the sparse path computes its pairs' codes itself): no empty
+    product per layer and token while generating."""
+    return x @ A.t() if A.shape[0] else None
 
 
 def _products_backward(grads: list[Tensor | None], weights: list[Tensor], inp: Tensor,
@@ -266,15 +272,17 @@ class MoLoRALinear(nn.Module):
             return self.base(x)
         dtype = _compute_dtype(x)
         x2 = x.reshape(-1, self.in_features)  # (tokens, d_in)
-        A, B = self.stacked()
         # without autograd (generation) the same maths runs directly: no Function bookkeeping per token
         grad = torch.is_grad_enabled()
         lora_x = None if grad and isinstance(self.dropout, nn.Identity) else self.dropout(x2).to(dtype)
         gates_read_x = lora_x is None or not self.router_reads_dropout or not self.training
         csr = csr_ok(x2.device, dtype)  # which kernel a sparse plan runs: CSR products or grouped GEMMs
         plan = self._plan(x2.shape[0], csr)
-        # the dense path's A x rides on the base / gate GEMM; the sparse one computes its pairs' only
-        y, h, *gx = self._projections(x2, lora_x, A if plan == "dense" else A[:0], dtype, grad, gates_read_x)
+        # the dense path's A x rides on the base / gate GEMM; the sparse one computes its pairs' only (and skips
+        # the stacked views: while generating, each op a layer and token costs)
+        stack = self.stacked() if plan == "dense" else None
+        A = stack[0] if stack else self.lora_A[:0].view(0, self.in_features)
+        y, h, *gx = self._projections(x2, lora_x, A, dtype, grad, gates_read_x)
         out_dtype = dtype
         if y is None:  # a base the layer does not run itself (see frozen_product)
             y = self.base(x)
@@ -283,9 +291,9 @@ class MoLoRALinear(nn.Module):
         routing = self.router.route(x2, *gx) if gates_read_x else self.router.route(lora_x)
         self._observe(routing, self._real_tokens(x))
         g, experts_x = routing.weights.to(dtype), x2 if lora_x is None else lora_x
-        out = None if plan == "dense" else self._sparse(plan, y, experts_x.to(dtype), g, grad, routing.top_index,
-                                                         csr)
+        out = None if plan == "dense" else self._sparse(plan, y, experts_x.to(dtype), g, grad, routing, csr)
         if out is None:  # dense: planned, or observed (then the codes A x run apart, by autograd)
+            A, B = stack or self.stacked()
             h = h if plan == "dense" else experts_x.to(dtype) @ A.to(dtype).t()
             args = (y, h, B.to(dtype), g, self.scaling, self.composition == "params")
             out = _MixtureLoRA.apply(*args) if grad else mixture(*args)[0]
@@ -304,19 +312,22 @@ class MoLoRALinear(nn.Module):
             return "sparse" if prefer_sparse(self.num_experts, self.rank, per_token, tokens, cost) else "dense"
         return "observe" if prefer_sparse(self.num_experts, self.rank, 1, tokens, cost) else "dense"
 
-    def _sparse(self, plan: str, y: Tensor, experts_x: Tensor, g: Tensor, grad: bool,
-                index: Tensor | None, csr: bool) -> Tensor | None:
+    def _sparse(self, plan: str, y: Tensor, experts_x: Tensor, g: Tensor, grad: bool, routing: Routing,
+                csr: bool) -> Tensor | None:
         """y + s * Delta over the pairs with g > 0 (lmoe.sparse), from the experts' input experts_x, the
-        routing g (tokens, E) and, from top-k, its experts' index (tokens, k), through the CSR products (csr)
-        or grouped GEMMs; None where the plan was to observe and the routing is too dense to pay."""
+        routing g (tokens, E) in y's dtype and, from top-k, its experts' index and weights (tokens, k), through
+        the CSR products (csr) or grouped GEMMs; None where the plan was to observe and the routing is too
+        dense to pay."""
         (tokens, E), params = g.shape, self.composition == "params"
         per_token = self.router.experts_per_token()
         most, active = (per_token, per_token) if per_token is not None else active_counts(g)
         if plan == "observe" and not prefer_sparse(E, self.rank, active, tokens, group_cost(csr)):
             return None
         A, B = self.lora_A.to(y.dtype), self.lora_B.to(y.dtype)
+        index = routing.top_index
         if gathers(E, most, tokens):  # few tokens (generation): gather each token's own experts
-            return gathered_mixture(y, experts_x, A, B, g, most, self.scaling, params, index)
+            top = None if index is None else (routing.top_weights.to(y.dtype), index)
+            return gathered_mixture(y, experts_x, A, B, g, most, self.scaling, params, top)
         if csr:  # CPU: one sparse-matrix product per product, not one GEMM per expert
             args = (y, experts_x, A, B, g, pattern(g, per_token, self.rank, index), self.scaling, params)
             return CsrMixture.apply(*args) if grad else csr_mixture(*args)[0]

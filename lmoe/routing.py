@@ -22,9 +22,17 @@ class Routing:
 
     weights: Tensor  # g: non-negative, rows sum to 1
     logits: Tensor  # u
-    probs: Tensor  # dense router probabilities used by the load-balance loss
+    probs: Tensor | Callable[[], Tensor]  # dense router probabilities for the load-balance loss, or what gives them
     extras: dict[str, Tensor] = field(default_factory=dict)  # per-router values (e.g. lambda)
     top_index: Tensor | None = None  # (tokens, k) int64: the experts of weight g > 0 where the router fixes k
+    top_weights: Tensor | None = None  # (tokens, k): their weights, g at top_index
+
+    def dense_probs(self) -> Tensor:
+        """probs, computed on first use where the router passed a function: top-k's full softmax, which only
+        the load-balance loss reads (not generation, where it was one op a layer and token)."""
+        if callable(self.probs):
+            self.probs = self.probs()
+        return self.probs
 
 
 # ---------------------------------------------------------------- routing functions (pure maths)
@@ -49,10 +57,12 @@ def topk_route(u: Tensor, k: int, temperature: float = 1.0) -> Tensor:
     return topk_route_indexed(u, k, temperature)[0]
 
 
-def topk_route_indexed(u: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """(topk_route(u, k), the k experts' indices (tokens, k)): the sparse path reads them instead of a second topk."""
+def topk_route_indexed(u: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """(topk_route(u, k), the k experts' indices (tokens, k), their weights (tokens, k)): the sparse path reads
+    them instead of a second topk or a gather."""
     top, index = torch.topk(u, k, dim=-1)
-    return torch.zeros_like(u).scatter(-1, index, torch.softmax(scaled(top, temperature), dim=-1)), index
+    weights = torch.softmax(scaled(top, temperature), dim=-1)
+    return torch.zeros_like(u).scatter(-1, index, weights), index, weights
 
 
 def sparsegen_route(u: Tensor, lam: Tensor | float) -> Tensor:
@@ -261,7 +271,7 @@ class Router(nn.Linear):
         sums = {name: token_sum(term(), mask) for name, term in self.token_losses(r).items() if name in names}
         counts = token_count(r.logits, mask).view(1)
         if "load_balance" in names:
-            sums["load_balance"] = token_sum(r.probs, mask)  # (E,)
+            sums["load_balance"] = token_sum(r.dense_probs(), mask)  # (E,)
             counts = torch.cat([counts, token_sum(self.dispatch(r), mask)])  # (1 + E,)
         return AuxStats(sums, counts.detach())
 
@@ -294,8 +304,9 @@ class TopKRouter(Router):
 
     def route(self, x: Tensor, wx: Tensor | None = None, *projected: Tensor) -> Routing:
         u = self.logits(x, wx)
-        g, index = topk_route_indexed(u, self.top_k, self.temperature)
-        return Routing(weights=g, logits=u, probs=softmax_route(u, self.temperature), top_index=index)
+        g, index, weights = topk_route_indexed(u, self.top_k, self.temperature)
+        return Routing(weights=g, logits=u, probs=lambda: softmax_route(u, self.temperature), top_index=index,
+                       top_weights=weights)
 
 
 class LambdaHead(nn.Module):

@@ -141,20 +141,22 @@ class GroupedMixture(torch.autograd.Function):
 
 
 def gathered_mixture(y: Tensor, x: Tensor, A: Tensor, B: Tensor, g: Tensor, k: int, scaling: float,
-                     params: bool, index: Tensor | None = None) -> Tensor:
+                     params: bool, top: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """y + s * Delta from each token's k largest weights with its own experts' A and B gathered, (tokens, k, r,
-    d): for few tokens (generation), where it reads less than the whole bank. Plain autograd ops. Arguments
-    as grouped_mixture; k at least each token's number of experts with g > 0; index (tokens, k): those experts
-    when the router gave them (top-k), else found here."""
+    d): for few tokens (generation), where it reads less than the whole bank. Plain autograd ops, as few as
+    the maths allows (each costs a layer several us a token). Arguments as grouped_mixture; k at least each
+    token's number of experts with g > 0; top: (weights, index) (tokens, k) of those experts when the router
+    gave them (top-k), else found here."""
     (tokens, d_in), r = x.shape, A.shape[1]
-    w, index = torch.topk(g, k, dim=-1) if index is None else (g.gather(1, index), index)  # (tokens, k)
-    h = torch.bmm(A.index_select(0, index.flatten()).view(tokens, k * r, d_in), x.unsqueeze(2)).view(tokens, k, r)
+    w, index = torch.topk(g, k, dim=-1) if top is None else top  # (tokens, k)
+    flat = index.flatten()
+    h = torch.bmm(A.index_select(0, flat).view(tokens, k * r, d_in), x.unsqueeze(2)).view(tokens, k, r)
     codes = torch.bmm(w.unsqueeze(1), h) if params else h  # params: z = sum_j w_j h_j, (tokens, 1, r)
-    m = (w.unsqueeze(2) * codes).view(tokens, k * r, 1)
-    # B's own layout stores (E, r, d_out) (layer.expert_bank_B): the gathered experts come out (tokens * k, r,
-    # d_out), a copy-free (tokens, d_out, k*r) view
-    B_tokens = B.transpose(1, 2).index_select(0, index.flatten()).view(tokens, k * r, -1).transpose(1, 2)
-    return torch.baddbmm(y.unsqueeze(2), B_tokens, m, alpha=scaling).squeeze(2)
+    m = (w.unsqueeze(2) * codes).view(tokens, 1, k * r)
+    # B's own layout stores (E, r, d_out) (layer.expert_bank_B): the gathered experts come out (tokens, k*r,
+    # d_out), and Delta^T = m^T B_tokens^T is one batched product on them as they are
+    B_tokens = B.transpose(1, 2).index_select(0, flat).view(tokens, k * r, -1)
+    return torch.baddbmm(y.unsqueeze(1), m, B_tokens, alpha=scaling).view_as(y)
 
 
 # The auto rule's constants, fitted to bench/bench_sparse.py (d = 576, 1 CPU thread; bench/RESULTS.md, "Sparse

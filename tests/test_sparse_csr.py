@@ -120,8 +120,9 @@ def test_the_routers_top_index_gives_the_same_pattern():
     """Top-k's Routing.top_index (its experts, in the router's order) spares the sparse path a second topk."""
     from lmoe.routing import topk_route, topk_route_indexed
     u = torch.randn(11, 8, generator=torch.Generator().manual_seed(3))
-    g, index = topk_route_indexed(u, 3)
+    g, index, weights = topk_route_indexed(u, 3)
     torch.testing.assert_close(g, topk_route(u, 3), rtol=0, atol=0)
+    torch.testing.assert_close(weights, g.gather(1, index), rtol=0, atol=0)  # what the gathered path reads
     assert set(map(tuple, (g > 0).nonzero().tolist())) == {(t, e) for t in range(11) for e in index[t].tolist()}
     given, found = pattern(g, 3, 2, index), pattern(g, 3, 2)
     for name in ("token", "expert", "rows", "cols"):
