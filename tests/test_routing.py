@@ -324,6 +324,24 @@ def test_router_aux_losses_use_the_right_dispatch(name):
     assert ("sparsity" in losses) == (name == "dynamic")
 
 
+def test_topk_computes_its_full_softmax_only_for_the_balance_loss():
+    """A forward (generation) leaves top-k's full softmax uncomputed; the balance loss reads it, with its
+    gradient, as the eager formula does."""
+    r = router("topk", d_in=6, E=4, dtype=torch.float64, temperature=2.0, top_k=2)
+    x = torch.randn(30, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    routing = r.route(x)
+    assert callable(routing.probs)
+    probs = routing.dense_probs()
+    torch.testing.assert_close(probs, torch.softmax(routing.logits / 2.0, -1), rtol=0, atol=0)
+    assert routing.dense_probs() is probs  # computed once
+    lazy = torch.autograd.grad(r.aux_losses(r.route(x))["load_balance"], r.weight)[0]
+    u = r.route(x).logits
+    dispatch = (topk_route(u, 2, 2.0) > 0).double()
+    eager = 4 * (dispatch.sum(0) / dispatch.sum() * torch.softmax(u / 2.0, -1).mean(0)).sum()
+    torch.testing.assert_close(lazy, torch.autograd.grad(eager, r.weight)[0], rtol=1e-12, atol=1e-12)
+    assert lazy.abs().sum() > 0
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_sparsity_threshold_is_where_the_qp_drops_to_k_experts(k):
     u, _ = random_problem(tokens=12, E=5, seed=10 + k)
