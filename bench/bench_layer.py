@@ -41,9 +41,13 @@ def peft_lora(base: nn.Linear, rank: int) -> nn.Module:
     return PeftLoraLinear(base, "default", config=cfg, r=rank, lora_alpha=ALPHA_PER_RANK * rank)
 
 
+def ours_config(experts: int, rank: int, router: str, composition: str, **extra) -> LMoEConfig:
+    return LMoEConfig(num_experts=experts, rank=rank, alpha=ALPHA_PER_RANK * rank, router=router,
+                      composition=composition, top_k=min(2, experts), target_modules="all-linear", **extra)
+
+
 def ours(base: nn.Linear, experts: int, rank: int, router: str, composition: str, **extra) -> nn.Module:
-    cfg = LMoEConfig(num_experts=experts, rank=rank, alpha=ALPHA_PER_RANK * rank, router=router,
-                     composition=composition, top_k=min(2, experts), target_modules="all-linear", **extra)
+    cfg = ours_config(experts, rank, router, composition, **extra)
     layer = MoLoRALinear(base, cfg)
     layer.aux_coefs = {key: getattr(cfg, attr) for key, attr in AUX_COEFS.items()}  # what lmoe.aux_loss weights
     return layer
