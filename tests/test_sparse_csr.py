@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lmoe.sparse import GroupedMixture, route_pairs
-from lmoe.sparse_csr import CsrMixture, csr_ok, pattern, times
+from lmoe.sparse_csr import CsrMixture, csr_ok, pattern
 
 
 def by_hand(g: torch.Tensor, values: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, r: int) -> torch.Tensor:
@@ -24,6 +24,16 @@ ROUTINGS = {
 }
 
 
+def csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
+    return torch.sparse_csr_tensor(rows.long(), cols.long(), values.reshape(-1), shape)
+
+
+def transposed(pat, values: torch.Tensor) -> torch.Tensor:
+    """V^T as the pattern's transpose() describes it: (row pointers, columns, the order of V's values)."""
+    t_rows, t_cols, t_order = pat.transpose()
+    return csr(t_rows, t_cols, values.reshape(-1)[t_order], pat.shape[::-1])
+
+
 @pytest.mark.parametrize("name", ROUTINGS)
 def test_patterns_are_the_routing_and_its_transpose(name):
     g, k = ROUTINGS[name]
@@ -39,9 +49,9 @@ def test_patterns_are_the_routing_and_its_transpose(name):
                    for t in range(g.shape[0]))
     values = torch.randn(pat.token.shape[0], r, dtype=torch.float64)
     want = by_hand(g, values, pat.token, pat.expert, r)
-    torch.testing.assert_close(pat.matrix(values).to_dense(), want, rtol=0, atol=0)
-    torch.testing.assert_close(pat.transposed(values).to_dense(), want.t(), rtol=0, atol=0)
-    t_rows = pat.transposed(values)
+    torch.testing.assert_close(csr(pat.rows, pat.cols, values, pat.shape).to_dense(), want, rtol=0, atol=0)
+    torch.testing.assert_close(transposed(pat, values).to_dense(), want.t(), rtol=0, atol=0)
+    t_rows = transposed(pat, values)
     for row in range(t_rows.shape[0]):  # each row's columns (tokens) ascending, as CSR wants
         cols = t_rows.col_indices()[t_rows.crow_indices()[row]:t_rows.crow_indices()[row + 1]].tolist()
         assert cols == sorted(cols)
@@ -59,21 +69,21 @@ def test_products_equal_dense_ones(name):
     cells = [full[t, e * r:(e + 1) * r] for t, e in zip(pat.token.tolist(), pat.expert.tolist())]
     want = torch.stack(cells) if cells else full.new_zeros(0, r)
     torch.testing.assert_close(pat.sampled(a, b), want, rtol=1e-12, atol=1e-12)
-    dense = torch.randn(g.shape[1] * r, 5, dtype=torch.float64)
-    torch.testing.assert_close(times(pat.matrix(values), dense), V @ dense, rtol=1e-12, atol=1e-12)
+    dense = torch.randn(g.shape[1] * r, 5, dtype=torch.float64)  # rows of a token or expert without pairs: 0
+    torch.testing.assert_close(pat.times(values, dense), V @ dense, rtol=1e-12, atol=1e-12)
     dy = torch.randn(g.shape[0], 5, dtype=torch.float64)
-    torch.testing.assert_close(times(pat.transposed(values), dy), V.t() @ dy, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(pat.transposed_times(values, dy), V.t() @ dy, rtol=1e-12, atol=1e-12)
 
 
-def test_times_ignores_what_its_fresh_result_held():
-    """times writes into uninitialised memory with beta 0: whatever was there (NaN here) must not leak in."""
+def test_products_in_float32_are_the_dense_ones():
+    """The embedding-bag sums in float32 (FBGEMM's kernel) against the float64 dense products."""
     g, k = ROUTINGS["top2"]
     pat = pattern(g, k, 4)
-    V = pat.matrix(torch.randn(pat.token.shape[0], 4))
-    dense = torch.randn(V.shape[1], 8)
-    stale = torch.full((V.shape[0], 8), float("nan"))
-    got = torch.addmm(stale, V, dense, beta=0.0)
-    torch.testing.assert_close(got, V.to_dense() @ dense)
+    values = torch.randn(pat.token.shape[0], 4)
+    V = by_hand(g, values.double(), pat.token, pat.expert, 4)
+    dense, dy = torch.randn(V.shape[1], 40), torch.randn(V.shape[0], 40)
+    torch.testing.assert_close(pat.times(values, dense).double(), V @ dense.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pat.transposed_times(values, dy).double(), V.t() @ dy.double(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("params", [False, True])
