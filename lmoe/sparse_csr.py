@@ -100,7 +100,7 @@ def pattern(g: Tensor, per_token: int | None, rank: int, index: Tensor | None = 
         per_row = torch.full((tokens,), per_token, device=device)
     rows = torch.cat([per_row.new_zeros(1), per_row.cumsum(0)]) * rank
     cols = (expert.unsqueeze(1) * rank + torch.arange(rank, device=device)).flatten()
-    # MKL's sparse products take 32-bit indices: torch would convert 64-bit ones at every product
+    # MKL's sampled product takes 32-bit indices (torch would convert 64-bit ones at every call); embedding_bag either
     index_dtype = torch.int32 if max(cols.shape[0], E * rank, tokens) < 2 ** 31 else torch.int64
     return Pattern(token, expert, (tokens, E * rank), rank, rows.to(index_dtype), cols.to(index_dtype))
 
