@@ -4,7 +4,6 @@ The mixture itself lives here (config, routing, layer, sparse, inject, io); the 
 it: modular (skills as experts), data, training, evaluation, integrations (PEFT, Trainer, lm-eval)."""
 from _lmoe_peft_hook import install as _install_peft_hook
 
-from . import _moved
 from .config import LMoEConfig
 from .inject import aux_loss, aux_losses, count_parameters, inject, lmoe_layers, record_routing, remove
 from .io import load_adapter, load_adapter_weights, save_adapter
@@ -18,7 +17,6 @@ from .training.optim import param_groups, scale_router_lr
 from .version import __version__
 
 _install_peft_hook()  # lmoe registers with PEFT once peft is imported (before or after lmoe)
-_moved.install()  # the module names before the subpackages keep importing, with a warning
 
 __all__ = ["LMoEConfig", "MoLoRALinear", "inject", "remove", "aux_loss", "aux_losses", "count_parameters",
            "lmoe_layers", "record_routing", "save_adapter", "load_adapter", "load_adapter_weights", "__version__"]

@@ -27,9 +27,6 @@ from torch import Tensor
 
 from .sparse import mixed_code, pair_codes, pair_codes_backward
 
-# torch says once per process that CSR support is in beta; the ops used here are stable since torch 2.0
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-
 
 def csr_ok(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the CSR path runs a layer computing in dtype on device: CPU float32 / float64 (what MKL's sparse
@@ -61,8 +58,10 @@ class Pattern:
 
     def sampled(self, a: Tensor, b: Tensor) -> Tensor:
         """(a @ b) at V's pattern, as (N, r) values."""
-        zero = torch.sparse_csr_tensor(self.rows, self.cols, a.new_zeros(self.cols.shape[0]), self.shape,
-                                       check_invariants=False)
+        with warnings.catch_warnings():  # torch's once-a-process "CSR support is in beta": this op is stable
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+            zero = torch.sparse_csr_tensor(self.rows, self.cols, a.new_zeros(self.cols.shape[0]),
+                                           self.shape, check_invariants=False)
         return torch.sparse.sampled_addmm(zero, a, b, beta=0.0).values().view(-1, self.rank)
 
     def transpose(self) -> tuple[Tensor, Tensor, Tensor]:

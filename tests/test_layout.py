@@ -24,7 +24,7 @@ MAY_IMPORT = {"core": {"core"}, "data": {"data"}, "modular": {"core", "modular"}
               "evaluation": {"core", "data", "evaluation"},
               "training": {"core", "data", "modular", "evaluation", "training"},
               "integrations": {"core", "modular", "training", "integrations"}}
-ANYTHING = {"lmoe", "lmoe.cli", "lmoe._moved"}
+ANYTHING = {"lmoe", "lmoe.cli"}
 
 
 def group(module: str) -> str:
@@ -116,25 +116,12 @@ def test_the_mixture_config_knows_nothing_of_peft():
     assert not [m for m in modules if "peft" in m.lower()] and GRAPH["lmoe.config"] == set(), modules
 
 
-def test_every_module_imports_in_a_fresh_interpreter_and_old_names_still_import():
+def test_every_module_imports_in_a_fresh_interpreter():
     """One interpreter for all (each costs seconds of torch/transformers imports); with no circle, each module
-    also imports alone. A module's name before the subpackages imports the module at its new place."""
+    also imports alone."""
     code = "; ".join(f"import {name}" for name in MODULES)
-    code += ("; import warnings; warnings.simplefilter('error'); import lmoe.training.loop as new"
-             "\ntry:\n import lmoe.train\nexcept DeprecationWarning as w: print(w)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "lmoe.train moved to lmoe.training.loop; import it from there."
-
-
-def test_an_old_module_name_is_the_new_module_and_one_that_would_hide_a_function_fails_in_one_line():
-    code = ("import warnings, lmoe; warnings.simplefilter('ignore'); import lmoe.train, lmoe.training.loop, "
-            "lmoe.data.encoding as enc; from lmoe.data import collate; "
-            "print(lmoe.train is lmoe.training.loop, collate is enc.collate)\n"
-            "try:\n import lmoe.merge\nexcept ImportError as e: print(e, callable(lmoe.merge))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.stdout.splitlines() == ["True True", "lmoe.merge moved to lmoe.modular.merge; import it from there. "
-                                        "True"], done.stderr[-2000:]
 
 
 def test_the_architecture_list_names_every_module_and_only_those():
