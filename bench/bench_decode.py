@@ -2,8 +2,7 @@
 experts gathered per token), beside the frozen base product alone; interleaved medians in one process.
 
     python bench/bench_decode.py --threads 2                  # d = 576, 2 tokens, top-2, E 4 / 16 / 64
-    python bench/bench_decode.py --tokens 1 --experts 4 64 --before b6f0e72~1 --threads 2
-                                                              # each E's layer now against commit REV's, same weights
+    python bench/bench_decode.py --router dynamic --threads 2 # lambda held where 2 experts a token are on
 """
 from __future__ import annotations
 
@@ -16,8 +15,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.bench_layer import hold_active, ours, ours_config  # noqa: E402
-from bench.bench_sparse import layer_class_at  # noqa: E402
+from bench.bench_layer import hold_active, ours  # noqa: E402
 from bench.common import cpu_run, interleaved_medians  # noqa: E402
 
 
@@ -36,7 +34,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64])
     p.add_argument("--composition", default="params", choices=["params", "outputs"])
     p.add_argument("--router", default="topk", choices=["topk", "dynamic"])
-    p.add_argument("--before", help="a commit: also each E's layer as that commit had it (same weights)")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--calls", type=int, default=200)
     args, device = cpu_run(p, argv)
@@ -44,26 +41,19 @@ def main(argv: list[str] | None = None) -> None:
     base = nn.Linear(args.dim, args.dim, bias=False).requires_grad_(False)
     x = torch.randn(1, args.tokens, args.dim)
     runs = {"base alone": repeated(lambda: base(x), args.calls)}
-    before = layer_class_at(args.before) if args.before else None
     for e in args.experts:
         layer = ours(base, e, 8, args.router, args.composition).eval()
         nn.init.normal_(layer.lora_B, std=0.02)
         if args.router == "dynamic":  # lambda held where 2 experts a token are on, as after training
             hold_active(layer, torch.randn(1, 64, args.dim), 2.0)
         runs[f"E={e}"] = repeated((lambda m: lambda: m(x))(layer), args.calls)
-        if before is not None:
-            old = before(base, ours_config(e, 8, args.router, args.composition)).eval()
-            old.load_state_dict(layer.state_dict())
-            runs[f"E={e} before"] = repeated((lambda m: lambda: m(x))(old), args.calls)
     with torch.no_grad():
         seconds = interleaved_medians(runs, args.rounds, 2, device)
     result = {name: s / args.calls * 1e6 for name, s in seconds.items()}
-    for suffix in ("", " before") if before is not None else ("",):
-        ref = result[f"E={args.experts[0]}{suffix}"]
-        for e in args.experts:
-            name = f"E={e}{suffix}"
-            now = f"  now / before {result[f'E={e}'] / result[name]:5.3f}" if suffix else ""
-            print(f"{name:12s} {result[name]:8.1f} us  {result[name] / ref:5.2f}x E={args.experts[0]}{suffix}{now}")
+    ref = result[f"E={args.experts[0]}"]
+    for e in args.experts:
+        name = f"E={e}"
+        print(f"{name:12s} {result[name]:8.1f} us  {result[name] / ref:5.2f}x E={args.experts[0]}")
     print(f"{'base alone':12s} {result['base alone']:8.1f} us")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "us": result}, indent=1))

@@ -5,21 +5,14 @@ token count. Prints the time ratio sparse / dense (< 1: sparse is faster) and wh
 
     python bench/bench_sparse.py                         # d = 576: E 4..64, r 4/8/16, k 1/2, 1..1024 tokens
     python bench/bench_sparse.py --dim 3072 --tokens 1024 --ranks 8
-    python bench/bench_sparse.py --before 7bccc23        # today's sizes: the layer now (auto) / at that commit
-
---before REV: the layer of commit REV (lmoe/ taken by `git archive`) against today's with execution=auto, for
-every router and composition at E 4/8, r 4/8, k 2: that the dense path got no slower where auto keeps it.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import json
 import math
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,36 +21,21 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import add_cpu_options, environment, interleaved_medians, prepare_cpu  # noqa: E402
 from lmoe import LMoEConfig, MoLoRALinear  # noqa: E402
-from lmoe.sparse import prefer_sparse  # noqa: E402
+from lmoe.sparse import group_cost, prefer_sparse  # noqa: E402
+from lmoe.sparse_csr import csr_ok  # noqa: E402
 
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def layer_class_at(rev: str) -> type:
-    """MoLoRALinear as commit rev had it: its lmoe/ unpacked as the package lmoe_before (an empty __init__)."""
-    tmp = Path(tempfile.mkdtemp())
-    subprocess.run(f"git archive {rev} lmoe | tar -x -C {tmp}", shell=True, check=True, cwd=ROOT)
-    (tmp / "lmoe").rename(tmp / "lmoe_before")
-    (tmp / "lmoe_before" / "__init__.py").write_text("")
-    sys.path.insert(0, str(tmp))
-    return importlib.import_module("lmoe_before.layer").MoLoRALinear
-
-
-def layers(base: nn.Linear, point: dict, args) -> dict[str, nn.Module]:
-    """The two layers a point compares, with the same weights: dense / sparse, or before / now (auto)."""
+def layers(base: nn.Linear, point: dict) -> dict[str, nn.Module]:
+    """The two layers a point compares, with the same weights: forced dense and forced sparse."""
     cfg = LMoEConfig(num_experts=point["experts"], rank=point["rank"], alpha=2 * point["rank"],
                      router=point["router"], top_k=point["k"], composition=point["composition"],
                      target_modules="all-linear")
-    names = ("before", "now") if args.before else ("dense", "sparse")
-    classes = (args.before_class, MoLoRALinear) if args.before else (MoLoRALinear, MoLoRALinear)
     pair = {}
-    for name, cls in zip(names, classes):
+    for name in ("dense", "sparse"):
         torch.manual_seed(0)
-        pair[name] = cls(base, cfg)
+        pair[name] = MoLoRALinear(base, cfg)
         nn.init.normal_(pair[name].lora_B, std=0.02)
-        if name in ("dense", "sparse"):
-            pair[name].execution = name
+        pair[name].execution = name
     return pair
 
 
@@ -65,7 +43,7 @@ def measure(point: dict, args, device: torch.device) -> dict:
     tokens = point["tokens"]
     torch.manual_seed(0)
     base = nn.Linear(args.dim, args.dim, bias=False, device=device).requires_grad_(False)
-    pair = {n: m.to(device) for n, m in layers(base, point, args).items()}
+    pair = {n: m.to(device) for n, m in layers(base, point).items()}
     x = torch.randn(tokens, args.dim, device=device, requires_grad=True)
     dy = torch.randn(tokens, args.dim, device=device)
 
@@ -88,17 +66,15 @@ def measure(point: dict, args, device: torch.device) -> dict:
     repeats = args.repeats if tokens >= 128 else 3 * args.repeats  # short runs: more of them, same wall time
     fb = interleaved_medians({n: train(m) for n, m in pair.items()}, repeats, args.warmup, device, clear)
     fwd = interleaved_medians({n: infer(m) for n, m in pair.items()}, repeats, args.warmup, device)
-    rule = "sparse" if prefer_sparse(point["experts"], point["rank"], point["k"], tokens) else "dense"
+    cost = group_cost(csr_ok(device, torch.float32))  # the kernel the layer runs here: its rule's constant
+    rule = "sparse" if prefer_sparse(point["experts"], point["rank"], point["k"], tokens, cost) else "dense"
     return {**point, "fwd_bwd_s": fb, "fwd_s": fwd, "rule": rule}
 
 
 def points(args) -> list[dict]:
-    """Every (E, r, k, tokens) to measure, with the router and composition of each."""
-    mixes = (list(itertools.product(("softmax", "topk", "dynamic"), ("params", "outputs"))) if args.before
-             else [("topk", args.composition)])
-    return [dict(experts=e, rank=r, k=k, tokens=t, router=router, composition=composition)
-            for e, r, k, t, (router, composition) in itertools.product(args.experts, args.ranks, args.k, args.tokens,
-                                                                       mixes) if k < e]
+    """Every (E, r, k, tokens) to measure: a top-k layer in --composition."""
+    return [dict(experts=e, rank=r, k=k, tokens=t, router="topk", composition=args.composition)
+            for e, r, k, t in itertools.product(args.experts, args.ranks, args.k, args.tokens) if k < e]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -111,21 +87,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--k", type=int, nargs="+", default=[1, 2])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 1024])
     p.add_argument("--composition", default="params", choices=["params", "outputs"])
-    p.add_argument("--before", help="a commit: its layer against today's (auto) at today's sizes")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     add_cpu_options(p)
     p.add_argument("--json", type=Path, help="write every figure here (rewritten after each point)")
     args = p.parse_args(argv)
-    if args.before:
-        args.before_class = layer_class_at(args.before)
-        for name, value in (("experts", [4, 8]), ("ranks", [4, 8]), ("k", [2])):
-            if getattr(args, name) == p.get_default(name):
-                setattr(args, name, value)
     device = torch.device(args.device)
     prepare_cpu(args, device)
     print(environment(device))
-    a, b = ("before", "now") if args.before else ("dense", "sparse")
+    a, b = "dense", "sparse"
     print(f"d={args.dim} repeats={args.repeats} (x3 under 128 tokens); ratios {b} / {a} (< 1: {b} is faster)")
     print(f"{'E':>4s} {'r':>3s} {'k':>2s} {'tokens':>6s} {'router':>8s} {'comp.':>8s} {a + ' fb ms':>11s} "
           f"{'ratio':>6s} {a + ' fwd ms':>12s} {'ratio':>6s}  rule")

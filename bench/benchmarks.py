@@ -34,8 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file: the repository root
-from bench.common import mean_sd  # noqa: E402
-from bench.compare import replace_section  # noqa: E402
+from bench.common import mean_sd, replace_section  # noqa: E402
 
 SECTION = "## Benchmarks: LoRA vs L-MoE at equal adapter parameters (`bench/benchmarks.py`)"
 # LD-MoLE's tasks that the package has, but HellaSwag (its prompts are twice as long; add it on a GPU)

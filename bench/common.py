@@ -1,5 +1,5 @@
 """Shared benchmark helpers: interleaved timing with warm-up and medians, activation memory, environment,
-mean ± std over seeds for the result tables."""
+mean ± std over seeds for the result tables, and rewriting one section of bench/RESULTS.md."""
 from __future__ import annotations
 
 import platform
@@ -21,6 +21,18 @@ def mean_sd(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def replace_section(text: str, new: str, title: str) -> str:
+    """text with the `title` block (up to the next '## ' heading) replaced by new, or new appended: how the
+    scripts that write a RESULTS.md section (found by its heading) keep the others as they are."""
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == title), None)
+    if start is None:
+        return text.rstrip("\n") + "\n\n\n" + new.rstrip("\n") + "\n"
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    tail = "".join(lines[end:])
+    return "".join(lines[:start]) + new.rstrip("\n") + "\n" + ("\n\n" + tail if tail else "")
 
 
 def scaling_rows(values: dict[str, float], experts: list[int], scale: float, unit: str) -> list[str]:

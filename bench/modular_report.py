@@ -12,8 +12,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import mean_sd
-from bench.compare import replace_section
+from bench.common import mean_sd, replace_section
 
 SECTION = "## Modular skills: compose, route, add (`bench/modular.py`)"
 COMPOSE_ORDER = ["base", "oracle", "uniform", "zero_router", "proto_raw_zeroshot", "proto_raw_router", "proto_zeroshot",

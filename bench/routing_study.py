@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file: the repository root
 from bench.common import mean_sd  # noqa: E402
-from bench.compare import replace_section  # noqa: E402
+from bench.common import replace_section  # noqa: E402
 
 SECTION = "## Routing study"
 COLLAPSED = 0.01  # bits: a layer whose routing says (almost) nothing about the domain, one expert for all or uniform

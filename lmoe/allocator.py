@@ -4,7 +4,7 @@ glibc serves a large request (gradients, activations, logits: megabytes each) wi
 when freed, so the next step page-faults the same memory back and the kernel zeroes it again. Told to keep what
 is freed (mallopt: no mapping below 1 GiB, no trim below 16 GiB), a step reuses the last step's memory: the
 process holds its peak instead of returning to it each step. Measured on SmolLM2-135M (bench/RESULTS.md,
-"Sparse routing"): a training step at E = 4 0.91x the time (bench/bench_allocator.py), peak RSS 1.03x.
+"Settled questions"): a training step at E = 4 0.91x the time, peak RSS 1.03x.
 """
 from __future__ import annotations
 

@@ -165,7 +165,7 @@ def gathered_mixture(y: Tensor, x: Tensor, A: Tensor, B: Tensor, g: Tensor, k: i
 # group GROUP_COST; gathering each token's own experts pays once the dense bank has GATHER_MIN_RANK ranks.
 PAIR_COST, GROUP_COST, GATHER_MIN_RANK = 64, 512, 512
 # sparse_csr's products make no call per expert: refitted to bench/bench_sparse.py at d = 576, E 8-64, r 8, k 2,
-# 16-1024 tokens (bench/results/issue22_rule_csr.txt): the same pair cost, an expert's share 32
+# 16-1024 tokens (bench/results/sparse_rule_fit.txt): the same pair cost, an expert's share 32
 CSR_GROUP_COST = 32
 
 

@@ -11,7 +11,7 @@ the mixture is one sparse-dense product, whose cost is the pairs' multiply-adds:
 with A (E*r, d_in) and B (E*r, d_out) the banks' own storage (lora_A, layer.expert_bank_B), so no weight is
 copied or gathered and no (pairs, d) row is gathered or scattered. Each SpMM is a weighted embedding-bag sum
 (row t of V @ D sums the rows of D at V's columns, weighted by V's values: F.embedding_bag with per-sample
-weights), in 0.44-0.60x the time of MKL's CSR product at d = 576-1536 and 16-1024 tokens (bench/bench_spmm.py;
+weights), in 0.44-0.60x the time of MKL's CSR product at d = 576-1536 and 16-1024 tokens (bench/RESULTS.md;
 0.94x for V^T at 16 tokens, whose rows are mostly empty). The transposed products read V^T's pattern (rows
 e*r + j, columns the expert's tokens), built once from a fixed permutation of the values. The per-pair mixing
 (weights, the params composition's z) is sparse.py's, on (pairs, r) values in token order.

@@ -266,7 +266,7 @@ def test_auto_keeps_todays_sizes_dense_and_goes_sparse_for_many_experts(cost):
 
 
 def test_auto_rule_for_the_csr_products_follows_their_measured_crossover():
-    """bench/results/issue22_rule_csr.txt (fwd+bwd, d = 576, r 8, k 2): CSR sparse won at E = 32 from 16 tokens
+    """bench/results/sparse_rule_fit.txt (fwd+bwd, d = 576, r 8, k 2): CSR sparse won at E = 32 from 16 tokens
     and at E = 64 from 16, tied or lost at E = 16 up to 1024; the grouped kernel's rule keeps E = 32 at 128
     tokens dense."""
     for E, tokens in [(32, 16), (32, 128), (64, 16), (64, 128)]:

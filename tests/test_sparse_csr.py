@@ -139,11 +139,3 @@ def test_the_routers_top_index_gives_the_same_pattern():
         assert torch.equal(getattr(given, name), getattr(found, name)), name
     for a, b in zip(given.transpose(), found.transpose(), strict=True):
         assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("params", [False, True])
-def test_the_rejected_padded_kernel_is_exact(params):
-    """bench/bench_padded.py times a batched-GEMM kernel against this one; its figures mean something only if it
-    computes the same values and gradients (float64)."""
-    from bench.bench_padded import check
-    check(params)
