@@ -3,8 +3,10 @@
 glibc serves a large request (gradients, activations, logits: megabytes each) with a fresh mapping and unmaps it
 when freed, so the next step page-faults the same memory back and the kernel zeroes it again. Told to keep what
 is freed (mallopt: no mapping below 1 GiB, no trim below 16 GiB), a step reuses the last step's memory: the
-process holds its peak instead of returning to it each step. Measured on SmolLM2-135M (bench/RESULTS.md,
-"Settled questions"): a training step at E = 4 0.91x the time, peak RSS 1.03x.
+process holds its peak instead of returning to it each step (bench/RESULTS.md has what it measured).
+
+A process-wide setting, so the library never makes it by itself: `lmoe train` asks for it where
+LMOE_KEEP_FREED_MEMORY=1 (run.sh sets it), and a script may call keep_freed_memory() itself.
 """
 from __future__ import annotations
 

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+KEEP_FREED_MEMORY = "LMOE_KEEP_FREED_MEMORY"  # =1: `lmoe train` keeps freed memory for reuse (allocator.py)
+
 
 def cmd_train(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
     """Fine-tune a mixture of LoRA experts; no arguments = the built-in model and mixture."""
@@ -26,6 +28,9 @@ def cmd_train(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace],
     def run(args: argparse.Namespace) -> None:
         from .training.config import TrainConfig
         from .training.loop import train
+        if os.environ.get(KEEP_FREED_MEMORY) == "1":
+            from .allocator import keep_freed_memory
+            keep_freed_memory()  # process-wide, so asked for by the caller (run.sh), never by the library
         train(TrainConfig.from_file(args.config, args.overrides), resume=args.resume)
     return run
 

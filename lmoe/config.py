@@ -42,7 +42,7 @@ def _fail(name: str, value: Any, expected: str) -> None:
 
 @dataclass
 class LMoEConfig(Extensible):
-    """What to inject and how to route. See DESIGN.md sections 1-3 for the maths.
+    """What to inject and how to route. The maths: docs/design.md.
 
     target_modules: module names (matched against the last part of the dotted name, or the whole
     name), a regex string (full match on the dotted name), or "all-linear" (every linear layer

@@ -5,7 +5,7 @@ pairs are sorted by expert, each expert's tokens are gathered, and its A and B m
 grouped GEMM per product, torch's grouped_mm where the device takes it), forward and backward; for few tokens
 (generation: fewer pairs than experts) each token's own experts' A and B are gathered instead. On the CPU in
 float32/64 the grouped products run as sparse-matrix products instead (sparse_csr.py: no per-expert call). The maths is the
-dense path's (DESIGN.md section 1), per pair p = (t, e) with weight w_p = g_te:
+dense path's (docs/design.md sections 1-2), per pair p = (t, e) with weight w_p = g_te:
     h_p = A_e x_t;  outputs: v_p = w_p h_p;  params: z_t = sum_{p of t} w_p h_p, v_p = w_p z_t
     Delta_t = sum_{p of t} B_e v_p,  y = y0 + s Delta.
 The gradient of g where g = 0 is left at 0: no router reads it (softmax's Jacobian carries a factor g_i, top-k's

@@ -1,11 +1,12 @@
 """lmoe.allocator: on glibc, freed memory is kept for reuse (a large tensor comes from the heap, not a fresh
-mapping), and `lmoe train` asks for it on a CPU unless keep_freed_memory is false."""
+mapping); `lmoe train` asks for it where LMOE_KEEP_FREED_MEMORY=1, the library never by itself."""
 import platform
 import subprocess
 import sys
 
 import pytest
 
+from lmoe.cli import KEEP_FREED_MEMORY, main
 from lmoe.training.loop import train
 from tiny import train_config, tiny_model_dir, write_jsonl
 
@@ -42,10 +43,23 @@ def test_kept_memory_serves_a_large_tensor_from_the_heap():
 ROWS = [{"prompt": f"What is {a} + {b}?", "completion": str(a + b)} for a in range(10, 13) for b in range(20, 22)]
 
 
-@pytest.mark.parametrize("wanted", [True, False])
-def test_train_keeps_freed_memory_on_a_cpu_unless_told_not_to(tmp_path, monkeypatch, wanted):
+def test_the_library_never_changes_the_allocator(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr("lmoe.training.loop.keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr("lmoe.allocator.keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setenv(KEEP_FREED_MEMORY, "1")  # read by the command line only
     setup = tiny_model_dir(tmp_path / "model"), write_jsonl(tmp_path / "sums.jsonl", ROWS)
-    train(train_config(setup, tmp_path / "run", steps=1, keep_freed_memory=wanted))
-    assert calls == ([1] if wanted else [])
+    train(train_config(setup, tmp_path / "run", steps=1))
+    assert calls == []
+
+
+@pytest.mark.parametrize("value", ["1", "0", None])
+def test_lmoe_train_keeps_freed_memory_only_when_asked(tmp_path, monkeypatch, value):
+    calls = []
+    monkeypatch.setattr("lmoe.allocator.keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr("lmoe.training.loop.train", lambda cfg, resume=False: None)  # the call is before
+    if value is None:
+        monkeypatch.delenv(KEEP_FREED_MEMORY, raising=False)
+    else:
+        monkeypatch.setenv(KEEP_FREED_MEMORY, value)
+    main(["train", f"output_dir={tmp_path / 'run'}"])
+    assert calls == ([1] if value == "1" else [])

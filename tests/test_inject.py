@@ -192,7 +192,7 @@ def test_shared_lambda_head_runs_once_per_distinct_input_with_identical_results(
 # ---------------------------------------------------------------- aux losses: padding and processes
 
 def brute_force_aux(router, kind: str, x: torch.Tensor, k: int = 1) -> dict[str, torch.Tensor]:
-    """One layer's aux losses over the tokens x (tokens, d_in), from their definitions in DESIGN.md 3."""
+    """One layer's aux losses over the tokens x (tokens, d_in), from their definitions in docs/design.md section 4."""
     routing = router.route(x)
     u, g = routing.logits, routing.weights
     E = u.shape[-1]

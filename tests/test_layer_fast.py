@@ -9,7 +9,7 @@ T, E, R, D_IN, D_OUT = 7, 4, 3, 5, 6
 
 
 def brute_delta(x, A, B, g, scaling, params):
-    """Per token, per expert loop: A (E, r, d_in), B (E, d_out, r); the DESIGN.md formulas."""
+    """Per token, per expert loop: A (E, r, d_in), B (E, d_out, r); the docs/design.md formulas."""
     rows = []
     for t in range(x.shape[0]):
         if params:

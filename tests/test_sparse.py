@@ -54,7 +54,7 @@ def gradients(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, grad_out: to
 @pytest.mark.parametrize("E", [2, 8, 64])
 @pytest.mark.parametrize("shape", [(1, 1), (4, 10)])
 def test_sparse_layer_equals_per_token_brute_force(router, composition, E, shape, no_dense, kernel):
-    """Values and every gradient (input, experts, gate, lambda head) against the DESIGN.md formulas, float64;
+    """Values and every gradient (input, experts, gate, lambda head) against the docs/design.md formulas, float64;
     one token (each token's experts gathered) and 40 (pairs grouped by expert, except for the dynamic router
     at E = 64 with few experts a token), through either kernel."""
     layer = make_layer(router, composition, E=E, r=2)

@@ -71,7 +71,6 @@ class TrainConfig:
     compare_base: bool = True
     distributed: str = "ddp"
     gradient_checkpointing: bool = False
-    keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for the next step (lmoe/allocator.py)
     load_in: str = "full"  # "8bit" / "4bit": the base quantised by bitsandbytes (CUDA only), experts in float32
     max_bad_steps: int = 5  # stop after this many consecutive steps with a non-finite loss or gradient
     init_adapter: str | None = None  # a saved adapter directory to start from; its mixture replaces `lmoe`

@@ -24,7 +24,6 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..allocator import keep_freed_memory
 from ..data.encoding import IGNORE, batch_stream, collate
 from ..evaluation.scoring import format_table, write_json
 from ..inject import AUX_COEFS, aux_loss, aux_loss_apart, aux_losses, count_parameters, inject, routing_counts
@@ -78,8 +77,6 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[dict], None
     """
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg)
-    if accelerator.device.type == "cpu" and cfg.keep_freed_memory:
-        keep_freed_memory()  # each step reuses the last one's memory instead of page-faulting it back
     main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
