@@ -2,10 +2,9 @@
 
 The mixture itself lives here (config, routing, layer, sparse, inject, io); the subpackages hold what builds on
 it: modular (skills as experts), data, training, evaluation, integrations (PEFT, Trainer, lm-eval)."""
-from _lmoe_peft_hook import install as _install_peft_hook
-
 from .config import LMoEConfig
 from .inject import aux_loss, aux_losses, count_parameters, inject, lmoe_layers, record_routing, remove
+from .integrations.peft_tuner import register as _register_with_peft
 from .io import load_adapter, load_adapter_weights, save_adapter
 from .layer import MoLoRALinear
 from .modular.compose import compose, load_experts
@@ -16,7 +15,7 @@ from .modular.merge import merge, unmerge
 from .training.optim import param_groups, scale_router_lr
 from .version import __version__
 
-_install_peft_hook()  # lmoe registers with PEFT once peft is imported (before or after lmoe)
+_register_with_peft()  # for peft.get_peft_model(model, LMoEConfig(...)), PeftModel.from_pretrained
 
 __all__ = ["LMoEConfig", "MoLoRALinear", "inject", "remove", "aux_loss", "aux_losses", "count_parameters",
            "lmoe_layers", "record_routing", "save_adapter", "load_adapter", "load_adapter_weights", "__version__"]

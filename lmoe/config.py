@@ -1,14 +1,18 @@
-"""LMoEConfig: every knob of a mixture of LoRA experts, validated when built, saved as JSON."""
+"""LMoEConfig: every knob of a mixture of LoRA experts, validated when built, saved as JSON; a
+peft.PeftConfig, so that PEFT and TRL take it as they take a LoraConfig."""
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from peft import PeftConfig
 
 ROUTERS = ("softmax", "topk", "dynamic")
 COMPOSITIONS = ("params", "outputs")
@@ -31,9 +35,25 @@ def default_lambda_hidden(width: int) -> int:
     return max(32, min(512, 1 << max(0, (width // 8).bit_length() - 1)))
 
 
-class Extensible:
-    """An empty base an integration may replace (Python lets a class change a base of plain Python, not object):
-    lmoe.integrations.peft_fields makes every LMoEConfig a peft.PeftConfig once peft is imported."""
+PEFT_TYPE = "LMOE"  # adapter_config.json's peft_type: PEFT finds lmoe's config and tuner by it
+# peft.PeftConfig's own fields (peft_type, task_type, base_model_name_or_path, ...): what PEFT
+# reads from a config. An LMoEConfig holds them for PEFT, but they are not the mixture's: to_dict,
+# ==, repr and so lmoe's files leave them out.
+PEFT_FIELDS = frozenset(f.name for f in dataclasses.fields(PeftConfig))
+
+
+class LMoEPeftType(str, enum.Enum):
+    """lmoe's member beside PEFT's PeftType (a str enum too: json and PEFT's lookups by "LMOE" find
+    it)."""
+
+    LMOE = PEFT_TYPE
+
+
+def peft_field(default: Any = None) -> Any:
+    """One of PeftConfig's fields, declared again in LMoEConfig: keyword-only, so that LMoEConfig's
+    positional arguments stay the mixture's (LMoEConfig(4, 8): 4 experts of rank 8), and left out of
+    == and repr."""
+    return field(default=default, kw_only=True, compare=False, repr=False)
 
 
 def _fail(name: str, value: Any, expected: str) -> None:
@@ -41,13 +61,24 @@ def _fail(name: str, value: Any, expected: str) -> None:
 
 
 @dataclass
-class LMoEConfig(Extensible):
+class LMoEConfig(PeftConfig):
     """What to inject and how to route. The maths: docs/design.md.
 
     target_modules: module names (matched against the last part of the dotted name, or the whole
     name), a regex string (full match on the dotted name), or "all-linear" (every linear layer
     but the output head).
+
+    A peft.PeftConfig, so peft.get_peft_model(model, LMoEConfig(...)) and TRL's peft_config= take it
+    (lmoe.integrations.peft_tuner is the PEFT method). PeftConfig's fields come first below.
     """
+
+    task_type: str | None = peft_field()
+    peft_type: LMoEPeftType = peft_field(LMoEPeftType.LMOE)
+    auto_mapping: dict | None = peft_field()
+    peft_version: str | None = peft_field()
+    base_model_name_or_path: str | None = peft_field()
+    revision: str | None = peft_field()
+    inference_mode: bool = peft_field(False)
 
     num_experts: int = 4
     rank: int = 8
@@ -83,6 +114,7 @@ class LMoEConfig(Extensible):
     execution: str = "auto"
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # PEFT's checks of its own fields
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
         if self.load_balance_coef is None:
@@ -154,7 +186,9 @@ class LMoEConfig(Extensible):
         return self.alpha / self.rank
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The mixture's fields (not PEFT's): adapter_config.json's `config`, a checkpoint's
+        `lmoe`."""
+        return {name: value for name, value in asdict(self).items() if name not in PEFT_FIELDS}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LMoEConfig":
@@ -181,8 +215,10 @@ class LMoEConfig(Extensible):
 
 
 def check_known_keys(cls: type, data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """data itself if every key is a field of dataclass cls; else an error suggesting the closest field."""
-    known = [f.name for f in dataclasses.fields(cls)]
+    """data itself if every key is a field of dataclass cls (of an LMoEConfig: not PEFT's); else an
+    error suggesting the closest field."""
+    peft_fields = PEFT_FIELDS if issubclass(cls, PeftConfig) else frozenset()
+    known = [f.name for f in dataclasses.fields(cls) if f.name not in peft_fields]
     for key in data:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)

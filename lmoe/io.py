@@ -16,12 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _lmoe_peft_hook import PEFT_TYPE  # peft_type in adapter_config.json: PEFT finds lmoe's config and tuner by it
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .version import __version__
-from .config import LMoEConfig
+from .config import PEFT_TYPE, LMoEConfig
 from .inject import get_config, inject, lmoe_layers
 from .layer import linear_shape
 

@@ -1,60 +1,43 @@
 """lmoe as a PEFT method: peft.get_peft_model(model, lmoe.LMoEConfig(...)), PeftModel.from_pretrained(base, dir),
 save_pretrained, disable_adapter, unload and merge_and_unload (with a fixed routing).
 
-PEFT has no plugin hook (register_peft_method accepts only members of its closed PeftType enum), so lmoe puts
-a member of its own str enum, equal to "LMOE" (adapter_config.json's peft_type), into PEFT's mapping tables, and
-makes LMoEConfig a subclass of peft.PeftConfig (TRL's SFTTrainer(peft_config=...) checks for one). That rests on
-PEFT internals: only the tested range of peft versions is registered (SUPPORTED_PEFT). PEFT's weights loader is
-wrapped to check an lmoe adapter's checksum first, and LMoEPeftConfig writes it, as lmoe.io's readers and writer do.
-The tuner delegates to lmoe's own inject / remove / merge; the files are save_adapter's (lmoe.io).
+PEFT has no plugin hook (register_peft_method accepts only members of its closed PeftType enum), so
+register, run when lmoe is imported, puts a member of lmoe's own str enum, equal to "LMOE"
+(adapter_config.json's peft_type), into PEFT's mapping tables. That rests on PEFT internals, hence
+lmoe's pinned peft range (pyproject.toml). PEFT's weights loader is wrapped to check an lmoe
+adapter's checksum first, and LMoEPeftConfig writes it, as lmoe.io's readers and writer do. The
+tuner delegates to lmoe's own inject / remove / merge; the files are save_adapter's (lmoe.io).
 """
 from __future__ import annotations
 
-import enum
 import functools
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _lmoe_peft_hook import SUPPORTED_PEFT, peft_range_error
 from peft import PeftConfig, peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import Tensor, nn
 
-from ..config import LMoEConfig
+from ..config import LMoEConfig, LMoEPeftType
 from ..inject import _set_submodule, inject, lmoe_layers, remove
-from ..io import (CONFIG_FILE, FORMAT_VERSION, PEFT_TYPE, WEIGHTS_FILE, adapter_meta, adapter_state_dict, atomic_write,
-                 is_lmoe_adapter, sha256_file, verify_adapter)
+from ..io import (CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, adapter_meta, adapter_state_dict,
+                  atomic_write, is_lmoe_adapter, sha256_file, verify_adapter)
 from ..layer import MoLoRALinear
 from ..modular.merge import merge, unmerge
-from .peft_fields import attach
 
-__all__ = ["SUPPORTED_PEFT", "LMoEPeftConfig", "LMoETuner", "register", "supported_peft"]
+__all__ = ["LMoEPeftConfig", "LMoETuner", "register"]
 PEFT_PREFIX = "base_model.model."  # a PeftModel's keys: PeftModel.base_model (the tuner) .model (the LM)
 
 
-class LMoEPeftType(str, enum.Enum):
-    """lmoe's own member beside PEFT's PeftType (a str enum too: json and PEFT's lookups by "LMOE" find it)."""
-
-    LMOE = PEFT_TYPE
-
-
-def supported_peft() -> bool:
-    return peft_range_error() is None
-
-
 def register() -> LMoEPeftType:
-    """Put lmoe's config and tuner into PEFT's tables (once) and make every LMoEConfig, made before or after, a
-    peft.PeftConfig; returns the peft_type they are filed under."""
-    error = peft_range_error()
-    if error is not None:
-        raise RuntimeError(error)
+    """Put lmoe's config and tuner into PEFT's tables (lmoe's __init__ does, when lmoe is imported;
+    again: no change); returns the peft_type they are filed under."""
     member = LMoEPeftType.LMOE
     PEFT_TYPE_TO_CONFIG_MAPPING[member] = LMoEPeftConfig
     PEFT_TYPE_TO_TUNER_MAPPING[member] = LMoETuner
     PEFT_TYPE_TO_PREFIX_MAPPING[member] = LMoETuner.prefix
-    attach(PeftConfig, member)
     if not hasattr(peft_model.load_peft_weights, "lmoe_checked"):
         peft_model.load_peft_weights = checked(peft_model.load_peft_weights)
     return member

@@ -169,7 +169,8 @@ class TrainConfig:
                              "freezing masks slice by slice. Use distributed=ddp, or train_experts=false.")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # lmoe: the mixture's fields, not PEFT's (an LMoEConfig is a peft.PeftConfig)
+        return {**dataclasses.asdict(self), "lmoe": self.lmoe.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
