@@ -32,38 +32,49 @@ LORA = ["lmoe.num_experts=1", "lmoe.rank=16", "lmoe.alpha=32"]  # rank E*r of th
 OUTPUTS = ["lmoe.composition=outputs"]
 LB_0_01 = ["lmoe.load_balance_coef=0.01"]  # the softmax gate's balance weight before this study chose 0.1
 # name -> overrides of the default run (4 experts of rank 4, alpha 8, q/v/up_proj, params, softmax, lr 2e-3);
-# each names its router rate and balance weight, so the rows keep their meaning whatever the default
+# each names its router rate (parameter group and parameter scale) and balance weight, so the rows
+# keep their meaning whatever the default. Rows recorded before router_param_scale existed ran at 1.
+PARAM_1 = ["lmoe.router_param_scale=1"]
 CONFIGS: dict[str, list[str]] = {
-    "lr_x1": ["router_lr_scale=1"] + LB_0_01,  # the routers at the experts' rate (the default before this study)
+    # the routers at the experts' rate (the default before this study)
+    "lr_x1": ["router_lr_scale=1", *PARAM_1] + LB_0_01,
     "lora_r16": LORA,
-    "lr_x10": ["router_lr_scale=10"] + LB_0_01,
-    "lr_x30": ["router_lr_scale=30"] + LB_0_01,
-    "lr_x100": ["router_lr_scale=100"] + LB_0_01,
-    "init_0.1": ["lmoe.router_init_std=0.1", "router_lr_scale=1"] + LB_0_01,
-    "init_0.1_lr_x30": ["lmoe.router_init_std=0.1", "router_lr_scale=30"] + LB_0_01,
-    "temp_0.3_lr_x30": ["lmoe.temperature=0.3", "router_lr_scale=30"] + LB_0_01,
-    "top2_lr_x30": ["lmoe.router=topk", "lmoe.top_k=2", "router_lr_scale=30"],
-    "top1_lr_x30": ["lmoe.router=topk", "lmoe.top_k=1", "router_lr_scale=30"],
-    "outputs": OUTPUTS + ["router_lr_scale=1"] + LB_0_01,
-    "outputs_lr_x30": OUTPUTS + ["router_lr_scale=30"] + LB_0_01,
-    "outputs_top2_lr_x30": OUTPUTS + ["lmoe.router=topk", "lmoe.top_k=2", "router_lr_scale=30"],
-    "lb_0_lr_x30": ["lmoe.load_balance_coef=0", "router_lr_scale=30"],
-    "lb_0.1_lr_x30": ["lmoe.load_balance_coef=0.1", "router_lr_scale=30"],
-    "zloss_0.01_lr_x30": ["lmoe.z_loss_coef=0.01", "router_lr_scale=30"] + LB_0_01,
+    "lr_x10": ["router_lr_scale=10", *PARAM_1] + LB_0_01,
+    "lr_x30": ["router_lr_scale=30", *PARAM_1] + LB_0_01,
+    "lr_x100": ["router_lr_scale=100", *PARAM_1] + LB_0_01,
+    "init_0.1": ["lmoe.router_init_std=0.1", "router_lr_scale=1", *PARAM_1] + LB_0_01,
+    "init_0.1_lr_x30": ["lmoe.router_init_std=0.1", "router_lr_scale=30", *PARAM_1] + LB_0_01,
+    "temp_0.3_lr_x30": ["lmoe.temperature=0.3", "router_lr_scale=30", *PARAM_1] + LB_0_01,
+    "top2_lr_x30": ["lmoe.router=topk", "lmoe.top_k=2", "router_lr_scale=30", *PARAM_1],
+    "top1_lr_x30": ["lmoe.router=topk", "lmoe.top_k=1", "router_lr_scale=30", *PARAM_1],
+    "outputs": OUTPUTS + ["router_lr_scale=1", *PARAM_1] + LB_0_01,
+    "outputs_lr_x30": OUTPUTS + ["router_lr_scale=30", *PARAM_1] + LB_0_01,
+    "outputs_top2_lr_x30": OUTPUTS + ["lmoe.router=topk", "lmoe.top_k=2", "router_lr_scale=30",
+                                      *PARAM_1],
+    "lb_0_lr_x30": ["lmoe.load_balance_coef=0", "router_lr_scale=30", *PARAM_1],
+    "lb_0.1_lr_x30": ["lmoe.load_balance_coef=0.1", "router_lr_scale=30", *PARAM_1],
+    # the default since: the routers at 30x through their parameter scale, one learning rate
+    "lb_0.1_param_scale_30": ["lmoe.load_balance_coef=0.1", "router_lr_scale=1",
+                              "lmoe.router_param_scale=30"],
+    "zloss_0.01_lr_x30": ["lmoe.z_loss_coef=0.01", "router_lr_scale=30", *PARAM_1] + LB_0_01,
     "anneal_3to1_lb_0.1_lr_x30": ["temperature_start=3", "temperature_anneal_steps=75", "lmoe.load_balance_coef=0.1",
-                                  "router_lr_scale=30"],
-    "dynamic": ["lmoe.router=dynamic", "router_lr_scale=1"],
-    "dynamic_sparsity": ["lmoe.router=dynamic", "lmoe.sparsity_coef=1.0", "router_lr_scale=1"],
-    "dynamic_lr_x30": ["lmoe.router=dynamic", "router_lr_scale=30"],
-    "dynamic_sparsity_lr_x30": ["lmoe.router=dynamic", "lmoe.sparsity_coef=1.0", "router_lr_scale=30"],
+                                  "router_lr_scale=30", *PARAM_1],
+    "dynamic": ["lmoe.router=dynamic", "router_lr_scale=1", *PARAM_1],
+    "dynamic_sparsity": ["lmoe.router=dynamic", "lmoe.sparsity_coef=1.0", "router_lr_scale=1",
+                         *PARAM_1],
+    "dynamic_lr_x30": ["lmoe.router=dynamic", "router_lr_scale=30", *PARAM_1],
+    "dynamic_sparsity_lr_x30": ["lmoe.router=dynamic", "lmoe.sparsity_coef=1.0",
+                                "router_lr_scale=30", *PARAM_1],
     "dynamic_sparsity_k1_lr_x30": ["lmoe.router=dynamic", "lmoe.sparsity_coef=1.0", "lmoe.sparsity_target=1",
-                                   "router_lr_scale=30"],
+                                   "router_lr_scale=30", *PARAM_1],
     "dynamic_sparsity_k3_lr_x30": ["lmoe.router=dynamic", "lmoe.sparsity_coef=1.0", "lmoe.sparsity_target=3",
-                                   "router_lr_scale=30"],
+                                   "router_lr_scale=30", *PARAM_1],
     "dynamic_sparsity_lambda0_lr_x30": ["lmoe.router=dynamic", "lmoe.sparsity_coef=1.0", "lmoe.lambda_bias_init=0",
-                                        "router_lr_scale=30"],
-    "dynamic_sparsity_0.1_lr_x30": ["lmoe.router=dynamic", "lmoe.sparsity_coef=0.1", "router_lr_scale=30"],
-    "recipe_ld-mole": ["recipe=ld-mole"],  # the authors' settings (E=8 r=8, seven projections), routers at 30x
+                                        "router_lr_scale=30", *PARAM_1],
+    "dynamic_sparsity_0.1_lr_x30": ["lmoe.router=dynamic", "lmoe.sparsity_coef=0.1",
+                                    "router_lr_scale=30", *PARAM_1],
+    # the LD-MoLE authors' settings (E=8 r=8, seven projections), routers at 30x
+    "recipe_ld-mole": ["recipe=ld-mole", "router_lr_scale=30", *PARAM_1],
     "lora_r64_seven": ["lmoe.num_experts=1", "lmoe.rank=64", "lmoe.alpha=128",
                        "lmoe.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"],
 }

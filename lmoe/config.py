@@ -25,6 +25,10 @@ AUX_COEFS = {"load_balance": "load_balance_coef", "z_loss": "z_loss_coef", "spar
 # for the dynamic router
 LOAD_BALANCE_DEFAULTS = {"softmax": 0.1, "topk": 0.01, "dynamic": 1.0}
 LAMBDA_BIAS_INIT = -2.5  # the authors' init of every bias of the lambda head (lambda ~ -1.6: dense at first)
+# the routers' rate over the experts' under Adam (bench/RESULTS.md, routing study)
+ROUTER_PARAM_SCALE = 30.0
+# what a saved adapter's config means for a field it lacks: the value before the field existed
+SAVED_BEFORE = {"router_param_scale": 1.0}
 
 
 def default_lambda_hidden(width: int) -> int:
@@ -93,6 +97,13 @@ class LMoEConfig(PeftConfig):
     # std of the gate W_g's normal init; None: nn.Linear's default (uniform, std 1/sqrt(3 d_in)). Larger
     # values start every token off a non-uniform routing, so the experts see different gradients from step 1.
     router_init_std: float | None = None
+    # the routers' (gates', lambda heads') parameters are stored divided by this, multiplied by it
+    # in use: the same function and init, but Adam's step (about lr, whatever the gradient's size)
+    # moves the weights in use this many times as far, so the routers learn at this multiple of the
+    # experts' rate in any loop with one learning rate. The experts start at B = 0, so the routers
+    # get almost no gradient at first, then one about E times smaller than a single LoRA's: at 1 the
+    # routing stays near uniform.
+    router_param_scale: float = ROUTER_PARAM_SCALE
     # true: the router (and LD-MoLE's lambda head) reads the experts' dropped-out input, as the LD-MoLE
     # authors' code does; false: the clean input (no effect without dropout, or at evaluation)
     router_reads_dropout: bool = False
@@ -135,7 +146,7 @@ class LMoEConfig(PeftConfig):
             _fail("top_k", self.top_k, f"an integer from 1 to num_experts={self.num_experts}")
 
     def _check_floats(self) -> None:
-        for name in ("alpha", "temperature"):
+        for name in ("alpha", "temperature", "router_param_scale"):
             value = getattr(self, name)
             if not is_number(value) or value <= 0:
                 _fail(name, value, "a finite number > 0")
@@ -212,6 +223,13 @@ class LMoEConfig(PeftConfig):
         if not isinstance(data, dict):
             raise ValueError(f"LMoEConfig JSON must be an object of fields, got {type(data).__name__}.")
         return cls.from_dict(data)
+
+
+def saved_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved adapter's config fields, each field it lacks at what it meant before the field
+    existed (SAVED_BEFORE: router_param_scale 1, the parameters as they were trained), not at
+    today's default."""
+    return {**SAVED_BEFORE, **data}
 
 
 def check_known_keys(cls: type, data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .version import __version__
-from .config import PEFT_TYPE, LMoEConfig
+from .config import PEFT_TYPE, LMoEConfig, saved_fields
 from .inject import get_config, inject, lmoe_layers
 from .layer import linear_shape
 
@@ -179,7 +179,8 @@ def is_lmoe_adapter(directory: str | Path) -> bool:
 
 
 def read_adapter_meta(directory: str | Path) -> dict:
-    """The adapter_config.json of a saved adapter, checked for a format this version reads."""
+    """The adapter_config.json of a saved adapter, checked for a format this version reads; config
+    fields the adapter predates at the values it was saved with (config.saved_fields)."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"No adapter at {directory}: {CONFIG_FILE} is missing. "
@@ -192,6 +193,8 @@ def read_adapter_meta(directory: str | Path) -> dict:
         raise ValueError(f"{path} was written by lmoe {meta.get('lmoe_version')} in adapter format "
                          f"{meta['format_version']}; this lmoe {__version__} reads format {FORMAT_VERSION}. "
                          "Upgrade lmoe to load it.")
+    if isinstance(meta.get("config"), dict):
+        meta["config"] = saved_fields(meta["config"])
     return meta
 
 

@@ -86,8 +86,9 @@ def joined(tensors: list[Tensor], dim: int = 0) -> Tensor:
 def projections(x: Tensor, lora_x: Tensor | None, W0: Tensor | None, b0: Tensor | None, A: Tensor,
                 *gates: Tensor) -> tuple[Tensor | None, ...]:
     """What a mixture layer computes from its input x (tokens, d_in): (y = W0 x + b0, or None without W0;
-    h = A x, the experts' codes (tokens, E*r); then G x for each gate weight G: the router's W_g and, for
-    LD-MoLE, its lambda head's first linear, see Router.x_weights).
+    h = A x, the experts' codes (tokens, E*r); then G x for each gate weight G: the router's
+    stored W_g and, for LD-MoLE, its lambda head's first linear's, see Router.x_weights; the
+    router scales them).
 
     lora_x: the experts' input when it is not x (dropout); without it A and the gates run as one GEMM.
     """

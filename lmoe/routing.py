@@ -1,8 +1,9 @@
 """Routing: turn a token's layer input x into expert weights g on the simplex, plus the auxiliary losses.
 
-A router is the lightweight gate `u = W_g x (+ b_g)` (it *is* an `nn.Linear`, so `router.weight` is
-W_g) followed by a routing function `g = route(u)`. All routing maths runs in float32 (or float64)
-whatever the model dtype; nothing here knows about models or training.
+A router is the lightweight gate `u = W_g x (+ b_g)` (a ScaledLinear: `router.weight` holds W_g
+divided by the config's router_param_scale, `router.effective_weight()` is W_g) followed by a
+routing function `g = route(u)`. All routing maths runs in float32 (or float64) whatever the
+model dtype; nothing here knows about models or training.
 """
 from __future__ import annotations
 
@@ -129,21 +130,68 @@ class _Sparsegen(torch.autograd.Function):
 
 # ---------------------------------------------------------------- routers
 
-class Router(nn.Linear):
+class ScaledLinear(nn.Linear):
+    """A linear layer y = W x + b whose parameters hold W / c and b / c for a fixed c (`scale`).
+
+    The same function and, through init_effective, the same init as nn.Linear at any c, but
+    Adam's step on a parameter is about lr whatever its gradient's size, so W and b move c times
+    as far per step: the routers (gates and LD-MoLE's lambda heads, every linear of them) learn at
+    c times the experts' rate under one learning rate, in any training loop, as a parameter group
+    at lr * c would give them (exactly: Adam with eps / c there; AdamW's weight decay, though,
+    shrinks W at the experts' rate, not c times it).
+    """
+
+    def __init__(self, d_in: int, d_out: int, bias: bool, scale: float, **factory) -> None:
+        """nn.Linear's init for the effective W and b (Kaiming-uniform), stored divided by scale."""
+        super().__init__(d_in, d_out, bias=bias, **factory)
+        self.scale = scale
+        self.init_effective(self.weight, self.bias)
+
+    @torch.no_grad()
+    def init_effective(self, weight: Tensor | None = None, bias: Tensor | None = None) -> None:
+        """Set the effective weight and/or bias (what the layer computes with): stored / scale."""
+        for param, value in ((self.weight, weight), (self.bias, bias)):
+            if value is not None:
+                param.copy_(value / self.scale)
+
+    def effective_weight(self) -> Tensor:
+        """W (d_out, d_in): the weight the layer computes with, scale times the stored one."""
+        return self.scaled(self.weight)
+
+    def effective_bias(self) -> Tensor | None:
+        return None if self.bias is None else self.scaled(self.bias)
+
+    def scaled(self, t: Tensor) -> Tensor:
+        """scale * t (t itself at scale 1, e.g. for an adapter saved before the scale existed)."""
+        return t if self.scale == 1 else t * self.scale
+
+    def from_product(self, product: Tensor) -> Tensor:
+        """W x + b given product = x @ weight.t() with the *stored* weight (a caller may compute it
+        in a GEMM of its own, as MoLoRALinear does with the experts' A)."""
+        return self.scaled(product if self.bias is None else product + self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scaled(F.linear(x, self.weight, self.bias))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scale={self.scale:g}"
+
+
+class Router(ScaledLinear):
     """The gate W_g: d_in -> E. Subclasses define `route` (x -> Routing) and which losses apply."""
 
     def __init__(self, d_in: int, cfg: LMoEConfig, **factory) -> None:
-        super().__init__(d_in, cfg.num_experts, bias=cfg.router_bias, **factory)
+        super().__init__(d_in, cfg.num_experts, cfg.router_bias, cfg.router_param_scale, **factory)
         self.temperature = cfg.temperature
-        if cfg.router_init_std is not None:
-            nn.init.normal_(self.weight, std=cfg.router_init_std)
+        if cfg.router_init_std is not None:  # the effective W_g, drawn as nn.init.normal_ draws
+            self.init_effective(torch.empty_like(self.weight).normal_(std=cfg.router_init_std))
 
     def logits(self, x: Tensor, wx: Tensor | None = None) -> Tensor:
-        """u = W_g x (+ b_g) in float32, x: (tokens, d_in) -> (tokens, E). wx: W_g x when the caller has it
-        already (MoLoRALinear computes it in the same GEMM as the experts' A x)."""
-        if wx is None:
-            return at_least_float32(super().forward(x))
-        return at_least_float32(wx if self.bias is None else wx + self.bias)
+        """u = W_g x (+ b_g) in float32, x: (tokens, d_in) -> (tokens, E). wx: x @ weight.t(), the
+        stored weight's product, when the caller has it already (MoLoRALinear computes it in the
+        same GEMM as the experts' A x)."""
+        product = F.linear(x, self.weight) if wx is None else wx
+        return self.from_product(at_least_float32(product))
 
     def route(self, x: Tensor, wx: Tensor | None = None, *projected: Tensor) -> Routing:
         """Routing for the tokens x (tokens, d_in); wx as in logits; projected: the products of x with the
@@ -151,9 +199,10 @@ class Router(nn.Linear):
         raise NotImplementedError
 
     def x_weights(self, x: Tensor) -> list[Tensor]:
-        """Every weight (out, d_in) whose product with x this router needs for these tokens: W_g, and for
-        LD-MoLE the lambda head's first linear unless its result for x is cached. MoLoRALinear runs them all
-        in one GEMM with the experts' A and passes the results to route."""
+        """Every stored weight (out, d_in) whose product with x this router needs for these tokens:
+        the gate's, and for LD-MoLE the lambda head's first linear's unless its result for x is
+        cached. MoLoRALinear runs them all in one GEMM with the experts' A and passes the results
+        to route, which scales them."""
         return [self.weight]
 
     def experts_per_token(self) -> int | None:
@@ -217,17 +266,21 @@ class LambdaHead(nn.Module):
 
     lambda lies in (-inf, 1 - eps], so the projection is always defined (lambda < 1). Weights start
     Kaiming-uniform (nn.Linear's default), every bias at bias_init (the authors' LAMBDA_BIAS_INIT: lambda ~ -1.6
-    at first, i.e. dense routing that training and the sparsity loss make sparser).
+    at first, i.e. dense routing that training and the sparsity loss make sparser). Both linears
+    are ScaledLinear at `scale` (the config's router_param_scale): scaling only the last would
+    leave the first learning at the experts' rate under Adam.
     """
 
-    def __init__(self, d_in: int, hidden: int, eps: float, bias_init: float = LAMBDA_BIAS_INIT, **factory) -> None:
+    def __init__(self, d_in: int, hidden: int, eps: float, bias_init: float = LAMBDA_BIAS_INIT,
+                 scale: float = 1.0, **factory) -> None:
         super().__init__()
         self.eps = eps
         self.caching = False  # reuse the last result for the very same input (see forward); inject turns it on
         self._last = None  # (key, x, lambda) of the last call
-        self.net = nn.Sequential(nn.Linear(d_in, hidden, **factory), nn.ReLU(), nn.Linear(hidden, 1, **factory))
+        self.net = nn.Sequential(ScaledLinear(d_in, hidden, True, scale, **factory), nn.ReLU(),
+                                 ScaledLinear(hidden, 1, True, scale, **factory))
         for linear in (self.net[0], self.net[2]):
-            nn.init.constant_(linear.bias, bias_init)
+            linear.init_effective(bias=torch.full_like(linear.bias, bias_init))
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (tokens, d_in) -> lambda (tokens, 1) in float32 (float64 stays float64).
@@ -246,10 +299,10 @@ class LambdaHead(nn.Module):
         return self._last[2] if key is not None and self._last is not None and self._last[0] == key else None
 
     def from_hidden(self, x: Tensor, hidden: Tensor) -> Tensor:
-        """lambda(x) given hidden = W1 x (the first linear without its bias), which a caller may compute in
-        a GEMM of its own (MoLoRALinear does, with the experts' A); the result is kept as forward's."""
-        first, second = self.net[0], self.net[2]
-        f = F.linear(torch.relu(hidden + first.bias), second.weight, second.bias)
+        """lambda(x) given hidden = x @ net[0].weight.t() (the first linear's stored weight, without
+        its bias or scale), which a caller may compute in a GEMM of its own (MoLoRALinear does, with
+        the experts' A); the result is kept as forward's."""
+        f = self.net[2](torch.relu(self.net[0].from_product(hidden)))
         # 1 - lambda = eps - logsigmoid(f) = eps + softplus(-f): never below eps, even in half precision
         lam = 1 - (self.eps + F.softplus(-at_least_float32(f)))
         key = self._cache_key(x)
@@ -276,7 +329,7 @@ def lambda_head_for(d_in: int, cfg: LMoEConfig, shared: dict[int, LambdaHead] | 
     if shared is not None and d_in in shared:
         return shared[d_in]
     head = LambdaHead(d_in, cfg.lambda_hidden or default_lambda_hidden(d_in), cfg.lambda_eps, cfg.lambda_bias_init,
-                      **factory)
+                      cfg.router_param_scale, **factory)
     if shared is not None:
         shared[d_in] = head
     return head

@@ -24,8 +24,10 @@ def row(config, seed, em, ppl, mi=None, extra=()):
 def test_every_setting_is_a_valid_config_and_the_loras_match_the_mixtures_expert_parameters():
     for name, overrides in CONFIGS.items():
         cfg = TrainConfig.from_file(None, overrides)
-        assert f"router_lr_scale={cfg.router_lr_scale:g}" in overrides or cfg.lmoe.num_experts == 1 or \
-            cfg.recipe, name  # every mixture names its router rate, whatever the default
+        names = {f"router_lr_scale={cfg.router_lr_scale:g}",
+                 f"lmoe.router_param_scale={cfg.lmoe.router_param_scale:g}"}
+        # every mixture names its router rate (group and parameter scale), whatever the defaults
+        assert names <= set(overrides) or cfg.lmoe.num_experts == 1, name
     lora, mixture = TrainConfig.from_file(None, CONFIGS["lora_r16"]).lmoe, TrainConfig().lmoe
     assert lora.rank == mixture.num_experts * mixture.rank and lora.alpha / lora.rank == mixture.alpha / mixture.rank
     seven, recipe = (TrainConfig.from_file(None, CONFIGS[n]).lmoe for n in ("lora_r64_seven", "recipe_ld-mole"))

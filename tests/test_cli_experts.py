@@ -35,8 +35,8 @@ def setup(tmp_path_factory):
     torch.manual_seed(5)
     with torch.no_grad():
         for _, layer in lmoe_layers(routed):
-            layer.router.weight.normal_()
-            layer.router.bias.normal_()
+            layer.router.weight.normal_(std=1 / layer.router.scale)  # std 1 in use
+            layer.router.bias.normal_(std=1 / layer.router.scale)
     save_adapter(routed, root / "routed")
     return {"root": root, "base": base, "loras": loras, "mix": root / "mix", "routed": root / "routed"}
 

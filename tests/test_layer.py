@@ -20,8 +20,9 @@ def make_layer(router="softmax", composition="params", E=3, r=2, d_in=5, d_out=4
     layer = MoLoRALinear(nn.Linear(d_in, d_out, bias=bias, dtype=dtype), cfg)
     with torch.no_grad():
         for name, p in layer.named_parameters():
-            if p.requires_grad or p is layer.base.weight:
-                p.normal_(std=0.3 if "lambda" in name else 1.0)  # keep the dynamic router's lambda moderate
+            if p.requires_grad or p is layer.base.weight:  # the router's in use: stored / scale
+                std = 0.3 if "lambda" in name else 1.0  # keep the dynamic router's lambda moderate
+                p.normal_(std=std / layer.router.scale if "router" in name else std)
     return layer
 
 
@@ -55,14 +56,14 @@ def test_layer_equals_per_token_brute_force(router, composition):
 def test_softmax_weights_equal_reference_gate():
     layer = make_layer("softmax")
     x = torch.randn(7, 5, dtype=torch.float64)
-    u = x @ layer.router.weight.T + layer.router.bias
+    u = x @ layer.router.effective_weight().T + layer.router.effective_bias()
     torch.testing.assert_close(layer.router.route(x).weights.double(), torch.softmax(u, -1), rtol=1e-6, atol=1e-6)
 
 
 def test_topk_uses_only_chosen_experts():
     layer = make_layer("topk", "outputs", E=4)
     x = torch.randn(6, 5, dtype=torch.float64)
-    u = x @ layer.router.weight.T + layer.router.bias
+    u = x @ layer.router.effective_weight().T + layer.router.effective_bias()
     top = u.topk(2, dim=-1)
     g = torch.zeros_like(u).scatter(-1, top.indices, torch.softmax(top.values, -1))
     torch.testing.assert_close(layer(x), brute_force(layer, x, g), rtol=1e-10, atol=1e-10)

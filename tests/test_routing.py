@@ -99,8 +99,8 @@ def router(name, d_in=6, E=4, dtype=torch.float64, seed=0, **cfg):
     torch.manual_seed(seed)
     r = build_router(d_in, LMoEConfig(num_experts=E, router=name, router_bias=True, **cfg), dtype=dtype)
     with torch.no_grad():
-        for p in r.parameters():
-            p.normal_(std=0.5)
+        for p in r.parameters():  # every linear of the router at r.scale: std 0.5 in use
+            p.normal_(std=0.5 / r.scale)
     return r
 
 
@@ -456,8 +456,10 @@ def test_inject_fixes_one_lambda_width_for_the_whole_model_and_saves_it(tmp_path
 @pytest.mark.parametrize("router", ["softmax", "topk", "dynamic"])
 def test_router_init_std_draws_the_gate_from_that_normal(router):
     torch.manual_seed(0)
-    default = build_router(512, LMoEConfig(num_experts=8, router=router)).weight.detach()
-    drawn = build_router(512, LMoEConfig(num_experts=8, router=router, router_init_std=0.3)).weight.detach()
+    # the weights in use, stored divided by router_param_scale
+    default = build_router(512, LMoEConfig(num_experts=8, router=router)).effective_weight()
+    drawn = build_router(512, LMoEConfig(num_experts=8, router=router, router_init_std=0.3))
+    default, drawn = default.detach(), drawn.effective_weight().detach()
     assert float(default.std()) == pytest.approx(1 / math.sqrt(3 * 512), rel=0.05)  # nn.Linear's uniform
     assert float(drawn.std()) == pytest.approx(0.3, rel=0.05) and abs(float(drawn.mean())) < 0.02
     # a normal, not a stretched uniform: mass beyond 2 std (uniform: none)

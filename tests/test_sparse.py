@@ -80,8 +80,9 @@ def layer_pair(router, composition, E, top_k=2, dtype=torch.float32):
                      router_bias=True, lambda_hidden=8, lambda_bias_init=2.0, target_modules="all-linear")
     dense = MoLoRALinear(nn.Linear(32, 48), cfg).to(dtype)
     with torch.no_grad():
-        for name, p in dense.named_parameters():
-            p.normal_(std=0.1 if "lambda" in name else 0.5)
+        for name, p in dense.named_parameters():  # the router's in use: stored divided by its scale
+            std = 0.1 if "lambda" in name else 0.5
+            p.normal_(std=std / dense.router.scale if "router" in name else std)
     sparse = copy.deepcopy(dense)
     dense.execution, sparse.execution = "dense", "sparse"
     return dense, sparse
@@ -289,10 +290,11 @@ def test_auto_dynamic_router_follows_the_observed_number_of_experts(monkeypatch)
     layer = MoLoRALinear(nn.Linear(32, 32), LMoEConfig(num_experts=64, router="dynamic", lambda_hidden=8,
                                                        target_modules="all-linear"))
     with torch.no_grad():
-        head_bias = layer.router.lambda_head.net[2].bias
-        head_bias.fill_(-10.0)  # lambda about -9: sparsemax(u / 10), nearly uniform
+        head = layer.router.lambda_head.net[2]
+        # lambda about -9: sparsemax(u / 10), nearly uniform
+        head.init_effective(bias=torch.full_like(head.bias, -10.0))
         layer(torch.randn(64, 32))
-        head_bias.fill_(8.0)  # lambda near 1: about one expert a token
+        head.init_effective(bias=torch.full_like(head.bias, 8.0))  # lambda near 1: 1 expert a token
         layer(torch.randn(200, 32))  # 200 tokens of one or two experts: the pairs grouped by expert
         layer(torch.randn(4, 32))  # 4 tokens: their experts' weights gathered
     assert ran == ["dense", "grouped", "gathered"]
@@ -303,7 +305,8 @@ def test_auto_dynamic_router_observed_dense_keeps_every_gradient():
     routing is known only after it), the rest as dense; values and gradients as execution=dense (float64)."""
     auto = make_layer("dynamic", "params", E=64, r=4)
     with torch.no_grad():
-        auto.router.lambda_head.net[2].bias.fill_(-100.0)  # sparsemax(u / 100): (nearly) uniform
+        head = auto.router.lambda_head.net[2]
+        head.init_effective(bias=torch.full_like(head.bias, -100.0))  # sparsemax(u / 100): ~uniform
     dense = copy.deepcopy(auto)
     auto.execution, dense.execution = "auto", "dense"
     x = torch.randn(300, 5, dtype=torch.float64, requires_grad=True)

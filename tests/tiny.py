@@ -71,7 +71,8 @@ def fix_routing(model, g):
         for name, layer in lmoe_layers(model):
             weights = g[name] if isinstance(g, dict) else g
             layer.router.weight.zero_()
-            layer.router.bias = nn.Parameter(weights.float().log())
+            bias = weights.float().log() / layer.router.scale  # stored divided by its scale
+            layer.router.bias = nn.Parameter(bias)
 
 
 def train_config(setup, out, **kw):

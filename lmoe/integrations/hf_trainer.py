@@ -25,9 +25,11 @@ class LMoETrainer(Trainer):
     interval. Single process or DDP; not DataParallel, FSDP or DeepSpeed.
     """
 
-    def __init__(self, *args, router_lr_scale: float = 30.0, **kwargs) -> None:
-        """router_lr_scale: the routers (and lambda heads) learn at Trainer's learning rate times this, as in
-        `lmoe train` (bench/RESULTS.md, routing study); 1 keeps Trainer's single rate."""
+    def __init__(self, *args, router_lr_scale: float = 1.0, **kwargs) -> None:
+        """router_lr_scale: the routers (and lambda heads) get a parameter group at Trainer's
+        learning rate times this; 1 (the default) keeps Trainer's single rate, at which the routers
+        already learn LMoEConfig.router_param_scale times as fast as the experts
+        (lmoe.training.optim)."""
         super().__init__(*args, **kwargs)
         check_has_experts(self.model)
         self.router_lr_scale = router_lr_scale

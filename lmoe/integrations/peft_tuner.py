@@ -20,7 +20,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import Tensor, nn
 
-from ..config import LMoEConfig, LMoEPeftType
+from ..config import LMoEConfig, LMoEPeftType, saved_fields
 from ..inject import _set_submodule, inject, lmoe_layers, remove
 from ..io import (CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, adapter_meta, adapter_state_dict,
                   atomic_write, is_lmoe_adapter, sha256_file, verify_adapter)
@@ -76,6 +76,8 @@ class LMoEPeftConfig(PeftConfig):
         if self.format_version > FORMAT_VERSION:
             raise ValueError(f"This lmoe adapter is in format {self.format_version} (lmoe {self.lmoe_version}); "
                              f"the installed lmoe reads format {FORMAT_VERSION}. Upgrade lmoe to load it.")
+        if self.config:  # read from a file: a field the adapter predates keeps its saved meaning
+            self.config = saved_fields(self.config)
         LMoEConfig.from_dict(self.config)  # a bad field is an error here, naming it
 
     @property

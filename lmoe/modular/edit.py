@@ -39,8 +39,11 @@ def describe_mixture(directory: str | Path) -> dict:
     weights = read_adapter_weights(directory, meta)
     layers = list(meta["layers"])
     norms = torch.stack([update_norms(weights[f"{n}.lora_A"], weights[f"{n}.lora_B"], cfg.scaling) for n in layers])
-    rows = torch.stack([weights[f"{n}.router.weight"].double().norm(dim=1) for n in layers])  # (layers, E)
-    biases = [weights.get(f"{n}.router.bias") for n in layers]
+    c = cfg.router_param_scale  # the files hold the router's parameters divided by it
+    rows = torch.stack([c * weights[f"{n}.router.weight"].double().norm(dim=1)
+                        for n in layers])  # (layers, E)
+    biases = [c * weights[f"{n}.router.bias"].double() if f"{n}.router.bias" in weights else None
+              for n in layers]
     experts = [{"expert": e, "update_norm": norms[:, e].mean().item(), "router_row_norm": rows[:, e].mean().item(),
                 "router_bias": None if biases[0] is None else torch.stack(biases)[:, e].double().mean().item()}
                for e in range(cfg.num_experts)]

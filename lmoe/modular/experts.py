@@ -90,8 +90,10 @@ def _rebuild(layer: MoLoRALinear, keep: list[int], n: int, logit: float) -> None
     if router.bias is None and n:
         router.bias = nn.Parameter(router.weight.new_zeros(router.out_features),
                                    requires_grad=router.weight.requires_grad)
-    for name, p in list(router.named_parameters(recurse=False)):  # weight (E, d_in), bias (E,)
-        start = p[idx].mean(0, keepdim=True).expand(n, *p.shape[1:]) + (logit if name == "bias" else 0.0)
+    # weight (E, d_in), bias (E,), both stored divided by the router's scale
+    for name, p in list(router.named_parameters(recurse=False)):
+        shift = logit / router.scale if name == "bias" else 0.0
+        start = p[idx].mean(0, keepdim=True).expand(n, *p.shape[1:]) + shift
         setattr(router, name, _grown(p, idx, start))
     router.out_features = layer.num_experts = len(keep) + n
     _apply_freeze(layer, torch.cat([frozen, torch.zeros(n, dtype=torch.bool)]))

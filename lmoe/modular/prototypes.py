@@ -86,6 +86,6 @@ def init_router_from_experts(model: nn.Module, calibration: Iterable[dict], scal
         if router.bias is None:
             router.bias = nn.Parameter(router.weight.new_zeros(router.out_features),
                                        requires_grad=router.weight.requires_grad)
-        router.weight.copy_((scale * (sign * inverse)[:, None] * directions[name]).to(router.weight))
-        router.bias.copy_((-scale * sign * inverse * mean).to(router.bias))
+        router.init_effective(scale * (sign * inverse)[:, None] * directions[name],
+                              -scale * sign * inverse * mean)
     setattr(model, CONFIG_ATTR, dataclasses.replace(get_config(model), router_bias=True))

@@ -56,7 +56,7 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 2e-3
-    router_lr_scale: float = 30.0  # routers and lambda heads learn at lr times this (bench/RESULTS.md, routing study)
+    router_lr_scale: float = 1.0  # routers' group at lr times this, atop lmoe.router_param_scale
     weight_decay: float = 0.0  # AdamW's, on every trainable parameter (experts, routers, lambda heads)
     label_smoothing: float = 0.0  # of the LM loss (lmoe.training.objective)
     temperature_start: float | None = None  # set: the gates' temperature anneals from it to lmoe.temperature (anneal.py)

@@ -1,7 +1,13 @@
-"""Optimizer parameter groups for a mixture: the routers learn at their own rate. Any training loop can use
-them: build the groups (`torch.optim.AdamW(lmoe.param_groups(model, lr, router_lr_scale=30))`; `lmoe train`
-passes them to `adamw`, torch's fused AdamW where the parameters allow) or split an optimizer that exists
-(`scale_router_lr(optimizer, model, 30)`, as LMoETrainer does)."""
+"""Optimizer parameter groups for a mixture: the routers at a rate of their own.
+
+The routers learn faster than the experts without any group: their parameters are stored divided
+by LMoEConfig.router_param_scale (30 by default; routing.ScaledLinear), which under Adam moves the
+weights in use that many times as far per step. These groups multiply the routers' rate further
+(router_lr_scale > 1) or, for an adapter at router_param_scale 1, give them their own rate. Any
+training loop can use them: build the groups
+(`torch.optim.AdamW(lmoe.param_groups(model, lr, router_lr_scale=2))`; `lmoe train` passes them to
+`adamw`, torch's fused AdamW where the parameters allow) or split an optimizer that exists
+(`scale_router_lr(optimizer, model, 2)`, as LMoETrainer does)."""
 from __future__ import annotations
 
 import torch
@@ -17,10 +23,9 @@ def router_parameter_ids(model: nn.Module) -> set[int]:
 
 
 def param_groups(model: nn.Module, lr: float, router_lr_scale: float = 1.0) -> list[dict]:
-    """The trainable parameters as optimizer groups: the experts at lr, the routers (gates and LD-MoLE's
-    lambda heads, each once) at lr * router_lr_scale. The experts start at B = 0, so the routers get no
-    gradient at first and then one about E times smaller than a single LoRA's: at the experts' rate the
-    routing barely moves from uniform (bench/RESULTS.md, routing study). Empty groups are left out."""
+    """The trainable parameters as optimizer groups: the experts at lr, the routers (gates and
+    LD-MoLE's lambda heads, each once) at lr * router_lr_scale, on top of the factor their
+    router_param_scale gives them already (the module docstring). Empty groups are left out."""
     routers = router_parameter_ids(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if id(p) not in routers], "lr": lr},

@@ -21,8 +21,10 @@ from lmoe.data.encoding import Example, IGNORE, collate
 from lmoe.integrations.hf_trainer import LMoETrainer
 from lmoe.io import adapter_state_dict
 
+# router_param_scale 1: these loops step by SGD, under which the scale c would multiply the routers'
+# rate by c^2 (Adam's by c); the routers' rates here are the parameter groups' alone
 CFG = lmoe.LMoEConfig(num_experts=3, rank=2, target_modules=["q_proj", "v_proj"], load_balance_coef=0.5,
-                      z_loss_coef=0.1)
+                      z_loss_coef=0.1, router_param_scale=1.0)
 LR, BATCH, ACCUM = 0.5, 2, 2
 
 
@@ -73,8 +75,8 @@ def micro_batch_tokens(micro: list[dict], batch: dict):
 
 
 def reference_steps(model, steps: int, lm_denominator=step_tokens, router_lr_scale: float = 30.0) -> list[float]:
-    """Plain SGD on the objective written out, the routers (by name) at LR * router_lr_scale (LMoETrainer's
-    default 30); returns each step's mean aux loss."""
+    """Plain SGD on the objective written out, the routers (by name) at LR * router_lr_scale (as
+    LMoETrainer's groups); returns each step's mean aux loss."""
     rows = examples(steps * BATCH * ACCUM)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]

@@ -43,7 +43,7 @@ def randomise(model, seed=0):
         for _, layer in lmoe_layers(model):
             layer.lora_A.normal_(std=0.3)
             layer.lora_B.normal_(std=0.3)
-            layer.router.weight.normal_()
+            layer.router.weight.normal_(std=1 / layer.router.scale)  # std 1 in use
 
 
 @pytest.fixture

@@ -17,8 +17,9 @@ def trained_like(family: str, composition: str) -> torch.nn.Module:
     inject(model, LMoEConfig(num_experts=E, rank=2, composition=composition, target_modules=TARGETS[family]))
     gen = torch.Generator().manual_seed(2)
     for _, layer in lmoe_layers(model):
-        for p in (layer.lora_A, layer.lora_B, layer.router.weight):
-            p.data.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        router = (layer.router.weight, layer.router.scale)  # stored divided by its scale
+        for p, scale in ((layer.lora_A, 1), (layer.lora_B, 1), router):
+            p.data.copy_(0.3 / scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return model
 
 
