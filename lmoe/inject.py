@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .config import ALL_LINEAR, AUX_COEFS, LMoEConfig, default_lambda_hidden
 from .layer import MoLoRALinear, TokenMask, is_linear, linear_shape
-from .routing import AuxStats, token_count, token_sum
+from .router_losses import AuxStats, token_count, token_sum
 from .routing_stats import token_statistics
 
 log = logging.getLogger(__name__)

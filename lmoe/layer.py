@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import AUX_COEFS, LMoEConfig
-from .routing import AuxStats, Routing, build_router
+from .router_losses import AuxStats
+from .routing import Routing, build_router
 from .sparse import (DENSE_UP_TO_RANK, GroupedMixture, active_counts, gathered_mixture, gathers, group_cost,
                      grouped_mixture, prefer_sparse, route_pairs)
 from .sparse_csr import CsrMixture, csr_mixture, csr_ok, pattern

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LAMBDA_BIAS_INIT, LMoEConfig, default_lambda_hidden
-from .router_losses import (AuxStats, load_balance_loss, sparsity_loss, sparsity_per_token,  # noqa: F401
-                            sparsity_threshold, token_count, token_mean, token_sum, z_loss, z_per_token)
+from .router_losses import AuxStats, sparsity_per_token, token_count, token_sum, z_per_token
 
 
 @dataclass

@@ -12,8 +12,9 @@ from conftest import tiny_model
 from lmoe import LMoEConfig, aux_loss, aux_losses, count_parameters, inject, lmoe_layers, load_adapter, save_adapter
 from lmoe.config import default_lambda_hidden
 from lmoe.config import LAMBDA_BIAS_INIT
-from lmoe.routing import (LambdaHead, build_router, load_balance_loss, softmax_route, sparsegen_route,
-                          sparsegen_weights, sparsity_loss, sparsity_threshold, topk_route, z_loss)
+from lmoe.router_losses import load_balance_loss, sparsity_loss, sparsity_threshold, z_loss
+from lmoe.routing import (LambdaHead, build_router, softmax_route, sparsegen_route, sparsegen_weights,
+                          topk_route)
 
 ROUTERS = ["softmax", "topk", "dynamic"]
 
