@@ -17,22 +17,26 @@ from .progress import phase
 
 @torch.no_grad()
 def greedy_replies(model: nn.Module, tokenizer, prompts: list[list[dict]], budgets: list[int],
-                   batch_size: int = 64, show: bool = True) -> list[str]:
+                   batch_size: int = 64, show: bool = True, batch_tokens: int = 8192) -> list[str]:
     """The greedy reply to each chat prompt (a list of messages), of at most budgets[i] new tokens, stripped.
 
     Args:
         prompts: message lists; the reply continues each after the assistant header.
         budgets: new tokens allowed per prompt (a reply without its end-of-turn token by then stops there).
-        batch_size: prompts per batch, taken in order of length.
+        batch_size: at most this many prompts per batch, taken in order of length ...
         show: progress on stderr (lmoe.evaluation.progress).
+        batch_tokens: ... and at most this many prompt tokens, padding included (long prompts, fewer rows).
     """
     model.eval()
     ids = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
-    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), budgets[i]))
+    batches: list[list[int]] = []
+    for i in sorted(range(len(ids)), key=lambda i: (len(ids[i]), budgets[i])):  # each, its batch's longest
+        if not batches or len(batches[-1]) == batch_size or (len(batches[-1]) + 1) * len(ids[i]) > batch_tokens:
+            batches.append([])
+        batches[-1].append(i)
     replies: list[list[int]] = [[] for _ in ids]
     with phase("exact match", len(ids), "prompt", show) as update:
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
+        for rows in batches:
             for row, reply in zip(rows, _greedy_batch(model, [ids[i] for i in rows], [budgets[i] for i in rows],
                                                       tokenizer.pad_token_id, tokenizer.eos_token_id)):
                 replies[row] = reply

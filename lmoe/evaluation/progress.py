@@ -26,16 +26,17 @@ def phase(desc: str, total: int, unit: str, enabled: bool = True) -> Iterator[Ca
         return
     start = last = time.monotonic()
     done = 0
-    _line(f"{desc}: {total} {unit}s ...")
+    units = unit + ("es" if unit.endswith(("ch", "sh", "s", "x")) else "s")
+    _line(f"{desc}: {total} {units} ...")
 
     def update(n: int) -> None:
         nonlocal done, last
         done += n
         if time.monotonic() - last >= LINE_EVERY_S:
             last = time.monotonic()
-            _line(f"{desc}: {done}/{total} {unit}s, {last - start:.0f} s")
+            _line(f"{desc}: {done}/{total} {units}, {last - start:.0f} s")
     yield update
-    _line(f"{desc}: {total} {unit}s in {time.monotonic() - start:.0f} s")
+    _line(f"{desc}: {total} {units} in {time.monotonic() - start:.0f} s")
 
 
 def announce(text: str) -> None:

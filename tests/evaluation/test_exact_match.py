@@ -41,12 +41,12 @@ def stopping():
     return tiny_llama(len(tok), seed=2), tok
 
 
-@pytest.mark.parametrize("batch_size", [1, 3, 64])
-def test_batched_greedy_replies_equal_one_by_one_decoding(stopping, batch_size):
+@pytest.mark.parametrize("batch_size,batch_tokens", [(1, 8192), (3, 8192), (64, 8192), (64, 60)])
+def test_batched_greedy_replies_equal_one_by_one_decoding(stopping, batch_size, batch_tokens):
     model, tok = stopping
     budgets = [3, 9, 6, 12, 1, 7, 12, 5]
     got = greedy_replies(model, tok, [[{"role": "user", "content": p}] for p in PROMPTS], budgets, batch_size,
-                         show=False)
+                         show=False, batch_tokens=batch_tokens)  # 60 tokens: batches of 1 to 3 prompts
     want = [reference_reply(model, tok, p, b) for p, b in zip(PROMPTS, budgets)]
     assert got == [tok.decode(ids, skip_special_tokens=True).strip() for ids, _ in want]
     ended = [by_eos for _, by_eos in want]
