@@ -40,9 +40,9 @@ class WriteError(OSError):
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path) then rename over path, so a crash never leaves a half-written file. The file gets
-    the mode an ordinary write gives (0o666 less the umask), not mkstemp's 0o600: a serving process or another
-    user can read the adapter where the umask lets them."""
+    """Call write(tmp_path) then rename over path, so a crash never leaves a half-written file.
+    The file gets the mode an ordinary write gives (0o666 less the umask), not mkstemp's 0o600:
+    a serving process or another user can read the adapter where the umask lets them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_orphaned_temps(path)
@@ -67,8 +67,8 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
 
 
 def current_umask() -> int:
-    """The process's umask, read without changing it where Linux shows it (/proc/self/status); elsewhere set
-    and put back at once (os.umask can only be read by setting it)."""
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status);
+    elsewhere set and put back at once (os.umask can only be read by setting it)."""
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:

@@ -104,8 +104,10 @@ def test_files_get_the_mode_an_ordinary_write_gives_under_the_umask(tmp_path, um
         (tmp_path / "plain.txt").write_text("an ordinary write")
     finally:
         os.umask(old)
-    written = [tmp_path / "adapter" / "adapter_config.json", tmp_path / "adapter" / "adapter_model.safetensors",
-               tmp_path / "checkpoint.pt", tmp_path / "eval.json"]
+    written = [tmp_path / "adapter" / "adapter_config.json",
+               tmp_path / "adapter" / "adapter_model.safetensors", tmp_path / "checkpoint.pt",
+               tmp_path / "eval.json"]
     want = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
     assert want == 0o666 & ~umask
-    assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in written} == {path.name: want for path in written}
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in written}
+    assert modes == {path.name: want for path in written}

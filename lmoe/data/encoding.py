@@ -108,8 +108,8 @@ def encode_all(tokenizer, records: Iterable[dict], max_length: int) -> list[Exam
 # ---------------------------------------------------------------- batches
 
 def collate(examples: list[Example], pad_id: int, left: bool = False) -> dict[str, Tensor]:
-    """Right-padded (left=True: left-padded) input_ids (batch, T), labels (batch, T) with IGNORE on padding,
-    attention_mask."""
+    """Right-padded (left=True: left-padded) input_ids (batch, T), labels (batch, T) with IGNORE
+    on padding, attention_mask."""
     width = max(len(ex.input_ids) for ex in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)

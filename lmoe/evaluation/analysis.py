@@ -67,8 +67,9 @@ def _route_group(model: nn.Module, batches: list, device: torch.device, answers:
             ids = batch["input_ids"] if isinstance(batch, Mapping) else batch
             mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
             mask = torch.ones_like(ids) if mask is None else mask
-            # the routing is all that is read: the vocabulary projection runs for the last position alone
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), **logits_to_keep(model, 1))
+            # the routing is all that is read: the vocabulary projection runs for one position
+            model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                  **logits_to_keep(model, 1))
             update(1)
             keep.append(_answer_tokens(batch, mask) if answers else torch.ones(int(mask.bool().sum()), dtype=torch.bool))
         keep = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.bool)
@@ -91,8 +92,8 @@ def _answer_tokens(batch, mask: Tensor) -> Tensor:
 
 
 def batches_by_domain(examples: list[Example], pad_id: int, batch_size: int = 16) -> dict[str, list[dict]]:
-    """Group encoded examples by their domain (skill, conversation domain or the group key's value) into padded
-    batches of similar lengths (the statistics do not depend on the order of the tokens)."""
+    """Group encoded examples by their domain (skill, conversation domain or the group key's
+    value) into padded batches of similar lengths (the statistics do not depend on the order)."""
     groups: dict[str, list[Example]] = {}
     for ex in examples:
         groups.setdefault(ex.domain, []).append(ex)
@@ -276,5 +277,6 @@ def analyze(model: nn.Module, batches_by_name: Mapping[str, Iterable], out_dir: 
         plot(stats, out / PLOT_FILES[key])
     result = {"tokens_used": TOKENS[tokens], **summary(stats),
               "files": {key: str(out / name) for key, name in PLOT_FILES.items()}}
-    atomic_write(out / SUMMARY_FILE, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
+    text = json.dumps(result, indent=2) + "\n"
+    atomic_write(out / SUMMARY_FILE, lambda tmp: Path(tmp).write_text(text))
     return result

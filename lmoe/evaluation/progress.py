@@ -1,6 +1,6 @@
-"""Progress of the long evaluation phases, on stderr: a tqdm bar with counts where stderr is a terminal;
-elsewhere (a run piped to a file) a line when a phase starts, one a minute while it runs and one when it
-ends, so that a long evaluation never looks hung."""
+"""Progress of the long evaluation phases, on stderr: a tqdm bar with counts where stderr is a
+terminal; elsewhere (a run piped to a file) a line when a phase starts, one a minute while it runs
+and one when it ends, so that a long evaluation never looks hung."""
 from __future__ import annotations
 
 import sys
@@ -14,9 +14,15 @@ LINE_EVERY_S = 60.0  # without a terminal: at most one progress line this often
 
 
 @contextmanager
-def phase(desc: str, total: int, unit: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """Yields update(n): n more of `total` done. Args: desc names the phase (e.g. "exact match"), unit what
-    is counted (e.g. "prompt"); enabled=False shows nothing."""
+def phase(desc: str, total: int, unit: str,
+          enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """Yields update(n): n more of `total` done.
+
+    Args:
+        desc: names the phase (e.g. "exact match").
+        unit: what is counted (e.g. "prompt").
+        enabled: False shows nothing.
+    """
     if not enabled:
         yield lambda n: None
         return

@@ -3,8 +3,8 @@ every accuracy named by its protocol and template, with a warning where letter i
 
 Every metric is computed from three primitives: the summed log-probability of the labelled tokens of an
 Example (answer_logprobs), that of continuations sharing one prefix's KV cache (continuation_logprobs),
-and greedy generation from chat prompts (lmoe.evaluation.generation). Every long phase shows its progress
-on stderr (lmoe.evaluation.progress).
+and greedy generation from chat prompts (lmoe.evaluation.generation). Every long phase shows its
+progress on stderr (lmoe.evaluation.progress).
 """
 from __future__ import annotations
 
@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 # and cloze "clearly above" where the same test puts it above guessing at this one (multiple_choice's warning).
 LETTER_AT_CHANCE = 0.05
 CLOZE_ABOVE_CHANCE = 0.001
-EM_SLACK = 4  # new tokens a greedy reply may run past its answer's length (a full stop, spaces, another casing)
-MAX_ANSWER_TOKENS = 32  # the default eval_max_answer_tokens: longer answers of a file get perplexity only
+# New tokens a greedy reply may run past its answer's length (a full stop, spaces, another casing).
+EM_SLACK = 4
+MAX_ANSWER_TOKENS = 32  # the default eval_max_answer_tokens: longer answers get perplexity only
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -45,9 +46,10 @@ def answer_logprobs(model: nn.Module, examples: list[Example], pad_id: int, batc
                     show: bool = False) -> list[tuple[float, int]]:
     """(sum of log p(label token | prefix), number of label tokens) for each example, in order.
 
-    Batches hold examples of similar length (little padding). Where the model takes logits_to_keep (a
-    transformers causal LM) they are left-padded, so that every answer ends at the batch's last position, and
-    the vocabulary projection runs from the batch's first answer token on only. show: progress on stderr."""
+    Batches hold examples of similar length (little padding). Where the model takes logits_to_keep
+    (a transformers causal LM) they are left-padded, so that every answer ends at the batch's last
+    position, and the vocabulary projection runs from the batch's first answer token on only.
+    show: progress on stderr."""
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     left = bool(logits_to_keep(model, 1))
@@ -55,34 +57,39 @@ def answer_logprobs(model: nn.Module, examples: list[Example], pad_id: int, batc
     with phase("perplexity", len(examples), "example", show) as update:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            for row, scored in zip(rows, _logprob_batch(model, [examples[i] for i in rows], pad_id, left)):
+            scores = _logprob_batch(model, [examples[i] for i in rows], pad_id, left)
+            for row, scored in zip(rows, scores):
                 results[row] = scored
             update(len(rows))
     return results
 
 
-def _logprob_batch(model: nn.Module, examples: list[Example], pad_id: int, left: bool) -> list[tuple[float, int]]:
+def _logprob_batch(model: nn.Module, examples: list[Example], pad_id: int,
+                   left: bool) -> list[tuple[float, int]]:
     """answer_logprobs of one batch; log-softmax on the answer positions alone."""
     batch = {k: v.to(_device(model)) for k, v in collate(examples, pad_id, left).items()}
-    labels, width = batch["labels"], batch["labels"].shape[1]
+    labels, mask, width = batch["labels"], batch["attention_mask"], batch["labels"].shape[1]
     keep, extra = width, {}
-    if left:
-        answered = (labels[:, 1:] != IGNORE).any(0).nonzero()  # label t is predicted from the logits at t - 1
+    if left:  # label t is predicted from the logits at t - 1
+        answered = (labels[:, 1:] != IGNORE).any(0).nonzero()
         keep = width - int(answered[0]) if len(answered) else 1
-        extra = {"position_ids": (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0), **logits_to_keep(model, keep)}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
+        extra = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0), **logits_to_keep(model, keep)}
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask, **extra).logits
     targets = labels[:, width - keep + 1:]  # (batch, keep - 1): what logits[:, :-1] predict
-    chosen = (targets != IGNORE) & batch["attention_mask"][:, width - keep:-1].bool()  # a first token: unpredicted
+    # a sequence's first token is not predicted (in a left-padded row, padding comes before it)
+    chosen = (targets != IGNORE) & mask[:, width - keep:-1].bool()
     rows = logits[:, :-1][chosen].float()  # (answer tokens, vocab)
     picked = rows.gather(-1, targets[chosen][:, None]).squeeze(-1) - rows.logsumexp(-1)
-    sums = torch.zeros(len(examples), device=picked.device).index_add_(0, chosen.nonzero()[:, 0], picked)
+    sums = torch.zeros(len(examples), device=picked.device)
+    sums.index_add_(0, chosen.nonzero()[:, 0], picked)
     return list(zip(sums.tolist(), chosen.sum(1).tolist()))
 
 
 def perplexity(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int = 16) -> dict[str, float]:
     """domain -> exp(mean negative log-likelihood per answer token) over that domain's examples."""
     nll, count = defaultdict(float), defaultdict(int)
-    for ex, (logprob, n) in zip(examples, answer_logprobs(model, examples, pad_id, batch_size, show=True)):
+    scores = answer_logprobs(model, examples, pad_id, batch_size, show=True)
+    for ex, (logprob, n) in zip(examples, scores):
         nll[ex.domain] -= logprob
         count[ex.domain] += n
     return {domain: math.exp(nll[domain] / count[domain]) for domain in nll if count[domain]}
@@ -118,9 +125,11 @@ def answer_tokens(tokenizer, answer: str) -> int:
     return len(tokenizer(answer, add_special_tokens=False)["input_ids"])
 
 
-def exact_match(model: nn.Module, tokenizer, records: list[dict], batch_size: int = 64) -> dict[str, float]:
-    """domain -> fraction of records whose greedy reply to record["messages"][:-1] equals record["answer"]
-    (after normalise); a reply stops at its end of turn or EM_SLACK tokens past its answer's length."""
+def exact_match(model: nn.Module, tokenizer, records: list[dict],
+                batch_size: int = 64) -> dict[str, float]:
+    """domain -> fraction of records whose greedy reply to record["messages"][:-1] equals
+    record["answer"] (after normalise); a reply stops at its end of turn or EM_SLACK tokens past
+    its answer's length."""
     prompts = [r["messages"][:-1] for r in records]
     budgets = [answer_tokens(tokenizer, r["answer"]) + EM_SLACK for r in records]
     replies = greedy_replies(model, tokenizer, prompts, budgets, batch_size)
@@ -179,7 +188,8 @@ def _shared_batch(model: nn.Module, requests: list, pad_id: int) -> list[list[fl
     device = _device(model)
     ids, mask = left_padded([prefix for prefix, _ in requests], pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **logits_to_keep(model, 1))
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                **logits_to_keep(model, 1))
     first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # (questions, vocab): each continuation's first token
     owner = torch.tensor([row for row, (_, conts) in enumerate(requests) for _ in conts], device=device)
     conts = [c for _, cs in requests for c in cs]
@@ -204,11 +214,12 @@ def _shared_batch(model: nn.Module, requests: list, pad_id: int) -> list[list[fl
 
 
 def multiple_choice(model: nn.Module, tokenizer, records: list[dict], fmt: MultipleChoice | None = None,
-                    max_length: int = 512, progress: bool = True, name: str = "multiple choice") -> dict:
+                    max_length: int = 512, progress: bool = True,
+                    name: str = "multiple choice") -> dict:
     """Accuracy on question records by each protocol fmt scores (auto: letter and cloze), each result named by
     its protocol and template: {"n", "chance", "letter/chat": {"protocol", "template", "acc"}, "cloze/chat":
-    {..., "acc_norm"}}. chance: the mean of 1 / number of choices, what guessing scores. name: what the
-    progress lines call the questions (a file or task)."""
+    {..., "acc_norm"}}. chance: the mean of 1 / number of choices, what guessing scores.
+    name: what the progress lines call the questions (a file or task)."""
     fmt = fmt or MultipleChoice()
     result = {"n": len(records), "chance": sum(1 / len(r["choices"]) for r in records) / len(records)}
     for one in fmt.scored():
@@ -278,9 +289,10 @@ def evaluate_mixture(model: nn.Module, tokenizer, mixture: Mixture, max_length: 
 def evaluate_file(model: nn.Module, tokenizer, path: str | Path, max_length: int = 512,
                   fmt: MultipleChoice | None = None, group: str | None = None,
                   max_answer_tokens: int = MAX_ANSWER_TOKENS) -> dict:
-    """Multiple-choice accuracy if the records are questions ({"question", "choices", "answer"}); otherwise
-    greedy exact match (chat records with answers of at most max_answer_tokens tokens; 0: none) and answer
-    perplexity, per group: the rows' value of the key `group`, else their "domain", else the file name.
+    """Multiple-choice accuracy if the records are questions ({"question", "choices", "answer"});
+    otherwise greedy exact match (chat records with answers of at most max_answer_tokens tokens;
+    0: none) and answer perplexity, per group: the rows' value of the key `group`, else their
+    "domain", else the file name.
 
     Args:
         fmt: how multiple-choice questions are scored (default: both protocols, chat template).
@@ -303,17 +315,20 @@ def evaluate_file(model: nn.Module, tokenizer, path: str | Path, max_length: int
     return results | {"perplexity": perplexity(model, examples, tokenizer.pad_token_id)}
 
 
-def answer_records(tokenizer, records: list[dict], max_answer_tokens: int, path: str | Path) -> list[dict]:
-    """The chat records that end with the assistant's turn, as exact-match records (that turn is the answer),
-    where it is at most max_answer_tokens tokens long; one warning line counts the longer ones."""
+def answer_records(tokenizer, records: list[dict], max_answer_tokens: int,
+                   path: str | Path) -> list[dict]:
+    """The chat records that end with the assistant's turn, as exact-match records (that turn is
+    the answer), where it is at most max_answer_tokens tokens long; one warning line counts the
+    longer ones."""
     if max_answer_tokens <= 0:
         return []
-    chats = [r for r in records if "messages" in r and r["messages"][-1]["role"] == "assistant"]
-    answered = [{**r, "answer": r["messages"][-1]["content"]} for r in chats]
+    answered = [{**r, "answer": r["messages"][-1]["content"]} for r in records
+                if "messages" in r and r["messages"][-1]["role"] == "assistant"]
     short = [r for r in answered if answer_tokens(tokenizer, r["answer"]) <= max_answer_tokens]
     if len(short) < len(answered):
-        log.warning("lmoe: %s: %d of %d answers are longer than %d tokens; they get perplexity only, no exact "
-                    "match (raise eval_max_answer_tokens, or lmoe eval --max-answer-tokens, to score them too).",
+        log.warning("lmoe: %s: %d of %d answers are longer than %d tokens; they get perplexity "
+                    "only, no exact match (raise eval_max_answer_tokens, or lmoe eval "
+                    "--max-answer-tokens, to score them too).",
                     path, len(answered) - len(short), len(answered), max_answer_tokens)
     return short
 
@@ -325,8 +340,8 @@ def evaluate_benchmarks(model: nn.Module, tokenizer, names: list[str], fmt: Mult
     acc_norm), with its protocol and template}."""
     fmt = fmt or MultipleChoice()
     results = {benchmarks.PREFIX + name: multiple_choice(
-        model, tokenizer, benchmarks.subset(benchmarks.load(name, "test"), fmt.test_items), fmt, max_length,
-        name=benchmarks.PREFIX + name) for name in names}
+        model, tokenizer, benchmarks.subset(benchmarks.load(name, "test"), fmt.test_items), fmt,
+        max_length, name=benchmarks.PREFIX + name) for name in names}
     warn_letter_at_chance(results)
     average = {}
     for key in (one.key for one in fmt.scored()):

@@ -34,7 +34,8 @@ def validation_loss(accelerator: Accelerator, model: nn.Module, examples: list[E
 def evaluate_all(model: nn.Module, tokenizer, cfg: TrainConfig) -> dict:
     """The built-in mixture's held-out metrics (when training on it), the test split of every benchmark in data
     or eval_data, and every eval_data file (grouped by cfg.eval_group; exact match up to
-    cfg.eval_max_answer_tokens). Says on stderr which model it scores; each phase shows its progress."""
+    cfg.eval_max_answer_tokens). Says on stderr which model it scores; each phase shows its
+    progress."""
     files = [p for p in cfg.eval_data if not task_names([p])]
     tasks = task_names(cfg.data + cfg.eval_data)
     parts = [] if cfg.data else ["the built-in mixture's held-out data"]
@@ -47,8 +48,9 @@ def evaluate_all(model: nn.Module, tokenizer, cfg: TrainConfig) -> dict:
     if tasks:
         results |= evaluate_benchmarks(model, tokenizer, tasks, cfg.mc, cfg.max_length)
     for path in files:
-        for metric, values in evaluate_file(model, tokenizer, path, cfg.max_length, cfg.mc, cfg.eval_group,
-                                            cfg.eval_max_answer_tokens).items():
+        scored = evaluate_file(model, tokenizer, path, cfg.max_length, cfg.mc, cfg.eval_group,
+                               cfg.eval_max_answer_tokens)
+        for metric, values in scored.items():
             results[f"{metric}:{Path(path).stem}"] = values
     return results
 

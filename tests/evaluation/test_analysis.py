@@ -153,7 +153,8 @@ def test_short_layer_names_stay_unique():
 
 
 def saved_adapter(tmp_path):
-    """A tiny model directory and an adapter of it (tmp_path / "adapter"); returns tests/tiny.py and the model."""
+    """A tiny model directory and an adapter of it (tmp_path / "adapter"); returns tests/tiny.py
+    and the model directory."""
     tiny = pytest.importorskip("tiny")  # the tiny tokenizer + model directory helpers of the CLI tests
     from lmoe.models import load_model
     model_dir = tiny.tiny_model_dir(tmp_path / "model")
@@ -189,10 +190,12 @@ def test_cli_analyze_writes_beside_the_adapter_and_groups_by_a_key(tmp_path, cap
     from lmoe.cli import main
     tiny, model_dir = saved_adapter(tmp_path)
     adapter_files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
-    data = tiny.write_jsonl(tmp_path / "own.jsonl", [{"prompt": f"What is {i} + 30?", "completion": str(i + 30),
-                                                      "skill": "xy"[i % 2], "domain": "d"} for i in range(6)])
-    main(["analyze", str(tmp_path / "adapter"), "--model", str(model_dir), "--data", str(data), "--group", "skill"])
-    out = tmp_path / "adapter-analysis"  # the default: beside the adapter directory, which stays as it was
+    rows = [{"prompt": f"What is {i} + 30?", "completion": str(i + 30), "skill": "xy"[i % 2],
+             "domain": "d"} for i in range(6)]
+    data = tiny.write_jsonl(tmp_path / "own.jsonl", rows)
+    main(["analyze", str(tmp_path / "adapter"), "--model", str(model_dir), "--data", str(data),
+          "--group", "skill"])
+    out = tmp_path / "adapter-analysis"  # the default: beside the adapter, which stays as it was
     assert set(json.loads((out / SUMMARY_FILE).read_text())["groups"]) == {"x", "y"}
     assert all((out / name).is_file() for name in PLOT_FILES.values())
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == adapter_files

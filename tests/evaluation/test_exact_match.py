@@ -1,6 +1,6 @@
-"""Exact match on the tiny model: batched greedy replies against one-by-one decoding, batched perplexity
-against single sequences, exact match of a user's prompt/completion file computed by hand, grouping by a
-key the user names, and the progress lines a run without a terminal prints."""
+"""Exact match on the tiny model: batched greedy replies against one-by-one decoding, batched
+perplexity against single sequences, exact match of a user's prompt/completion file computed by
+hand, grouping by a key the user names, and the progress lines a run without a terminal prints."""
 import json
 import math
 
@@ -16,18 +16,20 @@ from lmoe.training.evaluation import evaluate_all
 from tiny import tiny_llama, tiny_model_dir, tiny_tokenizer, write_jsonl
 
 PROMPTS = ["the cat", "What is 12 + 30? please", "hello there, how are you? one two three", "sat",
-           "Reverse the order of these words: apple river stone", "one two", "the mat on the mat", "five six"]
+           "Reverse the order of these words: apple river stone", "one two", "the mat on the mat",
+           "five six"]
 LONGEST = 24  # max_answer_tokens of the own file's tests
 
 
 def reference_reply(model, tok, prompt: str, budget: int) -> tuple[list[int], bool]:
-    """Greedy decoding of one prompt, unpadded and uncached: (new token ids, whether it ended by eos)."""
+    """Greedy decoding of one prompt, unpadded and uncached: (new token ids, ended by eos?)."""
     ids = tok(render_prompt(tok, [{"role": "user", "content": prompt}]), add_special_tokens=False,
               return_tensors="pt")["input_ids"]
     new = []
     while len(new) < budget:
         with torch.no_grad():
-            token = int(model(torch.cat([ids, torch.tensor([new], dtype=torch.long)], 1)).logits[0, -1].argmax())
+            logits = model(torch.cat([ids, torch.tensor([new], dtype=torch.long)], 1)).logits
+        token = int(logits[0, -1].argmax())
         if token == tok.eos_token_id:
             return new, True
         new.append(token)
@@ -36,7 +38,7 @@ def reference_reply(model, tok, prompt: str, budget: int) -> tuple[list[int], bo
 
 @pytest.fixture(scope="module")
 def stopping():
-    """A tiny model whose greedy replies to some PROMPTS end with the end-of-turn token within a few tokens."""
+    """A tiny model whose greedy replies to some PROMPTS end with the end-of-turn token soon."""
     tok = tiny_tokenizer()
     return tiny_llama(len(tok), seed=2), tok
 
@@ -45,8 +47,9 @@ def stopping():
 def test_batched_greedy_replies_equal_one_by_one_decoding(stopping, batch_size, batch_tokens):
     model, tok = stopping
     budgets = [3, 9, 6, 12, 1, 7, 12, 5]
-    got = greedy_replies(model, tok, [[{"role": "user", "content": p}] for p in PROMPTS], budgets, batch_size,
-                         show=False, batch_tokens=batch_tokens)  # 60 tokens: batches of 1 to 3 prompts
+    prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
+    got = greedy_replies(model, tok, prompts, budgets, batch_size, show=False,
+                         batch_tokens=batch_tokens)  # 60 tokens: batches of 1 to 3 prompts
     want = [reference_reply(model, tok, p, b) for p, b in zip(PROMPTS, budgets)]
     assert got == [tok.decode(ids, skip_special_tokens=True).strip() for ids, _ in want]
     ended = [by_eos for _, by_eos in want]
@@ -57,34 +60,41 @@ def test_batched_greedy_replies_equal_one_by_one_decoding(stopping, batch_size, 
 def test_batched_perplexity_equals_each_sequence_alone():
     tok = tiny_tokenizer()
     model = tiny_llama(len(tok), seed=4)
-    records = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}], "domain": d}
-               for p, a, d in zip(PROMPTS, reversed(PROMPTS), "abababab")] + [{"text": "the cat sat", "domain": "a"}]
-    examples = [encode(tok, r) for r in records]
+    records = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}],
+                "domain": d} for p, a, d in zip(PROMPTS, reversed(PROMPTS), "abababab")]
+    examples = [encode(tok, r) for r in records + [{"text": "the cat sat", "domain": "a"}]]
     batched = ev.answer_logprobs(model, examples, tok.pad_token_id, batch_size=4)
     alone = [ev.answer_logprobs(model, [ex], tok.pad_token_id)[0] for ex in examples]
-    assert [n for _, n in batched] == [n for _, n in alone] == [sum(t != -100 for t in ex.labels[1:]) for ex in examples]
-    torch.testing.assert_close(torch.tensor([s for s, _ in batched]), torch.tensor([s for s, _ in alone]),
-                               rtol=1e-5, atol=1e-4)
+    counts = [sum(t != -100 for t in ex.labels[1:]) for ex in examples]
+    assert [n for _, n in batched] == [n for _, n in alone] == counts
+    torch.testing.assert_close(torch.tensor([s for s, _ in batched]),
+                               torch.tensor([s for s, _ in alone]), rtol=1e-5, atol=1e-4)
     for ex, (logprob, _) in zip(examples, alone):  # one sequence against a float64 forward of it
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([ex.input_ids])).logits[0].double(), -1)
-        want = sum(float(logp[t - 1, ex.input_ids[t]]) for t in range(1, len(ex.labels)) if ex.labels[t] != -100)
+        want = sum(float(logp[t - 1, ex.input_ids[t]]) for t in range(1, len(ex.labels))
+                   if ex.labels[t] != -100)
         assert logprob == pytest.approx(want, abs=1e-4)
 
 
 def own_file(tmp_path, model, tok):
-    """Rows whose completion is the model's greedy reply (right) or not (wrong), keyed by "skill"; one answer too
-    long for max_answer_tokens=LONGEST. Returns the path and the exact match by skill, by hand."""
+    """Rows whose completion is the model's greedy reply (right) or not (wrong), keyed by "skill";
+    one answer too long for max_answer_tokens=LONGEST. Returns the path and the exact match by
+    skill, by hand."""
     replies = {}
     for prompt in PROMPTS[1], PROMPTS[2], PROMPTS[5]:
         ids, by_eos = reference_reply(model, tok, prompt, 20)
         replies[prompt] = tok.decode(ids, skip_special_tokens=True).strip()
         budget = len(tok(replies[prompt], add_special_tokens=False)["input_ids"]) + ev.EM_SLACK
-        assert by_eos and replies[prompt] and len(ids) < budget  # it ends within the budget exact match gives
-    rows = [{"prompt": PROMPTS[1], "completion": replies[PROMPTS[1]], "skill": "x", "domain": "d"},
-            {"prompt": PROMPTS[5], "completion": replies[PROMPTS[5]] + " and more", "skill": "x", "domain": "d"},
-            {"prompt": PROMPTS[2], "completion": replies[PROMPTS[2]].upper() + ".", "skill": "y", "domain": "d"},
-            {"prompt": PROMPTS[3], "completion": "one two three four five six seven " * 5, "skill": "y"}]
+        assert by_eos and replies[prompt] and len(ids) < budget  # ends within the budget
+    rows = [{"prompt": PROMPTS[1], "completion": replies[PROMPTS[1]], "skill": "x",
+             "domain": "d"},
+            {"prompt": PROMPTS[5], "completion": replies[PROMPTS[5]] + " and more", "skill": "x",
+             "domain": "d"},
+            {"prompt": PROMPTS[2], "completion": replies[PROMPTS[2]].upper() + ".", "skill": "y",
+             "domain": "d"},
+            {"prompt": PROMPTS[3], "completion": "one two three four five six seven " * 5,
+             "skill": "y"}]
     lengths = [len(tok(r["completion"], add_special_tokens=False)["input_ids"]) for r in rows]
     assert max(lengths[:3]) <= LONGEST < lengths[3]
     return write_jsonl(tmp_path / "own.jsonl", rows), {"x": 1 / 2, "y": 1 / 1}
@@ -99,11 +109,13 @@ def test_own_file_gets_exact_match_by_a_key_the_user_names(stopping, tmp_path, c
     assert set(got["perplexity"]) == {"x", "y"}
     (line,) = [r.getMessage() for r in caplog.records if "perplexity only" in r.getMessage()]
     assert f"1 of 4 answers are longer than {LONGEST} tokens" in line
-    by_domain = ev.evaluate_file(model, tok, path, max_answer_tokens=LONGEST)  # default: "domain", else the file name
-    assert set(by_domain["exact_match"]) == {"d"} and set(by_domain["perplexity"]) == {"d", "own"}
+    by_domain = ev.evaluate_file(model, tok, path, max_answer_tokens=LONGEST)  # the default
+    assert set(by_domain["exact_match"]) == {"d"}
+    assert set(by_domain["perplexity"]) == {"d", "own"}  # "domain", else the file name
     assert "exact_match" not in ev.evaluate_file(model, tok, path, max_answer_tokens=0)
-    cfg = TrainConfig(data=[str(path)], eval_data=[str(path)], eval_group="skill", eval_max_answer_tokens=LONGEST)
-    assert evaluate_all(model, tok, cfg)["exact_match:own"] == pytest.approx(by_hand)  # what train reports
+    cfg = TrainConfig(data=[str(path)], eval_data=[str(path)], eval_group="skill",
+                      eval_max_answer_tokens=LONGEST)
+    assert evaluate_all(model, tok, cfg)["exact_match:own"] == pytest.approx(by_hand)  # train's
 
 
 def test_a_row_without_the_group_key_is_one_error_naming_it(tmp_path):
@@ -118,7 +130,8 @@ def test_cli_eval_groups_by_key_and_shows_progress_without_a_terminal(tmp_path, 
     model = tiny_model_dir(tmp_path / "model")
     path = write_jsonl(tmp_path / "own.jsonl", [{"prompt": p, "completion": "sat", "skill": s}
                                                 for p, s in zip(PROMPTS, "xyxyxyxy")])
-    main(["eval", "--model", str(model), "--data", str(path), "--group", "skill", "--json", str(tmp_path / "r.json")])
+    main(["eval", "--model", str(model), "--data", str(path), "--group", "skill",
+          "--json", str(tmp_path / "r.json")])
     results = json.loads((tmp_path / "r.json").read_text())
     assert set(results["exact_match:own"]) == set(results["perplexity:own"]) == {"x", "y"}
     assert all(math.isfinite(v) for v in results["perplexity:own"].values())
