@@ -63,6 +63,10 @@ def cmd_eval(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
                         help="multiple choice: the model's chat template, or plain text as lm-eval (base models)")
     parser.add_argument("--test-items", type=int, default=0, help="benchmark questions per task (0: all)")
     parser.add_argument("--max-length", type=int, default=512)
+    _group_argument(parser)
+    parser.add_argument("--max-answer-tokens", type=int, default=None, metavar="N",
+                        help="--data chat records: greedy exact match for answers of at most "
+                             "N tokens (default 32; 0: perplexity only)")
     parser.add_argument("--json", help="write the results here as JSON")
     parser.add_argument("--lm-eval", nargs="+", metavar="TASK",
                         help="score lm-eval-harness tasks instead (pip install lm-eval); results as lm-eval gives them")
@@ -75,7 +79,14 @@ def cmd_eval(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
         from .data.benchmarks import PREFIX, root, task_names
         from .data.choices import MultipleChoice
         from .data.builtin import Mixture
-        from .evaluation.scoring import evaluate_benchmarks, evaluate_file, evaluate_mixture, format_table, write_json
+        from .evaluation.scoring import (MAX_ANSWER_TOKENS, evaluate_benchmarks, evaluate_file,
+                                         evaluate_mixture, format_table, write_json)
+        _check_group(args)
+        answer_tokens = args.max_answer_tokens
+        answer_tokens = MAX_ANSWER_TOKENS if answer_tokens is None else answer_tokens
+        if answer_tokens < 0:
+            raise ValueError(f"--max-answer-tokens {answer_tokens}: expected 0 (no exact match) "
+                             "or more.")
         fmt = MultipleChoice(args.protocol, args.template, args.test_items)
         names = task_names([PREFIX + name for name in args.benchmark])
         if names:
@@ -85,12 +96,33 @@ def cmd_eval(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
         if names:
             results |= evaluate_benchmarks(model, tokenizer, names, fmt, args.max_length)
         for path in args.data:
-            for metric, values in evaluate_file(model, tokenizer, path, args.max_length, fmt).items():
+            scored = evaluate_file(model, tokenizer, path, args.max_length, fmt, args.group,
+                                   answer_tokens)
+            for metric, values in scored.items():
                 results[f"{metric}:{Path(path).stem}"] = values
         print(format_table({"adapter" if args.adapter else "base": results}))
         if args.json:
             write_json(results, args.json)
     return run
+
+
+def _group_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--group", metavar="KEY",
+                        help="group --data rows by this key of each row (every row must have "
+                             "it; default: the row's domain, else the file name)")
+
+
+def _check_group(args: argparse.Namespace) -> None:
+    if args.group and not args.data:
+        raise ValueError(f"--group {args.group} groups the rows of --data files; give --data FILE, "
+                         "or drop --group (the built-in mixture groups by skill and domain).")
+
+
+def default_analysis_dir(adapter: str | Path) -> Path:
+    """Where `lmoe analyze` writes without --out: a folder beside the adapter directory, never
+    inside it (runs/x/adapter -> runs/x/adapter-analysis), so the adapter stays as it was."""
+    adapter = Path(adapter).resolve()
+    return adapter.parent / f"{adapter.name}-analysis"
 
 
 def _run_lm_eval(args: argparse.Namespace) -> None:
@@ -135,24 +167,29 @@ def cmd_analyze(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace
     parser.add_argument("adapter", help="adapter directory written by `lmoe train`")
     parser.add_argument("--model", default="builtin", help="the base model the adapter was trained on (as in train)")
     parser.add_argument("--data", nargs="*", default=[],
-                        help="JSONL/CSV/JSON/Parquet files, grouped by each record's domain (default: the file name); "
-                             "default: the built-in mixture's held-out skills and conversation domains")
+                        help="JSONL/CSV/JSON/Parquet files, grouped by each record's domain "
+                             "(default: the file name) or --group; default: the built-in "
+                             "mixture's held-out skills and conversation domains")
+    _group_argument(parser)
     parser.add_argument("--tokens", default="answer", choices=["answer", "all"],
                         help="answer (default): only the answer tokens (all of a text record); all: every real token")
-    parser.add_argument("--out", help="output directory (default: ADAPTER/analysis)")
+    parser.add_argument("--out", help="output directory (default: ADAPTER-analysis, beside the "
+                                      "adapter directory)")
     parser.add_argument("--max-length", type=int, default=512)
 
     def run(args: argparse.Namespace) -> None:
-        from .evaluation.analysis import analyze, batches_by_domain, held_out_batches
+        from .evaluation.analysis import SUMMARY_FILE, analyze, batches_by_domain, held_out_batches
         from .data.encoding import encode_all
         from .data.records import read_records
+        _check_group(args)
         model, tokenizer = _load(args)
         if args.data:
-            records = [r for path in args.data for r in read_records(path)]
+            records = [r for path in args.data for r in read_records(path, group=args.group)]
             batches = batches_by_domain(encode_all(tokenizer, records, args.max_length), tokenizer.pad_token_id)
         else:
             batches = held_out_batches(tokenizer, max_length=args.max_length)
-        result = analyze(model, batches, args.out or Path(args.adapter) / "analysis", args.tokens)
+        out = Path(args.out) if args.out else default_analysis_dir(args.adapter)
+        result = analyze(model, batches, out, args.tokens)
         print(f"routing on {result['tokens_used']}, averaged over {len(result['layers'])} layers:")
         print(f"  mean active experts per token: {result['mean_active_experts']:.2f} of {result['num_experts']}")
         print(f"  routing entropy / log E: {result['routing_entropy']:.3f}   top weight > 0.5: "
@@ -161,7 +198,8 @@ def cmd_analyze(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace
               f"(at most {result['mutual_information_max_bits']:.2f})")
         for group, stats in result["groups"].items():
             print(f"  {group:32s} {stats['tokens']:7d} tokens  {stats['mean_active_experts']:.2f} experts")
-        print("wrote", ", ".join(result["files"].values()))
+        plots = ", ".join(Path(f).name for f in result["files"].values())
+        print(f"wrote {out}: {SUMMARY_FILE}, {plots}")
     return run
 
 
@@ -286,7 +324,9 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "ana
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .version import __version__
     parser = argparse.ArgumentParser(prog="lmoe", description="Mixture of LoRA experts, trained end to end.")
+    parser.add_argument("--version", action="version", version=f"lmoe {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     handlers = {}
     for name, command in COMMANDS.items():

@@ -1,5 +1,7 @@
 """save_adapter / load_adapter: only adapter tensors, bit-for-bit logits, clear errors on a wrong base."""
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -86,3 +88,26 @@ def test_weights_load_into_a_model_with_the_same_mixture_only(tmp_path, input_id
                                                    target_modules=["q_proj", "down_proj"]))
     with pytest.raises(ValueError, match="another mixture than this model"):
         load_adapter_weights(other, tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_files_get_the_mode_an_ordinary_write_gives_under_the_umask(tmp_path, umask):
+    """Adapter, checkpoint and eval JSON: 0o666 less the umask (mkstemp's 0o600 kept others out)."""
+    from lmoe.evaluation.scoring import write_json
+    from lmoe.io import current_umask, save_state
+    old = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        save_adapter(trained_like(), tmp_path / "adapter")
+        save_state(tmp_path / "checkpoint.pt", {"step": 1})
+        write_json({"a": 1}, tmp_path / "eval.json")
+        (tmp_path / "plain.txt").write_text("an ordinary write")
+    finally:
+        os.umask(old)
+    written = [tmp_path / "adapter" / "adapter_config.json",
+               tmp_path / "adapter" / "adapter_model.safetensors", tmp_path / "checkpoint.pt",
+               tmp_path / "eval.json"]
+    want = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    assert want == 0o666 & ~umask
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in written}
+    assert modes == {path.name: want for path in written}

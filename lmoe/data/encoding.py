@@ -107,17 +107,19 @@ def encode_all(tokenizer, records: Iterable[dict], max_length: int) -> list[Exam
 
 # ---------------------------------------------------------------- batches
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, Tensor]:
-    """Right-padded input_ids (batch, T), labels (batch, T) with IGNORE on padding, attention_mask."""
+def collate(examples: list[Example], pad_id: int, left: bool = False) -> dict[str, Tensor]:
+    """Right-padded (left=True: left-padded) input_ids (batch, T), labels (batch, T) with IGNORE
+    on padding, attention_mask."""
     width = max(len(ex.input_ids) for ex in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for row, ex in enumerate(examples):
         n = len(ex.input_ids)
-        ids[row, :n] = torch.tensor(ex.input_ids)
-        labels[row, :n] = torch.tensor(ex.labels)
-        mask[row, :n] = 1
+        place = slice(width - n, width) if left else slice(0, n)
+        ids[row, place] = torch.tensor(ex.input_ids)
+        labels[row, place] = torch.tensor(ex.labels)
+        mask[row, place] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 

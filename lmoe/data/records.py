@@ -10,8 +10,13 @@ from .choices import choice_record
 from .encoding import chat
 
 
-def read_records(path: str | Path, domain: str | None = None) -> list[dict]:
-    """Records from JSONL (prompt/completion, messages or text), or CSV/JSON/Parquet through `datasets`."""
+def read_records(path: str | Path, domain: str | None = None,
+                 group: str | None = None) -> list[dict]:
+    """Records from JSONL (prompt/completion, messages or text), or CSV/JSON/Parquet (`datasets`).
+
+    Each record's "domain" (what evaluation and analysis group by) is the row's value of the key
+    `group` when one is named (every row must have it), else the row's "domain", else `domain`,
+    else the file name."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Data file {path} does not exist.")
@@ -22,7 +27,8 @@ def read_records(path: str | Path, domain: str | None = None) -> list[dict]:
         rows = _read_with_datasets(path)
     else:
         raise ValueError(f"Data file {path}: expected .jsonl, .csv, .json or .parquet, got {path.suffix or 'no suffix'}.")
-    records = [to_record(row, domain, f"{path}:{i}") for i, row in rows]
+    records = [to_record(grouped(row, group, f"{path}:{i}"), domain, f"{path}:{i}")
+               for i, row in rows]
     if not records:
         raise ValueError(f"Data file {path} holds no records; add one per line, e.g. "
                          '{"prompt": "...", "completion": "..."}, {"messages": [...]} or {"text": "..."}.')
@@ -48,6 +54,18 @@ def _read_with_datasets(path: Path) -> Iterator[tuple[int, dict]]:
     table = load_dataset(kind, data_files=str(path), split="train")
     for number, row in enumerate(table, start=1):
         yield number, row
+
+
+def grouped(row: object, group: str | None, where: str) -> object:
+    """The row with its "domain" set to its value of the key `group` (None: the row as it is);
+    a row without that key is an error, not a silent group of its own."""
+    if group is None or not isinstance(row, dict):
+        return row
+    value = row.get(group)
+    if value is None or value == "":
+        raise ValueError(f"{where}: no {group!r} key to group by (--group / eval_group={group}); "
+                         "give every row one, or group by another key.")
+    return {**row, "domain": str(value)}
 
 
 def to_record(row: object, domain: str, where: str) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -21,7 +21,10 @@ from torch import Tensor, nn
 from ..data.builtin import Mixture
 from ..data.encoding import IGNORE, Example, collate, encode_all
 from ..inject import record_routing
+from ..io import atomic_write
 from ..routing_stats import RoutingStats, routing_stats, summary
+from .generation import logits_to_keep
+from .progress import phase
 
 SUMMARY_FILE = "routing_summary.json"
 PLOT_FILES = {"load": "layer_expert_load.png", "active": "active_experts.png", "groups": "skill_expert_usage.png",
@@ -32,35 +35,42 @@ TOKENS = {"all": "every real (unpadded) token", "answer": "answer tokens only (l
 # ---------------------------------------------------------------- collecting routing weights
 
 def collect_routing(model: nn.Module, batches_by_name: Mapping[str, Iterable],
-                    tokens: str = "all") -> dict[str, dict[str, Tensor]]:
+                    tokens: str = "all", progress: bool = True) -> dict[str, dict[str, Tensor]]:
     """group name -> layer name -> (tokens, E) float32 CPU routing weights of the group's real tokens
     (tokens="all") or of its answer tokens (tokens="answer": where the batch's labels are not -100).
 
     A batch is a dict with "input_ids" (batch, T) and optionally "attention_mask" (padding is left out) and
     "labels", or a bare input_ids tensor. Runs in eval mode without gradients; the mode is restored.
+    progress: a bar (or lines) on stderr, counting batches.
     """
     if tokens not in TOKENS:
         raise ValueError(f"collect_routing: tokens={tokens!r}; expected one of {', '.join(TOKENS)}.")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    groups = {name: list(batches) for name, batches in batches_by_name.items()}
     out = {}
     try:
-        for name, batches in batches_by_name.items():
-            out[name] = _route_group(model, batches, device, tokens == "answer")
+        with phase("routing analysis", sum(map(len, groups.values())), "batch", progress) as update:
+            for name, batches in groups.items():
+                out[name] = _route_group(model, batches, device, tokens == "answer", update)
     finally:
         model.train(was_training)
     return out
 
 
-def _route_group(model: nn.Module, batches: Iterable, device: torch.device, answers: bool) -> dict[str, Tensor]:
+def _route_group(model: nn.Module, batches: list, device: torch.device, answers: bool,
+                 update: Callable[[int], None]) -> dict[str, Tensor]:
     keep = []  # per batch: which of its real tokens count, in the record's order (row-major, padding left out)
     with record_routing(model) as rec, torch.no_grad():  # the record leaves padding out
         for batch in batches:
             ids = batch["input_ids"] if isinstance(batch, Mapping) else batch
             mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
             mask = torch.ones_like(ids) if mask is None else mask
-            model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            # the routing is all that is read: the vocabulary projection runs for one position
+            model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                  **logits_to_keep(model, 1))
+            update(1)
             keep.append(_answer_tokens(batch, mask) if answers else torch.ones(int(mask.bool().sum()), dtype=torch.bool))
         keep = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.bool)
         weights = {}
@@ -82,10 +92,13 @@ def _answer_tokens(batch, mask: Tensor) -> Tensor:
 
 
 def batches_by_domain(examples: list[Example], pad_id: int, batch_size: int = 16) -> dict[str, list[dict]]:
-    """Group encoded examples by their domain (skill or conversation domain) into padded batches."""
+    """Group encoded examples by their domain (skill, conversation domain or the group key's
+    value) into padded batches of similar lengths (the statistics do not depend on the order)."""
     groups: dict[str, list[Example]] = {}
     for ex in examples:
         groups.setdefault(ex.domain, []).append(ex)
+    for exs in groups.values():
+        exs.sort(key=lambda ex: len(ex.input_ids))
     return {name: [collate(exs[i:i + batch_size], pad_id) for i in range(0, len(exs), batch_size)]
             for name, exs in groups.items()}
 
@@ -264,5 +277,6 @@ def analyze(model: nn.Module, batches_by_name: Mapping[str, Iterable], out_dir: 
         plot(stats, out / PLOT_FILES[key])
     result = {"tokens_used": TOKENS[tokens], **summary(stats),
               "files": {key: str(out / name) for key, name in PLOT_FILES.items()}}
-    (out / SUMMARY_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    text = json.dumps(result, indent=2) + "\n"
+    atomic_write(out / SUMMARY_FILE, lambda tmp: Path(tmp).write_text(text))
     return result

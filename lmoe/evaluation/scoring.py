@@ -3,11 +3,11 @@ every accuracy named by its protocol and template, with a warning where letter i
 
 Every metric is computed from three primitives: the summed log-probability of the labelled tokens of an
 Example (answer_logprobs), that of continuations sharing one prefix's KV cache (continuation_logprobs),
-and batched generation from chat prompts (generate).
+and greedy generation from chat prompts (lmoe.evaluation.generation). Every long phase shows its
+progress on stderr (lmoe.evaluation.progress).
 """
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
-
 from ..data import benchmarks
 from ..data.builtin import Mixture
 from ..data.choices import MultipleChoice, answers, requests
 from ..data.encoding import IGNORE, Example, collate, encode_all, render_prompt
 from ..data.records import read_records
 from ..io import atomic_write
+from .generation import cache_argument, greedy_replies, left_padded, logits_to_keep, output_cache
+from .progress import phase
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 # and cloze "clearly above" where the same test puts it above guessing at this one (multiple_choice's warning).
 LETTER_AT_CHANCE = 0.05
 CLOZE_ABOVE_CHANCE = 0.001
+# New tokens a greedy reply may run past its answer's length (a full stop, spaces, another casing).
+EM_SLACK = 4
+MAX_ANSWER_TOKENS = 32  # the default eval_max_answer_tokens: longer answers get perplexity only
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -39,25 +42,54 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def answer_logprobs(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int = 16) -> list[tuple[float, int]]:
-    """(sum of log p(label token | prefix), number of label tokens) for each example, in order."""
+def answer_logprobs(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int = 16,
+                    show: bool = False) -> list[tuple[float, int]]:
+    """(sum of log p(label token | prefix), number of label tokens) for each example, in order.
+
+    Batches hold examples of similar length (little padding). Where the model takes logits_to_keep
+    (a transformers causal LM) they are left-padded, so that every answer ends at the batch's last
+    position, and the vocabulary projection runs from the batch's first answer token on only.
+    show: progress on stderr."""
     model.eval()
-    results = []
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(_device(model)) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        targets = batch["labels"][:, 1:]  # (batch, T-1): token t is predicted from logits at t-1
-        logp = F.log_softmax(logits[:, :-1], dim=-1)
-        picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        keep = targets != IGNORE
-        results += list(zip((picked * keep).sum(1).tolist(), keep.sum(1).tolist()))
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    left = bool(logits_to_keep(model, 1))
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+    with phase("perplexity", len(examples), "example", show) as update:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            scores = _logprob_batch(model, [examples[i] for i in rows], pad_id, left)
+            for row, scored in zip(rows, scores):
+                results[row] = scored
+            update(len(rows))
     return results
+
+
+def _logprob_batch(model: nn.Module, examples: list[Example], pad_id: int,
+                   left: bool) -> list[tuple[float, int]]:
+    """answer_logprobs of one batch; log-softmax on the answer positions alone."""
+    batch = {k: v.to(_device(model)) for k, v in collate(examples, pad_id, left).items()}
+    labels, mask, width = batch["labels"], batch["attention_mask"], batch["labels"].shape[1]
+    keep, extra = width, {}
+    if left:  # label t is predicted from the logits at t - 1
+        answered = (labels[:, 1:] != IGNORE).any(0).nonzero()
+        keep = width - int(answered[0]) if len(answered) else 1
+        extra = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0), **logits_to_keep(model, keep)}
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask, **extra).logits
+    targets = labels[:, width - keep + 1:]  # (batch, keep - 1): what logits[:, :-1] predict
+    # a sequence's first token is not predicted (in a left-padded row, padding comes before it)
+    chosen = (targets != IGNORE) & mask[:, width - keep:-1].bool()
+    rows = logits[:, :-1][chosen].float()  # (answer tokens, vocab)
+    picked = rows.gather(-1, targets[chosen][:, None]).squeeze(-1) - rows.logsumexp(-1)
+    sums = torch.zeros(len(examples), device=picked.device)
+    sums.index_add_(0, chosen.nonzero()[:, 0], picked)
+    return list(zip(sums.tolist(), chosen.sum(1).tolist()))
 
 
 def perplexity(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int = 16) -> dict[str, float]:
     """domain -> exp(mean negative log-likelihood per answer token) over that domain's examples."""
     nll, count = defaultdict(float), defaultdict(int)
-    for ex, (logprob, n) in zip(examples, answer_logprobs(model, examples, pad_id, batch_size)):
+    scores = answer_logprobs(model, examples, pad_id, batch_size, show=True)
+    for ex, (logprob, n) in zip(examples, scores):
         nll[ex.domain] -= logprob
         count[ex.domain] += n
     return {domain: math.exp(nll[domain] / count[domain]) for domain in nll if count[domain]}
@@ -89,11 +121,18 @@ def normalise(answer: str) -> str:
     return answer.strip().rstrip(".").strip().lower()
 
 
-def exact_match(model: nn.Module, tokenizer, records: list[dict], batch_size: int = 32) -> dict[str, float]:
-    """domain -> fraction of records whose greedy reply equals record["answer"] (after normalise)."""
+def answer_tokens(tokenizer, answer: str) -> int:
+    return len(tokenizer(answer, add_special_tokens=False)["input_ids"])
+
+
+def exact_match(model: nn.Module, tokenizer, records: list[dict],
+                batch_size: int = 64) -> dict[str, float]:
+    """domain -> fraction of records whose greedy reply to record["messages"][:-1] equals
+    record["answer"] (after normalise); a reply stops at its end of turn or EM_SLACK tokens past
+    its answer's length."""
     prompts = [r["messages"][:-1] for r in records]
-    longest = max(len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in records)
-    replies = generate(model, tokenizer, prompts, max_new_tokens=longest + 4, batch_size=batch_size)
+    budgets = [answer_tokens(tokenizer, r["answer"]) + EM_SLACK for r in records]
+    replies = greedy_replies(model, tokenizer, prompts, budgets, batch_size)
     hits, totals = defaultdict(int), defaultdict(int)
     for record, reply in zip(records, replies):
         hits[record["domain"]] += normalise(reply) == normalise(record["answer"])
@@ -107,7 +146,8 @@ def _takes_cache(model: nn.Module) -> bool:
 
 
 def continuation_logprobs(model: nn.Module, requests: list[tuple[list[int], list[list[int]]]], pad_id: int,
-                          batch_tokens: int = 4096, progress: bool = True) -> list[list[float]]:
+                          batch_tokens: int = 4096, progress: bool = True,
+                          desc: str = "score choices") -> list[list[float]]:
     """For each (prefix ids, [continuation ids, ...]): sum of log p(continuation | prefix), per continuation.
 
     Each prefix runs once and its KV cache serves all its continuations; requests are batched by prefix
@@ -126,12 +166,11 @@ def continuation_logprobs(model: nn.Module, requests: list[tuple[list[int], list
     score = _shared_batch if _takes_cache(model) else _unshared_batch
     results: list[list[float]] = [[] for _ in requests]
     model.eval()
-    with tqdm(total=sum(len(c) for _, c in requests), desc="score choices", unit="choice", disable=not progress,
-              leave=False) as bar:
+    with phase(desc, sum(len(c) for _, c in requests), "choice", progress) as update:
         for batch in batches:
             for i, scores in zip(batch, score(model, [requests[i] for i in batch], pad_id)):
                 results[i] = scores
-            bar.update(sum(len(requests[i][1]) for i in batch))
+            update(sum(len(requests[i][1]) for i in batch))
     return results
 
 
@@ -147,31 +186,25 @@ def _shared_batch(model: nn.Module, requests: list, pad_id: int) -> list[list[fl
     """Prefixes left-padded in one forward (last position's logits only), the cache repeated per continuation,
     then every continuation right-padded in one forward that attends to its prefix's cache."""
     device = _device(model)
-    width = max(len(p) for p, _ in requests)
-    ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, (prefix, _) in enumerate(requests):
-        ids[row, width - len(prefix):], mask[row, width - len(prefix):] = torch.tensor(prefix), 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = left_padded([prefix for prefix, _ in requests], pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    takes = inspect.signature(model.forward).parameters
-    cache_name = "cache" if "cache" in takes else "past_key_values"  # the newer transformers name, else the older
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in takes else {}  # the last position's logits only
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                **logits_to_keep(model, 1))
     first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # (questions, vocab): each continuation's first token
     owner = torch.tensor([row for row, (_, conts) in enumerate(requests) for _ in conts], device=device)
     conts = [c for _, cs in requests for c in cs]
     logprob = first[owner, torch.tensor([c[0] for c in conts], device=device)]  # (continuations,)
     longest = max(len(c) for c in conts)
     if longest > 1:  # the letter protocol stops here: one forward per question
-        cache = getattr(out, "cache", None) or out.past_key_values
+        cache = output_cache(out)
         cache.reorder_cache(owner)  # row i of the cache now belongs to continuation i
         tail = torch.full((len(conts), longest), pad_id, dtype=torch.long)
         tail_mask = torch.zeros_like(tail)
         for row, cont in enumerate(conts):
             tail[row, :len(cont)], tail_mask[row, :len(cont)] = torch.tensor(cont), 1
         tail, tail_mask = tail.to(device), tail_mask.to(device)
-        logits = model(input_ids=tail, attention_mask=torch.cat([mask[owner], tail_mask], 1), **{cache_name: cache},
+        logits = model(input_ids=tail, attention_mask=torch.cat([mask[owner], tail_mask], 1),
+                       **{cache_argument(model): cache},
                        position_ids=mask.sum(-1)[owner, None] + torch.arange(longest, device=device),
                        use_cache=True).logits[:, :-1].float()  # (continuations, longest-1, vocab)
         picked = logits.gather(-1, tail[:, 1:, None]).squeeze(-1) - logits.logsumexp(-1)
@@ -181,23 +214,25 @@ def _shared_batch(model: nn.Module, requests: list, pad_id: int) -> list[list[fl
 
 
 def multiple_choice(model: nn.Module, tokenizer, records: list[dict], fmt: MultipleChoice | None = None,
-                    max_length: int = 512, progress: bool = True) -> dict:
+                    max_length: int = 512, progress: bool = True,
+                    name: str = "multiple choice") -> dict:
     """Accuracy on question records by each protocol fmt scores (auto: letter and cloze), each result named by
     its protocol and template: {"n", "chance", "letter/chat": {"protocol", "template", "acc"}, "cloze/chat":
-    {..., "acc_norm"}}. chance: the mean of 1 / number of choices, what guessing scores."""
+    {..., "acc_norm"}}. chance: the mean of 1 / number of choices, what guessing scores.
+    name: what the progress lines call the questions (a file or task)."""
     fmt = fmt or MultipleChoice()
     result = {"n": len(records), "chance": sum(1 / len(r["choices"]) for r in records) / len(records)}
     for one in fmt.scored():
-        result[one.key] = _accuracy(model, tokenizer, records, one, max_length, progress)
+        result[one.key] = _accuracy(model, tokenizer, records, one, max_length, progress, name)
     return result
 
 
 def _accuracy(model: nn.Module, tokenizer, records: list[dict], fmt: MultipleChoice, max_length: int,
-              progress: bool) -> dict:
+              progress: bool, name: str) -> dict:
     """One protocol: letter (acc: the most likely option letter), or cloze (acc: highest summed log-likelihood
     of the choice text; acc_norm: per character of the choice, as lm-eval)."""
     scores = continuation_logprobs(model, requests(tokenizer, records, fmt, max_length), tokenizer.pad_token_id,
-                                   progress=progress)
+                                   progress=progress, desc=f"{name} {fmt.key}")
     acc = acc_norm = 0
     for record, mine in zip(records, scores, strict=True):
         chars = [max(len(text), 1) for text in answers(record, fmt)]
@@ -252,19 +287,50 @@ def evaluate_mixture(model: nn.Module, tokenizer, mixture: Mixture, max_length: 
 
 
 def evaluate_file(model: nn.Module, tokenizer, path: str | Path, max_length: int = 512,
-                  fmt: MultipleChoice | None = None) -> dict:
-    """Multiple-choice accuracy if the records are questions ({"question", "choices", "answer"}),
-    otherwise answer perplexity per domain."""
-    records = read_records(path)
+                  fmt: MultipleChoice | None = None, group: str | None = None,
+                  max_answer_tokens: int = MAX_ANSWER_TOKENS) -> dict:
+    """Multiple-choice accuracy if the records are questions ({"question", "choices", "answer"});
+    otherwise greedy exact match (chat records with answers of at most max_answer_tokens tokens;
+    0: none) and answer perplexity, per group: the rows' value of the key `group`, else their
+    "domain", else the file name.
+
+    Args:
+        fmt: how multiple-choice questions are scored (default: both protocols, chat template).
+        group: the key whose value groups the rows (each row must have it); None: "domain".
+        max_answer_tokens: longer answers get perplexity only (one warning line says how many).
+    """
+    records = read_records(path, group=group)
     questions = [r for r in records if "choices" in r]
     if questions and len(questions) < len(records):
         raise ValueError(f"{path} mixes multiple-choice questions with other records; put them in two files.")
     if questions:
-        scored = multiple_choice(model, tokenizer, questions, fmt, max_length)
+        scored = multiple_choice(model, tokenizer, questions, fmt, max_length, name=Path(path).stem)
         warn_letter_at_chance({str(path): scored})
         return {"multiple_choice": scored}
+    results = {}
+    answered = answer_records(tokenizer, records, max_answer_tokens, path)
+    if answered:
+        results["exact_match"] = exact_match(model, tokenizer, answered)
     examples = encode_all(tokenizer, records, max_length)
-    return {"perplexity": perplexity(model, examples, tokenizer.pad_token_id)}
+    return results | {"perplexity": perplexity(model, examples, tokenizer.pad_token_id)}
+
+
+def answer_records(tokenizer, records: list[dict], max_answer_tokens: int,
+                   path: str | Path) -> list[dict]:
+    """The chat records that end with the assistant's turn, as exact-match records (that turn is
+    the answer), where it is at most max_answer_tokens tokens long; one warning line counts the
+    longer ones."""
+    if max_answer_tokens <= 0:
+        return []
+    answered = [{**r, "answer": r["messages"][-1]["content"]} for r in records
+                if "messages" in r and r["messages"][-1]["role"] == "assistant"]
+    short = [r for r in answered if answer_tokens(tokenizer, r["answer"]) <= max_answer_tokens]
+    if len(short) < len(answered):
+        log.warning("lmoe: %s: %d of %d answers are longer than %d tokens; they get perplexity "
+                    "only, no exact match (raise eval_max_answer_tokens, or lmoe eval "
+                    "--max-answer-tokens, to score them too).",
+                    path, len(answered) - len(short), len(answered), max_answer_tokens)
+    return short
 
 
 def evaluate_benchmarks(model: nn.Module, tokenizer, names: list[str], fmt: MultipleChoice | None = None,
@@ -274,8 +340,8 @@ def evaluate_benchmarks(model: nn.Module, tokenizer, names: list[str], fmt: Mult
     acc_norm), with its protocol and template}."""
     fmt = fmt or MultipleChoice()
     results = {benchmarks.PREFIX + name: multiple_choice(
-        model, tokenizer, benchmarks.subset(benchmarks.load(name, "test"), fmt.test_items), fmt, max_length)
-        for name in names}
+        model, tokenizer, benchmarks.subset(benchmarks.load(name, "test"), fmt.test_items), fmt,
+        max_length, name=benchmarks.PREFIX + name) for name in names}
     warn_letter_at_chance(results)
     average = {}
     for key in (one.key for one in fmt.scored()):

@@ -14,6 +14,7 @@ import yaml
 from ..config import LMoEConfig, check_known_keys, is_number
 from ..data.builtin import Mixture
 from ..data.choices import MultipleChoice
+from ..evaluation.scoring import MAX_ANSWER_TOKENS
 from ..io import CONFIG_FILE, read_adapter_meta, verify_adapter
 from ..models import BUILTIN, LOAD_IN
 
@@ -48,6 +49,8 @@ class TrainConfig:
     model: str = BUILTIN
     data: list[str] = field(default_factory=list)
     eval_data: list[str] = field(default_factory=list)
+    eval_group: str | None = None  # eval_data rows grouped by this key of each; None: "domain"
+    eval_max_answer_tokens: int = MAX_ANSWER_TOKENS  # longer eval_data answers: perplexity only
     output_dir: str = "runs/lmoe"
     lmoe: LMoEConfig = field(default_factory=default_lmoe)
     mixture: Mixture = field(default_factory=Mixture)
@@ -107,6 +110,10 @@ class TrainConfig:
         _check(self, "distributed", self.distributed in STRATEGIES, f"one of {', '.join(STRATEGIES)}")
         _check(self, "gradient_checkpointing", isinstance(self.gradient_checkpointing, bool), "true or false")
         _check(self, "load_in", self.load_in in LOAD_IN, f"one of {', '.join(LOAD_IN)}")
+        _check(self, "eval_group", self.eval_group is None or isinstance(self.eval_group, str)
+               and self.eval_group != "", "null or the name of a key of the eval_data rows")
+        _check(self, "eval_max_answer_tokens", isinstance(self.eval_max_answer_tokens, int)
+               and self.eval_max_answer_tokens >= 0, "an integer >= 0 (0: no exact match)")
         self._check_annealing()
 
     def _check_annealing(self) -> None:

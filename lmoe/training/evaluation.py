@@ -12,6 +12,8 @@ from torch import nn
 
 from ..data.benchmarks import task_names
 from ..data.encoding import Example
+from ..inject import lmoe_layers
+from ..evaluation.progress import announce
 from ..evaluation.scoring import answer_logprobs, evaluate_benchmarks, evaluate_file, evaluate_mixture, write_json
 from .config import TrainConfig
 
@@ -31,12 +33,24 @@ def validation_loss(accelerator: Accelerator, model: nn.Module, examples: list[E
 
 def evaluate_all(model: nn.Module, tokenizer, cfg: TrainConfig) -> dict:
     """The built-in mixture's held-out metrics (when training on it), the test split of every benchmark in data
-    or eval_data, and every eval_data file."""
+    or eval_data, and every eval_data file (grouped by cfg.eval_group; exact match up to
+    cfg.eval_max_answer_tokens). Says on stderr which model it scores; each phase shows its
+    progress."""
+    files = [p for p in cfg.eval_data if not task_names([p])]
+    tasks = task_names(cfg.data + cfg.eval_data)
+    parts = [] if cfg.data else ["the built-in mixture's held-out data"]
+    parts += [f"benchmarks {', '.join(tasks)}"] if tasks else []
+    parts += [f"eval_data {', '.join(map(str, files))}"] if files else []
+    if parts:
+        which = "the trained model" if any(True for _ in lmoe_layers(model)) else "the base model"
+        announce(f"scoring {which} on {', '.join(parts)}")
     results = {} if cfg.data else evaluate_mixture(model, tokenizer, cfg.mixture, cfg.max_length)
-    if task_names(cfg.data + cfg.eval_data):
-        results |= evaluate_benchmarks(model, tokenizer, task_names(cfg.data + cfg.eval_data), cfg.mc, cfg.max_length)
-    for path in (p for p in cfg.eval_data if not task_names([p])):
-        for metric, values in evaluate_file(model, tokenizer, path, cfg.max_length, cfg.mc).items():
+    if tasks:
+        results |= evaluate_benchmarks(model, tokenizer, tasks, cfg.mc, cfg.max_length)
+    for path in files:
+        scored = evaluate_file(model, tokenizer, path, cfg.max_length, cfg.mc, cfg.eval_group,
+                               cfg.eval_max_answer_tokens)
+        for metric, values in scored.items():
             results[f"{metric}:{Path(path).stem}"] = values
     return results
 

@@ -152,14 +152,22 @@ def test_short_layer_names_stay_unique():
     assert short_layer_names(gpt2) == ["0.attn.c_proj", "0.mlp.c_proj"]
 
 
-def test_cli_analyze_groups_data_by_domain(tmp_path, capsys):
+def saved_adapter(tmp_path):
+    """A tiny model directory and an adapter of it (tmp_path / "adapter"); returns tests/tiny.py
+    and the model directory."""
     tiny = pytest.importorskip("tiny")  # the tiny tokenizer + model directory helpers of the CLI tests
-    from lmoe.cli import main
     from lmoe.models import load_model
     model_dir = tiny.tiny_model_dir(tmp_path / "model")
     model, _ = load_model(str(model_dir))
     inject(model, LMoEConfig(num_experts=E, router="dynamic", target_modules=["q_proj", "down_proj"], lambda_hidden=8))
     save_adapter(model, tmp_path / "adapter")
+    return tiny, model_dir
+
+
+def test_cli_analyze_groups_data_by_domain(tmp_path, capsys):
+    from lmoe.cli import main
+    from lmoe.models import load_model
+    tiny, model_dir = saved_adapter(tmp_path)
     add = tiny.write_jsonl(tmp_path / "add.jsonl", [{"prompt": f"What is {i} + 30?", "completion": str(i + 30)}
                                                     for i in range(5)])
     mixed = tiny.write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "hello there", "completion": "how are you?",
@@ -176,3 +184,19 @@ def test_cli_analyze_groups_data_by_domain(tmp_path, capsys):
     assert result["tokens"] == answers
     printed = capsys.readouterr().out
     assert "mean active experts per token" in printed and "I(skill/domain; expert)" in printed
+
+
+def test_cli_analyze_writes_beside_the_adapter_and_groups_by_a_key(tmp_path, capsys):
+    from lmoe.cli import main
+    tiny, model_dir = saved_adapter(tmp_path)
+    adapter_files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    rows = [{"prompt": f"What is {i} + 30?", "completion": str(i + 30), "skill": "xy"[i % 2],
+             "domain": "d"} for i in range(6)]
+    data = tiny.write_jsonl(tmp_path / "own.jsonl", rows)
+    main(["analyze", str(tmp_path / "adapter"), "--model", str(model_dir), "--data", str(data),
+          "--group", "skill"])
+    out = tmp_path / "adapter-analysis"  # the default: beside the adapter, which stays as it was
+    assert set(json.loads((out / SUMMARY_FILE).read_text())["groups"]) == {"x", "y"}
+    assert all((out / name).is_file() for name in PLOT_FILES.values())
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == adapter_files
+    assert f"wrote {out}: {SUMMARY_FILE}" in capsys.readouterr().out

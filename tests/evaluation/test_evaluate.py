@@ -83,9 +83,15 @@ def test_bad_multiple_choice_line_names_its_number(tmp_path, tok):
 def test_exact_match_per_domain_normalises_case_space_and_full_stop(tok, monkeypatch):
     records = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": a}],
                 "answer": a, "domain": d} for a, d in [("42", "add"), ("Forty", "words"), ("b a", "rev"), ("7", "add")]]
-    replies = iter([[" 42.", "forty", "a b", "8"]])
-    monkeypatch.setattr(ev, "generate", lambda *args, **kwargs: next(replies))
+    budgets = []
+
+    def replies(model, tokenizer, prompts, budget, *args):
+        budgets.extend(budget)
+        return [" 42.", "forty", "a b", "8"]
+    monkeypatch.setattr(ev, "greedy_replies", replies)
     assert ev.exact_match(None, tok, records) == {"add": 0.5, "words": 1.0, "rev": 0.0}
+    assert budgets == [len(tok(r["answer"], add_special_tokens=False)["input_ids"]) + ev.EM_SLACK
+                       for r in records]  # each its own answer's length
 
 
 def test_generate_greedy_matches_step_by_step_argmax(tok):
