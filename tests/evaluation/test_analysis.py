@@ -18,9 +18,11 @@ E = 5
 
 
 def randomised(router: str, **cfg) -> torch.nn.Module:
-    """A tiny injected llama whose routers hold random values (so routing is far from uniform)."""
+    """A tiny injected llama whose routers hold random values (so routing is far from uniform; scale 1:
+    the values set are the ones in use)."""
     model = tiny_model("llama")
-    inject(model, LMoEConfig(num_experts=E, router=router, target_modules="all-linear", lambda_hidden=8, **cfg))
+    inject(model, LMoEConfig(num_experts=E, router=router, target_modules="all-linear", lambda_hidden=8,
+                             router_param_scale=1.0, **cfg))
     torch.manual_seed(0)
     with torch.no_grad():
         for _, layer in lmoe_layers(model):
