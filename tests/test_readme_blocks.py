@@ -73,7 +73,7 @@ def modular_names(tmp_path: Path) -> dict:
     return {"base_model": tiny_model("llama"), "skill_batch": torch.randint(0, VOCAB, (2, 9))}
 
 
-NAMES = {("README.md", "## Library"): library_names,
+NAMES = {("README.md", "## Quickstart"): library_names,
          ("docs/integrations.md", "## Training with the Hugging Face Trainer"): trainer_names,
          ("docs/training.md", "# Train, evaluate, generate"): train_names, MODULAR: modular_names}
 
