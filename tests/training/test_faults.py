@@ -123,9 +123,10 @@ def test_disk_full_is_reported_and_keeps_the_previous_checkpoint(setup, tmp_path
     real_fsync, calls = os.fsync, []
 
     def fsync(fd):
-        calls.append(fd)
-        if len(calls) == 2:  # the second checkpoint (step 2) hits a full disk
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if ".checkpoint.pt." in os.readlink(f"/proc/self/fd/{fd}"):  # a checkpoint's temp file
+            calls.append(fd)
+            if len(calls) == 2:  # the second checkpoint (step 2) hits a full disk
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_fsync(fd)
     monkeypatch.setattr(os, "fsync", fsync)
     out = tmp_path / "run"
