@@ -202,8 +202,9 @@ class TrainConfig:
         """`lmoe train --resume`: the saved config of the run in output_dir (the file's or the overrides'
         output_dir, else the default) with the file's and the overrides' values on top."""
         given = apply_overrides(read_config_file(path), overrides)
-        saved = read_saved_config(given.get("output_dir", cls.output_dir))
-        return cls.from_dict(_merged(saved, given))
+        output_dir = given.get("output_dir", cls.output_dir)
+        # the run is where it is now (its saved output_dir may name where it was before a move)
+        return cls.from_dict({**_merged(read_saved_config(output_dir), given), "output_dir": output_dir})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
