@@ -19,9 +19,9 @@ def cmd_train(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace],
     """Fine-tune a mixture of LoRA experts; no arguments = the built-in model and mixture."""
     parser.add_argument("--config", help="YAML/JSON TrainConfig file (fields: see lmoe.training.loop.TrainConfig)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in output_dir from its checkpoint.pt with its saved settings "
-                             "(train_config.yaml); key=value may change only steps, save_every, the eval "
-                             "settings and a few more (docs/training.md)")
+                        help="continue the run in output_dir from its checkpoint.pt, with its "
+                             "saved settings (train_config.yaml); key=value may change only steps, "
+                             "save_every, the eval settings and a few more (docs/training.md)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. steps=100 lmoe.num_experts=8 data=[my.jsonl]; "
                              "init_adapter=DIR train_experts=false trains the routers of a saved adapter")

@@ -38,18 +38,19 @@ RECIPES = {"ld-mole": dict(label_smoothing=0.1, weight_decay=0.1, lmoe=dict(
     router="dynamic", load_balance_coef=1.0, target_modules=SEVEN_PROJECTIONS))}
 
 
-# What --resume may change (dotted keys); any other difference from the run's saved config is refused,
-# because the checkpoint's weights, optimizer state and data position only continue the same run.
+# What --resume may change (dotted keys); any other difference from the run's saved config is
+# refused: the checkpoint's weights, optimizer state and data position continue that run only.
 RESUMABLE = frozenset({
-    "steps",  # more (or fewer) steps; the cosine schedule is recomputed for the new total (docs/training.md)
+    "steps",  # more steps (not fewer than done); the cosine schedule stretches to the new total
     "save_every",  # when checkpoints are written
     "eval_every", "eval_data", "compare_base",  # what is scored, not what is trained on
     "max_bad_steps",  # when NaN/inf steps stop the run
     "keep_freed_memory",  # the CPU allocator's behaviour, not the numbers
-    "gradient_checkpointing",  # recomputes activations (with the same dropout masks): memory, not math
-    "output_dir",  # the run's directory, moved: it is read from where it is now
-    "batch_size",  # per process; the loop refuses any change of batch_size x processes (the data position)
-    *(f"lmoe.{coef}" for coef in AUX_COEFS.values()),  # loss weights: the checkpoint's tensors do not depend on them
+    "gradient_checkpointing",  # recomputes activations (same dropout masks): memory, not math
+    "output_dir",  # a moved run: it is read from where it is now
+    "batch_size",  # per process: the loop refuses a change of batch_size x processes (data read)
+    # the loss weights: the checkpoint's tensors do not depend on them (its mixture check allows it)
+    *(f"lmoe.{coef}" for coef in AUX_COEFS.values()),
 })
 
 
@@ -199,12 +200,14 @@ class TrainConfig:
 
     @classmethod
     def for_resume(cls, path: str | Path | None, overrides: list[str] = ()) -> "TrainConfig":
-        """`lmoe train --resume`: the saved config of the run in output_dir (the file's or the overrides'
-        output_dir, else the default) with the file's and the overrides' values on top."""
+        """`lmoe train --resume`: the saved config of the run in output_dir (the file's or the
+        overrides' output_dir, else the default) with the file's and the overrides' values on
+        top."""
         given = apply_overrides(read_config_file(path), overrides)
         output_dir = given.get("output_dir", cls.output_dir)
+        saved = read_saved_config(output_dir)
         # the run is where it is now (its saved output_dir may name where it was before a move)
-        return cls.from_dict({**_merged(read_saved_config(output_dir), given), "output_dir": output_dir})
+        return cls.from_dict({**_merged(saved, given), "output_dir": output_dir})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -220,7 +223,8 @@ def read_config_file(path: str | Path | None) -> dict:
     if not path:
         return {}
     if not Path(path).is_file():
-        raise FileNotFoundError(f"Config file {path} does not exist; pass an existing YAML/JSON file to --config.")
+        raise FileNotFoundError(f"Config file {path} does not exist; pass an existing YAML/JSON "
+                                "file to --config.")
     try:
         data = load_yaml(Path(path).read_text()) or {}
     except yaml.YAMLError as err:
@@ -234,22 +238,25 @@ def read_saved_config(output_dir: str | Path) -> dict:
     """The fields of the run in output_dir, as it saved them (--resume continues that run)."""
     path = Path(output_dir) / SAVED_CONFIG
     if not path.is_file():
-        raise FileNotFoundError(f"--resume: no run to continue in {output_dir} ({SAVED_CONFIG} is missing); "
-                                "give the output_dir of the run to continue, or train without --resume first.")
+        raise FileNotFoundError(f"--resume: no run to continue in {output_dir} ({SAVED_CONFIG} is "
+                                "missing); give the output_dir of the run to continue, or train "
+                                "without --resume first.")
     return read_config_file(path)
 
 
 def check_resumable(saved: TrainConfig, asked: TrainConfig) -> None:
-    """--resume continues the saved run: refuse every difference but RESUMABLE's, naming both values."""
+    """--resume continues the saved run: refuse every difference but RESUMABLE's, naming both
+    values."""
     before, after = _flat(saved.to_dict()), _flat(asked.to_dict())
     changed = [key for key in sorted(before.keys() | after.keys())
                if before.get(key) != after.get(key) and key not in RESUMABLE]
     if changed:
+        both = ", ".join(f"{k}={before.get(k)!r} there, {after.get(k)!r} here" for k in changed)
+        free = ", ".join(sorted(RESUMABLE))
         raise ValueError(
-            f"--resume: {', '.join(f'{k}={before.get(k)!r} there, {after.get(k)!r} here' for k in changed)}: "
-            f"the run in {asked.output_dir} ({SAVED_CONFIG}) cannot continue with another value. Drop those "
-            f"settings to continue it (only {', '.join(sorted(RESUMABLE))} may change), or train into a new "
-            "output_dir.")
+            f"--resume: {both}: the run in {asked.output_dir} ({SAVED_CONFIG}) cannot continue "
+            f"with another value. Drop those settings to continue it (only {free} may change), or "
+            "train into a new output_dir.")
 
 
 def _flat(data: dict, prefix: str = "") -> dict:
@@ -267,8 +274,8 @@ def _merged(base: dict, top: dict) -> dict:
     """base with top's values on top, nested sections merged key by key."""
     merged = dict(base)
     for key, value in top.items():
-        merged[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) \
-            else value
+        nested = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = _merged(base[key], value) if nested else value
     return merged
 
 

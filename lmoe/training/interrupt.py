@@ -1,10 +1,11 @@
-"""SIGINT (Ctrl-C) and SIGTERM during `lmoe train`: the steps done are kept, not lost to a traceback.
+"""SIGINT (Ctrl-C) and SIGTERM during `lmoe train`: the steps done are kept, and no traceback.
 
-While the steps run, a signal only sets a flag; the loop folds it into the all-reduce every step already
-does, so all processes stop after the same step, save a checkpoint and the adapter together, and train()
-raises TrainingInterrupted (the CLI prints its line and exits 128 + the signal's number). Before the
-first step and after the last one (loading, the base and final evaluations) there is nothing to keep
-half-way, so the signal raises TrainingInterrupted at once. A second Ctrl-C exits at once.
+While the steps run, a signal only sets a flag; the loop folds it into the all-reduce every step
+already does, so all processes stop after the same step, save a checkpoint and the adapter
+together, and train() raises TrainingInterrupted (the CLI prints its line and exits 128 + the
+signal's number). Before the first step and after the last one (loading, the base and final
+evaluations) nothing would be half-saved, so the signal raises TrainingInterrupted at once. A second
+Ctrl-C exits at once.
 """
 from __future__ import annotations
 
@@ -17,14 +18,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-# A launcher (torchrun) forwards the Ctrl-C its process group got as well: the workers see one Ctrl-C
-# twice within a moment. A second signal counts only after this many seconds.
+# A launcher (torchrun) forwards the Ctrl-C its process group got as well: the workers see one
+# Ctrl-C twice within a moment. A second signal counts only after this many seconds.
 REPEAT_AFTER_S = 1.0
 
 
-class TrainingInterrupted(BaseException):  # like KeyboardInterrupt: `except Exception` does not swallow it
-    """SIGINT or SIGTERM stopped train(). step: the steps completed; a checkpoint and the adapter hold
-    them (step 0: stopped before the first step; nothing was saved). exit_code: 128 + the signal."""
+class TrainingInterrupted(BaseException):  # as KeyboardInterrupt: `except Exception` lets it pass
+    """SIGINT or SIGTERM stopped train(). step: the steps done, which a checkpoint and the adapter
+    hold (step 0: stopped before the first step, nothing saved). exit_code: 128 + the signal."""
 
     def __init__(self, signum: int, step: int, steps: int, output_dir: str | Path) -> None:
         self.signum, self.step, self.steps, self.output_dir = signum, step, steps, Path(output_dir)
@@ -42,9 +43,9 @@ class TrainingInterrupted(BaseException):  # like KeyboardInterrupt: `except Exc
 
 
 class Interrupts:
-    """Context manager: SIGINT/SIGTERM handlers for one training run (main thread only; the previous
-    handlers are restored on exit). In `deferred()` blocks a signal sets `signum`; elsewhere it raises
-    TrainingInterrupted at `step` of `steps` (which train() keeps up to date)."""
+    """Context manager: SIGINT/SIGTERM handlers for one training run (main thread only; the
+    previous handlers are restored on exit). In `deferred()` blocks a signal sets `signum`;
+    elsewhere it raises TrainingInterrupted at `step` of `steps` (train() keeps them up to date)."""
 
     def __init__(self, step: int, steps: int, output_dir: str | Path) -> None:
         self.step, self.steps, self.output_dir = step, steps, output_dir
@@ -54,7 +55,7 @@ class Interrupts:
         self._previous: dict = {}
 
     def __enter__(self) -> "Interrupts":
-        if threading.current_thread() is threading.main_thread():  # only there can Python handle signals
+        if threading.current_thread() is threading.main_thread():  # else Python cannot handle them
             self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
         return self
 
@@ -72,7 +73,7 @@ class Interrupts:
             if not self.deferring:
                 self.raise_if_signalled()
         elif signum == signal.SIGINT and time.monotonic() - self._first_at > REPEAT_AFTER_S:
-            self._restore()  # a second Ctrl-C: the previous handler (KeyboardInterrupt, or exit) at once
+            self._restore()  # a second Ctrl-C: the previous handler's at once (KeyboardInterrupt)
             signal.raise_signal(signum)
 
     def raise_if_signalled(self) -> None:

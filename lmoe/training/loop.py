@@ -5,7 +5,8 @@ micro-batches, clips, steps the optimizer, logs, and every save_every steps writ
 (adapter + optimizer + scheduler + step) that train(cfg, resume=True) restores exactly. Each step reseeds torch from
 (seed, step, process): dropout differs between processes, and a resumed run draws what the uninterrupted
 one drew. The building blocks: train_config (TrainConfig), train_data and train_eval (what a run reads and
-how it is scored), checkpoint, metrics_log, distributed (processes, DDP/FSDP2).
+how it is scored), checkpoint, metrics_log, distributed (processes, DDP/FSDP2), start (what is
+checked before anything loads; --resume), interrupt (SIGINT/SIGTERM: the steps done saved).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,8 @@ from tqdm.auto import tqdm
 from ..allocator import keep_freed_memory
 from ..data.encoding import IGNORE, batch_stream, collate
 from ..evaluation.scoring import format_table, write_json
-from ..inject import (AUX_COEFS, aux_loss, aux_loss_apart, aux_losses, count_parameters, inject, lmoe_layers,
-                      routing_counts)
+from ..inject import (AUX_COEFS, aux_loss, aux_loss_apart, aux_losses, count_parameters, inject,
+                      lmoe_layers, routing_counts)
 from ..io import load_adapter, save_adapter
 from ..models import check_context, enable_activation_checkpointing, load_model
 from ..modular.experts import freeze_experts
@@ -74,19 +76,20 @@ class TrainResult:
     results: dict  # run name ("base", "trained") -> metric -> task -> value (multiple choice: -> protocol/template)
 
 
-def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train cfg.lmoe experts (fresh, or init_adapter's) on cfg.data (or the built-in mixture); save the
-    adapter; evaluate. The main process alone evaluates and saves (see TrainResult).
+def train(cfg: TrainConfig, resume: bool = False,
+          on_step: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train cfg.lmoe experts (fresh, or init_adapter's) on cfg.data (or the built-in mixture); save
+    the adapter; evaluate. The main process alone evaluates and saves (see TrainResult).
 
     Args:
-        cfg: the run. With resume, it may differ from the saved config of the run in cfg.output_dir only
-            in config.RESUMABLE's keys: anything else is a ValueError before anything loads or is written.
+        cfg: the run. With resume, it may differ from the saved config of the run in cfg.output_dir
+            only in config.RESUMABLE's keys: else a ValueError, before anything loads or is written.
         resume: continue the run in cfg.output_dir from its checkpoint.
         on_step: called with each step's metrics (the metrics.csv row) on the main process.
 
     SIGINT or SIGTERM saves a checkpoint and the adapter after the step in progress and raises
-    TrainingInterrupted (lmoe.training.interrupt); a run that fails before its first step is done leaves
-    nothing behind in cfg.output_dir (start.FirstStepGuard).
+    TrainingInterrupted (lmoe.training.interrupt); a run that fails before its first step is done
+    leaves nothing behind in cfg.output_dir (start.FirstStepGuard).
     """
     checkpoint = resume_point(cfg) if resume else None
     check_inputs(cfg)
@@ -109,31 +112,35 @@ def _train(cfg: TrainConfig, checkpoint: dict | None, on_step, stop: Interrupts)
     check_context(model, cfg.max_length)
     set_label_smoothing(model, cfg.label_smoothing)
     examples, held_out = training_examples(cfg, tokenizer), validation_examples(cfg, tokenizer)
+    pad_id = tokenizer.pad_token_id
     with FirstStepGuard(out if main else None, stop.step) as guard:
         runs = {}
         if cfg.compare_base:
-            model.to(accelerator.device)  # in every process: the experts are then drawn on the same device everywhere
+            model.to(accelerator.device)  # in every process: the experts are drawn on that device
             if main:  # the others wait at the first collective of training
                 runs["base"] = cached_eval(out / "eval_base.json", checkpoint is not None,
                                            lambda: evaluate_all(model, tokenizer, cfg))
         add_adapter(model, cfg)
         if cfg.gradient_checkpointing:
             enable_activation_checkpointing(model)
-        trainable, total = count_parameters(model)
-        accelerator.print(f"lmoe: {len(examples)} training examples; {sum(1 for _ in lmoe_layers(model))} layers, "
-                          f"trainable params {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
-        model = distribute(cfg, accelerator, model)  # before the optimizer: FSDP replaces the parameters
-        optimizer = adamw(param_groups(model, cfg.lr, cfg.router_lr_scale), weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
+        _print_size(accelerator, model, len(examples))
+        model = distribute(cfg, accelerator, model)  # before the optimizer: FSDP swaps parameters
+        optimizer = adamw(param_groups(model, cfg.lr, cfg.router_lr_scale),
+                          weight_decay=cfg.weight_decay)
+        schedule = warmup_cosine(cfg.warmup_steps, cfg.steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         optimizer = accelerator.prepare_optimizer(optimizer)
-        state = guard.state = load_checkpoint(checkpoint, model, optimizer, scheduler) if checkpoint else TrainState()
-        del checkpoint
+        state = TrainState()
+        if checkpoint:
+            state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+            del checkpoint  # its tensors are in the model and optimizer now
+        guard.state = state
         if main:
             cfg.save()  # on resume: the saved config with RESUMABLE's changes
         log = MetricsLog(out, state.step) if main else None
-        score = (lambda: validation_loss(accelerator, model, held_out, tokenizer.pad_token_id)) if held_out else None
+        score = partial(validation_loss, accelerator, model, held_out, pad_id) if held_out else None
         with stop.deferred():
-            stopped = _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, tokenizer.pad_token_id,
+            stopped = _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, pad_id,
                                  state, log, on_step, stop, score)
             model = _save_adapter(cfg, accelerator, model)
     stop.step = state.step
@@ -147,18 +154,28 @@ def _train(cfg: TrainConfig, checkpoint: dict | None, on_step, stop: Interrupts)
     return TrainResult(model, tokenizer, out / "adapter", runs)
 
 
+def _print_size(accelerator: Accelerator, model: nn.Module, examples: int) -> None:
+    trainable, total = count_parameters(model)
+    layers = sum(1 for _ in lmoe_layers(model))
+    accelerator.print(f"lmoe: {examples} training examples; {layers} layers, trainable params "
+                      f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
+
+
 def _save_adapter(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module) -> nn.Module:
     """Save the adapter from the main process, with the whole model; the others only wait.
     Returns this process's model."""
-    model = single_process_model(accelerator, model, lambda: add_adapter(load_model(cfg.model)[0], cfg))
+    model = single_process_model(accelerator, model,
+                                 lambda: add_adapter(load_model(cfg.model)[0], cfg))
     if accelerator.is_main_process:
         save_adapter(model, Path(cfg.output_dir) / "adapter")
     accelerator.wait_for_everyone()  # the adapter is on disk when train() returns in any process
     return model
 
 
-def _evaluate(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module, tokenizer, runs: dict) -> None:
-    """Add runs["trained"] on the main process; write eval.json and print the table when there are results."""
+def _evaluate(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module, tokenizer,
+              runs: dict) -> None:
+    """Add runs["trained"] on the main process; write eval.json and print the table when there
+    are results."""
     if accelerator.is_main_process:
         out = Path(cfg.output_dir)
         runs["trained"] = evaluate_all(model, tokenizer, cfg)
@@ -189,8 +206,8 @@ def add_adapter(model: nn.Module, cfg: TrainConfig) -> nn.Module:
 def _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, pad_id, state, log, on_step,
                stop: Interrupts, score: Callable[[], float] | None = None) -> bool:
     """Optimizer steps state.step+1 .. cfg.steps; each averages grad_accum micro-batches per process.
-    score: the held-out loss, logged every cfg.eval_every steps. Returns whether a signal (stop, in any
-    process) ended the run early, after a step whose checkpoint it saved."""
+    score: the held-out loss, logged every cfg.eval_every steps. Returns whether a signal (stop, in
+    any process) ended the run early, after a step whose checkpoint it saved."""
     ranks, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.batch_size * ranks  # each process takes a disjoint slice of every global batch
     stream = batch_stream(examples, global_batch, cfg.seed, start=state.batches)
@@ -205,7 +222,8 @@ def _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, pad_id, 
                                                                cfg.temperature_anneal_steps, state.step))
         seed_step(cfg.seed, state.step, rank)
         batches = [next(stream)[rank::ranks] for _ in range(cfg.grad_accum)]
-        lm, aux, terms, tokens, stopping = _accumulate(accelerator, model, batches, pad_id, stop.signum is not None)
+        lm, aux, terms, tokens, stopping = _accumulate(accelerator, model, batches, pad_id,
+                                                       stop=stop.signum is not None)
         state.batches, state.global_batch = state.batches + cfg.grad_accum, global_batch
         grad_norm = float(clip_grad_norm(accelerator, model, cfg.max_grad_norm))
         lr = scheduler.get_last_lr()[0]
@@ -232,7 +250,7 @@ def _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, pad_id, 
                         H=f"{terms['routing_entropy']:.2f}", tok_s=f"{tokens / seconds:.0f}")
         bar.update()
         due = cfg.save_every and state.step % cfg.save_every == 0 or state.step == cfg.steps
-        if stopping or finite and due:  # an interrupted step is saved too: its update was dropped if not finite
+        if stopping or finite and due:  # a stop saves a non-finite step too: its update was dropped
             save_checkpoint(Path(cfg.output_dir) / CHECKPOINT, model, optimizer, scheduler, state,
                             accelerator.is_main_process)
             accelerator.wait_for_everyone()
@@ -263,7 +281,8 @@ def _skip_step(cfg: TrainConfig, step: int, bad: int, skipped: int) -> tuple[int
     return bad, skipped
 
 
-def _accumulate(accelerator, model, batches, pad_id, stop: bool = False) -> tuple[float, float, dict, int, bool]:
+def _accumulate(accelerator, model, batches, pad_id,
+                stop: bool = False) -> tuple[float, float, dict, int, bool]:
     """Forward + backward of each micro-batch; returns the step's LM and aux loss, the aux terms and the routing's
     means per token and layer (ROUTING_COLUMNS: experts in use, normalised entropy, share with top weight > 0.5),
     tokens, and whether any process asked to stop (its `stop`): all over all processes.
@@ -292,7 +311,8 @@ def _accumulate(accelerator, model, batches, pad_id, stop: bool = False) -> tupl
                                *[terms[k].detach() / len(batches) / ranks if k in terms else torch.zeros(())
                                  for k in AUX_COEFS], torch.zeros(())]).to(totals)
     totals[-1] = float(stop)
-    lm, aux, tokens, *sums, stops = accelerator.reduce(totals, "sum").tolist()  # the one sync of the step
+    # the one sync of the step
+    lm, aux, tokens, *sums, stops = accelerator.reduce(totals, "sum").tolist()
     routing, pairs, values = sums[:3], sums[3], sums[4:]
     stats = {k: v for k, v in zip(AUX_COEFS, values) if k in terms} | \
         {k: v / max(pairs, 1) for k, v in zip(ROUTING_COLUMNS, routing)}

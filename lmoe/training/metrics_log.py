@@ -1,5 +1,5 @@
-"""The per-step log of a training run: metrics.csv (one row a step, cut back to the checkpoint's step on
-resume), TensorBoard if installed."""
+"""The per-step log of a training run: metrics.csv (one row a step, cut back to the checkpoint's
+step on resume), TensorBoard if installed."""
 from __future__ import annotations
 
 import csv
@@ -22,8 +22,9 @@ class MetricsLog:
         rows = []
         if resume_step and self.path.is_file():
             with open(self.path, newline="") as f:
-                kept = {int(r["step"]): r for r in csv.DictReader(f) if int(r["step"]) <= resume_step}
-            rows = [kept[step] for step in sorted(kept)]  # each step once: the last row written for it
+                kept = {int(r["step"]): r for r in csv.DictReader(f)
+                        if int(r["step"]) <= resume_step}
+            rows = [kept[step] for step in sorted(kept)]  # each step once: its last row written
 
         def write(tmp: str) -> None:
             with open(tmp, "w", newline="") as f:

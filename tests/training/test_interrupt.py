@@ -1,5 +1,6 @@
-"""SIGINT and SIGTERM during `lmoe train`: the steps done are saved (checkpoint + adapter), one line says how
-to resume, the exit code is 128 + the signal, no traceback; before the first step nothing is left behind."""
+"""SIGINT and SIGTERM during `lmoe train`: the steps done are saved (checkpoint + adapter), one line
+says how to resume, the exit code is 128 + the signal, no traceback; before the first step nothing
+is left behind."""
 import os
 import re
 import signal
@@ -29,8 +30,8 @@ def setup(tmp_path_factory):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_mid_run_saves_the_steps_done_and_resume_finishes(setup, tmp_path, sig):
     out = tmp_path / "run"
-    proc = start_cli(train_argv(setup, out, f"steps={LONG}", "save_every=1000"), stdout=subprocess.PIPE,
-                     stderr=subprocess.PIPE, text=True)
+    proc = start_cli(train_argv(setup, out, f"steps={LONG}", "save_every=1000"),
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         while steps_logged(out) < 2 and proc.poll() is None:
             time.sleep(0.005)
@@ -41,8 +42,8 @@ def test_a_signal_mid_run_saves_the_steps_done_and_resume_finishes(setup, tmp_pa
     assert proc.returncode == 128 + sig, stderr[-2000:]
     assert "Traceback" not in stderr
     line = stderr.splitlines()[-1]
-    found = re.fullmatch(rf"lmoe train: interrupted at step (\d+) of {LONG}; resume with: lmoe train "
-                         rf"output_dir={re.escape(str(out))} --resume", line)
+    found = re.fullmatch(rf"lmoe train: interrupted at step (\d+) of {LONG}; resume with: "
+                         rf"lmoe train output_dir={re.escape(str(out))} --resume", line)
     assert found, line
     step = int(found[1])
     assert step >= 2 and load_state(out / "checkpoint.pt")["state"]["step"] == step
@@ -56,11 +57,12 @@ def test_a_signal_mid_run_saves_the_steps_done_and_resume_finishes(setup, tmp_pa
     assert load_state(out / "checkpoint.pt")["state"]["step"] == step + 2
 
 
-def test_a_signal_during_the_base_evaluation_stops_at_once_and_leaves_nothing(setup, tmp_path, monkeypatch):
+def test_a_signal_in_the_base_evaluation_stops_at_once_and_leaves_nothing(setup, tmp_path,
+                                                                           monkeypatch):
     real = lmoe.training.loop.evaluate_all
 
     def evaluate_then_signal(*args):
-        os.kill(os.getpid(), signal.SIGTERM)  # a real signal, half-way through the base model's evaluation
+        os.kill(os.getpid(), signal.SIGTERM)  # a real signal, while the base model is scored
         return real(*args)
     monkeypatch.setattr(lmoe.training.loop, "evaluate_all", evaluate_then_signal)
     previous = signal.getsignal(signal.SIGTERM)
@@ -73,7 +75,8 @@ def test_a_signal_during_the_base_evaluation_stops_at_once_and_leaves_nothing(se
     assert signal.getsignal(signal.SIGTERM) is previous  # the handlers are restored
 
 
-def test_the_cli_prints_the_line_for_a_signal_before_the_first_step(setup, tmp_path, capsys, monkeypatch):
+def test_the_cli_prints_the_line_for_a_signal_before_the_first_step(setup, tmp_path, capsys,
+                                                                     monkeypatch):
     def signal_while_loading(*args, **kw):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(1)  # the handler runs here
@@ -83,7 +86,8 @@ def test_the_cli_prints_the_line_for_a_signal_before_the_first_step(setup, tmp_p
         main(train_argv(setup, tmp_path / "run"))
     assert exit_.value.code == 130
     err = capsys.readouterr().err
-    assert err.splitlines()[-1] == "lmoe train: interrupted before the first step; nothing was saved"
+    line = "lmoe train: interrupted before the first step; nothing was saved"
+    assert err.splitlines()[-1] == line
     assert "Traceback" not in err and not (tmp_path / "run").exists()
 
 
@@ -96,7 +100,8 @@ def test_a_failure_before_the_first_step_keeps_what_the_directory_held(setup, tm
     with pytest.raises(SystemExit):
         main(train_argv(setup, out, "compare_base=true", f"eval_data=[{broken}]"))
     assert "broken.jsonl:2: not valid JSON" in capsys.readouterr().err
-    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine"
     for bad in (f"data=[{tmp_path / 'missing.jsonl'}]", f"model={tmp_path / 'no-model'}"):
         with pytest.raises(SystemExit):
             main(train_argv(setup, tmp_path / "fresh", bad))
@@ -104,8 +109,8 @@ def test_a_failure_before_the_first_step_keeps_what_the_directory_held(setup, tm
 
 
 def test_a_second_ctrl_c_goes_to_the_previous_handler_at_once(monkeypatch):
-    """The first signal is kept for the end of the step; a second Ctrl-C (not the same one forwarded by a
-    launcher a moment later) is the previous handler's: for the CLI, KeyboardInterrupt."""
+    """The first signal is kept for the end of the step; a second Ctrl-C (not the same one that a
+    launcher forwards a moment later) is the previous handler's: for the CLI, KeyboardInterrupt."""
     seen = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
     try:
@@ -117,8 +122,9 @@ def test_a_second_ctrl_c_goes_to_the_previous_handler_at_once(monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
             assert seen == [signal.SIGINT]
-            with pytest.raises(TrainingInterrupted, match="interrupted at step 3 of 10; resume with: lmoe "
-                                                          "train output_dir=runs/x --resume"):
+            with pytest.raises(TrainingInterrupted, match="interrupted at step 3 of 10; resume "
+                                                          "with: lmoe train output_dir=runs/x "
+                                                          "--resume"):
                 stop.raise_if_signalled()
     finally:
         signal.signal(signal.SIGINT, previous)
