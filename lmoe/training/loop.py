@@ -37,11 +37,11 @@ from ..models import check_context, enable_activation_checkpointing, load_model
 from ..modular.experts import freeze_experts
 from .anneal import annealed_temperature, set_router_temperature
 from .checkpoint import CHECKPOINT, TrainState, load_checkpoint, save_checkpoint
-from .interrupt import Interrupts, TrainingInterrupted
 from .config import TrainConfig
 from .data import training_examples, validation_examples
 from .distributed import clip_grad_norm, distribute, make_accelerator, single_process_model
 from .evaluation import ROUTING_FILE, cached_eval, evaluate_all, held_out_routing, validation_loss
+from .interrupt import Interrupts, TrainingInterrupted
 from .metrics_log import ROUTING_COLUMNS, MetricsLog
 from .objective import set_label_smoothing
 from .optim import adamw, param_groups
@@ -155,6 +155,8 @@ def _train(cfg: TrainConfig, checkpoint: dict | None, on_step, stop: Interrupts)
 
 
 def _print_size(accelerator: Accelerator, model: nn.Module, examples: int) -> None:
+    """The run's one size line (inject logs its own at debug level: eval, generate, analyze print
+    none)."""
     trainable, total = count_parameters(model)
     layers = sum(1 for _ in lmoe_layers(model))
     accelerator.print(f"lmoe: {examples} training examples; {layers} layers, trainable params "
