@@ -20,18 +20,35 @@ KEEP_FREED_MEMORY = "LMOE_KEEP_FREED_MEMORY"  # =1: `lmoe train` keeps freed mem
 def cmd_train(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
     """Fine-tune a mixture of LoRA experts; no arguments = the built-in model and mixture."""
     parser.add_argument("--config", help="YAML/JSON TrainConfig file (fields: see lmoe.training.loop.TrainConfig)")
-    parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint.pt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in output_dir from its checkpoint.pt, with its "
+                             "saved settings (train_config.yaml); key=value may change only steps, "
+                             "save_every, the eval settings and a few more (docs/training.md)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. steps=100 lmoe.num_experts=8 data=[my.jsonl]; "
                              "init_adapter=DIR train_experts=false trains the routers of a saved adapter")
 
     def run(args: argparse.Namespace) -> None:
         from .training.config import TrainConfig
+        from .training.interrupt import TrainingInterrupted
         from .training.loop import train
         if os.environ.get(KEEP_FREED_MEMORY) == "1":
             from .allocator import keep_freed_memory
             keep_freed_memory()  # process-wide, so asked for by the caller (run.sh), never by the library
-        train(TrainConfig.from_file(args.config, args.overrides), resume=args.resume)
+        if args.resume:
+            cfg = TrainConfig.for_resume(args.config, args.overrides)
+        else:
+            cfg = TrainConfig.from_file(args.config, args.overrides)
+        try:
+            train(cfg, resume=args.resume)
+        except TrainingInterrupted as stop:  # the steps done are saved: one line, no traceback
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"lmoe train: {stop}", file=sys.stderr)
+            raise SystemExit(stop.exit_code) from None
+        except KeyboardInterrupt:  # a second Ctrl-C: at once, the last checkpoint kept
+            print("lmoe train: stopped at once by a second interrupt; the last checkpoint is kept",
+                  file=sys.stderr)
+            raise SystemExit(130) from None  # 128 + SIGINT, as the shell reports it
     return run
 
 

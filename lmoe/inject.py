@@ -96,7 +96,7 @@ def inject(model: nn.Module, cfg: LMoEConfig) -> nn.Module:
     if getattr(model, "is_quantized", False):  # else Trainer refuses it as "purely quantized" (as not a PeftModel)
         setattr(model, QUANTIZED_ATTR, True)
     trainable, total = count_parameters(model)
-    log.info("lmoe: %d layers, trainable params %s of %s (%.3f%%)",
+    log.debug("lmoe: %d layers, trainable params %s of %s (%.3f%%)",  # lmoe train prints its own
              len(targets), f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return model
 

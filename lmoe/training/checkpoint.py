@@ -69,11 +69,19 @@ def check_same_mixture(saved: dict | None, current: dict) -> None:
                          "directory holds them) or train into a new output_dir.")
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> TrainState:
+def read_checkpoint(path: Path) -> dict:
+    """The checkpoint --resume continues, checksum verified (read before the model loads: a missing
+    or damaged one stops the run at once)."""
     if not path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}; train without --resume first "
-                                "(checkpoints are written every save_every steps).")
-    blob = load_state(path)  # checksum verified; weights_only: nothing in the file can run code
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}; train without --resume "
+                                "first (checkpoints are written every save_every steps, at the "
+                                "last step and on an interrupt).")
+    return load_state(path)  # weights_only: nothing in the file can run code
+
+
+def load_checkpoint(blob: dict, model: nn.Module, optimizer, scheduler) -> TrainState:
+    """Restore read_checkpoint's blob into the model, optimizer and scheduler; returns its
+    TrainState."""
     check_same_mixture(blob.get("lmoe"), mixture_of(model).to_dict())
     set_state_dict(model, optimizer, model_state_dict=one_name_per_tensor(model, blob["adapter"]),
                    optim_state_dict=blob["optimizer"],

@@ -11,13 +11,14 @@ from typing import Any
 
 import yaml
 
-from ..config import LMoEConfig, check_known_keys, is_number
+from ..config import AUX_COEFS, LMoEConfig, check_known_keys, is_number
 from ..data.builtin import Mixture
 from ..data.choices import MultipleChoice
 from ..evaluation.scoring import MAX_ANSWER_TOKENS
-from ..io import CONFIG_FILE, read_adapter_meta, verify_adapter
+from ..io import CONFIG_FILE, atomic_write, read_adapter_meta, verify_adapter
 from ..models import BUILTIN, LOAD_IN
 
+SAVED_CONFIG = "train_config.yaml"  # in output_dir: the run's settings, which --resume continues
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 STRATEGIES = ("ddp", "fsdp")  # how several processes (torchrun / accelerate launch) share the work
 
@@ -36,6 +37,22 @@ SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 RECIPES = {"ld-mole": dict(label_smoothing=0.1, weight_decay=0.1, lmoe=dict(
     num_experts=8, rank=8, alpha=16, dropout=0.1, router_reads_dropout=True, composition="outputs",
     router="dynamic", load_balance_coef=1.0, target_modules=SEVEN_PROJECTIONS))}
+
+
+# What --resume may change (dotted keys); any other difference from the run's saved config is
+# refused: the checkpoint's weights, optimizer state and data position continue that run only.
+RESUMABLE = frozenset({
+    "steps",  # more steps (not fewer than done); the cosine schedule stretches to the new total
+    "save_every",  # when checkpoints are written
+    # what is scored, not what is trained on
+    "eval_every", "eval_data", "eval_group", "eval_max_answer_tokens", "compare_base",
+    "max_bad_steps",  # when NaN/inf steps stop the run
+    "gradient_checkpointing",  # recomputes activations (same dropout masks): memory, not math
+    "output_dir",  # a moved run: it is read from where it is now
+    "batch_size",  # per process: the loop refuses a change of batch_size x processes (data read)
+    # the loss weights: the checkpoint's tensors do not depend on them (its mixture check allows it)
+    *(f"lmoe.{coef}" for coef in AUX_COEFS.values()),
+})
 
 
 def default_lmoe() -> LMoEConfig:
@@ -186,20 +203,87 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str | Path, overrides: list[str] = ()) -> "TrainConfig":
         """A YAML or JSON file (or None for defaults) plus "dotted.key=value" overrides (values parsed as YAML)."""
-        data = {}
-        if path:
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"Config file {path} does not exist; pass an existing YAML/JSON file to --config.")
-            try:
-                data = load_yaml(Path(path).read_text()) or {}
-            except yaml.YAMLError as err:
-                raise ValueError(f"Config {path} is not valid YAML ({err}); fix the file.") from err
-            if not isinstance(data, dict):
-                raise ValueError(f"Config {path} must be a mapping of fields, got {type(data).__name__}.")
-        return cls.from_dict(apply_overrides(data, overrides))
+        return cls.from_dict(apply_overrides(read_config_file(path), overrides))
+
+    @classmethod
+    def for_resume(cls, path: str | Path | None, overrides: list[str] = ()) -> "TrainConfig":
+        """`lmoe train --resume`: the saved config of the run in output_dir (the file's or the
+        overrides' output_dir, else the default) with the file's and the overrides' values on
+        top."""
+        given = apply_overrides(read_config_file(path), overrides)
+        output_dir = given.get("output_dir", cls.output_dir)
+        saved = read_saved_config(output_dir)
+        # the run is where it is now (its saved output_dir may name where it was before a move)
+        return cls.from_dict({**_merged(saved, given), "output_dir": output_dir})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self) -> None:
+        """Write output_dir/train_config.yaml, atomically: a resumed run reads it."""
+        text = self.to_yaml()
+        atomic_write(Path(self.output_dir) / SAVED_CONFIG, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_config_file(path: str | Path | None) -> dict:
+    """The fields a YAML or JSON config file sets ({} for None)."""
+    if not path:
+        return {}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"Config file {path} does not exist; pass an existing YAML/JSON "
+                                "file to --config.")
+    try:
+        data = load_yaml(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"Config {path} is not valid YAML ({err}); fix the file.") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"Config {path} must be a mapping of fields, got {type(data).__name__}.")
+    return data
+
+
+def read_saved_config(output_dir: str | Path) -> dict:
+    """The fields of the run in output_dir, as it saved them (--resume continues that run)."""
+    path = Path(output_dir) / SAVED_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no run to continue in {output_dir} ({SAVED_CONFIG} is "
+                                "missing); give the output_dir of the run to continue, or train "
+                                "without --resume first.")
+    return read_config_file(path)
+
+
+def check_resumable(saved: TrainConfig, asked: TrainConfig) -> None:
+    """--resume continues the saved run: refuse every difference but RESUMABLE's, naming both
+    values."""
+    before, after = _flat(saved.to_dict()), _flat(asked.to_dict())
+    changed = [key for key in sorted(before.keys() | after.keys())
+               if before.get(key) != after.get(key) and key not in RESUMABLE]
+    if changed:
+        both = ", ".join(f"{k}={before.get(k)!r} there, {after.get(k)!r} here" for k in changed)
+        free = ", ".join(sorted(RESUMABLE))
+        raise ValueError(
+            f"--resume: {both}: the run in {asked.output_dir} ({SAVED_CONFIG}) cannot continue "
+            f"with another value. Drop those settings to continue it (only {free} may change), or "
+            "train into a new output_dir.")
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    """{"lmoe": {"rank": 2}} -> {"lmoe.rank": 2}."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _merged(base: dict, top: dict) -> dict:
+    """base with top's values on top, nested sections merged key by key."""
+    merged = dict(base)
+    for key, value in top.items():
+        nested = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = _merged(base[key], value) if nested else value
+    return merged
 
 
 def adapter_lmoe(directory: str, given: dict | LMoEConfig) -> LMoEConfig:

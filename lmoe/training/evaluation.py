@@ -65,9 +65,11 @@ def held_out_routing(model: nn.Module, tokenizer, cfg: TrainConfig, path: Path) 
 
 
 def cached_eval(path: Path, resume: bool, compute: Callable[[], dict]) -> dict:
-    """The base model's results (main process), kept in the output dir so that --resume does not pay again."""
+    """The base model's results (main process), kept in the output dir so that --resume does not
+    pay again (nothing is written when there is nothing to evaluate)."""
     if resume and path.is_file():
         return json.loads(path.read_text())
     results = compute()
-    write_json(results, path)
+    if results:
+        write_json(results, path)
     return results

@@ -5,17 +5,20 @@ micro-batches, clips, steps the optimizer, logs, and every save_every steps writ
 (adapter + optimizer + scheduler + step) that train(cfg, resume=True) restores exactly. Each step reseeds torch from
 (seed, step, process): dropout differs between processes, and a resumed run draws what the uninterrupted
 one drew. The building blocks: train_config (TrainConfig), train_data and train_eval (what a run reads and
-how it is scored), checkpoint, metrics_log, distributed (processes, DDP/FSDP2).
+how it is scored), checkpoint, metrics_log, distributed (processes, DDP/FSDP2), start (what is
+checked before anything loads; --resume), interrupt (SIGINT/SIGTERM: the steps done saved).
 """
 from __future__ import annotations
 
 import logging
 import math
 import random
+import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,8 @@ from tqdm.auto import tqdm
 
 from ..data.encoding import IGNORE, batch_stream, collate
 from ..evaluation.scoring import format_table, write_json
-from ..inject import AUX_COEFS, aux_loss, aux_loss_apart, aux_losses, count_parameters, inject, routing_counts
+from ..inject import (AUX_COEFS, aux_loss, aux_loss_apart, aux_losses, count_parameters, inject,
+                      lmoe_layers, routing_counts)
 from ..io import load_adapter, save_adapter
 from ..models import check_context, enable_activation_checkpointing, load_model
 from ..modular.experts import freeze_experts
@@ -36,9 +40,11 @@ from .config import TrainConfig
 from .data import training_examples, validation_examples
 from .distributed import clip_grad_norm, distribute, make_accelerator, single_process_model
 from .evaluation import ROUTING_FILE, cached_eval, evaluate_all, held_out_routing, validation_loss
+from .interrupt import Interrupts, TrainingInterrupted
 from .metrics_log import ROUTING_COLUMNS, MetricsLog
 from .objective import set_label_smoothing
 from .optim import adamw, param_groups
+from .start import FirstStepGuard, check_global_batch, check_inputs, resume_point
 
 logger = logging.getLogger(__name__)
 
@@ -69,62 +75,115 @@ class TrainResult:
     results: dict  # run name ("base", "trained") -> metric -> task -> value (multiple choice: -> protocol/template)
 
 
-def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train cfg.lmoe experts (fresh, or init_adapter's) on cfg.data (or the built-in mixture); save the
-    adapter; evaluate. The main process alone evaluates and saves (see TrainResult).
+def train(cfg: TrainConfig, resume: bool = False,
+          on_step: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train cfg.lmoe experts (fresh, or init_adapter's) on cfg.data (or the built-in mixture); save
+    the adapter; evaluate. The main process alone evaluates and saves (see TrainResult).
 
-    on_step(row) is called with each step's metrics (the metrics.csv row) on the main process.
+    Args:
+        cfg: the run. With resume, it may differ from the saved config of the run in cfg.output_dir
+            only in config.RESUMABLE's keys: else a ValueError, before anything loads or is written.
+        resume: continue the run in cfg.output_dir from its checkpoint.
+        on_step: called with each step's metrics (the metrics.csv row) on the main process.
+
+    SIGINT or SIGTERM saves a checkpoint and the adapter after the step in progress and raises
+    TrainingInterrupted (lmoe.training.interrupt); a run that fails before its first step is done
+    leaves nothing behind in cfg.output_dir (start.FirstStepGuard).
     """
+    checkpoint = resume_point(cfg) if resume else None
+    check_inputs(cfg)
+    start = checkpoint["state"]["step"] if checkpoint else 0
+    with Interrupts(start, cfg.steps, cfg.output_dir) as stop:
+        return _train(cfg, checkpoint, on_step, stop)
+
+
+def _train(cfg: TrainConfig, checkpoint: dict | None, on_step, stop: Interrupts) -> TrainResult:
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg)
+    if checkpoint:
+        ranks = accelerator.num_processes
+        check_global_batch(TrainState(**checkpoint["state"]), cfg.batch_size * ranks, ranks)
     main = accelerator.is_main_process
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.yaml").write_text(cfg.to_yaml())
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, load_in=cfg.load_in)
     check_context(model, cfg.max_length)
     set_label_smoothing(model, cfg.label_smoothing)
     examples, held_out = training_examples(cfg, tokenizer), validation_examples(cfg, tokenizer)
-    runs = {}
-    if cfg.compare_base:
-        model.to(accelerator.device)  # in every process: the experts are then drawn on the same device everywhere
-        if main:  # the others wait at the first collective of training
-            runs["base"] = cached_eval(out / "eval_base.json", resume, lambda: evaluate_all(model, tokenizer, cfg))
-    add_adapter(model, cfg)
-    if cfg.gradient_checkpointing:
-        enable_activation_checkpointing(model)
-    trainable, total = count_parameters(model)
-    accelerator.print(f"lmoe: {len(examples)} training examples; trainable params {trainable:,} of {total:,}")
-    model = distribute(cfg, accelerator, model)  # before the optimizer: FSDP replaces the parameters
-    optimizer = adamw(param_groups(model, cfg.lr, cfg.router_lr_scale), weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
-    optimizer = accelerator.prepare_optimizer(optimizer)
-    state = load_checkpoint(out / CHECKPOINT, model, optimizer, scheduler) if resume else TrainState()
-    log = MetricsLog(out, state.step) if main else None
-    score = (lambda: validation_loss(accelerator, model, held_out, tokenizer.pad_token_id)) if held_out else None
-    _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, tokenizer.pad_token_id, state, log, on_step,
-               score)
-    model = _save_and_evaluate(cfg, accelerator, model, tokenizer, runs)
+    pad_id = tokenizer.pad_token_id
+    with FirstStepGuard(out if main else None, stop.step) as guard:
+        runs = {}
+        if cfg.compare_base:
+            model.to(accelerator.device)  # in every process: the experts are drawn on that device
+            if main:  # the others wait at the first collective of training
+                runs["base"] = cached_eval(out / "eval_base.json", checkpoint is not None,
+                                           lambda: evaluate_all(model, tokenizer, cfg))
+        add_adapter(model, cfg)
+        if cfg.gradient_checkpointing:
+            enable_activation_checkpointing(model)
+        _print_size(accelerator, model, len(examples))
+        model = distribute(cfg, accelerator, model)  # before the optimizer: FSDP swaps parameters
+        optimizer = adamw(param_groups(model, cfg.lr, cfg.router_lr_scale),
+                          weight_decay=cfg.weight_decay)
+        schedule = warmup_cosine(cfg.warmup_steps, cfg.steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        optimizer = accelerator.prepare_optimizer(optimizer)
+        state = TrainState()
+        if checkpoint:
+            state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+            del checkpoint  # its tensors are in the model and optimizer now
+        guard.state = state
+        if main:
+            cfg.save()  # on resume: the saved config with RESUMABLE's changes
+        log = MetricsLog(out, state.step) if main else None
+        score = partial(validation_loss, accelerator, model, held_out, pad_id) if held_out else None
+        with stop.deferred():
+            stopped = _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, pad_id,
+                                 state, log, on_step, stop, score)
+            model = _save_adapter(cfg, accelerator, model)
+    stop.step = state.step
+    if stopped:
+        accelerator.print(f"lmoe: adapter saved to {out / 'adapter'}")
+        signum = stop.signum or signal.SIGINT  # None: another process was signalled
+        raise TrainingInterrupted(signum, state.step, cfg.steps, out)
+    stop.raise_if_signalled()  # a signal after the last step's all-reduce (one process)
+    _evaluate(cfg, accelerator, model, tokenizer, runs)
+    accelerator.print(f"lmoe: adapter saved to {out / 'adapter'}")
     return TrainResult(model, tokenizer, out / "adapter", runs)
 
 
-def _save_and_evaluate(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module, tokenizer,
-                       runs: dict) -> nn.Module:
-    """Save the adapter and add runs["trained"], on the main process with the whole model; others only wait.
+def _print_size(accelerator: Accelerator, model: nn.Module, examples: int) -> None:
+    """The run's one size line (inject logs its own at debug level: eval, generate, analyze print
+    none)."""
+    trainable, total = count_parameters(model)
+    layers = sum(1 for _ in lmoe_layers(model))
+    accelerator.print(f"lmoe: {examples} training examples; {layers} layers, trainable params "
+                      f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
+
+
+def _save_adapter(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module) -> nn.Module:
+    """Save the adapter from the main process, with the whole model; the others only wait.
     Returns this process's model."""
-    model = single_process_model(accelerator, model, lambda: add_adapter(load_model(cfg.model)[0], cfg))
+    model = single_process_model(accelerator, model,
+                                 lambda: add_adapter(load_model(cfg.model)[0], cfg))
+    if accelerator.is_main_process:
+        save_adapter(model, Path(cfg.output_dir) / "adapter")
+    accelerator.wait_for_everyone()  # the adapter is on disk when train() returns in any process
+    return model
+
+
+def _evaluate(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module, tokenizer,
+              runs: dict) -> None:
+    """Add runs["trained"] on the main process; write eval.json and print the table when there
+    are results."""
     if accelerator.is_main_process:
         out = Path(cfg.output_dir)
-        save_adapter(model, out / "adapter")
         runs["trained"] = evaluate_all(model, tokenizer, cfg)
         if not cfg.data and (cfg.mixture.skills or cfg.mixture.domains):
             runs["trained"]["routing"] = held_out_routing(model, tokenizer, cfg, out / ROUTING_FILE)
         if runs["trained"]:
             write_json(runs, out / "eval.json")
             print(format_table(runs))
-    accelerator.wait_for_everyone()  # the adapter is on disk when train() returns in any process
-    return model
+    accelerator.wait_for_everyone()
 
 
 def add_adapter(model: nn.Module, cfg: TrainConfig) -> nn.Module:
@@ -144,15 +203,16 @@ def add_adapter(model: nn.Module, cfg: TrainConfig) -> nn.Module:
 
 
 def _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, pad_id, state, log, on_step,
-               score: Callable[[], float] | None = None) -> None:
+               stop: Interrupts, score: Callable[[], float] | None = None) -> bool:
     """Optimizer steps state.step+1 .. cfg.steps; each averages grad_accum micro-batches per process.
-    score: the held-out loss, logged every cfg.eval_every steps."""
+    score: the held-out loss, logged every cfg.eval_every steps. Returns whether a signal (stop, in
+    any process) ended the run early, after a step whose checkpoint it saved."""
     ranks, rank = accelerator.num_processes, accelerator.process_index
     global_batch = cfg.batch_size * ranks  # each process takes a disjoint slice of every global batch
-    _check_global_batch(state, global_batch, ranks)
     stream = batch_stream(examples, global_batch, cfg.seed, start=state.batches)
     bar = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not accelerator.is_main_process)
     bad = skipped = 0  # steps with a NaN/inf loss or gradient: in a row, and in this run
+    stopping = False  # a signal in any process, agreed on in the step's all-reduce
     model.train()
     while state.step < cfg.steps:
         started = time.perf_counter()
@@ -161,7 +221,8 @@ def _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, pad_id, 
                                                                cfg.temperature_anneal_steps, state.step))
         seed_step(cfg.seed, state.step, rank)
         batches = [next(stream)[rank::ranks] for _ in range(cfg.grad_accum)]
-        lm, aux, terms, tokens = _accumulate(accelerator, model, batches, pad_id)
+        lm, aux, terms, tokens, stopping = _accumulate(accelerator, model, batches, pad_id,
+                                                       stop=stop.signum is not None)
         state.batches, state.global_batch = state.batches + cfg.grad_accum, global_batch
         grad_norm = float(clip_grad_norm(accelerator, model, cfg.max_grad_norm))
         lr = scheduler.get_last_lr()[0]
@@ -187,23 +248,19 @@ def _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, pad_id, 
         bar.set_postfix(loss=f"{lm:.3f}", aux=f"{aux:.4f}", experts=f"{terms['active_experts']:.2f}",
                         H=f"{terms['routing_entropy']:.2f}", tok_s=f"{tokens / seconds:.0f}")
         bar.update()
-        if finite and cfg.save_every and (state.step % cfg.save_every == 0 or state.step == cfg.steps):
+        due = cfg.save_every and state.step % cfg.save_every == 0 or state.step == cfg.steps
+        if stopping or finite and due:  # a stop saves a non-finite step too: its update was dropped
             save_checkpoint(Path(cfg.output_dir) / CHECKPOINT, model, optimizer, scheduler, state,
                             accelerator.is_main_process)
             accelerator.wait_for_everyone()
+        if stopping:
+            break
     bar.close()
     if cfg.temperature_start is not None:  # the saved adapter serves at lmoe.temperature, where training ended
         set_router_temperature(model, cfg.lmoe.temperature)
     if log is not None:
         log.close()
-
-
-def _check_global_batch(state: TrainState, global_batch: int, ranks: int) -> None:
-    if state.global_batch and state.global_batch != global_batch:
-        raise ValueError(
-            f"--resume: the checkpoint was trained on global batches of {state.global_batch} examples "
-            f"(batch_size x processes), this run makes {global_batch} ({ranks} processes); set "
-            f"batch_size={state.global_batch // ranks} so that the data continues where it stopped.")
+    return stopping
 
 
 class NonFiniteLoss(ValueError):
@@ -223,10 +280,11 @@ def _skip_step(cfg: TrainConfig, step: int, bad: int, skipped: int) -> tuple[int
     return bad, skipped
 
 
-def _accumulate(accelerator, model, batches, pad_id) -> tuple[float, float, dict, int]:
+def _accumulate(accelerator, model, batches, pad_id,
+                stop: bool = False) -> tuple[float, float, dict, int, bool]:
     """Forward + backward of each micro-batch; returns the step's LM and aux loss, the aux terms and the routing's
     means per token and layer (ROUTING_COLUMNS: experts in use, normalised entropy, share with top weight > 0.5),
-    and tokens: all over all processes.
+    tokens, and whether any process asked to stop (its `stop`): all over all processes.
 
     Each micro-batch's LM loss is its mean over the answer tokens of all processes (as one process
     would compute it on the whole global batch): the local mean is weighted by local / global count,
@@ -236,7 +294,8 @@ def _accumulate(accelerator, model, batches, pad_id) -> tuple[float, float, dict
     batches = [{k: v.to(accelerator.device) for k, v in collate(ex, pad_id).items()} for ex in batches]
     counts = torch.stack([(b["labels"][:, 1:] != IGNORE).sum() for b in batches]).float()  # loss tokens
     weights = ranks * counts / accelerator.reduce(counts.clone(), "sum") / len(batches)
-    totals = torch.zeros(7 + len(AUX_COEFS), device=accelerator.device)  # lm, aux, tokens, routing_counts, aux terms
+    # lm, aux, tokens, routing_counts (4), aux terms, stop
+    totals = torch.zeros(8 + len(AUX_COEFS), device=accelerator.device)
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1  # all-reduce gradients once, after the last micro-batch
         with (accelerator.no_sync(model) if not sync else nullcontext()), accelerator.autocast(), \
@@ -249,9 +308,11 @@ def _accumulate(accelerator, model, batches, pad_id) -> tuple[float, float, dict
         totals += torch.stack([out.loss.detach() * weights[i] / ranks, aux.detach() / len(batches) / ranks,
                                batch["attention_mask"].sum().float(), *routing,
                                *[terms[k].detach() / len(batches) / ranks if k in terms else torch.zeros(())
-                                 for k in AUX_COEFS]]).to(totals)
-    lm, aux, tokens, *sums = accelerator.reduce(totals, "sum").tolist()  # the one sync of the step
+                                 for k in AUX_COEFS], torch.zeros(())]).to(totals)
+    totals[-1] = float(stop)
+    # the one sync of the step
+    lm, aux, tokens, *sums, stops = accelerator.reduce(totals, "sum").tolist()
     routing, pairs, values = sums[:3], sums[3], sums[4:]
     stats = {k: v for k, v in zip(AUX_COEFS, values) if k in terms} | \
         {k: v / max(pairs, 1) for k, v in zip(ROUTING_COLUMNS, routing)}
-    return lm, aux, stats, int(tokens)
+    return lm, aux, stats, int(tokens), stops > 0

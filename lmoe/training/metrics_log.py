@@ -1,10 +1,12 @@
-"""The per-step log of a training run: metrics.csv (one row a step, cut back on resume), TensorBoard if installed."""
+"""The per-step log of a training run: metrics.csv (one row a step, cut back to the checkpoint's
+step on resume), TensorBoard if installed."""
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
 from ..inject import AUX_COEFS
+from ..io import atomic_write
 
 METRICS = "metrics.csv"
 ROUTING_COLUMNS = ["active_experts", "routing_entropy", "top_weight_over_half"]  # means per token and layer
@@ -20,11 +22,16 @@ class MetricsLog:
         rows = []
         if resume_step and self.path.is_file():
             with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        with open(self.path, "w", newline="") as f:
-            writer = csv.DictWriter(f, COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+                kept = {int(r["step"]): r for r in csv.DictReader(f)
+                        if int(r["step"]) <= resume_step}
+            rows = [kept[step] for step in sorted(kept)]  # each step once: its last row written
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, COLUMNS)
+                writer.writeheader()
+                writer.writerows(rows)
+        atomic_write(self.path, write)  # an interrupt here keeps the old rows
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.board = SummaryWriter(str(directory / "tensorboard"))

@@ -3,8 +3,10 @@ and resume with a different number of processes. Run as a script, this file is t
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,11 +15,13 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from lmoe import load_adapter
+from lmoe.io import load_state
 from lmoe.models import load_model
 from lmoe.training.config import TrainConfig
 from lmoe.training.loop import train
 from lmoe.training.metrics_log import read_metrics
 from tiny import tiny_model_dir, worker_pythonpath, write_jsonl
+from train_cli import steps_logged
 
 # answers of different lengths, so the processes' slices hold different numbers of loss tokens
 ROWS = [{"prompt": f"Repeat {w} {n} times.", "completion": " ".join([w] * n)}
@@ -44,13 +48,17 @@ def config(setup, out, lmoe: dict | None = None, **kw) -> TrainConfig:
     return TrainConfig.from_dict(fields)
 
 
-def torchrun(cfg: TrainConfig, resume: bool = False, stop_at: int = 0) -> subprocess.CompletedProcess:
-    """`lmoe train` in 2 processes (this file as the worker); returns the finished process."""
+def torchrun(cfg: TrainConfig, resume: bool = False, stop_at: int = 0, wait: bool = True):
+    """`lmoe train` in 2 processes (this file as the worker); returns the finished process
+    (wait=False: the running one, its output piped)."""
     path = Path(cfg.output_dir + ".json")
     path.write_text(json.dumps(cfg.to_dict()))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": worker_pythonpath(__file__)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--monitor-interval", "0.1",
            __file__, str(path), str(int(resume)), str(stop_at)]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -176,6 +184,44 @@ def test_resume_with_fewer_processes_equals_uninterrupted(setup, reference):
     train(config(setup, out), resume=True)
     assert_same_metrics(setup[2] / "one", out)
     assert_same_adapter(reference.adapter_dir, out / "adapter", atol=1e-5)
+
+
+def test_a_signal_to_one_process_stops_both_after_the_same_step_and_saves(setup):
+    """SIGTERM to one of the two workers: the flag travels in the step's all-reduce, so both stop
+    after the same step and save it together (else one would wait in a collective for ever)."""
+    out = setup[2] / "signalled"
+    cfg = config(setup, out, steps=100_000, save_every=1000, eval_every=0, batch_size=2)
+    run = torchrun(cfg, wait=False)
+    try:
+        while steps_logged(out) < 2 and run.poll() is None:
+            time.sleep(0.01)
+        workers = child_processes(run.pid)
+        assert len(workers) == 2, run.communicate(timeout=5)
+        os.kill(max(workers), signal.SIGTERM)
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode != 0, stderr[-3000:]
+    assert "TrainingInterrupted: interrupted at step" in stderr, stderr[-3000:]
+    step = load_state(out / "checkpoint.pt")["state"]["step"]
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, step + 1)) and step >= 2
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    # one process, batch 4: the same global batch
+    train(config(setup, out, steps=step + 1, save_every=1000, eval_every=0), resume=True)
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, step + 2))
+
+
+def child_processes(pid: int) -> list[int]:
+    """The processes whose parent is pid (Linux /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        if parent == pid:
+            children.append(int(stat.parent.name))
+    return children
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None,

@@ -19,30 +19,12 @@ import lmoe.training.loop
 from lmoe.cli import main
 from lmoe.io import atomic_write, load_state, save_state
 from lmoe.training.metrics_log import read_metrics
-from tiny import tiny_model_dir, write_jsonl
-
-ROWS = [{"prompt": f"What is {a} + {b}?", "completion": str(a + b)} for a in range(10, 16) for b in range(20, 23)]
-STEPS = 12
+from train_cli import STEPS, model_and_data, start_cli, steps_logged, train_argv
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    return tiny_model_dir(root / "model"), write_jsonl(root / "sums.jsonl", ROWS)
-
-
-def train_argv(setup, out, *overrides) -> list[str]:
-    model, data = setup
-    return ["train", f"model={model}", f"data=[{data}]", f"output_dir={out}", f"steps={STEPS}", "batch_size=4",
-            "lr=0.01", "warmup_steps=2", "save_every=2", "compare_base=false", "lmoe.num_experts=3",
-            "lmoe.rank=2", "lmoe.target_modules=all-linear", "lmoe.dropout=0.1", *overrides]
-
-
-def steps_logged(out: Path) -> int:
-    try:
-        return max(0, len((out / "metrics.csv").read_text().splitlines()) - 1)
-    except FileNotFoundError:
-        return 0
+    return model_and_data(tmp_path_factory.mktemp("faults"))
 
 
 def test_sigkill_at_a_random_point_then_resume_gives_the_same_adapter(setup, tmp_path):
@@ -51,9 +33,7 @@ def test_sigkill_at_a_random_point_then_resume_gives_the_same_adapter(setup, tmp
     rng = random.Random(seed)
     kill_at = rng.randint(3, STEPS - 4)  # after the first checkpoint, well before the end
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(Path(lmoe.__file__).parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "lmoe.cli", *train_argv(setup, out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_cli(train_argv(setup, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while steps_logged(out) < kill_at and proc.poll() is None:
             time.sleep(0.005)
@@ -123,9 +103,10 @@ def test_disk_full_is_reported_and_keeps_the_previous_checkpoint(setup, tmp_path
     real_fsync, calls = os.fsync, []
 
     def fsync(fd):
-        calls.append(fd)
-        if len(calls) == 2:  # the second checkpoint (step 2) hits a full disk
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if ".checkpoint.pt." in os.readlink(f"/proc/self/fd/{fd}"):  # a checkpoint's temp file
+            calls.append(fd)
+            if len(calls) == 2:  # the second checkpoint (step 2) hits a full disk
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_fsync(fd)
     monkeypatch.setattr(os, "fsync", fsync)
     out = tmp_path / "run"

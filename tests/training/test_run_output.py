@@ -1,0 +1,43 @@
+"""What a finished `lmoe train` run prints and leaves: one trainable-params line, the adapter's
+directory last, no empty eval files; a warning for a run that is all warm-up."""
+import logging
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from lmoe import load_adapter
+from lmoe.cli import main
+from train_cli import model_and_data, train_argv
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return model_and_data(tmp_path_factory.mktemp("output"))
+
+
+def test_a_run_without_eval_data_names_its_adapter_and_writes_no_empty_results(setup, tmp_path,
+                                                                                capsys, caplog):
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "run"
+    # compare_base, but nothing to evaluate: no eval_data, no benchmark, not the built-in mixture
+    main(train_argv(setup, out, "steps=2", "warmup_steps=1", "compare_base=true"))
+    printed = capsys.readouterr()
+    assert (printed.out + printed.err + caplog.text).count("trainable params") == 1
+    assert "lmoe: 18 training examples; 14 layers, trainable params" in printed.out
+    assert printed.out.splitlines()[-1] == f"lmoe: adapter saved to {out / 'adapter'}"
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["adapter", "checkpoint.pt", "metrics.csv", "train_config.yaml"]
+    assert "warmup_steps" not in caplog.text
+
+    caplog.clear()  # what generate, analyze and eval do: no trainable-params line of inject's
+    load_adapter(AutoModelForCausalLM.from_pretrained(setup[0]), out / "adapter")
+    assert "trainable params" not in caplog.text
+
+
+def test_a_run_that_is_all_warm_up_is_warned_about(setup, tmp_path, caplog):
+    main(train_argv(setup, tmp_path / "run", "steps=2", "warmup_steps=2", "save_every=0"))
+    (warning,) = [r for r in caplog.records if "warmup_steps" in r.getMessage()]
+    assert warning.levelno == logging.WARNING
+    assert warning.getMessage() == (
+        "lmoe: warmup_steps=2 >= steps=2: the learning rate rises for the whole run and never "
+        "decays; set warmup_steps below steps (e.g. warmup_steps=0).")
