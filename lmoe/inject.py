@@ -97,7 +97,7 @@ def inject(model: nn.Module, cfg: LMoEConfig) -> nn.Module:
         setattr(model, QUANTIZED_ATTR, True)
     trainable, total = count_parameters(model)
     log.debug("lmoe: %d layers, trainable params %s of %s (%.3f%%)",  # lmoe train prints its own
-             len(targets), f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+              len(targets), f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return model
 
 

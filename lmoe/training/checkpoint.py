@@ -87,4 +87,8 @@ def load_checkpoint(blob: dict, model: nn.Module, optimizer, scheduler) -> Train
                    optim_state_dict=blob["optimizer"],
                    options=StateDictOptions(full_state_dict=True, strict=False))
     scheduler.load_state_dict(blob["scheduler"])  # no RNG state: seed_step reseeds every step
+    # the next step's learning rate from this run's schedule (resumed with more steps: the longer
+    # one's), not the rate the checkpoint's run set for it at the end of its last step
+    scheduler.last_epoch -= 1
+    scheduler.step()
     return TrainState(**blob["state"])

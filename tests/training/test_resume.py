@@ -12,7 +12,7 @@ import lmoe.training.loop
 from lmoe.cli import main
 from lmoe.io import load_state
 from lmoe.training.config import RESUMABLE, TrainConfig
-from lmoe.training.loop import train
+from lmoe.training.loop import train, warmup_cosine
 from lmoe.training.metrics_log import MetricsLog, read_metrics
 from tiny import write_jsonl
 from train_cli import STEPS, model_and_data, train_argv
@@ -124,6 +124,11 @@ def test_resume_with_more_steps_continues_and_saves_only_those_changes(setup, tm
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     # the held-out loss from the resumed steps on, every 2nd
     assert [r["eval_loss"] != "" for r in rows] == [False, False, False, False, False, True]
+    # the learning rate follows the 6-step schedule from the checkpoint on (4 steps: ends at 0)
+    assert rows[3]["lr"] == pytest.approx(0.01 * warmup_cosine(2, 4)(3))
+    for row in rows[4:]:
+        expected = 0.01 * warmup_cosine(2, 6)(row["step"] - 1)
+        assert row["lr"] > 0 and row["lr"] == pytest.approx(expected)
     after = yaml.safe_load((out / "train_config.yaml").read_text())
     assert {k: (before[k], after[k]) for k in before if before[k] != after[k]} == {
         "steps": (4, 6), "eval_every": (0, 2), "eval_data": ([], [str(setup[1])])}
