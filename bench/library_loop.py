@@ -103,7 +103,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
         router_norms.append(router)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if (step + 1) % 25 == 0:
             recent = statistics.mean(losses[-25:])
             print(f"library_loop: seed {seed} step {step + 1} loss {recent:.3f} grad norm "
