@@ -135,6 +135,8 @@ def done_seeds(path: Path) -> set[int]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    from lmoe.allocator import keep_freed_memory
+    keep_freed_memory()  # as `lmoe train` does on the CPU: each step reuses freed memory (speed)
     if args.threads:
         torch.set_num_threads(args.threads)
     results = Path(args.results)
