@@ -103,7 +103,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
         router_norms.append(router)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if (step + 1) % 25 == 0:
             recent = statistics.mean(losses[-25:])
             print(f"library_loop: seed {seed} step {step + 1} loss {recent:.3f} grad norm "
@@ -135,6 +135,8 @@ def done_seeds(path: Path) -> set[int]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    from lmoe.allocator import keep_freed_memory
+    keep_freed_memory()  # as `lmoe train` does on the CPU: each step reuses freed memory (speed)
     if args.threads:
         torch.set_num_threads(args.threads)
     results = Path(args.results)

@@ -3,7 +3,9 @@ every model the study trains (PEFT LoRAs, lmoe mixtures, X-LoRA's classifier), s
 question's correctness (for paired differences), and how much of a task's routing goes to its own expert.
 
 Every model trains as `lmoe train` trains: AdamW, lmoe's defaults (10 warm-up steps, cosine decay, gradient
-clipping at 1, no weight decay), the routers at router_lr_scale times lr, dropout masks seeded per step.
+clipping at 1, no weight decay), the routers at 30x lr through their parameter scale (LMoEConfig's
+router_param_scale; recorded before it existed, as a parameter group at 30x), dropout masks seeded
+per step.
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ def examples(tokenizer, records: Iterable[dict], max_length: int) -> list[Exampl
 # ---------------------------------------------------------------- training
 
 def fit(model: nn.Module, train: list[Example], steps: int, batch_size: int, lr: float, seed: int, pad_id: int,
-        router_lr_scale: float = 30.0) -> float:
+        router_lr_scale: float = 1.0) -> float:
     """Train model's trainable parameters for `steps` batches of `train`; returns the mean loss of the last 10."""
     optimizer = torch.optim.AdamW(param_groups(model, lr, router_lr_scale), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(min(WARMUP, steps // 4), steps))
