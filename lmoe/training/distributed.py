@@ -77,15 +77,15 @@ def single_process_model(accelerator: Accelerator, model: nn.Module, fresh: Call
 
 
 def clip_grad_norm(accelerator: Accelerator, model: nn.Module, max_norm: float) -> float:
-    """Clip the gradients to max_norm (0: no clipping); the norm of all of them, FSDP's shards included,
-    as gradients of the weights in use.
+    """Clip the gradients to max_norm (0: no clipping); the norm of all of them, FSDP's shards
+    included, as gradients of the weights in use.
 
     A router stores its parameters divided by its scale c (routing.ScaledLinear), so their gradients
     are c times those of the weights they stand for; counted as stored, the routers would weigh c^2
     times as much in the norm. They are counted divided by c, so the clipping (and, Adam being
     invariant to a gradient's scale, the update) is what routers at c times the learning rate get."""
-    scaled = [(p, m.scale) for m in model.modules() if isinstance(m, ScaledLinear) and m.scale != 1
-              for p in m.parameters(recurse=False) if p.grad is not None]
+    routers = [m for m in model.modules() if isinstance(m, ScaledLinear) and m.scale != 1]
+    scaled = [(p, m.scale) for m in routers for p in m.parameters(recurse=False) if p.grad is not None]
     for p, scale in scaled:
         p.grad.div_(scale)
     norm = accelerator.clip_grad_norm_(model.parameters(), max_norm or float("inf"))

@@ -1,5 +1,5 @@
-"""Gradient clipping counts the routers' gradients as gradients of the weights in use: a router stored at
-scale c (routing.ScaledLinear) clips exactly as the same router stored at scale 1 does."""
+"""Gradient clipping counts the routers' gradients as gradients of the weights in use: a router
+stored at scale c (routing.ScaledLinear) clips exactly as the same router stored at scale 1 does."""
 import torch
 from accelerate import Accelerator
 from conftest import VOCAB, tiny_model
@@ -22,10 +22,11 @@ def injected(scale: float, router: str) -> torch.nn.Module:
 
 
 def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Each trainable parameter's gradient as a gradient of the weight in use (router ones divided by c)."""
-    scales = {f"{name}.{p}": m.scale for name, m in model.named_modules() if isinstance(m, ScaledLinear)
-              for p, _ in m.named_parameters(recurse=False)}
-    return {n: p.grad / scales.get(n, 1.0) for n, p in model.named_parameters() if p.grad is not None}
+    """Each trainable parameter's gradient as one of the weight in use (routers': divided by c)."""
+    routers = [(name, m) for name, m in model.named_modules() if isinstance(m, ScaledLinear)]
+    scales = {f"{name}.{p}": m.scale for name, m in routers for p, _ in m.named_parameters(recurse=False)}
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return {n: grad / scales.get(n, 1.0) for n, grad in grads.items()}
 
 
 def test_clipping_is_the_same_at_any_router_scale():
