@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from lmoe import LMoEConfig, MoLoRALinear
-from lmoe.layer import _MixtureLoRA, _Projections
+from lmoe.kernels.dense import DenseMixture as _MixtureLoRA
+from lmoe.kernels.input_gemm import InputProducts as _Projections
 
 T, E, R, D_IN, D_OUT = 7, 4, 3, 5, 6
 

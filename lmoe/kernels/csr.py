@@ -1,20 +1,25 @@
-"""The sparse path on the CPU as sparse-matrix products: the routed pairs as one block-sparse (tokens, E*r) matrix.
+"""The CSR kernel: the grouped kernel's pairs on the CPU as one block-sparse (tokens, E*r) matrix.
 
-Grouping pairs by expert (sparse.py) runs one small GEMM per expert and product: on the CPU each costs ~8 us of
-call overhead whatever its size, so at E = 64 the six products of a layer's forward and backward cost ~3 ms at
-256 tokens, more than the arithmetic. Here the pairs' codes are the values of a CSR matrix V (tokens, E*r) whose
-row t holds, at the columns e*r .. e*r + r-1 of each of its experts e, that pair's r-vector; then every product of
-the mixture is one sparse-dense product, whose cost is the pairs' multiply-adds:
+Grouping pairs by expert (grouped.py) runs one small GEMM per expert and product, each with a fixed
+call overhead whatever its size. Here the pairs' weighted codes are the values of a CSR matrix V
+(tokens, E*r) whose row t holds, at the columns e*r .. e*r + r-1 of each of its experts e, that
+pair's r-vector; then every product of the mixture is one sparse-dense product, whose cost is the
+pairs' multiply-adds:
     h = (x A^T) sampled at V's pattern        (SDDMM: MKL's, torch.sparse.sampled_addmm)
     y + s V B                                  (SpMM)
-    backward: dV = s (dy B^T) at the pattern; dB = s V^T dy; dA = dH^T x; dx = dH A   (dH: dh at V's pattern)
-with A (E*r, d_in) and B (E*r, d_out) the banks' own storage (lora_A, layer.expert_bank_B), so no weight is
-copied or gathered and no (pairs, d) row is gathered or scattered. Each SpMM is a weighted embedding-bag sum
-(row t of V @ D sums the rows of D at V's columns, weighted by V's values: F.embedding_bag with per-sample
-weights), in 0.44-0.60x the time of MKL's CSR product at d = 576-1536 and 16-1024 tokens (bench/RESULTS.md;
-0.94x for V^T at 16 tokens, whose rows are mostly empty). The transposed products read V^T's pattern (rows
-e*r + j, columns the expert's tokens), built once from a fixed permutation of the values. The per-pair mixing
-(weights, the params composition's z) is sparse.py's, on (pairs, r) values in token order.
+    backward: dV = s (dy B^T) at the pattern; dB = s V^T dy; dA = dH^T x; dx = dH A
+    (dH: dh at V's pattern)
+with A (E*r, d_in) and B (E*r, d_out) the banks' own storage (lora_A, layer.expert_bank_B), so no
+weight is copied or gathered and no (pairs, d) row is gathered or scattered. Each SpMM is a weighted
+embedding-bag sum (row t of V @ D sums the rows of D at V's columns, weighted by V's values:
+F.embedding_bag with per-sample weights), faster than MKL's CSR product (bench/RESULTS.md, "Settled
+questions and rejected designs"). The transposed products read V^T's pattern (rows e*r + j, columns
+the expert's tokens), built once from a fixed permutation of the values. The per-pair weighting is
+pairs.py's, on (pairs, r) values in token order.
+
+Where it wins: many experts with few active a token, on the CPU in float32/64 (what MKL's sparse
+products take); bench/RESULTS.md, "Sparse routing: cost as the number of experts grows" (the
+kernels in one process, and the auto rule's CSR constant).
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .sparse import mixed_code, pair_codes, pair_codes_backward
+from .interface import KernelInputs
+from .pairs import pairs_mixed_code, weighted_pair_codes, weighted_pair_codes_backward
 
 
 def csr_ok(device: torch.device, dtype: torch.dtype) -> bool:
@@ -35,7 +41,7 @@ def csr_ok(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 @dataclass
-class Pattern:
+class CsrPattern:
     """The pairs in token order and the CSR pattern V they make for experts of rank r; V^T's pattern is built on
     first use (backward), so a forward without autograd (generation's prompt) does not pay for it."""
 
@@ -85,7 +91,7 @@ class Pattern:
         return self._transpose
 
 
-def pattern(g: Tensor, per_token: int | None, rank: int, index: Tensor | None = None) -> Pattern:
+def csr_pattern(g: Tensor, per_token: int | None, rank: int, index: Tensor | None = None) -> CsrPattern:
     """The pairs of routing g (tokens, E): top-k's k largest weights of each token (per_token = k; a pair of weight
     0 adds nothing; index (tokens, k): those experts when the router gave them) or, per_token None, every g > 0."""
     (tokens, E), device = g.shape, g.device
@@ -101,7 +107,7 @@ def pattern(g: Tensor, per_token: int | None, rank: int, index: Tensor | None = 
     cols = (expert.unsqueeze(1) * rank + torch.arange(rank, device=device)).flatten()
     # MKL's sampled product takes 32-bit indices (torch would convert 64-bit ones at every call); embedding_bag either
     index_dtype = torch.int32 if max(cols.shape[0], E * rank, tokens) < 2 ** 31 else torch.int64
-    return Pattern(token, expert, (tokens, E * rank), rank, rows.to(index_dtype), cols.to(index_dtype))
+    return CsrPattern(token, expert, (tokens, E * rank), rank, rows.to(index_dtype), cols.to(index_dtype))
 
 
 def bag_sums(cols: Tensor, rows: Tensor, values: Tensor, dense: Tensor) -> Tensor:
@@ -110,19 +116,19 @@ def bag_sums(cols: Tensor, rows: Tensor, values: Tensor, dense: Tensor) -> Tenso
     return F.embedding_bag(cols, dense, rows, mode="sum", per_sample_weights=values, include_last_offset=True)
 
 
-def banks(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+def flat_banks(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     """A (E, r, d_in) and B (E, d_out, r) in their storage's (E*r, d) layout (views for the parameters)."""
     return A.reshape(-1, A.shape[-1]), B.transpose(1, 2).reshape(-1, B.shape[1])
 
 
-def csr_mixture(y: Tensor, x: Tensor, A: Tensor, B: Tensor, g: Tensor, pat: Pattern, scaling: float,
+def csr_mixture(y: Tensor, x: Tensor, A: Tensor, B: Tensor, g: Tensor, pat: CsrPattern, scaling: float,
                 params: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """(y + s * Delta, h, z, w) over the pattern's pairs: arguments as sparse.grouped_mixture."""
-    A2, B2 = banks(A, B)
+    A2, B2 = flat_banks(A, B)
     w = g[pat.token, pat.expert]  # (N,)
     h = pat.sampled(x, A2.t())  # (N, r): A_e x_t
-    z = mixed_code(h, w, pat.token, x.shape[0]) if params else None
-    v = pair_codes(h, w, z, pat.token)
+    z = pairs_mixed_code(h, w, pat.token, x.shape[0]) if params else None
+    v = weighted_pair_codes(h, w, z, pat.token)
     return torch.add(y, pat.times(v, B2), alpha=scaling), h, z, w
 
 
@@ -143,15 +149,25 @@ class CsrMixture(torch.autograd.Function):
         x, A, B, w, h, z = ctx.saved_tensors
         pat, s = ctx.pattern, ctx.scaling
         need_x, need_A, need_B, need_g = ctx.needs_input_grad[1:5]
-        A2, B2 = banks(A, B)
+        A2, B2 = flat_banks(A, B)
         grad_out = grad_out.to(h.dtype).contiguous()
         grad_v = pat.sampled(grad_out, B2.t()).mul_(s)  # (N, r)
         grad_B = None
         if need_B:  # (E*r, d_out): lora_B's storage layout (layer.expert_bank_B)
-            grad_B = pat.transposed_times(s * pair_codes(h, w, z, pat.token), grad_out).view(B.shape[0], -1, B.shape[1])
+            grad_B = pat.transposed_times(s * weighted_pair_codes(h, w, z, pat.token), grad_out).view(B.shape[0], -1, B.shape[1])
             grad_B = grad_B.transpose(1, 2)
-        grad_h, grad_w = pair_codes_backward(grad_v, h, w, z, pat.token)
+        grad_h, grad_w = weighted_pair_codes_backward(grad_v, h, w, z, pat.token)
         grad_g = w.new_zeros(ctx.routing_shape).index_put_((pat.token, pat.expert), grad_w) if need_g else None
         grad_A = pat.transposed_times(grad_h, x).view_as(A) if need_A else None
         grad_x = pat.times(grad_h, A2) if need_x else None
         return grad_out, grad_x, grad_A, grad_B, grad_g, None, None, None
+
+
+def csr_kernel(inputs: KernelInputs) -> Tensor:
+    """y + s * Delta over the routed pairs as sparse-matrix products (the module's docstring)."""
+    dtype = inputs.y.dtype
+    A, B = inputs.lora_A.to(dtype), inputs.lora_B.to(dtype)
+    rank = inputs.lora_A.shape[1]
+    pat = csr_pattern(inputs.g, inputs.per_token, rank, inputs.routing.top_index)
+    args = (inputs.y, inputs.experts_x, A, B, inputs.g, pat, inputs.scaling, inputs.params)
+    return CsrMixture.apply(*args) if inputs.autograd else csr_mixture(*args)[0]
