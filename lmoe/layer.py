@@ -156,51 +156,58 @@ class MoLoRALinear(nn.Module):
         routing = self.router.route(experts_x if reads_dropout else x2)
         self._keep_routing(routing, self._real_tokens(x))
         y = self.base(x).reshape(-1, self.out_features)  # (tokens, d_out)
-        delta = mixture_delta(experts_x, self.lora_A, self.lora_B, routing.weights, self.composition)
+        g = routing.weights  # (tokens, E)
+        delta = mixture_delta(experts_x, self.lora_A, self.lora_B, g, self.composition)
         return (y + self.scaling * delta).view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        """reference_forward's values, fast: route, then the kernel the plan picks runs the experts."""
+        """reference_forward's values, fast: route, then the kernel the plan picks runs the
+        experts."""
         if self.merged_routing is not None:  # routing fixed and folded into the base weight
             return self.base(x)
         dtype = _compute_dtype(x)
         x2 = x.reshape(-1, self.in_features)  # (tokens, d_in)
-        # without autograd (generation) the same maths runs directly: no Function bookkeeping per token
+        # without autograd (generation) the same maths runs directly: no Function bookkeeping
         autograd = torch.is_grad_enabled()
         # the experts' input where it is not x itself (dropout, or generation's separate GEMMs)
-        lora_x = None if autograd and isinstance(self.dropout, nn.Identity) else self.dropout(x2).to(dtype)
+        lora_x = (None if autograd and isinstance(self.dropout, nn.Identity)
+                  else self.dropout(x2).to(dtype))
         gates_read_x = lora_x is None or not self.router_reads_dropout or not self.training
-        csr = csr_ok(x2.device, dtype)  # which kernel a sparse plan runs: CSR products or grouped GEMMs
+        csr = csr_ok(x2.device, dtype)  # what a sparse plan runs: CSR products or grouped GEMMs
         plan = self._plan(x2.shape[0], csr)
-        y, codes, *gate_products = self._input_products(x2, lora_x, plan, dtype, autograd, gates_read_x)
+        y, codes, *gate_products = self._input_products(x2, lora_x, plan, dtype, autograd,
+                                                        gates_read_x)
         out_dtype = dtype
         if y is None:  # a base the layer does not run itself (see frozen_product)
             y = self.base(x)
             out_dtype = y.dtype
             y = y.reshape(-1, self.out_features).to(dtype)  # (tokens, d_out)
-        routing = self.router.route(x2, *gate_products) if gates_read_x else self.router.route(lora_x)
+        routing = (self.router.route(x2, *gate_products) if gates_read_x
+                   else self.router.route(lora_x))
         self._keep_routing(routing, self._real_tokens(x))
         experts_x = (x2 if lora_x is None else lora_x).to(dtype)  # (tokens, d_in)
-        inputs = KernelInputs(y, experts_x, self.lora_A, self.lora_B, routing, routing.weights.to(dtype),
+        g = routing.weights.to(dtype)  # (tokens, E)
+        codes = codes if plan == "dense" else None  # else A had no rows here
+        inputs = KernelInputs(y, experts_x, self.lora_A, self.lora_B, routing, g,
                               self.router.experts_per_token(), self.scaling,
-                              self.composition == "params", autograd,
-                              codes if plan == "dense" else None)  # else A had no rows
+                              self.composition == "params", autograd, codes)
         out = run_kernel(plan, inputs, csr)  # (tokens, d_out)
         return out.view(*x.shape[:-1], self.out_features).to(out_dtype)
 
     def _plan(self, tokens: int, csr: bool) -> str:
-        """How this forward runs the experts: "dense", "sparse", or "after_routing" (decided from the
-        routing's count of active pairs; the dynamic router's count is known only then). See
+        """How this forward runs the experts: "dense", "sparse", or "after_routing" (decided from
+        the routing's count of active pairs; the dynamic router's count is known only then). See
         sparse.prefer_sparse; csr: whether the sparse plan would run the CSR kernel
         (kernels.csr.csr_ok)."""
         if self.execution != "auto":
             return self.execution
         if self.num_experts * self.rank <= DENSE_UP_TO_RANK:  # today's sizes: no call per forward
             return "dense"
-        per_token, cost = self.router.experts_per_token(), group_cost(csr)
+        E, r, cost = self.num_experts, self.rank, group_cost(csr)
+        per_token = self.router.experts_per_token()
         if per_token is not None:
-            return "sparse" if prefer_sparse(self.num_experts, self.rank, per_token, tokens, cost) else "dense"
-        return "after_routing" if prefer_sparse(self.num_experts, self.rank, 1, tokens, cost) else "dense"
+            return "sparse" if prefer_sparse(E, r, per_token, tokens, cost) else "dense"
+        return "after_routing" if prefer_sparse(E, r, 1, tokens, cost) else "dense"
 
     def _input_products(self, x2: Tensor, lora_x: Tensor | None, plan: str, dtype: torch.dtype,
                         autograd: bool, gates_read_x: bool) -> tuple[Tensor | None, ...]:
@@ -222,7 +229,8 @@ class MoLoRALinear(nn.Module):
         """
         W0, b0 = frozen_product(self.base) or (None, None)
         A = self.stacked()[0] if plan == "dense" else self.lora_A[:0].view(0, self.in_features)
-        gates = [] if not gates_read_x else self.router.x_weights(x2) if autograd else [self.router.weight]
+        gates = ([] if not gates_read_x else self.router.x_weights(x2) if autograd
+                 else [self.router.weight])
         args = (x2.to(dtype), lora_x, _cast(W0, dtype), _cast(b0, dtype), A.to(dtype),
                 *(G.to(dtype) for G in gates))
         return InputProducts.apply(*args) if autograd else input_products(*args)

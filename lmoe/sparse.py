@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# The auto rule's constants, fitted to bench/bench_sparse.py (d = 576, 1 CPU thread; bench/RESULTS.md,
-# "Sparse routing: cost as the number of experts grows"), in units of one rank of one token's dense
-# LoRA (2 d multiply-adds each way): a pair's row gathered and scattered costs PAIR_COST more than its
-# r ranks, an expert's group GROUP_COST; gathering each token's own experts pays once the dense bank
-# has GATHER_MIN_RANK ranks.
+# The auto rule's constants, fitted to bench/bench_sparse.py (d = 576, 1 CPU thread;
+# bench/RESULTS.md, "Sparse routing: cost as the number of experts grows"), in units of one rank of
+# one token's dense LoRA (2 d multiply-adds each way): a pair's row gathered and scattered costs
+# PAIR_COST more than its r ranks, an expert's group GROUP_COST; gathering each token's own experts
+# pays once the dense bank has GATHER_MIN_RANK ranks.
 PAIR_COST, GROUP_COST, GATHER_MIN_RANK = 64, 512, 512
 # the CSR kernel's products make no call per expert: refitted to bench/bench_sparse.py at d = 576,
 # E 8-64, r 8, k 2, 16-1024 tokens (bench/results/sparse_rule_fit.txt): the same pair cost, an
@@ -40,11 +40,11 @@ def gathers(experts: int, active: float, tokens: int) -> bool:
 
 def prefer_sparse(experts: int, rank: int, active: float, tokens: int,
                   group_cost: int = GROUP_COST) -> bool:
-    """Whether the sparse path is the faster for E experts of rank r with `active` experts a token on
-    average (top-k: k) over this many tokens: the dense path costs tokens * E * r; grouping costs each
-    pair r + PAIR_COST and each expert group_cost (GROUP_COST; CSR_GROUP_COST for the CSR kernel's
-    products); gathering (gathers) pays from E * r = GATHER_MIN_RANK. At E = 4-8 experts of rank 4-8
-    it is always dense."""
+    """Whether the sparse path is the faster for E experts of rank r with `active` experts a token
+    on average (top-k: k) over this many tokens: the dense path costs tokens * E * r; grouping
+    costs each pair r + PAIR_COST and each expert group_cost (GROUP_COST; CSR_GROUP_COST for the
+    CSR kernel's products); gathering (gathers) pays from E * r = GATHER_MIN_RANK. At E = 4-8
+    experts of rank 4-8 it is always dense."""
     if gathers(experts, active, tokens):
         return experts * rank >= GATHER_MIN_RANK
     return tokens * experts * rank > tokens * active * (rank + PAIR_COST) + experts * group_cost

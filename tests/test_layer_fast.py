@@ -1,6 +1,7 @@
-"""The execution kernels (lmoe/kernels/) against the library's reference, lmoe.layer.mixture_delta, and the
-reference itself against an independent per-token loop (test_layer.brute_force), float64: values and every
-gradient (input, A, B, gate, lambda head), both compositions, every router, E in {1, 2, 8, 64}, k = E."""
+"""The execution kernels (lmoe/kernels/) against the library's reference, lmoe.layer.mixture_delta,
+and the reference itself against an independent per-token loop (test_layer.brute_force), float64:
+values and every gradient (input, A, B, gate, lambda head), both compositions, every router, E in
+{1, 2, 8, 64}, k = E."""
 import copy
 
 import pytest
@@ -15,14 +16,15 @@ from lmoe.layer import mixture_delta
 from test_layer import brute_force, make_layer
 
 T, E, R, D_IN, D_OUT = 7, 4, 3, 5, 6
-# "topk_all": top-k with k = E (every expert on, through the sparse kernels); top-k otherwise k = min(2, E)
+# "topk_all": top-k with k = E (every expert on, through the sparse kernels); top-k otherwise k =
+# min(2, E)
 ROUTERS = ["softmax", "topk", "topk_all", "dynamic"]
 COMPOSITIONS = ["params", "outputs"]
 
 
 def oracle_layer(router: str, composition: str, E: int, seed: int = 0) -> MoLoRALinear:
-    """A float64 layer (d 5 -> 4, r 2) with random experts and router (test_layer.make_layer); the dynamic
-    router's lambda head starts where it keeps a few experts a token, not all."""
+    """A float64 layer (d 5 -> 4, r 2) with random experts and router (test_layer.make_layer); the
+    dynamic router's lambda head starts where it keeps a few experts a token, not all."""
     layer = make_layer("topk" if router == "topk_all" else router, composition, E=E, r=2, seed=seed)
     if router == "topk_all":
         layer.router.top_k = E
@@ -39,32 +41,35 @@ def wrt(layer: MoLoRALinear, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def kernel_inputs(layer: MoLoRALinear, x: torch.Tensor) -> tuple[KernelInputs, torch.Tensor]:
-    """The layer's operands for a kernel, routed with autograd (so the gate gets its gradient), and the
-    reference y + s * Delta on the same routing."""
+    """The layer's operands for a kernel, routed with autograd (so the gate gets its gradient), and
+    the reference y + s * Delta on the same routing."""
     routing = layer.router.route(x)
     y = layer.base(x)
     per_token = layer.router.experts_per_token()
     inputs = KernelInputs(y, x, layer.lora_A, layer.lora_B, routing, routing.weights, per_token,
                           layer.scaling, layer.composition == "params", True)
-    inputs.most_per_token = int((routing.weights > 0).sum(-1).max()) if per_token is None else per_token
-    want = y + layer.scaling * mixture_delta(x, layer.lora_A, layer.lora_B, routing.weights, layer.composition)
+    g = routing.weights
+    inputs.most_per_token = int((g > 0).sum(-1).max()) if per_token is None else per_token
+    want = y + layer.scaling * mixture_delta(x, layer.lora_A, layer.lora_B, g, layer.composition)
     return inputs, want
 
 
 @pytest.mark.parametrize("composition", COMPOSITIONS)
 @pytest.mark.parametrize("router", ["softmax", "topk", "dynamic"])
 def test_reference_equals_an_independent_per_token_loop(router, composition):
-    """mixture_delta (einsum over all tokens) against test_layer.brute_force (token by token, explicit
-    matrices): values and the gradients of x, A, B and g."""
+    """mixture_delta (einsum over all tokens) against test_layer.brute_force (token by token,
+    explicit matrices): values and the gradients of x, A, B and g."""
     layer = oracle_layer(router, composition, E=3)
     x = torch.randn(T, 5, dtype=torch.float64, requires_grad=True)
     g = layer.router.route(x).weights.detach().requires_grad_()
-    got = layer.base(x) + layer.scaling * mixture_delta(x, layer.lora_A, layer.lora_B, g, composition)
+    delta = mixture_delta(x, layer.lora_A, layer.lora_B, g, composition)
+    got = layer.base(x) + layer.scaling * delta
     want = brute_force(layer, x, g)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     grad_out = torch.randn_like(got)
     tensors = (x, layer.lora_A, layer.lora_B, g)
-    for a, b in zip(torch.autograd.grad(got, tensors, grad_out), torch.autograd.grad(want, tensors, grad_out)):
+    got_grads = torch.autograd.grad(got, tensors, grad_out)
+    for a, b in zip(got_grads, torch.autograd.grad(want, tensors, grad_out)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
@@ -73,15 +78,16 @@ def test_reference_equals_an_independent_per_token_loop(router, composition):
 @pytest.mark.parametrize("composition", COMPOSITIONS)
 @pytest.mark.parametrize("E", [1, 2, 8, 64])
 def test_every_kernel_matches_the_reference(kernel, router, composition, E):
-    """Each kernel through its autograd Function and without autograd, against mixture_delta on the same
-    routing: values and the gradients of x, A, B, the gate and the lambda head."""
+    """Each kernel through its autograd Function and without autograd, against mixture_delta on the
+    same routing: values and the gradients of x, A, B, the gate and the lambda head."""
     layer = oracle_layer(router, composition, E)
     x = torch.randn(T, 5, dtype=torch.float64, requires_grad=True)
     inputs, want = kernel_inputs(layer, x)
     got = KERNELS[kernel](inputs)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     grad_out = torch.randn_like(got)
-    got_grads = torch.autograd.grad(got, wrt(layer, x), grad_out, retain_graph=True, allow_unused=True)
+    got_grads = torch.autograd.grad(got, wrt(layer, x), grad_out, retain_graph=True,
+                                    allow_unused=True)
     want_grads = torch.autograd.grad(want, wrt(layer, x), grad_out, allow_unused=True)
     for a, b in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
@@ -101,8 +107,9 @@ def aux_total(layer: MoLoRALinear) -> torch.Tensor:
 @pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("composition", COMPOSITIONS)
 def test_layer_forward_matches_reference_forward_with_padding(execution, router, composition):
-    """The layer's forward (route, plan, kernel) against reference_forward on a batch with padding (the
-    model's mask: the router losses count only real tokens): outputs, router losses and every gradient."""
+    """The layer's forward (route, plan, kernel) against reference_forward on a batch with padding
+    (the model's mask: the router losses count only real tokens): outputs, router losses and
+    every gradient."""
     layer = oracle_layer(router, composition, E=8).train()
     layer.execution = execution
     mask = torch.ones(2, T, dtype=torch.long)
@@ -123,8 +130,8 @@ def test_layer_forward_matches_reference_forward_with_padding(execution, router,
 @pytest.mark.parametrize("with_base", [True, False])
 @pytest.mark.parametrize("dropout_input", [True, False])
 def test_input_products_gradients_match_autograd(with_base, dropout_input):
-    """InputProducts' one-GEMM input gradient against autograd on the separate products (float64), with and
-    without the base product and a separate experts' input (dropout); gradcheck on top."""
+    """InputProducts' one-GEMM input gradient against autograd on the separate products (float64),
+    with and without the base product and a separate experts' input (dropout); gradcheck on top."""
     gen = torch.Generator().manual_seed(1)
 
     def randn(*shape):
@@ -150,7 +157,8 @@ def test_input_products_gradients_match_autograd(with_base, dropout_input):
     want = torch.autograd.grad(total(reference, *args), tensors)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda *t: tuple(o for o in InputProducts.apply(*t) if o is not None), args)
+    assert torch.autograd.gradcheck(
+        lambda *t: tuple(o for o in InputProducts.apply(*t) if o is not None), args)
 
 
 @pytest.mark.parametrize("composition", COMPOSITIONS)
@@ -173,18 +181,20 @@ def test_dense_kernel_gradcheck(composition):
 @pytest.mark.parametrize("router", ["softmax", "topk", "dynamic"])
 @pytest.mark.parametrize("composition", COMPOSITIONS)
 def test_layer_matches_reference_forward_in_training_and_generation(router, composition):
-    """A layer of E = 4 (the dense plan, the fused input GEMM) against reference_forward with autograd and
-    without (generation runs A and W_g as separate GEMMs), float64."""
+    """A layer of E = 4 (the dense plan, the fused input GEMM) against reference_forward with
+    autograd and without (generation runs A and W_g as separate GEMMs), float64."""
     torch.manual_seed(0)
     base = nn.Linear(D_IN, D_OUT, dtype=torch.float64).requires_grad_(False)
-    cfg = LMoEConfig(num_experts=E, rank=R, router=router, composition=composition, target_modules="all-linear")
+    cfg = LMoEConfig(num_experts=E, rank=R, router=router, composition=composition,
+                     target_modules="all-linear")
     layer = MoLoRALinear(base, cfg).double()
     nn.init.normal_(layer.lora_B)
     x = torch.randn(2, T, D_IN, dtype=torch.float64, requires_grad=True)
     y, want = layer(x), layer.reference_forward(x)
     torch.testing.assert_close(y, want)
     grad_out = torch.randn_like(y)
-    for a, b in zip(torch.autograd.grad(y, wrt(layer, x), grad_out), torch.autograd.grad(want, wrt(layer, x), grad_out)):
+    got_grads = torch.autograd.grad(y, wrt(layer, x), grad_out)
+    for a, b in zip(got_grads, torch.autograd.grad(want, wrt(layer, x), grad_out)):
         torch.testing.assert_close(a, b)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), want)
@@ -192,9 +202,9 @@ def test_layer_matches_reference_forward_in_training_and_generation(router, comp
 
 @pytest.mark.parametrize("composition", COMPOSITIONS)
 def test_inference_path_equals_training_path(composition):
-    """Without autograd the layer skips the Functions and runs A and W_g as separate GEMMs (autograd: one
-    GEMM on [A; W_g]); the same maths, equal to float32 rounding (how BLAS groups a GEMM differs between
-    CPUs)."""
+    """Without autograd the layer skips the Functions and runs A and W_g as separate GEMMs
+    (autograd: one GEMM on [A; W_g]); the same maths, equal to float32 rounding (how BLAS groups
+    a GEMM differs between CPUs)."""
     torch.manual_seed(0)
     base = nn.Linear(D_IN, D_OUT).requires_grad_(False)
     layer = MoLoRALinear(base, LMoEConfig(num_experts=E, rank=R, composition=composition,
@@ -211,7 +221,8 @@ def test_layer_compiles_without_graph_breaks(router):
     """torch.compile captures forward + backward in one graph (fullgraph) and agrees with eager."""
     torch.manual_seed(0)
     base = nn.Linear(D_IN, D_OUT).requires_grad_(False)
-    layer = MoLoRALinear(base, LMoEConfig(num_experts=E, rank=R, router=router, target_modules="all-linear"))
+    cfg = LMoEConfig(num_experts=E, rank=R, router=router, target_modules="all-linear")
+    layer = MoLoRALinear(base, cfg)
     nn.init.normal_(layer.lora_B)
     x = torch.randn(2, T, D_IN, requires_grad=True)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
@@ -228,8 +239,9 @@ def test_layer_compiles_without_graph_breaks(router):
 @pytest.mark.parametrize("router", ["softmax", "dynamic"])
 @pytest.mark.parametrize("composition", COMPOSITIONS)
 def test_router_reads_the_experts_dropped_out_input(router, composition):
-    """router_reads_dropout: in training, the gate (and lambda head) see the very dropout(x) the experts see;
-    outputs and gradients against reference_forward with the same dropout draw (float64)."""
+    """router_reads_dropout: in training, the gate (and lambda head) see the very dropout(x) the
+    experts see; outputs and gradients against reference_forward with the same dropout draw
+    (float64)."""
     torch.manual_seed(0)
     base = nn.Linear(D_IN, D_OUT).double().requires_grad_(False)
     cfg = LMoEConfig(num_experts=E, rank=R, router=router, composition=composition, dropout=0.5,
@@ -243,10 +255,12 @@ def test_router_reads_the_experts_dropped_out_input(router, composition):
     want = layer.reference_forward(x)  # the same draw: the same mask
     torch.manual_seed(5)
     xd = nn.functional.dropout(x, 0.5, training=True)
-    assert not torch.allclose(layer.router.route(xd).weights, layer.router.route(x).weights)  # it matters
+    # the clean input would route otherwise
+    assert not torch.allclose(layer.router.route(xd).weights, layer.router.route(x).weights)
     torch.testing.assert_close(y, want)
     grad_out = torch.randn_like(y)
-    for a, b in zip(torch.autograd.grad(y, wrt(layer, x), grad_out), torch.autograd.grad(want, wrt(layer, x), grad_out)):
+    got_grads = torch.autograd.grad(y, wrt(layer, x), grad_out)
+    for a, b in zip(got_grads, torch.autograd.grad(want, wrt(layer, x), grad_out)):
         torch.testing.assert_close(a, b)
     layer.eval()  # no dropout at evaluation: the clean input everywhere
     with torch.no_grad():
@@ -255,8 +269,8 @@ def test_router_reads_the_experts_dropped_out_input(router, composition):
 
 
 def test_choose_kernel_follows_the_plan_and_the_rule():
-    """The dense plan runs dense; a sparse plan gathers for few tokens, else CSR or grouped by the device;
-    the after-routing plan falls back to dense where the routing is too dense to pay."""
+    """The dense plan runs dense; a sparse plan gathers for few tokens, else CSR or grouped by the
+    device; the after-routing plan falls back to dense where the routing is too dense to pay."""
     layer = oracle_layer("topk", "params", E=64)
     few, many = torch.randn(2, 5, dtype=torch.float64), torch.randn(300, 5, dtype=torch.float64)
     choose = lmoe.kernels.choose_kernel

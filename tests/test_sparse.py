@@ -1,5 +1,6 @@
-"""The sparse kernels (lmoe/kernels/grouped.py, csr.py, gathered.py) and the rule (lmoe/sparse.py): per-token brute force in float64, the dense path in float32,
-grouped products against explicit loops, and the rule that picks the path."""
+"""The sparse kernels (lmoe/kernels/grouped.py, csr.py, gathered.py) and the rule (lmoe/sparse.py):
+per-token brute force in float64, the dense path in float32, grouped products against explicit
+loops, and the rule that picks the path."""
 import copy
 import itertools
 
@@ -282,7 +283,8 @@ def test_auto_dynamic_router_follows_the_observed_number_of_experts(monkeypatch)
     """LD-MoLE at E = 64: dense while lambda keeps (nearly) every expert, sparse once it routes few."""
     ran = []
     for name in ("gathered", "csr", "dense"):
-        monkeypatch.setitem(lmoe.kernels.KERNELS, name, lambda inputs, name=name: ran.append(name) or inputs.y)
+        monkeypatch.setitem(lmoe.kernels.KERNELS, name,
+                            lambda inputs, name=name: ran.append(name) or inputs.y)
     layer = MoLoRALinear(nn.Linear(32, 32), LMoEConfig(num_experts=64, router="dynamic", lambda_hidden=8,
                                                        target_modules="all-linear"))
     with torch.no_grad():
@@ -306,7 +308,8 @@ def test_auto_dynamic_router_observed_dense_keeps_every_gradient():
     dense = copy.deepcopy(auto)
     auto.execution, dense.execution = "auto", "dense"
     x = torch.randn(300, 5, dtype=torch.float64, requires_grad=True)
-    assert auto._plan(300, True) == "after_routing" and (auto.router.route(x).weights > 0).sum(-1).float().mean() > 32
+    assert auto._plan(300, True) == "after_routing"
+    assert (auto.router.route(x).weights > 0).sum(-1).float().mean() > 32
     got, want = auto(x), dense(x)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     grad_out = torch.randn_like(got)

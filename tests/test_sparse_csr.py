@@ -1,5 +1,6 @@
-"""The CSR kernel's form of the routed pairs (lmoe/kernels/csr.py): its two patterns against matrices built by hand, its
-products against dense ones in float64, edge cases (tokens and experts without pairs, no pairs at all)."""
+"""The CSR kernel's form of the routed pairs (lmoe/kernels/csr.py): its two patterns against
+matrices built by hand, its products against dense ones in float64, edge cases (tokens and experts
+without pairs, no pairs at all)."""
 import pytest
 import torch
 

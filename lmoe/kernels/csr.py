@@ -35,15 +35,16 @@ from .pairs import pairs_mixed_code, weighted_pair_codes, weighted_pair_codes_ba
 
 
 def csr_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the CSR path runs a layer computing in dtype on device: CPU float32 / float64 (what MKL's sparse
-    products take)."""
+    """Whether the CSR path runs a layer computing in dtype on device: CPU float32 / float64 (what
+    MKL's sparse products take)."""
     return device.type == "cpu" and dtype in (torch.float32, torch.float64)
 
 
 @dataclass
 class CsrPattern:
-    """The pairs in token order and the CSR pattern V they make for experts of rank r; V^T's pattern is built on
-    first use (backward), so a forward without autograd (generation's prompt) does not pay for it."""
+    """The pairs in token order and the CSR pattern V they make for experts of rank r; V^T's pattern
+    is built on first use (backward), so a forward without autograd (generation's prompt) does
+    not pay for it."""
 
     token: Tensor  # (N,) int64, ascending
     expert: Tensor  # (N,) int64
@@ -64,15 +65,17 @@ class CsrPattern:
 
     def sampled(self, a: Tensor, b: Tensor) -> Tensor:
         """(a @ b) at V's pattern, as (N, r) values."""
-        with warnings.catch_warnings():  # torch's once-a-process "CSR support is in beta": this op is stable
+        # torch's once-a-process "CSR support is in beta": this op is stable
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
             zero = torch.sparse_csr_tensor(self.rows, self.cols, a.new_zeros(self.cols.shape[0]),
                                            self.shape, check_invariants=False)
         return torch.sparse.sampled_addmm(zero, a, b, beta=0.0).values().view(-1, self.rank)
 
     def transpose(self) -> tuple[Tensor, Tensor, Tensor]:
-        """V^T's (row pointers (E*r + 1,), column indices = tokens (N*r,), t_order (N*r,)): row e*r + j holds
-        expert e's pairs in token order, value v[p, j]; V^T's values are V's (flattened) at t_order."""
+        """V^T's (row pointers (E*r + 1,), column indices = tokens (N*r,), t_order (N*r,)): row e*r
+        + j holds expert e's pairs in token order, value v[p, j]; V^T's values are V's
+        (flattened) at t_order."""
         if self._transpose is None:
             r, E, device = self.rank, self.shape[1] // self.rank, self.token.device
             j = torch.arange(r, device=device)
@@ -81,19 +84,24 @@ class CsrPattern:
             start = counts.cumsum(0) - counts
             e = self.expert.index_select(0, by_expert)
             within = torch.arange(e.shape[0], device=device) - start.index_select(0, e)
-            dest = ((start.index_select(0, e) * r + within).unsqueeze(1) + j * counts.index_select(0, e).unsqueeze(1))
+            dest = ((start.index_select(0, e) * r + within).unsqueeze(1)
+                    + j * counts.index_select(0, e).unsqueeze(1))
             dest = dest.flatten()
-            t_order = torch.empty_like(dest).index_copy_(0, dest, (by_expert.unsqueeze(1) * r + j).flatten())
-            t_cols = torch.empty_like(dest).index_copy_(0, dest, self.token.index_select(0, by_expert).repeat_interleave(r))
+            source = (by_expert.unsqueeze(1) * r + j).flatten()
+            t_order = torch.empty_like(dest).index_copy_(0, dest, source)
+            tokens = self.token.index_select(0, by_expert).repeat_interleave(r)
+            t_cols = torch.empty_like(dest).index_copy_(0, dest, tokens)
             t_rows = torch.cat([(start.unsqueeze(1) * r + j * counts.unsqueeze(1)).flatten(),
                                 start.new_full((1,), dest.shape[0])])
             self._transpose = (t_rows.to(self.rows.dtype), t_cols.to(self.rows.dtype), t_order)
         return self._transpose
 
 
-def csr_pattern(g: Tensor, per_token: int | None, rank: int, index: Tensor | None = None) -> CsrPattern:
-    """The pairs of routing g (tokens, E): top-k's k largest weights of each token (per_token = k; a pair of weight
-    0 adds nothing; index (tokens, k): those experts when the router gave them) or, per_token None, every g > 0."""
+def csr_pattern(g: Tensor, per_token: int | None, rank: int,
+                index: Tensor | None = None) -> CsrPattern:
+    """The pairs of routing g (tokens, E): top-k's k largest weights of each token (per_token = k; a
+    pair of weight 0 adds nothing; index (tokens, k): those experts when the router gave them)
+    or, per_token None, every g > 0."""
     (tokens, E), device = g.shape, g.device
     if per_token is None:
         token, expert = (g > 0).nonzero().unbind(1)  # row-major: by token, then expert
@@ -105,25 +113,31 @@ def csr_pattern(g: Tensor, per_token: int | None, rank: int, index: Tensor | Non
         per_row = torch.full((tokens,), per_token, device=device)
     rows = torch.cat([per_row.new_zeros(1), per_row.cumsum(0)]) * rank
     cols = (expert.unsqueeze(1) * rank + torch.arange(rank, device=device)).flatten()
-    # MKL's sampled product takes 32-bit indices (torch would convert 64-bit ones at every call); embedding_bag either
+    # MKL's sampled product takes 32-bit indices (torch would convert 64-bit ones at every call);
+    # embedding_bag either
     index_dtype = torch.int32 if max(cols.shape[0], E * rank, tokens) < 2 ** 31 else torch.int64
-    return CsrPattern(token, expert, (tokens, E * rank), rank, rows.to(index_dtype), cols.to(index_dtype))
+    return CsrPattern(token, expert, (tokens, E * rank), rank, rows.to(index_dtype),
+                      cols.to(index_dtype))
 
 
 def bag_sums(cols: Tensor, rows: Tensor, values: Tensor, dense: Tensor) -> Tensor:
-    """S @ dense for the CSR matrix S = (row pointers rows, column indices cols, values): row i is the sum of
-    dense's rows cols[rows[i]:rows[i+1]] weighted by those values (zero for an empty row)."""
-    return F.embedding_bag(cols, dense, rows, mode="sum", per_sample_weights=values, include_last_offset=True)
+    """S @ dense for the CSR matrix S = (row pointers rows, column indices cols, values): row i is
+    the sum of dense's rows cols[rows[i]:rows[i+1]] weighted by those values (zero for an empty
+    row)."""
+    return F.embedding_bag(cols, dense, rows, mode="sum", per_sample_weights=values,
+                           include_last_offset=True)
 
 
 def flat_banks(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-    """A (E, r, d_in) and B (E, d_out, r) in their storage's (E*r, d) layout (views for the parameters)."""
+    """A (E, r, d_in) and B (E, d_out, r) in their storage's (E*r, d) layout (views for the
+    parameters)."""
     return A.reshape(-1, A.shape[-1]), B.transpose(1, 2).reshape(-1, B.shape[1])
 
 
-def csr_mixture(y: Tensor, x: Tensor, A: Tensor, B: Tensor, g: Tensor, pat: CsrPattern, scaling: float,
-                params: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-    """(y + s * Delta, h, z, w) over the pattern's pairs: arguments as sparse.grouped_mixture."""
+def csr_mixture(y: Tensor, x: Tensor, A: Tensor, B: Tensor, g: Tensor, pat: CsrPattern,
+                scaling: float, params: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """(y + s * Delta, h, z, w) over the pattern's pairs: arguments and results as
+    grouped.grouped_mixture's, with the pattern for its pairs."""
     A2, B2 = flat_banks(A, B)
     w = g[pat.token, pat.expert]  # (N,)
     h = pat.sampled(x, A2.t())  # (N, r): A_e x_t
@@ -133,8 +147,9 @@ def csr_mixture(y: Tensor, x: Tensor, A: Tensor, B: Tensor, g: Tensor, pat: CsrP
 
 
 class CsrMixture(torch.autograd.Function):
-    """csr_mixture with its backward as the same sparse products. Saves x (which the base product saves anyway),
-    the banks, the pairs' weights w (N,), codes h (N, r) and, for params, z (tokens, r)."""
+    """csr_mixture with its backward as the same sparse products. Saves x (which the base product
+    saves anyway), the banks, the pairs' weights w (N,), codes h (N, r) and, for params, z
+    (tokens, r)."""
 
     @staticmethod
     def forward(ctx, y, x, A, B, g, pat, scaling, params):
@@ -154,10 +169,12 @@ class CsrMixture(torch.autograd.Function):
         grad_v = pat.sampled(grad_out, B2.t()).mul_(s)  # (N, r)
         grad_B = None
         if need_B:  # (E*r, d_out): lora_B's storage layout (layer.expert_bank_B)
-            grad_B = pat.transposed_times(s * weighted_pair_codes(h, w, z, pat.token), grad_out).view(B.shape[0], -1, B.shape[1])
+            v = s * weighted_pair_codes(h, w, z, pat.token)
+            grad_B = pat.transposed_times(v, grad_out).view(B.shape[0], -1, B.shape[1])
             grad_B = grad_B.transpose(1, 2)
         grad_h, grad_w = weighted_pair_codes_backward(grad_v, h, w, z, pat.token)
-        grad_g = w.new_zeros(ctx.routing_shape).index_put_((pat.token, pat.expert), grad_w) if need_g else None
+        grad_g = (w.new_zeros(ctx.routing_shape).index_put_((pat.token, pat.expert), grad_w)
+                  if need_g else None)
         grad_A = pat.transposed_times(grad_h, x).view_as(A) if need_A else None
         grad_x = pat.times(grad_h, A2) if need_x else None
         return grad_out, grad_x, grad_A, grad_B, grad_g, None, None, None

@@ -30,9 +30,10 @@ def gathered_mixture(y: Tensor, x: Tensor, A: Tensor, B: Tensor, g: Tensor, k: i
     (tokens, d_in), r = x.shape, A.shape[1]
     w, index = torch.topk(g, k, dim=-1) if top is None else top  # (tokens, k)
     flat = index.flatten()
-    h = torch.bmm(A.index_select(0, flat).view(tokens, k * r, d_in), x.unsqueeze(2)).view(tokens, k, r)
-    codes = torch.bmm(w.unsqueeze(1), h) if params else h  # params: z = sum_j w_j h_j, (tokens, 1, r)
-    c = (w.unsqueeze(2) * codes).view(tokens, 1, k * r)  # the weighted codes
+    A_tokens = A.index_select(0, flat).view(tokens, k * r, d_in)  # each token's experts' A
+    h = torch.bmm(A_tokens, x.unsqueeze(2)).view(tokens, k, r)  # (tokens, k, r): their codes
+    z = torch.bmm(w.unsqueeze(1), h) if params else h  # params: z = sum_j w_j h_j, (tokens, 1, r)
+    c = (w.unsqueeze(2) * z).view(tokens, 1, k * r)  # the weighted codes
     # B's own layout stores (E, r, d_out) (layer.expert_bank_B): the gathered experts come out
     # (tokens, k*r, d_out), and Delta^T = c^T B_tokens^T is one batched product on them as they are
     B_tokens = B.transpose(1, 2).index_select(0, flat).view(tokens, k * r, -1)
@@ -46,5 +47,5 @@ def gathered_kernel(inputs: KernelInputs) -> Tensor:
     A, B = inputs.lora_A.to(dtype), inputs.lora_B.to(dtype)
     routing = inputs.routing
     top = None if routing.top_index is None else (routing.top_weights.to(dtype), routing.top_index)
-    return gathered_mixture(inputs.y, inputs.experts_x, A, B, inputs.g, inputs.most_per_token, inputs.scaling,
-                            inputs.params, top)
+    return gathered_mixture(inputs.y, inputs.experts_x, A, B, inputs.g, inputs.most_per_token,
+                            inputs.scaling, inputs.params, top)

@@ -132,7 +132,8 @@ class GroupedMixture(torch.autograd.Function):
             v = s * weighted_pair_codes(h, w, z, token)
             grad_B = grouped_mm(v.t(), grad_rows, pairs).transpose(1, 2)
         grad_h, grad_w = weighted_pair_codes_backward(grad_v, h, w, z, token)
-        grad_g = w.new_zeros(ctx.routing_shape).index_put_((token, expert), grad_w) if need_g else None
+        grad_g = (w.new_zeros(ctx.routing_shape).index_put_((token, expert), grad_w)
+                  if need_g else None)
         grad_A = grouped_mm(grad_h.t(), x.index_select(0, token), pairs) if need_A else None
         grad_x = (torch.zeros_like(x).index_add_(0, token, grouped_mm(grad_h, A, pairs))
                   if need_x else None)

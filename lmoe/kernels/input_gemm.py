@@ -26,8 +26,8 @@ def expert_codes(x: Tensor, A: Tensor) -> Tensor | None:
     return x @ A.t() if A.shape[0] else None
 
 
-def input_products(x: Tensor, lora_x: Tensor | None, W0: Tensor | None, b0: Tensor | None, A: Tensor,
-                   *gates: Tensor) -> tuple[Tensor | None, ...]:
+def input_products(x: Tensor, lora_x: Tensor | None, W0: Tensor | None, b0: Tensor | None,
+                   A: Tensor, *gates: Tensor) -> tuple[Tensor | None, ...]:
     """(y, h, G x for each gate weight G): what a mixture layer computes from its input.
 
     Args:
@@ -49,8 +49,10 @@ def input_products(x: Tensor, lora_x: Tensor | None, W0: Tensor | None, b0: Tens
         return (y, expert_codes(x if lora_x is None else lora_x, A))
     if lora_x is None:
         h, *gx = (x @ cat_nonempty([A, *gates]).t()).split([A.shape[0], *sizes], 1)
-        if len(gates) > 1:  # h and W_g x are kept (for backward, the aux losses): as views they would
-            h, gx[0] = h.contiguous(), gx[0].contiguous()  # also keep the lambda head's product
+        # h and W_g x are kept (for backward, the aux losses): as views they would also keep the
+        # lambda head's product, used once
+        if len(gates) > 1:
+            h, gx[0] = h.contiguous(), gx[0].contiguous()
     elif len(gates) == 1:  # one gate (top-k, softmax): its product as is, no one-piece split
         h, gx = expert_codes(lora_x, A), [x @ gates[0].t()]
     else:

@@ -15,8 +15,8 @@ from ..routing import Routing
 
 @dataclass
 class KernelInputs:
-    """One forward's operands, in the compute dtype except the expert weights (a kernel casts what it
-    reads, so a bank is never copied twice)."""
+    """One forward's operands, in the compute dtype except the expert weights (a kernel casts what
+    it reads, so a bank is never copied twice)."""
 
     y: Tensor  # (tokens, d_out): the frozen layer's output W0 x + b0, to which s * Delta is added
     experts_x: Tensor  # (tokens, d_in): the experts' input: x, or dropout(x)

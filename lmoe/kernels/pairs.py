@@ -30,5 +30,6 @@ def weighted_pair_codes_backward(grad_v: Tensor, h: Tensor, w: Tensor, z: Tensor
     if z is None:  # v = w h
         return w.unsqueeze(1) * grad_v, (grad_v * h).sum(1)
     # v_p = w_p z_t with z_t = sum_q w_q h_q: w enters twice, as the pair's weight and inside z
-    grad_z = torch.zeros_like(z).index_add_(0, token, w.unsqueeze(1) * grad_v).index_select(0, token)
+    grad_z = torch.zeros_like(z).index_add_(0, token, w.unsqueeze(1) * grad_v)  # (tokens, r)
+    grad_z = grad_z.index_select(0, token)  # (N, r): each pair's token's
     return w.unsqueeze(1) * grad_z, (grad_v * z.index_select(0, token)).sum(1) + (h * grad_z).sum(1)
