@@ -3,7 +3,8 @@ the router's gate products G x.
 
 Why one GEMM: backward then gives x's gradient as one GEMM plus one accumulating GEMM,
 dx = dy W0 + [dh, dG...] [A; G...], where autograd would run a GEMM per product and add their
-(tokens, d_in) results. Where it pays: bench/RESULTS.md, "Speed and memory".
+(tokens, d_in) results. Not measured apart: it is part of the layer's time against PEFT LoRA's
+(bench/RESULTS.md, "Speed and memory", "Layer level").
 """
 from __future__ import annotations
 
