@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .config import AUX_COEFS, LMoEConfig
 from .kernels import KernelInputs, run_kernel
 from .kernels.csr import csr_ok
-from .kernels.dense import stacked_experts
+from .kernels.dense import stacked_A, stacked_B
 from .kernels.input_gemm import InputProducts, input_products
 from .router_losses import AuxStats
 from .routing import Routing, build_router
@@ -145,7 +145,7 @@ class MoLoRALinear(nn.Module):
 
     def stacked(self) -> tuple[Tensor, Tensor]:
         """A as (E*r, d_in) and B as (d_out, E*r): the experts side by side as one LoRA (views)."""
-        return stacked_experts(self.lora_A, self.lora_B)
+        return stacked_A(self.lora_A), stacked_B(self.lora_B)
 
     def reference_forward(self, x: Tensor) -> Tensor:
         """forward's maths in plain autograd ops (mixture_delta): the oracle the kernels are tested
@@ -228,7 +228,7 @@ class MoLoRALinear(nn.Module):
             *G x for the gate weights the router asks for (Router.x_weights)).
         """
         W0, b0 = frozen_product(self.base) or (None, None)
-        A = self.stacked()[0] if plan == "dense" else self.lora_A[:0].view(0, self.in_features)
+        A = stacked_A(self.lora_A) if plan == "dense" else self.lora_A[:0].view(0, self.in_features)
         gates = ([] if not gates_read_x else self.router.x_weights(x2) if autograd
                  else [self.router.weight])
         args = (x2.to(dtype), lora_x, _cast(W0, dtype), _cast(b0, dtype), A.to(dtype),

@@ -16,14 +16,15 @@ from torch import Tensor
 from .interface import KernelInputs
 
 
-def stacked_experts(lora_A: Tensor, lora_B: Tensor) -> tuple[Tensor, Tensor]:
-    """A as (E*r, d_in) and B as (d_out, E*r): the experts side by side as one LoRA. Views of the
-    parameters in their own layout (layer.expert_bank_B); a copy only if lora_B was replaced by one
-    in another layout."""
-    E, r, d_in = lora_A.shape
-    A = lora_A.reshape(E * r, d_in)
-    B = lora_B.transpose(1, 2).reshape(E * r, lora_B.shape[1]).t()
-    return A, B
+def stacked_A(lora_A: Tensor) -> Tensor:
+    """A = [A_1; ...; A_E] (E*r, d_in) from lora_A (E, r, d_in): a view."""
+    return lora_A.reshape(-1, lora_A.shape[-1])
+
+
+def stacked_B(lora_B: Tensor) -> Tensor:
+    """B = [B_1 ... B_E] (d_out, E*r) from lora_B (E, d_out, r): a view of the parameter in its own
+    layout (layer.expert_bank_B); a copy only if lora_B was replaced by one in another layout."""
+    return lora_B.transpose(1, 2).reshape(-1, lora_B.shape[1]).t()
 
 
 def mixed_code(h: Tensor, g: Tensor) -> Tensor:
@@ -116,7 +117,8 @@ def dense_kernel(inputs: KernelInputs) -> Tensor:
     """y + s * Delta with every expert for every token. The codes h = A x come from the input GEMM
     where the plan was dense from the start, else (the plan decided after routing) they run here."""
     dtype = inputs.y.dtype
-    A, B = stacked_experts(inputs.lora_A, inputs.lora_B)
-    h = inputs.codes if inputs.codes is not None else inputs.experts_x @ A.to(dtype).t()
-    args = (inputs.y, h, B.to(dtype), inputs.g, inputs.scaling, inputs.params)
+    h = inputs.codes
+    if h is None:  # (tokens, E*r)
+        h = inputs.experts_x @ stacked_A(inputs.lora_A).to(dtype).t()
+    args = (inputs.y, h, stacked_B(inputs.lora_B).to(dtype), inputs.g, inputs.scaling, inputs.params)
     return DenseMixture.apply(*args) if inputs.autograd else dense_mixture(*args)[0]
