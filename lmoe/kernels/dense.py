@@ -120,5 +120,6 @@ def dense_kernel(inputs: KernelInputs) -> Tensor:
     h = inputs.codes
     if h is None:  # (tokens, E*r)
         h = inputs.experts_x @ stacked_A(inputs.lora_A).to(dtype).t()
-    args = (inputs.y, h, stacked_B(inputs.lora_B).to(dtype), inputs.g, inputs.scaling, inputs.params)
+    B = stacked_B(inputs.lora_B).to(dtype)  # (d_out, E*r)
+    args = (inputs.y, h, B, inputs.g, inputs.scaling, inputs.params)
     return DenseMixture.apply(*args) if inputs.autograd else dense_mixture(*args)[0]
