@@ -34,17 +34,26 @@ DENSE_UP_TO_RANK = PAIR_COST
 
 def gathers(experts: int, active: float, tokens: int) -> bool:
     """Whether the sparse path gathers each token's experts (few tokens: at most a quarter as many
-    pairs as experts) rather than grouping the pairs by expert."""
+    pairs as experts) rather than grouping the pairs by expert; arguments as prefer_sparse's."""
     return 4 * tokens * active <= experts
 
 
 def prefer_sparse(experts: int, rank: int, active: float, tokens: int,
                   group_cost: int = GROUP_COST) -> bool:
-    """Whether the sparse path is the faster for E experts of rank r with `active` experts a token
-    on average (top-k: k) over this many tokens: the dense path costs tokens * E * r; grouping
-    costs each pair r + PAIR_COST and each expert group_cost (GROUP_COST; CSR_GROUP_COST for the
-    CSR kernel's products); gathering (gathers) pays from E * r = GATHER_MIN_RANK. At E = 4-8
-    experts of rank 4-8 it is always dense."""
+    """Whether the sparse path is the faster: the dense path costs tokens * E * r; grouping costs
+    each pair r + PAIR_COST and each expert group_cost; gathering (gathers) pays from
+    E * r = GATHER_MIN_RANK. At E = 4-8 experts of rank 4-8 it is always dense.
+
+    Args:
+        experts: E; rank: r.
+        active: experts a token on average (top-k: k).
+        tokens: the tokens of the forward.
+        group_cost: an expert group's cost: GROUP_COST (grouped GEMMs) or CSR_GROUP_COST (the CSR
+            kernel's products, no call per expert).
+
+    Returns:
+        True where the sparse kernels are expected to be faster.
+    """
     if gathers(experts, active, tokens):
         return experts * rank >= GATHER_MIN_RANK
     return tokens * experts * rank > tokens * active * (rank + PAIR_COST) + experts * group_cost

@@ -99,9 +99,18 @@ class CsrPattern:
 
 def csr_pattern(g: Tensor, per_token: int | None, rank: int,
                 index: Tensor | None = None) -> CsrPattern:
-    """The pairs of routing g (tokens, E): top-k's k largest weights of each token (per_token = k; a
-    pair of weight 0 adds nothing; index (tokens, k): those experts when the router gave them)
-    or, per_token None, every g > 0."""
+    """The CSR pattern of the pairs of routing g.
+
+    Args:
+        g: (tokens, E), the routing weights.
+        per_token: top-k's k: each token's k largest weights (a pair of weight 0 adds nothing);
+            None: every g > 0.
+        rank: r, the experts' rank (each pair is r columns of V).
+        index: (tokens, k), top-k's experts when the router gave them, else found here.
+
+    Returns:
+        The pattern of V (tokens, E*r), its pairs in token order.
+    """
     (tokens, E), device = g.shape, g.device
     if per_token is None:
         token, expert = (g > 0).nonzero().unbind(1)  # row-major: by token, then expert
@@ -121,9 +130,18 @@ def csr_pattern(g: Tensor, per_token: int | None, rank: int,
 
 
 def bag_sums(cols: Tensor, rows: Tensor, values: Tensor, dense: Tensor) -> Tensor:
-    """S @ dense for the CSR matrix S = (row pointers rows, column indices cols, values): row i is
-    the sum of dense's rows cols[rows[i]:rows[i+1]] weighted by those values (zero for an empty
-    row)."""
+    """S @ dense for a CSR matrix S, as a weighted embedding-bag sum.
+
+    Args:
+        cols: S's column indices (nnz,).
+        rows: S's row pointers (rows + 1,).
+        values: S's values (nnz,).
+        dense: (S's columns, d).
+
+    Returns:
+        (S's rows, d): row i the sum of dense's rows cols[rows[i]:rows[i+1]] weighted by those
+        values (zero for an empty row).
+    """
     return F.embedding_bag(cols, dense, rows, mode="sum", per_sample_weights=values,
                            include_last_offset=True)
 

@@ -34,9 +34,16 @@ def mixed_code(h: Tensor, g: Tensor) -> Tensor:
 
 
 def weighted_codes(h: Tensor, weight: Tensor, z: Tensor | None) -> Tensor:
-    """What the stacked B multiplies, c (tokens, E*r): block i is weight_i * z (params: pass
-    z = mixed_code(h, g)) or weight_i * h_i (outputs: z None), h (tokens, E, r); weight (tokens, E)
-    is g, or s*g where the LoRA scale s is wanted inside."""
+    """What the stacked B multiplies: the codes weighted by the routing.
+
+    Args:
+        h: (tokens, E, r), the experts' codes A_i x.
+        weight: (tokens, E), g, or s*g where the LoRA scale s is wanted inside.
+        z: the params composition's mixed_code(h, g) (tokens, 1, r), or None for outputs.
+
+    Returns:
+        c (tokens, E*r): block i is weight_i * z (params) or weight_i * h_i (outputs).
+    """
     return (weight.unsqueeze(-1) * (h if z is None else z)).flatten(1)
 
 

@@ -68,12 +68,19 @@ def _grouped_ok(*tensors: Tensor) -> bool:
 
 
 def grouped_mm(a: Tensor, b: Tensor, pairs: Pairs) -> Tensor:
-    """Per expert e, its pairs' rows of a times b[e]: a (N, K), b (E, K, M) -> (N, M); or, for
-    weight gradients, a (K, N) and b (N, M) both cut by pairs along N -> (E, K, M) (zero for an
-    expert without pairs).
+    """Per expert, the product of its pairs' slices: torch's grouped GEMM where it takes the
+    operands (_grouped_ok), else a loop over the experts (float64, odd sizes; on a GPU it reads the
+    counts, a sync).
 
-    torch's grouped GEMM where it takes the operands (_grouped_ok), else a loop over the experts
-    (float64, odd sizes; on a GPU it reads the counts, a sync)."""
+    Args:
+        a: (N, K), rows by expert; or, for weight gradients, (K, N), columns by expert.
+        b: (E, K, M), one matrix an expert; or (N, M), rows by expert.
+        pairs: the pairs (by expert) that cut a and b.
+
+    Returns:
+        (N, M): each pair's row of a times b[e]; or (E, K, M): each expert's slice of a times its
+        rows of b (zero for an expert without pairs).
+    """
     if _grouped_ok(a, b):
         return _GROUPED_MM(a, b, offs=pairs.ends)
     if b.dim() == 3:  # rows of a by expert

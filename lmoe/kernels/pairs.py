@@ -13,20 +13,44 @@ from torch import Tensor
 
 
 def pairs_mixed_code(h: Tensor, w: Tensor, token: Tensor, tokens: int) -> Tensor:
-    """The params composition's z_t = A(x_t) x_t (tokens, r): the sum over each token's pairs of
-    w_p h_p; h (N, r), w (N,), token (N,) the pairs' tokens."""
+    """The params composition's z_t = A(x_t) x_t: the sum over each token's pairs of w_p h_p.
+
+    Args:
+        h: (N, r), the pairs' codes A_e x_t.
+        w: (N,), the pairs' weights g_te.
+        token: (N,), the pairs' tokens.
+        tokens: the number of tokens.
+
+    Returns:
+        z (tokens, r).
+    """
     return h.new_zeros(tokens, h.shape[1]).index_add_(0, token, w.unsqueeze(1) * h)
 
 
 def weighted_pair_codes(h: Tensor, w: Tensor, z: Tensor | None, token: Tensor) -> Tensor:
-    """What each pair's B_e multiplies, v (N, r): w h (outputs, z None) or w z_t (params)."""
+    """What each pair's B_e multiplies.
+
+    Args:
+        h, w, token: as pairs_mixed_code.
+        z: the params composition's pairs_mixed_code (tokens, r), or None for outputs.
+
+    Returns:
+        v (N, r): w h (outputs) or w z_t (params).
+    """
     return w.unsqueeze(1) * (h if z is None else z.index_select(0, token))
 
 
 def weighted_pair_codes_backward(grad_v: Tensor, h: Tensor, w: Tensor, z: Tensor | None,
                                  token: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients of weighted_pair_codes (with z = pairs_mixed_code(h, w) for params) with respect
-    to h (N, r) and w (N,), given grad_v (N, r); other arguments as weighted_pair_codes."""
+    """Backward of weighted_pair_codes, with z = pairs_mixed_code(h, w, ...) for params.
+
+    Args:
+        grad_v: (N, r), the gradient of the weighted codes v.
+        h, w, z, token: as weighted_pair_codes.
+
+    Returns:
+        (grad_h (N, r), grad_w (N,)).
+    """
     if z is None:  # v = w h
         return w.unsqueeze(1) * grad_v, (grad_v * h).sum(1)
     # v_p = w_p z_t with z_t = sum_q w_q h_q: w enters twice, as the pair's weight and inside z
