@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import lmoe.layer  # noqa: E402
 from bench.bench_model import load_base, loss_of, ours  # noqa: E402
 from bench.common import cpu_run, interleaved_medians  # noqa: E402
-from lmoe.sparse_csr import csr_ok  # noqa: E402
+from lmoe.kernels.csr import csr_ok  # noqa: E402
 
 
 def set_execution(model: torch.nn.Module, execution: str) -> None:

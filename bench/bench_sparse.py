@@ -21,8 +21,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import add_cpu_options, environment, interleaved_medians, prepare_cpu  # noqa: E402
 from lmoe import LMoEConfig, MoLoRALinear  # noqa: E402
+from lmoe.kernels.csr import csr_ok  # noqa: E402
 from lmoe.sparse import group_cost, prefer_sparse  # noqa: E402
-from lmoe.sparse_csr import csr_ok  # noqa: E402
 
 
 def layers(base: nn.Linear, point: dict) -> dict[str, nn.Module]:

@@ -1,25 +1,62 @@
-"""MoLoRALinear: a frozen linear layer plus a bank of E LoRA experts mixed per token by a router."""
+"""MoLoRALinear: a frozen linear layer plus E LoRA experts, mixed per token by a router.
+
+For a token x (d_in,) with routing weights g (E,) on the simplex (from the router), experts
+A_i (r, d_in), B_i (d_out, r) and the LoRA scale s, the layer computes y = W0 x + b0 + s Delta(x):
+
+    params  (L-MoE):  Delta(x) = (sum_i g_i B_i) (sum_i g_i A_i) x
+    outputs (MoLoRA): Delta(x) = sum_i g_i B_i A_i x
+
+mixture_delta below is that formula as written, over all tokens at once; reference_forward is the
+layer's forward with it. The layer runs the same maths through an execution kernel (lmoe.kernels:
+one rank-E*r LoRA, or only the routed pairs), each tested against mixture_delta in values and
+every gradient. docs/design.md sections 1-2 derive both.
+"""
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import AUX_COEFS, LMoEConfig
+from .kernels import KernelInputs, run_kernel
+from .kernels.csr import csr_ok
+from .kernels.dense import stacked_A, stacked_B
+from .kernels.input_gemm import InputProducts, input_products
 from .router_losses import AuxStats
 from .routing import Routing, build_router
-from .sparse import (DENSE_UP_TO_RANK, GroupedMixture, active_counts, gathered_mixture, gathers, group_cost,
-                     grouped_mixture, prefer_sparse, route_pairs)
-from .sparse_csr import CsrMixture, csr_mixture, csr_ok, pattern
+from .sparse import DENSE_UP_TO_RANK, group_cost, prefer_sparse
+
+
+def mixture_delta(x: Tensor, A: Tensor, B: Tensor, g: Tensor, composition: str) -> Tensor:
+    """Delta(x) (tokens, d_out), without the scale s: the reference every kernel is tested against.
+
+    Args:
+        x: (tokens, d_in), the experts' input.
+        A: (E, r, d_in), the experts' A_i.
+        B: (E, d_out, r), the experts' B_i.
+        g: (tokens, E), the routing weights.
+        composition: "params" or "outputs".
+
+    Returns:
+        (tokens, d_out).
+    """
+    if composition == "params":
+        A_x = torch.einsum("te,erd->trd", g, A)  # (tokens, r, d_in): sum_i g_i A_i per token
+        B_x = torch.einsum("te,eor->tor", g, B)  # (tokens, d_out, r): sum_i g_i B_i per token
+        return torch.einsum("tor,trd,td->to", B_x, A_x, x)
+    h = torch.einsum("erd,td->ter", A, x)  # (tokens, E, r): each expert's code A_i x
+    return torch.einsum("te,eor,ter->to", g, B, h)
 
 
 def expert_bank_B(B: Tensor) -> Tensor:
-    """B (E, d_out, r) in the layout a layer keeps lora_B in: its values stored as (E, r, d_out), shown as the
-    (E, d_out, r) transpose. Then the dense path's stacked B (d_out, E*r) is a view, each expert's B_e one
-    block (the sparse path's grouped GEMMs read it in place), and both paths' gradients come out in this
-    layout, so autograd never copies a bank-sized gradient to match the parameter."""
+    """B (E, d_out, r) in the layout a layer keeps lora_B in: its values stored as (E, r, d_out),
+    shown as the (E, d_out, r) transpose.
+
+    Why: then the dense kernel's stacked B (d_out, E*r) is a view, each expert's B_e one block (the
+    sparse kernels read it in place), and every kernel's gradient comes out in this layout, so
+    autograd never copies a bank-sized gradient to match the parameter. Adapter files store the
+    (E, d_out, r) values, whatever the layout."""
     return B.transpose(1, 2).contiguous().transpose(1, 2)
 
 
@@ -42,163 +79,13 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
-def mixed_code(h: Tensor, g: Tensor) -> Tensor:
-    """z = A(x) x = sum_i g_i A_i x = sum_i g_i h_i: h (tokens, E, r), g (tokens, E) -> (tokens, 1, r)."""
-    return torch.bmm(g.unsqueeze(1), h)
-
-
-def mix(h: Tensor, g: Tensor, weight: Tensor, z: Tensor | None) -> Tensor:
-    """Compose per-expert codes h = A x (tokens, E, r) with routing -> (tokens, E*r).
-
-    Block j of the result is weight_j * z with z = mixed_code(h, g) (params composition: pass z), or
-    weight_j * h_j (outputs: z None); weight is g, or s*g where the LoRA scale s is wanted inside.
-    Times the stacked B: Delta.
-    """
-    return (weight.unsqueeze(-1) * (h if z is None else z)).flatten(1)
-
-
-def mix_backward(grad_m: Tensor, h: Tensor, g: Tensor, scaling: float, z: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Gradients of s * mix(h, g, g, z) with respect to h (tokens, E, r) and g (tokens, E), given grad_m."""
-    sg = scaling * g  # (tokens, E)
-    if z is None:  # outputs: m_j = s g_j h_j
-        return sg.unsqueeze(-1) * grad_m, scaling * (grad_m * h).sum(-1)
-    grad_z = torch.bmm(sg.unsqueeze(1), grad_m)  # (tokens, 1, r): sum_j s g_j dm_j
-    # m_j = s g_j z with z = sum_i g_i h_i: g enters twice, as the mixing weight and inside z
-    grad_g = scaling * torch.bmm(grad_m, z.transpose(1, 2)) + torch.bmm(h, grad_z.transpose(1, 2))
-    return g.unsqueeze(-1) * grad_z, grad_g.squeeze(-1)
-
-
-def mixture(y: Tensor, h: Tensor, B: Tensor, g: Tensor, scaling: float, params: bool) -> tuple[Tensor, Tensor | None]:
-    """(y + s * B mix(h, g), z): y (tokens, d_out), h = A x (tokens, E*r), B (d_out, E*r), g (tokens, E), one
-    dtype; z the params composition's mixed code (tokens, 1, r), None for outputs. The scale and the
-    residual add ride on the GEMM."""
-    h = h.view(h.shape[0], g.shape[-1], -1)
-    z = mixed_code(h, g) if params else None
-    return torch.addmm(y, mix(h, g, g, z), B.t(), alpha=scaling), z
-
-
-def joined(tensors: list[Tensor], dim: int = 0) -> Tensor:
-    """torch.cat of the tensors not empty along dim, and no copy where one is left (e.g. the gate's W_g alone:
-    a copy of it per forward cost 46 us of a 480 us layer at E = 64 in generation)."""
-    kept = [t for t in tensors if t.shape[dim]] or tensors[:1]
-    return kept[0] if len(kept) == 1 else torch.cat(kept, dim)
-
-
-def projections(x: Tensor, lora_x: Tensor | None, W0: Tensor | None, b0: Tensor | None, A: Tensor,
-                *gates: Tensor) -> tuple[Tensor | None, ...]:
-    """What a mixture layer computes from its input x (tokens, d_in): (y = W0 x + b0, or None without W0;
-    h = A x, the experts' codes (tokens, E*r); then G x for each gate weight G: the router's
-    stored W_g and, for LD-MoLE, its lambda head's first linear's, see Router.x_weights; the
-    router scales them).
-
-    lora_x: the experts' input when it is not x (dropout); without it A and the gates run as one GEMM.
-    """
-    y = None if W0 is None else F.linear(x, W0, b0)
-    sizes = [G.shape[0] for G in gates]
-    if not gates:  # the router reads another input (router_reads_dropout) and runs its own products
-        return (y, codes(x if lora_x is None else lora_x, A))
-    if lora_x is None:
-        h, *gx = (x @ joined([A, *gates]).t()).split([A.shape[0], *sizes], 1)
-        if len(gates) > 1:  # h and W_g x are kept (for backward, the aux losses): as views they would
-            h, gx[0] = h.contiguous(), gx[0].contiguous()  # also keep the lambda head's product, used once
-    else:  # one gate (top-k, softmax): its product as is, no one-piece split
-        h, gx = codes(lora_x, A), [x @ gates[0].t()] if len(gates) == 1 else (x @ joined(gates).t()).split(sizes, 1)
-    return (y, h, *gx)
-
-
-def codes(x: Tensor, A: Tensor) -> Tensor | None:
-    """h = A x, or None for an A without rows (the sparse path computes its pairs' codes itself): no empty
-    product per layer and token while generating."""
-    return x @ A.t() if A.shape[0] else None
-
-
-def _products_backward(grads: list[Tensor | None], weights: list[Tensor], inp: Tensor,
-                       need: list[bool]) -> tuple[tuple[Tensor, Tensor] | None, list[Tensor | None]]:
-    """For outputs W_i inp that came from one GEMM: ((G, W) with inp's gradient = G W, in one GEMM, or
-    None when no output got a gradient; each W_i's gradient where needed, from one GEMM too)."""
-    have = [i for i, grad in enumerate(grads) if grad is not None]
-    if not have:
-        return None, [None] * len(weights)
-    to_input = (joined([grads[i] for i in have], 1), joined([weights[i] for i in have]))
-    wanted = [i for i in have if need[i]]
-    weight_grads: list[Tensor | None] = [None] * len(weights)
-    if wanted:
-        stacked = joined([grads[i] for i in wanted], 1).t() @ inp
-        for i, grad in zip(wanted, stacked.split([weights[i].shape[0] for i in wanted])):
-            weight_grads[i] = grad
-    return to_input, weight_grads
-
-
-class _Projections(torch.autograd.Function):
-    """projections() whose backward gives the input gradient as one GEMM and one accumulating GEMM,
-    dx = dy W0 + [dh, dg...] [A; gates], where autograd would run a GEMM per product and add their
-    (tokens, d_in) results. Saves x (which the base product saves anyway), lora_x if given, and the
-    weights. An output no loss reached (e.g. h, when only a router loss is backpropagated) costs nothing.
-    """
-
-    @staticmethod
-    def forward(ctx, x, lora_x, W0, b0, A, *gates):
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, lora_x, W0, A, *gates)
-        return projections(x, lora_x, W0, b0, A, *gates)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y, grad_h, *grad_gates):
-        x, lora_x, W0, A, *gates = ctx.saved_tensors
-        need_x, need_lora_x, need_W0, need_b0, need_A, *need_gates = ctx.needs_input_grad
-        if lora_x is None:  # h and the gates' products came from one GEMM: so do their gradients
-            to_x, (grad_A, *grad_g) = _products_backward([grad_h, *grad_gates], [A, *gates], x, [need_A, *need_gates])
-            from_lora_x = None
-        else:
-            to_x, grad_g = _products_backward(list(grad_gates), gates, x, need_gates) if gates else (None, [])
-            from_lora_x, (grad_A,) = _products_backward([grad_h], [A], lora_x, [need_A])
-        grad_y = grad_y if W0 is not None else None
-        terms = [(grad_y, W0)] if grad_y is not None else []
-        terms += [to_x] if to_x is not None else []
-        grad_x = None
-        if need_x and terms:
-            grad_x = terms[0][0] @ terms[0][1]
-            for grad, W in terms[1:]:
-                grad_x.addmm_(grad, W)
-        grad_lora_x = from_lora_x[0] @ from_lora_x[1] if need_lora_x and from_lora_x is not None else None
-        grad_W0 = grad_y.t() @ x if need_W0 and grad_y is not None else None
-        grad_b0 = grad_y.sum(0) if need_b0 and grad_y is not None else None
-        return grad_x, grad_lora_x, grad_W0, grad_b0, grad_A, *grad_g
-
-
-class _MixtureLoRA(torch.autograd.Function):
-    """mixture(y, h, B, g): the second GEMM of one rank-E*r LoRA, with the routing mix before it.
-
-    Saves h, g (tokens, E) and, for params, z (tokens, r); the mixed codes (tokens, E*r) are recomputed
-    in backward rather than kept, so memory matches plain LoRA. Arguments as mixture.
-    """
-
-    @staticmethod
-    def forward(ctx, y, h, B, g, scaling, params):
-        out, z = mixture(y, h, B, g, scaling, params)
-        ctx.save_for_backward(h, B, g, z)
-        ctx.scaling = scaling
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        h, B, g, z = ctx.saved_tensors
-        s = ctx.scaling
-        h = h.view(h.shape[0], g.shape[-1], -1)  # (tokens, E, r)
-        need_h, need_B, need_g = ctx.needs_input_grad[1:4]
-        grad_m = (grad_out.to(h.dtype) @ B).view_as(h)  # (tokens, E, r), without the scale s
-        # as (m^T grad)^T: in the layout of the stacked B's storage (expert_bank_B), so no copy to match it
-        grad_B = (mix(h, g, s * g, z).t() @ grad_out.to(h.dtype)).t() if need_B else None
-        grad_h, grad_g = mix_backward(grad_m, h, g, s, z)
-        return grad_out, grad_h.flatten(1) if need_h else None, grad_B, grad_g if need_g else None, None, None
-
-
 def frozen_product(base: nn.Module) -> tuple[Tensor, Tensor | None] | None:
-    """(W (d_out, d_in), bias) when the base is a plain nn.Linear or GPT-2 Conv1D, whose product the layer
-    then runs itself (see _Projections); None for anything else (e.g. 8/4-bit), and for a base with hooks
-    or a replaced forward (e.g. accelerate's offloading): the base runs as itself."""
-    if base._forward_pre_hooks or base._forward_hooks or "forward" in vars(base) or hasattr(base, "_hf_hook"):
+    """(W (d_out, d_in), bias) when the base is a plain nn.Linear or GPT-2 Conv1D, whose product the
+    layer then runs itself (in one GEMM with the experts' and the gate's, kernels.input_gemm); None
+    for anything else (e.g. 8/4-bit), and for a base with hooks or a replaced forward (e.g.
+    accelerate's offloading): the base runs as itself."""
+    if (base._forward_pre_hooks or base._forward_hooks or "forward" in vars(base)
+            or hasattr(base, "_hf_hook")):
         return None
     if type(base) is nn.Linear:
         return base.weight, base.bias
@@ -213,19 +100,16 @@ def is_linear(module: nn.Module) -> bool:
 
 class TokenMask:
     """The attention mask (batch, seq) of the model forward in progress, or None. inject shares one
-    between a model's forward hooks and all its layers, so layers can leave padding out of their statistics."""
+    between a model's forward hooks and all its layers, so layers can leave padding out of their
+    statistics."""
 
     def __init__(self) -> None:
         self.value: Tensor | None = None
 
 
 class MoLoRALinear(nn.Module):
-    """y = W0 x + s * Delta(x), Delta mixing E LoRA experts with per-token router weights g(x).
-
-    composition "params" (L-MoE): Delta = B(x) A(x) x with A(x) = sum g_i A_i, B(x) = sum g_i B_i.
-    composition "outputs" (MoLoRA): Delta = sum g_i B_i A_i x.
-    Both run as the two GEMMs of one rank-E*r LoRA on the stacked experts, plus the router.
-    """
+    """y = W0 x + s * Delta(x), Delta mixing E LoRA experts with per-token router weights g(x)
+    (mixture_delta; the module's docstring)."""
 
     def __init__(self, base: nn.Module, cfg: LMoEConfig, lambda_heads: dict | None = None) -> None:
         """lambda_heads: the dynamic router's lambda heads shared across layers (inject passes one dict)."""
@@ -260,93 +144,96 @@ class MoLoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     def stacked(self) -> tuple[Tensor, Tensor]:
-        """A as (E*r, d_in) and B as (d_out, E*r): the experts laid side by side as one LoRA.
+        """A as (E*r, d_in) and B as (d_out, E*r): the experts side by side as one LoRA (views)."""
+        return stacked_A(self.lora_A), stacked_B(self.lora_B)
 
-        Views of the parameters in their own layout (expert_bank_B); a copy only if lora_B was replaced by
-        one in another layout.
-        """
-        A = self.lora_A.reshape(self.num_experts * self.rank, self.in_features)
-        B = self.lora_B.transpose(1, 2).reshape(self.num_experts * self.rank, self.out_features).t()
-        return A, B
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """forward's maths in plain autograd ops (mixture_delta): the oracle the kernels are tested
+        against. Keeps the routing as forward does; x (..., d_in) -> (..., d_out)."""
+        x2 = x.reshape(-1, self.in_features)  # (tokens, d_in)
+        experts_x = self.dropout(x2)  # (tokens, d_in): what the experts read
+        reads_dropout = self.router_reads_dropout and self.training
+        routing = self.router.route(experts_x if reads_dropout else x2)
+        self._keep_routing(routing, self._real_tokens(x))
+        y = self.base(x).reshape(-1, self.out_features)  # (tokens, d_out)
+        g = routing.weights  # (tokens, E)
+        delta = mixture_delta(experts_x, self.lora_A, self.lora_B, g, self.composition)
+        return (y + self.scaling * delta).view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:
+        """reference_forward's values, fast: route, then the kernel the plan picks runs the
+        experts."""
         if self.merged_routing is not None:  # routing fixed and folded into the base weight
             return self.base(x)
         dtype = _compute_dtype(x)
         x2 = x.reshape(-1, self.in_features)  # (tokens, d_in)
-        # without autograd (generation) the same maths runs directly: no Function bookkeeping per token
-        grad = torch.is_grad_enabled()
-        lora_x = None if grad and isinstance(self.dropout, nn.Identity) else self.dropout(x2).to(dtype)
+        # without autograd (generation) the same maths runs directly: no Function bookkeeping
+        autograd = torch.is_grad_enabled()
+        # the experts' input where it is not x itself (dropout, or generation's separate GEMMs)
+        lora_x = (None if autograd and isinstance(self.dropout, nn.Identity)
+                  else self.dropout(x2).to(dtype))
         gates_read_x = lora_x is None or not self.router_reads_dropout or not self.training
-        csr = csr_ok(x2.device, dtype)  # which kernel a sparse plan runs: CSR products or grouped GEMMs
+        csr = csr_ok(x2.device, dtype)  # what a sparse plan runs: CSR products or grouped GEMMs
         plan = self._plan(x2.shape[0], csr)
-        # the dense path's A x rides on the base / gate GEMM; the sparse one computes its pairs' only (and skips
-        # the stacked views: while generating, each op a layer and token costs)
-        stack = self.stacked() if plan == "dense" else None
-        A = stack[0] if stack else self.lora_A[:0].view(0, self.in_features)
-        y, h, *gx = self._projections(x2, lora_x, A, dtype, grad, gates_read_x)
+        y, codes, *gate_products = self._input_products(x2, lora_x, plan, dtype, autograd,
+                                                        gates_read_x)
         out_dtype = dtype
         if y is None:  # a base the layer does not run itself (see frozen_product)
             y = self.base(x)
             out_dtype = y.dtype
-            y = y.reshape(-1, self.out_features).to(dtype)
-        routing = self.router.route(x2, *gx) if gates_read_x else self.router.route(lora_x)
-        self._observe(routing, self._real_tokens(x))
-        g, experts_x = routing.weights.to(dtype), x2 if lora_x is None else lora_x
-        out = None if plan == "dense" else self._sparse(plan, y, experts_x.to(dtype), g, grad, routing, csr)
-        if out is None:  # dense: planned, or observed (then the codes A x run apart, by autograd)
-            A, B = stack or self.stacked()
-            h = h if plan == "dense" else experts_x.to(dtype) @ A.to(dtype).t()
-            args = (y, h, B.to(dtype), g, self.scaling, self.composition == "params")
-            out = _MixtureLoRA.apply(*args) if grad else mixture(*args)[0]
+            y = y.reshape(-1, self.out_features).to(dtype)  # (tokens, d_out)
+        routing = (self.router.route(x2, *gate_products) if gates_read_x
+                   else self.router.route(lora_x))
+        self._keep_routing(routing, self._real_tokens(x))
+        experts_x = (x2 if lora_x is None else lora_x).to(dtype)  # (tokens, d_in)
+        g = routing.weights.to(dtype)  # (tokens, E)
+        codes = codes if plan == "dense" else None  # else A had no rows here
+        inputs = KernelInputs(y, experts_x, self.lora_A, self.lora_B, routing, g,
+                              self.router.experts_per_token(), self.scaling,
+                              self.composition == "params", autograd, codes)
+        out = run_kernel(plan, inputs, csr)  # (tokens, d_out)
         return out.view(*x.shape[:-1], self.out_features).to(out_dtype)
 
     def _plan(self, tokens: int, csr: bool) -> str:
-        """How this forward runs the experts: "dense", "sparse", or "observe" (decide from the routing's
-        count of active pairs; the dynamic router's count is known only then). See sparse.prefer_sparse; csr:
-        whether the sparse path would run the CSR products (sparse_csr.csr_ok)."""
+        """How this forward runs the experts: "dense", "sparse", or "after_routing" (decided from
+        the routing's count of active pairs; the dynamic router's count is known only then). See
+        sparse.prefer_sparse; csr: whether the sparse plan would run the CSR kernel
+        (kernels.csr.csr_ok)."""
         if self.execution != "auto":
             return self.execution
         if self.num_experts * self.rank <= DENSE_UP_TO_RANK:  # today's sizes: no call per forward
             return "dense"
-        per_token, cost = self.router.experts_per_token(), group_cost(csr)
-        if per_token is not None:
-            return "sparse" if prefer_sparse(self.num_experts, self.rank, per_token, tokens, cost) else "dense"
-        return "observe" if prefer_sparse(self.num_experts, self.rank, 1, tokens, cost) else "dense"
-
-    def _sparse(self, plan: str, y: Tensor, experts_x: Tensor, g: Tensor, grad: bool, routing: Routing,
-                csr: bool) -> Tensor | None:
-        """y + s * Delta over the pairs with g > 0 (lmoe.sparse), from the experts' input experts_x, the
-        routing g (tokens, E) in y's dtype and, from top-k, its experts' index and weights (tokens, k), through
-        the CSR products (csr) or grouped GEMMs; None where the plan was to observe and the routing is too
-        dense to pay."""
-        (tokens, E), params = g.shape, self.composition == "params"
+        E, r, cost = self.num_experts, self.rank, group_cost(csr)
         per_token = self.router.experts_per_token()
-        most, active = (per_token, per_token) if per_token is not None else active_counts(g)
-        if plan == "observe" and not prefer_sparse(E, self.rank, active, tokens, group_cost(csr)):
-            return None
-        A, B = self.lora_A.to(y.dtype), self.lora_B.to(y.dtype)
-        index = routing.top_index
-        if gathers(E, most, tokens):  # few tokens (generation): gather each token's own experts
-            top = None if index is None else (routing.top_weights.to(y.dtype), index)
-            return gathered_mixture(y, experts_x, A, B, g, most, self.scaling, params, top)
-        if csr:  # CPU: one sparse-matrix product per product, not one GEMM per expert
-            args = (y, experts_x, A, B, g, pattern(g, per_token, self.rank, index), self.scaling, params)
-            return CsrMixture.apply(*args) if grad else csr_mixture(*args)[0]
-        args = (y, experts_x, A, B, g, route_pairs(g, per_token), self.scaling, params)
-        return GroupedMixture.apply(*args) if grad else grouped_mixture(*args)[0]
+        if per_token is not None:
+            return "sparse" if prefer_sparse(E, r, per_token, tokens, cost) else "dense"
+        return "after_routing" if prefer_sparse(E, r, 1, tokens, cost) else "dense"
 
-    def _projections(self, x2: Tensor, lora_x: Tensor | None, A: Tensor, dtype: torch.dtype, grad: bool,
-                     gates_read_x: bool) -> tuple[Tensor | None, ...]:
-        """projections() of x2 in dtype, through _Projections under autograd: with the gate weights the
-        router asks for (x_weights) in one GEMM with the experts' A when they read x itself (what pays is
-        backward's single input-gradient GEMM). With dropout the experts read lora_x = dropout(x); without
-        autograd (generation) x as a separate input and only W_g: small GEMMs beat copying weights per token.
-        gates_read_x false: no gate products here (the router reads lora_x and runs its own)."""
+    def _input_products(self, x2: Tensor, lora_x: Tensor | None, plan: str, dtype: torch.dtype,
+                        autograd: bool, gates_read_x: bool) -> tuple[Tensor | None, ...]:
+        """kernels.input_gemm.input_products of x2 in dtype: (y, h, *gate products).
+
+        Args:
+            x2: (tokens, d_in), the layer's input.
+            lora_x: the experts' input where it is not x2 (dropout; and, without autograd, x2 as a
+                separate input with only W_g: small GEMMs beat copying weights per token).
+            plan: _plan's: only the dense plan computes the codes h = A x here (the sparse kernels
+                compute their pairs' only, and skip the stacked views).
+            dtype: the compute dtype.
+            autograd: through InputProducts (its one-GEMM input gradient) or plain ops.
+            gates_read_x: false: no gate products here (the router reads lora_x, runs its own).
+
+        Returns:
+            (y (tokens, d_out) or None where the base runs itself, h (tokens, E*r) or None,
+            *G x for the gate weights the router asks for (Router.x_weights)).
+        """
         W0, b0 = frozen_product(self.base) or (None, None)
-        gates = [] if not gates_read_x else self.router.x_weights(x2) if grad else [self.router.weight]
-        args = (x2.to(dtype), lora_x, _cast(W0, dtype), _cast(b0, dtype), A.to(dtype), *(G.to(dtype) for G in gates))
-        return _Projections.apply(*args) if grad else projections(*args)
+        A = stacked_A(self.lora_A) if plan == "dense" else self.lora_A[:0].view(0, self.in_features)
+        gates = ([] if not gates_read_x else self.router.x_weights(x2) if autograd
+                 else [self.router.weight])
+        args = (x2.to(dtype), lora_x, _cast(W0, dtype), _cast(b0, dtype), A.to(dtype),
+                *(G.to(dtype) for G in gates))
+        return InputProducts.apply(*args) if autograd else input_products(*args)
 
     def _real_tokens(self, x: Tensor) -> Tensor | None:
         """(tokens,) bool, false at padding: the model's attention mask when it matches x's (batch, seq)
@@ -356,7 +243,7 @@ class MoLoRALinear(nn.Module):
             return None
         return mask.reshape(-1).to(x.device) != 0
 
-    def _observe(self, routing: Routing, mask: Tensor | None) -> None:
+    def _keep_routing(self, routing: Routing, mask: Tensor | None) -> None:
         """Keep what aux_loss and record_routing need; only the last forward, so nothing accumulates.
         The mask is kept beside the weights: selecting the real tokens here would be a host sync."""
         if self.training:  # references only: the losses' ops run later, in last_aux

@@ -1,5 +1,6 @@
-"""The sparse execution path (lmoe/sparse.py): per-token brute force in float64, the dense path in float32,
-grouped products against explicit loops, and the rule that picks the path."""
+"""The sparse kernels (lmoe/kernels/grouped.py, csr.py, gathered.py) and the rule (lmoe/sparse.py):
+per-token brute force in float64, the dense path in float32, grouped products against explicit
+loops, and the rule that picks the path."""
 import copy
 import itertools
 
@@ -7,13 +8,14 @@ import pytest
 import torch
 from torch import nn
 
+import lmoe.kernels
 import lmoe.layer
 from conftest import VOCAB, tiny_model
 from lmoe import LMoEConfig, MoLoRALinear, aux_loss, inject
+from lmoe.kernels.csr import csr_ok
+from lmoe.kernels.grouped import _grouped_ok, grouped_mm, route_pairs
 from lmoe.modular.experts import add_experts, remove_experts
-from lmoe.sparse import (CSR_GROUP_COST, DENSE_UP_TO_RANK, GROUP_COST, _grouped_ok, grouped_mm, prefer_sparse,
-                         route_pairs)
-from lmoe.sparse_csr import csr_ok
+from lmoe.sparse import CSR_GROUP_COST, DENSE_UP_TO_RANK, GROUP_COST, prefer_sparse
 from test_layer import COMPOSITIONS, brute_force, make_layer
 
 SPARSE_ROUTERS = ["topk", "dynamic"]
@@ -24,8 +26,7 @@ def no_dense(monkeypatch):
     """Make the dense mixture fail, so a test passes only through the sparse path."""
     def refuse(*args):
         raise AssertionError("the dense path ran")
-    monkeypatch.setattr(lmoe.layer._MixtureLoRA, "apply", refuse)
-    monkeypatch.setattr(lmoe.layer, "mixture", refuse)
+    monkeypatch.setitem(lmoe.kernels.KERNELS, "dense", refuse)
 
 
 @pytest.fixture(params=["csr", "grouped"])
@@ -36,11 +37,9 @@ def kernel(request, monkeypatch):
         raise AssertionError("the other kernel ran")
     if request.param == "grouped":
         monkeypatch.setattr(lmoe.layer, "csr_ok", lambda device, dtype: False)
-        monkeypatch.setattr(lmoe.layer.CsrMixture, "apply", refuse)
-        monkeypatch.setattr(lmoe.layer, "csr_mixture", refuse)
+        monkeypatch.setitem(lmoe.kernels.KERNELS, "csr", refuse)
     else:
-        monkeypatch.setattr(lmoe.layer.GroupedMixture, "apply", refuse)
-        monkeypatch.setattr(lmoe.layer, "grouped_mixture", refuse)
+        monkeypatch.setitem(lmoe.kernels.KERNELS, "grouped", refuse)
     return request.param
 
 
@@ -209,8 +208,7 @@ def test_half_precision_sparse_close_to_float32_dense(composition, monkeypatch):
     only); rounding aside it is the dense float32 result."""
     def refuse(*args):
         raise AssertionError("the CSR kernel ran in bfloat16")
-    monkeypatch.setattr(lmoe.layer.CsrMixture, "apply", refuse)
-    monkeypatch.setattr(lmoe.layer, "csr_mixture", refuse)
+    monkeypatch.setitem(lmoe.kernels.KERNELS, "csr", refuse)
     dense, sparse = layer_pair("topk", composition, 16)
     sparse.to(torch.bfloat16)
     x = torch.randn(2, 20, 32)
@@ -284,9 +282,9 @@ def test_auto_rule_for_the_csr_products_follows_their_measured_crossover():
 def test_auto_dynamic_router_follows_the_observed_number_of_experts(monkeypatch):
     """LD-MoLE at E = 64: dense while lambda keeps (nearly) every expert, sparse once it routes few."""
     ran = []
-    monkeypatch.setattr(lmoe.layer, "gathered_mixture", lambda *args: ran.append("gathered") or args[0])
-    monkeypatch.setattr(lmoe.layer, "csr_mixture", lambda *args: ran.append("grouped") or (args[0], None, None))
-    monkeypatch.setattr(lmoe.layer, "mixture", lambda *args: ran.append("dense") or (args[0], None))
+    for name in ("gathered", "csr", "dense"):
+        monkeypatch.setitem(lmoe.kernels.KERNELS, name,
+                            lambda inputs, name=name: ran.append(name) or inputs.y)
     layer = MoLoRALinear(nn.Linear(32, 32), LMoEConfig(num_experts=64, router="dynamic", lambda_hidden=8,
                                                        target_modules="all-linear"))
     with torch.no_grad():
@@ -297,7 +295,7 @@ def test_auto_dynamic_router_follows_the_observed_number_of_experts(monkeypatch)
         head.init_effective(bias=torch.full_like(head.bias, 8.0))  # lambda near 1: 1 expert a token
         layer(torch.randn(200, 32))  # 200 tokens of one or two experts: the pairs grouped by expert
         layer(torch.randn(4, 32))  # 4 tokens: their experts' weights gathered
-    assert ran == ["dense", "grouped", "gathered"]
+    assert ran == ["dense", "csr", "gathered"]
 
 
 def test_auto_dynamic_router_observed_dense_keeps_every_gradient():
@@ -310,7 +308,8 @@ def test_auto_dynamic_router_observed_dense_keeps_every_gradient():
     dense = copy.deepcopy(auto)
     auto.execution, dense.execution = "auto", "dense"
     x = torch.randn(300, 5, dtype=torch.float64, requires_grad=True)
-    assert auto._plan(300, True) == "observe" and (auto.router.route(x).weights > 0).sum(-1).float().mean() > 32
+    assert auto._plan(300, True) == "after_routing"
+    assert (auto.router.route(x).weights > 0).sum(-1).float().mean() > 32
     got, want = auto(x), dense(x)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     grad_out = torch.randn_like(got)

@@ -1,10 +1,11 @@
-"""The CSR form of the routed pairs (lmoe/sparse_csr.py): its two patterns against matrices built by hand, its
-products against dense ones in float64, edge cases (tokens and experts without pairs, no pairs at all)."""
+"""The CSR kernel's form of the routed pairs (lmoe/kernels/csr.py): its two patterns against
+matrices built by hand, its products against dense ones in float64, edge cases (tokens and experts
+without pairs, no pairs at all)."""
 import pytest
 import torch
 
-from lmoe.sparse import GroupedMixture, route_pairs
-from lmoe.sparse_csr import CsrMixture, csr_ok, pattern
+from lmoe.kernels.csr import CsrMixture, csr_ok, csr_pattern
+from lmoe.kernels.grouped import GroupedMixture, route_pairs
 
 
 def by_hand(g: torch.Tensor, values: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, r: int) -> torch.Tensor:
@@ -38,7 +39,7 @@ def transposed(pat, values: torch.Tensor) -> torch.Tensor:
 def test_patterns_are_the_routing_and_its_transpose(name):
     g, k = ROUTINGS[name]
     r = 3
-    pat = pattern(g, k, r)
+    pat = csr_pattern(g, k, r)
     assert pat.token.tolist() == sorted(pat.token.tolist())  # token order
     if k is None:
         assert {(t, e) for t, e in zip(pat.token.tolist(), pat.expert.tolist())} == {
@@ -61,7 +62,7 @@ def test_patterns_are_the_routing_and_its_transpose(name):
 def test_products_equal_dense_ones(name):
     g, k = ROUTINGS[name]
     g, r = g.double(), 3
-    pat = pattern(g, k, r)
+    pat = csr_pattern(g, k, r)
     values = torch.randn(pat.token.shape[0], r, dtype=torch.float64)
     V = by_hand(g, values, pat.token, pat.expert, r)
     a, b = torch.randn(g.shape[0], 7, dtype=torch.float64), torch.randn(7, g.shape[1] * r, dtype=torch.float64)
@@ -78,7 +79,7 @@ def test_products_equal_dense_ones(name):
 def test_products_in_float32_are_the_dense_ones():
     """The embedding-bag sums in float32 (FBGEMM's kernel) against the float64 dense products."""
     g, k = ROUTINGS["top2"]
-    pat = pattern(g, k, 4)
+    pat = csr_pattern(g, k, 4)
     values = torch.randn(pat.token.shape[0], 4)
     V = by_hand(g, values.double(), pat.token, pat.expert, 4)
     dense, dy = torch.randn(V.shape[1], 40), torch.randn(V.shape[0], 40)
@@ -99,7 +100,7 @@ def test_csr_mixture_gradcheck_and_grouped_agree(name, params):
     A = torch.randn(E, r, d_in, dtype=torch.float64, generator=gen, requires_grad=True)
     B = torch.randn(E, r, d_out, dtype=torch.float64, generator=gen).transpose(1, 2).requires_grad_()
     g = g0.double().requires_grad_()
-    pat, pairs = pattern(g0, k, r), route_pairs(g0, k)
+    pat, pairs = csr_pattern(g0, k, r), route_pairs(g0, k)
     assert csr_ok(x.device, x.dtype)
 
     def csr(*args):
@@ -107,7 +108,7 @@ def test_csr_mixture_gradcheck_and_grouped_agree(name, params):
 
     # g's gradient is checked on the pattern's cells only: elsewhere the kernels leave it at 0 (sparse.py)
     torch.autograd.gradcheck(lambda y, x, A, B: csr(y, x, A, B, g.detach()), (y, x, A, B))
-    on = pattern(g0, k, r)
+    on = csr_pattern(g0, k, r)
     cells = (on.token, on.expert)
     torch.autograd.gradcheck(lambda w: csr(y.detach(), x.detach(), A.detach(), B.detach(),
                                            g.detach().index_put(cells, w)), (g.detach()[cells].clone().requires_grad_(),))
@@ -134,7 +135,7 @@ def test_the_routers_top_index_gives_the_same_pattern():
     torch.testing.assert_close(g, topk_route(u, 3), rtol=0, atol=0)
     torch.testing.assert_close(weights, g.gather(1, index), rtol=0, atol=0)  # what the gathered path reads
     assert set(map(tuple, (g > 0).nonzero().tolist())) == {(t, e) for t in range(11) for e in index[t].tolist()}
-    given, found = pattern(g, 3, 2, index), pattern(g, 3, 2)
+    given, found = csr_pattern(g, 3, 2, index), csr_pattern(g, 3, 2)
     for name in ("token", "expert", "rows", "cols"):
         assert torch.equal(getattr(given, name), getattr(found, name)), name
     for a, b in zip(given.transpose(), found.transpose(), strict=True):
