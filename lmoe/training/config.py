@@ -298,8 +298,9 @@ def adapter_lmoe(directory: str, given: dict | LMoEConfig) -> LMoEConfig:
     if isinstance(given, LMoEConfig):
         given = {} if given == default_lmoe() else given.to_dict()
     asked = LMoEConfig.from_dict({**saved.to_dict(), **given})
-    clash = [f"lmoe.{f.name}={getattr(asked, f.name)!r} (the adapter's is {getattr(saved, f.name)!r})"
-             for f in dataclasses.fields(LMoEConfig) if getattr(asked, f.name) != getattr(saved, f.name)]
+    before, after = saved.to_dict(), asked.to_dict()  # the mixture's fields, not PEFT's
+    clash = [f"lmoe.{key}={after[key]!r} (the adapter's is {before[key]!r})"
+             for key in before if after[key] != before[key]]
     if clash:
         raise ValueError(f"TrainConfig: init_adapter={directory} brings its own mixture, and the lmoe section sets "
                          f"{'; '.join(clash)}. Drop those lmoe keys to train the adapter's mixture, or drop "
