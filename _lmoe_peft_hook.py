@@ -6,6 +6,7 @@ runs install() at interpreter start-up.
 A module outside the package, of the standard library only: importing lmoe at every start-up would
 import torch and peft (seconds). Here the start-up cost is this file and a finder that compares one
 name per later import."""
+
 import sys
 
 
@@ -20,6 +21,7 @@ class ImportLmoeAfterPeft:
         if name != "peft" or self.searching:
             return None
         import importlib.util
+
         self.searching = True  # the search below asks every finder, this one too
         try:
             spec = importlib.util.find_spec(name)
@@ -53,5 +55,9 @@ def import_lmoe() -> None:
         import lmoe  # noqa: F401
     except Exception as err:
         import logging
-        logging.getLogger("lmoe").warning("lmoe could not register with PEFT (%s: %s); "
-                                          "`import lmoe` will say more.", type(err).__name__, err)
+
+        logging.getLogger("lmoe").warning(
+            "lmoe could not register with PEFT (%s: %s); `import lmoe` will say more.",
+            type(err).__name__,
+            err,
+        )

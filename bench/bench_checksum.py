@@ -9,6 +9,7 @@ load on the same machine right after a save sees (a cold disk adds its read time
 
     flock /work/queue/heavy.lock .venv/bin/python bench/bench_checksum.py          # 100 MB, 5 rounds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file: the repository root
+sys.path.insert(
+    0, str(Path(__file__).resolve().parent.parent)
+)  # run as a file: the repository root
 from bench.common import environment, interleaved_medians  # noqa: E402
 from lmoe import LMoEConfig, inject, load_adapter, save_adapter  # noqa: E402
 from lmoe.inject import get_config  # noqa: E402
@@ -34,7 +37,10 @@ class Stack(nn.Module):
 
 def adapted(width: int, layers: int, experts: int, rank: int, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = inject(Stack(width, layers), LMoEConfig(num_experts=experts, rank=rank, target_modules=r"layers\.\d+"))
+    model = inject(
+        Stack(width, layers),
+        LMoEConfig(num_experts=experts, rank=rank, target_modules=r"layers\.\d+"),
+    )
     for p in model.parameters():
         if p.requires_grad:
             nn.init.normal_(p, std=0.02)
@@ -43,7 +49,9 @@ def adapted(width: int, layers: int, experts: int, rank: int, seed: int = 0) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mb", type=float, default=100.0, help="adapter size to aim at, MB (1e6 bytes)")
+    parser.add_argument(
+        "--mb", type=float, default=100.0, help="adapter size to aim at, MB (1e6 bytes)"
+    )
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--experts", type=int, default=8)
@@ -53,6 +61,7 @@ def main() -> None:
     rank = max(1, round(args.mb * 1e6 / per_rank))
     model = adapted(args.width, args.layers, args.experts, rank)
     from peft import PeftModel, get_peft_model
+
     peft_model = get_peft_model(Stack(args.width, args.layers), get_config(model))
     peft_model.load_state_dict(model.state_dict(), strict=False)
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,11 +77,18 @@ def main() -> None:
             "PeftModel.save_pretrained": lambda: peft_model.save_pretrained(peft_dir),
             "PeftModel.from_pretrained": lambda: PeftModel.from_pretrained(bases.pop(), peft_dir),
         }
-        medians = interleaved_medians(runs, args.repeats, warmup=1, device=torch.device("cpu"),
-                                      before=lambda: bases.__setitem__(slice(None), [Stack(args.width, args.layers)]))
+        medians = interleaved_medians(
+            runs,
+            args.repeats,
+            warmup=1,
+            device=torch.device("cpu"),
+            before=lambda: bases.__setitem__(slice(None), [Stack(args.width, args.layers)]),
+        )
     sha = medians["sha256 of the weights file"]
-    print(f"adapter file {size / 1e6:.1f} MB (E={args.experts}, r={rank}, {args.layers} layers of {args.width}); "
-          f"{environment(torch.device('cpu'))}")
+    print(
+        f"adapter file {size / 1e6:.1f} MB (E={args.experts}, r={rank}, {args.layers} layers of {args.width}); "
+        f"{environment(torch.device('cpu'))}"
+    )
     print("| call | median s | of which hashing |")
     print("|---|---|---|")
     for name, seconds in medians.items():

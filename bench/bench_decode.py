@@ -4,6 +4,7 @@ experts gathered per token), beside the frozen base product alone; interleaved m
     python bench/bench_decode.py --threads 2                  # d = 576, 2 tokens, top-2, E 4 / 16 / 64
     python bench/bench_decode.py --router dynamic --threads 2 # lambda held where 2 experts a token are on
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,11 @@ from bench.common import cpu_run, interleaved_medians  # noqa: E402
 
 def repeated(run, calls: int):
     """run called `calls` times: one timed unit, so that a call of a few microseconds is timed in bulk."""
+
     def many():
         for _ in range(calls):
             run()
+
     return many
 
 
@@ -44,7 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     for e in args.experts:
         layer = ours(base, e, 8, args.router, args.composition).eval()
         nn.init.normal_(layer.lora_B, std=0.02)
-        if args.router == "dynamic":  # lambda held where 2 experts a token are on, as after training
+        if (
+            args.router == "dynamic"
+        ):  # lambda held where 2 experts a token are on, as after training
             hold_active(layer, torch.randn(1, 64, args.dim), 2.0)
         runs[f"E={e}"] = repeated((lambda m: lambda: m(x))(layer), args.calls)
     with torch.no_grad():
@@ -56,7 +61,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:12s} {result[name]:8.1f} us  {result[name] / ref:5.2f}x E={args.experts[0]}")
     print(f"{'base alone':12s} {result['base alone']:8.1f} us")
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "us": result}, indent=1))
+        args.json.write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "us": result}, indent=1)
+        )
 
 
 if __name__ == "__main__":

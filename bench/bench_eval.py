@@ -19,6 +19,7 @@ are read). It reports each phase's time, the ratios, and whether the results agr
     .venv/bin/python bench/bench_eval.py --model DIR --questions 1000        # a GPU, another model
     .venv/bin/python bench/bench_eval.py --builtin --repeats 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,16 +30,23 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file: the repository root
+sys.path.insert(
+    0, str(Path(__file__).resolve().parent.parent)
+)  # run as a file: the repository root
 from bench.common import environment  # noqa: E402
-from lmoe.data import benchmarks  # noqa: E402
-from lmoe.data.choices import MultipleChoice, requests  # noqa: E402
 from lmoe import inject  # noqa: E402
+from lmoe.data import benchmarks  # noqa: E402
 from lmoe.data.builtin import Mixture  # noqa: E402
+from lmoe.data.choices import MultipleChoice, requests  # noqa: E402
 from lmoe.data.encoding import IGNORE, Example, collate, encode_all, render_prompt  # noqa: E402
 from lmoe.evaluation.analysis import batches_by_domain, collect_routing  # noqa: E402
-from lmoe.evaluation.scoring import (answer_logprobs, continuation_logprobs,  # noqa: E402
-                                     exact_match, normalise, perplexity)
+from lmoe.evaluation.scoring import (
+    answer_logprobs,
+    continuation_logprobs,  # noqa: E402
+    exact_match,
+    normalise,
+    perplexity,
+)
 from lmoe.inject import record_routing  # noqa: E402
 from lmoe.models import load_model  # noqa: E402
 from lmoe.training.config import default_lmoe  # noqa: E402
@@ -53,6 +61,7 @@ def unshared(model, reqs, pad_id: int) -> list[list[float]]:
 
 # ------------------------------------------------------------ --builtin: the code before issue 34
 
+
 @torch.no_grad()
 def old_exact_match(model, tok, records: list[dict]) -> dict[str, float]:
     """transformers' generate, 32 prompts per batch in file order, every reply up to the longest
@@ -62,12 +71,17 @@ def old_exact_match(model, tok, records: list[dict]) -> dict[str, float]:
     side, tok.padding_side = tok.padding_side, "left"
     replies = []
     for start in range(0, len(texts), 32):
-        batch = tok(texts[start:start + 32], return_tensors="pt", padding=True,
-                    add_special_tokens=False)
-        out = model.generate(**batch.to(model.device), max_new_tokens=longest + 4,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                             do_sample=False)
-        replies += tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        batch = tok(
+            texts[start : start + 32], return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        out = model.generate(
+            **batch.to(model.device),
+            max_new_tokens=longest + 4,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            do_sample=False,
+        )
+        replies += tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     tok.padding_side = side
     hits, totals = {}, {}
     for record, reply in zip(records, replies):
@@ -82,10 +96,11 @@ def old_perplexity(model, examples: list[Example], pad_id: int) -> dict[str, flo
     """16 examples per batch in file order, right-padded, log-softmax over every position."""
     nll, count = {}, {}
     for start in range(0, len(examples), 16):
-        chunk = examples[start:start + 16]
+        chunk = examples[start : start + 16]
         batch = {k: v.to(model.device) for k, v in collate(chunk, pad_id).items()}
-        logits = model(input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"]).logits.float()
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits.float()
         targets = batch["labels"][:, 1:]
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -106,9 +121,11 @@ def old_routing(model, examples: list[Example], pad_id: int) -> None:
     with record_routing(model):
         for exs in groups.values():
             for start in range(0, len(exs), 16):
-                batch = collate(exs[start:start + 16], pad_id)
-                model(input_ids=batch["input_ids"].to(model.device),
-                      attention_mask=batch["attention_mask"].to(model.device))
+                batch = collate(exs[start : start + 16], pad_id)
+                model(
+                    input_ids=batch["input_ids"].to(model.device),
+                    attention_mask=batch["attention_mask"].to(model.device),
+                )
 
 
 def builtin(model, tok, device: torch.device, repeats: int, max_length: int) -> None:
@@ -121,39 +138,57 @@ def builtin(model, tok, device: torch.device, repeats: int, max_length: int) -> 
     held_out = encode_all(tok, conversations, max_length)
     routed = encode_all(tok, items + conversations, max_length)
     pad = tok.pad_token_id
-    paths = {"old": {"exact match": lambda: old_exact_match(model, tok, items),
-                     "perplexity": lambda: old_perplexity(model, held_out, pad),
-                     "routing analysis": lambda: old_routing(model, routed, pad)},
-             "new": {"exact match": lambda: exact_match(model, tok, items),
-                     "perplexity": lambda: perplexity(model, held_out, pad),
-                     "routing analysis": lambda: collect_routing(
-                         model, batches_by_domain(routed, pad), "answer")}}
+    paths = {
+        "old": {
+            "exact match": lambda: old_exact_match(model, tok, items),
+            "perplexity": lambda: old_perplexity(model, held_out, pad),
+            "routing analysis": lambda: old_routing(model, routed, pad),
+        },
+        "new": {
+            "exact match": lambda: exact_match(model, tok, items),
+            "perplexity": lambda: perplexity(model, held_out, pad),
+            "routing analysis": lambda: collect_routing(
+                model, batches_by_domain(routed, pad), "answer"
+            ),
+        },
+    }
     times = {(path, phase): [] for path in paths for phase in paths[path]}
     results = {}
     for round_ in range(repeats):
-        for path in (["old", "new"] if round_ % 2 == 0 else ["new", "old"]):
+        for path in ["old", "new"] if round_ % 2 == 0 else ["new", "old"]:
             for phase, run in paths[path].items():
                 start = time.perf_counter()
                 results[path, phase] = run()
                 times[path, phase].append(time.perf_counter() - start)
-                print(f"round {round_ + 1} {path} {phase}: {times[path, phase][-1]:.1f} s",
-                      file=sys.stderr, flush=True)
-    print(f"{environment(device)}; {len(items)} skill items, {len(held_out)} conversations "
-          f"({sum(len(e.input_ids) for e in held_out)} tokens), max_length {max_length}; "
-          f"best of {repeats}")
+                print(
+                    f"round {round_ + 1} {path} {phase}: {times[path, phase][-1]:.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    print(
+        f"{environment(device)}; {len(items)} skill items, {len(held_out)} conversations "
+        f"({sum(len(e.input_ids) for e in held_out)} tokens), max_length {max_length}; "
+        f"best of {repeats}"
+    )
     print("| phase | before | after | speed-up |\n|---|---|---|---|")
     best = {key: min(t) for key, t in times.items()}
     for phase in paths["old"]:
-        print(f"| {phase} | {best['old', phase]:.1f} s | {best['new', phase]:.1f} s | "
-              f"{best['old', phase] / best['new', phase]:.2f}x |")
+        print(
+            f"| {phase} | {best['old', phase]:.1f} s | {best['new', phase]:.1f} s | "
+            f"{best['old', phase] / best['new', phase]:.2f}x |"
+        )
     total = {path: sum(best[path, phase] for phase in paths[path]) for path in paths}
-    print(f"| all | {total['old']:.1f} s | {total['new']:.1f} s | "
-          f"{total['old'] / total['new']:.2f}x |")
+    print(
+        f"| all | {total['old']:.1f} s | {total['new']:.1f} s | "
+        f"{total['old'] / total['new']:.2f}x |"
+    )
     old_ppl, new_ppl = results["old", "perplexity"], results["new", "perplexity"]
     same = results["old", "exact match"] == results["new", "exact match"]
-    print(f"exact match per skill equal: {same} ({results['new', 'exact match']}); "
-          "perplexity largest relative difference "
-          f"{max(abs(old_ppl[d] / new_ppl[d] - 1) for d in old_ppl):.1e}")
+    print(
+        f"exact match per skill equal: {same} ({results['new', 'exact match']}); "
+        "perplexity largest relative difference "
+        f"{max(abs(old_ppl[d] / new_ppl[d] - 1) for d in old_ppl):.1e}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -163,10 +198,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--questions", type=int, default=100)
     p.add_argument("--protocol", default="cloze", choices=["cloze", "letter"])
     p.add_argument("--repeats", type=int, default=2, help="alternating timed rounds of both paths")
-    p.add_argument("--builtin", action="store_true",
-                   help="the built-in mixture's held-out evaluation instead")
-    p.add_argument("--max-length", type=int, default=128,
-                   help="--builtin: as lmoe train's max_length")
+    p.add_argument(
+        "--builtin", action="store_true", help="the built-in mixture's held-out evaluation instead"
+    )
+    p.add_argument(
+        "--max-length", type=int, default=128, help="--builtin: as lmoe train's max_length"
+    )
     args = p.parse_args(argv)
     model, tok = load_model(args.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -178,9 +215,13 @@ def main(argv: list[str] | None = None) -> None:
     choices = sum(len(c) for _, c in reqs)
     times = {"before (unshared)": [], "after (shared prefix)": []}
     for _ in range(args.repeats):
-        for name, run in [("before (unshared)", lambda: unshared(model, reqs, tok.pad_token_id)),
-                          ("after (shared prefix)", lambda: continuation_logprobs(model, reqs, tok.pad_token_id,
-                                                                                  progress=False))]:
+        for name, run in [
+            ("before (unshared)", lambda: unshared(model, reqs, tok.pad_token_id)),
+            (
+                "after (shared prefix)",
+                lambda: continuation_logprobs(model, reqs, tok.pad_token_id, progress=False),
+            ),
+        ]:
             start = time.perf_counter()
             scores = run()
             times[name].append(time.perf_counter() - start)
@@ -188,13 +229,17 @@ def main(argv: list[str] | None = None) -> None:
                 reference = scores
             else:
                 diff = max(abs(a - b) for x, y in zip(scores, reference) for a, b in zip(x, y))
-    print(f"{environment(device)}; {args.model}, {args.task} test, {len(reqs)} questions, {choices} choices "
-          f"({args.protocol}, chat template)")
+    print(
+        f"{environment(device)}; {args.model}, {args.task} test, {len(reqs)} questions, {choices} choices "
+        f"({args.protocol}, chat template)"
+    )
     best = {name: min(t) for name, t in times.items()}
     for name, seconds in best.items():
         print(f"| {name} | {seconds:.1f} s | {choices / seconds:.1f} choices/s |")
-    print(f"speed-up {best['before (unshared)'] / best['after (shared prefix)']:.2f}x; "
-          f"largest score difference {diff:.2e} nats")
+    print(
+        f"speed-up {best['before (unshared)'] / best['after (shared prefix)']:.2f}x; "
+        f"largest score difference {diff:.2e} nats"
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ default there), "grouped" (sparse, pairs grouped by expert: torch's grouped GEMM
 
     python bench/bench_kernels.py --experts 64 --threads 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,15 +39,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=1)
     args, device = cpu_run(p, argv)
     base = load_base(device)
-    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    models = {"E=4 dense": ours(base, 4, 8, "topk", "params"), f"E={args.experts}": ours(base, args.experts, 8, "topk", "params")}
+    ids = torch.randint(
+        0,
+        base.config.vocab_size,
+        (args.batch, args.seq),
+        generator=torch.Generator().manual_seed(0),
+    )
+    models = {
+        "E=4 dense": ours(base, 4, 8, "topk", "params"),
+        f"E={args.experts}": ours(base, args.experts, 8, "topk", "params"),
+    }
     for model in models.values():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(param, std=0.02)
     big = models[f"E={args.experts}"]
-    plans = {"E=4 dense": ("auto", True), f"E={args.experts} csr": ("sparse", True),
-             f"E={args.experts} grouped": ("sparse", False), f"E={args.experts} dense": ("dense", True)}
+    plans = {
+        "E=4 dense": ("auto", True),
+        f"E={args.experts} csr": ("sparse", True),
+        f"E={args.experts} grouped": ("sparse", False),
+        f"E={args.experts} dense": ("dense", True),
+    }
 
     def step(name: str):
         execution, csr = plans[name]
@@ -59,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
             for param in model.parameters():
                 param.grad = None
             lmoe.layer.csr_ok = csr_ok
+
         return run
 
     times = interleaved_medians({n: step(n) for n in plans}, args.repeats, args.warmup, device)
@@ -66,7 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     for name, t in times.items():
         print(f"{name:24s} fwd+bwd {t:6.2f} s  {t / ref:5.2f}x E=4")
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "fwd_bwd_s": times}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {"args": vars(args) | {"json": str(args.json)}, "fwd_bwd_s": times}, indent=1
+            )
+        )
 
 
 if __name__ == "__main__":

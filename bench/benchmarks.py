@@ -18,6 +18,7 @@ interrupted grid keeps what it finished and the same command continues it.
 Extend the grid by adding a (name, overrides) pair to CONFIGS; overrides are TrainConfig keys
 (`lmoe.router=...`, `lr=...`), so a routing default found elsewhere is one more line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file: the repository root
+sys.path.insert(
+    0, str(Path(__file__).resolve().parent.parent)
+)  # run as a file: the repository root
 from bench.common import mean_sd, replace_section  # noqa: E402
 
 SECTION = "## Benchmarks: LoRA vs L-MoE at equal adapter parameters (`bench/benchmarks.py`)"
@@ -41,20 +44,44 @@ SECTION = "## Benchmarks: LoRA vs L-MoE at equal adapter parameters (`bench/benc
 TASKS = ["arc_easy", "arc_challenge", "openbookqa", "csqa"]
 LORA = {"lmoe.num_experts": 1, "lmoe.rank": 16, "lmoe.alpha": 32}
 MOE = {"lmoe.num_experts": 4, "lmoe.rank": 4, "lmoe.alpha": 8}
-LB_0_01 = {"lmoe.load_balance_coef": 0.01}  # the softmax gate's balance weight these rows ran with (now 0.1)
-SPARSITY = 0.1  # "with its sparsity loss"; the authors' released run.sh sets it to 0 (reg_loss_coef=0.0)
+LB_0_01 = {
+    "lmoe.load_balance_coef": 0.01
+}  # the softmax gate's balance weight these rows ran with (now 0.1)
+SPARSITY = (
+    0.1  # "with its sparsity loss"; the authors' released run.sh sets it to 0 (reg_loss_coef=0.0)
+)
 CONFIGS = [  # (name, TrainConfig overrides)
     ("lora_r16", {**LORA}),
     ("params_softmax", {**MOE, "lmoe.composition": "params", "lmoe.router": "softmax", **LB_0_01}),
-    ("outputs_softmax", {**MOE, "lmoe.composition": "outputs", "lmoe.router": "softmax", **LB_0_01}),
+    (
+        "outputs_softmax",
+        {**MOE, "lmoe.composition": "outputs", "lmoe.router": "softmax", **LB_0_01},
+    ),
     ("params_top2", {**MOE, "lmoe.composition": "params", "lmoe.router": "topk", "lmoe.top_k": 2}),
-    ("outputs_top2", {**MOE, "lmoe.composition": "outputs", "lmoe.router": "topk", "lmoe.top_k": 2}),
+    (
+        "outputs_top2",
+        {**MOE, "lmoe.composition": "outputs", "lmoe.router": "topk", "lmoe.top_k": 2},
+    ),
     ("params_dynamic", {**MOE, "lmoe.composition": "params", "lmoe.router": "dynamic"}),
     ("outputs_dynamic", {**MOE, "lmoe.composition": "outputs", "lmoe.router": "dynamic"}),
-    ("params_softmax_lb0.1", {**MOE, "lmoe.composition": "params", "lmoe.router": "softmax",
-                              "lmoe.load_balance_coef": 0.1}),  # lmoe train's default mixture
-    ("params_dynamic_sparsity", {**MOE, "lmoe.composition": "params", "lmoe.router": "dynamic",
-                                 "lmoe.sparsity_coef": SPARSITY}),
+    (
+        "params_softmax_lb0.1",
+        {
+            **MOE,
+            "lmoe.composition": "params",
+            "lmoe.router": "softmax",
+            "lmoe.load_balance_coef": 0.1,
+        },
+    ),  # lmoe train's default mixture
+    (
+        "params_dynamic_sparsity",
+        {
+            **MOE,
+            "lmoe.composition": "params",
+            "lmoe.router": "dynamic",
+            "lmoe.sparsity_coef": SPARSITY,
+        },
+    ),
 ]
 
 
@@ -62,37 +89,73 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="builtin", help="'builtin' or a local HF model directory")
     p.add_argument("--tasks", nargs="+", default=TASKS)
-    p.add_argument("--configs", nargs="+", default=[n for n, _ in CONFIGS], choices=[n for n, _ in CONFIGS])
+    p.add_argument(
+        "--configs", nargs="+", default=[n for n, _ in CONFIGS], choices=[n for n, _ in CONFIGS]
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--test-items", type=int, default=50, help="test questions per task (0: all)")
-    p.add_argument("--protocol", choices=["cloze", "letter"], default="cloze", help="training target and scoring")
+    p.add_argument(
+        "--protocol",
+        choices=["cloze", "letter"],
+        default="cloze",
+        help="training target and scoring",
+    )
     p.add_argument("--template", choices=["plain", "chat"], default="plain")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="TrainConfig overrides for every config, e.g. router_lr_scale=1 (the table of record)")
-    p.add_argument("--results", default="bench/results/benchmarks.jsonl", help="one JSON line per finished run")
-    p.add_argument("--out", default="bench/RESULTS.md", help="markdown file whose benchmark section is rewritten")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="TrainConfig overrides for every config, e.g. router_lr_scale=1 (the table of record)",
+    )
+    p.add_argument(
+        "--results", default="bench/results/benchmarks.jsonl", help="one JSON line per finished run"
+    )
+    p.add_argument(
+        "--out",
+        default="bench/RESULTS.md",
+        help="markdown file whose benchmark section is rewritten",
+    )
     p.add_argument("--work-dir", default="runs/benchmarks")
     return p.parse_args(argv)
 
 
 def settings(args: argparse.Namespace) -> dict:
     """What makes two runs comparable: rows with other settings are kept in the file but not tabled."""
-    return {"model": args.model, "tasks": args.tasks, "steps": args.steps, "batch_size": args.batch_size,
-            "lr": args.lr, "max_length": args.max_length, "test_items": args.test_items, "protocol": args.protocol,
-            "template": args.template} | ({"set": args.set} if args.set else {})
+    return {
+        "model": args.model,
+        "tasks": args.tasks,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "max_length": args.max_length,
+        "test_items": args.test_items,
+        "protocol": args.protocol,
+        "template": args.template,
+    } | ({"set": args.set} if args.set else {})
 
 
 def train_overrides(args: argparse.Namespace, name: str, seed: int) -> list[str]:
     mine = dict(CONFIGS)[name]
-    common = {"model": args.model, "data": "[" + ", ".join(f"bench:{t}" for t in args.tasks) + "]",
-              "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "max_length": args.max_length,
-              "seed": seed, "save_every": 0, "compare_base": "false", "mc.protocol": args.protocol,
-              "mc.template": args.template,
-              "mc.test_items": args.test_items, "output_dir": f"{args.work_dir}/{name}-s{seed}"}
+    common = {
+        "model": args.model,
+        "data": "[" + ", ".join(f"bench:{t}" for t in args.tasks) + "]",
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "max_length": args.max_length,
+        "seed": seed,
+        "save_every": 0,
+        "compare_base": "false",
+        "mc.protocol": args.protocol,
+        "mc.template": args.template,
+        "mc.test_items": args.test_items,
+        "output_dir": f"{args.work_dir}/{name}-s{seed}",
+    }
     return [f"{k}={v}" for k, v in {**common, **mine}.items()] + list(args.set)
 
 
@@ -100,12 +163,18 @@ def run_base(args: argparse.Namespace) -> dict:
     from lmoe.data.choices import MultipleChoice
     from lmoe.evaluation.scoring import evaluate_benchmarks
     from lmoe.models import load_model
+
     model, tokenizer = load_model(args.model)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
     fmt = MultipleChoice(args.protocol, args.template, args.test_items)
     results = evaluate_benchmarks(model, tokenizer, args.tasks, fmt, args.max_length)
-    return {"config": "base", "seed": None, "results": results, "eval_s": time.perf_counter() - start}
+    return {
+        "config": "base",
+        "seed": None,
+        "results": results,
+        "eval_s": time.perf_counter() - start,
+    }
 
 
 def run_config(args: argparse.Namespace, name: str, seed: int) -> dict:
@@ -113,17 +182,26 @@ def run_config(args: argparse.Namespace, name: str, seed: int) -> dict:
     from lmoe.training.config import TrainConfig
     from lmoe.training.loop import train
     from lmoe.training.metrics_log import read_metrics
+
     cfg = TrainConfig.from_file(None, train_overrides(args, name, seed))
     start = time.perf_counter()
     result = train(cfg)
     rows = read_metrics(cfg.output_dir)
-    last = rows[-min(10, len(rows)):]
-    return {"config": name, "seed": seed, "overrides": dict(CONFIGS)[name], "results": result.results["trained"],
-            "trainable": count_parameters(result.model)[0], "s_per_step": rows[-1]["elapsed_s"] / len(rows),
-            "active_experts": sum(r["active_experts"] for r in last) / len(last), "wall_s": time.perf_counter() - start}
+    last = rows[-min(10, len(rows)) :]
+    return {
+        "config": name,
+        "seed": seed,
+        "overrides": dict(CONFIGS)[name],
+        "results": result.results["trained"],
+        "trainable": count_parameters(result.model)[0],
+        "s_per_step": rows[-1]["elapsed_s"] / len(rows),
+        "active_experts": sum(r["active_experts"] for r in last) / len(last),
+        "wall_s": time.perf_counter() - start,
+    }
 
 
 # ---------------------------------------------------------------- table
+
 
 def protocol(args: argparse.Namespace) -> str:
     """The grid's protocol/template, as lmoe's results name it (e.g. "cloze/plain")."""
@@ -141,8 +219,11 @@ def questions(results: dict, task: str) -> int:
 
 
 def table(rows: list[dict], tasks: list[str], key: str) -> str:
-    head = (["config", "protocol", "seeds", "trainable params"] + tasks
-            + ["average", "SE of average", "active experts", "s/step"])
+    head = (
+        ["config", "protocol", "seeds", "trainable params"]
+        + tasks
+        + ["average", "SE of average", "active experts", "s/step"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in ["base"] + [n for n, _ in CONFIGS]:
         mine = [r for r in rows if r["config"] == name]
@@ -153,12 +234,26 @@ def table(rows: list[dict], tasks: list[str], key: str) -> str:
         n = sum(questions(mine[0]["results"], t) for t in tasks)
         p = statistics.mean(averages)
         # seeds' spread when there are several, else the binomial error of the pooled test questions
-        se = statistics.stdev(averages) / math.sqrt(len(averages)) if len(averages) > 1 else math.sqrt(p * (1 - p) / n)
-        cells = [name, key + " acc", str(len(mine)) if name != "base" else "-",
-                 f"{mine[0]['trainable']:,}" if "trainable" in mine[0] else "-"]
+        se = (
+            statistics.stdev(averages) / math.sqrt(len(averages))
+            if len(averages) > 1
+            else math.sqrt(p * (1 - p) / n)
+        )
+        cells = [
+            name,
+            key + " acc",
+            str(len(mine)) if name != "base" else "-",
+            f"{mine[0]['trainable']:,}" if "trainable" in mine[0] else "-",
+        ]
         cells += [mean_sd([a[t] for a in acc]) for t in tasks] + [mean_sd(averages), f"{se:.3f}"]
-        cells += [f"{statistics.mean(r['active_experts'] for r in mine):.2f}" if "active_experts" in mine[0] else "-",
-                  f"{statistics.mean(r['s_per_step'] for r in mine):.2f}" if "s_per_step" in mine[0] else "-"]
+        cells += [
+            f"{statistics.mean(r['active_experts'] for r in mine):.2f}"
+            if "active_experts" in mine[0]
+            else "-",
+            f"{statistics.mean(r['s_per_step'] for r in mine):.2f}"
+            if "s_per_step" in mine[0]
+            else "-",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -168,29 +263,41 @@ def section_title(args: argparse.Namespace) -> str:
     return SECTION + (f" with `{' '.join(args.set)}`" if args.set else "")
 
 
-def write_section(rows: list[dict], args: argparse.Namespace, command: str, planned: int, done: int) -> None:
+def write_section(
+    rows: list[dict], args: argparse.Namespace, command: str, planned: int, done: int
+) -> None:
     """done: how many of this command's planned training runs are finished (`finished`); the table holds every
     row with these settings, from any command."""
     n = {t: questions(rows[0]["results"], t) for t in args.tasks} if rows else {}
     load = os.getloadavg()
-    text = [section_title(args), "",
-            f"Command: `{command}` ({done} of its {planned} training runs finished when this was written, "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average {load[0]:.1f}; the table: "
-            f"every run with these settings in {args.results}).", "",
-            f"Every config: {args.steps} steps of {args.batch_size} questions from the union of the tasks' train "
-            f"sides, lr {args.lr}, max_length {args.max_length}, experts on q_proj, v_proj, up_proj; E·r = 16 "
-            f"(LoRA: rank 16), alpha = 2r. Protocol {args.protocol} ({args.template} template; cloze: acc, the summed "
-            "log-likelihood of the choice), on a fixed subset "
-            f"of each task's test side: n = {n} questions. Per task: mean ± standard deviation over seeds; "
-            "SE of average: standard deviation of the seeds' averages / sqrt(seeds) (base: binomial, pooled "
-            "questions). Active experts: experts with g > 0 per token and layer, mean of the last 10 steps. "
-            "s/step: training loop only. Split policy: ARC-E, ARC-C, OBQA train on validation, test on the "
-            "test split; MMLU dev + validation / test; the other tasks split validation by a hash of the "
-            "question (30% test).", "",
-            f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} torch threads.", "", table(rows, args.tasks, protocol(args)), ""]
+    text = [
+        section_title(args),
+        "",
+        f"Command: `{command}` ({done} of its {planned} training runs finished when this was written, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average {load[0]:.1f}; the table: "
+        f"every run with these settings in {args.results}).",
+        "",
+        f"Every config: {args.steps} steps of {args.batch_size} questions from the union of the tasks' train "
+        f"sides, lr {args.lr}, max_length {args.max_length}, experts on q_proj, v_proj, up_proj; E·r = 16 "
+        f"(LoRA: rank 16), alpha = 2r. Protocol {args.protocol} ({args.template} template; cloze: acc, the summed "
+        "log-likelihood of the choice), on a fixed subset "
+        f"of each task's test side: n = {n} questions. Per task: mean ± standard deviation over seeds; "
+        "SE of average: standard deviation of the seeds' averages / sqrt(seeds) (base: binomial, pooled "
+        "questions). Active experts: experts with g > 0 per token and layer, mean of the last 10 steps. "
+        "s/step: training loop only. Split policy: ARC-E, ARC-C, OBQA train on validation, test on the "
+        "test split; MMLU dev + validation / test; the other tasks split validation by a hash of the "
+        "question (30% test).",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch threads.",
+        "",
+        table(rows, args.tasks, protocol(args)),
+        "",
+    ]
     path = Path(args.out)
-    current = path.read_text() if path.is_file() else ""  # re-read: others edit other sections meanwhile
+    current = (
+        path.read_text() if path.is_file() else ""
+    )  # re-read: others edit other sections meanwhile
     path.write_text(replace_section(current, "\n".join(text), section_title(args)))
 
 
@@ -198,14 +305,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
     threads = os.environ.get("OMP_NUM_THREADS")
-    command = shlex.join([*([f"OMP_NUM_THREADS={threads}"] if threads else []), ".venv/bin/python",
-                         "bench/benchmarks.py", *given])
+    command = shlex.join(
+        [
+            *([f"OMP_NUM_THREADS={threads}"] if threads else []),
+            ".venv/bin/python",
+            "bench/benchmarks.py",
+            *given,
+        ]
+    )
     store = Path(args.results)
     store.parent.mkdir(parents=True, exist_ok=True)
     kept = [json.loads(line) for line in store.read_text().splitlines()] if store.is_file() else []
     rows = [r for r in kept if r.get("settings") == settings(args)]
     done = {(r["config"], r["seed"]) for r in rows}
-    plan = [("base", None)] + [(name, seed) for seed in args.seeds for name in args.configs]  # seed-major
+    plan = [("base", None)] + [
+        (name, seed) for seed in args.seeds for name in args.configs
+    ]  # seed-major
     for name, seed in plan:
         if (name, seed) in done:
             continue

@@ -1,5 +1,6 @@
 """Shared benchmark helpers: interleaved timing with warm-up and medians, activation memory, environment,
 mean ± std over seeds for the result tables, and rewriting one section of bench/RESULTS.md."""
+
 from __future__ import annotations
 
 import platform
@@ -35,15 +36,21 @@ def replace_section(text: str, new: str, title: str) -> str:
     return "".join(lines[:start]) + new.rstrip("\n") + "\n" + ("\n\n" + tail if tail else "")
 
 
-def scaling_rows(values: dict[str, float], experts: list[int], scale: float, unit: str) -> list[str]:
+def scaling_rows(
+    values: dict[str, float], experts: list[int], scale: float, unit: str
+) -> list[str]:
     """Lines of a table of values keyed "family @E": per family, each E's value * scale and its ratio to the
     family's value at experts[0] (same run)."""
     families = list(dict.fromkeys(n.rsplit(" @", 1)[0] for n in values))
     lines = [f"{unit:30s} " + " ".join(f"{'E=' + str(e):>16s}" for e in experts)]
     for fam in families:
         first = values.get(f"{fam} @{experts[0]}")
-        cells = [f"{scale * values[f'{fam} @{e}']:8.2f} {values[f'{fam} @{e}'] / first:5.2f}x"
-                 if f"{fam} @{e}" in values and first else "-" for e in experts]
+        cells = [
+            f"{scale * values[f'{fam} @{e}']:8.2f} {values[f'{fam} @{e}'] / first:5.2f}x"
+            if f"{fam} @{e}" in values and first
+            else "-"
+            for e in experts
+        ]
         lines.append(f"{fam:30s} " + " ".join(f"{c:>16s}" for c in cells))
     return lines
 
@@ -53,8 +60,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_medians(runs: dict[str, Callable[[], None]], repeats: int, warmup: int,
-                        device: torch.device, before: Callable[[], None] = lambda: None) -> dict[str, float]:
+def interleaved_medians(
+    runs: dict[str, Callable[[], None]],
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    before: Callable[[], None] = lambda: None,
+) -> dict[str, float]:
     """Median seconds per run; each round runs every variant once, in a rotated order, so that
     load from other processes on a shared machine hits all variants alike. `before` runs untimed."""
     names = list(runs)
@@ -64,7 +76,7 @@ def interleaved_medians(runs: dict[str, Callable[[], None]], repeats: int, warmu
             runs[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(repeats):
-        for name in names[i % len(names):] + names[:i % len(names)]:
+        for name in names[i % len(names) :] + names[: i % len(names)]:
             before()
             sync(device)
             start = time.perf_counter()
@@ -122,14 +134,21 @@ def keep_freed_memory() -> None:
     kept, every variant computes from reused memory and the ratios measure the work.
     """
     global ALLOCATOR
-    ALLOCATOR = "glibc, freed memory kept (mallopt)" if lmoe.allocator.keep_freed_memory() else "default"
+    ALLOCATOR = (
+        "glibc, freed memory kept (mallopt)" if lmoe.allocator.keep_freed_memory() else "default"
+    )
 
 
 def add_cpu_options(parser) -> None:
     """--threads and --default-allocator, which every benchmark script takes."""
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--default-allocator", action="store_true",
-                        help="CPU: leave glibc's malloc as it is (by default freed memory is kept: keep_freed_memory)")
+    parser.add_argument(
+        "--threads", type=int, help="torch intra-op threads (default: torch's choice)"
+    )
+    parser.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="CPU: leave glibc's malloc as it is (by default freed memory is kept: keep_freed_memory)",
+    )
 
 
 def prepare_cpu(args, device: torch.device) -> None:
@@ -155,7 +174,14 @@ def cpu_run(parser, argv: list[str] | None) -> tuple:
 def environment(device: torch.device) -> str:
     import peft
     import transformers
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    return (f"device={device} ({name}), torch threads={torch.get_num_threads()}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, peft {peft.__version__}, python {platform.python_version()}, "
-            f"allocator: {ALLOCATOR}")
+
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine()
+    )
+    return (
+        f"device={device} ({name}), torch threads={torch.get_num_threads()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, peft {peft.__version__}, python {platform.python_version()}, "
+        f"allocator: {ALLOCATOR}"
+    )

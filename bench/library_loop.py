@@ -11,6 +11,7 @@ gradient norm and the routers' part of it: what clipping at lmoe train's max_gra
 
 Each finished seed is appended to --results (JSON lines) at once; a rerun skips the seeds there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file: the repo root
 
-SUMMARY = ("mutual_information_bits", "routing_entropy", "top_weight_over_half",
-           "mean_active_experts")
+SUMMARY = (
+    "mutual_information_bits",
+    "routing_entropy",
+    "top_weight_over_half",
+    "mean_active_experts",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,13 +41,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                   help="LMoEConfig fields over the default mixture, e.g. router_param_scale=1")
-    p.add_argument("--clip", type=float, default=1.0,
-                   help="the norm whose crossings are counted (not applied)")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="LMoEConfig fields over the default mixture, e.g. router_param_scale=1",
+    )
+    p.add_argument(
+        "--clip", type=float, default=1.0, help="the norm whose crossings are counted (not applied)"
+    )
     p.add_argument("--results", default="bench/results/router_param_scale_library.jsonl")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: torch's)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+    )
     return p.parse_args(argv)
 
 
@@ -51,6 +63,7 @@ def mixture_config(overrides: list[str]):
     import dataclasses
 
     from lmoe.training.config import default_lmoe
+
     fields = {}
     for item in overrides:
         key, _, value = item.partition("=")
@@ -69,7 +82,7 @@ def grad_norms(model: torch.nn.Module, router_ids: set[int]) -> tuple[float, flo
             square = float(p.grad.detach().float().square().sum())
             total += square
             routers += square if id(p) in router_ids else 0.0
-    return total ** 0.5, routers ** 0.5
+    return total**0.5, routers**0.5
 
 
 def run_seed(args: argparse.Namespace, seed: int) -> dict:
@@ -106,25 +119,38 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
         losses.append(loss.item())
         if (step + 1) % 25 == 0:
             recent = statistics.mean(losses[-25:])
-            print(f"library_loop: seed {seed} step {step + 1} loss {recent:.3f} grad norm "
-                  f"{norms[-1]:.3f} (routers {router_norms[-1]:.3f})", flush=True)
+            print(
+                f"library_loop: seed {seed} step {step + 1} loss {recent:.3f} grad norm "
+                f"{norms[-1]:.3f} (routers {router_norms[-1]:.3f})",
+                flush=True,
+            )
     train_s = time.perf_counter() - start
     model.eval()
     routing = held_out_specialisation(model, tokenizer, data.mixture, data.max_length)
     experts_only = [(t * t - r * r) ** 0.5 for t, r in zip(norms, router_norms)]
     collapsed = sum(v["mutual_information_bits"] < 0.01 for v in routing["layers"].values())
-    return {"seed": seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-            "lmoe": cfg.to_dict(), "train_s": train_s,
-            "loss_first_25": statistics.mean(losses[:25]),
-            "loss_last_25": statistics.mean(losses[-25:]),
-            "routing": {key: routing[key] for key in SUMMARY}, "layers_below_0.01_bit": collapsed,
-            "routing_tokens": routing.get("tokens"),
-            "grad_norm": {"clip": args.clip, "mean": statistics.mean(norms),
-                          "router_part_mean": statistics.mean(router_norms),
-                          "steps_over_clip": sum(n > args.clip for n in norms),
-                          "steps_over_clip_experts_alone": sum(n > args.clip for n in experts_only),
-                          "per_step": [round(n, 4) for n in norms],
-                          "router_per_step": [round(n, 4) for n in router_norms]}}
+    return {
+        "seed": seed,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "lmoe": cfg.to_dict(),
+        "train_s": train_s,
+        "loss_first_25": statistics.mean(losses[:25]),
+        "loss_last_25": statistics.mean(losses[-25:]),
+        "routing": {key: routing[key] for key in SUMMARY},
+        "layers_below_0.01_bit": collapsed,
+        "routing_tokens": routing.get("tokens"),
+        "grad_norm": {
+            "clip": args.clip,
+            "mean": statistics.mean(norms),
+            "router_part_mean": statistics.mean(router_norms),
+            "steps_over_clip": sum(n > args.clip for n in norms),
+            "steps_over_clip_experts_alone": sum(n > args.clip for n in experts_only),
+            "per_step": [round(n, 4) for n in norms],
+            "router_per_step": [round(n, 4) for n in router_norms],
+        },
+    }
 
 
 def done_seeds(path: Path) -> set[int]:
@@ -136,6 +162,7 @@ def done_seeds(path: Path) -> set[int]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from lmoe.allocator import keep_freed_memory
+
     keep_freed_memory()  # as `lmoe train` does on the CPU: each step reuses freed memory (speed)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -20,6 +20,7 @@ prefix changes nothing). X-LoRA's is not: its first pass would write into the ca
 scores come out silently wrong, so xlora_model returns a wrapper that refuses a cache and has no `config`,
 which lmoe.evaluation.scoring then scores sequence by sequence.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,10 +40,12 @@ from peft.tuners.lora.arrow import create_arrow_model
 from peft.tuners.lora.config import ArrowConfig
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file: the repository root
+sys.path.insert(
+    0, str(Path(__file__).resolve().parent.parent)
+)  # run as a file: the repository root
 from lmoe import compose, freeze_experts  # noqa: E402
-from lmoe.modular.compose import LoRA, PEFT_PREFIX, read_peft_lora  # noqa: E402
 from lmoe.io import is_lmoe_adapter  # noqa: E402
+from lmoe.modular.compose import PEFT_PREFIX, LoRA, read_peft_lora  # noqa: E402
 
 # PEFT's own defaults, read from the installed peft: top_k 3, router_temperature 1.0, use_gks False, rng_seed None
 ARROW_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ArrowConfig) if f.init}
@@ -52,33 +55,56 @@ ARROW_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ArrowConfig) if 
 # (largest 0.34-0.39, 1/3 is uniform). top_k=1 routes each token to its best adapter whatever the scale.
 ARROW_OTHER = {"top_k": 1, "router_temperature": ARROW_DEFAULTS["router_temperature"]}
 ARROW_ADAPTER = "arrow_router"  # the adapter name create_arrow_model gives its router
-XLORA_DEFAULTS = {f.name: f.default for f in dataclasses.fields(XLoraConfig)
-                  if f.name in ("xlora_depth", "xlora_size", "layerwise_scalings", "enable_softmax",
-                                "softmax_temperature", "top_k_lora", "scaling_pass_value")}
+XLORA_DEFAULTS = {
+    f.name: f.default
+    for f in dataclasses.fields(XLoraConfig)
+    if f.name
+    in (
+        "xlora_depth",
+        "xlora_size",
+        "layerwise_scalings",
+        "enable_softmax",
+        "softmax_temperature",
+        "top_k_lora",
+        "scaling_pass_value",
+    )
+}
 
 
 def _library(adapter_dirs: Sequence[str | Path]) -> list[LoRA]:
     """The adapters as lmoe reads them (a clear error for anything but a plain PEFT LoRA), all on one module set."""
     if not adapter_dirs:
-        raise ValueError("No adapter directories given; pass the PEFT LoRA directories (adapter_config.json + "
-                         "adapter_model.safetensors) to route over.")
+        raise ValueError(
+            "No adapter directories given; pass the PEFT LoRA directories (adapter_config.json + "
+            "adapter_model.safetensors) to route over."
+        )
     for d in adapter_dirs:
         if is_lmoe_adapter(d):
-            raise ValueError(f"{d} is an lmoe adapter; PEFT's Arrow and X-LoRA load PEFT LoRA files. Write one "
-                             f"with lmoe.export_peft(lmoe.load_adapter(base, {str(d)!r}), OUT, torch.ones(1)).")
+            raise ValueError(
+                f"{d} is an lmoe adapter; PEFT's Arrow and X-LoRA load PEFT LoRA files. Write one "
+                f"with lmoe.export_peft(lmoe.load_adapter(base, {str(d)!r}), OUT, torch.ones(1))."
+            )
     loras = [read_peft_lora(d) for d in adapter_dirs]
     for lora in loras[1:]:
         if set(lora.modules) != set(loras[0].modules):
             odd = sorted(set(lora.modules) ^ set(loras[0].modules))
-            raise ValueError(f"Adapter {lora.path} adapts other modules than {loras[0].path} (e.g. {odd[0]}); "
-                             "Arrow and X-LoRA route over adapters of the same target modules: retrain it on them.")
+            raise ValueError(
+                f"Adapter {lora.path} adapts other modules than {loras[0].path} (e.g. {odd[0]}); "
+                "Arrow and X-LoRA route over adapters of the same target modules: retrain it on them."
+            )
     return loras
 
 
 # ---------------------------------------------------------------- Arrow
 
-def arrow_model(base_model: nn.Module, adapter_dirs: Sequence[str | Path], top_k: int = ARROW_DEFAULTS["top_k"],
-                temperature: float = ARROW_DEFAULTS["router_temperature"], rng_seed: int | None = 0) -> PeftModel:
+
+def arrow_model(
+    base_model: nn.Module,
+    adapter_dirs: Sequence[str | Path],
+    top_k: int = ARROW_DEFAULTS["top_k"],
+    temperature: float = ARROW_DEFAULTS["router_temperature"],
+    rng_seed: int | None = 0,
+) -> PeftModel:
     """PEFT's Arrow over the adapters (expert i = adapter_dirs[i], named task_i), frozen, in eval mode.
 
     rng_seed seeds the power iteration that finds each prototype (15 steps from a random start; PEFT's default
@@ -87,14 +113,20 @@ def arrow_model(base_model: nn.Module, adapter_dirs: Sequence[str | Path], top_k
     loras = _library(adapter_dirs)
     ranks = sorted({lora.rank for lora in loras})
     if len(ranks) > 1:
-        raise ValueError(f"The adapters have ranks {ranks}; PEFT's Arrow needs one rank for all. Retrain them at one "
-                         "rank (lmoe.modular.compose zero-pads mixed ranks, Arrow does not).")
+        raise ValueError(
+            f"The adapters have ranks {ranks}; PEFT's Arrow needs one rank for all. Retrain them at one "
+            "rank (lmoe.modular.compose zero-pads mixed ranks, Arrow does not)."
+        )
     if not 1 <= top_k <= len(loras):
-        raise ValueError(f"Arrow's top_k={top_k} must be between 1 and the number of adapters ({len(loras)}); "
-                         f"pass top_k={min(max(top_k, 1), len(loras))}.")
+        raise ValueError(
+            f"Arrow's top_k={top_k} must be between 1 and the number of adapters ({len(loras)}); "
+            f"pass top_k={min(max(top_k, 1), len(loras))}."
+        )
     config = ArrowConfig(top_k=top_k, router_temperature=temperature, rng_seed=rng_seed)
     model = create_arrow_model(base_model, [str(d) for d in adapter_dirs], config)
-    model.requires_grad_(False)  # training-free; create_arrow_model leaves its (unused) router LoRA trainable
+    model.requires_grad_(
+        False
+    )  # training-free; create_arrow_model leaves its (unused) router LoRA trainable
     return model.eval()
 
 
@@ -115,10 +147,15 @@ def record_arrow_routing(model: PeftModel) -> Iterator[dict[str, Tensor]]:
     handles = []
     for name, module in model.named_modules():
         if ARROW_ADAPTER in getattr(module, "lora_arrow", {}):
-            handles.append(module.lora_arrow[ARROW_ADAPTER].register_forward_hook(
-                _arrow_recorder(rows.setdefault(name.removeprefix(PEFT_PREFIX), []))))
+            handles.append(
+                module.lora_arrow[ARROW_ADAPTER].register_forward_hook(
+                    _arrow_recorder(rows.setdefault(name.removeprefix(PEFT_PREFIX), []))
+                )
+            )
     if not handles:
-        raise ValueError("record_arrow_routing needs a model built by arrow_model (create_arrow_model).")
+        raise ValueError(
+            "record_arrow_routing needs a model built by arrow_model (create_arrow_model)."
+        )
     record: dict[str, Tensor] = {}
     try:
         yield record
@@ -131,11 +168,18 @@ def record_arrow_routing(model: PeftModel) -> Iterator[dict[str, Tensor]]:
 def _arrow_recorder(rows: list[Tensor]):
     def hook(arrow: nn.Module, args: tuple, _output: Tensor) -> None:
         x = args[0].reshape(-1, args[0].shape[-1]).to(arrow.prototypes.dtype)  # (tokens, d_in)
-        rows.append(arrow_weights(x, arrow.prototypes, arrow.top_k, arrow.temperature).detach().float().cpu())
+        rows.append(
+            arrow_weights(x, arrow.prototypes, arrow.top_k, arrow.temperature)
+            .detach()
+            .float()
+            .cpu()
+        )
+
     return hook
 
 
 # ---------------------------------------------------------------- X-LoRA
+
 
 class NoCacheLM(nn.Module):
     """A causal LM that runs without a KV cache. It has no `config`, so lmoe.evaluation.scoring scores every prefix and
@@ -145,17 +189,35 @@ class NoCacheLM(nn.Module):
         super().__init__()
         self.peft = peft_model
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
-                **kwargs):
-        if kwargs.pop("use_cache", False) or any(kwargs.get(k) is not None for k in ("past_key_values", "cache")):
-            raise ValueError("X-LoRA cannot use a KV cache: its scaling pass (adapters off) and its real pass would "
-                             "write the same cache. Score whole sequences (lmoe.evaluation.scoring does for this model).")
-        return self.peft(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False,
-                         **kwargs)
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        **kwargs,
+    ):
+        if kwargs.pop("use_cache", False) or any(
+            kwargs.get(k) is not None for k in ("past_key_values", "cache")
+        ):
+            raise ValueError(
+                "X-LoRA cannot use a KV cache: its scaling pass (adapters off) and its real pass would "
+                "write the same cache. Score whole sequences (lmoe.evaluation.scoring does for this model)."
+            )
+        return self.peft(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            use_cache=False,
+            **kwargs,
+        )
 
 
-def xlora_model(base_model: nn.Module, adapter_dirs: Sequence[str | Path],
-                depth: int = XLORA_DEFAULTS["xlora_depth"], **options) -> NoCacheLM:
+def xlora_model(
+    base_model: nn.Module,
+    adapter_dirs: Sequence[str | Path],
+    depth: int = XLORA_DEFAULTS["xlora_depth"],
+    **options,
+) -> NoCacheLM:
     """PEFT's X-LoRA over the adapters (frozen), its classifier freshly initialised and the only trainable part.
 
     depth: the classifier's layers (1: one linear map hidden -> E, PEFT's default); options: other XLoraConfig
@@ -165,19 +227,32 @@ def xlora_model(base_model: nn.Module, adapter_dirs: Sequence[str | Path],
     _library(adapter_dirs)
     # PEFT loads adapter i under the name str(i) and then activates the dict's keys: other keys break it
     base_model.config.use_cache = False
-    config = XLoraConfig(task_type="CAUSAL_LM", hidden_size=base_model.config.hidden_size, xlora_depth=depth,
-                         adapters={str(i): str(d) for i, d in enumerate(adapter_dirs)}, **options)
+    config = XLoraConfig(
+        task_type="CAUSAL_LM",
+        hidden_size=base_model.config.hidden_size,
+        xlora_depth=depth,
+        adapters={str(i): str(d) for i, d in enumerate(adapter_dirs)},
+        **options,
+    )
     return NoCacheLM(get_peft_model(base_model, config)).eval()
 
 
 # ---------------------------------------------------------------- random adapters and the step-cost measurement
 
-def save_random_lora(model: nn.Module, directory: str | Path, rank: int, target_modules: list[str], seed: int,
-                     std: float = 0.3) -> Path:
+
+def save_random_lora(
+    model: nn.Module,
+    directory: str | Path,
+    rank: int,
+    target_modules: list[str],
+    seed: int,
+    std: float = 0.3,
+) -> Path:
     """A PEFT LoRA adapter of model (left unchanged) with A at PEFT's init and B ~ N(0, std^2), saved to directory."""
     torch.manual_seed(seed)
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=rank, lora_alpha=2 * rank,
-                                                                 target_modules=target_modules))
+    peft_model = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=target_modules)
+    )
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
@@ -186,12 +261,16 @@ def save_random_lora(model: nn.Module, directory: str | Path, rank: int, target_
     return Path(directory)
 
 
-def step_seconds(models: dict[str, nn.Module], batch: dict[str, Tensor], steps: int) -> dict[str, float]:
+def step_seconds(
+    models: dict[str, nn.Module], batch: dict[str, Tensor], steps: int
+) -> dict[str, float]:
     """Median CPU seconds of each model's training step (forward, backward, AdamW over what requires grad), the
     models taking turns step by step so that a change in the machine's load hits all alike; after one warm-up.
     CPU time, not wall time: on a shared machine other jobs' load moves wall times by multiples."""
-    optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
-                  for name, m in models.items()}
+    optimizers = {
+        name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+        for name, m in models.items()
+    }
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(steps + 1):
         for name, model in models.items():
@@ -206,8 +285,10 @@ def step_seconds(models: dict[str, nn.Module], batch: dict[str, Tensor], steps: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="X-LoRA's training step against a LoRA step and lmoe's router-only "
-                                                 "step on a random Llama (no downloads; ratios, not absolute speed).")
+    parser = argparse.ArgumentParser(
+        description="X-LoRA's training step against a LoRA step and lmoe's router-only "
+        "step on a random Llama (no downloads; ratios, not absolute speed)."
+    )
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--experts", type=int, default=4)
@@ -215,30 +296,52 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is compute, not waiting)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: CPU time is compute, not waiting)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=2048, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=args.hidden * 8 // 3,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=args.hidden * 8 // 3,
+        tie_word_embeddings=True,
+    )
     fresh = lambda: LlamaForCausalLM(config).eval()  # noqa: E731 - random weights: only the cost matters
     targets = ["q_proj", "v_proj", "up_proj"]
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.length), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, config.vocab_size, (args.batch, args.length), generator=torch.Generator().manual_seed(0)
+    )
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = [save_random_lora(fresh(), Path(tmp) / f"a{i}", args.rank, targets, seed=i) for i in range(args.experts)]
-        lora = get_peft_model(fresh(), LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets))
+        dirs = [
+            save_random_lora(fresh(), Path(tmp) / f"a{i}", args.rank, targets, seed=i)
+            for i in range(args.experts)
+        ]
+        lora = get_peft_model(
+            fresh(), LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets)
+        )
         composed = compose(fresh(), dirs)
         freeze_experts(composed)
-        seconds = step_seconds({f"PEFT LoRA r={args.rank} (trained)": lora,
-                                f"lmoe compose, {args.experts} experts (router trained)": composed,
-                                f"X-LoRA, {args.experts} adapters (classifier trained)": xlora_model(fresh(), dirs)},
-                               batch, args.steps)
+        seconds = step_seconds(
+            {
+                f"PEFT LoRA r={args.rank} (trained)": lora,
+                f"lmoe compose, {args.experts} experts (router trained)": composed,
+                f"X-LoRA, {args.experts} adapters (classifier trained)": xlora_model(fresh(), dirs),
+            },
+            batch,
+            args.steps,
+        )
     reference = next(iter(seconds.values()))
-    print(f"Llama hidden {args.hidden}, {args.layers} layers, batch {args.batch} x {args.length}, "
-          f"{torch.get_num_threads()} threads, median of {args.steps} steps taken in turn\n")
+    print(
+        f"Llama hidden {args.hidden}, {args.layers} layers, batch {args.batch} x {args.length}, "
+        f"{torch.get_num_threads()} threads, median of {args.steps} steps taken in turn\n"
+    )
     print("| step | CPU s/step | x LoRA |\n|---|---|---|")
     for name, s in seconds.items():
         print(f"| {name} | {s:.3f} | {s / reference:.2f} |")

@@ -7,6 +7,7 @@ clipping at 1, no weight decay), the routers at 30x lr through their parameter s
 router_param_scale; recorded before it existed, as a parameter group at 30x), dropout masks seeded
 per step.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,16 +26,19 @@ from lmoe.data.choices import MultipleChoice, encode_questions, requests
 from lmoe.data.encoding import Example, batch_stream, collate
 from lmoe.evaluation.scoring import continuation_logprobs
 from lmoe.inject import lmoe_layers, record_routing
-from lmoe.training.optim import param_groups
 from lmoe.routing_stats import mutual_information
 from lmoe.training.loop import seed_step, warmup_cosine
+from lmoe.training.optim import param_groups
 
-FORMAT = MultipleChoice("cloze", "plain")  # lm-eval's protocol: trains on the choice's text, scores its likelihood
+FORMAT = MultipleChoice(
+    "cloze", "plain"
+)  # lm-eval's protocol: trains on the choice's text, scores its likelihood
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 WARMUP, MAX_GRAD_NORM = 10, 1.0  # lmoe train's defaults
 
 
 # ---------------------------------------------------------------- data
+
 
 def train_questions(task: str) -> list[dict]:
     """The task's train side (lmoe.data.benchmarks' split policy: never shares a question with the test side)."""
@@ -58,11 +62,22 @@ def examples(tokenizer, records: Iterable[dict], max_length: int) -> list[Exampl
 
 # ---------------------------------------------------------------- training
 
-def fit(model: nn.Module, train: list[Example], steps: int, batch_size: int, lr: float, seed: int, pad_id: int,
-        router_lr_scale: float = 1.0) -> float:
+
+def fit(
+    model: nn.Module,
+    train: list[Example],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    pad_id: int,
+    router_lr_scale: float = 1.0,
+) -> float:
     """Train model's trainable parameters for `steps` batches of `train`; returns the mean loss of the last 10."""
     optimizer = torch.optim.AdamW(param_groups(model, lr, router_lr_scale), weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(min(WARMUP, steps // 4), steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(min(WARMUP, steps // 4), steps)
+    )
     trainable = [p for p in model.parameters() if p.requires_grad]
     stream = batch_stream(train, batch_size, seed)
     device = next(model.parameters()).device
@@ -84,25 +99,37 @@ def fit(model: nn.Module, train: list[Example], steps: int, batch_size: int, lr:
 
 # ---------------------------------------------------------------- scoring
 
+
 @torch.no_grad()
 def correct(model: nn.Module, tokenizer, questions: list[dict], max_length: int) -> list[bool]:
     """Per question: does the correct choice get the highest summed log-likelihood (lm-eval's acc)?"""
-    scores = continuation_logprobs(model, requests(tokenizer, questions, FORMAT, max_length), tokenizer.pad_token_id,
-                                   progress=False)
-    return [max(range(len(s)), key=s.__getitem__) == q["gold"] for q, s in zip(questions, scores, strict=True)]
+    scores = continuation_logprobs(
+        model,
+        requests(tokenizer, questions, FORMAT, max_length),
+        tokenizer.pad_token_id,
+        progress=False,
+    )
+    return [
+        max(range(len(s)), key=s.__getitem__) == q["gold"]
+        for q, s in zip(questions, scores, strict=True)
+    ]
 
 
 @torch.no_grad()
-def task_usage(model: nn.Module, tokenizer, questions: list[dict], max_length: int, batch_size: int = 16
-               ) -> tuple[dict[str, torch.Tensor], int]:
+def task_usage(
+    model: nn.Module, tokenizer, questions: list[dict], max_length: int, batch_size: int = 16
+) -> tuple[dict[str, torch.Tensor], int]:
     """Mean routing weights per lmoe layer {name: (E,)} over every real token of the questions (prompt and the
     correct choice, as scored), and the number of tokens."""
     encoded = examples(tokenizer, questions, max_length)
     device = next(model.parameters()).device
     with record_routing(model) as record:
         for start in range(0, len(encoded), batch_size):
-            batch = collate(encoded[start:start + batch_size], tokenizer.pad_token_id)
-            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            batch = collate(encoded[start : start + batch_size], tokenizer.pad_token_id)
+            model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+            )
     tokens = sum(len(e.input_ids) for e in encoded)
     return {name: record[name].double().mean(0) for name in record}, tokens
 
@@ -112,17 +139,27 @@ def own_expert_share(usage: dict[str, dict[str, torch.Tensor]], own: dict[str, i
     averaged over layers, the mean over tasks; usage: task -> layer -> mean weights (E,)."""
     tasks = list(own)
     layers = list(usage[tasks[0]])
-    per_layer = {layer: statistics.mean(float(usage[t][layer][own[t]]) for t in tasks) for layer in layers}
-    per_task = {t: statistics.mean(float(usage[t][layer][own[t]]) for layer in layers) for t in tasks}
-    return {"per_task": per_task, "per_layer": per_layer, "mean": statistics.mean(per_layer.values())}
+    per_layer = {
+        layer: statistics.mean(float(usage[t][layer][own[t]]) for t in tasks) for layer in layers
+    }
+    per_task = {
+        t: statistics.mean(float(usage[t][layer][own[t]]) for layer in layers) for t in tasks
+    }
+    return {
+        "per_task": per_task,
+        "per_layer": per_layer,
+        "mean": statistics.mean(per_layer.values()),
+    }
 
 
 def task_information(usage: dict[str, dict[str, torch.Tensor]], tokens: dict[str, int]) -> dict:
     """I(task; expert) in bits per layer (each task's mean routing, weighted by its tokens) and its mean."""
     tasks = list(usage)
     counts = torch.tensor([tokens[t] for t in tasks], dtype=torch.float64)
-    per_layer = {layer: float(mutual_information(torch.stack([usage[t][layer] for t in tasks]), counts))
-                 for layer in usage[tasks[0]]}
+    per_layer = {
+        layer: float(mutual_information(torch.stack([usage[t][layer] for t in tasks]), counts))
+        for layer in usage[tasks[0]]
+    }
     return {"per_layer": per_layer, "mean": statistics.mean(per_layer.values())}
 
 
@@ -131,6 +168,7 @@ def layer_names(model: nn.Module) -> list[str]:
 
 
 # ---------------------------------------------------------------- the one queue of heavy jobs
+
 
 @contextlib.contextmanager
 def heavy(lock: str | None):

@@ -1,6 +1,7 @@
 """Tables of the modular-skills study (bench/modular.py) from its rows: accuracy per method, paired differences
 with their standard error, routing shares, the adapters' transfer matrix, and the continual-learning matrix with
 forgetting. Pure arithmetic on the rows' per-question correctness, so it is tested against hand values."""
+
 from __future__ import annotations
 
 import math
@@ -15,21 +16,46 @@ import torch
 from bench.common import mean_sd, replace_section
 
 SECTION = "## Modular skills: compose, route, add (`bench/modular.py`)"
-COMPOSE_ORDER = ["base", "oracle", "uniform", "zero_router", "proto_raw_zeroshot", "proto_raw_router", "proto_zeroshot",
-                 "proto_router", "arrow_default", "arrow_other", "xlora"]  # then multitask_r*, end_to_end
-LABELS = {"base": "base model", "oracle": "(b) each task with its own adapter (oracle)",
-          "uniform": "(c) adapters averaged (uniform routing)",
-          "zero_router": "(d) lmoe composed, zero router trained alone",
-          "proto_raw_zeroshot": "(4) router from the adapters' singular vectors at Arrow's raw scale, no training",
-          "proto_raw_router": "(4) the same, then the router trained alone",
-          "proto_zeroshot": "(4) router from the singular vectors, standardised scores, no training",
-          "proto_router": "(4) the same, then the router trained alone",
-          "arrow_default": "(e) PEFT Arrow, its defaults", "arrow_other": "(e) PEFT Arrow, other setting",
-          "xlora": "(f) PEFT X-LoRA, classifier trained", "end_to_end": "(h) lmoe end to end, same budget"}
-PAIRS = [("zero_router", "arrow_default"), ("zero_router", "uniform"), ("zero_router", "oracle"),
-         ("proto_router", "arrow_default"), ("proto_router", "uniform"), ("proto_router", "oracle"),
-         ("proto_zeroshot", "arrow_default"), ("proto_router", "zero_router"),
-         ("multitask_r8", "zero_router"), ("multitask_r32", "zero_router"), ("end_to_end", "zero_router")]
+COMPOSE_ORDER = [
+    "base",
+    "oracle",
+    "uniform",
+    "zero_router",
+    "proto_raw_zeroshot",
+    "proto_raw_router",
+    "proto_zeroshot",
+    "proto_router",
+    "arrow_default",
+    "arrow_other",
+    "xlora",
+]  # then multitask_r*, end_to_end
+LABELS = {
+    "base": "base model",
+    "oracle": "(b) each task with its own adapter (oracle)",
+    "uniform": "(c) adapters averaged (uniform routing)",
+    "zero_router": "(d) lmoe composed, zero router trained alone",
+    "proto_raw_zeroshot": "(4) router from the adapters' singular vectors at Arrow's raw scale, no training",
+    "proto_raw_router": "(4) the same, then the router trained alone",
+    "proto_zeroshot": "(4) router from the singular vectors, standardised scores, no training",
+    "proto_router": "(4) the same, then the router trained alone",
+    "arrow_default": "(e) PEFT Arrow, its defaults",
+    "arrow_other": "(e) PEFT Arrow, other setting",
+    "xlora": "(f) PEFT X-LoRA, classifier trained",
+    "end_to_end": "(h) lmoe end to end, same budget",
+}
+PAIRS = [
+    ("zero_router", "arrow_default"),
+    ("zero_router", "uniform"),
+    ("zero_router", "oracle"),
+    ("proto_router", "arrow_default"),
+    ("proto_router", "uniform"),
+    ("proto_router", "oracle"),
+    ("proto_zeroshot", "arrow_default"),
+    ("proto_router", "zero_router"),
+    ("multitask_r8", "zero_router"),
+    ("multitask_r32", "zero_router"),
+    ("end_to_end", "zero_router"),
+]
 
 
 def bits(s: str) -> list[int]:
@@ -70,65 +96,105 @@ def paired(a: dict, b: dict, tasks: list[str]) -> dict:
     diffs = [average(a[s], tasks) - average(b.get(s, b.get(None)), tasks) for s in seeds]
     var = 0.0
     for t in tasks:
-        d = torch.tensor([[x - y for x, y in zip(bits(a[s][t]), bits(b.get(s, b.get(None))[t]))] for s in seeds],
-                         dtype=torch.float64).mean(0)  # (questions,)
+        d = torch.tensor(
+            [[x - y for x, y in zip(bits(a[s][t]), bits(b.get(s, b.get(None))[t]))] for s in seeds],
+            dtype=torch.float64,
+        ).mean(0)  # (questions,)
         var += float(d.var(unbiased=True)) / d.numel() if d.numel() > 1 else 0.0
-    return {"seeds": len(seeds), "mean": statistics.mean(diffs),
-            "sd": statistics.stdev(diffs) if len(diffs) > 1 else 0.0, "se": math.sqrt(var) / len(tasks)}
+    return {
+        "seeds": len(seeds),
+        "mean": statistics.mean(diffs),
+        "sd": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+        "se": math.sqrt(var) / len(tasks),
+    }
 
 
 def compose_table(rows: list[dict], tasks: list[str]) -> str:
     data = compose_correct(rows, tasks)
     methods = [m for m in COMPOSE_ORDER if m in data]
-    methods += sorted(m for m in data if m.startswith("multitask_")) + [m for m in ["end_to_end"] if m in data]
+    methods += sorted(m for m in data if m.startswith("multitask_")) + [
+        m for m in ["end_to_end"] if m in data
+    ]
     head = ["method", "seeds", *tasks, "average"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         runs = list(data[m].values())
-        label = LABELS.get(m, f"(g) multitask LoRA rank {m.split('_r')[-1]}" if m.startswith("multitask") else m)
+        label = LABELS.get(
+            m, f"(g) multitask LoRA rank {m.split('_r')[-1]}" if m.startswith("multitask") else m
+        )
         cells = [label, "-" if m == "base" else str(len(runs))]
-        cells += [mean_sd([accuracy(c[t]) for c in runs]) for t in tasks] + [mean_sd([average(c, tasks) for c in runs])]
+        cells += [mean_sd([accuracy(c[t]) for c in runs]) for t in tasks] + [
+            mean_sd([average(c, tasks) for c in runs])
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def pairs_table(rows: list[dict], tasks: list[str]) -> str:
     data = compose_correct(rows, tasks)
-    lines = ["| difference of average accuracy | seeds | mean ± sd over seeds | paired SE (questions) |",
-             "|---|---|---|---|"]
+    lines = [
+        "| difference of average accuracy | seeds | mean ± sd over seeds | paired SE (questions) |",
+        "|---|---|---|---|",
+    ]
     for a, b in PAIRS:
         if a in data and b in data:
             p = paired(data[a], data[b], tasks)
-            lines.append(f"| {a} - {b} | {p['seeds']} | {p['mean']:+.3f} ± {p['sd']:.3f} | {p['se']:.3f} |")
+            lines.append(
+                f"| {a} - {b} | {p['seeds']} | {p['mean']:+.3f} ± {p['sd']:.3f} | {p['se']:.3f} |"
+            )
     return "\n".join(lines)
 
 
 def routing_table(rows: list[dict], tasks: list[str]) -> str:
-    lines = ["| routing (test questions' tokens, mean over layers) | seeds | " + " | ".join(
-        f"share to own expert, {t}" for t in tasks) + " | share, mean | I(task; expert), bits (max 2) |",
-             "|" + "---|" * (len(tasks) + 4)]
-    for m in ["uniform", "zero_router", "proto_raw_zeroshot", "proto_raw_router", "proto_zeroshot", "proto_router"]:
+    lines = [
+        "| routing (test questions' tokens, mean over layers) | seeds | "
+        + " | ".join(f"share to own expert, {t}" for t in tasks)
+        + " | share, mean | I(task; expert), bits (max 2) |",
+        "|" + "---|" * (len(tasks) + 4),
+    ]
+    for m in [
+        "uniform",
+        "zero_router",
+        "proto_raw_zeroshot",
+        "proto_raw_router",
+        "proto_zeroshot",
+        "proto_router",
+    ]:
         mine = [r for r in rows if r["part"] == "compose" and r["method"] == m and "own_share" in r]
         if not mine:
             continue
-        cells = [LABELS[m], str(len(mine))] + [mean_sd([r["own_share"]["per_task"][t] for r in mine]) for t in tasks]
-        cells += [mean_sd([r["own_share"]["mean"] for r in mine]), mean_sd([r["information"]["mean"] for r in mine])]
+        cells = [LABELS[m], str(len(mine))] + [
+            mean_sd([r["own_share"]["per_task"][t] for r in mine]) for t in tasks
+        ]
+        cells += [
+            mean_sd([r["own_share"]["mean"] for r in mine]),
+            mean_sd([r["information"]["mean"] for r in mine]),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def layer_share_table(rows: list[dict], method: str = "zero_router", groups: int = 3) -> str:
     """The own-expert share and I(task; expert) per layer, averaged within module kind x depth range, over seeds."""
-    mine = [r for r in rows if r["part"] == "compose" and r["method"] == method and "own_share" in r]
+    mine = [
+        r for r in rows if r["part"] == "compose" and r["method"] == method and "own_share" in r
+    ]
     if not mine:
         return ""
     names = list(mine[0]["own_share"]["per_layer"])
     blocks = [int(next(p for p in n.split(".") if p.isdigit())) for n in names]
     kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
     width = -(-(max(blocks) + 1) // groups)
-    head = [f"blocks {g * width}-{min((g + 1) * width, max(blocks) + 1) - 1}" for g in range(groups)]
-    lines = [f"`{method}` per layer ({len(mine)} seeds): own-expert share / I(task; expert) bits, mean over the "
-             "layers of each cell", "", "| module | " + " | ".join(head) + " |", "|" + "---|" * (groups + 1)]
+    head = [
+        f"blocks {g * width}-{min((g + 1) * width, max(blocks) + 1) - 1}" for g in range(groups)
+    ]
+    lines = [
+        f"`{method}` per layer ({len(mine)} seeds): own-expert share / I(task; expert) bits, mean over the "
+        "layers of each cell",
+        "",
+        "| module | " + " | ".join(head) + " |",
+        "|" + "---|" * (groups + 1),
+    ]
     for kind in kinds:
         cells = []
         for g in range(groups):
@@ -142,17 +208,27 @@ def layer_share_table(rows: list[dict], method: str = "zero_router", groups: int
 
 def transfer_table(rows: list[dict], tasks: list[str]) -> str:
     data = compose_correct(rows, tasks)
-    lines = ["| adapter trained on \\ scored on | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+    lines = [
+        "| adapter trained on \\ scored on | " + " | ".join(tasks) + " |",
+        "|" + "---|" * (len(tasks) + 1),
+    ]
     for a in tasks:
         runs = list(data.get(f"adapter:{a}", {}).values())
         if runs:
-            lines.append(f"| {a} | " + " | ".join(mean_sd([accuracy(c[t]) for c in runs]) for t in tasks) + " |")
+            lines.append(
+                f"| {a} | "
+                + " | ".join(mean_sd([accuracy(c[t]) for c in runs]) for t in tasks)
+                + " |"
+            )
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- continual learning
 
-def continual_matrix(rows: list[dict], tasks: list[str], method: str) -> dict[int, list[list[float | None]]]:
+
+def continual_matrix(
+    rows: list[dict], tasks: list[str], method: str
+) -> dict[int, list[list[float | None]]]:
     """seed -> matrix[stage k][task j] accuracy after stage k on task j (None before task j arrived).
     The sequential LoRAs' stage 0 is task 0's own adapter."""
     out: dict[int, list] = {}
@@ -162,8 +238,14 @@ def continual_matrix(rows: list[dict], tasks: list[str], method: str) -> dict[in
             for j, t in enumerate(tasks):
                 if t in r["correct"]:
                     m[r["stage"]][j] = accuracy(r["correct"][t])
-        if method.startswith("seq_lora") and r["part"] == "compose" and r["method"] == f"adapter:{tasks[0]}":
-            out.setdefault(r["seed"], [[None] * len(tasks) for _ in tasks])[0][0] = accuracy(r["correct"][tasks[0]])
+        if (
+            method.startswith("seq_lora")
+            and r["part"] == "compose"
+            and r["method"] == f"adapter:{tasks[0]}"
+        ):
+            out.setdefault(r["seed"], [[None] * len(tasks) for _ in tasks])[0][0] = accuracy(
+                r["correct"][tasks[0]]
+            )
     return {s: m for s, m in out.items() if all(m[-1][j] is not None for j in range(len(tasks)))}
 
 
@@ -181,20 +263,36 @@ def continual_methods(rows: list[dict]) -> list[str]:
 
 def continual_table(rows: list[dict], tasks: list[str]) -> str:
     own = compose_correct(rows, tasks)
-    lines = ["| method | seeds | after stage k: average over the tasks seen (k = 0..) | final average | "
-             + " | ".join(f"forgetting {t}" for t in tasks[:-1]) + " | new skill at its stage - its own adapter |",
-             "|" + "---|" * (len(tasks) + 4)]
+    lines = [
+        "| method | seeds | after stage k: average over the tasks seen (k = 0..) | final average | "
+        + " | ".join(f"forgetting {t}" for t in tasks[:-1])
+        + " | new skill at its stage - its own adapter |",
+        "|" + "---|" * (len(tasks) + 4),
+    ]
     for method in continual_methods(rows):
         mats = continual_matrix(rows, tasks, method)
         if not mats:
             continue
         seeds = sorted(mats)
-        per_stage = [mean_sd([statistics.mean(mats[s][k][: k + 1]) for s in seeds]) for k in range(len(tasks))]
+        per_stage = [
+            mean_sd([statistics.mean(mats[s][k][: k + 1]) for s in seeds])
+            for k in range(len(tasks))
+        ]
         forgets = [forgetting(mats[s]) for s in seeds]
-        new = [statistics.mean(mats[s][k][k] - accuracy(own[f"adapter:{tasks[k]}"][s][tasks[k]])
-                               for k in range(1, len(tasks))) for s in seeds if all(
-            s in own.get(f"adapter:{t}", {}) for t in tasks)]
-        cells = [method, str(len(seeds)), " / ".join(per_stage), mean_sd([statistics.mean(mats[s][-1]) for s in seeds])]
+        new = [
+            statistics.mean(
+                mats[s][k][k] - accuracy(own[f"adapter:{tasks[k]}"][s][tasks[k]])
+                for k in range(1, len(tasks))
+            )
+            for s in seeds
+            if all(s in own.get(f"adapter:{t}", {}) for t in tasks)
+        ]
+        cells = [
+            method,
+            str(len(seeds)),
+            " / ".join(per_stage),
+            mean_sd([statistics.mean(mats[s][-1]) for s in seeds]),
+        ]
         cells += [mean_sd([f[j] for f in forgets]) for j in range(len(tasks) - 1)] + [mean_sd(new)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -207,11 +305,19 @@ def matrices_text(rows: list[dict], tasks: list[str]) -> str:
         mats = continual_matrix(rows, tasks, method)
         if not mats:
             continue
-        out += [f"`{method}` ({len(mats)} seeds), accuracy after stage k (rows) on task j (columns):", "",
-                "| after | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+        out += [
+            f"`{method}` ({len(mats)} seeds), accuracy after stage k (rows) on task j (columns):",
+            "",
+            "| after | " + " | ".join(tasks) + " |",
+            "|" + "---|" * (len(tasks) + 1),
+        ]
         for k in range(len(tasks)):
             vals = [[mats[s][k][j] for s in mats] for j in range(len(tasks))]
-            out.append(f"| {tasks[k]} | " + " | ".join("-" if None in v else mean_sd(v) for v in vals) + " |")
+            out.append(
+                f"| {tasks[k]} | "
+                + " | ".join("-" if None in v else mean_sd(v) for v in vals)
+                + " |"
+            )
         out.append("")
     return "\n".join(out)
 
@@ -219,17 +325,35 @@ def matrices_text(rows: list[dict], tasks: list[str]) -> str:
 def write_report(rows: list[dict], args, command: str) -> None:
     tasks = args.tasks
     n = {t: len(next(iter(rows))["correct"].get(t, "")) for t in tasks} if rows else {}
-    text = [SECTION, "",
-            f"Command: `{command}` (written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
-            f"{os.getloadavg()[0]:.1f}; {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}).",
-            "", f"Settings: rank {args.rank} per task adapter, {args.steps} batches of {args.batch_size} per adapter and per stage, "
-            f"lr {args.lr}, routers at 30x, {args.router_items} questions per task in the router's mixed set, "
-            f"{args.router_steps} router steps, replay {args.replay}; cloze protocol, plain template; n = {n} test "
-            "questions per task. Mean ± sd over seeds.", "",
-            compose_table(rows, tasks), "", pairs_table(rows, tasks), "", routing_table(rows, tasks), "", layer_share_table(rows), "",
-            "Transfer: each adapter on every task (the diagonal is the oracle).", "", transfer_table(rows, tasks), "",
-            "Continual learning, tasks in this order: " + " -> ".join(tasks), "", continual_table(rows, tasks), "",
-            matrices_text(rows, tasks)]
+    text = [
+        SECTION,
+        "",
+        f"Command: `{command}` (written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
+        f"{os.getloadavg()[0]:.1f}; {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}).",
+        "",
+        f"Settings: rank {args.rank} per task adapter, {args.steps} batches of {args.batch_size} per adapter and per stage, "
+        f"lr {args.lr}, routers at 30x, {args.router_items} questions per task in the router's mixed set, "
+        f"{args.router_steps} router steps, replay {args.replay}; cloze protocol, plain template; n = {n} test "
+        "questions per task. Mean ± sd over seeds.",
+        "",
+        compose_table(rows, tasks),
+        "",
+        pairs_table(rows, tasks),
+        "",
+        routing_table(rows, tasks),
+        "",
+        layer_share_table(rows),
+        "",
+        "Transfer: each adapter on every task (the diagonal is the oracle).",
+        "",
+        transfer_table(rows, tasks),
+        "",
+        "Continual learning, tasks in this order: " + " -> ".join(tasks),
+        "",
+        continual_table(rows, tasks),
+        "",
+        matrices_text(rows, tasks),
+    ]
     print("\n".join(text[6:]), flush=True)
     path = Path(args.out)
     current = path.read_text() if path.is_file() else ""

@@ -8,6 +8,7 @@ I(domain; expert), normalised entropy, top-weight share, active experts) on the 
 Each finished (config, seed) is appended to --results (JSON lines) at once, so a stopped study loses at most the
 run in progress; a rerun skips what is there. A setting is a list of TrainConfig overrides on top of the default run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,15 +23,25 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file: the repository root
-from bench.common import mean_sd  # noqa: E402
-from bench.common import replace_section  # noqa: E402
+sys.path.insert(
+    0, str(Path(__file__).resolve().parent.parent)
+)  # run as a file: the repository root
+from bench.common import (
+    mean_sd,  # noqa: E402
+    replace_section,  # noqa: E402
+)
 
 SECTION = "## Routing study"
 COLLAPSED = 0.01  # bits: a layer whose routing says (almost) nothing about the domain, one expert for all or uniform
-LORA = ["lmoe.num_experts=1", "lmoe.rank=16", "lmoe.alpha=32"]  # rank E*r of the default mixture (4 x 4)
+LORA = [
+    "lmoe.num_experts=1",
+    "lmoe.rank=16",
+    "lmoe.alpha=32",
+]  # rank E*r of the default mixture (4 x 4)
 OUTPUTS = ["lmoe.composition=outputs"]
-LB_0_01 = ["lmoe.load_balance_coef=0.01"]  # the softmax gate's balance weight before this study chose 0.1
+LB_0_01 = [
+    "lmoe.load_balance_coef=0.01"
+]  # the softmax gate's balance weight before this study chose 0.1
 # name -> overrides of the default run (4 experts of rank 4, alpha 8, q/v/up_proj, params, softmax, lr 2e-3);
 # each names its router rate (parameter group and parameter scale) and balance weight, so the rows
 # keep their meaning whatever the default. Rows recorded before router_param_scale existed ran at 1.
@@ -49,53 +60,105 @@ CONFIGS: dict[str, list[str]] = {
     "top1_lr_x30": ["lmoe.router=topk", "lmoe.top_k=1", "router_lr_scale=30", *PARAM_1],
     "outputs": OUTPUTS + ["router_lr_scale=1", *PARAM_1] + LB_0_01,
     "outputs_lr_x30": OUTPUTS + ["router_lr_scale=30", *PARAM_1] + LB_0_01,
-    "outputs_top2_lr_x30": OUTPUTS + ["lmoe.router=topk", "lmoe.top_k=2", "router_lr_scale=30",
-                                      *PARAM_1],
+    "outputs_top2_lr_x30": OUTPUTS
+    + ["lmoe.router=topk", "lmoe.top_k=2", "router_lr_scale=30", *PARAM_1],
     "lb_0_lr_x30": ["lmoe.load_balance_coef=0", "router_lr_scale=30", *PARAM_1],
     "lb_0.1_lr_x30": ["lmoe.load_balance_coef=0.1", "router_lr_scale=30", *PARAM_1],
     # the default since: the routers at 30x through their parameter scale, one learning rate
-    "lb_0.1_param_scale_30": ["lmoe.load_balance_coef=0.1", "router_lr_scale=1",
-                              "lmoe.router_param_scale=30"],
+    "lb_0.1_param_scale_30": [
+        "lmoe.load_balance_coef=0.1",
+        "router_lr_scale=1",
+        "lmoe.router_param_scale=30",
+    ],
     "zloss_0.01_lr_x30": ["lmoe.z_loss_coef=0.01", "router_lr_scale=30", *PARAM_1] + LB_0_01,
-    "anneal_3to1_lb_0.1_lr_x30": ["temperature_start=3", "temperature_anneal_steps=75", "lmoe.load_balance_coef=0.1",
-                                  "router_lr_scale=30", *PARAM_1],
+    "anneal_3to1_lb_0.1_lr_x30": [
+        "temperature_start=3",
+        "temperature_anneal_steps=75",
+        "lmoe.load_balance_coef=0.1",
+        "router_lr_scale=30",
+        *PARAM_1,
+    ],
     "dynamic": ["lmoe.router=dynamic", "router_lr_scale=1", *PARAM_1],
-    "dynamic_sparsity": ["lmoe.router=dynamic", "lmoe.sparsity_coef=1.0", "router_lr_scale=1",
-                         *PARAM_1],
+    "dynamic_sparsity": [
+        "lmoe.router=dynamic",
+        "lmoe.sparsity_coef=1.0",
+        "router_lr_scale=1",
+        *PARAM_1,
+    ],
     "dynamic_lr_x30": ["lmoe.router=dynamic", "router_lr_scale=30", *PARAM_1],
-    "dynamic_sparsity_lr_x30": ["lmoe.router=dynamic", "lmoe.sparsity_coef=1.0",
-                                "router_lr_scale=30", *PARAM_1],
-    "dynamic_sparsity_k1_lr_x30": ["lmoe.router=dynamic", "lmoe.sparsity_coef=1.0", "lmoe.sparsity_target=1",
-                                   "router_lr_scale=30", *PARAM_1],
-    "dynamic_sparsity_k3_lr_x30": ["lmoe.router=dynamic", "lmoe.sparsity_coef=1.0", "lmoe.sparsity_target=3",
-                                   "router_lr_scale=30", *PARAM_1],
-    "dynamic_sparsity_lambda0_lr_x30": ["lmoe.router=dynamic", "lmoe.sparsity_coef=1.0", "lmoe.lambda_bias_init=0",
-                                        "router_lr_scale=30", *PARAM_1],
-    "dynamic_sparsity_0.1_lr_x30": ["lmoe.router=dynamic", "lmoe.sparsity_coef=0.1",
-                                    "router_lr_scale=30", *PARAM_1],
+    "dynamic_sparsity_lr_x30": [
+        "lmoe.router=dynamic",
+        "lmoe.sparsity_coef=1.0",
+        "router_lr_scale=30",
+        *PARAM_1,
+    ],
+    "dynamic_sparsity_k1_lr_x30": [
+        "lmoe.router=dynamic",
+        "lmoe.sparsity_coef=1.0",
+        "lmoe.sparsity_target=1",
+        "router_lr_scale=30",
+        *PARAM_1,
+    ],
+    "dynamic_sparsity_k3_lr_x30": [
+        "lmoe.router=dynamic",
+        "lmoe.sparsity_coef=1.0",
+        "lmoe.sparsity_target=3",
+        "router_lr_scale=30",
+        *PARAM_1,
+    ],
+    "dynamic_sparsity_lambda0_lr_x30": [
+        "lmoe.router=dynamic",
+        "lmoe.sparsity_coef=1.0",
+        "lmoe.lambda_bias_init=0",
+        "router_lr_scale=30",
+        *PARAM_1,
+    ],
+    "dynamic_sparsity_0.1_lr_x30": [
+        "lmoe.router=dynamic",
+        "lmoe.sparsity_coef=0.1",
+        "router_lr_scale=30",
+        *PARAM_1,
+    ],
     # the LD-MoLE authors' settings (E=8 r=8, seven projections), routers at 30x
     "recipe_ld-mole": ["recipe=ld-mole", "router_lr_scale=30", *PARAM_1],
-    "lora_r64_seven": ["lmoe.num_experts=1", "lmoe.rank=64", "lmoe.alpha=128",
-                       "lmoe.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"],
+    "lora_r64_seven": [
+        "lmoe.num_experts=1",
+        "lmoe.rank=64",
+        "lmoe.alpha=128",
+        "lmoe.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
+    ],
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", nargs="+", default=["lr_x30", "lora_r16"], metavar="NAME",
-                   help=f"settings to run, of: {', '.join(CONFIGS)}")
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=["lr_x30", "lora_r16"],
+        metavar="NAME",
+        help=f"settings to run, of: {', '.join(CONFIGS)}",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--extra", nargs="*", default=[], help="overrides added to every run (e.g. steps=100)")
+    p.add_argument(
+        "--extra", nargs="*", default=[], help="overrides added to every run (e.g. steps=100)"
+    )
     p.add_argument("--results", default="bench/results/routing_study.jsonl")
     p.add_argument("--work-dir", default="runs/study")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--report", action="store_true", help="only rewrite the RESULTS.md section from --results")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+    )
+    p.add_argument(
+        "--report", action="store_true", help="only rewrite the RESULTS.md section from --results"
+    )
     p.add_argument("--out", default="bench/RESULTS.md")
     return p.parse_args(argv)
 
 
 def run_name(config: str, seed: int, extra: list[str]) -> str:
-    return f"{config}-s{seed}" + ("-" + "-".join(e.replace("=", "") for e in extra) if extra else "")
+    return f"{config}-s{seed}" + (
+        "-" + "-".join(e.replace("=", "") for e in extra) if extra else ""
+    )
 
 
 def run_one(args: argparse.Namespace, config: str, seed: int) -> dict:
@@ -105,18 +168,35 @@ def run_one(args: argparse.Namespace, config: str, seed: int) -> dict:
     from lmoe.training.metrics_log import read_metrics
 
     name = run_name(config, seed, args.extra)
-    overrides = [f"output_dir={Path(args.work_dir) / name}", "compare_base=false", f"seed={seed}",
-                 "save_every=0", *CONFIGS[config], *args.extra]
+    overrides = [
+        f"output_dir={Path(args.work_dir) / name}",
+        "compare_base=false",
+        f"seed={seed}",
+        "save_every=0",
+        *CONFIGS[config],
+        *args.extra,
+    ]
     cfg = TrainConfig.from_file(None, overrides)
     start = time.perf_counter()
     result = train(cfg)
-    row = {"name": name, "config": config, "seed": seed, "overrides": overrides[1:],
-           "results": result.results["trained"], "wall_s": time.perf_counter() - start,
-           "s_per_step": read_metrics(cfg.output_dir)[-1]["elapsed_s"] / cfg.steps,
-           "trainable": count_parameters(result.model)[0], "steps": cfg.steps}
-    if cfg.lmoe.num_experts > 1:  # train() measured it on the held-out answer tokens (routing.json per layer)
+    row = {
+        "name": name,
+        "config": config,
+        "seed": seed,
+        "overrides": overrides[1:],
+        "results": result.results["trained"],
+        "wall_s": time.perf_counter() - start,
+        "s_per_step": read_metrics(cfg.output_dir)[-1]["elapsed_s"] / cfg.steps,
+        "trainable": count_parameters(result.model)[0],
+        "steps": cfg.steps,
+    }
+    if (
+        cfg.lmoe.num_experts > 1
+    ):  # train() measured it on the held-out answer tokens (routing.json per layer)
         row["routing"] = row["results"].pop("routing")
-        row["routing_layers"] = json.loads((Path(cfg.output_dir) / "routing.json").read_text())["layers"]
+        row["routing_layers"] = json.loads((Path(cfg.output_dir) / "routing.json").read_text())[
+            "layers"
+        ]
     return row
 
 
@@ -128,46 +208,101 @@ def done_names(path: Path) -> set[str]:
 
 # ---------------------------------------------------------------- report
 
+
 def summarise(rows: list[dict]) -> list[dict]:
     """One entry per (config, extra overrides): metric -> list over seeds."""
     groups: dict[tuple, dict] = {}
     for r in rows:
-        key = (r["config"], tuple(o for o in r["overrides"] if not o.startswith(("seed=", "output_dir="))))
-        g = groups.setdefault(key, {"config": r["config"], "overrides": list(key[1]), "seeds": [], "em": [],
-                                    "ppl": [], "mi": [], "entropy": [], "top50": [], "active": [], "collapsed": [],
-                                    "s_step": []})
+        key = (
+            r["config"],
+            tuple(o for o in r["overrides"] if not o.startswith(("seed=", "output_dir="))),
+        )
+        g = groups.setdefault(
+            key,
+            {
+                "config": r["config"],
+                "overrides": list(key[1]),
+                "seeds": [],
+                "em": [],
+                "ppl": [],
+                "mi": [],
+                "entropy": [],
+                "top50": [],
+                "active": [],
+                "collapsed": [],
+                "s_step": [],
+            },
+        )
         em, ppl = r["results"].get("exact_match", {}), r["results"].get("perplexity", {})
         g["seeds"].append(r["seed"])
         g["em"].append(sum(em.values()) / len(em))
-        g["ppl"].append(math.exp(sum(math.log(v) for v in ppl.values()) / len(ppl)))  # geometric mean
+        g["ppl"].append(
+            math.exp(sum(math.log(v) for v in ppl.values()) / len(ppl))
+        )  # geometric mean
         g["s_step"].append(r["s_per_step"])
         rt = r.get("routing")
         if rt:
-            for key, name in (("mi", "mutual_information_bits"), ("entropy", "routing_entropy"),
-                              ("top50", "top_weight_over_half"), ("active", "mean_active_experts")):
+            for key, name in (
+                ("mi", "mutual_information_bits"),
+                ("entropy", "routing_entropy"),
+                ("top50", "top_weight_over_half"),
+                ("active", "mean_active_experts"),
+            ):
                 g[key].append(rt[name])
-            g["collapsed"].append(sum(v["mutual_information_bits"] < COLLAPSED for v in r["routing_layers"].values()))
+            g["collapsed"].append(
+                sum(v["mutual_information_bits"] < COLLAPSED for v in r["routing_layers"].values())
+            )
     order = list(CONFIGS)  # the table in CONFIGS' order, a setting's longer runs after it
-    return sorted(groups.values(), key=lambda g: order.index(g["config"]) if g["config"] in order else len(order))
+    return sorted(
+        groups.values(),
+        key=lambda g: order.index(g["config"]) if g["config"] in order else len(order),
+    )
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ["setting", "overrides", "seeds", "EM mean", "ppl (geo. mean)", "I(domain; expert) bits",
-            "entropy / log E", "share top > 0.5", "active experts", f"layers with I < {COLLAPSED}", "s/step"]
+    head = [
+        "setting",
+        "overrides",
+        "seeds",
+        "EM mean",
+        "ppl (geo. mean)",
+        "I(domain; expert) bits",
+        "entropy / log E",
+        "share top > 0.5",
+        "active experts",
+        f"layers with I < {COLLAPSED}",
+        "s/step",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in summarise(rows):
-        over = " ".join(o for o in g["overrides"] if not o.startswith(("compare_base", "save_every"))) or "(none)"
-        cells = [g["config"], f"`{over}`", str(len(g["seeds"])), mean_sd(g["em"]), mean_sd(g["ppl"]),
-                 mean_sd(g["mi"]), mean_sd(g["entropy"]), mean_sd(g["top50"]), mean_sd(g["active"]),
-                 " / ".join(map(str, g["collapsed"])) or "-",
-                 f"{statistics.mean(g['s_step']):.2f}"]
+        over = (
+            " ".join(o for o in g["overrides"] if not o.startswith(("compare_base", "save_every")))
+            or "(none)"
+        )
+        cells = [
+            g["config"],
+            f"`{over}`",
+            str(len(g["seeds"])),
+            mean_sd(g["em"]),
+            mean_sd(g["ppl"]),
+            mean_sd(g["mi"]),
+            mean_sd(g["entropy"]),
+            mean_sd(g["top50"]),
+            mean_sd(g["active"]),
+            " / ".join(map(str, g["collapsed"])) or "-",
+            f"{statistics.mean(g['s_step']):.2f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def write_report(results: Path, out: Path, note: str = "") -> None:
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    body = [SECTION, "", note, "", format_table(rows), ""] if note else [SECTION, "", format_table(rows), ""]
+    body = (
+        [SECTION, "", note, "", format_table(rows), ""]
+        if note
+        else [SECTION, "", format_table(rows), ""]
+    )
     text = out.read_text() if out.is_file() else ""
     out.write_text(replace_section(text, "\n".join(body), SECTION))
 
@@ -190,11 +325,16 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             print(f"routing_study: {config} seed {seed} {' '.join(args.extra)}", flush=True)
             row = run_one(args, config, seed)
-            row["command"] = shlex.join([".venv/bin/python", "bench/routing_study.py", *sys.argv[1:]])
+            row["command"] = shlex.join(
+                [".venv/bin/python", "bench/routing_study.py", *sys.argv[1:]]
+            )
             row["load_average"] = os.getloadavg()
             with open(results, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(json.dumps({k: row.get(k) for k in ("name", "wall_s", "s_per_step", "routing")}), flush=True)
+            print(
+                json.dumps({k: row.get(k) for k in ("name", "wall_s", "s_per_step", "routing")}),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ process holds its peak instead of returning to it each step (bench/RESULTS.md ha
 A process-wide setting, so the library never makes it by itself: `lmoe train` asks for it where
 LMOE_KEEP_FREED_MEMORY=1 (run.sh sets it), and a script may call keep_freed_memory() itself.
 """
+
 from __future__ import annotations
 
 import ctypes

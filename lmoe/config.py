@@ -1,5 +1,6 @@
 """LMoEConfig: every knob of a mixture of LoRA experts, validated when built, saved as JSON; a
 peft.PeftConfig, so that PEFT and TRL take it as they take a LoraConfig."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,13 +19,19 @@ ROUTERS = ("softmax", "topk", "dynamic")
 COMPOSITIONS = ("params", "outputs")
 EXECUTIONS = ("auto", "dense", "sparse")
 ALL_LINEAR = "all-linear"
-AUX_COEFS = {"load_balance": "load_balance_coef", "z_loss": "z_loss_coef", "sparsity": "sparsity_coef"}
+AUX_COEFS = {
+    "load_balance": "load_balance_coef",
+    "z_loss": "z_loss_coef",
+    "sparsity": "sparsity_coef",
+}
 # load_balance_coef when left unset: 0.1 for the softmax gate (bench/RESULTS.md, routing study: with the routers
 # at 30x it spreads the domains over the experts, I(domain; expert) 0.29 -> 0.37 bit at equal quality), the
 # Switch-Transformer 0.01 for top-k; LD-MoLE's released recipe (eshentw/LD-MoLE run.sh, lb_loss_coef=1.0)
 # for the dynamic router
 LOAD_BALANCE_DEFAULTS = {"softmax": 0.1, "topk": 0.01, "dynamic": 1.0}
-LAMBDA_BIAS_INIT = -2.5  # the authors' init of every bias of the lambda head (lambda ~ -1.6: dense at first)
+LAMBDA_BIAS_INIT = (
+    -2.5
+)  # the authors' init of every bias of the lambda head (lambda ~ -1.6: dense at first)
 # the routers' rate over the experts' under Adam (bench/RESULTS.md, routing study)
 ROUTER_PARAM_SCALE = 30.0
 # what a saved adapter's config means for a field it lacks: the value before the field existed
@@ -154,18 +161,31 @@ class LMoEConfig(PeftConfig):
             value = getattr(self, name)
             if not is_number(value) or value < 0:
                 _fail(name, value, "a finite number >= 0")
-        if self.router_init_std is not None and (not is_number(self.router_init_std) or self.router_init_std < 0):
-            _fail("router_init_std", self.router_init_std, "a finite number >= 0, or null for nn.Linear's init")
+        if self.router_init_std is not None and (
+            not is_number(self.router_init_std) or self.router_init_std < 0
+        ):
+            _fail(
+                "router_init_std",
+                self.router_init_std,
+                "a finite number >= 0, or null for nn.Linear's init",
+            )
         if not is_number(self.dropout) or not 0 <= self.dropout < 1:
             _fail("dropout", self.dropout, "a probability in [0, 1)")
         if not is_number(self.lambda_bias_init):
             _fail("lambda_bias_init", self.lambda_bias_init, "a finite number")
         if not is_number(self.lambda_eps) or not 0 < self.lambda_eps < 1:
             _fail("lambda_eps", self.lambda_eps, "a number in (0, 1) (lambda <= 1 - lambda_eps)")
-        if self.router == "dynamic" and self.sparsity_coef > 0 and self.sparsity_target >= self.num_experts:
-            _fail("sparsity_target", self.sparsity_target,
-                  f"a number of experts from 1 to num_experts - 1 = {self.num_experts - 1} "
-                  "(with sparsity_coef > 0; at num_experts the sparsity loss is always 0)")
+        if (
+            self.router == "dynamic"
+            and self.sparsity_coef > 0
+            and self.sparsity_target >= self.num_experts
+        ):
+            _fail(
+                "sparsity_target",
+                self.sparsity_target,
+                f"a number of experts from 1 to num_experts - 1 = {self.num_experts - 1} "
+                "(with sparsity_coef > 0; at num_experts the sparsity loss is always 0)",
+            )
 
     def _check_choices(self) -> None:
         if self.router not in ROUTERS:
@@ -173,7 +193,11 @@ class LMoEConfig(PeftConfig):
         if self.composition not in COMPOSITIONS:
             _fail("composition", self.composition, f"one of {', '.join(COMPOSITIONS)}")
         if self.execution not in EXECUTIONS:
-            _fail("execution", self.execution, f"one of {', '.join(EXECUTIONS)} (auto: the measured rule picks)")
+            _fail(
+                "execution",
+                self.execution,
+                f"one of {', '.join(EXECUTIONS)} (auto: the measured rule picks)",
+            )
         for name in ("router_bias", "router_reads_dropout"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "true or false")
@@ -181,10 +205,14 @@ class LMoEConfig(PeftConfig):
     def _check_targets(self) -> None:
         targets = self.target_modules
         ok = (isinstance(targets, str) and targets.strip()) or (
-            isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets))
+            isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)
+        )
         if not ok:
-            _fail("target_modules", targets,
-                  f'a non-empty list of module names, a regex string, or "{ALL_LINEAR}"')
+            _fail(
+                "target_modules",
+                targets,
+                f'a non-empty list of module names, a regex string, or "{ALL_LINEAR}"',
+            )
         if isinstance(targets, str) and targets != ALL_LINEAR:
             try:
                 re.compile(targets)
@@ -219,9 +247,13 @@ class LMoEConfig(PeftConfig):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"LMoEConfig JSON is not valid JSON ({err}); fix the file or string.") from err
+            raise ValueError(
+                f"LMoEConfig JSON is not valid JSON ({err}); fix the file or string."
+            ) from err
         if not isinstance(data, dict):
-            raise ValueError(f"LMoEConfig JSON must be an object of fields, got {type(data).__name__}.")
+            raise ValueError(
+                f"LMoEConfig JSON must be an object of fields, got {type(data).__name__}."
+            )
         return cls.from_dict(data)
 
 
@@ -240,7 +272,11 @@ def check_known_keys(cls: type, data: dict[str, Any], prefix: str = "") -> dict[
     for key in data:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
-            hint = f" Did you mean '{prefix}{close[0]}'?" if close else f" Known keys: {', '.join(known)}."
+            hint = (
+                f" Did you mean '{prefix}{close[0]}'?"
+                if close
+                else f" Known keys: {', '.join(known)}."
+            )
             raise ValueError(f"{cls.__name__} has no field '{prefix}{key}'.{hint}")
     return data
 

@@ -1,4 +1,5 @@
 """Put MoLoRALinear layers into any nn.Module, freeze the rest, and read back losses and routing."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,11 +21,17 @@ log = logging.getLogger(__name__)
 CONFIG_ATTR = "lmoe_config"
 HOOKS_ATTR = "_lmoe_hooks"  # forward hooks inject added (attention mask, lambda-head caching)
 MASK_ATTR = "_lmoe_token_mask"  # the TokenMask the model's layers share
-HEADS_ATTR = "_lmoe_lambda_heads"  # LD-MoLE's shared lambda heads (a list), whose cache the hooks clear
+HEADS_ATTR = (
+    "_lmoe_lambda_heads"  # LD-MoLE's shared lambda heads (a list), whose cache the hooks clear
+)
 FROZEN_ATTR = "_lmoe_frozen"  # names of parameters inject froze, so remove can thaw them
 APART_ATTR = "_lmoe_aux_apart"  # inside aux_loss_apart: the model's loss is the LM loss alone
-FOLDED_ATTR = "_lmoe_aux_folded"  # the last forward's loss holds its router losses (aux_loss then gives 0)
-QUANTIZED_ATTR = "_hf_peft_config_loaded"  # transformers' mark that a quantised model carries trainable adapters
+FOLDED_ATTR = (
+    "_lmoe_aux_folded"  # the last forward's loss holds its router losses (aux_loss then gives 0)
+)
+QUANTIZED_ATTR = (
+    "_hf_peft_config_loaded"  # transformers' mark that a quantised model carries trainable adapters
+)
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
@@ -65,7 +72,8 @@ def find_targets(model: nn.Module, cfg: LMoEConfig) -> list[str]:
         raise ValueError(
             f"LMoEConfig.target_modules={targets!r} matches no linear layer in {type(model).__name__}. "
             f"Its linear layers end in: {', '.join(suffixes) or '(none)'}; "
-            f'use some of those names, a regex on the full dotted name, or "{ALL_LINEAR}".')
+            f'use some of those names, a regex on the full dotted name, or "{ALL_LINEAR}".'
+        )
     return chosen
 
 
@@ -77,7 +85,9 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def inject(model: nn.Module, cfg: LMoEConfig) -> nn.Module:
     """Wrap the target layers with experts + router, in place; freeze everything else. Returns model."""
     if any(True for _ in lmoe_layers(model)):
-        raise ValueError("This model already has lmoe layers; call lmoe.remove(model) before injecting again.")
+        raise ValueError(
+            "This model already has lmoe layers; call lmoe.remove(model) before injecting again."
+        )
     targets = find_targets(model, cfg)
     cfg = with_lambda_width(cfg, [linear_shape(model.get_submodule(name))[0] for name in targets])
     frozen = [name for name, p in model.named_parameters() if p.requires_grad]
@@ -92,12 +102,23 @@ def inject(model: nn.Module, cfg: LMoEConfig) -> nn.Module:
     setattr(model, CONFIG_ATTR, cfg)
     setattr(model, FROZEN_ATTR, frozen)
     setattr(model, MASK_ATTR, mask)
-    setattr(model, HOOKS_ATTR, _mask_hooks(model) + _lambda_cache_hooks(model, list(lambda_heads.values())))
-    if getattr(model, "is_quantized", False):  # else Trainer refuses it as "purely quantized" (as not a PeftModel)
+    setattr(
+        model,
+        HOOKS_ATTR,
+        _mask_hooks(model) + _lambda_cache_hooks(model, list(lambda_heads.values())),
+    )
+    if getattr(
+        model, "is_quantized", False
+    ):  # else Trainer refuses it as "purely quantized" (as not a PeftModel)
         setattr(model, QUANTIZED_ATTR, True)
     trainable, total = count_parameters(model)
-    log.debug("lmoe: %d layers, trainable params %s of %s (%.3f%%)",  # lmoe train prints its own
-              len(targets), f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+    log.debug(
+        "lmoe: %d layers, trainable params %s of %s (%.3f%%)",  # lmoe train prints its own
+        len(targets),
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / max(total, 1),
+    )
     return model
 
 
@@ -116,12 +137,16 @@ def _mask_hooks(model: nn.Module) -> list:
     The hooks reach the mask through the model they run on (a deep copy uses its own) and are
     module-level functions (a pickled model keeps them).
     """
-    return [model.register_forward_pre_hook(_capture_mask, with_kwargs=True),
-            model.register_forward_hook(_release_mask, with_kwargs=True)]
+    return [
+        model.register_forward_pre_hook(_capture_mask, with_kwargs=True),
+        model.register_forward_hook(_release_mask, with_kwargs=True),
+    ]
 
 
 def _capture_mask(model: nn.Module, args: tuple, kwargs: dict) -> None:
-    if model.training:  # the last step's routing (a few (tokens, E) tensors per layer) is not kept into this one
+    if (
+        model.training
+    ):  # the last step's routing (a few (tokens, E) tensors per layer) is not kept into this one
         for _, layer in lmoe_layers(model):
             layer.forget_routing()
     if kwargs.get("fused_lm_head"):
@@ -140,12 +165,15 @@ def _check_head_not_adapted(model: nn.Module) -> None:
     """TRL's fused LM head multiplies the hidden states by lm_head.weight itself: experts there would not train."""
     get = getattr(model, "get_output_embeddings", None)
     if callable(get) and isinstance(get(), MoLoRALinear):
-        raise ValueError("lmoe experts on the output head (lm_head) do not train under TRL's SFTTrainer: its loss "
-                         "multiplies the hidden states by lm_head.weight directly. Remove 'lm_head' from "
-                         "LMoEConfig.target_modules (\"all-linear\" leaves it out).")
+        raise ValueError(
+            "lmoe experts on the output head (lm_head) do not train under TRL's SFTTrainer: its loss "
+            "multiplies the hidden states by lm_head.weight directly. Remove 'lm_head' from "
+            'LMoEConfig.target_modules ("all-linear" leaves it out).'
+        )
 
 
 # ---------------------------------------------------------------- the router losses inside the model's loss
+
 
 def add_aux_to_loss(model: nn.Module, kwargs: dict, output):
     """A training forward with labels returns loss = LM loss + w * aux_loss and output.aux_loss = aux_loss, as
@@ -157,16 +185,26 @@ def add_aux_to_loss(model: nn.Module, kwargs: dict, output):
     gradient (their values unchanged), so TRL's loss trains the routers too.
     """
     labels = kwargs.get("shift_labels", kwargs.get("labels"))
-    if (not model.training or getattr(model, APART_ATTR, 0) or labels is None or not isinstance(output, dict)
-            or output.get("loss") is None or not any(layer.last_aux is not None for _, layer in lmoe_layers(model))):
+    if (
+        not model.training
+        or getattr(model, APART_ATTR, 0)
+        or labels is None
+        or not isinstance(output, dict)
+        or output.get("loss") is None
+        or not any(layer.last_aux is not None for _, layer in lmoe_layers(model))
+    ):
         return output
     aux = aux_loss(model)
-    share = _token_share(labels if "shift_labels" in kwargs else labels[..., 1:], kwargs.get("num_items_in_batch"))
+    share = _token_share(
+        labels if "shift_labels" in kwargs else labels[..., 1:], kwargs.get("num_items_in_batch")
+    )
     scaled = aux if share is None else aux * share
     output = _with_aux_field(output)
     output["loss"] = output["loss"] + scaled
     output["aux_loss"] = aux
-    if output.get("log_probs") is not None and output.get("label_mask") is not None:  # TRL: loss = -sum(log_probs) / N
+    if (
+        output.get("log_probs") is not None and output.get("label_mask") is not None
+    ):  # TRL: loss = -sum(log_probs) / N
         output["log_probs"] = output["log_probs"] - (aux - aux.detach()) * output["label_mask"]
     setattr(model, FOLDED_ATTR, True)
     return output
@@ -182,7 +220,10 @@ def _with_aux_field(output):
         return output
     if cls not in _WITH_AUX:
         _WITH_AUX[cls] = dataclasses.make_dataclass(
-            cls.__name__, [("aux_loss", Tensor | None, dataclasses.field(default=None))], bases=(cls,))
+            cls.__name__,
+            [("aux_loss", Tensor | None, dataclasses.field(default=None))],
+            bases=(cls,),
+        )
     return _WITH_AUX[cls](**output)
 
 
@@ -220,7 +261,10 @@ def _lambda_cache_hooks(model: nn.Module, heads: list) -> list:
     for head in heads:
         head.caching = True
     setattr(model, HEADS_ATTR, heads)
-    return [model.register_forward_pre_hook(_clear_lambda_caches), model.register_forward_hook(_clear_lambda_caches)]
+    return [
+        model.register_forward_pre_hook(_clear_lambda_caches),
+        model.register_forward_hook(_clear_lambda_caches),
+    ]
 
 
 def _clear_lambda_caches(model: nn.Module, *_) -> None:
@@ -238,8 +282,19 @@ def remove(model: nn.Module) -> nn.Module:
         params[name].requires_grad_(True)
     for handle in getattr(model, HOOKS_ATTR, []):
         handle.remove()
-    for attr in (CONFIG_ATTR, FROZEN_ATTR, HOOKS_ATTR, MASK_ATTR, HEADS_ATTR, APART_ATTR, FOLDED_ATTR, QUANTIZED_ATTR):
-        if attr in vars(model):  # not the class's own value (transformers has one for QUANTIZED_ATTR)
+    for attr in (
+        CONFIG_ATTR,
+        FROZEN_ATTR,
+        HOOKS_ATTR,
+        MASK_ATTR,
+        HEADS_ATTR,
+        APART_ATTR,
+        FOLDED_ATTR,
+        QUANTIZED_ATTR,
+    ):
+        if attr in vars(
+            model
+        ):  # not the class's own value (transformers has one for QUANTIZED_ATTR)
             delattr(model, attr)
     return model
 
@@ -264,7 +319,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def get_config(model: nn.Module) -> LMoEConfig:
     cfg = getattr(model, CONFIG_ATTR, None)
     if cfg is None:
-        raise ValueError("This model has no lmoe adapters; call lmoe.inject(model, cfg) or load_adapter first.")
+        raise ValueError(
+            "This model has no lmoe adapters; call lmoe.inject(model, cfg) or load_adapter first."
+        )
     return cfg
 
 
@@ -295,7 +352,9 @@ def sum_counts_over_processes(stats: list[AuxStats]) -> None:
     if not todo:
         return
     device = todo[0].counts.device
-    flat = torch.cat([s.counts.to(device, torch.float32) for s in todo])  # float32 counts are exact below 2^24
+    flat = torch.cat(
+        [s.counts.to(device, torch.float32) for s in todo]
+    )  # float32 counts are exact below 2^24
     dist.all_reduce(flat)
     for s, total in zip(todo, flat.split([s.counts.numel() for s in todo])):
         s.counts, s.ranks = total.to(s.counts), dist.get_world_size()
@@ -312,7 +371,9 @@ def routing_counts(model: nn.Module) -> Tensor:
         if layer.last_routing is not None:
             routing, mask = layer.last_routing
             per_token = token_statistics(routing.weights.detach())  # (tokens, 3)
-            counts += torch.cat([token_sum(per_token, mask), token_count(per_token, mask)[None]]).to(device)
+            counts += torch.cat(
+                [token_sum(per_token, mask), token_count(per_token, mask)[None]]
+            ).to(device)
     return counts
 
 
@@ -327,8 +388,11 @@ def aux_loss(model: nn.Module) -> Tensor:
     yet: 0 if none ran, and 0 after a forward with labels (whose output.loss has it, output.aux_loss shows it),
     so `out.loss + aux_loss(model)` counts it once."""
     cfg = get_config(model)
-    terms = [getattr(cfg, AUX_COEFS[key]) * value for key, value in aux_losses(model).items()
-             if getattr(cfg, AUX_COEFS[key])]
+    terms = [
+        getattr(cfg, AUX_COEFS[key]) * value
+        for key, value in aux_losses(model).items()
+        if getattr(cfg, AUX_COEFS[key])
+    ]
     if terms and not getattr(model, FOLDED_ATTR, False):
         return torch.stack(terms).sum()
     return torch.zeros((), device=next(model.parameters()).device)
@@ -341,7 +405,9 @@ class RoutingRecord(Mapping):
         self._lists: dict[str, list[Tensor]] = {name: [] for name in layers}
 
     def __getitem__(self, name: str) -> Tensor:
-        chunks = [g if mask is None else g[mask] for g, mask in self._lists[name]]  # padding left out
+        chunks = [
+            g if mask is None else g[mask] for g, mask in self._lists[name]
+        ]  # padding left out
         return torch.cat(chunks) if chunks else torch.empty(0)
 
     def __iter__(self):

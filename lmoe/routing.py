@@ -5,6 +5,7 @@ divided by the config's router_param_scale, `router.effective_weight()` is W_g) 
 routing function `g = route(u)`. All routing maths runs in float32 (or float64) whatever the
 model dtype; nothing here knows about models or training.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
@@ -24,9 +25,13 @@ class Routing:
 
     weights: Tensor  # g: non-negative, rows sum to 1
     logits: Tensor  # u
-    probs: Tensor | Callable[[], Tensor]  # dense router probabilities for the load-balance loss, or what gives them
+    probs: (
+        Tensor | Callable[[], Tensor]
+    )  # dense router probabilities for the load-balance loss, or what gives them
     extras: dict[str, Tensor] = field(default_factory=dict)  # per-router values (e.g. lambda)
-    top_index: Tensor | None = None  # (tokens, k) int64: the experts of weight g > 0 where the router fixes k
+    top_index: Tensor | None = (
+        None  # (tokens, k) int64: the experts of weight g > 0 where the router fixes k
+    )
     top_weights: Tensor | None = None  # (tokens, k): their weights, g at top_index
 
     def dense_probs(self) -> Tensor:
@@ -38,6 +43,7 @@ class Routing:
 
 
 # ---------------------------------------------------------------- routing functions (pure maths)
+
 
 def at_least_float32(t: Tensor) -> Tensor:
     """Routing maths runs in float32 for half-precision models (float64 stays float64)."""
@@ -59,7 +65,9 @@ def topk_route(u: Tensor, k: int, temperature: float = 1.0) -> Tensor:
     return topk_route_indexed(u, k, temperature)[0]
 
 
-def topk_route_indexed(u: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+def topk_route_indexed(
+    u: Tensor, k: int, temperature: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor]:
     """(topk_route(u, k), the k experts' indices (tokens, k), their weights (tokens, k)): the sparse path reads
     them instead of a second topk or a gather."""
     top, index = torch.topk(u, k, dim=-1)
@@ -79,7 +87,9 @@ def sparsegen_route(u: Tensor, lam: Tensor | float) -> Tensor:
     lam = torch.as_tensor(lam, dtype=u.dtype, device=u.device)
     if torch.is_grad_enabled() and (u.requires_grad or lam.requires_grad):
         return _Sparsegen.apply(u, lam)
-    return sparsegen_weights(u, 1 - lam)  # nothing to differentiate (e.g. generation): no Function bookkeeping
+    return sparsegen_weights(
+        u, 1 - lam
+    )  # nothing to differentiate (e.g. generation): no Function bookkeeping
 
 
 def sparsegen_weights(u: Tensor, d: Tensor) -> Tensor:
@@ -128,6 +138,7 @@ class _Sparsegen(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------- routers
+
 
 class ScaledLinear(nn.Linear):
     """A linear layer y = W x + b whose parameters hold W / c and b / c for a fixed c (`scale`).
@@ -219,7 +230,11 @@ class Router(ScaledLinear):
 
     def aux_stats(self, r: Routing, names: Collection[str], mask: Tensor | None = None) -> AuxStats:
         """The sums the losses in `names` need, over the tokens where mask (tokens,) is true."""
-        sums = {name: token_sum(term(), mask) for name, term in self.token_losses(r).items() if name in names}
+        sums = {
+            name: token_sum(term(), mask)
+            for name, term in self.token_losses(r).items()
+            if name in names
+        }
         counts = token_count(r.logits, mask).view(1)
         if "load_balance" in names:
             sums["load_balance"] = token_sum(r.dense_probs(), mask)  # (E,)
@@ -256,8 +271,13 @@ class TopKRouter(Router):
     def route(self, x: Tensor, wx: Tensor | None = None, *projected: Tensor) -> Routing:
         u = self.logits(x, wx)
         g, index, weights = topk_route_indexed(u, self.top_k, self.temperature)
-        return Routing(weights=g, logits=u, probs=lambda: softmax_route(u, self.temperature), top_index=index,
-                       top_weights=weights)
+        return Routing(
+            weights=g,
+            logits=u,
+            probs=lambda: softmax_route(u, self.temperature),
+            top_index=index,
+            top_weights=weights,
+        )
 
 
 class LambdaHead(nn.Module):
@@ -270,14 +290,26 @@ class LambdaHead(nn.Module):
     leave the first learning at the experts' rate under Adam.
     """
 
-    def __init__(self, d_in: int, hidden: int, eps: float, bias_init: float = LAMBDA_BIAS_INIT,
-                 scale: float = 1.0, **factory) -> None:
+    def __init__(
+        self,
+        d_in: int,
+        hidden: int,
+        eps: float,
+        bias_init: float = LAMBDA_BIAS_INIT,
+        scale: float = 1.0,
+        **factory,
+    ) -> None:
         super().__init__()
         self.eps = eps
-        self.caching = False  # reuse the last result for the very same input (see forward); inject turns it on
+        self.caching = (
+            False  # reuse the last result for the very same input (see forward); inject turns it on
+        )
         self._last = None  # (key, x, lambda) of the last call
-        self.net = nn.Sequential(ScaledLinear(d_in, hidden, True, scale, **factory), nn.ReLU(),
-                                 ScaledLinear(hidden, 1, True, scale, **factory))
+        self.net = nn.Sequential(
+            ScaledLinear(d_in, hidden, True, scale, **factory),
+            nn.ReLU(),
+            ScaledLinear(hidden, 1, True, scale, **factory),
+        )
         for linear in (self.net[0], self.net[2]):
             linear.init_effective(bias=torch.full_like(linear.bias, bias_init))
 
@@ -295,7 +327,11 @@ class LambdaHead(nn.Module):
     def cached(self, x: Tensor) -> Tensor | None:
         """lambda of the last call, if it was for this very x (see forward); else None."""
         key = self._cache_key(x)
-        return self._last[2] if key is not None and self._last is not None and self._last[0] == key else None
+        return (
+            self._last[2]
+            if key is not None and self._last is not None and self._last[0] == key
+            else None
+        )
 
     def from_hidden(self, x: Tensor, hidden: Tensor) -> Tensor:
         """lambda(x) given hidden = x @ net[0].weight.t() (the first linear's stored weight, without
@@ -305,7 +341,9 @@ class LambdaHead(nn.Module):
         # 1 - lambda = eps - logsigmoid(f) = eps + softplus(-f): never below eps, even in half precision
         lam = 1 - (self.eps + F.softplus(-at_least_float32(f)))
         key = self._cache_key(x)
-        self._last = None if key is None else (key, x, lam)  # holding x keeps its memory from being reused
+        self._last = (
+            None if key is None else (key, x, lam)
+        )  # holding x keeps its memory from being reused
         return lam
 
     def clear_cache(self) -> None:
@@ -314,21 +352,41 @@ class LambdaHead(nn.Module):
     def _cache_key(self, x: Tensor) -> tuple | None:
         if not self.caching or torch.compiler.is_compiling():
             return None
-        return (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, x._version, torch.is_grad_enabled(),
-                torch.is_autocast_enabled(x.device.type), tuple(p._version for p in self.parameters()))
+        return (
+            x.data_ptr(),
+            x.shape,
+            x.stride(),
+            x.dtype,
+            x.device,
+            x._version,
+            torch.is_grad_enabled(),
+            torch.is_autocast_enabled(x.device.type),
+            tuple(p._version for p in self.parameters()),
+        )
 
     def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_last": None}  # a cached graph tensor cannot be copied or pickled
+        return {
+            **super().__getstate__(),
+            "_last": None,
+        }  # a cached graph tensor cannot be copied or pickled
 
 
-def lambda_head_for(d_in: int, cfg: LMoEConfig, shared: dict[int, LambdaHead] | None, **factory) -> LambdaHead:
+def lambda_head_for(
+    d_in: int, cfg: LMoEConfig, shared: dict[int, LambdaHead] | None, **factory
+) -> LambdaHead:
     """The lambda head for a router of input width d_in: from `shared` (one per width, made on first
     use) as LD-MoLE shares it across layers and projections, or a private one when shared is None.
     Its width: cfg.lambda_hidden, or when unset (inject sets it for a whole model) default_lambda_hidden(d_in)."""
     if shared is not None and d_in in shared:
         return shared[d_in]
-    head = LambdaHead(d_in, cfg.lambda_hidden or default_lambda_hidden(d_in), cfg.lambda_eps, cfg.lambda_bias_init,
-                      cfg.router_param_scale, **factory)
+    head = LambdaHead(
+        d_in,
+        cfg.lambda_hidden or default_lambda_hidden(d_in),
+        cfg.lambda_eps,
+        cfg.lambda_bias_init,
+        cfg.router_param_scale,
+        **factory,
+    )
     if shared is not None:
         shared[d_in] = head
     return head
@@ -341,8 +399,13 @@ class DynamicRouter(Router):
     with g_i > 0 and uses P = g, as the authors' code does; "sparsity" is sparsity_loss.
     """
 
-    def __init__(self, d_in: int, cfg: LMoEConfig, lambda_heads: dict[int, LambdaHead] | None = None,
-                 **factory) -> None:
+    def __init__(
+        self,
+        d_in: int,
+        cfg: LMoEConfig,
+        lambda_heads: dict[int, LambdaHead] | None = None,
+        **factory,
+    ) -> None:
         super().__init__(d_in, cfg, **factory)
         self.sparsity_target = cfg.sparsity_target
         self.lambda_head = lambda_head_for(d_in, cfg, lambda_heads, **factory)
@@ -361,15 +424,20 @@ class DynamicRouter(Router):
         return [self.weight] + ([] if head.cached(x) is not None else [head.net[0].weight])
 
     def token_losses(self, r: Routing) -> dict[str, Callable[[], Tensor]]:
-        return {**super().token_losses(r),
-                "sparsity": lambda: sparsity_per_token(r.logits, r.extras["lambda"], self.sparsity_target)}
+        return {
+            **super().token_losses(r),
+            "sparsity": lambda: sparsity_per_token(
+                r.logits, r.extras["lambda"], self.sparsity_target
+            ),
+        }
 
 
 ROUTER_CLASSES = {"softmax": SoftmaxRouter, "topk": TopKRouter, "dynamic": DynamicRouter}
 
 
-def build_router(d_in: int, cfg: LMoEConfig, lambda_heads: dict[int, LambdaHead] | None = None,
-                 **factory) -> Router:
+def build_router(
+    d_in: int, cfg: LMoEConfig, lambda_heads: dict[int, LambdaHead] | None = None, **factory
+) -> Router:
     """The router named by cfg.router for inputs of width d_in.
 
     lambda_heads: the dynamic router's shared lambda heads, one per input width (see lambda_head_for);

@@ -5,6 +5,7 @@ The specialisation measure is I(domain; expert) in bits, with p(expert | domain)
 weights and p(domain) its share of tokens: H(mean routing) - sum_d p(d) H(mean routing of d). It is 0 when
 every domain is routed alike (uniform routing included) and log2(min(domains, E)) at most.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,14 @@ def normalised_entropy(g: Tensor) -> Tensor:
 def token_statistics(g: Tensor) -> Tensor:
     """(tokens, E) -> (tokens, 3): active experts, normalised entropy, top weight > CONFIDENT (0/1), as g's float."""
     g = g.float() if not g.is_floating_point() else g
-    return torch.stack([active_experts(g).to(g.dtype), normalised_entropy(g),
-                        (g.amax(-1) > CONFIDENT).to(g.dtype)], -1)
+    return torch.stack(
+        [
+            active_experts(g).to(g.dtype),
+            normalised_entropy(g),
+            (g.amax(-1) > CONFIDENT).to(g.dtype),
+        ],
+        -1,
+    )
 
 
 def entropy_bits(p: Tensor) -> Tensor:
@@ -52,6 +59,7 @@ def mutual_information(usage: Tensor, tokens: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------- statistics of named groups of tokens
 
+
 @dataclass
 class RoutingStats:
     """Routing statistics over all groups' tokens; rows follow `layers`, columns the E experts."""
@@ -66,7 +74,9 @@ class RoutingStats:
     confident: Tensor  # (layers,): share of tokens whose top weight exceeds CONFIDENT
     mutual_info: Tensor  # (layers,): I(group; expert) in bits
     load: Tensor  # (layers, E): mean routing weight g_i (rows sum to 1)
-    top1: Tensor  # (layers, E): share of tokens whose largest weight is g_i (ties: the lowest index)
+    top1: (
+        Tensor  # (layers, E): share of tokens whose largest weight is g_i (ties: the lowest index)
+    )
     dispatch: Tensor  # (layers, E): share of tokens with g_i > 0
     group_usage: Tensor  # (groups, layers, E): mean routing weight within each group
     group_active: Tensor  # (groups, layers): mean active experts within each group
@@ -78,7 +88,9 @@ class RoutingStats:
 
 def routing_stats(routing: Mapping[str, Mapping[str, Tensor]]) -> RoutingStats:
     """Statistics of group name -> layer name -> (tokens, E) weights (groups share layers; empty ones are dropped)."""
-    groups = [name for name, layers in routing.items() if layers and next(iter(layers.values())).shape[0]]
+    groups = [
+        name for name, layers in routing.items() if layers and next(iter(layers.values())).shape[0]
+    ]
     if not groups:
         raise ValueError("No routed tokens to analyse: every group of tokens was empty.")
     layers = list(routing[groups[0]])
@@ -87,26 +99,42 @@ def routing_stats(routing: Mapping[str, Mapping[str, Tensor]]) -> RoutingStats:
     per_token = [token_statistics(g) for g in pooled]  # (tokens, 3) per layer
     counts = [active_experts(g) for g in pooled]
     tokens = {g: next(iter(routing[g].values())).shape[0] for g in groups}
-    usage = torch.stack([torch.stack([routing[g][layer].float().mean(0) for layer in layers]) for g in groups])
+    usage = torch.stack(
+        [torch.stack([routing[g][layer].float().mean(0) for layer in layers]) for g in groups]
+    )
     sizes = torch.tensor([tokens[g] for g in groups])
     return RoutingStats(
-        layers=layers, groups=groups, tokens=tokens,
-        active_hist=torch.stack([torch.bincount(c - 1, minlength=E).float() / len(c) for c in counts]),
+        layers=layers,
+        groups=groups,
+        tokens=tokens,
+        active_hist=torch.stack(
+            [torch.bincount(c - 1, minlength=E).float() / len(c) for c in counts]
+        ),
         mean_active=torch.stack([s[:, 0].mean() for s in per_token]),
         std_active=torch.stack([s[:, 0].std(correction=0) for s in per_token]),
         entropy=torch.stack([s[:, 1].mean() for s in per_token]),
         confident=torch.stack([s[:, 2].mean() for s in per_token]),
-        mutual_info=torch.stack([mutual_information(usage[:, i], sizes) for i in range(len(layers))]).float(),
+        mutual_info=torch.stack(
+            [mutual_information(usage[:, i], sizes) for i in range(len(layers))]
+        ).float(),
         load=torch.stack([g.mean(0) for g in pooled]),
-        top1=torch.stack([torch.bincount(g.argmax(-1), minlength=E).float() / len(g) for g in pooled]),
+        top1=torch.stack(
+            [torch.bincount(g.argmax(-1), minlength=E).float() / len(g) for g in pooled]
+        ),
         dispatch=torch.stack([(g > 0).float().mean(0) for g in pooled]),
         group_usage=usage,
-        group_active=torch.stack([torch.stack([active_experts(routing[g][layer]).float().mean() for layer in layers])
-                                  for g in groups]))
+        group_active=torch.stack(
+            [
+                torch.stack([active_experts(routing[g][layer]).float().mean() for layer in layers])
+                for g in groups
+            ]
+        ),
+    )
 
 
 def summary(stats: RoutingStats) -> dict:
     """The statistics as plain JSON-ready data: averaged over layers at the top, then per layer and per group."""
+
     def r(t: Tensor) -> list | float:
         return [round(v, 6) for v in t.tolist()] if t.dim() else round(t.item(), 6)
 
@@ -116,19 +144,32 @@ def summary(stats: RoutingStats) -> dict:
         "mean_active_experts": r(stats.mean_active.mean()),
         "routing_entropy": r(stats.entropy.mean()),  # per token, normalised by log E
         "mutual_information_bits": r(stats.mutual_info.mean()),  # I(group; expert)
-        "mutual_information_max_bits": round(math.log2(min(len(stats.groups), stats.num_experts)), 6),
+        "mutual_information_max_bits": round(
+            math.log2(min(len(stats.groups), stats.num_experts)), 6
+        ),
         "top_weight_over_half": r(stats.confident.mean()),
-        "layers": {layer: {"mean_active_experts": r(stats.mean_active[i]),
-                           "active_experts_share": r(stats.active_hist[i]),  # index k-1: share with k active
-                           "routing_entropy": r(stats.entropy[i]), "mutual_information_bits": r(stats.mutual_info[i]),
-                           "top_weight_over_half": r(stats.confident[i]),
-                           "expert_load": r(stats.load[i]), "expert_top1_share": r(stats.top1[i]),
-                           "expert_dispatch": r(stats.dispatch[i])}
-                   for i, layer in enumerate(stats.layers)},
-        "groups": {group: {"tokens": stats.tokens[group], "mean_active_experts": r(stats.group_active[j].mean()),
-                           "expert_usage": r(stats.group_usage[j].mean(0)),  # mean over layers
-                           "mean_active_experts_per_layer": r(stats.group_active[j])}
-                   for j, group in enumerate(stats.groups)},
+        "layers": {
+            layer: {
+                "mean_active_experts": r(stats.mean_active[i]),
+                "active_experts_share": r(stats.active_hist[i]),  # index k-1: share with k active
+                "routing_entropy": r(stats.entropy[i]),
+                "mutual_information_bits": r(stats.mutual_info[i]),
+                "top_weight_over_half": r(stats.confident[i]),
+                "expert_load": r(stats.load[i]),
+                "expert_top1_share": r(stats.top1[i]),
+                "expert_dispatch": r(stats.dispatch[i]),
+            }
+            for i, layer in enumerate(stats.layers)
+        },
+        "groups": {
+            group: {
+                "tokens": stats.tokens[group],
+                "mean_active_experts": r(stats.group_active[j].mean()),
+                "expert_usage": r(stats.group_usage[j].mean(0)),  # mean over layers
+                "mean_active_experts_per_layer": r(stats.group_active[j]),
+            }
+            for j, group in enumerate(stats.groups)
+        },
     }
 
 
@@ -140,15 +181,22 @@ def group_by_label(routing: Mapping[str, Tensor], labels: Sequence) -> dict[str,
     ids = torch.tensor([index[str(label)] for label in labels], dtype=torch.long)
     for layer, g in routing.items():
         if g.shape[0] != len(ids):
-            raise ValueError(f"Layer {layer} holds {g.shape[0]} routed tokens but {len(ids)} labels were given; "
-                             "give one label per recorded token (see per_token_labels for labels per example).")
-    return {name: {layer: g[ids.to(g.device) == i] for layer, g in routing.items()} for i, name in enumerate(names)}
+            raise ValueError(
+                f"Layer {layer} holds {g.shape[0]} routed tokens but {len(ids)} labels were given; "
+                "give one label per recorded token (see per_token_labels for labels per example)."
+            )
+    return {
+        name: {layer: g[ids.to(g.device) == i] for layer, g in routing.items()}
+        for i, name in enumerate(names)
+    }
 
 
 def per_token_labels(labels: Sequence, lengths: Sequence[int]) -> list:
     """Labels per example and each example's number of recorded tokens -> one label per token, in order."""
     if len(labels) != len(lengths):
-        raise ValueError(f"{len(labels)} labels for {len(lengths)} examples; give one label per example.")
+        raise ValueError(
+            f"{len(labels)} labels for {len(lengths)} examples; give one label per example."
+        )
     return [label for label, n in zip(labels, lengths) for _ in range(n)]
 
 

@@ -5,6 +5,7 @@ only the (token, expert) pairs a token routes to (g > 0): grouped by expert for 
 grouped GEMMs, or on the CPU in float32/64 the CSR products), each token's own experts gathered for
 few (generation). prefer_sparse weighs their costs, in units of one rank of one token's dense LoRA.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,8 +39,9 @@ def gathers(experts: int, active: float, tokens: int) -> bool:
     return 4 * tokens * active <= experts
 
 
-def prefer_sparse(experts: int, rank: int, active: float, tokens: int,
-                  group_cost: int = GROUP_COST) -> bool:
+def prefer_sparse(
+    experts: int, rank: int, active: float, tokens: int, group_cost: int = GROUP_COST
+) -> bool:
     """Whether the sparse path is the faster: the dense path costs tokens * E * r; grouping costs
     each pair r + PAIR_COST and each expert group_cost; gathering (gathers) pays from
     E * r = GATHER_MIN_RANK. At E = 4-8 experts of rank 4-8 it is always dense.

@@ -1,14 +1,15 @@
 """lmoe.allocator: on glibc, freed memory is kept for reuse (a large tensor comes from the heap, not a fresh
 mapping); `lmoe train` asks for it where LMOE_KEEP_FREED_MEMORY=1, the library never by itself."""
+
 import platform
 import subprocess
 import sys
 
 import pytest
+from tiny import tiny_model_dir, train_config, write_jsonl
 
 from lmoe.cli import KEEP_FREED_MEMORY, main
 from lmoe.training.loop import train
-from tiny import train_config, tiny_model_dir, write_jsonl
 
 # mallinfo2's hblkhd (bytes in mmap-ed blocks) before and after allocating 64 MiB through torch; run in a fresh
 # process, since mallopt changes the whole process
@@ -33,14 +34,23 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 @pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
 def test_kept_memory_serves_a_large_tensor_from_the_heap():
     def mapped(mode: str) -> tuple[str, int]:
-        out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True
+        ).stdout
         kept, grown = out.split()
         return kept, int(grown)
-    assert mapped("default")[1] >= 64 * 2**20  # glibc's default: a fresh mapping, unmapped when freed
+
+    assert (
+        mapped("default")[1] >= 64 * 2**20
+    )  # glibc's default: a fresh mapping, unmapped when freed
     assert mapped("kept") == ("True", 0)
 
 
-ROWS = [{"prompt": f"What is {a} + {b}?", "completion": str(a + b)} for a in range(10, 13) for b in range(20, 22)]
+ROWS = [
+    {"prompt": f"What is {a} + {b}?", "completion": str(a + b)}
+    for a in range(10, 13)
+    for b in range(20, 22)
+]
 
 
 def test_the_library_never_changes_the_allocator(tmp_path, monkeypatch):
@@ -56,7 +66,9 @@ def test_the_library_never_changes_the_allocator(tmp_path, monkeypatch):
 def test_lmoe_train_keeps_freed_memory_only_when_asked(tmp_path, monkeypatch, value):
     calls = []
     monkeypatch.setattr("lmoe.allocator.keep_freed_memory", lambda: calls.append(1) or True)
-    monkeypatch.setattr("lmoe.training.loop.train", lambda cfg, resume=False: None)  # the call is before
+    monkeypatch.setattr(
+        "lmoe.training.loop.train", lambda cfg, resume=False: None
+    )  # the call is before
     if value is None:
         monkeypatch.delenv(KEEP_FREED_MEMORY, raising=False)
     else:

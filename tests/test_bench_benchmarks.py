@@ -1,4 +1,5 @@
 """bench/benchmarks.py's grid and table (no model runs): overrides, mean ± std over seeds, standard errors."""
+
 import math
 import statistics
 
@@ -8,17 +9,33 @@ from lmoe.training.config import TrainConfig
 
 def row(config, seed, accs, n=50, **extra):
     """A finished run as lmoe's results give it: every accuracy under its protocol/template."""
+
     def scored(acc):
-        return {"cloze/plain": {"protocol": "cloze", "template": "plain", "acc": acc, "acc_norm": 0.0}}
-    results = {f"bench:{t}": {"n": n, "chance": 0.25, **scored(a)} for t, a in zip(["arc_easy", "csqa"], accs)}
-    return {"config": config, "seed": seed, "results": results | {"bench:average": scored(sum(accs) / 2)}, **extra}
+        return {
+            "cloze/plain": {"protocol": "cloze", "template": "plain", "acc": acc, "acc_norm": 0.0}
+        }
+
+    results = {
+        f"bench:{t}": {"n": n, "chance": 0.25, **scored(a)}
+        for t, a in zip(["arc_easy", "csqa"], accs)
+    }
+    return {
+        "config": config,
+        "seed": seed,
+        "results": results | {"bench:average": scored(sum(accs) / 2)},
+        **extra,
+    }
 
 
 def old_row(config, seed, accs, n=50, **extra):
     """A run recorded before the results named their protocol (the settings did)."""
     acc = dict(zip(["arc_easy", "csqa"], accs))
-    return {"config": config, "seed": seed, "results": {"acc": {**acc, "average": sum(accs) / 2},
-                                                         "n": {"arc_easy": n, "csqa": n}}, **extra}
+    return {
+        "config": config,
+        "seed": seed,
+        "results": {"acc": {**acc, "average": sum(accs) / 2}, "n": {"arc_easy": n, "csqa": n}},
+        **extra,
+    }
 
 
 def test_every_config_is_a_valid_train_config_at_equal_expert_parameters():
@@ -26,56 +43,107 @@ def test_every_config_is_a_valid_train_config_at_equal_expert_parameters():
     for name, _ in CONFIGS:
         cfg = TrainConfig.from_file(None, train_overrides(args, name, seed=1))
         assert cfg.lmoe.num_experts * cfg.lmoe.rank == 16 and cfg.lmoe.alpha == 2 * cfg.lmoe.rank
-        assert cfg.seed == 1 and cfg.data == [f"bench:{t}" for t in args.tasks] and cfg.mc.protocol == "cloze"
-    assert TrainConfig.from_file(None, train_overrides(args, "params_dynamic_sparsity", 0)).lmoe.sparsity_coef > 0
+        assert (
+            cfg.seed == 1
+            and cfg.data == [f"bench:{t}" for t in args.tasks]
+            and cfg.mc.protocol == "cloze"
+        )
+    assert (
+        TrainConfig.from_file(
+            None, train_overrides(args, "params_dynamic_sparsity", 0)
+        ).lmoe.sparsity_coef
+        > 0
+    )
     pinned = parse_args(["--set", "router_lr_scale=1"])
-    assert TrainConfig.from_file(None, train_overrides(pinned, "params_top2", 0)).router_lr_scale == 1
+    assert (
+        TrainConfig.from_file(None, train_overrides(pinned, "params_top2", 0)).router_lr_scale == 1
+    )
     assert settings(pinned)["set"] == ["router_lr_scale=1"] and "set" not in settings(args)
 
 
 def test_table_means_spreads_and_standard_errors():
     extra = {"trainable": 1000, "active_experts": 2.0, "s_per_step": 3.0}
-    rows = [row("base", None, [0.2, 0.4]), row("lora_r16", 0, [0.5, 0.3], **extra), row("lora_r16", 1, [0.7, 0.5], **extra)]
+    rows = [
+        row("base", None, [0.2, 0.4]),
+        row("lora_r16", 0, [0.5, 0.3], **extra),
+        row("lora_r16", 1, [0.7, 0.5], **extra),
+    ]
     lines = table(rows, ["arc_easy", "csqa"], "cloze/plain").splitlines()
     assert lines[0].split(" | ")[:2] == ["| config", "protocol"]
     base = lines[2].split(" | ")
     p = 0.3
     assert base[1] == "cloze/plain acc"  # every figure names its protocol
-    assert base[6:8] == ["0.300", f"{math.sqrt(p * (1 - p) / 100):.3f}"]  # binomial SE of the 100 pooled questions
+    assert base[6:8] == [
+        "0.300",
+        f"{math.sqrt(p * (1 - p) / 100):.3f}",
+    ]  # binomial SE of the 100 pooled questions
     lora = lines[3].split(" | ")
     sd = statistics.stdev([0.5, 0.7])
     assert lora[1:6] == ["cloze/plain acc", "2", "1,000", f"0.600 ± {sd:.3f}", f"0.400 ± {sd:.3f}"]
     assert lora[6:8] == [f"0.500 ± {sd:.3f}", f"{sd / math.sqrt(2):.3f}"]
     assert lora[8:] == ["2.00", "3.00 |"]
     assert len(lines) == 4  # configs without a finished run are left out
-    old = [old_row("base", None, [0.2, 0.4]), old_row("lora_r16", 0, [0.5, 0.3], **extra),
-           old_row("lora_r16", 1, [0.7, 0.5], **extra)]  # rows recorded before: the same table
+    old = [
+        old_row("base", None, [0.2, 0.4]),
+        old_row("lora_r16", 0, [0.5, 0.3], **extra),
+        old_row("lora_r16", 1, [0.7, 0.5], **extra),
+    ]  # rows recorded before: the same table
     assert table(old, ["arc_easy", "csqa"], "cloze/plain") == "\n".join(lines)
 
 
 def test_the_section_is_rewritten_in_place_and_other_sections_stay(tmp_path):
     from bench.benchmarks import SECTION, write_section
+
     out = tmp_path / "RESULTS.md"
     out.write_text("# R\n\n## Built-in comparison\nkept\n\n## Other\nalso kept\n")
     args = parse_args(["--out", str(out), "--tasks", "arc_easy", "csqa"])
     rows = [row("base", None, [0.2, 0.4])]
     write_section(rows, args, "cmd", planned=24, done=0)
-    write_section(rows + [row("lora_r16", 0, [0.5, 0.3], trainable=1, active_experts=1.0, s_per_step=1.0)], args,
-                  "cmd", planned=24, done=1)
+    write_section(
+        rows + [row("lora_r16", 0, [0.5, 0.3], trainable=1, active_experts=1.0, s_per_step=1.0)],
+        args,
+        "cmd",
+        planned=24,
+        done=1,
+    )
     text = out.read_text()
-    assert text.count(SECTION) == 1 and "## Built-in comparison\nkept\n" in text and "## Other\nalso kept\n" in text
+    assert (
+        text.count(SECTION) == 1
+        and "## Built-in comparison\nkept\n" in text
+        and "## Other\nalso kept\n" in text
+    )
     assert "| lora_r16 | cloze/plain acc | 1 |" in text and "1 of its 24 training runs" in text
     from bench.benchmarks import finished
-    assert finished(rows + [row("lora_r16", 0, [0.5, 0.3]), row("lora_r16", 7, [0.5, 0.3])],
-                    [("base", None), ("lora_r16", 0), ("lora_r16", 1)]) == 1  # seed 7 is another command's
-    pinned = parse_args(["--out", str(out), "--tasks", "arc_easy", "csqa", "--set", "router_lr_scale=30"])
-    write_section(rows, pinned, "cmd", planned=24, done=0)  # another --set: a section of its own, the first one kept
+
+    assert (
+        finished(
+            rows + [row("lora_r16", 0, [0.5, 0.3]), row("lora_r16", 7, [0.5, 0.3])],
+            [("base", None), ("lora_r16", 0), ("lora_r16", 1)],
+        )
+        == 1
+    )  # seed 7 is another command's
+    pinned = parse_args(
+        ["--out", str(out), "--tasks", "arc_easy", "csqa", "--set", "router_lr_scale=30"]
+    )
+    write_section(
+        rows, pinned, "cmd", planned=24, done=0
+    )  # another --set: a section of its own, the first one kept
     text = out.read_text()
-    assert f"{SECTION} with `router_lr_scale=30`\n" in text and "| lora_r16 | cloze/plain acc | 1 |" in text
+    assert (
+        f"{SECTION} with `router_lr_scale=30`\n" in text
+        and "| lora_r16 | cloze/plain acc | 1 |" in text
+    )
     assert text.count(SECTION + "\n") == 1
 
 
 def test_finished_counts_only_this_commands_training_runs():
     from bench.benchmarks import finished
-    rows = [row("base", None, [0.2, 0.4]), row("lora_r16", 0, [0.5, 0.3]), row("lora_r16", 7, [0.5, 0.3])]
-    assert finished(rows, [("base", None), ("lora_r16", 0), ("lora_r16", 1)]) == 1  # seed 7: another command's
+
+    rows = [
+        row("base", None, [0.2, 0.4]),
+        row("lora_r16", 0, [0.5, 0.3]),
+        row("lora_r16", 7, [0.5, 0.3]),
+    ]
+    assert (
+        finished(rows, [("base", None), ("lora_r16", 0), ("lora_r16", 1)]) == 1
+    )  # seed 7: another command's

@@ -1,5 +1,6 @@
 """bench.common.replace_section: how the scripts that write a section of bench/RESULTS.md (found by its heading)
 replace it and keep every other section (no model runs)."""
+
 from bench.common import replace_section
 
 SECTION = "## Routing study"
@@ -19,4 +20,7 @@ def test_a_heading_that_only_starts_with_the_title_is_another_section():
 
 
 def test_section_appended_when_missing():
-    assert replace_section("# R\n\n## A\na\n", f"{SECTION}\n\nx\n", SECTION) == f"# R\n\n## A\na\n\n\n{SECTION}\n\nx\n"
+    assert (
+        replace_section("# R\n\n## A\na\n", f"{SECTION}\n\nx\n", SECTION)
+        == f"# R\n\n## A\na\n\n\n{SECTION}\n\nx\n"
+    )

@@ -1,13 +1,14 @@
 """The CUDA paths: layer maths on the GPU against float64 on the CPU, no host sync in the routed forward and
 backward, bf16 autocast training of a model, and `lmoe train` on one GPU. Skipped where there is no GPU."""
+
 import copy
 
 import pytest
 import torch
-
 from conftest import VOCAB, tiny_model
-from lmoe import LMoEConfig, aux_loss, inject, lmoe_layers
 from test_layer import COMPOSITIONS, ROUTERS, make_layer
+
+from lmoe import LMoEConfig, aux_loss, inject, lmoe_layers
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -15,7 +16,9 @@ CUDA = torch.device("cuda")
 
 def assert_close_to(gpu: torch.Tensor, ref: torch.Tensor, msg: str = "") -> None:
     """float32 on the GPU against float64: errors relative to the largest value, not elementwise."""
-    torch.testing.assert_close(gpu.double().cpu(), ref, rtol=0, atol=1e-5 * float(ref.detach().abs().max()), msg=msg)
+    torch.testing.assert_close(
+        gpu.double().cpu(), ref, rtol=0, atol=1e-5 * float(ref.detach().abs().max()), msg=msg
+    )
 
 
 @pytest.mark.parametrize("router", ROUTERS)
@@ -57,16 +60,34 @@ def test_sparse_path_on_the_gpu_equals_float64_on_the_cpu(router, composition, d
         y_gpu.backward(dy.to(CUDA, dtype))
         for (name, p), p_gpu in zip(ref.named_parameters(), gpu.parameters()):
             if p.requires_grad:
-                torch.testing.assert_close(p_gpu.grad.double().cpu(), p.grad, rtol=0,
-                                           atol=tolerance * float(p.grad.abs().max()) + 1e-12, msg=name)
+                torch.testing.assert_close(
+                    p_gpu.grad.double().cpu(),
+                    p.grad,
+                    rtol=0,
+                    atol=tolerance * float(p.grad.abs().max()) + 1e-12,
+                    msg=name,
+                )
         ref.zero_grad()
         gpu.zero_grad()
 
 
 def test_sparse_topk_under_bf16_autocast_makes_no_host_sync():
     torch.manual_seed(0)
-    model = inject(TwoLayers(), LMoEConfig(num_experts=16, rank=8, router="topk", execution="sparse",
-                                           target_modules=["up", "down"], load_balance_coef=0.01)).to(CUDA).train()
+    model = (
+        inject(
+            TwoLayers(),
+            LMoEConfig(
+                num_experts=16,
+                rank=8,
+                router="topk",
+                execution="sparse",
+                target_modules=["up", "down"],
+                load_balance_coef=0.01,
+            ),
+        )
+        .to(CUDA)
+        .train()
+    )
     x = torch.randn(2, 33, 64, device=CUDA)
 
     def step():
@@ -98,9 +119,20 @@ class TwoLayers(torch.nn.Module):
 @pytest.mark.parametrize("composition", COMPOSITIONS)
 def test_routed_forward_backward_and_aux_losses_make_no_host_sync(router, composition):
     torch.manual_seed(0)
-    model = inject(TwoLayers(), LMoEConfig(num_experts=4, rank=4, router=router, composition=composition,
-                                           target_modules=["up", "down"], load_balance_coef=0.01,
-                                           z_loss_coef=0.001, sparsity_coef=0.1, lambda_hidden=16))
+    model = inject(
+        TwoLayers(),
+        LMoEConfig(
+            num_experts=4,
+            rank=4,
+            router=router,
+            composition=composition,
+            target_modules=["up", "down"],
+            load_balance_coef=0.01,
+            z_loss_coef=0.001,
+            sparsity_coef=0.1,
+            lambda_hidden=16,
+        ),
+    )
     model.to(CUDA).train()
     x = torch.randn(2, 33, 64, device=CUDA)
     mask = torch.ones(2, 33, device=CUDA, dtype=torch.long)
@@ -123,7 +155,9 @@ def test_bf16_autocast_training_on_the_gpu_learns_and_leaves_the_base_alone(rout
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
-    ids = torch.randint(0, VOCAB, (4, 16), device=CUDA, generator=torch.Generator(CUDA).manual_seed(0))
+    ids = torch.randint(
+        0, VOCAB, (4, 16), device=CUDA, generator=torch.Generator(CUDA).manual_seed(0)
+    )
     losses = []
     for _ in range(30):
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -142,12 +176,14 @@ def test_bf16_autocast_training_on_the_gpu_learns_and_leaves_the_base_alone(rout
 
 
 def test_lmoe_train_on_one_gpu(tmp_path):
-    from tiny import train_config
-    from tiny import tiny_model_dir, write_jsonl
+    from tiny import tiny_model_dir, train_config, write_jsonl
+
     from lmoe.training.loop import train
     from lmoe.training.metrics_log import read_metrics
 
-    rows = [{"prompt": f"Repeat {w}.", "completion": w} for w in ("cat", "mat", "stone", "river")] * 4
+    rows = [
+        {"prompt": f"Repeat {w}.", "completion": w} for w in ("cat", "mat", "stone", "river")
+    ] * 4
     setup = (tiny_model_dir(tmp_path / "model"), write_jsonl(tmp_path / "rows.jsonl", rows))
     result = train(train_config(setup, tmp_path / "run", precision="bf16"))
     metrics = read_metrics(tmp_path / "run")

@@ -1,4 +1,5 @@
 """inject / remove / aux_loss / record_routing on tiny transformers models of several families."""
+
 import copy
 import math
 import pickle
@@ -8,17 +9,30 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from conftest import VOCAB, tiny_model
 from torch import nn
 
-from conftest import VOCAB, tiny_model
-from lmoe.models import enable_activation_checkpointing
-from lmoe import LMoEConfig, aux_loss, aux_losses, count_parameters, inject, lmoe_layers, record_routing, remove
+from lmoe import (
+    LMoEConfig,
+    aux_loss,
+    aux_losses,
+    count_parameters,
+    inject,
+    lmoe_layers,
+    record_routing,
+    remove,
+)
 from lmoe.config import AUX_COEFS
 from lmoe.inject import active_expert_counts, routing_counts, shared_modules
+from lmoe.models import enable_activation_checkpointing
 
 FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
-TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
-           "gpt2": ["c_attn", "c_fc"]}
+TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn", "c_fc"],
+}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -49,9 +63,18 @@ def test_only_adapter_parameters_train_and_counts_add_up(llama):
 
 def test_target_selection_by_regex_and_all_linear(llama):
     inject(llama, LMoEConfig(target_modules=r"model\.layers\.0\..*proj"))
-    assert {n for n, _ in lmoe_layers(llama)} == {f"model.layers.0.{m}" for m in (
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert {n for n, _ in lmoe_layers(llama)} == {
+        f"model.layers.0.{m}"
+        for m in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    }
     remove(llama)
     inject(llama, LMoEConfig(target_modules="all-linear"))
     names = [n for n, _ in lmoe_layers(llama)]
@@ -114,7 +137,9 @@ def test_aux_loss_is_the_weighted_layer_mean_in_training_only(llama, input_ids):
 def hidden_inputs(model, name, input_ids):
     """The (tokens, d_in) input a layer saw, captured with a forward pre-hook (float64)."""
     seen = []
-    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    handle = model.get_submodule(name).register_forward_pre_hook(
+        lambda m, args: seen.append(args[0])
+    )
     model(input_ids)
     handle.remove()
     return seen[0].reshape(-1, seen[0].shape[-1]).double()
@@ -138,7 +163,10 @@ def test_training_reduces_loss_and_changes_only_adapters():
     # a large init range lets the frozen output head express confident predictions
     model = tiny_model("llama", initializer_range=0.5).train()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
-    inject(model, LMoEConfig(num_experts=4, rank=4, target_modules="all-linear", load_balance_coef=0.01))
+    inject(
+        model,
+        LMoEConfig(num_experts=4, rank=4, target_modules="all-linear", load_balance_coef=0.01),
+    )
     # a toy task: the next token is the current one plus one (mod vocab)
     x = torch.randint(0, VOCAB, (16, 1)) + torch.arange(12)
     data = x % VOCAB
@@ -165,12 +193,16 @@ def test_shared_lambda_head_runs_once_per_distinct_input_with_identical_results(
     def run(cache: bool):
         model = tiny_model("llama").train()
         inject(model, LMoEConfig(router="dynamic", lambda_hidden=8, target_modules="all-linear"))
-        heads = {id(m): m for _, layer in lmoe_layers(model) for m in [layer.router.lambda_head]}.values()
+        heads = {
+            id(m): m for _, layer in lmoe_layers(model) for m in [layer.router.lambda_head]
+        }.values()
         calls = []
         for head in heads:
+
             def counted(x, hidden, compute=head.from_hidden):
                 calls.append(1)
                 return compute(x, hidden)
+
             head.from_hidden = counted  # every computation of lambda goes through it
             if not cache:
                 head.caching = False
@@ -181,7 +213,9 @@ def test_shared_lambda_head_runs_once_per_distinct_input_with_identical_results(
 
     logits, grads, calls, heads = run(cache=True)
     ref_logits, ref_grads, ref_calls, _ = run(cache=False)
-    assert ref_calls == 14 and calls == 8  # per block: q/k/v share x, gate/up share x; o and down differ
+    assert (
+        ref_calls == 14 and calls == 8
+    )  # per block: q/k/v share x, gate/up share x; o and down differ
     # uncached, the head's first linear joins the projection GEMM ([A; W_g; W1] instead of [A; W_g]): the same
     # maths grouped differently, equal to float32 rounding only
     torch.testing.assert_close(logits, ref_logits)
@@ -192,6 +226,7 @@ def test_shared_lambda_head_runs_once_per_distinct_input_with_identical_results(
 
 # ---------------------------------------------------------------- aux losses: padding and processes
 
+
 def brute_force_aux(router, kind: str, x: torch.Tensor, k: int = 1) -> dict[str, torch.Tensor]:
     """One layer's aux losses over the tokens x (tokens, d_in), from their definitions in docs/design.md section 4."""
     routing = router.route(x)
@@ -200,11 +235,13 @@ def brute_force_aux(router, kind: str, x: torch.Tensor, k: int = 1) -> dict[str,
     dispatch = F.one_hot(g.argmax(-1), E) if kind == "softmax" else (g > 0)
     probs = torch.softmax(u, -1) if kind == "topk" else g
     f = [dispatch[:, i].sum() / dispatch.sum() for i in range(E)]
-    out = {"load_balance": E * sum(f[i] * probs[:, i].mean() for i in range(E)),
-           "z_loss": (torch.logsumexp(u, -1) ** 2).mean()}
+    out = {
+        "load_balance": E * sum(f[i] * probs[:, i].mean() for i in range(E)),
+        "z_loss": (torch.logsumexp(u, -1) ** 2).mean(),
+    }
     if kind == "dynamic":  # lambda_k(u) = 1 - sum_{j<=k} (u_(j) - u_(k+1)), the gate detached
         top = u.detach().sort(-1, descending=True).values
-        threshold = 1 - (top[:, :k] - top[:, k:k + 1]).sum(-1)
+        threshold = 1 - (top[:, :k] - top[:, k : k + 1]).sum(-1)
         out["sparsity"] = torch.clamp(threshold - routing.extras["lambda"][:, 0], min=0).mean()
     return out
 
@@ -216,8 +253,12 @@ def layer_mean(per_layer: list[dict]) -> dict[str, torch.Tensor]:
 def layer_inputs(model, run) -> dict[str, list[torch.Tensor]]:
     """layer name -> the (tokens, d_in) inputs it saw during run(), graph kept."""
     seen = {name: [] for name, _ in lmoe_layers(model)}
-    handles = [layer.register_forward_pre_hook(lambda m, args, name=name: seen[name].append(
-        args[0].reshape(-1, args[0].shape[-1]))) for name, layer in lmoe_layers(model)]
+    handles = [
+        layer.register_forward_pre_hook(
+            lambda m, args, name=name: seen[name].append(args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for name, layer in lmoe_layers(model)
+    ]
     run()
     for handle in handles:
         handle.remove()
@@ -227,14 +268,25 @@ def layer_inputs(model, run) -> dict[str, list[torch.Tensor]]:
 @pytest.mark.parametrize("router", ["softmax", "topk", "dynamic"])
 def test_padding_is_left_out_of_aux_losses_and_routing_records(router):
     model = tiny_model("llama").double().train()
-    inject(model, LMoEConfig(num_experts=4, router=router, target_modules="all-linear", load_balance_coef=1.0,
-                             z_loss_coef=1.0, sparsity_coef=1.0, sparsity_target=1, lambda_hidden=8))
+    inject(
+        model,
+        LMoEConfig(
+            num_experts=4,
+            router=router,
+            target_modules="all-linear",
+            load_balance_coef=1.0,
+            z_loss_coef=1.0,
+            sparsity_coef=1.0,
+            sparsity_target=1,
+            lambda_hidden=8,
+        ),
+    )
     gen = torch.Generator().manual_seed(3)
     examples = [torch.randint(0, VOCAB, (n,), generator=gen) for n in (7, 3, 5)]
     ids = torch.randint(0, VOCAB, (3, 7), generator=gen)  # right-padded with random tokens
     mask = torch.zeros(3, 7, dtype=torch.long)
     for row, ex in enumerate(examples):
-        ids[row, :len(ex)], mask[row, :len(ex)] = ex, 1
+        ids[row, : len(ex)], mask[row, : len(ex)] = ex, 1
     with torch.no_grad(), record_routing(model) as rec:
         model(ids, attention_mask=mask)
         got = aux_losses(model)
@@ -242,16 +294,32 @@ def test_padding_is_left_out_of_aux_losses_and_routing_records(router):
     with torch.no_grad():
         inputs = layer_inputs(model, lambda: [model(ex[None]) for ex in examples])
         layers = dict(lmoe_layers(model))
-        expected = layer_mean([brute_force_aux(layers[name].router, router, torch.cat(xs)) for name, xs in inputs.items()])
+        expected = layer_mean(
+            [
+                brute_force_aux(layers[name].router, router, torch.cat(xs))
+                for name, xs in inputs.items()
+            ]
+        )
         for name, xs in inputs.items():
             torch.testing.assert_close(rec[name], layers[name].router.route(torch.cat(xs)).weights)
-        assert got.keys() == expected.keys() == ({"load_balance", "z_loss", "sparsity"} if router == "dynamic"
-                                                 else {"load_balance", "z_loss"})
+        assert (
+            got.keys()
+            == expected.keys()
+            == (
+                {"load_balance", "z_loss", "sparsity"}
+                if router == "dynamic"
+                else {"load_balance", "z_loss"}
+            )
+        )
         for key in expected:
-            torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-9, msg=key)  # float32 rotary
+            torch.testing.assert_close(
+                got[key], expected[key], rtol=1e-6, atol=1e-9, msg=key
+            )  # float32 rotary
         model(ids)  # without the mask the padding counts: the test can tell
         assert not torch.allclose(aux_losses(model)["z_loss"], expected["z_loss"])
-    assert model.get_submodule("model.layers.0.mlp.up_proj").token_mask.value is None  # not held after forward
+    assert (
+        model.get_submodule("model.layers.0.mlp.up_proj").token_mask.value is None
+    )  # not held after forward
 
 
 class PerToken(nn.Module):
@@ -277,8 +345,12 @@ def fake_collectives(monkeypatch, ranks: int) -> tuple[threading.local, list]:
         t.copy_(sum(seen))
         barrier.wait()
 
-    for name, value in [("is_available", lambda: True), ("is_initialized", lambda: True),
-                        ("get_world_size", lambda *a: ranks), ("all_reduce", all_reduce)]:
+    for name, value in [
+        ("is_available", lambda: True),
+        ("is_initialized", lambda: True),
+        ("get_world_size", lambda *a: ranks),
+        ("all_reduce", all_reduce),
+    ]:
         monkeypatch.setattr(dist, name, value)
     return local, calls
 
@@ -286,9 +358,18 @@ def fake_collectives(monkeypatch, ranks: int) -> tuple[threading.local, list]:
 @pytest.mark.parametrize("router", ["topk", "dynamic"])
 def test_aux_losses_over_processes_equal_one_process_on_the_whole_batch(router, monkeypatch):
     torch.manual_seed(0)
-    coefs = dict(load_balance_coef=0.7, z_loss_coef=0.2, sparsity_coef=0.5 if router == "dynamic" else 0.0)
-    cfg = LMoEConfig(num_experts=4, rank=2, router=router, target_modules=["a", "b"], sparsity_target=1,
-                     lambda_hidden=5, **coefs)
+    coefs = dict(
+        load_balance_coef=0.7, z_loss_coef=0.2, sparsity_coef=0.5 if router == "dynamic" else 0.0
+    )
+    cfg = LMoEConfig(
+        num_experts=4,
+        rank=2,
+        router=router,
+        target_modules=["a", "b"],
+        sparsity_target=1,
+        lambda_hidden=5,
+        **coefs,
+    )
     model = inject(PerToken().double(), cfg).train()
     gen = torch.Generator().manual_seed(1)
     parts = []  # each process: 2 examples, right-padded with large garbage inputs
@@ -301,7 +382,12 @@ def test_aux_losses_over_processes_equal_one_process_on_the_whole_batch(router, 
     whole = copy.deepcopy(model)
     real = torch.cat([x[mask.bool()] for x, mask in parts])[None]  # (1, tokens, d)
     inputs = layer_inputs(whole, lambda: whole(real))
-    expected = layer_mean([brute_force_aux(layer.router, router, inputs[name][0]) for name, layer in lmoe_layers(whole)])
+    expected = layer_mean(
+        [
+            brute_force_aux(layer.router, router, inputs[name][0])
+            for name, layer in lmoe_layers(whole)
+        ]
+    )
     sum(getattr(cfg, AUX_COEFS[key]) * value for key, value in expected.items()).backward()
 
     ranks = len(parts)
@@ -328,7 +414,9 @@ def test_aux_losses_over_processes_equal_one_process_on_the_whole_batch(router, 
             raise result
     assert sorted(calls) == list(range(ranks))  # one all-reduce per process for all layers
     for key in expected:  # the logged value: the average over processes
-        torch.testing.assert_close(sum(r[key] for r in results) / ranks, expected[key].detach(), msg=key)
+        torch.testing.assert_close(
+            sum(r[key] for r in results) / ranks, expected[key].detach(), msg=key
+        )
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     for name, (p, *copies) in zip(names, zip(params(whole), *map(params, replicas)), strict=True):
         if p.grad is None:  # the experts: aux losses do not reach them
@@ -336,11 +424,23 @@ def test_aux_losses_over_processes_equal_one_process_on_the_whole_batch(router, 
         else:  # DDP averages the processes' gradients
             torch.testing.assert_close(sum(c.grad for c in copies) / ranks, p.grad, msg=name)
     routers = [layer.router for _, layer in lmoe_layers(whole)]
-    assert all(r.weight.grad is not None for r in routers)  # the gates (and the dynamic lambda head) learn
+    assert all(
+        r.weight.grad is not None for r in routers
+    )  # the gates (and the dynamic lambda head) learn
     assert router == "topk" or routers[0].lambda_head.net[0].weight.grad is not None
     # each process on its own tokens, averaged, is not the whole batch's balance loss: the test can tell
-    naive = [layer_mean([brute_force_aux(layer.router, router, xs[0]) for xs, (_, layer) in zip(
-        layer_inputs(whole, lambda: whole(x[mask.bool()][None])).values(), lmoe_layers(whole))]) for x, mask in parts]
+    naive = [
+        layer_mean(
+            [
+                brute_force_aux(layer.router, router, xs[0])
+                for xs, (_, layer) in zip(
+                    layer_inputs(whole, lambda: whole(x[mask.bool()][None])).values(),
+                    lmoe_layers(whole),
+                )
+            ]
+        )
+        for x, mask in parts
+    ]
     assert abs(sum(n["load_balance"] for n in naive) / ranks - expected["load_balance"]) > 1e-3
 
 
@@ -354,8 +454,19 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(router):
 
     def run(checkpointing: bool):
         model = tiny_model("llama").train()
-        inject(model, LMoEConfig(num_experts=3, rank=2, router=router, target_modules="all-linear",
-                                 load_balance_coef=0.1, z_loss_coef=0.01, sparsity_coef=0.1, lambda_hidden=8))
+        inject(
+            model,
+            LMoEConfig(
+                num_experts=3,
+                rank=2,
+                router=router,
+                target_modules="all-linear",
+                load_balance_coef=0.1,
+                z_loss_coef=0.01,
+                sparsity_coef=0.1,
+                lambda_hidden=8,
+            ),
+        )
         for _, layer in lmoe_layers(model):
             nn.init.normal_(layer.lora_B, std=0.1)  # B = 0 would hide a wrong gradient of A or g
         if checkpointing:
@@ -382,8 +493,17 @@ def set_lambda_bias(model, value: float) -> None:
 @pytest.mark.parametrize("router", ["topk", "dynamic"])
 def test_active_expert_counts_count_the_real_tokens_of_every_layer(router):
     model = tiny_model("llama").train()
-    inject(model, LMoEConfig(num_experts=4, rank=2, router=router, top_k=2, target_modules="all-linear",
-                             lambda_hidden=8))
+    inject(
+        model,
+        LMoEConfig(
+            num_experts=4,
+            rank=2,
+            router=router,
+            top_k=2,
+            target_modules="all-linear",
+            lambda_hidden=8,
+        ),
+    )
     if router == "dynamic":  # lambda near 1: sparse, a different number of experts per token
         set_lambda_bias(model, 3.0)
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))
@@ -403,48 +523,76 @@ def test_active_expert_counts_count_the_real_tokens_of_every_layer(router):
 
 def test_routing_counts_sum_entropy_and_confident_tokens_over_real_tokens_and_layers():
     model = tiny_model("llama").train()
-    inject(model, LMoEConfig(num_experts=4, rank=2, router="dynamic", target_modules="all-linear", lambda_hidden=8))
+    inject(
+        model,
+        LMoEConfig(
+            num_experts=4, rank=2, router="dynamic", target_modules="all-linear", lambda_hidden=8
+        ),
+    )
     set_lambda_bias(model, 3.0)  # sparse: some 1-hot
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
     with record_routing(model) as rec:
         model(input_ids=ids, attention_mask=mask)
-    g = torch.cat([rec[name] for name in rec]).double()  # (real tokens x layers, E), padding left out
+    g = torch.cat(
+        [rec[name] for name in rec]
+    ).double()  # (real tokens x layers, E), padding left out
     entropy = -(g * torch.where(g > 0, g.log(), 0)).sum(-1) / math.log(4)
-    expected = torch.tensor([(g > 0).sum().item(), entropy.sum().item(), (g.max(-1).values > 0.5).sum().item(), len(g)],
-                            dtype=torch.float64)
+    expected = torch.tensor(
+        [(g > 0).sum().item(), entropy.sum().item(), (g.max(-1).values > 0.5).sum().item(), len(g)],
+        dtype=torch.float64,
+    )
     torch.testing.assert_close(routing_counts(model).double(), expected, rtol=1e-5, atol=1e-4)
     assert 0 < expected[2] < expected[3]  # some tokens confident, some not
     torch.testing.assert_close(active_expert_counts(model), routing_counts(model)[[0, 3]])
 
 
 def test_shared_modules_are_the_lambda_heads_one_per_input_width():
-    model = inject(tiny_model("llama"), LMoEConfig(router="dynamic", target_modules="all-linear", lambda_hidden=8))
-    heads = {id(layer.router.lambda_head): layer.router.lambda_head for _, layer in lmoe_layers(model)}
+    model = inject(
+        tiny_model("llama"),
+        LMoEConfig(router="dynamic", target_modules="all-linear", lambda_hidden=8),
+    )
+    heads = {
+        id(layer.router.lambda_head): layer.router.lambda_head for _, layer in lmoe_layers(model)
+    }
     assert len(heads) == 2  # hidden size 32 (q/k/v/o, gate/up) and intermediate 48 (down_proj)
     assert {id(m) for m in shared_modules(model)} == set(heads)
     assert shared_modules(inject(tiny_model("llama"), LMoEConfig(router="softmax"))) == []
 
 
 def test_a_training_forward_drops_the_last_ones_routing_before_it_starts(input_ids):
-    model = inject(tiny_model("llama"), LMoEConfig(router="topk", target_modules="all-linear")).train()
+    model = inject(
+        tiny_model("llama"), LMoEConfig(router="topk", target_modules="all-linear")
+    ).train()
     layers = [layer for _, layer in lmoe_layers(model)]
     held_at_start = []
-    layers[0].register_forward_pre_hook(lambda *_: held_at_start.append([l.last_routing for l in layers]))
+    layers[0].register_forward_pre_hook(
+        lambda *_: held_at_start.append([l.last_routing for l in layers])
+    )
     model(input_ids)
     model(input_ids)
-    assert all(r is None for r in held_at_start[1])  # the first forward's routing was gone before the second ran
-    assert all(layer.last_routing is not None for layer in layers)  # the second's is kept for aux_loss
+    assert all(
+        r is None for r in held_at_start[1]
+    )  # the first forward's routing was gone before the second ran
+    assert all(
+        layer.last_routing is not None for layer in layers
+    )  # the second's is kept for aux_loss
     model.eval()(input_ids)
-    assert all(layer.last_routing is not None for layer in layers)  # evaluation leaves training's alone
+    assert all(
+        layer.last_routing is not None for layer in layers
+    )  # evaluation leaves training's alone
 
 
 def test_a_trained_model_deep_copies_and_pickles_and_the_copy_computes_the_same(input_ids):
-    model = inject(tiny_model("llama"), LMoEConfig(router="dynamic", target_modules="all-linear",
-                                                   lambda_hidden=8)).train()
+    model = inject(
+        tiny_model("llama"),
+        LMoEConfig(router="dynamic", target_modules="all-linear", lambda_hidden=8),
+    ).train()
     (model(input_ids=input_ids, labels=input_ids).loss + aux_loss(model)).backward()
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert all(layer.last_routing is None for _, layer in lmoe_layers(clone))
         torch.testing.assert_close(clone.eval()(input_ids).logits, model.eval()(input_ids).logits)
-    assert all(layer.last_routing is not None for _, layer in lmoe_layers(model))  # the original keeps its own
+    assert all(
+        layer.last_routing is not None for _, layer in lmoe_layers(model)
+    )  # the original keeps its own

@@ -1,13 +1,14 @@
 """save_adapter / load_adapter: only adapter tensors, bit-for-bit logits, clear errors on a wrong base."""
+
 import json
 import os
 import stat
 
 import pytest
 import torch
+from conftest import tiny_model
 from safetensors.torch import load_file
 
-from conftest import tiny_model
 from lmoe import LMoEConfig, inject, lmoe_layers, load_adapter, load_adapter_weights, save_adapter
 
 
@@ -15,7 +16,10 @@ def trained_like(kind="llama", router="dynamic", dtype=torch.float32):
     """An injected tiny model whose experts and routers hold random, non-zero values."""
     model = tiny_model(kind).to(dtype)
     targets = ["c_attn"] if kind == "gpt2" else ["q_proj", "down_proj"]
-    inject(model, LMoEConfig(num_experts=3, rank=2, router=router, router_bias=True, target_modules=targets))
+    inject(
+        model,
+        LMoEConfig(num_experts=3, rank=2, router=router, router_bias=True, target_modules=targets),
+    )
     torch.manual_seed(3)
     with torch.no_grad():
         for _, layer in lmoe_layers(model):
@@ -25,8 +29,14 @@ def trained_like(kind="llama", router="dynamic", dtype=torch.float32):
     return model
 
 
-@pytest.mark.parametrize("kind,router,dtype", [("llama", "dynamic", torch.float32), ("gpt2", "topk", torch.float32),
-                                               ("llama", "softmax", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "kind,router,dtype",
+    [
+        ("llama", "dynamic", torch.float32),
+        ("gpt2", "topk", torch.float32),
+        ("llama", "softmax", torch.bfloat16),
+    ],
+)
 def test_save_then_load_reproduces_logits_bit_for_bit(tmp_path, input_ids, kind, router, dtype):
     model = trained_like(kind, router, dtype)
     ref = model(input_ids).logits
@@ -43,7 +53,9 @@ def test_files_hold_only_adapter_tensors_and_the_config(tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable <= set(tensors)
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert meta["config"]["num_experts"] == 3 and meta["layers"]["model.layers.0.self_attn.q_proj"] == [32, 32]
+    assert meta["config"]["num_experts"] == 3 and meta["layers"][
+        "model.layers.0.self_attn.q_proj"
+    ] == [32, 32]
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporaries
 
 
@@ -79,13 +91,29 @@ def test_weights_load_into_a_model_with_the_same_mixture_only(tmp_path, input_id
     model = trained_like()
     save_adapter(model, tmp_path / "adapter")
     fresh = tiny_model("llama")
-    inject(fresh, LMoEConfig(num_experts=3, rank=2, router="dynamic", router_bias=True,
-                             target_modules=["q_proj", "down_proj"]))
+    inject(
+        fresh,
+        LMoEConfig(
+            num_experts=3,
+            rank=2,
+            router="dynamic",
+            router_bias=True,
+            target_modules=["q_proj", "down_proj"],
+        ),
+    )
     assert not torch.equal(fresh(input_ids).logits, model(input_ids).logits)
     load_adapter_weights(fresh, tmp_path / "adapter")
     assert torch.equal(fresh(input_ids).logits, model(input_ids).logits)
-    other = inject(tiny_model("llama"), LMoEConfig(num_experts=3, rank=4, router="dynamic", router_bias=True,
-                                                   target_modules=["q_proj", "down_proj"]))
+    other = inject(
+        tiny_model("llama"),
+        LMoEConfig(
+            num_experts=3,
+            rank=4,
+            router="dynamic",
+            router_bias=True,
+            target_modules=["q_proj", "down_proj"],
+        ),
+    )
     with pytest.raises(ValueError, match="another mixture than this model"):
         load_adapter_weights(other, tmp_path / "adapter")
 
@@ -95,6 +123,7 @@ def test_files_get_the_mode_an_ordinary_write_gives_under_the_umask(tmp_path, um
     """Adapter, checkpoint and eval JSON: 0o666 less the umask (mkstemp's 0o600 kept others out)."""
     from lmoe.evaluation.scoring import write_json
     from lmoe.io import current_umask, save_state
+
     old = os.umask(umask)
     try:
         assert current_umask() == umask
@@ -104,9 +133,12 @@ def test_files_get_the_mode_an_ordinary_write_gives_under_the_umask(tmp_path, um
         (tmp_path / "plain.txt").write_text("an ordinary write")
     finally:
         os.umask(old)
-    written = [tmp_path / "adapter" / "adapter_config.json",
-               tmp_path / "adapter" / "adapter_model.safetensors", tmp_path / "checkpoint.pt",
-               tmp_path / "eval.json"]
+    written = [
+        tmp_path / "adapter" / "adapter_config.json",
+        tmp_path / "adapter" / "adapter_model.safetensors",
+        tmp_path / "checkpoint.pt",
+        tmp_path / "eval.json",
+    ]
     want = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
     assert want == 0o666 & ~umask
     modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in written}

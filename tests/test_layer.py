@@ -1,4 +1,5 @@
 """MoLoRALinear against independent references: per-token brute force in float64, plain LoRA, PEFT."""
+
 import pytest
 import torch
 from torch import nn
@@ -11,12 +12,29 @@ ROUTERS = ["softmax", "topk", "dynamic"]
 COMPOSITIONS = ["params", "outputs"]
 
 
-def make_layer(router="softmax", composition="params", E=3, r=2, d_in=5, d_out=4, dtype=torch.float64,
-               bias=True, seed=0):
+def make_layer(
+    router="softmax",
+    composition="params",
+    E=3,
+    r=2,
+    d_in=5,
+    d_out=4,
+    dtype=torch.float64,
+    bias=True,
+    seed=0,
+):
     """A layer with random (non-zero) experts and router so every term of the maths is exercised."""
     torch.manual_seed(seed)
-    cfg = LMoEConfig(num_experts=E, rank=r, alpha=3.0, router=router, top_k=min(2, E), composition=composition,
-                     router_bias=True, target_modules=["x"])
+    cfg = LMoEConfig(
+        num_experts=E,
+        rank=r,
+        alpha=3.0,
+        router=router,
+        top_k=min(2, E),
+        composition=composition,
+        router_bias=True,
+        target_modules=["x"],
+    )
     layer = MoLoRALinear(nn.Linear(d_in, d_out, bias=bias, dtype=dtype), cfg)
     with torch.no_grad():
         for name, p in layer.named_parameters():
@@ -57,7 +75,9 @@ def test_softmax_weights_equal_reference_gate():
     layer = make_layer("softmax")
     x = torch.randn(7, 5, dtype=torch.float64)
     u = x @ layer.router.effective_weight().T + layer.router.effective_bias()
-    torch.testing.assert_close(layer.router.route(x).weights.double(), torch.softmax(u, -1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        layer.router.route(x).weights.double(), torch.softmax(u, -1), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_topk_uses_only_chosen_experts():
@@ -111,9 +131,13 @@ def test_one_expert_equals_peft_lora():
     base = nn.Sequential()
     base.add_module("proj", nn.Linear(8, 6))
     x = torch.randn(3, 4, 8)
-    peft_model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
+    peft_model = peft.get_peft_model(
+        base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"])
+    )
     peft_layer = peft_model.base_model.model.proj
-    ours = MoLoRALinear(peft_layer.base_layer, LMoEConfig(num_experts=1, rank=4, alpha=8, target_modules=["proj"]))
+    ours = MoLoRALinear(
+        peft_layer.base_layer, LMoEConfig(num_experts=1, rank=4, alpha=8, target_modules=["proj"])
+    )
     with torch.no_grad():
         peft_layer.lora_B["default"].weight.normal_()
         ours.lora_A.copy_(peft_layer.lora_A["default"].weight[None])
@@ -136,6 +160,7 @@ def test_half_precision_close_to_float32(dtype, router):
 
 def test_conv1d_base():
     from transformers.pytorch_utils import Conv1D
+
     torch.manual_seed(0)
     conv = Conv1D(6, 5).double()  # d_out=6, d_in=5; weight is (d_in, d_out)
     nn.init.normal_(conv.weight)
@@ -170,7 +195,9 @@ def test_delta_weight_matches_forward_for_fixed_routing(composition):
     g = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
     x = torch.randn(4, 5, dtype=torch.float64)
     merged = layer.base(x) + x @ layer.delta_weight(g).T
-    torch.testing.assert_close(merged, brute_force(layer, x, g.expand(4, 3)), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        merged, brute_force(layer, x, g.expand(4, 3)), rtol=1e-10, atol=1e-10
+    )
 
 
 def run_layer(layer: MoLoRALinear, x: torch.Tensor, grad: bool = True):
@@ -208,7 +235,9 @@ def test_every_way_of_running_the_products_agrees(router):
         for a, b in zip(grads, want_grads, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert calls
-    torch.testing.assert_close(run_layer(make_layer(router), x, grad=False)[0], want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        run_layer(make_layer(router), x, grad=False)[0], want, rtol=1e-12, atol=1e-12
+    )
 
 
 def test_dropout_reaches_the_experts_only():
@@ -226,5 +255,7 @@ def test_dropout_reaches_the_experts_only():
     want = layer.base(xr) + brute_force(layer, dropped, g) - layer.base(dropped)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
     want.square().sum().backward()
-    for a, b in zip(grads, [xr.grad] + [p.grad for p in layer.parameters() if p.requires_grad], strict=True):
+    for a, b in zip(
+        grads, [xr.grad] + [p.grad for p in layer.parameters() if p.requires_grad], strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -2,10 +2,12 @@
 and the reference itself against an independent per-token loop (test_layer.brute_force), float64:
 values and every gradient (input, A, B, gate, lambda head), both compositions, every router, E in
 {1, 2, 8, 64}, k = E."""
+
 import copy
 
 import pytest
 import torch
+from test_layer import brute_force, make_layer
 from torch import nn
 
 import lmoe.kernels
@@ -13,7 +15,6 @@ from lmoe import LMoEConfig, MoLoRALinear
 from lmoe.kernels import KERNELS, KernelInputs
 from lmoe.kernels.input_gemm import InputProducts
 from lmoe.layer import mixture_delta
-from test_layer import brute_force, make_layer
 
 T, E, R, D_IN, D_OUT = 7, 4, 3, 5, 6
 # "topk_all": top-k with k = E (every expert on, through the sparse kernels); top-k otherwise k =
@@ -46,8 +47,18 @@ def kernel_inputs(layer: MoLoRALinear, x: torch.Tensor) -> tuple[KernelInputs, t
     routing = layer.router.route(x)
     y = layer.base(x)
     per_token = layer.router.experts_per_token()
-    inputs = KernelInputs(y, x, layer.lora_A, layer.lora_B, routing, routing.weights, per_token,
-                          layer.scaling, layer.composition == "params", True)
+    inputs = KernelInputs(
+        y,
+        x,
+        layer.lora_A,
+        layer.lora_B,
+        routing,
+        routing.weights,
+        per_token,
+        layer.scaling,
+        layer.composition == "params",
+        True,
+    )
     g = routing.weights
     inputs.most_per_token = int((g > 0).sum(-1).max()) if per_token is None else per_token
     want = y + layer.scaling * mixture_delta(x, layer.lora_A, layer.lora_B, g, layer.composition)
@@ -86,8 +97,9 @@ def test_every_kernel_matches_the_reference(kernel, router, composition, E):
     got = KERNELS[kernel](inputs)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     grad_out = torch.randn_like(got)
-    got_grads = torch.autograd.grad(got, wrt(layer, x), grad_out, retain_graph=True,
-                                    allow_unused=True)
+    got_grads = torch.autograd.grad(
+        got, wrt(layer, x), grad_out, retain_graph=True, allow_unused=True
+    )
     want_grads = torch.autograd.grad(want, wrt(layer, x), grad_out, allow_unused=True)
     for a, b in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
@@ -158,7 +170,8 @@ def test_input_products_gradients_match_autograd(with_base, dropout_input):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(
-        lambda *t: tuple(o for o in InputProducts.apply(*t) if o is not None), args)
+        lambda *t: tuple(o for o in InputProducts.apply(*t) if o is not None), args
+    )
 
 
 @pytest.mark.parametrize("composition", COMPOSITIONS)
@@ -169,13 +182,25 @@ def test_dense_kernel_gradcheck(composition):
     def dense(x, A, B, gate):
         g = torch.softmax(x @ gate.t(), -1)
         routing = layer.router.route(x)  # only for its type; the kernel reads g
-        inputs = KernelInputs(torch.zeros(T, 4, dtype=x.dtype), x, A, B, routing, g, None, 0.7,
-                              composition == "params", True)
+        inputs = KernelInputs(
+            torch.zeros(T, 4, dtype=x.dtype),
+            x,
+            A,
+            B,
+            routing,
+            g,
+            None,
+            0.7,
+            composition == "params",
+            True,
+        )
         return KERNELS["dense"](inputs)
 
     gate = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(dense, (x, layer.lora_A.detach().requires_grad_(),
-                                            layer.lora_B.detach().requires_grad_(), gate))
+    assert torch.autograd.gradcheck(
+        dense,
+        (x, layer.lora_A.detach().requires_grad_(), layer.lora_B.detach().requires_grad_(), gate),
+    )
 
 
 @pytest.mark.parametrize("router", ["softmax", "topk", "dynamic"])
@@ -185,8 +210,9 @@ def test_layer_matches_reference_forward_in_training_and_generation(router, comp
     autograd and without (generation runs A and W_g as separate GEMMs), float64."""
     torch.manual_seed(0)
     base = nn.Linear(D_IN, D_OUT, dtype=torch.float64).requires_grad_(False)
-    cfg = LMoEConfig(num_experts=E, rank=R, router=router, composition=composition,
-                     target_modules="all-linear")
+    cfg = LMoEConfig(
+        num_experts=E, rank=R, router=router, composition=composition, target_modules="all-linear"
+    )
     layer = MoLoRALinear(base, cfg).double()
     nn.init.normal_(layer.lora_B)
     x = torch.randn(2, T, D_IN, dtype=torch.float64, requires_grad=True)
@@ -207,8 +233,10 @@ def test_inference_path_equals_training_path(composition):
     a GEMM differs between CPUs)."""
     torch.manual_seed(0)
     base = nn.Linear(D_IN, D_OUT).requires_grad_(False)
-    layer = MoLoRALinear(base, LMoEConfig(num_experts=E, rank=R, composition=composition,
-                                          target_modules="all-linear")).eval()
+    layer = MoLoRALinear(
+        base,
+        LMoEConfig(num_experts=E, rank=R, composition=composition, target_modules="all-linear"),
+    ).eval()
     nn.init.normal_(layer.lora_B)
     x = torch.randn(3, T, D_IN)
     with torch.no_grad():
@@ -244,8 +272,16 @@ def test_router_reads_the_experts_dropped_out_input(router, composition):
     (float64)."""
     torch.manual_seed(0)
     base = nn.Linear(D_IN, D_OUT).double().requires_grad_(False)
-    cfg = LMoEConfig(num_experts=E, rank=R, router=router, composition=composition, dropout=0.5,
-                     router_reads_dropout=True, lambda_hidden=4, target_modules="all-linear")
+    cfg = LMoEConfig(
+        num_experts=E,
+        rank=R,
+        router=router,
+        composition=composition,
+        dropout=0.5,
+        router_reads_dropout=True,
+        lambda_hidden=4,
+        target_modules="all-linear",
+    )
     layer = MoLoRALinear(base, cfg).double().train()
     nn.init.normal_(layer.lora_B)
     x = torch.randn(T, D_IN, dtype=torch.float64, requires_grad=True)

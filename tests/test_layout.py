@@ -1,6 +1,7 @@
 """The package's layout: every module imports in a fresh interpreter; the modules' imports of each other, at the
 top of a file or inside a function, form no circle (a circle makes the import order decide what works); and each
 subpackage imports only the layers below it (the mixture knows nothing of data or training)."""
+
 import ast
 import re
 import subprocess
@@ -20,10 +21,14 @@ MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 # What each part may import: the mixture at the top of the package; data beside it, knowing nothing of it;
 # the rest built on those. cli and the package's own __init__ may import anything.
 GROUPS = ("core", "data", "modular", "evaluation", "training", "integrations")
-MAY_IMPORT = {"core": {"core"}, "data": {"data"}, "modular": {"core", "modular"},
-              "evaluation": {"core", "data", "evaluation"},
-              "training": {"core", "data", "modular", "evaluation", "training"},
-              "integrations": {"core", "modular", "training", "integrations"}}
+MAY_IMPORT = {
+    "core": {"core"},
+    "data": {"data"},
+    "modular": {"core", "modular"},
+    "evaluation": {"core", "data", "evaluation"},
+    "training": {"core", "data", "modular", "evaluation", "training"},
+    "integrations": {"core", "modular", "training", "integrations"},
+}
 ANYTHING = {"lmoe", "lmoe.cli"}
 
 
@@ -37,8 +42,10 @@ def resolve(importer: str, node: ast.ImportFrom | ast.Import) -> set[str]:
     if isinstance(node, ast.Import):
         return {a.name for a in node.names if a.name in MODULES}
     if node.level:
-        package = importer if MODULES[importer].name == "__init__.py" else importer.rsplit(".", 1)[0]
-        base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1])
+        package = (
+            importer if MODULES[importer].name == "__init__.py" else importer.rsplit(".", 1)[0]
+        )
+        base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
         target = f"{base}.{node.module}" if node.module else base
     else:
         target = node.module or ""
@@ -70,7 +77,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         state[node] = "done"
@@ -93,7 +100,9 @@ def test_imports_see_function_level_relative_and_from_package_imports():
     """The graph's reader, on the imports it must see: a relative import inside a function, `from .. import x`
     of a module, and a name (not a module) from a package's __init__."""
     assert "lmoe.training.loop" in GRAPH["lmoe.cli"]  # inside cli's functions only
-    assert "lmoe.data.benchmarks" in GRAPH["lmoe.evaluation.scoring"]  # from ..data import benchmarks
+    assert (
+        "lmoe.data.benchmarks" in GRAPH["lmoe.evaluation.scoring"]
+    )  # from ..data import benchmarks
     assert "lmoe.evaluation.analysis" in GRAPH["lmoe.training.evaluation"]  # inside a function
     assert GRAPH["lmoe.version"] == set()
 
@@ -103,8 +112,13 @@ def test_no_import_circle_between_the_modules_also_through_imports_inside_functi
 
 
 def test_each_part_imports_only_the_layers_below_it():
-    wrong = [f"{a} imports {b}" for a, targets in GRAPH.items() if a not in ANYTHING
-             for b in sorted(targets) if b not in ANYTHING and group(b) not in MAY_IMPORT[group(a)]]
+    wrong = [
+        f"{a} imports {b}"
+        for a, targets in GRAPH.items()
+        if a not in ANYTHING
+        for b in sorted(targets)
+        if b not in ANYTHING and group(b) not in MAY_IMPORT[group(a)]
+    ]
     assert not wrong, "layering broken: " + "; ".join(wrong)
 
 
@@ -120,10 +134,14 @@ def test_the_architecture_list_names_every_module_and_only_those():
     page = (ROOT / "docs" / "architecture.md").read_text()
     listed = set(re.findall(r"`(lmoe/[\w/]+\.py)`", page))
     files = {str(p.relative_to(ROOT)) for p in MODULES.values()}
-    assert listed == files, (f"docs/architecture.md: add {sorted(files - listed)}, remove {sorted(listed - files)}")
+    assert listed == files, (
+        f"docs/architecture.md: add {sorted(files - listed)}, remove {sorted(listed - files)}"
+    )
 
 
 def test_tests_mirror_the_package():
     """Every folder of tests/ is named after a subpackage of lmoe/ (a test file of its modules sits there)."""
     folders = {p.parent.name for p in (ROOT / "tests").rglob("test_*.py")} - {"tests"}
-    assert folders and all((PACKAGE / name).is_dir() and name in GROUPS for name in folders), folders
+    assert folders and all((PACKAGE / name).is_dir() and name in GROUPS for name in folders), (
+        folders
+    )

@@ -5,15 +5,23 @@ against that group in float64; the initial routing is that of c = 1 for the same
 one learning rate and no groups moves the routing off uniform where c = 1 does not; saved adapters
 keep c, and one saved before the field existed loads at c = 1.
 """
+
 import json
 
 import pytest
 import torch
+from conftest import VOCAB, tiny_model
 from torch import nn
 
-from conftest import VOCAB, tiny_model
-from lmoe import (LMoEConfig, MoLoRALinear, inject, lmoe_layers, load_adapter, param_groups,
-                  save_adapter)
+from lmoe import (
+    LMoEConfig,
+    MoLoRALinear,
+    inject,
+    lmoe_layers,
+    load_adapter,
+    param_groups,
+    save_adapter,
+)
 from lmoe.routing import LambdaHead, ScaledLinear, build_router
 from lmoe.training.optim import router_parameter_ids
 
@@ -35,9 +43,17 @@ def adapted(router: str, scale: float) -> nn.Module:
     """A float64 tiny model with every linear adapted, experts non-zero (B random), a router bias
     and the lambda heads' ReLU open, at router_param_scale `scale`; the same draws, so the same
     weights in use, for every scale."""
-    cfg = LMoEConfig(num_experts=3, rank=2, router=router, target_modules="all-linear",
-                     router_bias=True, lambda_hidden=8, router_param_scale=scale, z_loss_coef=0.01,
-                     lambda_bias_init=0.0)  # at -2.5 the ReLU would shut for every token here
+    cfg = LMoEConfig(
+        num_experts=3,
+        rank=2,
+        router=router,
+        target_modules="all-linear",
+        router_bias=True,
+        lambda_hidden=8,
+        router_param_scale=scale,
+        z_loss_coef=0.01,
+        lambda_bias_init=0.0,
+    )  # at -2.5 the ReLU would shut for every token here
     model = inject(tiny_model("llama").double(), cfg)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -93,8 +109,13 @@ def test_initial_routing_is_that_of_scale_one_for_the_same_draws(router, init_st
     routers = {}
     for scale in (1.0, 30.0):
         torch.manual_seed(0)
-        cfg = LMoEConfig(num_experts=4, router=router, router_init_std=init_std,
-                         router_param_scale=scale, lambda_hidden=8)
+        cfg = LMoEConfig(
+            num_experts=4,
+            router=router,
+            router_init_std=init_std,
+            router_param_scale=scale,
+            lambda_hidden=8,
+        )
         routers[scale] = build_router(24, cfg)
     one, scaled = routers[1.0], routers[30.0]
     torch.testing.assert_close(scaled.weight * 30, one.weight, rtol=1e-6, atol=0)  # stored / c
@@ -113,8 +134,9 @@ def test_fused_products_use_the_weights_in_use():
     """MoLoRALinear puts the gate's and the lambda head's stored weights into its GEMM with the
     experts' A; the router scales the products: the layer's routing is the router's on its own."""
     torch.manual_seed(0)
-    cfg = LMoEConfig(num_experts=4, router="dynamic", router_bias=True, lambda_hidden=8,
-                     target_modules=["x"])
+    cfg = LMoEConfig(
+        num_experts=4, router="dynamic", router_bias=True, lambda_hidden=8, target_modules=["x"]
+    )
     layer = MoLoRALinear(nn.Linear(12, 10, dtype=torch.float64), cfg).train()
     x = torch.randn(7, 12, dtype=torch.float64)
     layer(x)
@@ -130,8 +152,9 @@ def top_weight_after_training(scale: float) -> float:
     """One layer (gate at zero: uniform routing), two clusters of inputs wanting different updates,
     30 steps of plain AdamW over all its parameters: the mean top routing weight after."""
     torch.manual_seed(0)
-    cfg = LMoEConfig(num_experts=4, rank=2, target_modules=["x"], router_param_scale=scale,
-                     router_init_std=0.0)
+    cfg = LMoEConfig(
+        num_experts=4, rank=2, target_modules=["x"], router_param_scale=scale, router_init_std=0.0
+    )
     layer = MoLoRALinear(nn.Linear(8, 8), cfg)
     layer.base.requires_grad_(False)
     maps, centres = torch.randn(2, 8, 8), torch.randn(2, 8)
@@ -164,6 +187,7 @@ def test_adapter_keeps_its_scale_and_one_saved_without_it_loads_at_scale_one(tmp
     the field existed meant scale 1 and loads so (lmoe.load_adapter and PEFT's from_pretrained),
     while a new config that leaves the field out gets today's default."""
     from peft import PeftModel
+
     for scale in (7.0, 1.0):
         model = adapted("dynamic", scale).eval()
         with torch.no_grad():

@@ -1,25 +1,41 @@
 """Routing functions and their losses against independent references: an exhaustive float64 search of the
 LD-MoLE quadratic program, bisection, finite differences and hand-computed values."""
+
 import itertools
 import math
 
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
 from torch.func import functional_call
 
-from conftest import tiny_model
-from lmoe import LMoEConfig, aux_loss, aux_losses, count_parameters, inject, lmoe_layers, load_adapter, save_adapter
-from lmoe.config import default_lambda_hidden
-from lmoe.config import LAMBDA_BIAS_INIT
+from lmoe import (
+    LMoEConfig,
+    aux_loss,
+    aux_losses,
+    count_parameters,
+    inject,
+    lmoe_layers,
+    load_adapter,
+    save_adapter,
+)
+from lmoe.config import LAMBDA_BIAS_INIT, default_lambda_hidden
 from lmoe.router_losses import load_balance_loss, sparsity_loss, sparsity_threshold, z_loss
-from lmoe.routing import (LambdaHead, build_router, softmax_route, sparsegen_route, sparsegen_weights,
-                          topk_route)
+from lmoe.routing import (
+    LambdaHead,
+    build_router,
+    softmax_route,
+    sparsegen_route,
+    sparsegen_weights,
+    topk_route,
+)
 
 ROUTERS = ["softmax", "topk", "dynamic"]
 
 
 # ---------------------------------------------------------------- independent references
+
 
 def qp_reference(u: np.ndarray, lam: float) -> np.ndarray:
     """argmin_{p in simplex} ||p - u||^2 - lam ||p||^2 (lam < 1) by trying every support S.
@@ -33,7 +49,7 @@ def qp_reference(u: np.ndarray, lam: float) -> np.ndarray:
         for S in map(list, itertools.combinations(range(E), size)):
             p = np.zeros(E)
             p[S] = (u[S] - (u[S].sum() - (1 - lam)) / size) / (1 - lam)
-            value = ((p - u) ** 2).sum() - lam * (p ** 2).sum()
+            value = ((p - u) ** 2).sum() - lam * (p**2).sum()
             if (p >= 0).all() and value < best_value:
                 best, best_value = p, value
     return best
@@ -48,7 +64,9 @@ def reference_count(u: np.ndarray, lam: float) -> int:
         for S in map(list, itertools.combinations(range(E), size)):
             nu = (u[S].sum() - (1 - lam)) / size
             rest = np.delete(u, S)
-            if (u[S] >= nu - 1e-12).all() and (rest <= nu + 1e-12).all():  # tolerance: rounding at the threshold
+            if (u[S] >= nu - 1e-12).all() and (
+                rest <= nu + 1e-12
+            ).all():  # tolerance: rounding at the threshold
                 return size
     raise AssertionError("no KKT point: the QP always has one")
 
@@ -98,7 +116,9 @@ def route_with(r, tensors: dict, x):
 
 def router(name, d_in=6, E=4, dtype=torch.float64, seed=0, **cfg):
     torch.manual_seed(seed)
-    r = build_router(d_in, LMoEConfig(num_experts=E, router=name, router_bias=True, **cfg), dtype=dtype)
+    r = build_router(
+        d_in, LMoEConfig(num_experts=E, router=name, router_bias=True, **cfg), dtype=dtype
+    )
     with torch.no_grad():
         for p in r.parameters():  # every linear of the router at r.scale: std 0.5 in use
             p.normal_(std=0.5 / r.scale)
@@ -107,10 +127,14 @@ def router(name, d_in=6, E=4, dtype=torch.float64, seed=0, **cfg):
 
 # ---------------------------------------------------------------- softmax and top-k
 
+
 def test_softmax_route_is_exp_over_sum():
     u = torch.tensor([[0.0, math.log(3.0)], [1.0, 1.0]])
     torch.testing.assert_close(softmax_route(u), torch.tensor([[0.25, 0.75], [0.5, 0.5]]))
-    torch.testing.assert_close(softmax_route(u, temperature=2.0)[0], torch.tensor([1 / (1 + 3 ** 0.5), 3 ** 0.5 / (1 + 3 ** 0.5)]))
+    torch.testing.assert_close(
+        softmax_route(u, temperature=2.0)[0],
+        torch.tensor([1 / (1 + 3**0.5), 3**0.5 / (1 + 3**0.5)]),
+    )
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -141,19 +165,24 @@ def test_every_router_gives_weights_on_the_simplex(name, dtype):
 
 # ---------------------------------------------------------------- LD-MoLE closed form (Proposition 1)
 
+
 @pytest.mark.parametrize("E", [2, 3, 5, 6])
 def test_closed_form_equals_exhaustive_qp_solution(E):
     u, lam = random_problem(tokens=60, E=E, seed=E)
     p = sparsegen_route(u, lam)
-    expected = torch.stack([torch.from_numpy(qp_reference(row.numpy(), float(l))) for row, l in zip(u, lam)])
+    expected = torch.stack(
+        [torch.from_numpy(qp_reference(row.numpy(), float(l))) for row, l in zip(u, lam)]
+    )
     torch.testing.assert_close(p, expected, rtol=1e-10, atol=1e-10)
 
 
 def test_closed_form_handles_ties_and_equal_logits():
     u = torch.tensor([[1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 0.0, -5.0]], dtype=torch.float64)
     lam = torch.tensor([[0.5], [0.9]], dtype=torch.float64)
-    torch.testing.assert_close(sparsegen_route(u, lam), torch.tensor([[0.25] * 4, [0.5, 0.5, 0.0, 0.0]],
-                                                                     dtype=torch.float64))
+    torch.testing.assert_close(
+        sparsegen_route(u, lam),
+        torch.tensor([[0.25] * 4, [0.5, 0.5, 0.0, 0.0]], dtype=torch.float64),
+    )
 
 
 def test_every_token_keeps_at_least_one_expert():
@@ -177,8 +206,10 @@ def test_lambda_to_one_gives_one_hot_on_the_top_logit():
 
 def test_number_of_experts_falls_as_lambda_grows():
     u, _ = random_problem(tokens=30, E=6)
-    counts = [(sparsegen_route(u, torch.full((30, 1), lam, dtype=torch.float64)) > 0).sum(-1)
-              for lam in np.linspace(-100, 0.999, 60)]
+    counts = [
+        (sparsegen_route(u, torch.full((30, 1), lam, dtype=torch.float64)) > 0).sum(-1)
+        for lam in np.linspace(-100, 0.999, 60)
+    ]
     assert all((a >= b).all() for a, b in zip(counts, counts[1:]))
     assert (counts[0] == 6).all() and (counts[-1] <= 2).all()
 
@@ -231,15 +262,20 @@ def test_dynamic_router_passes_gradcheck_wrt_input_and_parameters():
 
 # ---------------------------------------------------------------- the lambda head
 
+
 def test_lambda_head_parametrisation_and_init():
     head = LambdaHead(d_in=6, hidden=16, eps=0.01, dtype=torch.float64)
     assert all((linear.bias == LAMBDA_BIAS_INIT).all() for linear in (head.net[0], head.net[2]))
     # x = 0: the ReLU sees only the -2.5 biases, so f(x) = -2.5 and lambda = logsigmoid(-2.5) + 0.99
     lam0 = head(torch.zeros(3, 6, dtype=torch.float64))
-    torch.testing.assert_close(lam0, torch.full((3, 1), math.log(1 / (1 + math.exp(2.5))) + 0.99, dtype=torch.float64))
+    torch.testing.assert_close(
+        lam0, torch.full((3, 1), math.log(1 / (1 + math.exp(2.5))) + 0.99, dtype=torch.float64)
+    )
     with torch.no_grad():
         head.net[2].bias.fill_(1e4)  # logsigmoid -> 0: lambda at its ceiling 1 - eps, never 1
-    torch.testing.assert_close(head(torch.randn(3, 6, dtype=torch.float64)), torch.full((3, 1), 0.99, dtype=torch.float64))
+    torch.testing.assert_close(
+        head(torch.randn(3, 6, dtype=torch.float64)), torch.full((3, 1), 0.99, dtype=torch.float64)
+    )
     half = LambdaHead(d_in=6, hidden=16, eps=0.01, dtype=torch.bfloat16)
     with torch.no_grad():
         half.net[2].bias.fill_(1e4)
@@ -249,8 +285,16 @@ def test_lambda_head_parametrisation_and_init():
 
 def test_lambda_bias_init_sets_every_bias_of_the_head_and_so_lambda_at_init():
     # x = 0: f = relu(b) * sum(W2) + b; with b = 0 that is 0, so lambda = logsigmoid(0) + 0.99 = 0.99 - log 2
-    model = inject(tiny_model("llama"), LMoEConfig(num_experts=4, router="dynamic", target_modules="all-linear",
-                                                   lambda_hidden=8, lambda_bias_init=0.0))
+    model = inject(
+        tiny_model("llama"),
+        LMoEConfig(
+            num_experts=4,
+            router="dynamic",
+            target_modules="all-linear",
+            lambda_hidden=8,
+            lambda_bias_init=0.0,
+        ),
+    )
     heads = {id(m): m for m in model.modules() if isinstance(m, LambdaHead)}.values()
     assert heads and all((lin.bias == 0).all() for h in heads for lin in (h.net[0], h.net[2]))
     head = next(iter(heads)).double()
@@ -262,7 +306,10 @@ def test_lambda_bias_init_sets_every_bias_of_the_head_and_so_lambda_at_init():
 
 def test_inject_shares_one_lambda_head_per_input_width():
     model = tiny_model("llama")
-    inject(model, LMoEConfig(num_experts=4, router="dynamic", target_modules="all-linear", lambda_hidden=8))
+    inject(
+        model,
+        LMoEConfig(num_experts=4, router="dynamic", target_modules="all-linear", lambda_hidden=8),
+    )
     heads = {}
     for _, layer in lmoe_layers(model):
         heads.setdefault(layer.in_features, set()).add(id(layer.router.lambda_head))
@@ -275,7 +322,12 @@ def test_inject_shares_one_lambda_head_per_input_width():
 
 def test_shared_lambda_head_saves_once_and_loads_back(tmp_path, input_ids):
     model = tiny_model("llama")
-    inject(model, LMoEConfig(num_experts=3, router="dynamic", target_modules=["q_proj", "v_proj"], lambda_hidden=8))
+    inject(
+        model,
+        LMoEConfig(
+            num_experts=3, router="dynamic", target_modules=["q_proj", "v_proj"], lambda_hidden=8
+        ),
+    )
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -284,19 +336,25 @@ def test_shared_lambda_head_saves_once_and_loads_back(tmp_path, input_ids):
     ref = model(input_ids).logits
     save_adapter(model, tmp_path)
     from safetensors.torch import load_file
+
     saved = load_file(str(tmp_path / "adapter_model.safetensors"))
-    assert sum("lambda_head" in key for key in saved) == 4  # one head (two Linear layers) for width 32
+    assert (
+        sum("lambda_head" in key for key in saved) == 4
+    )  # one head (two Linear layers) for width 32
     loaded = load_adapter(tiny_model("llama"), tmp_path)
     assert torch.equal(loaded(input_ids).logits, ref)
 
 
 # ---------------------------------------------------------------- auxiliary losses
 
+
 def test_load_balance_loss_hand_computed():
     dispatch = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     probs = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
     # f = (2/3, 1/3) of the three dispatches, P = (0.55, 0.45): 2 * (2/3 * 0.55 + 1/3 * 0.45)
-    torch.testing.assert_close(load_balance_loss(dispatch, probs), torch.tensor(2 * (2 / 3 * 0.55 + 1 / 3 * 0.45)))
+    torch.testing.assert_close(
+        load_balance_loss(dispatch, probs), torch.tensor(2 * (2 / 3 * 0.55 + 1 / 3 * 0.45))
+    )
     balanced = torch.eye(4)
     torch.testing.assert_close(load_balance_loss(balanced, balanced), torch.tensor(1.0))
 
@@ -314,7 +372,10 @@ def test_router_aux_losses_use_the_right_dispatch(name):
     losses = r.aux_losses(routing)
     u = routing.logits
     if name == "softmax":  # a token counts for its top expert, P = softmax
-        dispatch, probs = torch.nn.functional.one_hot(u.argmax(-1), 4).double(), torch.softmax(u, -1)
+        dispatch, probs = (
+            torch.nn.functional.one_hot(u.argmax(-1), 4).double(),
+            torch.softmax(u, -1),
+        )
     elif name == "topk":  # its k experts, P = the full softmax
         dispatch, probs = (routing.weights > 0).double(), torch.softmax(u, -1)
     else:  # LD-MoLE: every expert with g_i > 0, P = g
@@ -339,7 +400,9 @@ def test_topk_computes_its_full_softmax_only_for_the_balance_loss():
     u = r.route(x).logits
     dispatch = (topk_route(u, 2, 2.0) > 0).double()
     eager = 4 * (dispatch.sum(0) / dispatch.sum() * torch.softmax(u / 2.0, -1).mean(0)).sum()
-    torch.testing.assert_close(lazy, torch.autograd.grad(eager, r.weight)[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        lazy, torch.autograd.grad(eager, r.weight)[0], rtol=1e-12, atol=1e-12
+    )
     assert lazy.abs().sum() > 0
 
 
@@ -356,7 +419,9 @@ def test_sparsity_threshold_is_where_the_qp_drops_to_k_experts(k):
 def test_sparsity_loss_value_and_gradient_match_references():
     u, lam = random_problem(tokens=30, E=5, seed=5)
     k = 2
-    thresholds = torch.tensor([[bisect_threshold(row.numpy(), k)] for row in u], dtype=torch.float64)
+    thresholds = torch.tensor(
+        [[bisect_threshold(row.numpy(), k)] for row in u], dtype=torch.float64
+    )
     expected = torch.clamp(thresholds - lam, min=0).mean()
     lam = lam.requires_grad_()
     loss = sparsity_loss(u, lam, k)
@@ -386,7 +451,9 @@ def test_sparsity_loss_trains_only_the_lambda_head_and_matches_finite_difference
     assert torch.autograd.gradcheck(loss, tuple(params), eps=1e-7, atol=1e-6)
     routing = r.route(x)
     r.aux_losses(routing)["sparsity"].backward()
-    assert r.weight.grad is None and r.lambda_head.net[0].weight.grad is not None  # the gate is not pushed by this loss
+    assert (
+        r.weight.grad is None and r.lambda_head.net[0].weight.grad is not None
+    )  # the gate is not pushed by this loss
 
 
 def test_sparsity_loss_is_zero_when_the_target_is_all_experts():
@@ -401,20 +468,38 @@ def test_masked_losses_count_only_the_kept_tokens():
     dispatch, probs = (sparsegen_route(u, lam) > 0).double(), softmax_route(u)
     # hand references on the kept tokens alone
     f = dispatch[keep].sum(0) / dispatch[keep].sum()
-    torch.testing.assert_close(load_balance_loss(pad(dispatch, 1.0), pad(probs, 1.0), keep),
-                               5 * (f * probs[keep].mean(0)).sum())
-    torch.testing.assert_close(z_loss(pad(u, 1e4), keep), (torch.logsumexp(u[keep], -1) ** 2).mean())
-    thresholds = torch.tensor([bisect_threshold(row.numpy(), 2) for row in u[keep]], dtype=torch.float64)
-    torch.testing.assert_close(sparsity_loss(pad(u, 1e4), pad(lam, -50.0), 2, keep),
-                               torch.clamp(thresholds - lam[keep, 0], min=0).mean(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        load_balance_loss(pad(dispatch, 1.0), pad(probs, 1.0), keep),
+        5 * (f * probs[keep].mean(0)).sum(),
+    )
+    torch.testing.assert_close(
+        z_loss(pad(u, 1e4), keep), (torch.logsumexp(u[keep], -1) ** 2).mean()
+    )
+    thresholds = torch.tensor(
+        [bisect_threshold(row.numpy(), 2) for row in u[keep]], dtype=torch.float64
+    )
+    torch.testing.assert_close(
+        sparsity_loss(pad(u, 1e4), pad(lam, -50.0), 2, keep),
+        torch.clamp(thresholds - lam[keep, 0], min=0).mean(),
+        rtol=0,
+        atol=1e-9,
+    )
     none = torch.zeros(30, dtype=torch.bool)  # nothing kept: zero, not NaN
     assert z_loss(u, none) == 0 and load_balance_loss(dispatch, probs, none) == 0
 
 
 def test_aux_loss_weights_each_term_with_its_config_coefficient(input_ids):
     model = tiny_model("llama").train()
-    cfg = LMoEConfig(num_experts=4, router="dynamic", target_modules=["q_proj"], load_balance_coef=0.5,
-                     z_loss_coef=0.1, sparsity_coef=2.0, sparsity_target=1, lambda_hidden=8)
+    cfg = LMoEConfig(
+        num_experts=4,
+        router="dynamic",
+        target_modules=["q_proj"],
+        load_balance_coef=0.5,
+        z_loss_coef=0.1,
+        sparsity_coef=2.0,
+        sparsity_target=1,
+        lambda_hidden=8,
+    )
     inject(model, cfg)
     model(input_ids)
     terms = aux_losses(model)
@@ -425,14 +510,21 @@ def test_aux_loss_weights_each_term_with_its_config_coefficient(input_ids):
 
 def test_dynamic_defaults_are_the_authors_released_settings():
     cfg = LMoEConfig(router="dynamic")
-    assert (cfg.load_balance_coef, cfg.sparsity_coef, cfg.sparsity_target, cfg.lambda_hidden, cfg.lambda_eps) == \
-        (1.0, 0.0, 2, None, 0.01)
+    assert (
+        cfg.load_balance_coef,
+        cfg.sparsity_coef,
+        cfg.sparsity_target,
+        cfg.lambda_hidden,
+        cfg.lambda_eps,
+    ) == (1.0, 0.0, 2, None, 0.01)
     assert LMoEConfig(router="softmax").load_balance_coef == 0.1  # the routing study's choice
     assert LMoEConfig(router="topk").load_balance_coef == 0.01
     assert LMoEConfig.from_json(cfg.to_json()) == cfg
 
 
-@pytest.mark.parametrize("width, hidden", [(1024, 128), (2048, 256), (3072, 256), (576, 64), (64, 32), (16384, 512)])
+@pytest.mark.parametrize(
+    "width, hidden", [(1024, 128), (2048, 256), (3072, 256), (576, 64), (64, 32), (16384, 512)]
+)
 def test_default_lambda_width_follows_the_authors_per_model_configs(width, hidden):
     # eshentw/LD-MoLE conf/model: Qwen3-0.6B (1024) 128, Qwen3-1.7B (2048) 256, Llama-3.2-3B (3072) 256;
     # SmolLM2 (576) gets 64; within 32..512
@@ -445,12 +537,19 @@ def test_inject_fixes_one_lambda_width_for_the_whole_model_and_saves_it(tmp_path
     assert len(widths) > 1  # heads for several input widths, one hidden width
     expected = default_lambda_hidden(min(widths))
     assert model.lmoe_config.lambda_hidden == expected
-    heads = {id(layer.router.lambda_head): layer.router.lambda_head for _, layer in lmoe_layers(model)}
-    assert len(heads) == len(widths) and all(h.net[0].out_features == expected for h in heads.values())
+    heads = {
+        id(layer.router.lambda_head): layer.router.lambda_head for _, layer in lmoe_layers(model)
+    }
+    assert len(heads) == len(widths) and all(
+        h.net[0].out_features == expected for h in heads.values()
+    )
     save_adapter(model, tmp_path)
     loaded = load_adapter(tiny_model("llama"), tmp_path)
     assert loaded.lmoe_config.lambda_hidden == expected
-    explicit = inject(tiny_model("llama"), LMoEConfig(router="dynamic", target_modules="all-linear", lambda_hidden=24))
+    explicit = inject(
+        tiny_model("llama"),
+        LMoEConfig(router="dynamic", target_modules="all-linear", lambda_hidden=24),
+    )
     assert explicit.lmoe_config.lambda_hidden == 24
 
 
@@ -461,7 +560,9 @@ def test_router_init_std_draws_the_gate_from_that_normal(router):
     default = build_router(512, LMoEConfig(num_experts=8, router=router)).effective_weight()
     drawn = build_router(512, LMoEConfig(num_experts=8, router=router, router_init_std=0.3))
     default, drawn = default.detach(), drawn.effective_weight().detach()
-    assert float(default.std()) == pytest.approx(1 / math.sqrt(3 * 512), rel=0.05)  # nn.Linear's uniform
+    assert float(default.std()) == pytest.approx(
+        1 / math.sqrt(3 * 512), rel=0.05
+    )  # nn.Linear's uniform
     assert float(drawn.std()) == pytest.approx(0.3, rel=0.05) and abs(float(drawn.mean())) < 0.02
     # a normal, not a stretched uniform: mass beyond 2 std (uniform: none)
     assert 0.03 < float((drawn.abs() > 0.6).float().mean()) < 0.07

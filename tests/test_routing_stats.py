@@ -1,11 +1,20 @@
 """lmoe.routing_stats against hand-computed distributions and the joint-distribution (KL) form of I(domain; expert)."""
+
 import math
 
 import pytest
 import torch
 
-from lmoe.routing_stats import (entropy_bits, group_by_label, mutual_information, normalised_entropy,
-                                per_token_labels, routing_stats, specialisation, token_statistics)
+from lmoe.routing_stats import (
+    entropy_bits,
+    group_by_label,
+    mutual_information,
+    normalised_entropy,
+    per_token_labels,
+    routing_stats,
+    specialisation,
+    token_statistics,
+)
 
 
 def mi_from_joint(usage: torch.Tensor, tokens: torch.Tensor) -> float:
@@ -13,15 +22,25 @@ def mi_from_joint(usage: torch.Tensor, tokens: torch.Tensor) -> float:
     p_d = tokens.double() / tokens.sum()
     joint = p_d[:, None] * usage.double()
     p_e = joint.sum(0)
-    return sum(joint[d, e].item() * math.log2(joint[d, e].item() / (p_d[d].item() * p_e[e].item()))
-               for d in range(joint.shape[0]) for e in range(joint.shape[1]) if joint[d, e] > 0)
+    return sum(
+        joint[d, e].item() * math.log2(joint[d, e].item() / (p_d[d].item() * p_e[e].item()))
+        for d in range(joint.shape[0])
+        for e in range(joint.shape[1])
+        if joint[d, e] > 0
+    )
 
 
 def test_normalised_entropy_of_known_vectors():
-    g = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0, 0, 0], [0.5, 0.5, 0, 0], [0.7, 0.2, 0.1, 0.0]])
+    g = torch.tensor(
+        [[0.25, 0.25, 0.25, 0.25], [1.0, 0, 0, 0], [0.5, 0.5, 0, 0], [0.7, 0.2, 0.1, 0.0]]
+    )
     hand = -(0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1)) / math.log(4)
     torch.testing.assert_close(normalised_entropy(g), torch.tensor([1.0, 0.0, 0.5, hand]))
-    assert normalised_entropy(torch.ones(3, 1)).tolist() == [0.0, 0.0, 0.0]  # one expert: nothing to choose
+    assert normalised_entropy(torch.ones(3, 1)).tolist() == [
+        0.0,
+        0.0,
+        0.0,
+    ]  # one expert: nothing to choose
 
 
 def test_token_statistics_count_active_experts_entropy_and_confident_tokens():
@@ -29,22 +48,42 @@ def test_token_statistics_count_active_experts_entropy_and_confident_tokens():
     stats = token_statistics(g)
     assert stats[:, 0].tolist() == [2, 2, 3, 1]
     assert stats[:, 2].tolist() == [0, 1, 0, 1]  # top weight strictly above 0.5
-    torch.testing.assert_close(stats[:, 1], torch.tensor([math.log(2) / math.log(3), -(0.6 * math.log(0.6) + 0.4 * math.log(0.4)) / math.log(3), 1, 0]))
+    torch.testing.assert_close(
+        stats[:, 1],
+        torch.tensor(
+            [
+                math.log(2) / math.log(3),
+                -(0.6 * math.log(0.6) + 0.4 * math.log(0.4)) / math.log(3),
+                1,
+                0,
+            ]
+        ),
+    )
 
 
 def test_entropy_bits_of_known_distributions():
     p = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.25, 0.75]])
-    torch.testing.assert_close(entropy_bits(p), torch.tensor([1.0, 0.0, 0.8112781244591328], dtype=torch.float64))
+    torch.testing.assert_close(
+        entropy_bits(p), torch.tensor([1.0, 0.0, 0.8112781244591328], dtype=torch.float64)
+    )
 
 
 def test_mutual_information_of_hand_cases():
     two = torch.tensor([10, 10])
-    assert mutual_information(torch.eye(2), two).item() == pytest.approx(1.0)  # one expert per domain: 1 bit
-    assert mutual_information(torch.full((2, 2), 0.5), two).item() == pytest.approx(0.0, abs=1e-12)  # uniform
+    assert mutual_information(torch.eye(2), two).item() == pytest.approx(
+        1.0
+    )  # one expert per domain: 1 bit
+    assert mutual_information(torch.full((2, 2), 0.5), two).item() == pytest.approx(
+        0.0, abs=1e-12
+    )  # uniform
     same = torch.tensor([[0.9, 0.1], [0.9, 0.1]])
-    assert mutual_information(same, two).item() == pytest.approx(0.0, abs=1e-12)  # alike, though not uniform
+    assert mutual_information(same, two).item() == pytest.approx(
+        0.0, abs=1e-12
+    )  # alike, though not uniform
     # unequal shares, one expert each: I = H(domain) = H(0.25, 0.75)
-    assert mutual_information(torch.eye(2), torch.tensor([1, 3])).item() == pytest.approx(0.8112781244591328)
+    assert mutual_information(torch.eye(2), torch.tensor([1, 3])).item() == pytest.approx(
+        0.8112781244591328
+    )
     assert mutual_information(torch.eye(4), torch.full((4,), 5)).item() == pytest.approx(2.0)
 
 
@@ -54,27 +93,43 @@ def test_mutual_information_matches_the_joint_distribution_form():
         usage = torch.rand(domains, E, generator=gen, dtype=torch.float64) ** 3
         usage /= usage.sum(-1, keepdim=True)
         tokens = torch.randint(1, 50, (domains,), generator=gen)
-        assert mutual_information(usage, tokens).item() == pytest.approx(mi_from_joint(usage, tokens), abs=1e-12)
+        assert mutual_information(usage, tokens).item() == pytest.approx(
+            mi_from_joint(usage, tokens), abs=1e-12
+        )
 
 
 def layers_for(domains_tokens: list[int]) -> dict[str, torch.Tensor]:
     """Two layers for domains a, b: "split" routes a to expert 0 and b to expert 1, "flat" is uniform."""
     a, b = domains_tokens
-    return {"split": torch.cat([torch.tensor([[1.0, 0.0]]).repeat(a, 1), torch.tensor([[0.0, 1.0]]).repeat(b, 1)]),
-            "flat": torch.full((a + b, 2), 0.5)}
+    return {
+        "split": torch.cat(
+            [torch.tensor([[1.0, 0.0]]).repeat(a, 1), torch.tensor([[0.0, 1.0]]).repeat(b, 1)]
+        ),
+        "flat": torch.full((a + b, 2), 0.5),
+    }
 
 
 def test_specialisation_per_layer_and_averaged():
     out = specialisation(layers_for([3, 3]), ["a"] * 3 + ["b"] * 3)
     split, flat = out["layers"]["split"], out["layers"]["flat"]
-    assert split["mutual_information_bits"] == pytest.approx(1.0) and flat["mutual_information_bits"] == 0
+    assert (
+        split["mutual_information_bits"] == pytest.approx(1.0)
+        and flat["mutual_information_bits"] == 0
+    )
     assert (split["routing_entropy"], flat["routing_entropy"]) == (0, 1)
     assert (split["top_weight_over_half"], flat["top_weight_over_half"]) == (1, 0)
     assert (split["mean_active_experts"], flat["mean_active_experts"]) == (1, 2)
     assert split["expert_load"] == split["expert_top1_share"] == [0.5, 0.5]
     assert flat["expert_top1_share"] == [1.0, 0.0]  # ties go to the lowest index
-    assert out["mutual_information_bits"] == pytest.approx(0.5) and out["mutual_information_max_bits"] == 1
-    assert out["routing_entropy"] == 0.5 and out["top_weight_over_half"] == 0.5 and out["mean_active_experts"] == 1.5
+    assert (
+        out["mutual_information_bits"] == pytest.approx(0.5)
+        and out["mutual_information_max_bits"] == 1
+    )
+    assert (
+        out["routing_entropy"] == 0.5
+        and out["top_weight_over_half"] == 0.5
+        and out["mean_active_experts"] == 1.5
+    )
     assert out["tokens"] == {"a": 3, "b": 3}
     assert out["groups"]["a"]["expert_usage"] == [0.75, 0.25]  # mean over the two layers
 
@@ -86,7 +141,9 @@ def test_specialisation_weighs_domains_by_their_tokens():
 
 
 def test_confident_tokens_that_average_to_uniform_carry_no_domain_information():
-    g = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])  # each domain: half on each expert
+    g = torch.tensor(
+        [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]
+    )  # each domain: half on each expert
     layer = specialisation({"l": g}, ["a", "a", "b", "b"])["layers"]["l"]
     assert layer["mutual_information_bits"] == 0 and layer["routing_entropy"] == 0
 

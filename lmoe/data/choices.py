@@ -16,6 +16,7 @@ or as plain text (prompt, then " " + answer: what lm-eval scores, for published 
   trains on the gold choice's text, cloze's target, which any model can learn from; letter targets (LD-MoLE's
   recipe) are one `mc.protocol=letter` away.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,12 +45,22 @@ class MultipleChoice:
 
     def __post_init__(self) -> None:
         if self.protocol not in (AUTO, *PROTOCOLS):
-            raise ValueError(f"mc.protocol={self.protocol!r} is invalid: expected one of "
-                             f"{', '.join((AUTO, *PROTOCOLS))}.")
+            raise ValueError(
+                f"mc.protocol={self.protocol!r} is invalid: expected one of "
+                f"{', '.join((AUTO, *PROTOCOLS))}."
+            )
         if self.template not in TEMPLATES:
-            raise ValueError(f"mc.template={self.template!r} is invalid: expected one of {', '.join(TEMPLATES)}.")
-        if not isinstance(self.test_items, int) or isinstance(self.test_items, bool) or self.test_items < 0:
-            raise ValueError(f"mc.test_items={self.test_items!r} is invalid: expected an integer >= 0 (0 = all).")
+            raise ValueError(
+                f"mc.template={self.template!r} is invalid: expected one of {', '.join(TEMPLATES)}."
+            )
+        if (
+            not isinstance(self.test_items, int)
+            or isinstance(self.test_items, bool)
+            or self.test_items < 0
+        ):
+            raise ValueError(
+                f"mc.test_items={self.test_items!r} is invalid: expected an integer >= 0 (0 = all)."
+            )
 
     def scored(self) -> list[MultipleChoice]:
         """The protocols a question is scored by, one each: auto gives letter and cloze."""
@@ -76,12 +87,21 @@ def choice_record(row: dict, domain: str, where: str) -> dict:
         if not 0 <= gold < len(choices):
             raise ValueError(f"answer index {gold} out of range")
     except (KeyError, ValueError, TypeError) as err:
-        raise ValueError(f"{where}: expected {{\"question\": str, \"choices\": [str, ...], \"answer\": index or one "
-                         f"of the choices}} ({err}).") from err
+        raise ValueError(
+            f'{where}: expected {{"question": str, "choices": [str, ...], "answer": index or one '
+            f"of the choices}} ({err})."
+        ) from err
     if len(choices) > len(LETTERS):
-        raise ValueError(f"{where}: {len(choices)} choices; the letter protocol names at most {len(LETTERS)}.")
-    return {"question": question, "choices": choices, "gold": gold, "domain": str(row.get("domain") or domain),
-            "where": where}
+        raise ValueError(
+            f"{where}: {len(choices)} choices; the letter protocol names at most {len(LETTERS)}."
+        )
+    return {
+        "question": question,
+        "choices": choices,
+        "gold": gold,
+        "domain": str(row.get("domain") or domain),
+        "where": where,
+    }
 
 
 def letter_prompt(record: dict) -> str:
@@ -90,13 +110,17 @@ def letter_prompt(record: dict) -> str:
 
 
 def prompt_text(record: dict, fmt: MultipleChoice) -> str:
-    return letter_prompt(record) if fmt.protocol == "letter" else record.get("cloze", record["question"])
+    return (
+        letter_prompt(record)
+        if fmt.protocol == "letter"
+        else record.get("cloze", record["question"])
+    )
 
 
 def answers(record: dict, fmt: MultipleChoice) -> list[str]:
     """What the model may answer, one per choice: the letters, or the choice texts."""
     if fmt.protocol == "letter":
-        return list(LETTERS[:len(record["choices"])])
+        return list(LETTERS[: len(record["choices"])])
     return record.get("cloze_choices", record["choices"])
 
 
@@ -118,7 +142,9 @@ def training_record(record: dict, fmt: MultipleChoice) -> dict:
     return {"segments": [(prompt, False), (" " + answer, True)], "domain": record["domain"]}
 
 
-def encode_questions(tokenizer, records: list[dict], fmt: MultipleChoice, max_length: int) -> list[Example]:
+def encode_questions(
+    tokenizer, records: list[dict], fmt: MultipleChoice, max_length: int
+) -> list[Example]:
     """Training examples of question records; a long one loses the beginning of its prompt, never its answer
     (the answer ends the example). Warns once how many were cut."""
     examples, cut = [], 0
@@ -127,9 +153,13 @@ def encode_questions(tokenizer, records: list[dict], fmt: MultipleChoice, max_le
         cut += len(ex.input_ids) > max_length
         examples.append(Example(ex.input_ids[-max_length:], ex.labels[-max_length:], ex.domain))
     if cut:
-        log.warning("lmoe: %d of %d multiple-choice training examples were longer than max_length=%d tokens; their "
-                    "prompt's beginning was cut (the answers are whole). Raise max_length to keep them.",
-                    cut, len(records), max_length)
+        log.warning(
+            "lmoe: %d of %d multiple-choice training examples were longer than max_length=%d tokens; their "
+            "prompt's beginning was cut (the answers are whole). Raise max_length to keep them.",
+            cut,
+            len(records),
+            max_length,
+        )
     return examples
 
 
@@ -137,15 +167,19 @@ def request(tokenizer, record: dict, fmt: MultipleChoice) -> tuple[list[int], li
     """(prompt token ids, token ids of each answer), each piece tokenised on its own as training does.
     Letter answers keep only the tokens that tell them apart (see distinct_heads)."""
     if fmt.protocol == AUTO:
-        raise ValueError("lmoe.data.choices.request scores one protocol at a time: pass each of fmt.scored().")
+        raise ValueError(
+            "lmoe.data.choices.request scores one protocol at a time: pass each of fmt.scored()."
+        )
     prefix, continuations = None, []
     for answer in answers(record, fmt):
         pieces = segments(tokenizer, record, fmt, answer)
         head = "".join(text for text, is_answer in pieces if not is_answer)
         tail = "".join(text for text, is_answer in pieces if is_answer)
         if prefix is not None and head != prefix:
-            raise ValueError(f"{record['where']}: the chat template renders the prompt differently per answer; "
-                             "multiple-choice scoring needs one prompt shared by all choices.")
+            raise ValueError(
+                f"{record['where']}: the chat template renders the prompt differently per answer; "
+                "multiple-choice scoring needs one prompt shared by all choices."
+            )
         prefix = head
         continuations.append(tokenizer(tail, add_special_tokens=False)["input_ids"])
     if fmt.protocol == "letter":
@@ -160,24 +194,33 @@ def distinct_heads(continuations: list[list[int]], where: str) -> list[list[int]
         heads = [c[:k] for c in continuations]
         if len({tuple(h) for h in heads}) == len(heads):
             return heads
-    raise ValueError(f"{where}: two option letters tokenise alike; use mc.protocol=cloze with this tokenizer.")
+    raise ValueError(
+        f"{where}: two option letters tokenise alike; use mc.protocol=cloze with this tokenizer."
+    )
 
 
-def fit(prefix: list[int], continuations: list[list[int]], max_length: int, where: str) -> list[int]:
+def fit(
+    prefix: list[int], continuations: list[list[int]], max_length: int, where: str
+) -> list[int]:
     """The prompt, cut from the left so that it and the longest answer fit max_length tokens; answers are
     never cut. An answer that leaves no room for a prompt token is an error naming the question."""
     longest = max(len(c) for c in continuations)
     if not prefix or not all(continuations):
-        raise ValueError(f"{where}: the question or a choice renders to no tokens; give it some text.")
+        raise ValueError(
+            f"{where}: the question or a choice renders to no tokens; give it some text."
+        )
     if longest >= max_length:
-        raise ValueError(f"{where}: a choice is {longest} tokens, which leaves no room for the question within "
-                         f"max_length={max_length}; raise max_length (or shorten the choice).")
+        raise ValueError(
+            f"{where}: a choice is {longest} tokens, which leaves no room for the question within "
+            f"max_length={max_length}; raise max_length (or shorten the choice)."
+        )
     room = max_length - longest
     return prefix[-room:] if len(prefix) > room else prefix
 
 
-def requests(tokenizer, records: list[dict], fmt: MultipleChoice, max_length: int
-             ) -> list[tuple[list[int], list[list[int]]]]:
+def requests(
+    tokenizer, records: list[dict], fmt: MultipleChoice, max_length: int
+) -> list[tuple[list[int], list[list[int]]]]:
     """Every question's request, fitted to max_length; warns once how many prompts lost their beginning."""
     out, cut = [], 0
     for record in records:
@@ -186,7 +229,11 @@ def requests(tokenizer, records: list[dict], fmt: MultipleChoice, max_length: in
         cut += len(fitted) < len(prefix)
         out.append((fitted, continuations))
     if cut:
-        log.warning("lmoe: %d of %d multiple-choice prompts were longer than max_length=%d tokens with their "
-                    "answer; their beginning was cut (the answers are whole). Raise max_length to keep them.",
-                    cut, len(records), max_length)
+        log.warning(
+            "lmoe: %d of %d multiple-choice prompts were longer than max_length=%d tokens with their "
+            "answer; their beginning was cut (the answers are whole). Raise max_length to keep them.",
+            cut,
+            len(records),
+            max_length,
+        )
     return out

@@ -5,6 +5,7 @@ A record is {"messages": [{"role", "content"}, ...], "domain": str}, {"text": st
 Records become Examples (token ids + labels, -100 where no loss) with the tokenizer's chat template, and
 Examples become length-bucketed padded batches.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,8 +20,10 @@ log = logging.getLogger(__name__)
 
 IGNORE = -100  # label of tokens without loss (prompt, padding)
 # Used only when a tokenizer has no chat template of its own (e.g. a base GPT-2).
-FALLBACK_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                     "{% if add_generation_prompt %}assistant: {% endif %}")
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
 
 
 @dataclass
@@ -53,12 +56,16 @@ def chat_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+        prompt = tokenizer.apply_chat_template(
+            messages[:i], tokenize=False, add_generation_prompt=True
+        )
+        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise ValueError("The chat template does not render conversations prefix by prefix; "
-                             "answer-only labels need a template where each turn appends text.")
-        segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
+            raise ValueError(
+                "The chat template does not render conversations prefix by prefix; "
+                "answer-only labels need a template where each turn appends text."
+            )
+        segments += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
         done = full
     return [(text, is_answer) for text, is_answer in segments if text]
 
@@ -74,9 +81,13 @@ def encode(tokenizer, record: dict) -> Example:
             ids = ids + [tokenizer.eos_token_id]
         return Example(ids, list(ids), record["domain"])
     if "choices" in record:
-        raise ValueError(f"{record['where']}: a multiple-choice question trains through "
-                         "lmoe.data.choices.training_record(record, MultipleChoice(...)), which picks its prompt protocol.")
-    pieces = record["segments"] if "segments" in record else chat_segments(tokenizer, record["messages"])
+        raise ValueError(
+            f"{record['where']}: a multiple-choice question trains through "
+            "lmoe.data.choices.training_record(record, MultipleChoice(...)), which picks its prompt protocol."
+        )
+    pieces = (
+        record["segments"] if "segments" in record else chat_segments(tokenizer, record["messages"])
+    )
     input_ids, labels = [], []
     for text, is_answer in pieces:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -99,13 +110,19 @@ def encode_all(tokenizer, records: Iterable[dict], max_length: int) -> list[Exam
         if keep:
             examples.append(ex)
     if cut:
-        log.warning("lmoe: %d of %d examples were longer than max_length=%d tokens and were truncated (%d of them "
-                    "lost their whole answer and were left out); raise max_length to keep them whole.",
-                    cut, total, max_length, dropped)
+        log.warning(
+            "lmoe: %d of %d examples were longer than max_length=%d tokens and were truncated (%d of them "
+            "lost their whole answer and were left out); raise max_length to keep them whole.",
+            cut,
+            total,
+            max_length,
+            dropped,
+        )
     return examples
 
 
 # ---------------------------------------------------------------- batches
+
 
 def collate(examples: list[Example], pad_id: int, left: bool = False) -> dict[str, Tensor]:
     """Right-padded (left=True: left-padded) input_ids (batch, T), labels (batch, T) with IGNORE
@@ -123,7 +140,9 @@ def collate(examples: list[Example], pad_id: int, left: bool = False) -> dict[st
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def bucketed_batches(examples: list[Example], batch_size: int, seed: int, pool: int = 32) -> list[list[int]]:
+def bucketed_batches(
+    examples: list[Example], batch_size: int, seed: int, pool: int = 32
+) -> list[list[int]]:
     """One epoch of batches (lists of example indices): shuffle, sort by length within pools of
     pool*batch_size examples so a batch holds similar lengths (little padding), then shuffle the batches."""
     rng = random.Random(seed)
@@ -131,17 +150,23 @@ def bucketed_batches(examples: list[Example], batch_size: int, seed: int, pool: 
     rng.shuffle(order)
     batches = []
     for start in range(0, len(order), pool * batch_size):
-        chunk = sorted(order[start:start + pool * batch_size], key=lambda i: len(examples[i].input_ids))
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        chunk = sorted(
+            order[start : start + pool * batch_size], key=lambda i: len(examples[i].input_ids)
+        )
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
 
 
-def batch_stream(examples: list[Example], batch_size: int, seed: int, start: int = 0) -> Iterator[list[Example]]:
+def batch_stream(
+    examples: list[Example], batch_size: int, seed: int, start: int = 0
+) -> Iterator[list[Example]]:
     """Endless batches, epoch after epoch (epoch e shuffled with seed + e), from batch number `start` on,
     so a resumed run sees exactly the batches the uninterrupted run would have."""
     if not examples:
-        raise ValueError("No training examples: the data is empty or every example lacks answer tokens.")
+        raise ValueError(
+            "No training examples: the data is empty or every example lacks answer tokens."
+        )
     per_epoch = len(bucketed_batches(examples, batch_size, seed))
     epoch, skip = divmod(start, per_epoch)
     while True:

@@ -1,5 +1,6 @@
 """Records from user files: JSONL (prompt/completion, messages, text, or a multiple-choice row), CSV, JSON or
 Parquet, each row checked and normalised, a bad one named by file and line."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,9 @@ from .choices import choice_record
 from .encoding import chat
 
 
-def read_records(path: str | Path, domain: str | None = None,
-                 group: str | None = None) -> list[dict]:
+def read_records(
+    path: str | Path, domain: str | None = None, group: str | None = None
+) -> list[dict]:
     """Records from JSONL (prompt/completion, messages or text), or CSV/JSON/Parquet (`datasets`).
 
     Each record's "domain" (what evaluation and analysis group by) is the row's value of the key
@@ -26,12 +28,17 @@ def read_records(path: str | Path, domain: str | None = None,
     elif path.suffix in (".csv", ".json", ".parquet"):
         rows = _read_with_datasets(path)
     else:
-        raise ValueError(f"Data file {path}: expected .jsonl, .csv, .json or .parquet, got {path.suffix or 'no suffix'}.")
-    records = [to_record(grouped(row, group, f"{path}:{i}"), domain, f"{path}:{i}")
-               for i, row in rows]
+        raise ValueError(
+            f"Data file {path}: expected .jsonl, .csv, .json or .parquet, got {path.suffix or 'no suffix'}."
+        )
+    records = [
+        to_record(grouped(row, group, f"{path}:{i}"), domain, f"{path}:{i}") for i, row in rows
+    ]
     if not records:
-        raise ValueError(f"Data file {path} holds no records; add one per line, e.g. "
-                         '{"prompt": "...", "completion": "..."}, {"messages": [...]} or {"text": "..."}.')
+        raise ValueError(
+            f"Data file {path} holds no records; add one per line, e.g. "
+            '{"prompt": "...", "completion": "..."}, {"messages": [...]} or {"text": "..."}.'
+        )
     return records
 
 
@@ -43,13 +50,18 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}); "
-                                 "each line must be one JSON object.") from err
+                raise ValueError(
+                    f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}); "
+                    "each line must be one JSON object."
+                ) from err
             yield number, row
 
 
 def _read_with_datasets(path: Path) -> Iterator[tuple[int, dict]]:
-    from datasets import load_dataset  # imported here: slow to import, and only these formats need it
+    from datasets import (
+        load_dataset,
+    )  # imported here: slow to import, and only these formats need it
+
     kind = {".csv": "csv", ".json": "json", ".parquet": "parquet"}[path.suffix]
     table = load_dataset(kind, data_files=str(path), split="train")
     for number, row in enumerate(table, start=1):
@@ -63,8 +75,10 @@ def grouped(row: object, group: str | None, where: str) -> object:
         return row
     value = row.get(group)
     if value is None or value == "":
-        raise ValueError(f"{where}: no {group!r} key to group by (--group / eval_group={group}); "
-                         "give every row one, or group by another key.")
+        raise ValueError(
+            f"{where}: no {group!r} key to group by (--group / eval_group={group}); "
+            "give every row one, or group by another key."
+        )
     return {**row, "domain": str(value)}
 
 
@@ -78,17 +92,31 @@ def to_record(row: object, domain: str, where: str) -> dict:
     domain = str(row.get("domain") or domain)
     if "messages" in row:
         messages = row["messages"]
-        ok = isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages)
+        ok = (
+            isinstance(messages, list)
+            and messages
+            and all(
+                isinstance(m, dict)
+                and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)
+                for m in messages
+            )
+        )
         if not ok or not any(m["role"] == "assistant" for m in messages):
-            raise ValueError(f"{where}: 'messages' must be a list of {{'role', 'content'}} strings "
-                             "with at least one assistant turn.")
-        return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages], "domain": domain}
+            raise ValueError(
+                f"{where}: 'messages' must be a list of {{'role', 'content'}} strings "
+                "with at least one assistant turn."
+            )
+        return {
+            "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+            "domain": domain,
+        }
     if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
         return {"messages": chat(row["prompt"], row["completion"]), "domain": domain}
     if isinstance(row.get("text"), str):
         return {"text": row["text"], "domain": domain}
-    raise ValueError(f"{where}: expected keys prompt+completion, messages, or text (strings), "
-                     "or question+choices+answer; "
-                     f"got {sorted(row)}.")
+    raise ValueError(
+        f"{where}: expected keys prompt+completion, messages, or text (strings), "
+        "or question+choices+answer; "
+        f"got {sorted(row)}."
+    )

@@ -3,18 +3,23 @@
 Each skill draws a random instance and returns (key, prompt, answer). A hash of the key decides the
 split, so train and test never share an instance, whatever the seed or the sizes asked for.
 """
+
 from __future__ import annotations
 
 import random
 
 from .splits import held_out
 
-WORDS = ("apple river stone cloud tiger green paper music window garden bread horse silver candle "
-         "forest summer winter yellow planet doctor orange bottle castle rocket pencil mirror dragon "
-         "island butter rabbit jacket hammer violin spider carpet banana ladder pillow basket lemon "
-         "anchor tomato camera wallet button pepper monkey kettle saddle magnet velvet").split()
-ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen " \
-       "sixteen seventeen eighteen nineteen".split()
+WORDS = (
+    "apple river stone cloud tiger green paper music window garden bread horse silver candle "
+    "forest summer winter yellow planet doctor orange bottle castle rocket pencil mirror dragon "
+    "island butter rabbit jacket hammer violin spider carpet banana ladder pillow basket lemon "
+    "anchor tomato camera wallet button pepper monkey kettle saddle magnet velvet"
+).split()
+ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen".split()
+)
 TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 TEST_FRACTION = 0.2
 
@@ -42,18 +47,30 @@ def number_words(rng: random.Random) -> tuple[str, str, str]:
 def sort(rng: random.Random) -> tuple[str, str, str]:
     numbers = rng.sample(range(1, 100), rng.randint(3, 5))
     listed = ", ".join(map(str, numbers))
-    return listed, f"Sort these numbers from smallest to largest: {listed}", ", ".join(map(str, sorted(numbers)))
+    return (
+        listed,
+        f"Sort these numbers from smallest to largest: {listed}",
+        ", ".join(map(str, sorted(numbers))),
+    )
 
 
 def reverse_words(rng: random.Random) -> tuple[str, str, str]:
     words = rng.sample(WORDS, rng.randint(3, 4))
-    return " ".join(words), f"Reverse the order of these words: {' '.join(words)}", " ".join(reversed(words))
+    return (
+        " ".join(words),
+        f"Reverse the order of these words: {' '.join(words)}",
+        " ".join(reversed(words)),
+    )
 
 
 def count_letters(rng: random.Random) -> tuple[str, str, str]:
     word = rng.choice(WORDS)
     letter = rng.choice(sorted(set(word)))
-    return f"{word}/{letter}", f"How many times does the letter '{letter}' appear in '{word}'?", str(word.count(letter))
+    return (
+        f"{word}/{letter}",
+        f"How many times does the letter '{letter}' appear in '{word}'?",
+        str(word.count(letter)),
+    )
 
 
 SKILLS = {f.__name__: f for f in (add, number_words, sort, reverse_words, count_letters)}
@@ -63,12 +80,16 @@ def generate(skill: str, n: int, split: str, seed: int) -> list[tuple[str, str]]
     """n distinct (prompt, answer) pairs of the skill on the given side ("train" or "test")."""
     draw, rng = SKILLS[skill], random.Random(f"{seed}/{skill}/{split}")
     items: dict[str, tuple[str, str]] = {}
-    for _ in range(200 * n + 1000):  # the smallest skill space (count_letters) holds a few hundred keys
+    for _ in range(
+        200 * n + 1000
+    ):  # the smallest skill space (count_letters) holds a few hundred keys
         if len(items) == n:
             break
         key, prompt, answer = draw(rng)
         if held_out(f"{skill}/{key}", TEST_FRACTION) == (split == "test"):
             items.setdefault(key, (prompt, answer))
     if len(items) < n:
-        raise ValueError(f"Skill {skill!r} has only {len(items)} distinct {split} items; ask for fewer than {n}.")
+        raise ValueError(
+            f"Skill {skill!r} has only {len(items)} distinct {split} items; ask for fewer than {n}."
+        )
     return list(items.values())

@@ -1,5 +1,6 @@
 """Deterministic train/test splits by a stable hash of an item's key (not Python's salted hash), so every
 machine and every run draws the same, disjoint sides: built-in skills, corpus pairs and benchmarks alike."""
+
 from __future__ import annotations
 
 import hashlib

@@ -6,6 +6,7 @@ only every answer token (labels != -100), gives one routing vector g (E,) per la
 for a token when g_i > 0: always all E for softmax, k for top-k, a learned, varying number for LD-MoLE.
 The statistics themselves are pure maths in lmoe.routing_stats.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,15 +28,25 @@ from .generation import logits_to_keep
 from .progress import phase
 
 SUMMARY_FILE = "routing_summary.json"
-PLOT_FILES = {"load": "layer_expert_load.png", "active": "active_experts.png", "groups": "skill_expert_usage.png",
-              "specialisation": "specialisation_by_layer.png", "experts_per_layer": "experts_per_token_by_layer.png"}
+PLOT_FILES = {
+    "load": "layer_expert_load.png",
+    "active": "active_experts.png",
+    "groups": "skill_expert_usage.png",
+    "specialisation": "specialisation_by_layer.png",
+    "experts_per_layer": "experts_per_token_by_layer.png",
+}
 TOKENS = {"all": "every real (unpadded) token", "answer": "answer tokens only (labels != -100)"}
 
 
 # ---------------------------------------------------------------- collecting routing weights
 
-def collect_routing(model: nn.Module, batches_by_name: Mapping[str, Iterable],
-                    tokens: str = "all", progress: bool = True) -> dict[str, dict[str, Tensor]]:
+
+def collect_routing(
+    model: nn.Module,
+    batches_by_name: Mapping[str, Iterable],
+    tokens: str = "all",
+    progress: bool = True,
+) -> dict[str, dict[str, Tensor]]:
     """group name -> layer name -> (tokens, E) float32 CPU routing weights of the group's real tokens
     (tokens="all") or of its answer tokens (tokens="answer": where the batch's labels are not -100).
 
@@ -44,7 +55,9 @@ def collect_routing(model: nn.Module, batches_by_name: Mapping[str, Iterable],
     progress: a bar (or lines) on stderr, counting batches.
     """
     if tokens not in TOKENS:
-        raise ValueError(f"collect_routing: tokens={tokens!r}; expected one of {', '.join(TOKENS)}.")
+        raise ValueError(
+            f"collect_routing: tokens={tokens!r}; expected one of {', '.join(TOKENS)}."
+        )
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -59,8 +72,13 @@ def collect_routing(model: nn.Module, batches_by_name: Mapping[str, Iterable],
     return out
 
 
-def _route_group(model: nn.Module, batches: list, device: torch.device, answers: bool,
-                 update: Callable[[int], None]) -> dict[str, Tensor]:
+def _route_group(
+    model: nn.Module,
+    batches: list,
+    device: torch.device,
+    answers: bool,
+    update: Callable[[int], None],
+) -> dict[str, Tensor]:
     keep = []  # per batch: which of its real tokens count, in the record's order (row-major, padding left out)
     with record_routing(model) as rec, torch.no_grad():  # the record leaves padding out
         for batch in batches:
@@ -68,17 +86,24 @@ def _route_group(model: nn.Module, batches: list, device: torch.device, answers:
             mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
             mask = torch.ones_like(ids) if mask is None else mask
             # the routing is all that is read: the vocabulary projection runs for one position
-            model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                  **logits_to_keep(model, 1))
+            model(
+                input_ids=ids.to(device), attention_mask=mask.to(device), **logits_to_keep(model, 1)
+            )
             update(1)
-            keep.append(_answer_tokens(batch, mask) if answers else torch.ones(int(mask.bool().sum()), dtype=torch.bool))
+            keep.append(
+                _answer_tokens(batch, mask)
+                if answers
+                else torch.ones(int(mask.bool().sum()), dtype=torch.bool)
+            )
         keep = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.bool)
         weights = {}
         for layer in rec:
             g = rec[layer].float().cpu()
             if g.shape[0] != len(keep):
-                raise RuntimeError(f"Layer {layer} routed {g.shape[0]} tokens for {len(keep)} real input tokens; "
-                                   "analysis needs each mixture layer to run once per forward.")
+                raise RuntimeError(
+                    f"Layer {layer} routed {g.shape[0]} tokens for {len(keep)} real input tokens; "
+                    "analysis needs each mixture layer to run once per forward."
+                )
             weights[layer] = g[keep]
     return weights
 
@@ -86,12 +111,16 @@ def _route_group(model: nn.Module, batches: list, device: torch.device, answers:
 def _answer_tokens(batch, mask: Tensor) -> Tensor:
     """(real tokens,) bool: which real tokens of the batch are answer tokens."""
     if not isinstance(batch, Mapping) or "labels" not in batch:
-        raise ValueError("collect_routing(tokens='answer') needs batches with \"labels\" (e.g. from "
-                         "batches_by_domain / lmoe.data.encoding.collate); use tokens='all' for bare input_ids.")
+        raise ValueError(
+            "collect_routing(tokens='answer') needs batches with \"labels\" (e.g. from "
+            "batches_by_domain / lmoe.data.encoding.collate); use tokens='all' for bare input_ids."
+        )
     return (batch["labels"] != IGNORE)[mask.bool()].cpu()
 
 
-def batches_by_domain(examples: list[Example], pad_id: int, batch_size: int = 16) -> dict[str, list[dict]]:
+def batches_by_domain(
+    examples: list[Example], pad_id: int, batch_size: int = 16
+) -> dict[str, list[dict]]:
     """Group encoded examples by their domain (skill, conversation domain or the group key's
     value) into padded batches of similar lengths (the statistics do not depend on the order)."""
     groups: dict[str, list[Example]] = {}
@@ -99,25 +128,39 @@ def batches_by_domain(examples: list[Example], pad_id: int, batch_size: int = 16
         groups.setdefault(ex.domain, []).append(ex)
     for exs in groups.values():
         exs.sort(key=lambda ex: len(ex.input_ids))
-    return {name: [collate(exs[i:i + batch_size], pad_id) for i in range(0, len(exs), batch_size)]
-            for name, exs in groups.items()}
+    return {
+        name: [collate(exs[i : i + batch_size], pad_id) for i in range(0, len(exs), batch_size)]
+        for name, exs in groups.items()
+    }
 
 
-def held_out_batches(tokenizer, mixture: Mixture | None = None, max_length: int = 128) -> dict[str, list[dict]]:
+def held_out_batches(
+    tokenizer, mixture: Mixture | None = None, max_length: int = 128
+) -> dict[str, list[dict]]:
     """The built-in mixture's held-out skill items and conversations, batched per skill / domain."""
     mixture = Mixture() if mixture is None else mixture
-    examples = encode_all(tokenizer, mixture.skill_items("test") + mixture.conversations("test"), max_length)
+    examples = encode_all(
+        tokenizer, mixture.skill_items("test") + mixture.conversations("test"), max_length
+    )
     return batches_by_domain(examples, tokenizer.pad_token_id)
 
 
 # ---------------------------------------------------------------- statistics
 
-def routing_summary(model: nn.Module, batches_by_name: Mapping[str, Iterable], tokens: str = "answer") -> dict:
+
+def routing_summary(
+    model: nn.Module, batches_by_name: Mapping[str, Iterable], tokens: str = "answer"
+) -> dict:
     """The JSON-ready statistics (lmoe.routing_stats.summary) of the groups' routing, with the tokens used."""
-    return {"tokens_used": TOKENS[tokens], **summary(routing_stats(collect_routing(model, batches_by_name, tokens)))}
+    return {
+        "tokens_used": TOKENS[tokens],
+        **summary(routing_stats(collect_routing(model, batches_by_name, tokens))),
+    }
 
 
-def held_out_specialisation(model: nn.Module, tokenizer, mixture: Mixture | None = None, max_length: int = 128) -> dict:
+def held_out_specialisation(
+    model: nn.Module, tokenizer, mixture: Mixture | None = None, max_length: int = 128
+) -> dict:
     """routing_summary on the answer tokens of the built-in mixture's held-out data, grouped by skill/domain:
     the routing entropy, I(domain; expert), top weight > 0.5 share, active experts and load, per layer."""
     return routing_summary(model, held_out_batches(tokenizer, mixture, max_length), "answer")
@@ -131,11 +174,14 @@ def mean_active_experts(model: nn.Module, batches: Iterable) -> dict[str, float]
 
 # ---------------------------------------------------------------- plots
 
+
 def short_layer_names(names: list[str]) -> list[str]:
-    """"model.layers.3.self_attn.q_proj" -> "3.q_proj", or "3.self_attn.q_proj" where the short form clashes."""
+    """ "model.layers.3.self_attn.q_proj" -> "3.q_proj", or "3.self_attn.q_proj" where the short form clashes."""
     parts = []
     for name in names:
-        block = re.search(r"(?:^|\.)(\d+)\.(.+)$", name)  # the first block number and what follows it
+        block = re.search(
+            r"(?:^|\.)(\d+)\.(.+)$", name
+        )  # the first block number and what follows it
         parts.append((block.group(1) + ".", block.group(2)) if block else ("", name))
     short = [block + tail.rsplit(".", 1)[-1] for block, tail in parts]
     return short if len(set(short)) == len(short) else [block + tail for block, tail in parts]
@@ -147,8 +193,15 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _heatmap(fig: Figure, ax, values: Tensor, label: str, rows: list[str], columns: list[str],
-             top: float | None = None) -> None:
+def _heatmap(
+    fig: Figure,
+    ax,
+    values: Tensor,
+    label: str,
+    rows: list[str],
+    columns: list[str],
+    top: float | None = None,
+) -> None:
     """values (rows, columns) as colours with a colour bar from 0 to top (default: the values' range); long
     label lists are thinned to stay readable."""
     scale = {} if top is None else {"vmin": 0.0, "vmax": max(top, float(values.max()))}
@@ -156,8 +209,12 @@ def _heatmap(fig: Figure, ax, values: Tensor, label: str, rows: list[str], colum
     step = max(1, len(rows) // 30)
     ax.set_yticks(range(0, len(rows), step), rows[::step], fontsize=8 if len(rows) > 12 else 9)
     step = max(1, len(columns) // 50)
-    ax.set_xticks(range(0, len(columns), step), columns[::step], fontsize=7 if len(columns) > 12 else 9,
-                  rotation=90 if max(map(len, columns)) > 3 else 0)
+    ax.set_xticks(
+        range(0, len(columns), step),
+        columns[::step],
+        fontsize=7 if len(columns) > 12 else 9,
+        rotation=90 if max(map(len, columns)) > 3 else 0,
+    )
     fig.colorbar(im, ax=ax, label=label)
 
 
@@ -170,9 +227,20 @@ def plot_layer_load(stats: RoutingStats, path: Path) -> None:
     """Heatmap: mean routing weight of every expert (rows) in every layer (columns)."""
     fig = _new_figure(_layers_width(len(stats.layers)), max(3.5, 0.3 * stats.num_experts + 2.5))
     ax = fig.add_subplot()
-    _heatmap(fig, ax, stats.load.T, "mean routing weight", [str(i) for i in range(stats.num_experts)],
-             short_layer_names(stats.layers), 2 / stats.num_experts)
-    ax.set(xlabel="layer", ylabel="expert", title=f"Expert load per layer ({sum(stats.tokens.values())} tokens)")
+    _heatmap(
+        fig,
+        ax,
+        stats.load.T,
+        "mean routing weight",
+        [str(i) for i in range(stats.num_experts)],
+        short_layer_names(stats.layers),
+        2 / stats.num_experts,
+    )
+    ax.set(
+        xlabel="layer",
+        ylabel="expert",
+        title=f"Expert load per layer ({sum(stats.tokens.values())} tokens)",
+    )
     fig.savefig(path)
 
 
@@ -180,17 +248,35 @@ def plot_active_experts(stats: RoutingStats, path: Path) -> None:
     """Histogram of active experts per token: pooled over layers, and per layer as a heatmap with the mean."""
     E, ks = stats.num_experts, list(range(1, stats.num_experts + 1))
     fig = _new_figure(_layers_width(len(stats.layers)) + 4, max(4.0, 0.3 * E + 2.5))
-    left, right = fig.subplots(1, 2, width_ratios=[1, max(1.5, _layers_width(len(stats.layers)) / 4)])
+    left, right = fig.subplots(
+        1, 2, width_ratios=[1, max(1.5, _layers_width(len(stats.layers)) / 4)]
+    )
     mean = stats.mean_active.mean().item()
     left.bar(ks, stats.active_hist.mean(0).numpy(), color="tab:blue")
     left.axvline(mean, color="tab:red", linestyle="--", label=f"mean {mean:.2f}")
-    left.set(xticks=ks, xlabel="active experts per token", ylabel="share of tokens (all layers)",
-             title="Active experts per token")
+    left.set(
+        xticks=ks,
+        xlabel="active experts per token",
+        ylabel="share of tokens (all layers)",
+        title="Active experts per token",
+    )
     left.legend()
-    _heatmap(fig, right, stats.active_hist.T.flip(0), "share of tokens", [str(k) for k in reversed(ks)],
-             short_layer_names(stats.layers))
-    right.plot(range(len(stats.layers)), (E - stats.mean_active).numpy(), "-o", color="tab:red", markersize=2,
-               linewidth=1)
+    _heatmap(
+        fig,
+        right,
+        stats.active_hist.T.flip(0),
+        "share of tokens",
+        [str(k) for k in reversed(ks)],
+        short_layer_names(stats.layers),
+    )
+    right.plot(
+        range(len(stats.layers)),
+        (E - stats.mean_active).numpy(),
+        "-o",
+        color="tab:red",
+        markersize=2,
+        linewidth=1,
+    )
     right.set(xlabel="layer", ylabel="active experts per token", title="Per layer (red: mean)")
     fig.savefig(path)
 
@@ -200,14 +286,32 @@ def plot_group_usage(stats: RoutingStats, path: Path) -> None:
     layer whose routing tells most about the group (expert indices mean nothing across layers). Colours run
     from 0 to at least 2/E, so that uniform routing (1/E) looks flat."""
     best, top = int(stats.mutual_info.argmax()), 2 / stats.num_experts
-    fig = _new_figure(2 * max(5.0, 0.5 * stats.num_experts + 3), max(3.0, 0.35 * len(stats.groups) + 1.5))
+    fig = _new_figure(
+        2 * max(5.0, 0.5 * stats.num_experts + 3), max(3.0, 0.35 * len(stats.groups) + 1.5)
+    )
     left, right = fig.subplots(1, 2)
     experts = [str(i) for i in range(stats.num_experts)]
-    _heatmap(fig, left, stats.group_usage.mean(1), "mean routing weight (over layers)", stats.groups, experts, top)
-    left.set(xlabel="expert (same index in every layer)", ylabel="skill / domain",
-             title=f"Mean over layers (the layers' mean I = {stats.mutual_info.mean():.3f} bit)")
-    _heatmap(fig, right, stats.group_usage[:, best], "mean routing weight", stats.groups, experts, top)
-    right.set(xlabel="expert", title=f"Layer {short_layer_names(stats.layers)[best]} (I = {stats.mutual_info[best]:.3f} bit)")
+    _heatmap(
+        fig,
+        left,
+        stats.group_usage.mean(1),
+        "mean routing weight (over layers)",
+        stats.groups,
+        experts,
+        top,
+    )
+    left.set(
+        xlabel="expert (same index in every layer)",
+        ylabel="skill / domain",
+        title=f"Mean over layers (the layers' mean I = {stats.mutual_info.mean():.3f} bit)",
+    )
+    _heatmap(
+        fig, right, stats.group_usage[:, best], "mean routing weight", stats.groups, experts, top
+    )
+    right.set(
+        xlabel="expert",
+        title=f"Layer {short_layer_names(stats.layers)[best]} (I = {stats.mutual_info[best]:.3f} bit)",
+    )
     fig.savefig(path)
 
 
@@ -217,22 +321,44 @@ def plot_specialisation(stats: RoutingStats, path: Path) -> None:
     x, names = range(len(stats.layers)), short_layer_names(stats.layers)
     fig = _new_figure(_layers_width(len(stats.layers)) + 1, 4.0)
     ax = fig.add_subplot()
-    ax.plot(x, stats.entropy.numpy(), "-o", markersize=2, color="tab:blue", label="routing entropy / log E")
-    ax.plot(x, stats.confident.numpy(), "-o", markersize=2, color="tab:green", label="share with top weight > 0.5")
-    ax.set(ylim=(-0.02, 1.02), xlabel="layer", ylabel="entropy / share of tokens",
-           title=f"Routing specialisation per layer ({sum(stats.tokens.values())} tokens, {len(stats.groups)} groups)")
+    ax.plot(
+        x,
+        stats.entropy.numpy(),
+        "-o",
+        markersize=2,
+        color="tab:blue",
+        label="routing entropy / log E",
+    )
+    ax.plot(
+        x,
+        stats.confident.numpy(),
+        "-o",
+        markersize=2,
+        color="tab:green",
+        label="share with top weight > 0.5",
+    )
+    ax.set(
+        ylim=(-0.02, 1.02),
+        xlabel="layer",
+        ylabel="entropy / share of tokens",
+        title=f"Routing specialisation per layer ({sum(stats.tokens.values())} tokens, {len(stats.groups)} groups)",
+    )
     step = max(1, len(names) // 50)
     ax.set_xticks(range(0, len(names), step), names[::step], fontsize=7, rotation=90)
     bits = ax.twinx()
-    bits.plot(x, stats.mutual_info.numpy(), "-o", markersize=2, color="tab:red", label="I(skill; expert)")
+    bits.plot(
+        x, stats.mutual_info.numpy(), "-o", markersize=2, color="tab:red", label="I(skill; expert)"
+    )
     top = max(1, min(len(stats.groups), stats.num_experts))
-    bits.set(ylim=(0, max(0.05, 1.1 * float(stats.mutual_info.max()))), ylabel=f"bits (max log2 {top})")
+    bits.set(
+        ylim=(0, max(0.05, 1.1 * float(stats.mutual_info.max()))), ylabel=f"bits (max log2 {top})"
+    )
     fig.legend(loc="outside upper center", ncols=3, fontsize=8)
     fig.savefig(path)
 
 
 def _block_and_kind(name: str) -> tuple[int, str]:
-    """"model.layers.3.self_attn.q_proj" -> (3, "q_proj"); (0, name) where there is no block number."""
+    """ "model.layers.3.self_attn.q_proj" -> (3, "q_proj"); (0, name) where there is no block number."""
     block = re.search(r"(?:^|\.)(\d+)\.(.+)$", name)
     return (int(block.group(1)), block.group(2).rsplit(".", 1)[-1]) if block else (0, name)
 
@@ -251,20 +377,33 @@ def plot_experts_per_layer(stats: RoutingStats, path: Path) -> None:
         mean, std = stats.mean_active[index].numpy(), stats.std_active[index].numpy()
         ax.plot(blocks, mean, "-o", markersize=3, label=kind)
         ax.fill_between(blocks, mean - std, mean + std, alpha=0.15)
-    ax.set(ylim=(0.5, stats.num_experts + 0.5), xlabel="transformer block", ylabel="active experts per token",
-           title=f"Experts per token by layer (mean {stats.mean_active.mean():.2f} of {stats.num_experts}; band: ±1 std)")
+    ax.set(
+        ylim=(0.5, stats.num_experts + 0.5),
+        xlabel="transformer block",
+        ylabel="active experts per token",
+        title=f"Experts per token by layer (mean {stats.mean_active.mean():.2f} of {stats.num_experts}; band: ±1 std)",
+    )
     fig.legend(loc="outside right upper", fontsize=8)
     fig.savefig(path)
 
 
 # ---------------------------------------------------------------- all of it
 
-PLOTS = {"load": plot_layer_load, "active": plot_active_experts, "groups": plot_group_usage,
-         "specialisation": plot_specialisation, "experts_per_layer": plot_experts_per_layer}
+PLOTS = {
+    "load": plot_layer_load,
+    "active": plot_active_experts,
+    "groups": plot_group_usage,
+    "specialisation": plot_specialisation,
+    "experts_per_layer": plot_experts_per_layer,
+}
 
 
-def analyze(model: nn.Module, batches_by_name: Mapping[str, Iterable], out_dir: str | Path,
-            tokens: str = "answer") -> dict:
+def analyze(
+    model: nn.Module,
+    batches_by_name: Mapping[str, Iterable],
+    out_dir: str | Path,
+    tokens: str = "answer",
+) -> dict:
     """Route every group's batches (every real token, or the answer tokens only), write
     out_dir/routing_summary.json and the PNG plots of PLOT_FILES. Returns the summary.
 
@@ -275,8 +414,11 @@ def analyze(model: nn.Module, batches_by_name: Mapping[str, Iterable], out_dir: 
     stats = routing_stats(collect_routing(model, batches_by_name, tokens))
     for key, plot in PLOTS.items():
         plot(stats, out / PLOT_FILES[key])
-    result = {"tokens_used": TOKENS[tokens], **summary(stats),
-              "files": {key: str(out / name) for key, name in PLOT_FILES.items()}}
+    result = {
+        "tokens_used": TOKENS[tokens],
+        **summary(stats),
+        "files": {key: str(out / name) for key, name in PLOT_FILES.items()},
+    }
     text = json.dumps(result, indent=2) + "\n"
     atomic_write(out / SUMMARY_FILE, lambda tmp: Path(tmp).write_text(text))
     return result

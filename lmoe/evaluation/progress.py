@@ -1,6 +1,7 @@
 """Progress of the long evaluation phases, on stderr: a tqdm bar with counts where stderr is a
 terminal; elsewhere (a run piped to a file) a line when a phase starts, one a minute while it runs
 and one when it ends, so that a long evaluation never looks hung."""
+
 from __future__ import annotations
 
 import sys
@@ -14,8 +15,9 @@ LINE_EVERY_S = 60.0  # without a terminal: at most one progress line this often
 
 
 @contextmanager
-def phase(desc: str, total: int, unit: str,
-          enabled: bool = True) -> Iterator[Callable[[int], None]]:
+def phase(
+    desc: str, total: int, unit: str, enabled: bool = True
+) -> Iterator[Callable[[int], None]]:
     """Yields update(n): n more of `total` done.
 
     Args:
@@ -41,6 +43,7 @@ def phase(desc: str, total: int, unit: str,
         if time.monotonic() - last >= LINE_EVERY_S:
             last = time.monotonic()
             _line(f"{desc}: {done}/{total} {units}, {last - start:.0f} s")
+
     yield update
     _line(f"{desc}: {total} {units} in {time.monotonic() - start:.0f} s")
 

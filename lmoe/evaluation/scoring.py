@@ -6,6 +6,7 @@ Example (answer_logprobs), that of continuations sharing one prefix's KV cache (
 and greedy generation from chat prompts (lmoe.evaluation.generation). Every long phase shows its
 progress on stderr (lmoe.evaluation.progress).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from ..data import benchmarks
 from ..data.builtin import Mixture
 from ..data.choices import MultipleChoice, answers, requests
@@ -42,8 +44,9 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def answer_logprobs(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int = 16,
-                    show: bool = False) -> list[tuple[float, int]]:
+def answer_logprobs(
+    model: nn.Module, examples: list[Example], pad_id: int, batch_size: int = 16, show: bool = False
+) -> list[tuple[float, int]]:
     """(sum of log p(label token | prefix), number of label tokens) for each example, in order.
 
     Batches hold examples of similar length (little padding). Where the model takes logits_to_keep
@@ -56,7 +59,7 @@ def answer_logprobs(model: nn.Module, examples: list[Example], pad_id: int, batc
     results: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
     with phase("perplexity", len(examples), "example", show) as update:
         for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             scores = _logprob_batch(model, [examples[i] for i in rows], pad_id, left)
             for row, scored in zip(rows, scores):
                 results[row] = scored
@@ -64,8 +67,9 @@ def answer_logprobs(model: nn.Module, examples: list[Example], pad_id: int, batc
     return results
 
 
-def _logprob_batch(model: nn.Module, examples: list[Example], pad_id: int,
-                   left: bool) -> list[tuple[float, int]]:
+def _logprob_batch(
+    model: nn.Module, examples: list[Example], pad_id: int, left: bool
+) -> list[tuple[float, int]]:
     """answer_logprobs of one batch; log-softmax on the answer positions alone."""
     batch = {k: v.to(_device(model)) for k, v in collate(examples, pad_id, left).items()}
     labels, mask, width = batch["labels"], batch["attention_mask"], batch["labels"].shape[1]
@@ -75,9 +79,9 @@ def _logprob_batch(model: nn.Module, examples: list[Example], pad_id: int,
         keep = width - int(answered[0]) if len(answered) else 1
         extra = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0), **logits_to_keep(model, keep)}
     logits = model(input_ids=batch["input_ids"], attention_mask=mask, **extra).logits
-    targets = labels[:, width - keep + 1:]  # (batch, keep - 1): what logits[:, :-1] predict
+    targets = labels[:, width - keep + 1 :]  # (batch, keep - 1): what logits[:, :-1] predict
     # a sequence's first token is not predicted (in a left-padded row, padding comes before it)
-    chosen = (targets != IGNORE) & mask[:, width - keep:-1].bool()
+    chosen = (targets != IGNORE) & mask[:, width - keep : -1].bool()
     rows = logits[:, :-1][chosen].float()  # (answer tokens, vocab)
     picked = rows.gather(-1, targets[chosen][:, None]).squeeze(-1) - rows.logsumexp(-1)
     sums = torch.zeros(len(examples), device=picked.device)
@@ -85,7 +89,9 @@ def _logprob_batch(model: nn.Module, examples: list[Example], pad_id: int,
     return list(zip(sums.tolist(), chosen.sum(1).tolist()))
 
 
-def perplexity(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int = 16) -> dict[str, float]:
+def perplexity(
+    model: nn.Module, examples: list[Example], pad_id: int, batch_size: int = 16
+) -> dict[str, float]:
     """domain -> exp(mean negative log-likelihood per answer token) over that domain's examples."""
     nll, count = defaultdict(float), defaultdict(int)
     scores = answer_logprobs(model, examples, pad_id, batch_size, show=True)
@@ -96,21 +102,50 @@ def perplexity(model: nn.Module, examples: list[Example], pad_id: int, batch_siz
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer, prompts: list[str | list[dict]], max_new_tokens: int = 64,
-             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 32) -> list[str]:
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str | list[dict]],
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 32,
+) -> list[str]:
     """Replies to chat prompts (a user message string or a list of messages), greedy unless do_sample."""
     model.eval()
-    texts = [render_prompt(tokenizer, [{"role": "user", "content": p}] if isinstance(p, str) else p) for p in prompts]
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # left padding so replies start together
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+    texts = [
+        render_prompt(tokenizer, [{"role": "user", "content": p}] if isinstance(p, str) else p)
+        for p in prompts
+    ]
+    side, tokenizer.padding_side = (
+        tokenizer.padding_side,
+        "left",
+    )  # left padding so replies start together
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        if do_sample
+        else {"do_sample": False}
+    )
     replies = []
     try:
         for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(_device(model))
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id, **sampling)
-            replies += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            batch = tokenizer(
+                texts[start : start + batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            ).to(_device(model))
+            out = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                **sampling,
+            )
+            replies += tokenizer.batch_decode(
+                out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+            )
     finally:
         tokenizer.padding_side = side
     return [r.strip() for r in replies]
@@ -125,8 +160,9 @@ def answer_tokens(tokenizer, answer: str) -> int:
     return len(tokenizer(answer, add_special_tokens=False)["input_ids"])
 
 
-def exact_match(model: nn.Module, tokenizer, records: list[dict],
-                batch_size: int = 64) -> dict[str, float]:
+def exact_match(
+    model: nn.Module, tokenizer, records: list[dict], batch_size: int = 64
+) -> dict[str, float]:
     """domain -> fraction of records whose greedy reply to record["messages"][:-1] equals
     record["answer"] (after normalise); a reply stops at its end of turn or EM_SLACK tokens past
     its answer's length."""
@@ -145,9 +181,14 @@ def _takes_cache(model: nn.Module) -> bool:
     return getattr(getattr(model, "config", None), "use_cache", None) is not None
 
 
-def continuation_logprobs(model: nn.Module, requests: list[tuple[list[int], list[list[int]]]], pad_id: int,
-                          batch_tokens: int = 4096, progress: bool = True,
-                          desc: str = "score choices") -> list[list[float]]:
+def continuation_logprobs(
+    model: nn.Module,
+    requests: list[tuple[list[int], list[list[int]]]],
+    pad_id: int,
+    batch_tokens: int = 4096,
+    progress: bool = True,
+    desc: str = "score choices",
+) -> list[list[float]]:
     """For each (prefix ids, [continuation ids, ...]): sum of log p(continuation | prefix), per continuation.
 
     Each prefix runs once and its KV cache serves all its continuations; requests are batched by prefix
@@ -176,7 +217,11 @@ def continuation_logprobs(model: nn.Module, requests: list[tuple[list[int], list
 
 def _unshared_batch(model: nn.Module, requests: list, pad_id: int) -> list[list[float]]:
     """The reference: every prefix + continuation as its own sequence."""
-    examples = [Example(prefix + cont, [IGNORE] * len(prefix) + cont) for prefix, conts in requests for cont in conts]
+    examples = [
+        Example(prefix + cont, [IGNORE] * len(prefix) + cont)
+        for prefix, conts in requests
+        for cont in conts
+    ]
     flat = iter(lp for lp, _ in answer_logprobs(model, examples, pad_id, batch_size=len(examples)))
     return [[next(flat) for _ in conts] for _, conts in requests]
 
@@ -188,10 +233,19 @@ def _shared_batch(model: nn.Module, requests: list, pad_id: int) -> list[list[fl
     device = _device(model)
     ids, mask = left_padded([prefix for prefix, _ in requests], pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                **logits_to_keep(model, 1))
-    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # (questions, vocab): each continuation's first token
-    owner = torch.tensor([row for row, (_, conts) in enumerate(requests) for _ in conts], device=device)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        **logits_to_keep(model, 1),
+    )
+    first = F.log_softmax(
+        out.logits[:, -1].float(), dim=-1
+    )  # (questions, vocab): each continuation's first token
+    owner = torch.tensor(
+        [row for row, (_, conts) in enumerate(requests) for _ in conts], device=device
+    )
     conts = [c for _, cs in requests for c in cs]
     logprob = first[owner, torch.tensor([c[0] for c in conts], device=device)]  # (continuations,)
     longest = max(len(c) for c in conts)
@@ -201,38 +255,66 @@ def _shared_batch(model: nn.Module, requests: list, pad_id: int) -> list[list[fl
         tail = torch.full((len(conts), longest), pad_id, dtype=torch.long)
         tail_mask = torch.zeros_like(tail)
         for row, cont in enumerate(conts):
-            tail[row, :len(cont)], tail_mask[row, :len(cont)] = torch.tensor(cont), 1
+            tail[row, : len(cont)], tail_mask[row, : len(cont)] = torch.tensor(cont), 1
         tail, tail_mask = tail.to(device), tail_mask.to(device)
-        logits = model(input_ids=tail, attention_mask=torch.cat([mask[owner], tail_mask], 1),
-                       **{cache_argument(model): cache},
-                       position_ids=mask.sum(-1)[owner, None] + torch.arange(longest, device=device),
-                       use_cache=True).logits[:, :-1].float()  # (continuations, longest-1, vocab)
+        logits = (
+            model(
+                input_ids=tail,
+                attention_mask=torch.cat([mask[owner], tail_mask], 1),
+                **{cache_argument(model): cache},
+                position_ids=mask.sum(-1)[owner, None] + torch.arange(longest, device=device),
+                use_cache=True,
+            )
+            .logits[:, :-1]
+            .float()
+        )  # (continuations, longest-1, vocab)
         picked = logits.gather(-1, tail[:, 1:, None]).squeeze(-1) - logits.logsumexp(-1)
         logprob = logprob + (picked * tail_mask[:, 1:]).sum(-1)
     flat = iter(logprob.tolist())
     return [[next(flat) for _ in cs] for _, cs in requests]
 
 
-def multiple_choice(model: nn.Module, tokenizer, records: list[dict], fmt: MultipleChoice | None = None,
-                    max_length: int = 512, progress: bool = True,
-                    name: str = "multiple choice") -> dict:
+def multiple_choice(
+    model: nn.Module,
+    tokenizer,
+    records: list[dict],
+    fmt: MultipleChoice | None = None,
+    max_length: int = 512,
+    progress: bool = True,
+    name: str = "multiple choice",
+) -> dict:
     """Accuracy on question records by each protocol fmt scores (auto: letter and cloze), each result named by
     its protocol and template: {"n", "chance", "letter/chat": {"protocol", "template", "acc"}, "cloze/chat":
     {..., "acc_norm"}}. chance: the mean of 1 / number of choices, what guessing scores.
     name: what the progress lines call the questions (a file or task)."""
     fmt = fmt or MultipleChoice()
-    result = {"n": len(records), "chance": sum(1 / len(r["choices"]) for r in records) / len(records)}
+    result = {
+        "n": len(records),
+        "chance": sum(1 / len(r["choices"]) for r in records) / len(records),
+    }
     for one in fmt.scored():
         result[one.key] = _accuracy(model, tokenizer, records, one, max_length, progress, name)
     return result
 
 
-def _accuracy(model: nn.Module, tokenizer, records: list[dict], fmt: MultipleChoice, max_length: int,
-              progress: bool, name: str) -> dict:
+def _accuracy(
+    model: nn.Module,
+    tokenizer,
+    records: list[dict],
+    fmt: MultipleChoice,
+    max_length: int,
+    progress: bool,
+    name: str,
+) -> dict:
     """One protocol: letter (acc: the most likely option letter), or cloze (acc: highest summed log-likelihood
     of the choice text; acc_norm: per character of the choice, as lm-eval)."""
-    scores = continuation_logprobs(model, requests(tokenizer, records, fmt, max_length), tokenizer.pad_token_id,
-                                   progress=progress, desc=f"{name} {fmt.key}")
+    scores = continuation_logprobs(
+        model,
+        requests(tokenizer, records, fmt, max_length),
+        tokenizer.pad_token_id,
+        progress=progress,
+        desc=f"{name} {fmt.key}",
+    )
     acc = acc_norm = 0
     for record, mine in zip(records, scores, strict=True):
         chars = [max(len(text), 1) for text in answers(record, fmt)]
@@ -246,8 +328,14 @@ def binomial_tail(hits: int, n: int, p: float) -> float:
     """P(X >= hits) for X ~ Binomial(n, p), 0 < p < 1: how likely guessing gets at least `hits` of n right."""
     if hits <= 0:
         return 1.0
-    terms = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p)
-             + (n - k) * math.log1p(-p) for k in range(hits, n + 1)]  # log P(X = k), summed in log space
+    terms = [
+        math.lgamma(n + 1)
+        - math.lgamma(k + 1)
+        - math.lgamma(n - k + 1)
+        + k * math.log(p)
+        + (n - k) * math.log1p(-p)
+        for k in range(hits, n + 1)
+    ]  # log P(X = k), summed in log space
     top = max(terms)
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
 
@@ -268,11 +356,16 @@ def letter_at_chance(scored: dict) -> str | None:
 
 def warn_letter_at_chance(sources: dict[str, dict]) -> None:
     """One warning line naming every source (name -> multiple_choice's result) where letter_at_chance holds."""
-    found = [f"{name}: {line}" for name, scored in sources.items() if (line := letter_at_chance(scored))]
+    found = [
+        f"{name}: {line}" for name, scored in sources.items() if (line := letter_at_chance(scored))
+    ]
     if found:
-        log.warning("lmoe: the letter protocol scores at chance where cloze does not (%s): the model does not "
-                    "answer with option letters, so its letter rows say nothing of what it knows; read the cloze "
-                    "rows, or train on letter targets (mc.protocol=letter) to teach it the letters.", "; ".join(found))
+        log.warning(
+            "lmoe: the letter protocol scores at chance where cloze does not (%s): the model does not "
+            "answer with option letters, so its letter rows say nothing of what it knows; read the cloze "
+            "rows, or train on letter targets (mc.protocol=letter) to teach it the letters.",
+            "; ".join(found),
+        )
 
 
 def evaluate_mixture(model: nn.Module, tokenizer, mixture: Mixture, max_length: int = 256) -> dict:
@@ -286,9 +379,15 @@ def evaluate_mixture(model: nn.Module, tokenizer, mixture: Mixture, max_length: 
     return results
 
 
-def evaluate_file(model: nn.Module, tokenizer, path: str | Path, max_length: int = 512,
-                  fmt: MultipleChoice | None = None, group: str | None = None,
-                  max_answer_tokens: int = MAX_ANSWER_TOKENS) -> dict:
+def evaluate_file(
+    model: nn.Module,
+    tokenizer,
+    path: str | Path,
+    max_length: int = 512,
+    fmt: MultipleChoice | None = None,
+    group: str | None = None,
+    max_answer_tokens: int = MAX_ANSWER_TOKENS,
+) -> dict:
     """Multiple-choice accuracy if the records are questions ({"question", "choices", "answer"});
     otherwise greedy exact match (chat records with answers of at most max_answer_tokens tokens;
     0: none) and answer perplexity, per group: the rows' value of the key `group`, else their
@@ -302,7 +401,9 @@ def evaluate_file(model: nn.Module, tokenizer, path: str | Path, max_length: int
     records = read_records(path, group=group)
     questions = [r for r in records if "choices" in r]
     if questions and len(questions) < len(records):
-        raise ValueError(f"{path} mixes multiple-choice questions with other records; put them in two files.")
+        raise ValueError(
+            f"{path} mixes multiple-choice questions with other records; put them in two files."
+        )
     if questions:
         scored = multiple_choice(model, tokenizer, questions, fmt, max_length, name=Path(path).stem)
         warn_letter_at_chance({str(path): scored})
@@ -315,39 +416,67 @@ def evaluate_file(model: nn.Module, tokenizer, path: str | Path, max_length: int
     return results | {"perplexity": perplexity(model, examples, tokenizer.pad_token_id)}
 
 
-def answer_records(tokenizer, records: list[dict], max_answer_tokens: int,
-                   path: str | Path) -> list[dict]:
+def answer_records(
+    tokenizer, records: list[dict], max_answer_tokens: int, path: str | Path
+) -> list[dict]:
     """The chat records that end with the assistant's turn, as exact-match records (that turn is
     the answer), where it is at most max_answer_tokens tokens long; one warning line counts the
     longer ones."""
     if max_answer_tokens <= 0:
         return []
-    answered = [{**r, "answer": r["messages"][-1]["content"]} for r in records
-                if "messages" in r and r["messages"][-1]["role"] == "assistant"]
+    answered = [
+        {**r, "answer": r["messages"][-1]["content"]}
+        for r in records
+        if "messages" in r and r["messages"][-1]["role"] == "assistant"
+    ]
     short = [r for r in answered if answer_tokens(tokenizer, r["answer"]) <= max_answer_tokens]
     if len(short) < len(answered):
-        log.warning("lmoe: %s: %d of %d answers are longer than %d tokens; they get perplexity "
-                    "only, no exact match (raise eval_max_answer_tokens, or lmoe eval "
-                    "--max-answer-tokens, to score them too).",
-                    path, len(answered) - len(short), len(answered), max_answer_tokens)
+        log.warning(
+            "lmoe: %s: %d of %d answers are longer than %d tokens; they get perplexity "
+            "only, no exact match (raise eval_max_answer_tokens, or lmoe eval "
+            "--max-answer-tokens, to score them too).",
+            path,
+            len(answered) - len(short),
+            len(answered),
+            max_answer_tokens,
+        )
     return short
 
 
-def evaluate_benchmarks(model: nn.Module, tokenizer, names: list[str], fmt: MultipleChoice | None = None,
-                        max_length: int = 512) -> dict:
+def evaluate_benchmarks(
+    model: nn.Module,
+    tokenizer,
+    names: list[str],
+    fmt: MultipleChoice | None = None,
+    max_length: int = 512,
+) -> dict:
     """Accuracy on each benchmark's test split (fmt.test_items questions of it, 0: all), "bench:NAME":
     multiple_choice's result, and "bench:average": {protocol/template: the tasks' unweighted mean acc (and
     acc_norm), with its protocol and template}."""
     fmt = fmt or MultipleChoice()
-    results = {benchmarks.PREFIX + name: multiple_choice(
-        model, tokenizer, benchmarks.subset(benchmarks.load(name, "test"), fmt.test_items), fmt,
-        max_length, name=benchmarks.PREFIX + name) for name in names}
+    results = {
+        benchmarks.PREFIX + name: multiple_choice(
+            model,
+            tokenizer,
+            benchmarks.subset(benchmarks.load(name, "test"), fmt.test_items),
+            fmt,
+            max_length,
+            name=benchmarks.PREFIX + name,
+        )
+        for name in names
+    }
     warn_letter_at_chance(results)
     average = {}
     for key in (one.key for one in fmt.scored()):
         tasks = [task[key] for task in results.values()]
-        average[key] = {**tasks[0], **{metric: sum(t[metric] for t in tasks) / len(tasks)
-                                       for metric in ("acc", "acc_norm") if metric in tasks[0]}}
+        average[key] = {
+            **tasks[0],
+            **{
+                metric: sum(t[metric] for t in tasks) / len(tasks)
+                for metric in ("acc", "acc_norm")
+                if metric in tasks[0]
+            },
+        }
     return results | {benchmarks.PREFIX + "average": average}
 
 
@@ -362,8 +491,14 @@ def format_table(runs: dict[str, dict]) -> str:
     width = max([len(label) for label in rows] + [12])
     lines = [f"{'metric':<{width}}" + "".join(f"{n:>12}" for n in names)]
     for label, values in rows.items():
-        cells = "".join(f"{'-':>12}" if n not in values else f"{values[n]:>12d}" if isinstance(values[n], int)
-                        else f"{values[n]:>12.3f}" for n in names)
+        cells = "".join(
+            f"{'-':>12}"
+            if n not in values
+            else f"{values[n]:>12d}"
+            if isinstance(values[n], int)
+            else f"{values[n]:>12.3f}"
+            for n in names
+        )
         lines.append(f"{label:<{width}}" + cells)
     return "\n".join(lines)
 
@@ -378,4 +513,6 @@ def _numbers(results: dict, labels: tuple[str, ...] = ()):
 
 
 def write_json(results: dict, path: str | Path) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n"))
+    atomic_write(
+        path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    )

@@ -8,6 +8,7 @@ lmoe's pinned peft range (pyproject.toml). PEFT's weights loader is wrapped to c
 adapter's checksum first, and LMoEPeftConfig writes it, as lmoe.io's readers and writer do. The
 tuner delegates to lmoe's own inject / remove / merge; the files are save_adapter's (lmoe.io).
 """
+
 from __future__ import annotations
 
 import functools
@@ -16,19 +17,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peft import PeftConfig, peft_model
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.mapping import (
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_PREFIX_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+)
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import Tensor, nn
 
 from ..config import LMoEConfig, LMoEPeftType, saved_fields
 from ..inject import _set_submodule, inject, lmoe_layers, remove
-from ..io import (CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, adapter_meta, adapter_state_dict,
-                  atomic_write, is_lmoe_adapter, sha256_file, verify_adapter)
+from ..io import (
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    adapter_meta,
+    adapter_state_dict,
+    atomic_write,
+    is_lmoe_adapter,
+    sha256_file,
+    verify_adapter,
+)
 from ..layer import MoLoRALinear
 from ..modular.merge import merge, unmerge
 
 __all__ = ["LMoEPeftConfig", "LMoETuner", "register"]
-PEFT_PREFIX = "base_model.model."  # a PeftModel's keys: PeftModel.base_model (the tuner) .model (the LM)
+PEFT_PREFIX = (
+    "base_model.model."  # a PeftModel's keys: PeftModel.base_model (the tuner) .model (the LM)
+)
 
 
 def register() -> LMoEPeftType:
@@ -72,10 +88,14 @@ class LMoEPeftConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = register()  # built directly (LMoEPeftConfig.from_lmoe), PEFT must find the tuner too
+        self.peft_type = (
+            register()
+        )  # built directly (LMoEPeftConfig.from_lmoe), PEFT must find the tuner too
         if self.format_version > FORMAT_VERSION:
-            raise ValueError(f"This lmoe adapter is in format {self.format_version} (lmoe {self.lmoe_version}); "
-                             f"the installed lmoe reads format {FORMAT_VERSION}. Upgrade lmoe to load it.")
+            raise ValueError(
+                f"This lmoe adapter is in format {self.format_version} (lmoe {self.lmoe_version}); "
+                f"the installed lmoe reads format {FORMAT_VERSION}. Upgrade lmoe to load it."
+            )
         if self.config:  # read from a file: a field the adapter predates keeps its saved meaning
             self.config = saved_fields(self.config)
         LMoEConfig.from_dict(self.config)  # a bad field is an error here, naming it
@@ -90,15 +110,21 @@ class LMoEPeftConfig(PeftConfig):
         leaves the old checksum beside the new weights: refused, never loaded)."""
         weights = Path(save_directory, WEIGHTS_FILE)
         self.weights_sha256 = sha256_file(weights) if weights.is_file() else None
-        with tempfile.TemporaryDirectory() as tmp:  # PEFT's own writer, then the file moved in whole
+        with (
+            tempfile.TemporaryDirectory() as tmp
+        ):  # PEFT's own writer, then the file moved in whole
             super().save_pretrained(tmp, **kwargs)
             text = Path(tmp, CONFIG_FILE).read_text()
         atomic_write(Path(save_directory, CONFIG_FILE), lambda path: Path(path).write_text(text))
 
     @classmethod
     def from_lmoe(cls, cfg: LMoEConfig) -> "LMoEPeftConfig":
-        return cls(config=cfg.to_dict(), base_model_name_or_path=cfg.base_model_name_or_path, revision=cfg.revision,
-                   inference_mode=cfg.inference_mode)
+        return cls(
+            config=cfg.to_dict(),
+            base_model_name_or_path=cfg.base_model_name_or_path,
+            revision=cfg.revision,
+            inference_mode=cfg.inference_mode,
+        )
 
 
 class AdapterSwitch(nn.Module, BaseTunerLayer):
@@ -117,24 +143,46 @@ class LMoETuner(BaseTuner):
     prefix = "lmoe_"
     tuner_layer_cls = MoLoRALinear
     target_module_mapping: dict = {}
-    uses_shared_state = True  # LD-MoLE's lambda head is one module shared by every layer (as VeRA's vectors)
+    uses_shared_state = (
+        True  # LD-MoLE's lambda head is one module shared by every layer (as VeRA's vectors)
+    )
 
-    def __init__(self, model: nn.Module, peft_config, adapter_name: str, low_cpu_mem_usage: bool = False,
-                 state_dict: dict | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config,
+        adapter_name: str,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict | None = None,
+    ) -> None:
         configs = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
-        configs = {name: c if isinstance(c, LMoEPeftConfig) else LMoEPeftConfig.from_lmoe(c)
-                   for name, c in configs.items()}
-        super().__init__(model, configs, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        configs = {
+            name: c if isinstance(c, LMoEPeftConfig) else LMoEPeftConfig.from_lmoe(c)
+            for name, c in configs.items()
+        }
+        super().__init__(
+            model, configs, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict
+        )
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
-                       low_cpu_mem_usage: bool = False, state_dict: dict | None = None) -> None:
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict | None = None,
+    ) -> None:
         if len(self.peft_config) > 1 or any(True for _ in lmoe_layers(model)):
-            raise ValueError("A model holds one lmoe adapter; PeftModel.add_adapter / load_adapter of a second one "
-                             "is not supported. Unload the first (peft_model.unload()), or build one mixture with "
-                             "more experts (lmoe.modular.compose, lmoe.add_experts).")
+            raise ValueError(
+                "A model holds one lmoe adapter; PeftModel.add_adapter / load_adapter of a second one "
+                "is not supported. Unload the first (peft_model.unload()), or build one mixture with "
+                "more experts (lmoe.modular.compose, lmoe.add_experts)."
+            )
         config = self.peft_config[adapter_name]
         inject(model, config.lmoe)
-        meta = adapter_meta(model)  # the config as injected (LD-MoLE's lambda width fixed) and the base's shapes
+        meta = adapter_meta(
+            model
+        )  # the config as injected (LD-MoLE's lambda width fixed) and the base's shapes
         for key in ("config", "layers", "base_model_type", "lmoe_version"):
             setattr(config, key, meta[key])
         self.targeted_module_names = [name for name, _ in lmoe_layers(model)]
@@ -148,7 +196,9 @@ class LMoETuner(BaseTuner):
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         """Disabled, the base layers themselves run where the mixture layers were (base outputs exactly)."""
-        disabled = self.__dict__.setdefault("_lmoe_disabled", {})  # name -> mixture layer, while disabled
+        disabled = self.__dict__.setdefault(
+            "_lmoe_disabled", {}
+        )  # name -> mixture layer, while disabled
         if enabled:
             for name, layer in disabled.items():
                 _set_submodule(self.model, name, layer)
@@ -159,14 +209,21 @@ class LMoETuner(BaseTuner):
                 _set_submodule(self.model, name, layer.base)
         self.adapter_switch._disable_adapters = not enabled
 
-    def merge_and_unload(self, routing: Tensor | dict | None = None, progressbar: bool = False,
-                         safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+    def merge_and_unload(
+        self,
+        routing: Tensor | dict | None = None,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
         """The base model with a fixed routing folded into its weights (lmoe.modular.merge): routing (E,) for every
         layer, or {layer name: (E,)}, e.g. lmoe.mean_routing(record)."""
         if routing is None:
-            raise ValueError("merge_and_unload needs a fixed routing: lmoe routes every token on its own, which no "
-                             "single weight can hold. Pass merge_and_unload(routing=g) with g (E,) or {layer: (E,)} "
-                             "(e.g. lmoe.mean_routing(record)), or serve the PeftModel as it is.")
+            raise ValueError(
+                "merge_and_unload needs a fixed routing: lmoe routes every token on its own, which no "
+                "single weight can hold. Pass merge_and_unload(routing=g) with g (E,) or {layer: (E,)} "
+                "(e.g. lmoe.mean_routing(record)), or serve the PeftModel as it is."
+            )
         self._enable_adapter_layers(True)
         merge(self.model, routing)
         return self._remove_layers()
@@ -184,8 +241,14 @@ class LMoETuner(BaseTuner):
         return self.model
 
     @classmethod
-    def _get_adapter_state_dict(cls, model: nn.Module, config: PeftConfig, adapter_name: str,
-                                state_dict: dict[str, Tensor], unwanted_adapter_names: list[str]) -> dict[str, Tensor]:
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: PeftConfig,
+        adapter_name: str,
+        state_dict: dict[str, Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, Tensor]:
         """The tensors save_adapter writes, under its names (from state_dict, as Trainer or FSDP gathered it)."""
         prefix = PEFT_PREFIX if any(k.startswith(PEFT_PREFIX) for k in state_dict) else ""
         return {name: state_dict[prefix + name] for name in adapter_state_dict(model)}
@@ -195,13 +258,15 @@ class LMoETuner(BaseTuner):
         return key  # lmoe's keys hold no adapter name
 
     @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: PeftConfig, adapter_name: str,
-                                           state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
         """File keys -> the PeftModel's keys; every adapter tensor must be there, and nothing else."""
         expected = set(adapter_state_dict(model))
         missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
         if missing or unexpected:
-            raise ValueError(f"This lmoe adapter does not fit the model: missing {missing[:5]}, unexpected "
-                             f"{unexpected[:5]}. Load it onto the base model it was trained with.")
+            raise ValueError(
+                f"This lmoe adapter does not fit the model: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}. Load it onto the base model it was trained with."
+            )
         return {PEFT_PREFIX + key: value for key, value in state_dict.items()}
-

@@ -12,6 +12,7 @@ values and every gradient); they differ in what they compute and where that pays
 
 choose_kernel picks one by lmoe.sparse's rule, from the layer's plan (MoLoRALinear._plan).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -26,8 +27,12 @@ from .grouped import grouped_kernel
 from .interface import KernelInputs
 
 Kernel = Callable[[KernelInputs], Tensor]
-KERNELS: dict[str, Kernel] = {"dense": dense_kernel, "grouped": grouped_kernel, "csr": csr_kernel,
-                              "gathered": gathered_kernel}
+KERNELS: dict[str, Kernel] = {
+    "dense": dense_kernel,
+    "grouped": grouped_kernel,
+    "csr": csr_kernel,
+    "gathered": gathered_kernel,
+}
 
 
 def choose_kernel(plan: str, inputs: KernelInputs, csr: bool) -> str:

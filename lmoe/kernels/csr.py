@@ -21,6 +21,7 @@ Where it wins: many experts with few active a token, on the CPU in float32/64 (w
 products take); bench/RESULTS.md, "Sparse routing: cost as the number of experts grows" (the
 kernels in one process, and the auto rule's CSR constant).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -68,8 +69,13 @@ class CsrPattern:
         # torch's once-a-process "CSR support is in beta": this op is stable
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
-            zero = torch.sparse_csr_tensor(self.rows, self.cols, a.new_zeros(self.cols.shape[0]),
-                                           self.shape, check_invariants=False)
+            zero = torch.sparse_csr_tensor(
+                self.rows,
+                self.cols,
+                a.new_zeros(self.cols.shape[0]),
+                self.shape,
+                check_invariants=False,
+            )
         return torch.sparse.sampled_addmm(zero, a, b, beta=0.0).values().view(-1, self.rank)
 
     def transpose(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -84,21 +90,27 @@ class CsrPattern:
             start = counts.cumsum(0) - counts
             e = self.expert.index_select(0, by_expert)
             within = torch.arange(e.shape[0], device=device) - start.index_select(0, e)
-            dest = ((start.index_select(0, e) * r + within).unsqueeze(1)
-                    + j * counts.index_select(0, e).unsqueeze(1))
+            dest = (start.index_select(0, e) * r + within).unsqueeze(1) + j * counts.index_select(
+                0, e
+            ).unsqueeze(1)
             dest = dest.flatten()
             source = (by_expert.unsqueeze(1) * r + j).flatten()
             t_order = torch.empty_like(dest).index_copy_(0, dest, source)
             tokens = self.token.index_select(0, by_expert).repeat_interleave(r)
             t_cols = torch.empty_like(dest).index_copy_(0, dest, tokens)
-            t_rows = torch.cat([(start.unsqueeze(1) * r + j * counts.unsqueeze(1)).flatten(),
-                                start.new_full((1,), dest.shape[0])])
+            t_rows = torch.cat(
+                [
+                    (start.unsqueeze(1) * r + j * counts.unsqueeze(1)).flatten(),
+                    start.new_full((1,), dest.shape[0]),
+                ]
+            )
             self._transpose = (t_rows.to(self.rows.dtype), t_cols.to(self.rows.dtype), t_order)
         return self._transpose
 
 
-def csr_pattern(g: Tensor, per_token: int | None, rank: int,
-                index: Tensor | None = None) -> CsrPattern:
+def csr_pattern(
+    g: Tensor, per_token: int | None, rank: int, index: Tensor | None = None
+) -> CsrPattern:
     """The CSR pattern of the pairs of routing g.
 
     Args:
@@ -124,9 +136,10 @@ def csr_pattern(g: Tensor, per_token: int | None, rank: int,
     cols = (expert.unsqueeze(1) * rank + torch.arange(rank, device=device)).flatten()
     # MKL's sampled product takes 32-bit indices (torch would convert 64-bit ones at every call);
     # embedding_bag either
-    index_dtype = torch.int32 if max(cols.shape[0], E * rank, tokens) < 2 ** 31 else torch.int64
-    return CsrPattern(token, expert, (tokens, E * rank), rank, rows.to(index_dtype),
-                      cols.to(index_dtype))
+    index_dtype = torch.int32 if max(cols.shape[0], E * rank, tokens) < 2**31 else torch.int64
+    return CsrPattern(
+        token, expert, (tokens, E * rank), rank, rows.to(index_dtype), cols.to(index_dtype)
+    )
 
 
 def bag_sums(cols: Tensor, rows: Tensor, values: Tensor, dense: Tensor) -> Tensor:
@@ -142,8 +155,9 @@ def bag_sums(cols: Tensor, rows: Tensor, values: Tensor, dense: Tensor) -> Tenso
         (S's rows, d): row i the sum of dense's rows cols[rows[i]:rows[i+1]] weighted by those
         values (zero for an empty row).
     """
-    return F.embedding_bag(cols, dense, rows, mode="sum", per_sample_weights=values,
-                           include_last_offset=True)
+    return F.embedding_bag(
+        cols, dense, rows, mode="sum", per_sample_weights=values, include_last_offset=True
+    )
 
 
 def flat_banks(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
@@ -152,8 +166,16 @@ def flat_banks(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     return A.reshape(-1, A.shape[-1]), B.transpose(1, 2).reshape(-1, B.shape[1])
 
 
-def csr_mixture(y: Tensor, x: Tensor, A: Tensor, B: Tensor, g: Tensor, pat: CsrPattern,
-                scaling: float, params: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+def csr_mixture(
+    y: Tensor,
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    g: Tensor,
+    pat: CsrPattern,
+    scaling: float,
+    params: bool,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """(y + s * Delta, h, z, w) over the pattern's pairs: arguments and results as
     grouped.grouped_mixture's, with the pattern for its pairs."""
     A2, B2 = flat_banks(A, B)
@@ -191,8 +213,11 @@ class CsrMixture(torch.autograd.Function):
             grad_B = pat.transposed_times(v, grad_out).view(B.shape[0], -1, B.shape[1])
             grad_B = grad_B.transpose(1, 2)
         grad_h, grad_w = weighted_pair_codes_backward(grad_v, h, w, z, pat.token)
-        grad_g = (w.new_zeros(ctx.routing_shape).index_put_((pat.token, pat.expert), grad_w)
-                  if need_g else None)
+        grad_g = (
+            w.new_zeros(ctx.routing_shape).index_put_((pat.token, pat.expert), grad_w)
+            if need_g
+            else None
+        )
         grad_A = pat.transposed_times(grad_h, x).view_as(A) if need_A else None
         grad_x = pat.times(grad_h, A2) if need_x else None
         return grad_out, grad_x, grad_A, grad_B, grad_g, None, None, None

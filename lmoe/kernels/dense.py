@@ -8,6 +8,7 @@ Where it wins: whenever most experts carry weight, and at the sizes most runs us
 sparse.DENSE_UP_TO_RANK always runs here); bench/RESULTS.md, "Sparse routing: cost as the number of
 experts grows" (the auto rule's table, and its "forced dense" rows against the sparse kernels).
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,8 +48,9 @@ def weighted_codes(h: Tensor, weight: Tensor, z: Tensor | None) -> Tensor:
     return (weight.unsqueeze(-1) * (h if z is None else z)).flatten(1)
 
 
-def weighted_codes_backward(grad_c: Tensor, h: Tensor, g: Tensor, scaling: float,
-                            z: Tensor | None) -> tuple[Tensor, Tensor]:
+def weighted_codes_backward(
+    grad_c: Tensor, h: Tensor, g: Tensor, scaling: float, z: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """Gradients of s * weighted_codes(h, g, z) with respect to h (tokens, E, r) and g (tokens, E).
 
     Args:
@@ -68,8 +70,9 @@ def weighted_codes_backward(grad_c: Tensor, h: Tensor, g: Tensor, scaling: float
     return g.unsqueeze(-1) * grad_z, grad_g.squeeze(-1)
 
 
-def dense_mixture(y: Tensor, h: Tensor, B: Tensor, g: Tensor, scaling: float,
-                  params: bool) -> tuple[Tensor, Tensor | None]:
+def dense_mixture(
+    y: Tensor, h: Tensor, B: Tensor, g: Tensor, scaling: float, params: bool
+) -> tuple[Tensor, Tensor | None]:
     """y + s * B c with the routing's weighted codes c; the scale and the residual add ride on the
     GEMM.
 
@@ -116,8 +119,14 @@ class DenseMixture(torch.autograd.Function):
         # match it
         grad_B = (weighted_codes(h, s * g, z).t() @ grad_out.to(h.dtype)).t() if need_B else None
         grad_h, grad_g = weighted_codes_backward(grad_c, h, g, s, z)
-        return (grad_out, grad_h.flatten(1) if need_h else None, grad_B,
-                grad_g if need_g else None, None, None)
+        return (
+            grad_out,
+            grad_h.flatten(1) if need_h else None,
+            grad_B,
+            grad_g if need_g else None,
+            None,
+            None,
+        )
 
 
 def dense_kernel(inputs: KernelInputs) -> Tensor:

@@ -4,6 +4,7 @@ Where it wins: a few tokens against many experts (at most a quarter as many pair
 sparse.gathers), where it reads less than the whole bank; bench/RESULTS.md, "Sparse routing: cost as
 the number of experts grows" ("One layer while generating").
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,17 @@ from torch import Tensor
 from .interface import KernelInputs
 
 
-def gathered_mixture(y: Tensor, x: Tensor, A: Tensor, B: Tensor, g: Tensor, k: int, scaling: float,
-                     params: bool, top: tuple[Tensor, Tensor] | None = None) -> Tensor:
+def gathered_mixture(
+    y: Tensor,
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    g: Tensor,
+    k: int,
+    scaling: float,
+    params: bool,
+    top: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """y + s * Delta from each token's k largest weights with its own experts' A and B gathered,
     (tokens, k, r, d). Plain autograd ops, as few as the maths allows (each costs a layer time for
     every generated token).
@@ -47,5 +57,14 @@ def gathered_kernel(inputs: KernelInputs) -> Tensor:
     A, B = inputs.lora_A.to(dtype), inputs.lora_B.to(dtype)
     routing = inputs.routing
     top = None if routing.top_index is None else (routing.top_weights.to(dtype), routing.top_index)
-    return gathered_mixture(inputs.y, inputs.experts_x, A, B, inputs.g, inputs.most_per_token,
-                            inputs.scaling, inputs.params, top)
+    return gathered_mixture(
+        inputs.y,
+        inputs.experts_x,
+        A,
+        B,
+        inputs.g,
+        inputs.most_per_token,
+        inputs.scaling,
+        inputs.params,
+        top,
+    )

@@ -7,6 +7,7 @@ experts with few active a token, off the CPU's float32/64 (bfloat16, any GPU), w
 does not run; bench/RESULTS.md, "Sparse routing: cost as the number of experts grows" (the kernels
 in one process, and the auto rule's grouped-kernel constant).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -61,10 +62,13 @@ def _grouped_ok(*tensors: Tensor) -> bool:
         ok = t.dtype == torch.bfloat16 and torch.cuda.get_device_capability(t.device)[0] >= 8
     else:
         ok = t.device.type == "cpu" and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
-    return ok and all(u.dtype == t.dtype and u.data_ptr() % 16 == 0
-                      and (u.stride(-1) == 1 or u.stride(-2) == 1)
-                      and all(s == 1 or s * u.element_size() % 16 == 0 for s in u.stride())
-                      for u in tensors)
+    return ok and all(
+        u.dtype == t.dtype
+        and u.data_ptr() % 16 == 0
+        and (u.stride(-1) == 1 or u.stride(-2) == 1)
+        and all(s == 1 or s * u.element_size() % 16 == 0 for s in u.stride())
+        for u in tensors
+    )
 
 
 def grouped_mm(a: Tensor, b: Tensor, pairs: Pairs) -> Tensor:
@@ -89,8 +93,16 @@ def grouped_mm(a: Tensor, b: Tensor, pairs: Pairs) -> Tensor:
     return torch.stack([p @ q for p, q in zip(a.split(pairs.counts(), 1), b.split(pairs.counts()))])
 
 
-def grouped_mixture(y: Tensor, x: Tensor, A: Tensor, B: Tensor, g: Tensor, pairs: Pairs,
-                    scaling: float, params: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+def grouped_mixture(
+    y: Tensor,
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    g: Tensor,
+    pairs: Pairs,
+    scaling: float,
+    params: bool,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """y + s * Delta from the pairs only.
 
     Args:
@@ -139,11 +151,15 @@ class GroupedMixture(torch.autograd.Function):
             v = s * weighted_pair_codes(h, w, z, token)
             grad_B = grouped_mm(v.t(), grad_rows, pairs).transpose(1, 2)
         grad_h, grad_w = weighted_pair_codes_backward(grad_v, h, w, z, token)
-        grad_g = (w.new_zeros(ctx.routing_shape).index_put_((token, expert), grad_w)
-                  if need_g else None)
+        grad_g = (
+            w.new_zeros(ctx.routing_shape).index_put_((token, expert), grad_w) if need_g else None
+        )
         grad_A = grouped_mm(grad_h.t(), x.index_select(0, token), pairs) if need_A else None
-        grad_x = (torch.zeros_like(x).index_add_(0, token, grouped_mm(grad_h, A, pairs))
-                  if need_x else None)
+        grad_x = (
+            torch.zeros_like(x).index_add_(0, token, grouped_mm(grad_h, A, pairs))
+            if need_x
+            else None
+        )
         return grad_out, grad_x, grad_A, grad_B, grad_g, None, None, None
 
 

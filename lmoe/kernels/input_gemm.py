@@ -6,6 +6,7 @@ dx = dy W0 + [dh, dG...] [A; G...], where autograd would run a GEMM per product 
 (tokens, d_in) results. Not measured apart: it is part of the layer's time against PEFT LoRA's
 (bench/RESULTS.md, "Speed and memory", "Layer level").
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,8 +28,14 @@ def expert_codes(x: Tensor, A: Tensor) -> Tensor | None:
     return x @ A.t() if A.shape[0] else None
 
 
-def input_products(x: Tensor, lora_x: Tensor | None, W0: Tensor | None, b0: Tensor | None,
-                   A: Tensor, *gates: Tensor) -> tuple[Tensor | None, ...]:
+def input_products(
+    x: Tensor,
+    lora_x: Tensor | None,
+    W0: Tensor | None,
+    b0: Tensor | None,
+    A: Tensor,
+    *gates: Tensor,
+) -> tuple[Tensor | None, ...]:
     """(y, h, G x for each gate weight G): what a mixture layer computes from its input.
 
     Args:
@@ -61,9 +68,9 @@ def input_products(x: Tensor, lora_x: Tensor | None, W0: Tensor | None, b0: Tens
     return (y, h, *gx)
 
 
-def stacked_products_backward(grads: list[Tensor | None], weights: list[Tensor], inp: Tensor,
-                              need: list[bool]
-                              ) -> tuple[tuple[Tensor, Tensor] | None, list[Tensor | None]]:
+def stacked_products_backward(
+    grads: list[Tensor | None], weights: list[Tensor], inp: Tensor, need: list[bool]
+) -> tuple[tuple[Tensor, Tensor] | None, list[Tensor | None]]:
     """Backward of outputs W_i inp that came from one GEMM on the stacked W_i.
 
     Args:
@@ -107,11 +114,15 @@ class InputProducts(torch.autograd.Function):
         need_x, need_lora_x, need_W0, need_b0, need_A, *need_gates = ctx.needs_input_grad
         if lora_x is None:  # h and the gates' products came from one GEMM: so do their gradients
             to_x, (grad_A, *grad_g) = stacked_products_backward(
-                [grad_h, *grad_gates], [A, *gates], x, [need_A, *need_gates])
+                [grad_h, *grad_gates], [A, *gates], x, [need_A, *need_gates]
+            )
             from_lora_x = None
         else:
-            to_x, grad_g = (stacked_products_backward(list(grad_gates), gates, x, need_gates)
-                            if gates else (None, []))
+            to_x, grad_g = (
+                stacked_products_backward(list(grad_gates), gates, x, need_gates)
+                if gates
+                else (None, [])
+            )
             from_lora_x, (grad_A,) = stacked_products_backward([grad_h], [A], lora_x, [need_A])
         grad_y = grad_y if W0 is not None else None
         terms = [(grad_y, W0)] if grad_y is not None else []
@@ -121,8 +132,9 @@ class InputProducts(torch.autograd.Function):
             grad_x = terms[0][0] @ terms[0][1]
             for grad, W in terms[1:]:
                 grad_x.addmm_(grad, W)
-        grad_lora_x = (from_lora_x[0] @ from_lora_x[1]
-                       if need_lora_x and from_lora_x is not None else None)
+        grad_lora_x = (
+            from_lora_x[0] @ from_lora_x[1] if need_lora_x and from_lora_x is not None else None
+        )
         grad_W0 = grad_y.t() @ x if need_W0 and grad_y is not None else None
         grad_b0 = grad_y.sum(0) if need_b0 and grad_y is not None else None
         return grad_x, grad_lora_x, grad_W0, grad_b0, grad_A, *grad_g

@@ -4,6 +4,7 @@ A kernel is a function `kernel(inputs: KernelInputs) -> Tensor` that returns y +
 (tokens, d_out), with Delta the mixture of lmoe.layer.mixture_delta (the reference every kernel is
 tested against, values and gradients). Kernels differ only in how they run it (see lmoe.kernels).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -6,6 +6,7 @@ The dense kernel's maths (docs/design.md section 2) per pair p = (t, e) with wei
 The gradient of g where g = 0 is left at 0: no router reads it (softmax's Jacobian carries a factor
 g_i, top-k's and sparsegen's are restricted to their support).
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,8 +41,9 @@ def weighted_pair_codes(h: Tensor, w: Tensor, z: Tensor | None, token: Tensor) -
     return w.unsqueeze(1) * (h if z is None else z.index_select(0, token))
 
 
-def weighted_pair_codes_backward(grad_v: Tensor, h: Tensor, w: Tensor, z: Tensor | None,
-                                 token: Tensor) -> tuple[Tensor, Tensor]:
+def weighted_pair_codes_backward(
+    grad_v: Tensor, h: Tensor, w: Tensor, z: Tensor | None, token: Tensor
+) -> tuple[Tensor, Tensor]:
     """Backward of weighted_pair_codes, with z = pairs_mixed_code(h, w, ...) for params.
 
     Args:

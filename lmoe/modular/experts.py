@@ -5,6 +5,7 @@ Each layer stacks its experts in one Parameter (lora_A (E, r, d_in), lora_B (E, 
 expert is a slice: adding or removing one rebuilds the Parameters (build the optimizer afterwards),
 freezing some masks their slices of the gradient.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,15 +15,21 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 from ..inject import CONFIG_ATTR, get_config, lmoe_layers
 from ..layer import MoLoRALinear, expert_bank_B
 
-NEW_EXPERT_LOGIT = -1e4  # exp() underflows to exactly 0 in float32; also below any sparsemax threshold
+NEW_EXPERT_LOGIT = (
+    -1e4
+)  # exp() underflows to exactly 0 in float32; also below any sparsemax threshold
 
 
 # ---------------------------------------------------------------- adding and removing experts
+
 
 def add_experts(model: nn.Module, n: int = 1, logit: float = NEW_EXPERT_LOGIT) -> list[int]:
     """Append n experts to every layer (LoRA init: A random, B = 0); returns their indices.
@@ -36,7 +43,9 @@ def add_experts(model: nn.Module, n: int = 1, logit: float = NEW_EXPERT_LOGIT) -
     """
     cfg = get_config(model)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"add_experts(n={n!r}): n is the number of experts to add, an integer >= 1.")
+        raise ValueError(
+            f"add_experts(n={n!r}): n is the number of experts to add, an integer >= 1."
+        )
     new_cfg = dataclasses.replace(cfg, num_experts=cfg.num_experts + n, router_bias=True)
     keep = list(range(cfg.num_experts))
     check_unmerged(model)
@@ -53,9 +62,13 @@ def remove_experts(model: nn.Module, which: Sequence[int]) -> None:
     check_unmerged(model)
     keep = [i for i in range(cfg.num_experts) if i not in set(which)]
     if not keep:
-        raise ValueError(f"remove_experts({list(which)}) would remove all {cfg.num_experts} experts; "
-                         "keep at least one.")
-    new_cfg = dataclasses.replace(cfg, num_experts=len(keep))  # validates top_k etc. before anything changes
+        raise ValueError(
+            f"remove_experts({list(which)}) would remove all {cfg.num_experts} experts; "
+            "keep at least one."
+        )
+    new_cfg = dataclasses.replace(
+        cfg, num_experts=len(keep)
+    )  # validates top_k etc. before anything changes
     for _, layer in lmoe_layers(model):
         _rebuild(layer, keep, 0, NEW_EXPERT_LOGIT)
     setattr(model, CONFIG_ATTR, new_cfg)
@@ -66,13 +79,17 @@ def check_experts(model: nn.Module, which: Sequence[int]) -> None:
     E = get_config(model).num_experts
     bad = [i for i in which if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < E]
     if bad or len(set(which)) != len(which):
-        raise ValueError(f"Expert indices {list(which)} are invalid: expected distinct integers from 0 to {E - 1}.")
+        raise ValueError(
+            f"Expert indices {list(which)} are invalid: expected distinct integers from 0 to {E - 1}."
+        )
 
 
 def check_unmerged(model: nn.Module) -> None:
     """Changing experts under lmoe.modular.merge would leave a stale update in the base weights."""
     if any(getattr(layer, "merged_routing", None) is not None for _, layer in lmoe_layers(model)):
-        raise ValueError("This model has a routing merged into its base weights; call lmoe.unmerge(model) first.")
+        raise ValueError(
+            "This model has a routing merged into its base weights; call lmoe.unmerge(model) first."
+        )
 
 
 @torch.no_grad()
@@ -88,8 +105,9 @@ def _rebuild(layer: MoLoRALinear, keep: list[int], n: int, logit: float) -> None
     layer.lora_B = nn.Parameter(expert_bank_B(B), requires_grad=layer.lora_B.requires_grad)
     router = layer.router
     if router.bias is None and n:
-        router.bias = nn.Parameter(router.weight.new_zeros(router.out_features),
-                                   requires_grad=router.weight.requires_grad)
+        router.bias = nn.Parameter(
+            router.weight.new_zeros(router.out_features), requires_grad=router.weight.requires_grad
+        )
     # weight (E, d_in), bias (E,), both stored divided by the router's scale
     for name, p in list(router.named_parameters(recurse=False)):
         shift = logit / router.scale if name == "bias" else 0.0
@@ -153,7 +171,9 @@ def _apply_freeze(layer: MoLoRALinear, mask: Tensor) -> None:
         p.requires_grad_(not all_frozen)
         if partly:
             keep = (~mask).to(p.dtype).view(-1, 1, 1)  # (E, 1, 1)
-            layer._lmoe_freeze_hooks.append(p.register_hook(lambda grad, keep=keep: grad * keep.to(grad.device)))
+            layer._lmoe_freeze_hooks.append(
+                p.register_hook(lambda grad, keep=keep: grad * keep.to(grad.device))
+            )
     if partly:
         _PARTLY_FROZEN.add(layer)
         _install_step_hooks()
@@ -170,7 +190,11 @@ def _install_step_hooks() -> None:
 def _snapshot_frozen(optimizer, args, kwargs) -> None:
     for layer in list(_PARTLY_FROZEN):
         idx = layer._lmoe_frozen_experts.nonzero().flatten().to(layer.lora_A.device)
-        layer._lmoe_snapshot = (idx, layer.lora_A.detach()[idx].clone(), layer.lora_B.detach()[idx].clone())
+        layer._lmoe_snapshot = (
+            idx,
+            layer.lora_A.detach()[idx].clone(),
+            layer.lora_B.detach()[idx].clone(),
+        )
 
 
 @torch.no_grad()

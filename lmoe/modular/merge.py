@@ -6,6 +6,7 @@ base alone (no router, no experts); `unmerge` subtracts it again and restores ro
 A skill's routing: the mean of its tokens' weights, `lmoe.mean_routing(rec)` after
 `with lmoe.record_routing(model) as rec: model(skill_ids)`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -21,8 +22,10 @@ from .compose import routing_vector
 def _routing_for(name: str, layer: MoLoRALinear, g: Tensor | Mapping[str, Tensor]) -> Tensor:
     weight = layer.base.weight
     if type(weight) is not nn.Parameter or not weight.dtype.is_floating_point:
-        raise TypeError(f"merge needs a floating-point base weight; {name!r} wraps {type(layer.base).__name__} "
-                        f"with a {weight.dtype} weight. Serve it unmerged, or load the base model in float.")
+        raise TypeError(
+            f"merge needs a floating-point base weight; {name!r} wraps {type(layer.base).__name__} "
+            f"with a {weight.dtype} weight. Serve it unmerged, or load the base model in float."
+        )
     return routing_vector(g, name, layer.num_experts).to(device=layer.lora_A.device)
 
 
@@ -40,10 +43,16 @@ def merge(model: nn.Module, g: Tensor | Mapping[str, Tensor]) -> nn.Module:
     """
     layers = list(lmoe_layers(model))
     if not layers:
-        raise ValueError("merge needs a model with lmoe layers; call lmoe.inject or lmoe.load_adapter first.")
+        raise ValueError(
+            "merge needs a model with lmoe layers; call lmoe.inject or lmoe.load_adapter first."
+        )
     if any(layer.merged_routing is not None for _, layer in layers):
-        raise ValueError("This model is already merged; call lmoe.unmerge(model) before merging another routing.")
-    routing = [_routing_for(name, layer, g) for name, layer in layers]  # all checked before any change
+        raise ValueError(
+            "This model is already merged; call lmoe.unmerge(model) before merging another routing."
+        )
+    routing = [
+        _routing_for(name, layer, g) for name, layer in layers
+    ]  # all checked before any change
     for (_, layer), g_layer in zip(layers, routing):
         weight = layer.base.weight
         weight += _base_update(layer, g_layer).to(weight.dtype)

@@ -7,5 +7,6 @@ checkpoints, the metrics log, multi-process setup, the objective, optimizer grou
 def __getattr__(name: str):
     if name in ("TrainConfig", "train"):
         from . import loop
+
         return getattr(loop, name)
     raise AttributeError(f"module 'lmoe.training' has no attribute {name!r}")

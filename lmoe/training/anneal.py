@@ -1,6 +1,7 @@
 """Router temperature annealing: the softmax / top-k gates train at a temperature that moves geometrically from
 TrainConfig.temperature_start to lmoe.temperature over the first temperature_anneal_steps steps, then stays there;
 the adapter is saved (and serves) at lmoe.temperature, the temperature training ended at."""
+
 from __future__ import annotations
 
 from torch import nn

@@ -1,4 +1,5 @@
 """TrainConfig: everything `lmoe train` needs, validated when built; YAML/JSON files, key=value overrides, recipes."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,14 @@ STRATEGIES = ("ddp", "fsdp")  # how several processes (torchrun / accelerate lau
 
 # The default run's mixture: 4 softmax-routed rank-4 experts on the attention and MLP inputs. A partial
 # `lmoe:` section (file or `lmoe.x=...` overrides) changes only the fields it names.
-DEFAULT_LMOE = dict(num_experts=4, rank=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
-                    router="softmax", composition="params")
+DEFAULT_LMOE = dict(
+    num_experts=4,
+    rank=4,
+    alpha=8,
+    target_modules=["q_proj", "v_proj", "up_proj"],
+    router="softmax",
+    composition="params",
+)
 
 
 # LD-MoLE's released settings (eshentw/LD-MoLE: conf/finetune.yaml, conf/model/*.yaml, conf/task/*.yaml, run.sh):
@@ -34,25 +41,45 @@ DEFAULT_LMOE = dict(num_experts=4, rank=4, alpha=8, target_modules=["q_proj", "v
 # experts, the gate and the lambda head alike, 8 experts of rank 8 (alpha 16) composed by outputs on all seven
 # projections, dynamic routing with load balance 1.0. Their learning rate (1e-4 over 3-10 epochs) is left to `lr`.
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RECIPES = {"ld-mole": dict(label_smoothing=0.1, weight_decay=0.1, lmoe=dict(
-    num_experts=8, rank=8, alpha=16, dropout=0.1, router_reads_dropout=True, composition="outputs",
-    router="dynamic", load_balance_coef=1.0, target_modules=SEVEN_PROJECTIONS))}
+RECIPES = {
+    "ld-mole": dict(
+        label_smoothing=0.1,
+        weight_decay=0.1,
+        lmoe=dict(
+            num_experts=8,
+            rank=8,
+            alpha=16,
+            dropout=0.1,
+            router_reads_dropout=True,
+            composition="outputs",
+            router="dynamic",
+            load_balance_coef=1.0,
+            target_modules=SEVEN_PROJECTIONS,
+        ),
+    )
+}
 
 
 # What --resume may change (dotted keys); any other difference from the run's saved config is
 # refused: the checkpoint's weights, optimizer state and data position continue that run only.
-RESUMABLE = frozenset({
-    "steps",  # more steps (not fewer than done); the cosine schedule stretches to the new total
-    "save_every",  # when checkpoints are written
-    # what is scored, not what is trained on
-    "eval_every", "eval_data", "eval_group", "eval_max_answer_tokens", "compare_base",
-    "max_bad_steps",  # when NaN/inf steps stop the run
-    "gradient_checkpointing",  # recomputes activations (same dropout masks): memory, not math
-    "output_dir",  # a moved run: it is read from where it is now
-    "batch_size",  # per process: the loop refuses a change of batch_size x processes (data read)
-    # the loss weights: the checkpoint's tensors do not depend on them (its mixture check allows it)
-    *(f"lmoe.{coef}" for coef in AUX_COEFS.values()),
-})
+RESUMABLE = frozenset(
+    {
+        "steps",  # more steps (not fewer than done); the cosine schedule stretches to the new total
+        "save_every",  # when checkpoints are written
+        # what is scored, not what is trained on
+        "eval_every",
+        "eval_data",
+        "eval_group",
+        "eval_max_answer_tokens",
+        "compare_base",
+        "max_bad_steps",  # when NaN/inf steps stop the run
+        "gradient_checkpointing",  # recomputes activations (same dropout masks): memory, not math
+        "output_dir",  # a moved run: it is read from where it is now
+        "batch_size",  # per process: the loop refuses a change of batch_size x processes (data read)
+        # the loss weights: the checkpoint's tensors do not depend on them (its mixture check allows it)
+        *(f"lmoe.{coef}" for coef in AUX_COEFS.values()),
+    }
+)
 
 
 def default_lmoe() -> LMoEConfig:
@@ -71,15 +98,21 @@ class TrainConfig:
     output_dir: str = "runs/lmoe"
     lmoe: LMoEConfig = field(default_factory=default_lmoe)
     mixture: Mixture = field(default_factory=Mixture)
-    mc: MultipleChoice = field(default_factory=MultipleChoice)  # how multiple-choice data trains and is scored
+    mc: MultipleChoice = field(
+        default_factory=MultipleChoice
+    )  # how multiple-choice data trains and is scored
     steps: int = 150
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 2e-3
     router_lr_scale: float = 1.0  # routers' group at lr times this, atop lmoe.router_param_scale
-    weight_decay: float = 0.0  # AdamW's, on every trainable parameter (experts, routers, lambda heads)
+    weight_decay: float = (
+        0.0  # AdamW's, on every trainable parameter (experts, routers, lambda heads)
+    )
     label_smoothing: float = 0.0  # of the LM loss (lmoe.training.objective)
-    temperature_start: float | None = None  # set: the gates' temperature anneals from it to lmoe.temperature (anneal.py)
+    temperature_start: float | None = (
+        None  # set: the gates' temperature anneals from it to lmoe.temperature (anneal.py)
+    )
     temperature_anneal_steps: int = 0  # ... over this many steps (1..steps)
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
@@ -87,16 +120,28 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"
     save_every: int = 50
-    eval_every: int = 0  # > 0: the held-out answer loss every this many steps (metrics.csv eval_loss)
+    eval_every: int = (
+        0  # > 0: the held-out answer loss every this many steps (metrics.csv eval_loss)
+    )
     compare_base: bool = True
     distributed: str = "ddp"
     gradient_checkpointing: bool = False
     load_in: str = "full"  # "8bit" / "4bit": the base quantised by bitsandbytes (CUDA only), experts in float32
-    max_bad_steps: int = 5  # stop after this many consecutive steps with a non-finite loss or gradient
-    init_adapter: str | None = None  # a saved adapter directory to start from; its mixture replaces `lmoe`
-    train_experts: bool = True  # false: every expert frozen, only the routers (and lambda heads) learn
-    frozen_experts: list[int] = field(default_factory=list)  # these experts of init_adapter frozen, the rest learn
-    recipe: str | None = None  # "ld-mole": the LD-MoLE authors' settings (RECIPES) for every field left at its default
+    max_bad_steps: int = (
+        5  # stop after this many consecutive steps with a non-finite loss or gradient
+    )
+    init_adapter: str | None = (
+        None  # a saved adapter directory to start from; its mixture replaces `lmoe`
+    )
+    train_experts: bool = (
+        True  # false: every expert frozen, only the routers (and lambda heads) learn
+    )
+    frozen_experts: list[int] = field(
+        default_factory=list
+    )  # these experts of init_adapter frozen, the rest learn
+    recipe: str | None = (
+        None  # "ld-mole": the LD-MoLE authors' settings (RECIPES) for every field left at its default
+    )
 
     def __post_init__(self) -> None:
         self._apply_recipe()
@@ -114,38 +159,92 @@ class TrainConfig:
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)])
         for name in ("steps", "batch_size", "grad_accum", "max_length", "max_bad_steps"):
-            _check(self, name, isinstance(getattr(self, name), int) and getattr(self, name) >= 1, "an integer >= 1")
+            _check(
+                self,
+                name,
+                isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
+                "an integer >= 1",
+            )
         for name in ("warmup_steps", "save_every", "eval_every", "seed"):
-            _check(self, name, isinstance(getattr(self, name), int) and getattr(self, name) >= 0, "an integer >= 0")
+            _check(
+                self,
+                name,
+                isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
+                "an integer >= 0",
+            )
         _check(self, "lr", is_number(self.lr) and self.lr > 0, "a finite number > 0")
-        _check(self, "label_smoothing", is_number(self.label_smoothing) and 0 <= self.label_smoothing < 1,
-               "a number in [0, 1)")
-        _check(self, "router_lr_scale", is_number(self.router_lr_scale) and self.router_lr_scale > 0, "a finite number > 0")
+        _check(
+            self,
+            "label_smoothing",
+            is_number(self.label_smoothing) and 0 <= self.label_smoothing < 1,
+            "a number in [0, 1)",
+        )
+        _check(
+            self,
+            "router_lr_scale",
+            is_number(self.router_lr_scale) and self.router_lr_scale > 0,
+            "a finite number > 0",
+        )
         for name in ("weight_decay", "max_grad_norm"):
-            _check(self, name, is_number(getattr(self, name)) and getattr(self, name) >= 0, "a finite number >= 0")
+            _check(
+                self,
+                name,
+                is_number(getattr(self, name)) and getattr(self, name) >= 0,
+                "a finite number >= 0",
+            )
         _check(self, "precision", self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}")
-        _check(self, "distributed", self.distributed in STRATEGIES, f"one of {', '.join(STRATEGIES)}")
-        _check(self, "gradient_checkpointing", isinstance(self.gradient_checkpointing, bool), "true or false")
+        _check(
+            self, "distributed", self.distributed in STRATEGIES, f"one of {', '.join(STRATEGIES)}"
+        )
+        _check(
+            self,
+            "gradient_checkpointing",
+            isinstance(self.gradient_checkpointing, bool),
+            "true or false",
+        )
         _check(self, "load_in", self.load_in in LOAD_IN, f"one of {', '.join(LOAD_IN)}")
-        _check(self, "eval_group", self.eval_group is None or isinstance(self.eval_group, str)
-               and self.eval_group != "", "null or the name of a key of the eval_data rows")
-        _check(self, "eval_max_answer_tokens", isinstance(self.eval_max_answer_tokens, int)
-               and self.eval_max_answer_tokens >= 0, "an integer >= 0 (0: no exact match)")
+        _check(
+            self,
+            "eval_group",
+            self.eval_group is None or isinstance(self.eval_group, str) and self.eval_group != "",
+            "null or the name of a key of the eval_data rows",
+        )
+        _check(
+            self,
+            "eval_max_answer_tokens",
+            isinstance(self.eval_max_answer_tokens, int) and self.eval_max_answer_tokens >= 0,
+            "an integer >= 0 (0: no exact match)",
+        )
         self._check_annealing()
 
     def _check_annealing(self) -> None:
         if self.temperature_start is None:
-            _check(self, "temperature_anneal_steps", self.temperature_anneal_steps == 0,
-                   "0 without temperature_start (the temperature to anneal from)")
+            _check(
+                self,
+                "temperature_anneal_steps",
+                self.temperature_anneal_steps == 0,
+                "0 without temperature_start (the temperature to anneal from)",
+            )
             return
-        _check(self, "temperature_start", is_number(self.temperature_start) and self.temperature_start > 0,
-               "null or a finite number > 0")
-        _check(self, "temperature_anneal_steps", isinstance(self.temperature_anneal_steps, int) and
-               1 <= self.temperature_anneal_steps <= self.steps, f"an integer in 1..steps ({self.steps})")
+        _check(
+            self,
+            "temperature_start",
+            is_number(self.temperature_start) and self.temperature_start > 0,
+            "null or a finite number > 0",
+        )
+        _check(
+            self,
+            "temperature_anneal_steps",
+            isinstance(self.temperature_anneal_steps, int)
+            and 1 <= self.temperature_anneal_steps <= self.steps,
+            f"an integer in 1..steps ({self.steps})",
+        )
         if self.lmoe.router == "dynamic":
-            raise ValueError(f"TrainConfig.temperature_start={self.temperature_start!r}: lmoe.router=dynamic has no "
-                             "temperature (sparsegen's lambda sets how sparse it is). Drop temperature_start, or "
-                             "use lmoe.router=softmax or topk.")
+            raise ValueError(
+                f"TrainConfig.temperature_start={self.temperature_start!r}: lmoe.router=dynamic has no "
+                "temperature (sparsegen's lambda sets how sparse it is). Drop temperature_start, or "
+                "use lmoe.router=softmax or topk."
+            )
 
     def _apply_recipe(self) -> None:
         """Fill the fields still at their defaults (top level and lmoe.*) from the named recipe."""
@@ -153,44 +252,78 @@ class TrainConfig:
             return
         _check(self, "recipe", self.recipe in RECIPES, f"null or one of {', '.join(RECIPES)}")
         recipe = RECIPES[self.recipe]
-        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        defaults = {
+            f.name: f.default
+            for f in dataclasses.fields(self)
+            if f.default is not dataclasses.MISSING
+        }
         for name, value in recipe.items():
             if name != "lmoe" and getattr(self, name) == defaults[name]:
                 setattr(self, name, value)
-        if isinstance(self.lmoe, LMoEConfig):  # a whole config counts as given where it differs from the default
-            self.lmoe = {k: v for k, v in self.lmoe.to_dict().items() if v != default_lmoe().to_dict()[k]}
+        if isinstance(
+            self.lmoe, LMoEConfig
+        ):  # a whole config counts as given where it differs from the default
+            self.lmoe = {
+                k: v for k, v in self.lmoe.to_dict().items() if v != default_lmoe().to_dict()[k]
+            }
         if self.init_adapter is None:
             self.lmoe = {**DEFAULT_LMOE, **recipe["lmoe"], **self.lmoe}
 
     def _check_init_adapter(self) -> None:
         if isinstance(self.init_adapter, os.PathLike):
             self.init_adapter = os.fspath(self.init_adapter)
-        _check(self, "init_adapter", self.init_adapter is None or isinstance(self.init_adapter, str) and
-               self.init_adapter != "", "an adapter directory, or null for fresh experts")
+        _check(
+            self,
+            "init_adapter",
+            self.init_adapter is None
+            or isinstance(self.init_adapter, str)
+            and self.init_adapter != "",
+            "an adapter directory, or null for fresh experts",
+        )
         _check(self, "train_experts", isinstance(self.train_experts, bool), "true or false")
         if not self.train_experts and self.init_adapter is None:
-            raise ValueError("TrainConfig.train_experts=false needs init_adapter=DIR: fresh experts start at zero "
-                             "and, frozen, would stay there. Give the adapter to start from, or train_experts=true.")
+            raise ValueError(
+                "TrainConfig.train_experts=false needs init_adapter=DIR: fresh experts start at zero "
+                "and, frozen, would stay there. Give the adapter to start from, or train_experts=true."
+            )
         if isinstance(self.frozen_experts, int) and not isinstance(self.frozen_experts, bool):
             self.frozen_experts = [self.frozen_experts]
-        _check(self, "frozen_experts", isinstance(self.frozen_experts, list) and all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.frozen_experts)
-            and len(set(self.frozen_experts)) == len(self.frozen_experts), "a list of distinct expert indices")
+        _check(
+            self,
+            "frozen_experts",
+            isinstance(self.frozen_experts, list)
+            and all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                for i in self.frozen_experts
+            )
+            and len(set(self.frozen_experts)) == len(self.frozen_experts),
+            "a list of distinct expert indices",
+        )
         if self.frozen_experts and self.init_adapter is None:
-            raise ValueError(f"TrainConfig.frozen_experts={self.frozen_experts} needs init_adapter=DIR: it keeps "
-                             "experts of a saved mixture as they are (e.g. after `lmoe experts add MIX --fresh 1`). "
-                             "Give the adapter, or drop frozen_experts.")
+            raise ValueError(
+                f"TrainConfig.frozen_experts={self.frozen_experts} needs init_adapter=DIR: it keeps "
+                "experts of a saved mixture as they are (e.g. after `lmoe experts add MIX --fresh 1`). "
+                "Give the adapter, or drop frozen_experts."
+            )
         if self.frozen_experts and not self.train_experts:
-            raise ValueError(f"TrainConfig.frozen_experts={self.frozen_experts} with train_experts=false: every "
-                             "expert is frozen already. Drop one of them.")
+            raise ValueError(
+                f"TrainConfig.frozen_experts={self.frozen_experts} with train_experts=false: every "
+                "expert is frozen already. Drop one of them."
+            )
 
     def _check_frozen_experts(self) -> None:
         E = self.lmoe.num_experts
-        _check(self, "frozen_experts", all(i < E for i in self.frozen_experts),
-               f"indices of init_adapter's {E} experts, 0 to {E - 1}")
+        _check(
+            self,
+            "frozen_experts",
+            all(i < E for i in self.frozen_experts),
+            f"indices of init_adapter's {E} experts, 0 to {E - 1}",
+        )
         if self.frozen_experts and self.distributed == "fsdp":
-            raise ValueError("TrainConfig.frozen_experts with distributed=fsdp: FSDP shards the stacked experts that "
-                             "freezing masks slice by slice. Use distributed=ddp, or train_experts=false.")
+            raise ValueError(
+                "TrainConfig.frozen_experts with distributed=fsdp: FSDP shards the stacked experts that "
+                "freezing masks slice by slice. Use distributed=ddp, or train_experts=false."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         # lmoe: the mixture's fields, not PEFT's (an LMoEConfig is a peft.PeftConfig)
@@ -230,8 +363,9 @@ def read_config_file(path: str | Path | None) -> dict:
     if not path:
         return {}
     if not Path(path).is_file():
-        raise FileNotFoundError(f"Config file {path} does not exist; pass an existing YAML/JSON "
-                                "file to --config.")
+        raise FileNotFoundError(
+            f"Config file {path} does not exist; pass an existing YAML/JSON file to --config."
+        )
     try:
         data = load_yaml(Path(path).read_text()) or {}
     except yaml.YAMLError as err:
@@ -245,9 +379,11 @@ def read_saved_config(output_dir: str | Path) -> dict:
     """The fields of the run in output_dir, as it saved them (--resume continues that run)."""
     path = Path(output_dir) / SAVED_CONFIG
     if not path.is_file():
-        raise FileNotFoundError(f"--resume: no run to continue in {output_dir} ({SAVED_CONFIG} is "
-                                "missing); give the output_dir of the run to continue, or train "
-                                "without --resume first.")
+        raise FileNotFoundError(
+            f"--resume: no run to continue in {output_dir} ({SAVED_CONFIG} is "
+            "missing); give the output_dir of the run to continue, or train "
+            "without --resume first."
+        )
     return read_config_file(path)
 
 
@@ -255,15 +391,19 @@ def check_resumable(saved: TrainConfig, asked: TrainConfig) -> None:
     """--resume continues the saved run: refuse every difference but RESUMABLE's, naming both
     values."""
     before, after = _flat(saved.to_dict()), _flat(asked.to_dict())
-    changed = [key for key in sorted(before.keys() | after.keys())
-               if before.get(key) != after.get(key) and key not in RESUMABLE]
+    changed = [
+        key
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key) != after.get(key) and key not in RESUMABLE
+    ]
     if changed:
         both = ", ".join(f"{k}={before.get(k)!r} there, {after.get(k)!r} here" for k in changed)
         free = ", ".join(sorted(RESUMABLE))
         raise ValueError(
             f"--resume: {both}: the run in {asked.output_dir} ({SAVED_CONFIG}) cannot continue "
             f"with another value. Drop those settings to continue it (only {free} may change), or "
-            "train into a new output_dir.")
+            "train into a new output_dir."
+        )
 
 
 def _flat(data: dict, prefix: str = "") -> dict:
@@ -290,35 +430,49 @@ def adapter_lmoe(directory: str, given: dict | LMoEConfig) -> LMoEConfig:
     """The mixture of the adapter training starts from. An `lmoe` section (`given`) may only repeat its
     values: a partial one (a dict) names the fields it sets; a whole one counts as unset when it is the default."""
     if not (Path(directory) / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"TrainConfig.init_adapter={directory!r}: no adapter there ({CONFIG_FILE} is "
-                                "missing). Pass a directory written by `lmoe train` (OUTPUT_DIR/adapter) or "
-                                "`lmoe compose`, or drop init_adapter to start from fresh experts.")
-    verify_adapter(directory)  # a corrupt adapter stops the run here, not after the base model's evaluation
+        raise FileNotFoundError(
+            f"TrainConfig.init_adapter={directory!r}: no adapter there ({CONFIG_FILE} is "
+            "missing). Pass a directory written by `lmoe train` (OUTPUT_DIR/adapter) or "
+            "`lmoe compose`, or drop init_adapter to start from fresh experts."
+        )
+    verify_adapter(
+        directory
+    )  # a corrupt adapter stops the run here, not after the base model's evaluation
     saved = LMoEConfig.from_dict(read_adapter_meta(directory)["config"])
     if isinstance(given, LMoEConfig):
         given = {} if given == default_lmoe() else given.to_dict()
     asked = LMoEConfig.from_dict({**saved.to_dict(), **given})
     before, after = saved.to_dict(), asked.to_dict()  # the mixture's fields, not PEFT's
-    clash = [f"lmoe.{key}={after[key]!r} (the adapter's is {before[key]!r})"
-             for key in before if after[key] != before[key]]
+    clash = [
+        f"lmoe.{key}={after[key]!r} (the adapter's is {before[key]!r})"
+        for key in before
+        if after[key] != before[key]
+    ]
     if clash:
-        raise ValueError(f"TrainConfig: init_adapter={directory} brings its own mixture, and the lmoe section sets "
-                         f"{'; '.join(clash)}. Drop those lmoe keys to train the adapter's mixture, or drop "
-                         "init_adapter to train fresh experts.")
+        raise ValueError(
+            f"TrainConfig: init_adapter={directory} brings its own mixture, and the lmoe section sets "
+            f"{'; '.join(clash)}. Drop those lmoe keys to train the adapter's mixture, or drop "
+            "init_adapter to train fresh experts."
+        )
     return saved
 
 
 def _check(cfg: Any, name: str, ok: bool, expected: str) -> None:
     if not ok:
-        raise ValueError(f"TrainConfig.{name}={getattr(cfg, name)!r} is invalid: expected {expected}.")
+        raise ValueError(
+            f"TrainConfig.{name}={getattr(cfg, name)!r} is invalid: expected {expected}."
+        )
 
 
 class _Loader(yaml.SafeLoader):
     """yaml.safe_load's loader, except that 1e-4 and 2E5 are numbers (as in YAML 1.2 and JSON), not strings."""
 
 
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                              list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def load_yaml(text: str) -> Any:
@@ -331,12 +485,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"Override {item!r} must look like key=value, e.g. steps=100 or lmoe.num_experts=8.")
+            raise ValueError(
+                f"Override {item!r} must look like key=value, e.g. steps=100 or lmoe.num_experts=8."
+            )
         node, parts = data, key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         try:
             node[parts[-1]] = load_yaml(value)
         except yaml.YAMLError as err:
-            raise ValueError(f"Override {item!r}: the value is not valid YAML ({err}); quote it or fix it.") from err
+            raise ValueError(
+                f"Override {item!r}: the value is not valid YAML ({err}); quote it or fix it."
+            ) from err
     return data

@@ -1,5 +1,6 @@
 """Processes and devices for training: accelerate's Accelerator (autocast, gloo on CPU), DDP or FSDP2
 (fully_shard) over several processes, and the trained model gathered whole for saving and evaluation."""
+
 from __future__ import annotations
 
 import os
@@ -39,10 +40,16 @@ def distribute(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module) -> 
         return accelerator.prepare_model(model)
     blocks = set(getattr(model, "_no_split_modules", None) or [])
     model.to(accelerator.device)
-    for module in model.modules():  # FSDP shards contiguous tensors only (lora_B is a permuted view)
+    for (
+        module
+    ) in model.modules():  # FSDP shards contiguous tensors only (lora_B is a permuted view)
         for name, p in module.named_parameters(recurse=False):
             if not p.is_contiguous():
-                setattr(module, name, nn.Parameter(p.detach().contiguous(), requires_grad=p.requires_grad))
+                setattr(
+                    module,
+                    name,
+                    nn.Parameter(p.detach().contiguous(), requires_grad=p.requires_grad),
+                )
     shared = shared_modules(model)
     if shared:
         model.lmoe_shared = nn.ModuleList(shared)  # a path to them outside every decoder layer
@@ -54,7 +61,7 @@ def distribute(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module) -> 
 
 
 def mixed_precision(precision: str) -> str:
-    """"auto": bf16 on a GPU that has it, else fp16 on GPU, full precision on CPU."""
+    """ "auto": bf16 on a GPU that has it, else fp16 on GPU, full precision on CPU."""
     if precision != "auto":
         return precision
     if not torch.cuda.is_available():
@@ -62,13 +69,17 @@ def mixed_precision(precision: str) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def single_process_model(accelerator: Accelerator, model: nn.Module, fresh: Callable[[], nn.Module]) -> nn.Module:
+def single_process_model(
+    accelerator: Accelerator, model: nn.Module, fresh: Callable[[], nn.Module]
+) -> nn.Module:
     """The trained model whole on the main process, for saving and evaluation. Every process calls this:
     FSDP's shards are gathered (collectively) into fresh() there (the base with the run's starting adapter,
     whose frozen experts are not gathered); the others keep their shards."""
     if not isinstance(model, FSDPModule):  # DDP keeps a whole copy in every process
         return accelerator.unwrap_model(model)
-    adapter, _ = get_state_dict(model, [], options=FULL)  # cpu_offload: only the main process receives it
+    adapter, _ = get_state_dict(
+        model, [], options=FULL
+    )  # cpu_offload: only the main process receives it
     if not accelerator.is_main_process:
         return model
     whole = fresh()
@@ -85,7 +96,9 @@ def clip_grad_norm(accelerator: Accelerator, model: nn.Module, max_norm: float) 
     times as much in the norm. They are counted divided by c, so the clipping (and, Adam being
     invariant to a gradient's scale, the update) is what routers at c times the learning rate get."""
     routers = [m for m in model.modules() if isinstance(m, ScaledLinear) and m.scale != 1]
-    scaled = [(p, m.scale) for m in routers for p in m.parameters(recurse=False) if p.grad is not None]
+    scaled = [
+        (p, m.scale) for m in routers for p in m.parameters(recurse=False) if p.grad is not None
+    ]
     for p, scale in scaled:
         p.grad.div_(scale)
     norm = accelerator.clip_grad_norm_(model.parameters(), max_norm or float("inf"))

@@ -1,5 +1,6 @@
 """How a training run is scored: the held-out loss during training, and the base and trained models'
 results (built-in mixture, benchmarks, eval_data files, routing specialisation) before and after."""
+
 from __future__ import annotations
 
 import json
@@ -12,17 +13,30 @@ from torch import nn
 
 from ..data.benchmarks import task_names
 from ..data.encoding import Example
-from ..inject import lmoe_layers
 from ..evaluation.progress import announce
-from ..evaluation.scoring import answer_logprobs, evaluate_benchmarks, evaluate_file, evaluate_mixture, write_json
+from ..evaluation.scoring import (
+    answer_logprobs,
+    evaluate_benchmarks,
+    evaluate_file,
+    evaluate_mixture,
+    write_json,
+)
+from ..inject import lmoe_layers
 from .config import TrainConfig
 
 ROUTING_FILE = "routing.json"
-ROUTING_SUMMARY = ("mutual_information_bits", "routing_entropy", "top_weight_over_half", "mean_active_experts")
+ROUTING_SUMMARY = (
+    "mutual_information_bits",
+    "routing_entropy",
+    "top_weight_over_half",
+    "mean_active_experts",
+)
 
 
 @torch.no_grad()
-def validation_loss(accelerator: Accelerator, model: nn.Module, examples: list[Example], pad_id: int) -> float:
+def validation_loss(
+    accelerator: Accelerator, model: nn.Module, examples: list[Example], pad_id: int
+) -> float:
     """Mean negative log-likelihood per answer token of the held-out examples. Every process scores all of
     them (the same value everywhere; FSDP's forwards need every process anyway)."""
     with accelerator.autocast():
@@ -48,8 +62,15 @@ def evaluate_all(model: nn.Module, tokenizer, cfg: TrainConfig) -> dict:
     if tasks:
         results |= evaluate_benchmarks(model, tokenizer, tasks, cfg.mc, cfg.max_length)
     for path in files:
-        scored = evaluate_file(model, tokenizer, path, cfg.max_length, cfg.mc, cfg.eval_group,
-                               cfg.eval_max_answer_tokens)
+        scored = evaluate_file(
+            model,
+            tokenizer,
+            path,
+            cfg.max_length,
+            cfg.mc,
+            cfg.eval_group,
+            cfg.eval_max_answer_tokens,
+        )
         for metric, values in scored.items():
             results[f"{metric}:{Path(path).stem}"] = values
     return results
@@ -58,7 +79,10 @@ def evaluate_all(model: nn.Module, tokenizer, cfg: TrainConfig) -> dict:
 def held_out_routing(model: nn.Module, tokenizer, cfg: TrainConfig, path: Path) -> dict[str, float]:
     """How the routing specialises on the answer tokens of the built-in mixture's held-out data, averaged over
     layers (I(skill/domain; expert) in bits, entropy / log E, ...); written whole, per layer, to path."""
-    from ..evaluation.analysis import held_out_specialisation  # plotting libraries: imported only when used
+    from ..evaluation.analysis import (
+        held_out_specialisation,
+    )  # plotting libraries: imported only when used
+
     result = held_out_specialisation(model, tokenizer, cfg.mixture, cfg.max_length)
     write_json(result, path)
     return {key: result[key] for key in ROUTING_SUMMARY}

@@ -7,6 +7,7 @@ signal's number). Before the first step and after the last one (loading, the bas
 evaluations) nothing would be half-saved, so the signal raises TrainingInterrupted at once. A second
 Ctrl-C exits at once.
 """
+
 from __future__ import annotations
 
 import shlex
@@ -38,8 +39,10 @@ class TrainingInterrupted(BaseException):  # as KeyboardInterrupt: `except Excep
     def line(self) -> str:
         if self.step == 0:
             return "interrupted before the first step; nothing was saved"
-        return (f"interrupted at step {self.step} of {self.steps}; resume with: "
-                f"lmoe train output_dir={shlex.quote(str(self.output_dir))} --resume")
+        return (
+            f"interrupted at step {self.step} of {self.steps}; resume with: "
+            f"lmoe train output_dir={shlex.quote(str(self.output_dir))} --resume"
+        )
 
 
 class Interrupts:

@@ -8,6 +8,7 @@ one drew. The building blocks: train_config (TrainConfig), train_data and train_
 how it is scored), checkpoint, metrics_log, distributed (processes, DDP/FSDP2), start (what is
 checked before anything loads; --resume), interrupt (SIGINT/SIGTERM: the steps done saved).
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,16 @@ from tqdm.auto import tqdm
 
 from ..data.encoding import IGNORE, batch_stream, collate
 from ..evaluation.scoring import format_table, write_json
-from ..inject import (AUX_COEFS, aux_loss, aux_loss_apart, aux_losses, count_parameters, inject,
-                      lmoe_layers, routing_counts)
+from ..inject import (
+    AUX_COEFS,
+    aux_loss,
+    aux_loss_apart,
+    aux_losses,
+    count_parameters,
+    inject,
+    lmoe_layers,
+    routing_counts,
+)
 from ..io import load_adapter, save_adapter
 from ..models import check_context, enable_activation_checkpointing, load_model
 from ..modular.experts import freeze_experts
@@ -51,11 +60,13 @@ logger = logging.getLogger(__name__)
 
 def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
     """LR multiplier: linear from 1/warmup to 1 over `warmup` steps, then cosine decay to 0 at `total`."""
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
     return factor
 
 
@@ -69,14 +80,16 @@ def seed_step(seed: int, step: int, rank: int) -> None:
 class TrainResult:
     """What train() returns. With several processes only the main one evaluates and holds the whole model:
     the others return results={} and their own copy (DDP) or shards (FSDP) of the trained model."""
+
     model: nn.Module
     tokenizer: Any
     adapter_dir: Path
     results: dict  # run name ("base", "trained") -> metric -> task -> value (multiple choice: -> protocol/template)
 
 
-def train(cfg: TrainConfig, resume: bool = False,
-          on_step: Callable[[dict], None] | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig, resume: bool = False, on_step: Callable[[dict], None] | None = None
+) -> TrainResult:
     """Train cfg.lmoe experts (fresh, or init_adapter's) on cfg.data (or the built-in mixture); save
     the adapter; evaluate. The main process alone evaluates and saves (see TrainResult).
 
@@ -115,15 +128,19 @@ def _train(cfg: TrainConfig, checkpoint: dict | None, on_step, stop: Interrupts)
         if cfg.compare_base:
             model.to(accelerator.device)  # in every process: the experts are drawn on that device
             if main:  # the others wait at the first collective of training
-                runs["base"] = cached_eval(out / "eval_base.json", checkpoint is not None,
-                                           lambda: evaluate_all(model, tokenizer, cfg))
+                runs["base"] = cached_eval(
+                    out / "eval_base.json",
+                    checkpoint is not None,
+                    lambda: evaluate_all(model, tokenizer, cfg),
+                )
         add_adapter(model, cfg)
         if cfg.gradient_checkpointing:
             enable_activation_checkpointing(model)
         _print_size(accelerator, model, len(examples))
         model = distribute(cfg, accelerator, model)  # before the optimizer: FSDP swaps parameters
-        optimizer = adamw(param_groups(model, cfg.lr, cfg.router_lr_scale),
-                          weight_decay=cfg.weight_decay)
+        optimizer = adamw(
+            param_groups(model, cfg.lr, cfg.router_lr_scale), weight_decay=cfg.weight_decay
+        )
         schedule = warmup_cosine(cfg.warmup_steps, cfg.steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         optimizer = accelerator.prepare_optimizer(optimizer)
@@ -137,8 +154,20 @@ def _train(cfg: TrainConfig, checkpoint: dict | None, on_step, stop: Interrupts)
         log = MetricsLog(out, state.step) if main else None
         score = partial(validation_loss, accelerator, model, held_out, pad_id) if held_out else None
         with stop.deferred():
-            stopped = _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, pad_id,
-                                 state, log, on_step, stop, score)
+            stopped = _run_steps(
+                cfg,
+                accelerator,
+                model,
+                optimizer,
+                scheduler,
+                examples,
+                pad_id,
+                state,
+                log,
+                on_step,
+                stop,
+                score,
+            )
             model = _save_adapter(cfg, accelerator, model)
     stop.step = state.step
     if stopped:
@@ -156,23 +185,27 @@ def _print_size(accelerator: Accelerator, model: nn.Module, examples: int) -> No
     none)."""
     trainable, total = count_parameters(model)
     layers = sum(1 for _ in lmoe_layers(model))
-    accelerator.print(f"lmoe: {examples} training examples; {layers} layers, trainable params "
-                      f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
+    accelerator.print(
+        f"lmoe: {examples} training examples; {layers} layers, trainable params "
+        f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
+    )
 
 
 def _save_adapter(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module) -> nn.Module:
     """Save the adapter from the main process, with the whole model; the others only wait.
     Returns this process's model."""
-    model = single_process_model(accelerator, model,
-                                 lambda: add_adapter(load_model(cfg.model)[0], cfg))
+    model = single_process_model(
+        accelerator, model, lambda: add_adapter(load_model(cfg.model)[0], cfg)
+    )
     if accelerator.is_main_process:
         save_adapter(model, Path(cfg.output_dir) / "adapter")
     accelerator.wait_for_everyone()  # the adapter is on disk when train() returns in any process
     return model
 
 
-def _evaluate(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module, tokenizer,
-              runs: dict) -> None:
+def _evaluate(
+    cfg: TrainConfig, accelerator: Accelerator, model: nn.Module, tokenizer, runs: dict
+) -> None:
     """Add runs["trained"] on the main process; write eval.json and print the table when there
     are results."""
     if accelerator.is_main_process:
@@ -202,61 +235,109 @@ def add_adapter(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     return model
 
 
-def _run_steps(cfg, accelerator, model, optimizer, scheduler, examples, pad_id, state, log, on_step,
-               stop: Interrupts, score: Callable[[], float] | None = None) -> bool:
+def _run_steps(
+    cfg,
+    accelerator,
+    model,
+    optimizer,
+    scheduler,
+    examples,
+    pad_id,
+    state,
+    log,
+    on_step,
+    stop: Interrupts,
+    score: Callable[[], float] | None = None,
+) -> bool:
     """Optimizer steps state.step+1 .. cfg.steps; each averages grad_accum micro-batches per process.
     score: the held-out loss, logged every cfg.eval_every steps. Returns whether a signal (stop, in
     any process) ended the run early, after a step whose checkpoint it saved."""
     ranks, rank = accelerator.num_processes, accelerator.process_index
-    global_batch = cfg.batch_size * ranks  # each process takes a disjoint slice of every global batch
+    global_batch = (
+        cfg.batch_size * ranks
+    )  # each process takes a disjoint slice of every global batch
     stream = batch_stream(examples, global_batch, cfg.seed, start=state.batches)
-    bar = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not accelerator.is_main_process)
+    bar = tqdm(
+        total=cfg.steps, initial=state.step, desc="train", disable=not accelerator.is_main_process
+    )
     bad = skipped = 0  # steps with a NaN/inf loss or gradient: in a row, and in this run
     stopping = False  # a signal in any process, agreed on in the step's all-reduce
     model.train()
     while state.step < cfg.steps:
         started = time.perf_counter()
         if cfg.temperature_start is not None:
-            set_router_temperature(model, annealed_temperature(cfg.temperature_start, cfg.lmoe.temperature,
-                                                               cfg.temperature_anneal_steps, state.step))
+            set_router_temperature(
+                model,
+                annealed_temperature(
+                    cfg.temperature_start,
+                    cfg.lmoe.temperature,
+                    cfg.temperature_anneal_steps,
+                    state.step,
+                ),
+            )
         seed_step(cfg.seed, state.step, rank)
         batches = [next(stream)[rank::ranks] for _ in range(cfg.grad_accum)]
-        lm, aux, terms, tokens, stopping = _accumulate(accelerator, model, batches, pad_id,
-                                                       stop=stop.signum is not None)
+        lm, aux, terms, tokens, stopping = _accumulate(
+            accelerator, model, batches, pad_id, stop=stop.signum is not None
+        )
         state.batches, state.global_batch = state.batches + cfg.grad_accum, global_batch
         grad_norm = float(clip_grad_norm(accelerator, model, cfg.max_grad_norm))
         lr = scheduler.get_last_lr()[0]
         finite = math.isfinite(lm + aux) and math.isfinite(grad_norm)  # both on the host already
         if finite:
             optimizer.step()
-        bad, skipped = (0, skipped) if finite else _skip_step(cfg, state.step + 1, bad + 1, skipped + 1)
+        bad, skipped = (
+            (0, skipped) if finite else _skip_step(cfg, state.step + 1, bad + 1, skipped + 1)
+        )
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         seconds = time.perf_counter() - started
         state.elapsed_s += seconds
-        row = {"step": state.step, "loss": lm + aux, "lm_loss": lm, "aux_loss": aux,
-               **{k: terms.get(k, "") for k in AUX_COEFS}, **{k: terms[k] for k in ROUTING_COLUMNS},
-               "lr": lr, "grad_norm": grad_norm,
-               "tokens": tokens, "tokens_per_s": tokens / seconds, "elapsed_s": state.elapsed_s}
+        row = {
+            "step": state.step,
+            "loss": lm + aux,
+            "lm_loss": lm,
+            "aux_loss": aux,
+            **{k: terms.get(k, "") for k in AUX_COEFS},
+            **{k: terms[k] for k in ROUTING_COLUMNS},
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": tokens,
+            "tokens_per_s": tokens / seconds,
+            "elapsed_s": state.elapsed_s,
+        }
         if score is not None and state.step % cfg.eval_every == 0:
             row["eval_loss"] = score()
         if log is not None:
             log.write(row)
             if on_step is not None:
                 on_step(row)
-        bar.set_postfix(loss=f"{lm:.3f}", aux=f"{aux:.4f}", experts=f"{terms['active_experts']:.2f}",
-                        H=f"{terms['routing_entropy']:.2f}", tok_s=f"{tokens / seconds:.0f}")
+        bar.set_postfix(
+            loss=f"{lm:.3f}",
+            aux=f"{aux:.4f}",
+            experts=f"{terms['active_experts']:.2f}",
+            H=f"{terms['routing_entropy']:.2f}",
+            tok_s=f"{tokens / seconds:.0f}",
+        )
         bar.update()
         due = cfg.save_every and state.step % cfg.save_every == 0 or state.step == cfg.steps
         if stopping or finite and due:  # a stop saves a non-finite step too: its update was dropped
-            save_checkpoint(Path(cfg.output_dir) / CHECKPOINT, model, optimizer, scheduler, state,
-                            accelerator.is_main_process)
+            save_checkpoint(
+                Path(cfg.output_dir) / CHECKPOINT,
+                model,
+                optimizer,
+                scheduler,
+                state,
+                accelerator.is_main_process,
+            )
             accelerator.wait_for_everyone()
         if stopping:
             break
     bar.close()
-    if cfg.temperature_start is not None:  # the saved adapter serves at lmoe.temperature, where training ended
+    if (
+        cfg.temperature_start is not None
+    ):  # the saved adapter serves at lmoe.temperature, where training ended
         set_router_temperature(model, cfg.lmoe.temperature)
     if log is not None:
         log.close()
@@ -269,19 +350,30 @@ class NonFiniteLoss(ValueError):
 
 def _skip_step(cfg: TrainConfig, step: int, bad: int, skipped: int) -> tuple[int, int]:
     """Log a step whose update was dropped for a NaN/inf loss or gradient; stop after max_bad_steps in a row."""
-    logger.warning("lmoe: step %d skipped: the loss or gradient is NaN/inf (%d in a row, %d in this run)",
-                   step, bad, skipped)
+    logger.warning(
+        "lmoe: step %d skipped: the loss or gradient is NaN/inf (%d in a row, %d in this run)",
+        step,
+        bad,
+        skipped,
+    )
     if bad >= cfg.max_bad_steps:
         checkpoint = Path(cfg.output_dir) / CHECKPOINT
-        kept = f"the last good checkpoint {checkpoint} is kept" if checkpoint.is_file() else "no checkpoint was written"
-        raise NonFiniteLoss(f"Training stopped at step {step}: the loss or gradient was NaN/inf for {bad} steps in "
-                            f"a row (max_bad_steps={cfg.max_bad_steps}); {kept}. Lower lr, check the data, or use "
-                            "precision=no, then train again (--resume continues from the checkpoint).")
+        kept = (
+            f"the last good checkpoint {checkpoint} is kept"
+            if checkpoint.is_file()
+            else "no checkpoint was written"
+        )
+        raise NonFiniteLoss(
+            f"Training stopped at step {step}: the loss or gradient was NaN/inf for {bad} steps in "
+            f"a row (max_bad_steps={cfg.max_bad_steps}); {kept}. Lower lr, check the data, or use "
+            "precision=no, then train again (--resume continues from the checkpoint)."
+        )
     return bad, skipped
 
 
-def _accumulate(accelerator, model, batches, pad_id,
-                stop: bool = False) -> tuple[float, float, dict, int, bool]:
+def _accumulate(
+    accelerator, model, batches, pad_id, stop: bool = False
+) -> tuple[float, float, dict, int, bool]:
     """Forward + backward of each micro-batch; returns the step's LM and aux loss, the aux terms and the routing's
     means per token and layer (ROUTING_COLUMNS: experts in use, normalised entropy, share with top weight > 0.5),
     tokens, and whether any process asked to stop (its `stop`): all over all processes.
@@ -291,28 +383,49 @@ def _accumulate(accelerator, model, batches, pad_id,
     times the number of processes because DDP averages gradients. Micro-batches then count equally.
     """
     ranks, model_ = accelerator.num_processes, accelerator.unwrap_model(model)
-    batches = [{k: v.to(accelerator.device) for k, v in collate(ex, pad_id).items()} for ex in batches]
-    counts = torch.stack([(b["labels"][:, 1:] != IGNORE).sum() for b in batches]).float()  # loss tokens
+    batches = [
+        {k: v.to(accelerator.device) for k, v in collate(ex, pad_id).items()} for ex in batches
+    ]
+    counts = torch.stack(
+        [(b["labels"][:, 1:] != IGNORE).sum() for b in batches]
+    ).float()  # loss tokens
     weights = ranks * counts / accelerator.reduce(counts.clone(), "sum") / len(batches)
     # lm, aux, tokens, routing_counts (4), aux terms, stop
     totals = torch.zeros(8 + len(AUX_COEFS), device=accelerator.device)
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1  # all-reduce gradients once, after the last micro-batch
-        with (accelerator.no_sync(model) if not sync else nullcontext()), accelerator.autocast(), \
-                aux_loss_apart(model_):  # the LM loss alone in out.loss: the aux terms are weighted here
+        with (
+            accelerator.no_sync(model) if not sync else nullcontext(),
+            accelerator.autocast(),
+            aux_loss_apart(model_),
+        ):  # the LM loss alone in out.loss: the aux terms are weighted here
             out = model(**batch)
             aux = aux_loss(model_)
-            terms = aux_losses(model_)  # before backward: gradient checkpointing re-runs the layers' forward
-            routing = routing_counts(model_)  # (4,) experts used, entropy, confident tokens, (token, layer) pairs
+            terms = aux_losses(
+                model_
+            )  # before backward: gradient checkpointing re-runs the layers' forward
+            routing = routing_counts(
+                model_
+            )  # (4,) experts used, entropy, confident tokens, (token, layer) pairs
             accelerator.backward(out.loss * weights[i] + aux / len(batches))
-        totals += torch.stack([out.loss.detach() * weights[i] / ranks, aux.detach() / len(batches) / ranks,
-                               batch["attention_mask"].sum().float(), *routing,
-                               *[terms[k].detach() / len(batches) / ranks if k in terms else torch.zeros(())
-                                 for k in AUX_COEFS], torch.zeros(())]).to(totals)
+        totals += torch.stack(
+            [
+                out.loss.detach() * weights[i] / ranks,
+                aux.detach() / len(batches) / ranks,
+                batch["attention_mask"].sum().float(),
+                *routing,
+                *[
+                    terms[k].detach() / len(batches) / ranks if k in terms else torch.zeros(())
+                    for k in AUX_COEFS
+                ],
+                torch.zeros(()),
+            ]
+        ).to(totals)
     totals[-1] = float(stop)
     # the one sync of the step
     lm, aux, tokens, *sums, stops = accelerator.reduce(totals, "sum").tolist()
     routing, pairs, values = sums[:3], sums[3], sums[4:]
-    stats = {k: v for k, v in zip(AUX_COEFS, values) if k in terms} | \
-        {k: v / max(pairs, 1) for k, v in zip(ROUTING_COLUMNS, routing)}
+    stats = {k: v for k, v in zip(AUX_COEFS, values) if k in terms} | {
+        k: v / max(pairs, 1) for k, v in zip(ROUTING_COLUMNS, routing)
+    }
     return lm, aux, stats, int(tokens), stops > 0

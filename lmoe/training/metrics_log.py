@@ -1,5 +1,6 @@
 """The per-step log of a training run: metrics.csv (one row a step, cut back to the checkpoint's
 step on resume), TensorBoard if installed."""
+
 from __future__ import annotations
 
 import csv
@@ -9,9 +10,25 @@ from ..inject import AUX_COEFS
 from ..io import atomic_write
 
 METRICS = "metrics.csv"
-ROUTING_COLUMNS = ["active_experts", "routing_entropy", "top_weight_over_half"]  # means per token and layer
-COLUMNS = ["step", "loss", "lm_loss", "aux_loss", *AUX_COEFS, *ROUTING_COLUMNS, "eval_loss", "lr", "grad_norm", "tokens",
-           "tokens_per_s", "elapsed_s"]
+ROUTING_COLUMNS = [
+    "active_experts",
+    "routing_entropy",
+    "top_weight_over_half",
+]  # means per token and layer
+COLUMNS = [
+    "step",
+    "loss",
+    "lm_loss",
+    "aux_loss",
+    *AUX_COEFS,
+    *ROUTING_COLUMNS,
+    "eval_loss",
+    "lr",
+    "grad_norm",
+    "tokens",
+    "tokens_per_s",
+    "elapsed_s",
+]
 
 
 class MetricsLog:
@@ -22,8 +39,9 @@ class MetricsLog:
         rows = []
         if resume_step and self.path.is_file():
             with open(self.path, newline="") as f:
-                kept = {int(r["step"]): r for r in csv.DictReader(f)
-                        if int(r["step"]) <= resume_step}
+                kept = {
+                    int(r["step"]): r for r in csv.DictReader(f) if int(r["step"]) <= resume_step
+                }
             rows = [kept[step] for step in sorted(kept)]  # each step once: its last row written
 
         def write(tmp: str) -> None:
@@ -31,9 +49,11 @@ class MetricsLog:
                 writer = csv.DictWriter(f, COLUMNS)
                 writer.writeheader()
                 writer.writerows(rows)
+
         atomic_write(self.path, write)  # an interrupt here keeps the old rows
         try:
             from torch.utils.tensorboard import SummaryWriter
+
             self.board = SummaryWriter(str(directory / "tensorboard"))
         except ImportError:  # tensorboard is optional
             self.board = None
@@ -54,4 +74,6 @@ class MetricsLog:
 def read_metrics(directory: str | Path) -> list[dict]:
     """The rows of a run's metrics.csv as dicts of floats ('' for a missing aux term)."""
     with open(Path(directory) / METRICS, newline="") as f:
-        return [{k: float(v) if v != "" else "" for k, v in row.items()} for row in csv.DictReader(f)]
+        return [
+            {k: float(v) if v != "" else "" for k, v in row.items()} for row in csv.DictReader(f)
+        ]

@@ -8,6 +8,7 @@ training loop can use them: build the groups
 (`torch.optim.AdamW(lmoe.param_groups(model, lr, router_lr_scale=2))`; `lmoe train` passes them to
 `adamw`, torch's fused AdamW where the parameters allow) or split an optimizer that exists
 (`scale_router_lr(optimizer, model, 2)`, as LMoETrainer does)."""
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,10 @@ def param_groups(model: nn.Module, lr: float, router_lr_scale: float = 1.0) -> l
     router_param_scale gives them already (the module docstring). Empty groups are left out."""
     routers = router_parameter_ids(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if id(p) not in routers], "lr": lr},
-              {"params": [p for p in trainable if id(p) in routers], "lr": lr * router_lr_scale}]
+    groups = [
+        {"params": [p for p in trainable if id(p) not in routers], "lr": lr},
+        {"params": [p for p in trainable if id(p) in routers], "lr": lr * router_lr_scale},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -42,12 +45,20 @@ def adamw(groups: list[dict], **kwargs) -> torch.optim.AdamW:
     by default on the CPU, in one pass over memory instead of a dozen: 3.5-3.9x faster over the 156M expert
     values of E = 64 on SmolLM2 (bench/RESULTS.md, "Sparse routing"), where the experts outnumber the base."""
     params = [p for group in groups for p in group["params"]]
-    fused = bool(params) and all(type(p) is nn.Parameter and p.is_floating_point() and p.device.type in FUSED_DEVICES
-                                 for p in params) and len({p.device for p in params}) == 1
+    fused = (
+        bool(params)
+        and all(
+            type(p) is nn.Parameter and p.is_floating_point() and p.device.type in FUSED_DEVICES
+            for p in params
+        )
+        and len({p.device for p in params}) == 1
+    )
     return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
 
 
-def scale_router_lr(optimizer: torch.optim.Optimizer, model: nn.Module, router_lr_scale: float) -> None:
+def scale_router_lr(
+    optimizer: torch.optim.Optimizer, model: nn.Module, router_lr_scale: float
+) -> None:
     """Move the routers' parameters of every group of a fresh optimizer into a copy of that group (same
     weight decay, betas, ...) whose lr is router_lr_scale times the group's. Before the first step only."""
     if router_lr_scale == 1:
@@ -57,6 +68,11 @@ def scale_router_lr(optimizer: torch.optim.Optimizer, model: nn.Module, router_l
         moved = [p for p in group["params"] if id(p) in routers]
         if moved:
             group["params"] = [p for p in group["params"] if id(p) not in routers]
-            optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"},
-                                       "params": moved, "lr": group["lr"] * router_lr_scale})
+            optimizer.add_param_group(
+                {
+                    **{k: v for k, v in group.items() if k != "params"},
+                    "params": moved,
+                    "lr": group["lr"] * router_lr_scale,
+                }
+            )
     optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]

@@ -1,5 +1,6 @@
 """What train() settles before it loads anything, and what a run that fails before its first step
 leaves behind (nothing): the resume point (saved config and checkpoint), the data files, warm-up."""
+
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,10 @@ def resume_point(cfg: TrainConfig) -> dict:
     checkpoint = read_checkpoint(out / CHECKPOINT)
     step = checkpoint["state"]["step"]
     if cfg.steps < step:
-        raise ValueError(f"--resume: steps={cfg.steps} is below the checkpoint's step {step} in "
-                         f"{out}; give steps={step} or more (the run's are in {SAVED_CONFIG}).")
+        raise ValueError(
+            f"--resume: steps={cfg.steps} is below the checkpoint's step {step} in "
+            f"{out}; give steps={step} or more (the run's are in {SAVED_CONFIG})."
+        )
     return checkpoint
 
 
@@ -33,14 +36,20 @@ def check_inputs(cfg: TrainConfig) -> None:
     for name in ("data", "eval_data"):
         for entry in getattr(cfg, name):
             if not task_names([entry]) and not Path(entry).is_file():
-                raise FileNotFoundError(f"TrainConfig.{name}: data file {entry} does not exist; "
-                                        f"fix the path or drop it from {name}.")
+                raise FileNotFoundError(
+                    f"TrainConfig.{name}: data file {entry} does not exist; "
+                    f"fix the path or drop it from {name}."
+                )
     if task_names(cfg.data + cfg.eval_data):
         root()  # a missing benchmark package is reported now, not after the base model's scores
     if cfg.warmup_steps >= cfg.steps:
-        logger.warning("lmoe: warmup_steps=%d >= steps=%d: the learning rate rises for the whole "
-                       "run and never decays; set warmup_steps below steps (e.g. warmup_steps=%d).",
-                       cfg.warmup_steps, cfg.steps, cfg.steps // 10)
+        logger.warning(
+            "lmoe: warmup_steps=%d >= steps=%d: the learning rate rises for the whole "
+            "run and never decays; set warmup_steps below steps (e.g. warmup_steps=%d).",
+            cfg.warmup_steps,
+            cfg.steps,
+            cfg.steps // 10,
+        )
 
 
 def check_global_batch(state: TrainState, global_batch: int, ranks: int) -> None:
@@ -50,7 +59,8 @@ def check_global_batch(state: TrainState, global_batch: int, ranks: int) -> None
             f"--resume: the checkpoint was trained on global batches of {state.global_batch} "
             f"examples (batch_size x processes), this run makes {global_batch} ({ranks} "
             f"processes); set batch_size={state.global_batch // ranks} so that the data continues "
-            "where it stopped.")
+            "where it stopped."
+        )
 
 
 class FirstStepGuard:

@@ -1,16 +1,25 @@
 """lmoe.data.encoding and lmoe.data.skills: records, chat-template encoding with answer-only labels, batching, built-ins."""
+
 import logging
 import re
 
 import pandas as pd
 import pytest
 import torch
+from tiny import tiny_tokenizer, write_jsonl
 
-from lmoe.data.encoding import Example, IGNORE, batch_stream, bucketed_batches, collate, encode, encode_all
 from lmoe.data.builtin import Mixture, conversation_pairs
+from lmoe.data.encoding import (
+    IGNORE,
+    Example,
+    batch_stream,
+    bucketed_batches,
+    collate,
+    encode,
+    encode_all,
+)
 from lmoe.data.records import read_records
 from lmoe.data.skills import generate, in_words
-from tiny import tiny_tokenizer, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +32,16 @@ def ids(tok, text):
 
 
 def test_prompt_completion_labels_only_the_answer(tok):
-    ex = encode(tok, {"messages": [{"role": "user", "content": "What is 12 + 30?"},
-                                   {"role": "assistant", "content": "42"}], "domain": "d"})
+    ex = encode(
+        tok,
+        {
+            "messages": [
+                {"role": "user", "content": "What is 12 + 30?"},
+                {"role": "assistant", "content": "42"},
+            ],
+            "domain": "d",
+        },
+    )
     prompt = ids(tok, "<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n<|im_start|>assistant\n")
     answer = ids(tok, "42<|im_end|>\n")
     assert ex.input_ids == prompt + answer
@@ -33,13 +50,23 @@ def test_prompt_completion_labels_only_the_answer(tok):
 
 
 def test_multi_turn_labels_every_assistant_turn(tok):
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
-                {"role": "assistant", "content": "hi"}, {"role": "user", "content": "the cat?"},
-                {"role": "assistant", "content": "sat"}]
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": "the cat?"},
+        {"role": "assistant", "content": "sat"},
+    ]
     ex = encode(tok, {"messages": messages, "domain": "d"})
-    pieces = [("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n", False),
-              ("hi<|im_end|>\n", True), ("<|im_start|>user\nthe cat?<|im_end|>\n<|im_start|>assistant\n", False),
-              ("sat<|im_end|>\n", True)]
+    pieces = [
+        (
+            "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n",
+            False,
+        ),
+        ("hi<|im_end|>\n", True),
+        ("<|im_start|>user\nthe cat?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("sat<|im_end|>\n", True),
+    ]
     expected_ids, expected_labels = [], []
     for text, is_answer in pieces:
         expected_ids += ids(tok, text)
@@ -54,22 +81,42 @@ def test_text_record_labels_every_token(tok):
 
 
 def test_jsonl_formats_and_domains(tmp_path):
-    path = write_jsonl(tmp_path / "mine.jsonl", [
-        {"prompt": "a", "completion": "b"},
-        {"messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}], "domain": "chat"},
-        {"text": "e"}])
+    path = write_jsonl(
+        tmp_path / "mine.jsonl",
+        [
+            {"prompt": "a", "completion": "b"},
+            {
+                "messages": [
+                    {"role": "user", "content": "c"},
+                    {"role": "assistant", "content": "d"},
+                ],
+                "domain": "chat",
+            },
+            {"text": "e"},
+        ],
+    )
     records = read_records(path)
     assert records == [
-        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "domain": "mine"},
-        {"messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}], "domain": "chat"},
-        {"text": "e", "domain": "mine"}]
+        {
+            "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+            "domain": "mine",
+        },
+        {
+            "messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}],
+            "domain": "chat",
+        },
+        {"text": "e", "domain": "mine"},
+    ]
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"prompt": "a", "completion": ', "not valid JSON"),
-    ('{"question": "a"}', "expected keys prompt+completion"),
-    ('{"messages": [{"role": "user", "content": "a"}]}', "at least one assistant turn"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "a", "completion": ', "not valid JSON"),
+        ('{"question": "a"}', "expected keys prompt+completion"),
+        ('{"messages": [{"role": "user", "content": "a"}]}', "at least one assistant turn"),
+    ],
+)
 def test_malformed_line_reported_with_line_number(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n\n' + line + "\n")
@@ -88,7 +135,10 @@ def test_csv_and_parquet_through_datasets(tmp_path):
 
 
 def test_truncation_warns_and_cuts(tok, caplog):
-    records = [{"text": "the cat sat on the mat " * 10, "domain": "d"}, {"text": "hi", "domain": "d"}]
+    records = [
+        {"text": "the cat sat on the mat " * 10, "domain": "d"},
+        {"text": "hi", "domain": "d"},
+    ]
     with caplog.at_level(logging.WARNING):
         examples = encode_all(tok, records, max_length=8)
     assert "1 of 2 examples" in caplog.text and "max_length=8" in caplog.text
@@ -114,16 +164,30 @@ def test_bucketed_batches_cover_each_example_once_with_similar_lengths():
 
 def test_batch_stream_resumes_at_any_batch():
     examples = [Example([1] * n, [1] * n) for n in range(1, 8)]
-    whole = [[len(e.input_ids) for e in b] for b, _ in zip(batch_stream(examples, 2, seed=1), range(11))]
-    tail = [[len(e.input_ids) for e in b] for b, _ in zip(batch_stream(examples, 2, seed=1, start=5), range(6))]
+    whole = [
+        [len(e.input_ids) for e in b] for b, _ in zip(batch_stream(examples, 2, seed=1), range(11))
+    ]
+    tail = [
+        [len(e.input_ids) for e in b]
+        for b, _ in zip(batch_stream(examples, 2, seed=1, start=5), range(6))
+    ]
     assert tail == whole[5:]
     assert whole[:4] != whole[4:8]  # the second epoch is shuffled differently
 
 
 def test_in_words_against_hand_written_values():
     assert [in_words(n) for n in (0, 7, 15, 20, 40, 42, 100, 347, 900, 999)] == [
-        "zero", "seven", "fifteen", "twenty", "forty", "forty-two", "one hundred", "three hundred forty-seven",
-        "nine hundred", "nine hundred ninety-nine"]
+        "zero",
+        "seven",
+        "fifteen",
+        "twenty",
+        "forty",
+        "forty-two",
+        "one hundred",
+        "three hundred forty-seven",
+        "nine hundred",
+        "nine hundred ninety-nine",
+    ]
 
 
 def test_skills_have_exact_answers_and_disjoint_splits():
@@ -146,12 +210,19 @@ def test_skills_have_exact_answers_and_disjoint_splits():
 
 
 def test_builtin_conversations_split_is_deterministic_and_disjoint():
-    mix = Mixture(domains=["german", "english/greetings+food"], skills=[], per_domain=1000, test_per_domain=1000)
+    mix = Mixture(
+        domains=["german", "english/greetings+food"],
+        skills=[],
+        per_domain=1000,
+        test_per_domain=1000,
+    )
     train, test = mix.conversations("train"), mix.conversations("test")
     pairs = {(r["domain"], r["messages"][0]["content"]) for r in train}
     assert test and not pairs & {(r["domain"], r["messages"][0]["content"]) for r in test}
     assert {r["domain"] for r in test} == {"german", "english/greetings+food"}
-    assert len(train) + len(test) == len(conversation_pairs("german")) + len(conversation_pairs("english/greetings+food"))
+    assert len(train) + len(test) == len(conversation_pairs("german")) + len(
+        conversation_pairs("english/greetings+food")
+    )
     assert mix.conversations("test") == test
     with pytest.raises(ValueError, match="Unknown conversation domain"):
         conversation_pairs("klingon")

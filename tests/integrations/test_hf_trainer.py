@@ -3,6 +3,7 @@ mean over the step's micro-batches of lmoe.aux_loss. Trainer's LM loss (transfor
 forward takes **kwargs (model_accepts_loss_kwargs), the summed token losses of all the step's micro-batches
 over their number of answer tokens (num_items_in_batch); otherwise the mean over micro-batches of each
 one's mean token loss (training_step divides by gradient_accumulation_steps)."""
+
 import json
 import os
 import subprocess
@@ -17,14 +18,20 @@ from tiny import worker_pythonpath
 from transformers import TrainingArguments
 
 import lmoe
-from lmoe.data.encoding import Example, IGNORE, collate
+from lmoe.data.encoding import IGNORE, Example, collate
 from lmoe.integrations.hf_trainer import LMoETrainer
 from lmoe.io import adapter_state_dict
 
 # router_param_scale 1: these loops step by SGD, under which the scale c would multiply the routers'
 # rate by c^2 (Adam's by c); the routers' rates here are the parameter groups' alone
-CFG = lmoe.LMoEConfig(num_experts=3, rank=2, target_modules=["q_proj", "v_proj"], load_balance_coef=0.5,
-                      z_loss_coef=0.1, router_param_scale=1.0)
+CFG = lmoe.LMoEConfig(
+    num_experts=3,
+    rank=2,
+    target_modules=["q_proj", "v_proj"],
+    load_balance_coef=0.5,
+    z_loss_coef=0.1,
+    router_param_scale=1.0,
+)
 LR, BATCH, ACCUM = 0.5, 2, 2
 
 
@@ -53,15 +60,38 @@ def adapted_model(seed: int = 0):
     return model
 
 
-def trainer(model, out, steps: int, eval_dataset=None, router_lr_scale: float = 30.0, **overrides) -> LMoETrainer:
-    args = dict(output_dir=str(out), per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUM,
-                max_steps=steps, learning_rate=LR, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
-                max_grad_norm=0.0, train_sampling_strategy="sequential", logging_steps=1, save_strategy="no",
-                report_to="none", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0)
+def trainer(
+    model, out, steps: int, eval_dataset=None, router_lr_scale: float = 30.0, **overrides
+) -> LMoETrainer:
+    args = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=ACCUM,
+        max_steps=steps,
+        learning_rate=LR,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        train_sampling_strategy="sequential",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
     args = TrainingArguments(**{**args, **overrides})
     rows = examples(steps * args.world_size * args.per_device_train_batch_size * ACCUM)
-    return LMoETrainer(model=model, args=args, train_dataset=rows, eval_dataset=eval_dataset, data_collator=pad,
-                       router_lr_scale=router_lr_scale)
+    return LMoETrainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        eval_dataset=eval_dataset,
+        data_collator=pad,
+        router_lr_scale=router_lr_scale,
+    )
 
 
 def step_tokens(micro: list[dict], batch: dict):
@@ -74,7 +104,9 @@ def micro_batch_tokens(micro: list[dict], batch: dict):
     return (batch["labels"][:, 1:] != IGNORE).sum() * len(micro)
 
 
-def reference_steps(model, steps: int, lm_denominator=step_tokens, router_lr_scale: float = 30.0) -> list[float]:
+def reference_steps(
+    model, steps: int, lm_denominator=step_tokens, router_lr_scale: float = 30.0
+) -> list[float]:
     """Plain SGD on the objective written out, the routers (by name) at LR * router_lr_scale (as
     LMoETrainer's groups); returns each step's mean aux loss."""
     rows = examples(steps * BATCH * ACCUM)
@@ -85,12 +117,19 @@ def reference_steps(model, steps: int, lm_denominator=step_tokens, router_lr_sca
     model.train()
     aux_means = []
     for step in range(steps):
-        micro = [pad(rows[i:i + BATCH]) for i in range(step * BATCH * ACCUM, (step + 1) * BATCH * ACCUM, BATCH)]
+        micro = [
+            pad(rows[i : i + BATCH])
+            for i in range(step * BATCH * ACCUM, (step + 1) * BATCH * ACCUM, BATCH)
+        ]
         lm = aux = 0
         for b in micro:
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            token_losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(),
-                                           ignore_index=IGNORE, reduction="sum")
+            token_losses = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1),
+                b["labels"][:, 1:].flatten(),
+                ignore_index=IGNORE,
+                reduction="sum",
+            )
             lm = lm + token_losses / lm_denominator(micro, b)
             aux = aux + lmoe.aux_loss(model) / len(micro)
         grads = torch.autograd.grad(lm + aux, params)
@@ -127,7 +166,9 @@ def test_router_lr_scale_one_keeps_trainers_single_rate_and_groups_keep_weight_d
         assert len(kinds) == 1  # a group holds routers only, or experts only
         assert g["lr"] == pytest.approx(1e-3 * (30 if kinds == {True} else 1))
     assert {g["weight_decay"] for g in groups} <= {0.0, 0.1}
-    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in split.model.parameters())
+    assert sum(len(g["params"]) for g in groups) == sum(
+        p.requires_grad for p in split.model.parameters()
+    )
 
 
 def test_steps_match_reference_loop_without_loss_kwargs(tmp_path):
@@ -146,8 +187,10 @@ def test_logs_aux_terms_averaged_over_interval(tmp_path):
     [logged] = [row for row in t.state.log_history if "loss" in row]
     assert logged["step"] == 2 and {"load_balance", "z_loss"} <= set(logged)
     assert logged["aux_loss"] == pytest.approx(sum(aux_means) / 2, rel=1e-5)
-    assert logged["aux_loss"] == pytest.approx(CFG.load_balance_coef * logged["load_balance"]
-                                               + CFG.z_loss_coef * logged["z_loss"], rel=1e-5)
+    assert logged["aux_loss"] == pytest.approx(
+        CFG.load_balance_coef * logged["load_balance"] + CFG.z_loss_coef * logged["z_loss"],
+        rel=1e-5,
+    )
 
 
 def test_save_model_writes_adapter_that_load_adapter_reloads(tmp_path):
@@ -167,7 +210,9 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
     whole = trainer(adapted_model(), tmp_path / "whole", steps=4, **adam)
     whole.train()
     checkpoint = tmp_path / "whole" / "checkpoint-2"
-    assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+    assert (checkpoint / "adapter_model.safetensors").is_file() and not (
+        checkpoint / "model.safetensors"
+    ).exists()
     resumed = trainer(adapted_model(), tmp_path / "resumed", steps=4, **adam)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 4
@@ -176,8 +221,18 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
 
 def test_load_best_model_at_end_loads_that_checkpoints_adapter(tmp_path):
     # at lr 0.5 the eval loss rises in step 2: the best checkpoint is the first, not the last
-    t = trainer(adapted_model(), tmp_path, steps=2, eval_dataset=examples(4), eval_strategy="steps", eval_steps=1,
-                save_strategy="steps", save_steps=1, load_best_model_at_end=True, metric_for_best_model="loss")
+    t = trainer(
+        adapted_model(),
+        tmp_path,
+        steps=2,
+        eval_dataset=examples(4),
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+    )
     t.train()
     assert t.state.best_model_checkpoint == str(tmp_path / "checkpoint-1")
     assert_same_adapter(t.model, lmoe.load_adapter(tiny_model("llama"), tmp_path / "checkpoint-1"))
@@ -198,9 +253,13 @@ def test_ddp_equals_one_process_on_the_whole_batch(tmp_path):
     torchrun(__file__, tmp_path / "ddp")
     one = trainer(adapted_model(), tmp_path / "one", steps=2, per_device_train_batch_size=2 * BATCH)
     one.train()
-    assert_same_adapter(lmoe.load_adapter(tiny_model("llama"), tmp_path / "ddp" / "final"), one.model)
+    assert_same_adapter(
+        lmoe.load_adapter(tiny_model("llama"), tmp_path / "ddp" / "final"), one.model
+    )
     logged = json.loads((tmp_path / "ddp" / "history.json").read_text())
-    for ddp_row, one_row in zip(logged, [row for row in one.state.log_history if "loss" in row], strict=True):
+    for ddp_row, one_row in zip(
+        logged, [row for row in one.state.log_history if "loss" in row], strict=True
+    ):
         for key in ("loss", "aux_loss", "load_balance", "z_loss"):
             assert ddp_row[key] == pytest.approx(one_row[key], rel=1e-5), (ddp_row["step"], key)
 
@@ -208,9 +267,24 @@ def test_ddp_equals_one_process_on_the_whole_batch(tmp_path):
 def torchrun(script: str, out: Path) -> None:
     """Run script's __main__ in 2 CPU processes (torchrun) with out as its argument; fail with their stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": worker_pythonpath(__file__)}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "--monitor-interval", "0.1", script, str(out)],
-                         env=env, capture_output=True, text=True, timeout=180)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "--monitor-interval",
+            "0.1",
+            script,
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
 
 
@@ -221,7 +295,9 @@ def ddp_worker(out: str) -> None:
     t.train()
     t.save_model(f"{out}/final")
     if t.args.should_save:
-        Path(out, "history.json").write_text(json.dumps([row for row in t.state.log_history if "loss" in row]))
+        Path(out, "history.json").write_text(
+            json.dumps([row for row in t.state.log_history if "loss" in row])
+        )
 
 
 if __name__ == "__main__":

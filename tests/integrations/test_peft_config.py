@@ -1,6 +1,7 @@
 """LMoEConfig is a peft.PeftConfig (lmoe/config.py): PeftConfig's fields are keyword-only and stay out of what lmoe
 compares, prints and saves; the files written for a fixed config are those written before LMoEConfig became a
 PeftConfig (saved_files.json, made by that code, its run-dependent values nulled)."""
+
 import dataclasses
 import json
 from pathlib import Path
@@ -22,7 +23,11 @@ RUN_DEPENDENT = ("lmoe_version", "weights_sha256", "peft_version")
 
 def test_an_lmoe_config_is_a_peft_config_of_lmoes_type():
     cfg = lmoe.LMoEConfig(num_experts=3, rank=2)
-    assert isinstance(cfg, peft.PeftConfig) and cfg.peft_type is LMoEPeftType.LMOE and cfg.peft_type == "LMOE"
+    assert (
+        isinstance(cfg, peft.PeftConfig)
+        and cfg.peft_type is LMoEPeftType.LMOE
+        and cfg.peft_type == "LMOE"
+    )
     assert cfg.peft_version == peft.__version__  # PeftConfig's own __post_init__ ran
 
 
@@ -74,12 +79,16 @@ def test_to_json_is_todays():
 
 
 def test_save_adapter_writes_todays_adapter_config(tmp_path):
-    lmoe.save_adapter(lmoe.inject(tiny_model("llama"), lmoe.LMoEConfig(**SAVED["config"])), tmp_path)
+    lmoe.save_adapter(
+        lmoe.inject(tiny_model("llama"), lmoe.LMoEConfig(**SAVED["config"])), tmp_path
+    )
     same_file(json.loads((tmp_path / CONFIG_FILE).read_text()), SAVED["save_adapter"])
 
 
 def test_peft_save_pretrained_writes_todays_adapter_config(tmp_path):
-    get_peft_model(tiny_model("llama"), lmoe.LMoEConfig(**SAVED["config"])).save_pretrained(tmp_path)
+    get_peft_model(tiny_model("llama"), lmoe.LMoEConfig(**SAVED["config"])).save_pretrained(
+        tmp_path
+    )
     same_file(json.loads((tmp_path / CONFIG_FILE).read_text()), SAVED["save_pretrained"])
 
 

@@ -1,10 +1,10 @@
 """merge/unmerge: the merged model equals the unmerged one with its routers forced to the same routing."""
+
 import pytest
 import torch
 from conftest import tiny_model
 
-from lmoe import LMoEConfig, inject, lmoe_layers
-from lmoe import mean_routing, merge, record_routing, unmerge
+from lmoe import LMoEConfig, inject, lmoe_layers, mean_routing, merge, record_routing, unmerge
 from lmoe.routing import Routing
 
 E = 3
@@ -14,7 +14,10 @@ TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"
 def trained_like(family: str, composition: str) -> torch.nn.Module:
     """A float64 tiny model with lmoe layers whose experts are all non-zero (as after training)."""
     model = tiny_model(family).double()
-    inject(model, LMoEConfig(num_experts=E, rank=2, composition=composition, target_modules=TARGETS[family]))
+    inject(
+        model,
+        LMoEConfig(num_experts=E, rank=2, composition=composition, target_modules=TARGETS[family]),
+    )
     gen = torch.Generator().manual_seed(2)
     for _, layer in lmoe_layers(model):
         router = (layer.router.weight, layer.router.scale)  # stored divided by its scale
@@ -31,13 +34,16 @@ def force_routing(model, routing: dict) -> None:
         def route(x, wx=None, *projected, g=g):
             w = g.to(x.dtype).expand(x.shape[0], -1)
             return Routing(weights=w, logits=w, probs=w)
+
         layer.router.route = route
 
 
 def per_layer(model, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    return {name: torch.softmax(torch.randn(E, generator=gen, dtype=torch.float64), 0)
-            for name, _ in lmoe_layers(model)}
+    return {
+        name: torch.softmax(torch.randn(E, generator=gen, dtype=torch.float64), 0)
+        for name, _ in lmoe_layers(model)
+    }
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -58,11 +64,15 @@ def test_merged_logits_equal_forced_routing_logits(family, composition, input_id
 
 def test_one_vector_for_all_layers_and_a_sparse_one(input_ids):
     model = trained_like("llama", "params")
-    g = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)  # one expert only, as top-1 routing gives
+    g = torch.tensor(
+        [0.0, 1.0, 0.0], dtype=torch.float64
+    )  # one expert only, as top-1 routing gives
     forced = trained_like("llama", "params")
     force_routing(forced, {name: g for name, _ in lmoe_layers(forced)})
     merge(model, g)
-    torch.testing.assert_close(model(input_ids).logits, forced(input_ids).logits, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        model(input_ids).logits, forced(input_ids).logits, rtol=1e-10, atol=1e-10
+    )
 
 
 def test_mean_routing_is_a_skills_routing_on_the_simplex(input_ids):
@@ -77,7 +87,9 @@ def test_mean_routing_is_a_skills_routing_on_the_simplex(input_ids):
     forced = trained_like("llama", "outputs")
     force_routing(forced, routing)
     merge(model, routing)
-    torch.testing.assert_close(model(input_ids).logits, forced(input_ids).logits, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        model(input_ids).logits, forced(input_ids).logits, rtol=1e-10, atol=1e-10
+    )
 
 
 def test_merge_errors_say_what_to_do(llama):

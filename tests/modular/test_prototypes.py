@@ -1,11 +1,16 @@
 """The router started from the experts (lmoe.modular.prototypes) against float64 SVDs and hand-built Arrow scores."""
+
 import pytest
 import torch
-
 from conftest import VOCAB, tiny_model
+
 from lmoe import LMoEConfig, inject, lmoe_layers, record_routing
 from lmoe.inject import get_config
-from lmoe.modular.prototypes import init_router_from_experts, projection_moments, top_right_singular_vectors
+from lmoe.modular.prototypes import (
+    init_router_from_experts,
+    projection_moments,
+    top_right_singular_vectors,
+)
 
 
 def random_experts(E=3, r=4, d_in=12, d_out=10, seed=0):
@@ -18,7 +23,9 @@ def test_top_right_singular_vector_matches_a_full_float64_svd():
     v = top_right_singular_vectors(A, B)
     for i in range(A.shape[0]):
         _, _, Vh = torch.linalg.svd(B[i].double() @ A[i].double())
-        assert abs(float(v[i] @ Vh[0])) == pytest.approx(1.0, abs=1e-9)  # the same direction, up to its sign
+        assert abs(float(v[i] @ Vh[0])) == pytest.approx(
+            1.0, abs=1e-9
+        )  # the same direction, up to its sign
         assert float(v[i].norm()) == pytest.approx(1.0, abs=1e-9)
 
 
@@ -31,8 +38,12 @@ def test_untrained_expert_gets_a_zero_row():
 
 
 def mixture(seed=0):
-    model = inject(tiny_model("llama"), LMoEConfig(num_experts=3, rank=2, target_modules=["q_proj", "v_proj"],
-                                                   composition="outputs"))
+    model = inject(
+        tiny_model("llama"),
+        LMoEConfig(
+            num_experts=3, rank=2, target_modules=["q_proj", "v_proj"], composition="outputs"
+        ),
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in lmoe_layers(model):
@@ -62,8 +73,11 @@ def test_projection_moments_leave_padding_out():
     model = mixture()
     name, layer = next(iter(lmoe_layers(model)))
     v = top_right_singular_vectors(layer.lora_A, layer.lora_B)
-    mean, sd = projection_moments(model, batches(), {n: top_right_singular_vectors(l.lora_A, l.lora_B)
-                                                     for n, l in lmoe_layers(model)})[name]
+    mean, sd = projection_moments(
+        model,
+        batches(),
+        {n: top_right_singular_vectors(l.lora_A, l.lora_B) for n, l in lmoe_layers(model)},
+    )[name]
     p = layer_inputs(model, layer, batches()[0]) @ v.T  # (real tokens, E)
     torch.testing.assert_close(mean, p.mean(0))
     torch.testing.assert_close(sd, p.std(0))
@@ -74,7 +88,9 @@ def test_router_starts_at_each_experts_signed_standardised_arrow_score():
     centring is Arrow's |<v_i, x>|; the routing is softmax of u."""
     model = mixture()
     name, layer = next(iter(lmoe_layers(model)))
-    x = layer_inputs(model, layer, batches()[0])  # before the router changes: the experts decide the inputs
+    x = layer_inputs(
+        model, layer, batches()[0]
+    )  # before the router changes: the experts decide the inputs
     init_router_from_experts(model, batches())
     v = top_right_singular_vectors(layer.lora_A, layer.lora_B)
     proj = x @ v.T  # (tokens, E)
@@ -85,5 +101,7 @@ def test_router_starts_at_each_experts_signed_standardised_arrow_score():
     with torch.no_grad(), record_routing(model) as rec:
         model(**batches()[0])
     torch.testing.assert_close(rec[name].double(), torch.softmax(u, -1), rtol=0, atol=1e-5)
-    assert u.std(0).tolist() == pytest.approx([1.0] * 3)  # standardised: not the near-uniform raw scale
+    assert u.std(0).tolist() == pytest.approx(
+        [1.0] * 3
+    )  # standardised: not the near-uniform raw scale
     assert get_config(model).router_bias and layer.router.bias is not None

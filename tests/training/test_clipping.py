@@ -1,5 +1,6 @@
 """Gradient clipping counts the routers' gradients as gradients of the weights in use: a router
 stored at scale c (routing.ScaledLinear) clips exactly as the same router stored at scale 1 does."""
+
 import torch
 from accelerate import Accelerator
 from conftest import VOCAB, tiny_model
@@ -13,8 +14,17 @@ def injected(scale: float, router: str) -> torch.nn.Module:
     """The tiny llama with a mixture whose experts' B are random (so the routers get a gradient)."""
     model = tiny_model("llama", seed=0)
     torch.manual_seed(1)
-    inject(model, LMoEConfig(num_experts=3, rank=2, router=router, router_param_scale=scale,
-                             target_modules=["q_proj", "v_proj"], lambda_hidden=8))
+    inject(
+        model,
+        LMoEConfig(
+            num_experts=3,
+            rank=2,
+            router=router,
+            router_param_scale=scale,
+            target_modules=["q_proj", "v_proj"],
+            lambda_hidden=8,
+        ),
+    )
     torch.manual_seed(2)
     for _, layer in lmoe_layers(model):
         torch.nn.init.normal_(layer.lora_B, std=0.5)
@@ -24,7 +34,9 @@ def injected(scale: float, router: str) -> torch.nn.Module:
 def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Each trainable parameter's gradient as one of the weight in use (routers': divided by c)."""
     routers = [(name, m) for name, m in model.named_modules() if isinstance(m, ScaledLinear)]
-    scales = {f"{name}.{p}": m.scale for name, m in routers for p, _ in m.named_parameters(recurse=False)}
+    scales = {
+        f"{name}.{p}": m.scale for name, m in routers for p, _ in m.named_parameters(recurse=False)
+    }
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     return {n: grad / scales.get(n, 1.0) for n, grad in grads.items()}
 

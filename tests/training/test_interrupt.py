@@ -1,6 +1,7 @@
 """SIGINT and SIGTERM during `lmoe train`: the steps done are saved (checkpoint + adapter), one line
 says how to resume, the exit code is 128 + the signal, no traceback; before the first step nothing
 is left behind."""
+
 import os
 import re
 import signal
@@ -8,6 +9,8 @@ import subprocess
 import time
 
 import pytest
+from tiny import train_config
+from train_cli import model_and_data, start_cli, steps_logged, train_argv
 
 import lmoe.training.interrupt
 import lmoe.training.loop
@@ -16,8 +19,6 @@ from lmoe.io import load_state
 from lmoe.training.interrupt import Interrupts, TrainingInterrupted
 from lmoe.training.loop import train
 from lmoe.training.metrics_log import read_metrics
-from tiny import train_config
-from train_cli import model_and_data, start_cli, steps_logged, train_argv
 
 LONG = 100_000  # steps: the run cannot finish before the signal lands
 
@@ -30,8 +31,12 @@ def setup(tmp_path_factory):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_mid_run_saves_the_steps_done_and_resume_finishes(setup, tmp_path, sig):
     out = tmp_path / "run"
-    proc = start_cli(train_argv(setup, out, f"steps={LONG}", "save_every=1000"),
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_cli(
+        train_argv(setup, out, f"steps={LONG}", "save_every=1000"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         while steps_logged(out) < 2 and proc.poll() is None:
             time.sleep(0.005)
@@ -42,8 +47,11 @@ def test_a_signal_mid_run_saves_the_steps_done_and_resume_finishes(setup, tmp_pa
     assert proc.returncode == 128 + sig, stderr[-2000:]
     assert "Traceback" not in stderr
     line = stderr.splitlines()[-1]
-    found = re.fullmatch(rf"lmoe train: interrupted at step (\d+) of {LONG}; resume with: "
-                         rf"lmoe train output_dir={re.escape(str(out))} --resume", line)
+    found = re.fullmatch(
+        rf"lmoe train: interrupted at step (\d+) of {LONG}; resume with: "
+        rf"lmoe train output_dir={re.escape(str(out))} --resume",
+        line,
+    )
     assert found, line
     step = int(found[1])
     assert step >= 2 and load_state(out / "checkpoint.pt")["state"]["step"] == step
@@ -57,13 +65,15 @@ def test_a_signal_mid_run_saves_the_steps_done_and_resume_finishes(setup, tmp_pa
     assert load_state(out / "checkpoint.pt")["state"]["step"] == step + 2
 
 
-def test_a_signal_in_the_base_evaluation_stops_at_once_and_leaves_nothing(setup, tmp_path,
-                                                                           monkeypatch):
+def test_a_signal_in_the_base_evaluation_stops_at_once_and_leaves_nothing(
+    setup, tmp_path, monkeypatch
+):
     real = lmoe.training.loop.evaluate_all
 
     def evaluate_then_signal(*args):
         os.kill(os.getpid(), signal.SIGTERM)  # a real signal, while the base model is scored
         return real(*args)
+
     monkeypatch.setattr(lmoe.training.loop, "evaluate_all", evaluate_then_signal)
     previous = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "new" / "run"
@@ -75,12 +85,14 @@ def test_a_signal_in_the_base_evaluation_stops_at_once_and_leaves_nothing(setup,
     assert signal.getsignal(signal.SIGTERM) is previous  # the handlers are restored
 
 
-def test_the_cli_prints_the_line_for_a_signal_before_the_first_step(setup, tmp_path, capsys,
-                                                                     monkeypatch):
+def test_the_cli_prints_the_line_for_a_signal_before_the_first_step(
+    setup, tmp_path, capsys, monkeypatch
+):
     def signal_while_loading(*args, **kw):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(1)  # the handler runs here
         raise AssertionError("the signal did not stop the run")
+
     monkeypatch.setattr(lmoe.training.loop, "load_model", signal_while_loading)
     with pytest.raises(SystemExit) as exit_:
         main(train_argv(setup, tmp_path / "run"))
@@ -122,9 +134,12 @@ def test_a_second_ctrl_c_goes_to_the_previous_handler_at_once(monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
             assert seen == [signal.SIGINT]
-            with pytest.raises(TrainingInterrupted, match="interrupted at step 3 of 10; resume "
-                                                          "with: lmoe train output_dir=runs/x "
-                                                          "--resume"):
+            with pytest.raises(
+                TrainingInterrupted,
+                match="interrupted at step 3 of 10; resume "
+                "with: lmoe train output_dir=runs/x "
+                "--resume",
+            ):
                 stop.raise_if_signalled()
     finally:
         signal.signal(signal.SIGINT, previous)

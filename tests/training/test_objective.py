@@ -1,8 +1,9 @@
 """Label smoothing against the formula written out in float64: (1 - eps) NLL + eps * mean_k(-log p_k)."""
+
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from lmoe.data.encoding import IGNORE
 from lmoe.training.objective import set_label_smoothing
 
@@ -23,7 +24,9 @@ def test_model_loss_is_label_smoothed(eps, input_ids):
     labels[:, :3] = IGNORE  # a prompt without loss
     set_label_smoothing(model, eps)
     out = model(input_ids=input_ids, labels=labels)
-    torch.testing.assert_close(out.loss.double(), reference(out.logits, labels, eps), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        out.loss.double(), reference(out.logits, labels, eps), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_sum_over_num_items_in_batch_as_trainer_asks(input_ids):

@@ -1,13 +1,14 @@
 """What a finished `lmoe train` run prints and leaves: one trainable-params line, the adapter's
 directory last, no empty eval files; a warning for a run that is all warm-up."""
+
 import logging
 
 import pytest
+from train_cli import model_and_data, train_argv
 from transformers import AutoModelForCausalLM
 
 from lmoe import load_adapter
 from lmoe.cli import main
-from train_cli import model_and_data, train_argv
 
 
 @pytest.fixture(scope="module")
@@ -15,8 +16,9 @@ def setup(tmp_path_factory):
     return model_and_data(tmp_path_factory.mktemp("output"))
 
 
-def test_a_run_without_eval_data_names_its_adapter_and_writes_no_empty_results(setup, tmp_path,
-                                                                                capsys, caplog):
+def test_a_run_without_eval_data_names_its_adapter_and_writes_no_empty_results(
+    setup, tmp_path, capsys, caplog
+):
     caplog.set_level(logging.INFO)
     out = tmp_path / "run"
     # compare_base, but nothing to evaluate: no eval_data, no benchmark, not the built-in mixture
@@ -40,4 +42,5 @@ def test_a_run_that_is_all_warm_up_is_warned_about(setup, tmp_path, caplog):
     assert warning.levelno == logging.WARNING
     assert warning.getMessage() == (
         "lmoe: warmup_steps=2 >= steps=2: the learning rate rises for the whole run and never "
-        "decays; set warmup_steps below steps (e.g. warmup_steps=0).")
+        "decays; set warmup_steps below steps (e.g. warmup_steps=0)."
+    )

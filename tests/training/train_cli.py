@@ -1,5 +1,6 @@
 """`lmoe train` runs of the tiny model for the fault, resume and interrupt tests: the command line,
 and how far a run (perhaps in another process) has got."""
+
 from __future__ import annotations
 
 import os
@@ -7,11 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lmoe
 from tiny import tiny_model_dir, write_jsonl
 
-ROWS = [{"prompt": f"What is {a} + {b}?", "completion": str(a + b)}
-        for a in range(10, 16) for b in range(20, 23)]
+import lmoe
+
+ROWS = [
+    {"prompt": f"What is {a} + {b}?", "completion": str(a + b)}
+    for a in range(10, 16)
+    for b in range(20, 23)
+]
 STEPS = 12
 
 
@@ -23,10 +28,23 @@ def model_and_data(root: Path) -> tuple[Path, Path]:
 def train_argv(setup, out, *overrides) -> list[str]:
     """`lmoe train` of the tiny model on the sums: STEPS steps, a checkpoint every 2."""
     model, data = setup
-    return ["train", f"model={model}", f"data=[{data}]", f"output_dir={out}", f"steps={STEPS}",
-            "batch_size=4", "lr=0.01", "warmup_steps=2", "save_every=2", "compare_base=false",
-            "lmoe.num_experts=3", "lmoe.rank=2", "lmoe.target_modules=all-linear",
-            "lmoe.dropout=0.1", *overrides]
+    return [
+        "train",
+        f"model={model}",
+        f"data=[{data}]",
+        f"output_dir={out}",
+        f"steps={STEPS}",
+        "batch_size=4",
+        "lr=0.01",
+        "warmup_steps=2",
+        "save_every=2",
+        "compare_base=false",
+        "lmoe.num_experts=3",
+        "lmoe.rank=2",
+        "lmoe.target_modules=all-linear",
+        "lmoe.dropout=0.1",
+        *overrides,
+    ]
 
 
 def steps_logged(out: Path) -> int:
