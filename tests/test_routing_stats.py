@@ -183,7 +183,8 @@ def test_specialisation_per_layer_and_averaged():
 
 
 def test_collapse_statistics_are_means_over_the_tokens_of_all_groups():
-    # layer "l": a's 3 tokens one-hot (ESS 1), b's token uniform over 4 (ESS 4); "m": all [.5, .5, 0, 0]
+    # layer "l": a's 3 tokens one-hot (ESS 1), b's token uniform over 4 (ESS 4);
+    # layer "m": every token [.5, .5, 0, 0] (ESS 2)
     one_hot, uniform = torch.tensor([1.0, 0, 0, 0]), torch.full((4,), 0.25)
     g = torch.stack([one_hot, one_hot, one_hot, uniform])
     out = specialisation({"l": g, "m": torch.tensor([0.5, 0.5, 0, 0]).repeat(4, 1)}, list("aaab"))
