@@ -393,7 +393,8 @@ def routing_counts(model: nn.Module) -> Tensor:
 
 def active_expert_counts(model: nn.Module) -> Tensor:
     """(2,): the experts in use summed over real tokens and layers, and the number of (token, layer)
-    pairs (see routing_counts); their ratio is the mean number of experts a token uses in a layer."""
+    pairs (see routing_counts); their ratio is the mean number of experts a token uses in a
+    layer."""
     return routing_counts(model)[[0, -1]]
 
 
