@@ -113,16 +113,11 @@ def test_lmoe_eval_lm_eval_prints_and_writes_lm_evals_results(trained, in_memory
     main(
         [
             "eval",
-            "--model",
-            str(root / "base"),
-            "--adapter",
-            str(root / "adapter"),
-            "--lm-eval",
-            TASK,
-            "--include-path",
-            TASKS,
-            "--json",
-            str(tmp_path / "results.json"),
+            f"model={root / 'base'}",
+            f"adapter={root / 'adapter'}",
+            f"lm_eval=[{TASK}]",
+            f"include_path={TASKS}",
+            f"json={tmp_path / 'results.json'}",
         ]
     )
     written = json.loads((tmp_path / "results.json").read_text())
