@@ -287,7 +287,7 @@ COMMANDS: dict[str, tuple[Callable, type]] = {
     "experts remove": (cmd_experts_remove, ExpertsRemoveConfig),
     "experts replace": (cmd_experts_replace, ExpertsReplaceConfig),
 }
-GROUPS = {
+GROUPS = {  # a command of several actions ("experts list"): its own line of help
     "experts": "A mixture's experts: list them; add LoRA adapters or fresh experts; remove or "
     "replace some (a new adapter)."
 }
@@ -345,7 +345,7 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True)
     groups = {}
     for name, (run, cls) in COMMANDS.items():
-        group, _, action = name.rpartition(" ")
+        group = name.rpartition(" ")[0]
         if group and group not in groups:
             sub = commands.add_parser(group, help=GROUPS[group], description=GROUPS[group])
             groups[group] = sub.add_subparsers(dest="action", required=True)

@@ -101,7 +101,8 @@ def apply_overrides(data: dict, overrides: Iterable[str], cls: type | None = Non
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ValueError(
-                f"Setting {item!r} must look like key=value, e.g. steps=100 or lmoe.num_experts=8."
+                f"Setting {item!r} must look like key=value, e.g. max_length=256 or lmoe.rank=8 "
+                "(--help lists every setting)."
             )
         node, parts = data, key.split(".")
         for part in parts[:-1]:
@@ -118,7 +119,7 @@ def parse_value(item: str, text: str, hint: Any = None) -> Any:
         value, error = None, err
     if hint is not None and text.strip() == "None" and fits(None, hint):
         return None
-    if hint is not None and error is None and fits(value, hint) or hint is None and not error:
+    if error is None and (hint is None or fits(value, hint)):
         return value
     if hint is not None:
         if fits(text, hint):

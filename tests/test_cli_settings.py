@@ -6,13 +6,16 @@ closest ones."""
 import dataclasses
 import json
 import re
+import shlex
+import typing
+from pathlib import Path
 
 import pytest
 import yaml
 
-from lmoe.cli import COMMANDS, main
+from lmoe.cli import COMMANDS, main, parser
 from lmoe.cli_settings import AnalyzeConfig, EvalConfig, ExpertsRemoveConfig, GenerateConfig
-from lmoe.settings import apply_overrides, load_settings
+from lmoe.settings import apply_overrides, check_known_keys, load_settings
 from lmoe.training.config import TrainConfig
 
 # a value of each type a required setting has, to fill it in
@@ -154,3 +157,36 @@ def test_the_command_line_wins_over_the_file(tmp_path):
     eval_file = tmp_path / "eval.yaml"
     eval_file.write_text("mc:\n  protocol: cloze\n")
     assert load_settings(EvalConfig, eval_file, ["mc.template=plain"]).mc.key == "cloze/plain"
+
+
+def documented_commands() -> list[str]:
+    """Every `lmoe ...` command line of README.md, docs/*.md and bench/*.md (code blocks and
+    indented lines alike), from `lmoe` on, comments dropped."""
+    root = Path(__file__).resolve().parent.parent
+    pages = [root / "README.md", *sorted(root.glob("docs/*.md")), *sorted(root.glob("bench/*.md"))]
+    found = []
+    for page in pages:
+        text = page.read_text().replace("\\\n", " ")  # continued lines as one
+        for line in text.splitlines():
+            match = re.search(r"(?:^\s*|bin/|-m |&& )(lmoe(?:\.cli)? .*)", line)
+            command = r"lmoe(\.cli)? (train|eval|generate|analyze|compose|experts|config)(\s|$)"
+            if match and re.match(command, match[1]) and "--help" not in match[1]:
+                found.append(match[1].split("`")[0])
+    return found
+
+
+def test_every_documented_command_names_only_settings_its_command_has():
+    commands = documented_commands()
+    assert len(commands) > 20  # the pages' commands were found
+    for line in commands:
+        argv = [word for word in shlex.split(line, comments=True)[1:] if word != "..."]
+        args = parser().parse_args(argv)  # an unknown flag exits
+        if args.name == "config":
+            continue
+        cls = COMMANDS[args.name][1]
+        data = apply_overrides({}, args.settings, cls)
+        for key, value in data.items():  # known keys, a nested section's too
+            section = dataclasses.fields(cls)
+            assert key in [f.name for f in section], line
+            if isinstance(value, dict):
+                check_known_keys(typing.get_type_hints(cls)[key], value)
