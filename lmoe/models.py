@@ -72,7 +72,8 @@ def load_model(
         model, tokenizer = _load_hf(str(path))
     elif path.exists():
         raise ValueError(
-            f"model={name} is a file but not a .gguf; pass a GGUF file, a model directory or a hub id."
+            f"model={name} is a file but not a .gguf; pass a GGUF file, a model directory or a "
+            "hub id."
         )
     elif _looks_like_path(name):
         raise FileNotFoundError(

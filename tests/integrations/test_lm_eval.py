@@ -1,6 +1,7 @@
 """lm-eval-harness on an lmoe model (no download): the example task examples/lm_eval/lmoe_example_mc.yaml
 (dataset_path: json on a local file) through HFLM(pretrained=model), HFLM(pretrained=DIR, peft=ADAPTER) and
-`lmoe eval lm_eval=[...]`; each choice's log-likelihood against a forward of the whole text, one at a time."""
+`lmoe eval lm_eval=[...]`; each choice's log-likelihood against a forward of the whole text, one at
+a time."""
 
 import json
 from pathlib import Path
