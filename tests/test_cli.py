@@ -1,9 +1,11 @@
-"""End to end through the CLI on a tiny random model: train (YAML + overrides), eval, generate, resume."""
+"""End to end through the CLI on a tiny random model: train (YAML + overrides), eval (a config
+file + overrides), generate, resume."""
 
 import json
 import re
 
 import pytest
+import yaml
 from tiny import tiny_model_dir, write_jsonl
 
 from lmoe.cli import main
@@ -84,12 +86,17 @@ def test_train_eval_generate(tmp_path, capsys):
     assert [r["step"] for r in read_metrics(routers)] == [1, 2] and (routers / "adapter").is_dir()
 
     capsys.readouterr()
+    settings = tmp_path / "eval.yaml"  # `lmoe config eval`'s file, edited, then read with --config
+    main(["config", "eval", f"out={settings}"])
+    edited = yaml.safe_load(settings.read_text()) | {"model": str(model), "data": [str(data)]}
+    settings.write_text(yaml.safe_dump(edited))
     main(
         [
             "eval",
-            f"model={model}",
+            "--config",
+            str(settings),
             f"adapter={out / 'adapter'}",
-            f"data=[{data},{mc}]",
+            f"data=[{data},{mc}]",  # the command line wins over the file
             f"json={tmp_path / 'eval.json'}",
         ]
     )
