@@ -4,7 +4,6 @@ peft.PeftConfig, so that PEFT and TRL take it as they take a LoraConfig."""
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
 import json
 import math
@@ -14,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from peft import PeftConfig
+
+from .settings import check_known_keys
 
 ROUTERS = ("softmax", "topk", "dynamic")
 COMPOSITIONS = ("params", "outputs")
@@ -84,6 +85,8 @@ class LMoEConfig(PeftConfig):
     (lmoe.integrations.peft_tuner is the PEFT method). PeftConfig's fields come first below.
     """
 
+    NOT_SETTINGS = PEFT_FIELDS  # PEFT fills these: not the mixture's settings (lmoe.settings)
+
     task_type: str | None = peft_field()
     peft_type: LMoEPeftType = peft_field(LMoEPeftType.LMOE)
     auto_mapping: dict | None = peft_field()
@@ -92,50 +95,115 @@ class LMoEConfig(PeftConfig):
     revision: str | None = peft_field()
     inference_mode: bool = peft_field(False)
 
-    num_experts: int = 4
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
-    router: str = "softmax"
-    top_k: int = 2
-    temperature: float = 1.0
-    composition: str = "params"
-    router_bias: bool = False
-    # std of the gate W_g's normal init; None: nn.Linear's default (uniform, std 1/sqrt(3 d_in)).
-    # Larger values start every token off a non-uniform routing, so the experts see different
-    # gradients from step 1.
-    router_init_std: float | None = None
+    num_experts: int = field(default=4, metadata={"help": "experts E per adapted layer"})
+    rank: int = field(default=8, metadata={"help": "LoRA rank r of each expert"})
+    alpha: float = field(
+        default=16.0, metadata={"help": "LoRA alpha: the experts' update is scaled by alpha / rank"}
+    )
+    dropout: float = field(
+        default=0.0, metadata={"help": "dropout on the experts' input, in training"}
+    )
+    target_modules: list[str] | str = field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        metadata={
+            "help": "layers to adapt: module names (the last part of the dotted name, or the "
+            'whole), a regex (full match on the dotted name), or "all-linear"'
+        },
+    )
+    router: str = field(
+        default="softmax",
+        metadata={
+            "help": "softmax (every expert weighted), topk (the top_k largest), or dynamic "
+            "(LD-MoLE's sparsegen with a learned per-token lambda)"
+        },
+    )
+    top_k: int = field(default=2, metadata={"help": "router=topk: experts per token"})
+    temperature: float = field(
+        default=1.0, metadata={"help": "the softmax and top-k gates' temperature"}
+    )
+    composition: str = field(
+        default="params",
+        metadata={
+            "help": "params (L-MoE): one LoRA whose A and B the gate mixes; outputs (MoLoRA): the "
+            "gate mixes the experts' outputs"
+        },
+    )
+    router_bias: bool = field(default=False, metadata={"help": "a bias in the gate W_g"})
+    # std of the gate W_g's normal init; None: nn.Linear's default (uniform, std 1/sqrt(3 d_in)). Larger
+    # values start every token off a non-uniform routing, so the experts see different gradients from step 1.
+    router_init_std: float | None = field(
+        default=None,
+        metadata={"help": "std of the gate's normal init; null: nn.Linear's default init"},
+    )
     # the routers' (gates', lambda heads') parameters are stored divided by this, multiplied by it
     # in use: the same function and init, but Adam's step (about lr, whatever the gradient's size)
     # moves the weights in use this many times as far, so the routers learn at this multiple of the
     # experts' rate in any loop with one learning rate. The experts start at B = 0, so the routers
     # get almost no gradient at first, then one about E times smaller than a single LoRA's: at 1 the
     # routing stays near uniform.
-    router_param_scale: float = ROUTER_PARAM_SCALE
-    # true: the router (and LD-MoLE's lambda head) reads the experts' dropped-out input, as the
-    # LD-MoLE authors' code does; false: the clean input (no effect without
-    # dropout, or at evaluation)
-    router_reads_dropout: bool = False
-    load_balance_coef: float | None = None  # None: LOAD_BALANCE_DEFAULTS[router]
-    z_loss_coef: float = 0.0
-    # LD-MoLE (router="dynamic"): the sparsity objective keeps at most sparsity_target experts per
-    # token; the lambda head is Linear(d_in, lambda_hidden) -> ReLU -> Linear(lambda_hidden, 1), and
+    router_param_scale: float = field(
+        default=ROUTER_PARAM_SCALE,
+        metadata={
+            "help": "the routers' parameters are stored divided by this and multiplied back in "
+            "use: under Adam the routers learn at this multiple of the experts' rate"
+        },
+    )
+    # true: the router (and LD-MoLE's lambda head) reads the experts' dropped-out input, as the LD-MoLE
+    # authors' code does; false: the clean input (no effect without dropout, or at evaluation)
+    router_reads_dropout: bool = field(
+        default=False,
+        metadata={
+            "help": "the router reads the experts' dropped-out input (as LD-MoLE's code); false: "
+            "the clean input"
+        },
+    )
+    load_balance_coef: float | None = field(
+        default=None,
+        metadata={
+            "help": "weight of the load-balance loss; null: by router, softmax 0.1, topk 0.01, "
+            "dynamic 1.0"
+        },
+    )
+    z_loss_coef: float = field(
+        default=0.0, metadata={"help": "weight of the routers' z-loss (keeps their logits small)"}
+    )
+    # LD-MoLE (router="dynamic"): the sparsity objective keeps at most sparsity_target experts per token;
+    # the lambda head is Linear(d_in, lambda_hidden) -> ReLU -> Linear(lambda_hidden, 1), and
     # lambda = logsigmoid(.) + 1 - lambda_eps < 1. Defaults are the authors' released settings;
-    # lambda_hidden None: scaled to the model as the authors do
-    # (default_lambda_hidden), fixed by inject.
-    sparsity_coef: float = 0.0
-    sparsity_target: int = 2
-    lambda_hidden: int | None = None
-    lambda_eps: float = 0.01
-    # every bias of the lambda head at init; the authors' -2.5 gives lambda ~ -1.6
-    # (dense), 0 about 0.3
-    lambda_bias_init: float = LAMBDA_BIAS_INIT
-    # how the experts run (the same values and gradients either way): "dense", every expert for
-    # every token as one rank-E*r LoRA; "sparse", only the (token, expert) pairs with g > 0
-    # (lmoe/sparse.py); "auto", the faster of the two by the rule measured in bench/RESULTS.md
-    # (sparse.prefer_sparse)
-    execution: str = "auto"
+    # lambda_hidden None: scaled to the model as the authors do (default_lambda_hidden), fixed by inject.
+    sparsity_coef: float = field(
+        default=0.0, metadata={"help": "router=dynamic: weight of the sparsity loss"}
+    )
+    sparsity_target: int = field(
+        default=2, metadata={"help": "router=dynamic: experts per token the sparsity loss allows"}
+    )
+    lambda_hidden: int | None = field(
+        default=None,
+        metadata={
+            "help": "router=dynamic: the lambda head's hidden width; null: scaled to the model "
+            "(width / 8, 32 to 512)"
+        },
+    )
+    lambda_eps: float = field(
+        default=0.01, metadata={"help": "router=dynamic: lambda <= 1 - lambda_eps"}
+    )
+    # every bias of the lambda head at init; the authors' -2.5 gives lambda ~ -1.6 (dense), 0 about 0.3
+    lambda_bias_init: float = field(
+        default=LAMBDA_BIAS_INIT,
+        metadata={
+            "help": "router=dynamic: every bias of the lambda head at init (-2.5: dense at first)"
+        },
+    )
+    # how the experts run (the same values and gradients either way): "dense", every expert for every token as
+    # one rank-E*r LoRA; "sparse", only the (token, expert) pairs with g > 0 (lmoe/sparse.py); "auto", the
+    # faster of the two by the rule measured in bench/RESULTS.md (sparse.prefer_sparse)
+    execution: str = field(
+        default="auto",
+        metadata={
+            "help": "how the experts run, the same values either way: dense, sparse (only the "
+            "pairs with g > 0), or auto (the measured rule picks)"
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()  # PEFT's checks of its own fields
@@ -268,23 +336,6 @@ def saved_fields(data: dict[str, Any]) -> dict[str, Any]:
     existed (SAVED_BEFORE: router_param_scale 1, the parameters as they were trained), not at
     today's default."""
     return {**SAVED_BEFORE, **data}
-
-
-def check_known_keys(cls: type, data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """data itself if every key is a field of dataclass cls (of an LMoEConfig: not PEFT's); else an
-    error suggesting the closest field."""
-    peft_fields = PEFT_FIELDS if issubclass(cls, PeftConfig) else frozenset()
-    known = [f.name for f in dataclasses.fields(cls) if f.name not in peft_fields]
-    for key in data:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = (
-                f" Did you mean '{prefix}{close[0]}'?"
-                if close
-                else f" Known keys: {', '.join(known)}."
-            )
-            raise ValueError(f"{cls.__name__} has no field '{prefix}{key}'.{hint}")
-    return data
 
 
 def is_number(value: Any) -> bool:

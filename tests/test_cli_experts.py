@@ -32,7 +32,8 @@ def setup(tmp_path_factory):
         peft_lora_dir(base, root / "c", 3, r=3, lora_alpha=6, target_modules=["q_proj"]),
         peft_lora_dir(base, root / "d", 4, target_modules=["v_proj"]),
     ]
-    main(["compose", *map(str, loras[:3]), "--model", str(base), "--out", str(root / "mix")])
+    adapters = ",".join(map(str, loras[:3]))
+    main(["compose", f"adapters=[{adapters}]", f"model={base}", f"out={root / 'mix'}"])
     routed = compose(
         AutoModelForCausalLM.from_pretrained(base),
         loras[:3],
@@ -77,22 +78,22 @@ def peft_logits(base, directory, ids):
         )
 
 
-def experts(s, *argv):
-    main(["experts", *map(str, argv), "--model", str(s["base"])])
+def experts(s, action, mixture, **settings):
+    """`lmoe experts ACTION mixture=MIXTURE key=value ...` on the tiny base."""
+    words = [f"{key}={value}" for key, value in settings.items()]
+    main(["experts", action, f"mixture={mixture}", f"model={s['base']}", *words])
 
 
 def test_added_adapter_is_off_at_first_and_one_hot_gives_its_outputs(setup, ids, tmp_path, capsys):
     s, d = setup, setup["loras"][3]
-    experts(s, "add", s["mix"], d, "--out", tmp_path / "exact", "--logit=-1e4")
+    experts(s, "add", s["mix"], adapters=f"[{d}]", out=tmp_path / "exact", logit=-1e4)
     torch.testing.assert_close(
         logits(s["base"], ids, tmp_path / "exact"),
         logits(s["base"], ids, s["mix"]),
         rtol=1e-5,
         atol=1e-6,
     )
-    experts(
-        s, "add", s["mix"], d, "--out", tmp_path / "new"
-    )  # default: bias -4, weight e^-4 / (3 + e^-4)
+    experts(s, "add", s["mix"], adapters=d, out=tmp_path / "new")  # bias -4: e^-4 / (3 + e^-4)
     assert (
         "new experts: 3; next, train the router: lmoe train init_adapter="
         in capsys.readouterr().out
@@ -114,7 +115,7 @@ def test_added_adapter_is_off_at_first_and_one_hot_gives_its_outputs(setup, ids,
 
 def test_added_adapter_keeps_a_trained_routing_among_the_earlier_experts(setup, ids, tmp_path):
     s = setup
-    experts(s, "add", s["routed"], s["loras"][3], "--out", tmp_path / "new")
+    experts(s, "add", s["routed"], adapters=s["loras"][3], out=tmp_path / "new")
     routings = []
     for adapter in (s["routed"], tmp_path / "new"):
         model = load_adapter(AutoModelForCausalLM.from_pretrained(s["base"]), adapter)
@@ -138,7 +139,7 @@ def test_added_adapter_keeps_a_trained_routing_among_the_earlier_experts(setup, 
 
 def test_replace_puts_the_adapter_in_the_slot_and_keeps_the_rest(setup, ids, tmp_path):
     s = setup
-    experts(s, "replace", s["routed"], 0, s["loras"][3], "--out", tmp_path / "replaced")
+    experts(s, "replace", s["routed"], expert=0, adapter=s["loras"][3], out=tmp_path / "replaced")
     for i, directory in [(0, s["loras"][3]), (1, s["loras"][1])]:
         torch.testing.assert_close(
             logits(s["base"], ids, tmp_path / "replaced", torch.eye(3)[i]),
@@ -157,7 +158,7 @@ def test_replace_puts_the_adapter_in_the_slot_and_keeps_the_rest(setup, ids, tmp
 
 def test_remove_drops_the_slice(setup, ids, tmp_path):
     s = setup
-    experts(s, "remove", s["routed"], 1, "--out", tmp_path / "removed")
+    experts(s, "remove", s["routed"], experts=1, out=tmp_path / "removed")
     old, new = load_file(s["routed"] / WEIGHTS), load_file(tmp_path / "removed" / WEIGHTS)
     assert old.keys() == new.keys()
     assert all(torch.equal(new[key], old[key][[0, 2]]) for key in old), (
@@ -174,7 +175,7 @@ def test_remove_drops_the_slice(setup, ids, tmp_path):
 
 def test_list_against_the_adapters_own_products(setup, capsys):
     s = setup
-    main(["experts", "list", str(s["mix"])])
+    main(["experts", "list", f"mixture={s['mix']}"])
     out = capsys.readouterr().out
     assert "3 experts of rank 4 (scaling 1), softmax router, outputs composition" in out
     assert "wraps q_proj, v_proj in 4 layers of llama" in out
@@ -194,9 +195,9 @@ def test_list_against_the_adapters_own_products(setup, capsys):
 
 def test_fresh_expert_trains_with_the_earlier_experts_frozen_and_resumes(setup, tmp_path, capsys):
     s = setup
-    experts(s, "add", s["routed"], "--fresh", 1, "--out", tmp_path / "fresh")
+    experts(s, "add", s["routed"], fresh=1, out=tmp_path / "fresh")
     assert "frozen_experts=[0,1,2] data=[NEW.jsonl,REPLAY.jsonl]" in capsys.readouterr().out
-    main(["experts", "list", str(tmp_path / "fresh")])
+    main(["experts", "list", f"mixture={tmp_path / 'fresh'}"])
     assert re.search(r"\n\s+3\s+0 .*B = 0", capsys.readouterr().out)
     data = write_jsonl(
         tmp_path / "new.jsonl",
@@ -268,14 +269,18 @@ def test_errors_name_the_adapter_the_module_and_the_fix(setup, tmp_path, capsys)
         ),
     ]
     for adapter, message in cases:
-        for argv in (["add", s["mix"], adapter], ["replace", s["mix"], 0, adapter]):
+        for action, settings in (
+            ("add", {"adapters": adapter}),
+            ("replace", {"expert": 0, "adapter": adapter}),
+        ):
             with pytest.raises(SystemExit) as exit_:
-                experts(s, *argv, "--out", tmp_path / "out")
+                experts(s, action, s["mix"], **settings, out=tmp_path / "out")
             assert exit_.value.code == 2
-            assert re.search(message, capsys.readouterr().err.splitlines()[-1]), (argv, message)
+            assert re.search(message, capsys.readouterr().err.splitlines()[-1]), (action, message)
     assert not (tmp_path / "out").exists()
     for argv, message in [
-        (["experts", "add", s["mix"], "--out", tmp_path / "out"], "give adapter directories"),
+        (["experts", "add", f"mixture={s['mix']}", f"out={tmp_path / 'out'}"], "give adapters="),
+        (["experts", "remove", f"mixture={s['mix']}", f"out={tmp_path}"], "needs experts="),
         (
             ["train", f"init_adapter={s['mix']}", "frozen_experts=[1,3]"],
             r"frozen_experts=\[1, 3\] is invalid: expected indices of init_adapter's 3 experts, 0 to 2",

@@ -75,7 +75,7 @@ def train_args(files, tmp_path, *overrides) -> list[str]:
 
 def test_unknown_model_path(files, tmp_path, capsys):
     line = fails(
-        ["eval", "--model", tmp_path / "no" / "such-model", "--data", files["data"]], capsys
+        ["eval", f"model={tmp_path / 'no' / 'such-model'}", f"data={files['data']}"], capsys
     )
     assert re.search(
         r"Model path .*no/such-model does not exist; pass 'builtin', an existing model directory",
@@ -87,7 +87,7 @@ def test_truncated_safetensors_model(files, tmp_path, capsys):
     model = shutil.copytree(files["model"], tmp_path / "model")
     weights = model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    line = fails(["eval", "--model", model, "--data", files["data"]], capsys)
+    line = fails(["eval", f"model={model}", f"data={files['data']}"], capsys)
     assert (
         "weights of model" in line
         and "are corrupt or truncated" in line
@@ -99,7 +99,7 @@ def test_corrupt_and_truncated_gguf(files, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LMOE_CACHE", str(tmp_path / "cache"))
     garbage = tmp_path / "garbage.gguf"
     garbage.write_bytes(b"not a gguf file" * 10)
-    line = fails(["eval", "--model", garbage, "--data", files["data"]], capsys)
+    line = fails(["eval", f"model={garbage}", f"data={files['data']}"], capsys)
     assert re.search(r"GGUF file .*garbage.gguf is corrupt, truncated .*download it again", line)
     importlib_metadata = pytest.importorskip("importlib.metadata")
     try:
@@ -110,7 +110,7 @@ def test_corrupt_and_truncated_gguf(files, tmp_path, capsys, monkeypatch):
     with open(real, "rb") as f:
         cut.write_bytes(f.read(4 << 20))  # the header and metadata whole, the tensors cut short
     assert "cut.gguf is corrupt, truncated" in fails(
-        ["eval", "--model", cut, "--data", files["data"]], capsys
+        ["eval", f"model={cut}", f"data={files['data']}"], capsys
     )
 
 
@@ -121,12 +121,9 @@ def test_adapter_for_another_base(files, tmp_path, capsys):
     line = fails(
         [
             "eval",
-            "--model",
-            files["model"],
-            "--adapter",
-            tmp_path / "gpt2-adapter",
-            "--data",
-            files["data"],
+            f"model={files['model']}",
+            f"adapter={tmp_path / 'gpt2-adapter'}",
+            f"data={files['data']}",
         ],
         capsys,
     )
@@ -141,7 +138,7 @@ def test_adapter_from_a_newer_lmoe(files, tmp_path, capsys):
         json.dumps({**meta, "lmoe_version": "9.0", "format_version": 99})
     )
     line = fails(
-        ["eval", "--model", files["model"], "--adapter", adapter, "--data", files["data"]], capsys
+        ["eval", f"model={files['model']}", f"adapter={adapter}", f"data={files['data']}"], capsys
     )
     assert "written by lmoe 9.0 in adapter format 99" in line and "Upgrade lmoe to load it." in line
 
@@ -167,7 +164,7 @@ def test_damaged_adapter_weights(files, tmp_path, capsys, damage):
         data = weights.read_bytes()
     weights.write_bytes(bytes(data))
     line = fails(
-        ["eval", "--model", files["model"], "--adapter", adapter, "--data", files["data"]], capsys
+        ["eval", f"model={files['model']}", f"adapter={adapter}", f"data={files['data']}"], capsys
     )
     expected = "hold NaN/inf values" if damage == "nan" else "are corrupt or truncated"
     assert expected in line and (
@@ -237,7 +234,7 @@ def test_target_modules_matching_nothing(files, tmp_path, capsys):
             "TrainConfig.max_grad_norm=inf is invalid: expected a finite number >= 0.",
         ),
         ("max_bad_steps=0", "TrainConfig.max_bad_steps=0 is invalid: expected an integer >= 1."),
-        ("steps", "Override 'steps' must look like key=value"),
+        ("steps", "Setting 'steps' must look like key=value"),
     ],
 )
 def test_invalid_config_values_and_keys(files, tmp_path, capsys, override, message):

@@ -171,14 +171,14 @@ READERS = {
     "AutoPeftModelForCausalLM.from_pretrained": lambda d, base, tmp: (
         AutoPeftModelForCausalLM.from_pretrained(d)
     ),
-    "lmoe eval --adapter": lambda d, base, tmp: cli(
-        "eval", "--model", base, "--adapter", d, "--data", base.parent / "data.jsonl"
+    "lmoe eval adapter=": lambda d, base, tmp: cli(
+        "eval", f"model={base}", f"adapter={d}", f"data={base.parent / 'data.jsonl'}"
     ),
-    "lmoe generate --adapter": lambda d, base, tmp: cli(
-        "generate", "--model", base, "--adapter", d, "hello"
+    "lmoe generate adapter=": lambda d, base, tmp: cli(
+        "generate", f"model={base}", f"adapter={d}", "prompts=hello"
     ),
     "lmoe analyze": lambda d, base, tmp: cli(
-        "analyze", d, "--model", base, "--data", base.parent / "data.jsonl"
+        "analyze", f"adapter={d}", f"model={base}", f"data={base.parent / 'data.jsonl'}"
     ),
     "init_adapter=": lambda d, base, tmp: cli(
         "train", f"model={base}", f"init_adapter={d}", "steps=1", f"output_dir={tmp / 'run'}"

@@ -29,7 +29,7 @@ MAY_IMPORT = {
     "training": {"core", "data", "modular", "evaluation", "training"},
     "integrations": {"core", "modular", "training", "integrations"},
 }
-ANYTHING = {"lmoe", "lmoe.cli"}
+ANYTHING = {"lmoe", "lmoe.cli", "lmoe.cli_settings"}  # the command line and its settings
 
 
 def group(module: str) -> str:

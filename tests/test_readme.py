@@ -91,8 +91,8 @@ def test_modular_skills_commands_run(tmp_path, monkeypatch, capsys):
                 "save_every=0",
                 "compare_base=false",
             ],
-            "compose": ["--model", base],
-            "experts": [] if argv[2] == "list" else ["--model", base],
+            "compose": [f"model={base}"],
+            "experts": [] if argv[2] == "list" else [f"model={base}"],
         }
         main(argv[1:] + extra[argv[1]])
     assert "3 experts of rank 4" in capsys.readouterr().out

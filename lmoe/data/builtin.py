@@ -69,17 +69,25 @@ class Mixture:
             "italian",
             "german",
             "portuguese",
-        ]
+        ],
+        metadata={"help": "chatterbot-corpus domains: a language, or language/category+category"},
     )
     skills: list[str] = field(
-        default_factory=lambda: ["add", "number_words", "sort", "reverse_words", "count_letters"]
+        default_factory=lambda: ["add", "number_words", "sort", "reverse_words", "count_letters"],
+        metadata={"help": "generated skills with exact answers (lmoe.data.skills.SKILLS)"},
     )
-    per_domain: int = 120  # training pairs per conversation domain (at most)
-    per_skill: int = 120  # training items per skill
-    test_per_domain: int = 30
-    test_per_skill: int = 30
-    held_out_fraction: float = 0.15
-    seed: int = 0
+    per_domain: int = field(
+        default=120, metadata={"help": "training pairs per conversation domain (at most)"}
+    )
+    per_skill: int = field(default=120, metadata={"help": "training items per skill"})
+    test_per_domain: int = field(default=30, metadata={"help": "held-out pairs per domain"})
+    test_per_skill: int = field(default=30, metadata={"help": "held-out items per skill"})
+    held_out_fraction: float = field(
+        default=0.15, metadata={"help": "share of each domain's pairs held out (by a hash)"}
+    )
+    seed: int = field(
+        default=0, metadata={"help": "seed of the data order and the generated skill items"}
+    )
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.skills if s not in SKILLS]

@@ -77,7 +77,7 @@ def grouped(row: object, group: str | None, where: str) -> object:
     value = row.get(group)
     if value is None or value == "":
         raise ValueError(
-            f"{where}: no {group!r} key to group by (--group / eval_group={group}); "
+            f"{where}: no {group!r} key to group by (group={group} / eval_group={group}); "
             "give every row one, or group by another key."
         )
     return {**row, "domain": str(value)}

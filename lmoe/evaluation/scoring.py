@@ -433,8 +433,8 @@ def answer_records(
     if len(short) < len(answered):
         log.warning(
             "lmoe: %s: %d of %d answers are longer than %d tokens; they get perplexity "
-            "only, no exact match (raise eval_max_answer_tokens, or lmoe eval "
-            "--max-answer-tokens, to score them too).",
+            "only, no exact match (raise eval_max_answer_tokens, or lmoe eval's "
+            "max_answer_tokens, to score them too).",
             path,
             len(answered) - len(short),
             len(answered),

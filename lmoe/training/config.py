@@ -1,23 +1,23 @@
-"""TrainConfig: everything `lmoe train` needs, validated when built; YAML/JSON files, key=value overrides, recipes."""
+"""TrainConfig: everything `lmoe train` needs, validated when built; YAML/JSON files, key=value "
+"overrides, recipes."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..config import AUX_COEFS, LMoEConfig, check_known_keys, is_number
+from ..config import AUX_COEFS, LMoEConfig, is_number
 from ..data.builtin import Mixture
 from ..data.choices import MultipleChoice
 from ..evaluation.scoring import MAX_ANSWER_TOKENS
 from ..io import CONFIG_FILE, atomic_write, read_adapter_meta, verify_adapter
-from ..models import BUILTIN, LOAD_IN
+from ..models import BUILTIN, LOAD_IN, MODEL_HELP
+from ..settings import apply_overrides, check_known_keys, load_settings, read_config_file
 
 SAVED_CONFIG = "train_config.yaml"  # in output_dir: the run's settings, which --resume continues
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -88,59 +88,195 @@ def default_lmoe() -> LMoEConfig:
 
 @dataclass
 class TrainConfig:
-    """Everything `lmoe train` needs. data empty = the built-in mixture (with a base-vs-trained table)."""
+    """Everything `lmoe train` needs. data empty = the built-in mixture (with a base-vs-trained "
+    "table)."""
 
-    model: str = BUILTIN
-    data: list[str] = field(default_factory=list)
-    eval_data: list[str] = field(default_factory=list)
-    eval_group: str | None = None  # eval_data rows grouped by this key of each; None: "domain"
-    eval_max_answer_tokens: int = MAX_ANSWER_TOKENS  # longer eval_data answers: perplexity only
-    output_dir: str = "runs/lmoe"
-    lmoe: LMoEConfig = field(default_factory=default_lmoe)
-    mixture: Mixture = field(default_factory=Mixture)
+    model: str = field(default=BUILTIN, metadata={"help": MODEL_HELP})
+    data: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "training data: JSONL/CSV/JSON/Parquet files and benchmarks (bench:NAME, "
+            "bench:all); [] trains on the built-in mixture"
+        },
+    )
+    eval_data: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "held-out files and benchmarks scored before and after training (as eval's "
+            "data)"
+        },
+    )
+    eval_group: str | None = field(
+        default=None,
+        metadata={
+            "help": "group the eval_data rows by this key of each row (as eval's group); null: "
+            "the row's domain, else the file name"
+        },
+    )
+    eval_max_answer_tokens: int = field(
+        default=MAX_ANSWER_TOKENS,
+        metadata={
+            "help": "eval_data chat records: greedy exact match for answers of at most this many "
+            "tokens, the longer ones perplexity only; 0: perplexity only (as eval's "
+            "max_answer_tokens)"
+        },
+    )
+    output_dir: str = field(
+        default="runs/lmoe",
+        metadata={
+            "help": "where the run writes adapter/, checkpoint.pt, metrics.csv, eval.json and "
+            "train_config.yaml"
+        },
+    )
+    lmoe: LMoEConfig = field(
+        default_factory=default_lmoe,
+        metadata={
+            "help": "the mixture (lmoe.LMoEConfig); a partial section changes only the fields it "
+            "names"
+        },
+    )
+    mixture: Mixture = field(
+        default_factory=Mixture,
+        metadata={"help": "the built-in data, read where data is []"},
+    )
     mc: MultipleChoice = field(
-        default_factory=MultipleChoice
-    )  # how multiple-choice data trains and is scored
-    steps: int = 150
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 2e-3
-    router_lr_scale: float = 1.0  # routers' group at lr times this, atop lmoe.router_param_scale
-    weight_decay: float = (
-        0.0  # AdamW's, on every trainable parameter (experts, routers, lambda heads)
+        default_factory=MultipleChoice,
+        metadata={"help": "how multiple-choice data trains and is scored"},
     )
-    label_smoothing: float = 0.0  # of the LM loss (lmoe.training.objective)
-    temperature_start: float | None = (
-        None  # set: the gates' temperature anneals from it to lmoe.temperature (anneal.py)
+    steps: int = field(
+        default=150,
+        metadata={"help": "optimizer steps"},
     )
-    temperature_anneal_steps: int = 0  # ... over this many steps (1..steps)
-    warmup_steps: int = 10
-    max_grad_norm: float = 1.0
-    max_length: int = 128
-    seed: int = 0
-    precision: str = "auto"
-    save_every: int = 50
-    eval_every: int = (
-        0  # > 0: the held-out answer loss every this many steps (metrics.csv eval_loss)
+    batch_size: int = field(
+        default=8,
+        metadata={"help": "examples per micro-batch and process"},
     )
-    compare_base: bool = True
-    distributed: str = "ddp"
-    gradient_checkpointing: bool = False
-    load_in: str = "full"  # "8bit" / "4bit": the base quantised by bitsandbytes (CUDA only), experts in float32
-    max_bad_steps: int = (
-        5  # stop after this many consecutive steps with a non-finite loss or gradient
+    grad_accum: int = field(
+        default=1,
+        metadata={"help": "micro-batches per optimizer step"},
     )
-    init_adapter: str | None = (
-        None  # a saved adapter directory to start from; its mixture replaces `lmoe`
+    lr: float = field(
+        default=2e-3,
+        metadata={
+            "help": "AdamW's learning rate, after warmup_steps of linear warm-up; cosine decay to "
+            "0 at steps"
+        },
     )
-    train_experts: bool = (
-        True  # false: every expert frozen, only the routers (and lambda heads) learn
+    router_lr_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "the routers' parameter group at lr times this, atop lmoe.router_param_scale"
+        },
+    )
+    weight_decay: float = field(
+        default=0.0,
+        metadata={"help": "AdamW's, on every trainable parameter (experts, routers, lambda heads)"},
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={"help": "label smoothing of the LM loss"},
+    )
+    temperature_start: float | None = field(
+        default=None,
+        metadata={
+            "help": "set: the gates' temperature anneals from it to lmoe.temperature over "
+            "temperature_anneal_steps"
+        },
+    )
+    temperature_anneal_steps: int = field(
+        default=0,
+        metadata={"help": "steps of that anneal, 1..steps (0 without temperature_start)"},
+    )
+    warmup_steps: int = field(
+        default=10,
+        metadata={"help": "steps of linear learning-rate warm-up"},
+    )
+    max_grad_norm: float = field(
+        default=1.0,
+        metadata={"help": "the gradients' global norm is clipped to this"},
+    )
+    max_length: int = field(
+        default=128,
+        metadata={
+            "help": "tokens per example at most, longer ones cut with a warning; 128 here because "
+            "the built-in data fits and training time grows with it (eval and analyze take 512: "
+            "scoring cuts less)"
+        },
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "seed of the experts' init, the data order and dropout"},
+    )
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (bf16 on a GPU that has it, else fp16 on a GPU, full on a CPU), no, "
+            "bf16 or fp16"
+        },
+    )
+    save_every: int = field(
+        default=50,
+        metadata={
+            "help": "checkpoint.pt every this many steps (and at the last; 0: at the last only)"
+        },
+    )
+    eval_every: int = field(
+        default=0,
+        metadata={
+            "help": "> 0: the held-out answer loss every this many steps (metrics.csv eval_loss)"
+        },
+    )
+    compare_base: bool = field(
+        default=True,
+        metadata={"help": "score the base model before training too: the base-vs-trained table"},
+    )
+    distributed: str = field(
+        default="ddp",
+        metadata={
+            "help": "ddp or fsdp: how several processes (torchrun / accelerate launch) share the "
+            "work"
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "recompute activations in the backward pass: less memory, more time"},
+    )
+    load_in: str = field(
+        default="full",
+        metadata={
+            "help": "full, or 8bit / 4bit: the base quantised by bitsandbytes (CUDA only), "
+            "experts in float32"
+        },
+    )
+    max_bad_steps: int = field(
+        default=5,
+        metadata={
+            "help": "stop after this many consecutive steps with a non-finite loss or gradient"
+        },
+    )
+    init_adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "a saved adapter directory to start from (lmoe train's adapter/, lmoe "
+            "compose's); its mixture replaces lmoe"
+        },
+    )
+    train_experts: bool = field(
+        default=True,
+        metadata={"help": "false: every expert frozen, only the routers (and lambda heads) learn"},
     )
     frozen_experts: list[int] = field(
-        default_factory=list
-    )  # these experts of init_adapter frozen, the rest learn
-    recipe: str | None = (
-        None  # "ld-mole": the LD-MoLE authors' settings (RECIPES) for every field left at its default
+        default_factory=list,
+        metadata={
+            "help": "these experts of init_adapter stay frozen, the others and the routers learn"
+        },
+    )
+    recipe: str | None = field(
+        default=None,
+        metadata={
+            "help": "ld-mole: the LD-MoLE authors' settings (RECIPES) for every setting left at "
+            "its default"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -242,7 +378,8 @@ class TrainConfig:
         if self.lmoe.router == "dynamic":
             raise ValueError(
                 f"TrainConfig.temperature_start={self.temperature_start!r}: lmoe.router=dynamic has no "
-                "temperature (sparsegen's lambda sets how sparse it is). Drop temperature_start, or "
+                "temperature (sparsegen's lambda sets how sparse it is). Drop temperature_start, "
+                "or "
                 "use lmoe.router=softmax or topk."
             )
 
@@ -283,8 +420,10 @@ class TrainConfig:
         _check(self, "train_experts", isinstance(self.train_experts, bool), "true or false")
         if not self.train_experts and self.init_adapter is None:
             raise ValueError(
-                "TrainConfig.train_experts=false needs init_adapter=DIR: fresh experts start at zero "
-                "and, frozen, would stay there. Give the adapter to start from, or train_experts=true."
+                "TrainConfig.train_experts=false needs init_adapter=DIR: fresh experts start at "
+                "zero "
+                "and, frozen, would stay there. Give the adapter to start from, or "
+                "train_experts=true."
             )
         if isinstance(self.frozen_experts, int) and not isinstance(self.frozen_experts, bool):
             self.frozen_experts = [self.frozen_experts]
@@ -302,8 +441,8 @@ class TrainConfig:
         if self.frozen_experts and self.init_adapter is None:
             raise ValueError(
                 f"TrainConfig.frozen_experts={self.frozen_experts} needs init_adapter=DIR: it keeps "
-                "experts of a saved mixture as they are (e.g. after `lmoe experts add MIX --fresh 1`). "
-                "Give the adapter, or drop frozen_experts."
+                "experts of a saved mixture as they are (e.g. after `lmoe experts add "
+                "mixture=MIX fresh=1 out=DIR`). Give the adapter, or drop frozen_experts."
             )
         if self.frozen_experts and not self.train_experts:
             raise ValueError(
@@ -321,7 +460,8 @@ class TrainConfig:
         )
         if self.frozen_experts and self.distributed == "fsdp":
             raise ValueError(
-                "TrainConfig.frozen_experts with distributed=fsdp: FSDP shards the stacked experts that "
+                "TrainConfig.frozen_experts with distributed=fsdp: FSDP shards the stacked "
+                "experts that "
                 "freezing masks slice by slice. Use distributed=ddp, or train_experts=false."
             )
 
@@ -335,15 +475,15 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: list[str] = ()) -> "TrainConfig":
-        """A YAML or JSON file (or None for defaults) plus "dotted.key=value" overrides (values parsed as YAML)."""
-        return cls.from_dict(apply_overrides(read_config_file(path), overrides))
+        """A YAML or JSON file (or None for defaults) plus "dotted.key=value" overrides."""
+        return load_settings(cls, path, overrides)
 
     @classmethod
     def for_resume(cls, path: str | Path | None, overrides: list[str] = ()) -> "TrainConfig":
         """`lmoe train --resume`: the saved config of the run in output_dir (the file's or the
         overrides' output_dir, else the default) with the file's and the overrides' values on
         top."""
-        given = apply_overrides(read_config_file(path), overrides)
+        given = apply_overrides(read_config_file(path), overrides, cls)
         output_dir = given.get("output_dir", cls.output_dir)
         saved = read_saved_config(output_dir)
         # the run is where it is now (its saved output_dir may name where it was before a move)
@@ -356,23 +496,6 @@ class TrainConfig:
         """Write output_dir/train_config.yaml, atomically: a resumed run reads it."""
         text = self.to_yaml()
         atomic_write(Path(self.output_dir) / SAVED_CONFIG, lambda tmp: Path(tmp).write_text(text))
-
-
-def read_config_file(path: str | Path | None) -> dict:
-    """The fields a YAML or JSON config file sets ({} for None)."""
-    if not path:
-        return {}
-    if not Path(path).is_file():
-        raise FileNotFoundError(
-            f"Config file {path} does not exist; pass an existing YAML/JSON file to --config."
-        )
-    try:
-        data = load_yaml(Path(path).read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"Config {path} is not valid YAML ({err}); fix the file.") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"Config {path} must be a mapping of fields, got {type(data).__name__}.")
-    return data
 
 
 def read_saved_config(output_dir: str | Path) -> dict:
@@ -462,39 +585,3 @@ def _check(cfg: Any, name: str, ok: bool, expected: str) -> None:
         raise ValueError(
             f"TrainConfig.{name}={getattr(cfg, name)!r} is invalid: expected {expected}."
         )
-
-
-class _Loader(yaml.SafeLoader):
-    """yaml.safe_load's loader, except that 1e-4 and 2E5 are numbers (as in YAML 1.2 and JSON), not strings."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Set "a.b=value" entries in a nested dict (copied); value is parsed as YAML ("3" -> 3, "[a, b]" -> list)."""
-    data = json.loads(json.dumps(data))
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(
-                f"Override {item!r} must look like key=value, e.g. steps=100 or lmoe.num_experts=8."
-            )
-        node, parts = data, key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        try:
-            node[parts[-1]] = load_yaml(value)
-        except yaml.YAMLError as err:
-            raise ValueError(
-                f"Override {item!r}: the value is not valid YAML ({err}); quote it or fix it."
-            ) from err
-    return data

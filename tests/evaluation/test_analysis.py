@@ -249,14 +249,10 @@ def test_cli_analyze_groups_data_by_domain(tmp_path, capsys):
     main(
         [
             "analyze",
-            str(tmp_path / "adapter"),
-            "--model",
-            str(model_dir),
-            "--data",
-            str(add),
-            str(mixed),
-            "--out",
-            str(tmp_path / "out"),
+            f"adapter={tmp_path / 'adapter'}",
+            f"model={model_dir}",
+            f"data=[{add},{mixed}]",
+            f"out={tmp_path / 'out'}",
         ]
     )
     result = json.loads((tmp_path / "out" / SUMMARY_FILE).read_text())
@@ -297,13 +293,10 @@ def test_cli_analyze_writes_beside_the_adapter_and_groups_by_a_key(tmp_path, cap
     main(
         [
             "analyze",
-            str(tmp_path / "adapter"),
-            "--model",
-            str(model_dir),
-            "--data",
-            str(data),
-            "--group",
-            "skill",
+            f"adapter={tmp_path / 'adapter'}",
+            f"model={model_dir}",
+            f"data=[{data}]",
+            "group=skill",
         ]
     )
     out = tmp_path / "adapter-analysis"  # the default: beside the adapter, which stays as it was

@@ -171,19 +171,7 @@ def test_cli_eval_groups_by_key_and_shows_progress_without_a_terminal(tmp_path, 
         tmp_path / "own.jsonl",
         [{"prompt": p, "completion": "sat", "skill": s} for p, s in zip(PROMPTS, "xyxyxyxy")],
     )
-    main(
-        [
-            "eval",
-            "--model",
-            str(model),
-            "--data",
-            str(path),
-            "--group",
-            "skill",
-            "--json",
-            str(tmp_path / "r.json"),
-        ]
-    )
+    main(["eval", f"model={model}", f"data=[{path}]", "group=skill", f"json={tmp_path / 'r.json'}"])
     results = json.loads((tmp_path / "r.json").read_text())
     assert set(results["exact_match:own"]) == set(results["perplexity:own"]) == {"x", "y"}
     assert all(math.isfinite(v) for v in results["perplexity:own"].values())
@@ -191,8 +179,8 @@ def test_cli_eval_groups_by_key_and_shows_progress_without_a_terminal(tmp_path, 
     assert "exact_match:own x" in out and "perplexity:own y" in out
     assert "lmoe: exact match: 8 prompts ..." in err and "lmoe: perplexity: 8 examples in" in err
     with pytest.raises(SystemExit):
-        main(["eval", "--model", str(model), "--group", "skill"])
-    assert "--group skill groups the rows of --data files" in capsys.readouterr().err
+        main(["eval", f"model={model}", "group=skill"])
+    assert "group=skill groups the rows of data files" in capsys.readouterr().err
 
 
 def test_version(capsys):

@@ -1,6 +1,7 @@
 """lm-eval-harness on an lmoe model (no download): the example task examples/lm_eval/lmoe_example_mc.yaml
 (dataset_path: json on a local file) through HFLM(pretrained=model), HFLM(pretrained=DIR, peft=ADAPTER) and
-`lmoe eval --lm-eval`; each choice's log-likelihood against a forward of the whole text, one at a time."""
+`lmoe eval lm_eval=[...]`; each choice's log-likelihood against a forward of the whole text, one at
+a time."""
 
 import json
 from pathlib import Path
@@ -113,16 +114,11 @@ def test_lmoe_eval_lm_eval_prints_and_writes_lm_evals_results(trained, in_memory
     main(
         [
             "eval",
-            "--model",
-            str(root / "base"),
-            "--adapter",
-            str(root / "adapter"),
-            "--lm-eval",
-            TASK,
-            "--include-path",
-            TASKS,
-            "--json",
-            str(tmp_path / "results.json"),
+            f"model={root / 'base'}",
+            f"adapter={root / 'adapter'}",
+            f"lm_eval=[{TASK}]",
+            f"include_path={TASKS}",
+            f"json={tmp_path / 'results.json'}",
         ]
     )
     written = json.loads((tmp_path / "results.json").read_text())

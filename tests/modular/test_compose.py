@@ -167,12 +167,9 @@ def test_cli_compose_writes_a_mixture_that_load_adapter_reads(
     main(
         [
             "compose",
-            str(adapters[0]),
-            str(adapters[1]),
-            "--model",
-            "tiny",
-            "--out",
-            str(tmp_path / "mix"),
+            f"adapters=[{adapters[0]},{adapters[1]}]",
+            "model=tiny",
+            f"out={tmp_path / 'mix'}",
         ]
     )
     loaded = load_adapter(tiny_model("llama"), tmp_path / "mix")

@@ -16,7 +16,8 @@ from lmoe import load_adapter
 from lmoe.data.encoding import encode_all
 from lmoe.data.records import read_records
 from lmoe.evaluation.scoring import answer_logprobs
-from lmoe.training.config import TrainConfig, apply_overrides
+from lmoe.settings import apply_overrides
+from lmoe.training.config import TrainConfig
 from lmoe.training.loop import seed_step, train, warmup_cosine
 from lmoe.training.metrics_log import read_metrics
 
