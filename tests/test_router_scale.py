@@ -103,6 +103,24 @@ def test_scale_c_under_one_rate_is_adam_with_the_routers_at_c_times_the_rate(rou
 
 
 @pytest.mark.parametrize("router", ROUTERS)
+def test_param_groups_at_scale_c_step_as_the_routers_at_c_times_the_rate(router):
+    """lmoe train's groups at scale c (the routers' eps times c) give the same steps as scale 1
+    with the routers' group at c * lr and the same eps: float64 Adam, 6 steps."""
+    c, lr, eps = 30.0, 1e-3, 1e-8
+    scaled, plain = adapted(router, c), adapted(router, 1.0)
+    groups = param_groups(scaled, lr, eps=eps)
+    assert groups[1]["eps"] == pytest.approx(eps * c) and groups[0]["eps"] == eps
+    losses = (
+        train_steps(scaled, torch.optim.Adam(groups, lr=lr)),
+        train_steps(plain, torch.optim.Adam(param_groups(plain, lr, c, eps=eps), lr=lr)),
+    )
+    torch.testing.assert_close(*losses, rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        effective_router_weights(scaled), effective_router_weights(plain), rtol=1e-9, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("init_std", [None, 0.3])
 def test_initial_routing_is_that_of_scale_one_for_the_same_draws(router, init_std):
     x = torch.randn(16, 24, generator=torch.Generator().manual_seed(5))

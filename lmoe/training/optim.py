@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..inject import lmoe_layers
+from ..routing import ScaledLinear
 
 
 def router_parameter_ids(model: nn.Module) -> set[int]:
@@ -23,15 +24,42 @@ def router_parameter_ids(model: nn.Module) -> set[int]:
     return {id(p) for _, layer in lmoe_layers(module) for p in layer.router.parameters()}
 
 
-def param_groups(model: nn.Module, lr: float, router_lr_scale: float = 1.0) -> list[dict]:
+def router_param_scale(model: nn.Module) -> float:
+    """The factor the routers' parameters are stored divided by (LMoEConfig.router_param_scale);
+    1 for a model without routers."""
+    module = getattr(model, "module", model)
+    scales = {
+        m.scale
+        for _, layer in lmoe_layers(module)
+        for m in layer.router.modules()
+        if isinstance(m, ScaledLinear)
+    }
+    if len(scales) > 1:
+        raise ValueError(f"the routers are stored at several scales {sorted(scales)}; expected one")
+    return scales.pop() if scales else 1.0
+
+
+def param_groups(
+    model: nn.Module, lr: float, router_lr_scale: float = 1.0, eps: float = 1e-8
+) -> list[dict]:
     """The trainable parameters as optimizer groups: the experts at lr, the routers (gates and
     LD-MoLE's lambda heads, each once) at lr * router_lr_scale, on top of the factor their
-    router_param_scale gives them already (the module docstring). Empty groups are left out."""
+    router_param_scale c gives them already (the module docstring). Empty groups are left out.
+
+    The routers' group takes Adam's eps times c: their stored gradients are c times the gradients
+    of the weights in use, so this is Adam with eps on the weights in use, and the step equals
+    that of c = 1 with the routers at c * router_lr_scale * lr (tests/test_router_scale.py). A plain
+    optimizer over model.parameters() acts with eps / c on them instead: the same up to where
+    the routers' gradients are near eps, early in training (bench/RESULTS.md, "Routers at 30x")."""
     routers = router_parameter_ids(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in trainable if id(p) not in routers], "lr": lr},
-        {"params": [p for p in trainable if id(p) in routers], "lr": lr * router_lr_scale},
+        {"params": [p for p in trainable if id(p) not in routers], "lr": lr, "eps": eps},
+        {
+            "params": [p for p in trainable if id(p) in routers],
+            "lr": lr * router_lr_scale,
+            "eps": eps * router_param_scale(model),
+        },
     ]
     return [g for g in groups if g["params"]]
 
