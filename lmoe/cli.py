@@ -1,4 +1,5 @@
-"""`lmoe train | eval | generate | analyze | compose | experts`: a thin shell over lmoe.training.loop, lmoe.evaluation.scoring,
+"""`lmoe train | eval | generate | analyze | compose | experts | compare`: a thin shell over
+lmoe.training.loop, lmoe.evaluation.scoring, lmoe.compare,
 lmoe.models, lmoe.evaluation.analysis, lmoe.modular.compose, lmoe.modular.experts, lmoe.modular.edit.
 
 A subcommand is one function `cmd_<name>(parser) -> handler`: it adds its arguments and returns the
@@ -65,6 +66,25 @@ def cmd_train(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace],
                 file=sys.stderr,
             )
             raise SystemExit(130) from None  # 128 + SIGINT, as the shell reports it
+
+    return run
+
+
+def cmd_compare(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
+    """Does a mixture beat a LoRA of equal trainable parameters on my data? (docs/compare.md)"""
+    parser.add_argument("--config", help="YAML/JSON CompareConfig file (lmoe.compare.config)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="settings, e.g. data=[train.jsonl] eval_data=[test.jsonl] seeds=[0,1,2] "
+        "mixtures.top2.lmoe.router=topk mixtures.top2.lmoe.top_k=2",
+    )
+
+    def run(args: argparse.Namespace) -> None:
+        from .compare import CompareConfig, compare
+
+        compare(CompareConfig.from_file(args.config, args.overrides))
 
     return run
 
@@ -523,6 +543,7 @@ COMMANDS = {
     "analyze": cmd_analyze,
     "compose": cmd_compose,
     "experts": cmd_experts,
+    "compare": cmd_compare,
 }
 
 
