@@ -134,3 +134,33 @@ def test_bad_input_is_one_line(bad, says, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lmoe compare: error: ") and says in err[0], err
+
+
+def test_docs_commands_and_config_parse(tmp_path, monkeypatch):
+    """docs/compare.md's commands and its YAML config are valid CompareConfigs (none is run)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "compare.md").read_text()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "compare.yaml").write_text(re.findall(r"```yaml\n(.*?)```", page, re.S)[0])
+    commands = [
+        line.split("#")[0].strip()
+        for block in re.findall(r"```bash\n(.*?)```", page, re.S)
+        for line in block.splitlines()
+    ]
+    assert len(commands) == 5
+    for line in commands:
+        argv = shlex.split(line)
+        assert argv[:2] == ["lmoe", "compare"], line
+        config = argv[argv.index("--config") + 1] if "--config" in argv else None
+        overrides = [a for a in argv[2:] if "=" in a]
+        cfg = CompareConfig.from_file(config, overrides)
+        assert cfg.mixtures and cfg.seeds
+    cfg = CompareConfig.from_file("compare.yaml", [])
+    assert cfg.mixtures == {
+        "softmax": {},
+        "top2": {"lmoe.router": "topk", "lmoe.top_k": 2},
+        "dynamic": {"lmoe.router": "dynamic"},
+    }

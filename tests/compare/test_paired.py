@@ -96,7 +96,8 @@ def test_perplexity_difference_is_the_mean_gap_of_log_perplexity():
     mixture = [metric([3.0, 0.5, 6.0, 1.0]), metric([2.5, 0.7, 5.0, 1.5])]
     lora = [metric([3.3, 0.4, 6.4, 1.2]), metric([2.9, 0.9, 5.5, 1.1])]
     expected = sum(
-        math.log(metric_value(m)) - math.log(metric_value(lo)) for m, lo in zip(mixture, lora)
+        math.log(metric_value(m)) - math.log(metric_value(lo))
+        for m, lo in zip(mixture, lora, strict=True)
     ) / len(mixture)
     assert metric_value(mixture[0]) == pytest.approx(math.exp(10.5 / 10))
     assert paired_difference(mixture, lora)["difference"] == pytest.approx(expected)
