@@ -33,6 +33,9 @@ from .split import split_files
 from .stats import format_tables, method_summary, paired_difference
 
 RESULT = "result.json"  # in a run's directory: written once the run is trained and scored
+# The held-out routing statistics' effective support size (lmoe.routing_stats), read from a run's
+# routing.json where it is there; until the statistics give it, the table prints '-'.
+SUPPORT_KEY = "effective_support_size"
 REPORT_JSON, REPORT_TABLE = "compare.json", "compare.md"
 
 
@@ -116,7 +119,7 @@ def effective_support(train_dir: Path) -> float | None:
     path = train_dir / "routing.json"
     if not path.is_file():
         return None
-    return json.loads(path.read_text()).get("effective_support_size")
+    return json.loads(path.read_text()).get(SUPPORT_KEY)
 
 
 def finished_run(path: Path, planned: TrainConfig) -> dict | None:
@@ -124,7 +127,7 @@ def finished_run(path: Path, planned: TrainConfig) -> dict | None:
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
-    theirs, mine = dict(result["train_config"]), planned.to_dict()
+    theirs, mine = dict(result["train_config"]), json.loads(json.dumps(planned.to_dict()))
     theirs.pop("output_dir", None), mine.pop("output_dir", None)
     if theirs != mine:
         changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))

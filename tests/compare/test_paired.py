@@ -151,3 +151,13 @@ def test_items_agree_with_lmoe_evaluation(tmp_path):
     mc = evaluate_file(model, tok, questions, cfg.max_length, cfg.mc)["multiple_choice"]
     for key in ("cloze/chat", "letter/chat"):
         assert metric_value(items[f"mc {key} acc"]) == mc[key]["acc"]
+
+
+def test_effective_support_is_read_where_the_routing_stats_have_it(tmp_path):
+    from lmoe.compare.runs import SUPPORT_KEY, effective_support
+
+    assert effective_support(tmp_path) is None  # no routing.json: user data
+    (tmp_path / "routing.json").write_text('{"mutual_information_bits": 0.3}')
+    assert effective_support(tmp_path) is None  # statistics without it: '-'
+    (tmp_path / "routing.json").write_text(f'{{"{SUPPORT_KEY}": 2.5}}')
+    assert effective_support(tmp_path) == 2.5
