@@ -55,7 +55,7 @@ class CompareConfig:
         metadata=_help("one run per method and seed (init and data order)"),
     )
     mixtures: dict[str, dict] = field(
-        default_factory=lambda: {"mixture": {}},
+        default_factory=lambda: {"default": {}},
         metadata=_help(
             "name -> lmoe.* settings, e.g. {top2: {lmoe.router: topk, lmoe.top_k: 2}} "
             "(on the command line: mixtures.top2.lmoe.router=topk); {}: lmoe train's default"

@@ -24,7 +24,7 @@ from ..evaluation.scoring import write_json
 from ..inject import count_parameters, inject, lmoe_layers
 from ..models import load_model
 from ..training.checkpoint import CHECKPOINT
-from ..training.config import TrainConfig
+from ..training.config import TrainConfig, read_saved_config
 from ..training.loop import train
 from ..training.metrics_log import read_metrics
 from .config import CompareConfig
@@ -127,15 +127,20 @@ def finished_run(path: Path, planned: TrainConfig) -> dict | None:
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
-    theirs, mine = dict(result["train_config"]), json.loads(json.dumps(planned.to_dict()))
-    theirs.pop("output_dir", None), mine.pop("output_dir", None)
-    if theirs != mine:
-        changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
-        raise ValueError(
-            f"{path} holds a finished run with other settings ({', '.join(changed)}); compare "
-            "into another output_dir, or delete that run to train it again."
-        )
+    _refuse_other_settings(path, "a finished run", result["train_config"], planned)
     return result
+
+
+def _refuse_other_settings(path: Path, what: str, saved: dict, planned: TrainConfig) -> None:
+    """One error line naming the settings where a stored run differs from the planned one."""
+    theirs, mine = dict(saved), json.loads(json.dumps(planned.to_dict()))
+    theirs.pop("output_dir", None), mine.pop("output_dir", None)
+    changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    if changed:
+        raise ValueError(
+            f"{path} holds {what} with other settings ({', '.join(changed)}); compare into "
+            "another output_dir, or delete that run to train it again."
+        )
 
 
 def train_and_score(method: Method, seed: int, train_cfg: TrainConfig) -> dict:
@@ -143,6 +148,8 @@ def train_and_score(method: Method, seed: int, train_cfg: TrainConfig) -> dict:
     item by item."""
     out = Path(train_cfg.output_dir)
     resume = (out / CHECKPOINT).is_file()
+    if resume:  # an interrupted run: continued only if it is this run
+        _refuse_other_settings(out, "an unfinished run", read_saved_config(out), train_cfg)
     if out.exists() and not resume:  # an unfinished run that saved nothing worth continuing
         shutil.rmtree(out)
     items: dict[str, dict] = {}

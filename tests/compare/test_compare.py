@@ -116,6 +116,26 @@ def test_resume_trains_nothing_again(done, monkeypatch):
         compare(CompareConfig.from_file(None, settings(root, steps=3)))
 
 
+def test_an_interrupted_run_continues_from_its_checkpoint(done, monkeypatch):
+    root, report = done
+    result = root / "out" / "runs" / "soft-s1" / "result.json"
+    result.unlink()  # as if stopped after its checkpoint, before it was scored
+    with pytest.raises(ValueError, match=r"unfinished run with other settings \(steps\)"):
+        compare(CompareConfig.from_file(None, settings(root, steps=3, seeds="[1]")))
+    calls, real = [], runs.train
+
+    def counted(cfg, resume=False, **kwargs):
+        calls.append((cfg.output_dir, resume))
+        return real(cfg, resume=resume, **kwargs)
+
+    monkeypatch.setattr(runs, "train", counted)
+    again = compare(CompareConfig.from_file(None, settings(root)))
+    assert calls == [(str(root / "out" / "runs" / "soft-s1" / "train"), True)]
+    assert result.is_file()
+    for mine, before in zip(again["differences"], report["differences"], strict=True):
+        assert mine["difference"] == pytest.approx(before["difference"], abs=1e-6)
+
+
 @pytest.mark.parametrize(
     "bad, says",
     [
