@@ -27,6 +27,7 @@ from ..training.checkpoint import CHECKPOINT
 from ..training.config import TrainConfig, read_saved_config
 from ..training.loop import train
 from ..training.metrics_log import read_metrics
+from ..training.start import check_inputs
 from .config import CompareConfig
 from .items import aggregates, score_items
 from .split import split_files
@@ -179,6 +180,7 @@ def compare(cfg: CompareConfig) -> dict:
     Returns the report (compare.json's content)."""
     out = Path(cfg.output_dir)
     data = split_files(cfg, out / "split") if cfg.held_out_fraction else {}
+    check_inputs(cfg.mixture_config(next(iter(cfg.mixtures)), 0, out, **data))  # before loading
     methods = plan_methods(cfg, load_model(cfg.model)[0])
     plan = [(m, seed) for seed in cfg.seeds for m in methods]  # seed-major, as bench's grids
     results = []

@@ -146,11 +146,12 @@ def test_an_interrupted_run_continues_from_its_checkpoint(done, monkeypatch):
         (["mixtures.lora_x={}"], "not starting with 'lora_'"),
         (["mixtures.soft.lmoe.router=nope"], "LMoEConfig.router"),
         (["stepz=3"], "Did you mean 'steps'"),
+        (["eval_data=[nope.jsonl]", "output_dir=OUT"], "nope.jsonl does not exist"),
     ],
 )
-def test_bad_input_is_one_line(bad, says, capsys):
+def test_bad_input_is_one_line(bad, says, capsys, tmp_path):
     with pytest.raises(SystemExit) as stop:
-        main(["compare", *bad])
+        main(["compare", *(a.replace("OUT", str(tmp_path / "out")) for a in bad)])
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lmoe compare: error: ") and says in err[0], err
