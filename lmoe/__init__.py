@@ -1,7 +1,8 @@
 """lmoe: fine-tune causal LMs with a mixture of LoRA experts, trained end to end (L-MoE, LD-MoLE).
 
-The mixture itself lives here (config, routing, layer, sparse, inject, io); the subpackages hold what builds on
-it: modular (skills as experts), data, training, evaluation, integrations (PEFT, Trainer, lm-eval)."""
+The mixture itself lives here (config, routing, layer, sparse, inject, io); the subpackages hold
+what builds on it: modular (skills as experts), data, training, evaluation, integrations (PEFT,
+Trainer, lm-eval)."""
 
 from .config import LMoEConfig
 from .inject import (

@@ -24,10 +24,10 @@ AUX_COEFS = {
     "z_loss": "z_loss_coef",
     "sparsity": "sparsity_coef",
 }
-# load_balance_coef when left unset: 0.1 for the softmax gate (bench/RESULTS.md, routing study: with the routers
-# at 30x it spreads the domains over the experts, I(domain; expert) 0.29 -> 0.37 bit at equal quality), the
-# Switch-Transformer 0.01 for top-k; LD-MoLE's released recipe (eshentw/LD-MoLE run.sh, lb_loss_coef=1.0)
-# for the dynamic router
+# load_balance_coef when left unset: 0.1 for the softmax gate (bench/RESULTS.md, routing study: with
+# the routers at 30x it spreads the domains over the experts, I(domain; expert) 0.29 -> 0.37 bit at
+# equal quality), the Switch-Transformer 0.01 for top-k; LD-MoLE's released recipe (eshentw/LD-MoLE
+# run.sh, lb_loss_coef=1.0) for the dynamic router
 LOAD_BALANCE_DEFAULTS = {"softmax": 0.1, "topk": 0.01, "dynamic": 1.0}
 LAMBDA_BIAS_INIT = (
     -2.5
@@ -39,10 +39,11 @@ SAVED_BEFORE = {"router_param_scale": 1.0}
 
 
 def default_lambda_hidden(width: int) -> int:
-    """LD-MoLE's lambda-head width for a model whose layers read `width` features: width / 8 rounded down
-    to a power of two, from 32 to 512. The authors scale the head with the model (eshentw/LD-MoLE configs:
-    128 for Qwen3-0.6B, 256 for Qwen3-1.7B and Llama-3.2-3B, 512 in its run.sh for the 3B); a fixed 512
-    would do five times the arithmetic of the whole adapter on a 576-wide model."""
+    """LD-MoLE's lambda-head width for a model whose layers read `width` features: width / 8 rounded
+    down to a power of two, from 32 to 512. The authors scale the head with the model
+    (eshentw/LD-MoLE configs: 128 for Qwen3-0.6B, 256 for Qwen3-1.7B and Llama-3.2-3B, 512 in its
+    run.sh for the 3B); a fixed 512 would do five times the arithmetic of the whole adapter on
+    a 576-wide model."""
     return max(32, min(512, 1 << max(0, (width // 8).bit_length() - 1)))
 
 
@@ -101,8 +102,9 @@ class LMoEConfig(PeftConfig):
     temperature: float = 1.0
     composition: str = "params"
     router_bias: bool = False
-    # std of the gate W_g's normal init; None: nn.Linear's default (uniform, std 1/sqrt(3 d_in)). Larger
-    # values start every token off a non-uniform routing, so the experts see different gradients from step 1.
+    # std of the gate W_g's normal init; None: nn.Linear's default (uniform, std 1/sqrt(3 d_in)).
+    # Larger values start every token off a non-uniform routing, so the experts see different
+    # gradients from step 1.
     router_init_std: float | None = None
     # the routers' (gates', lambda heads') parameters are stored divided by this, multiplied by it
     # in use: the same function and init, but Adam's step (about lr, whatever the gradient's size)
@@ -111,24 +113,28 @@ class LMoEConfig(PeftConfig):
     # get almost no gradient at first, then one about E times smaller than a single LoRA's: at 1 the
     # routing stays near uniform.
     router_param_scale: float = ROUTER_PARAM_SCALE
-    # true: the router (and LD-MoLE's lambda head) reads the experts' dropped-out input, as the LD-MoLE
-    # authors' code does; false: the clean input (no effect without dropout, or at evaluation)
+    # true: the router (and LD-MoLE's lambda head) reads the experts' dropped-out input, as the
+    # LD-MoLE authors' code does; false: the clean input (no effect without
+    # dropout, or at evaluation)
     router_reads_dropout: bool = False
     load_balance_coef: float | None = None  # None: LOAD_BALANCE_DEFAULTS[router]
     z_loss_coef: float = 0.0
-    # LD-MoLE (router="dynamic"): the sparsity objective keeps at most sparsity_target experts per token;
-    # the lambda head is Linear(d_in, lambda_hidden) -> ReLU -> Linear(lambda_hidden, 1), and
+    # LD-MoLE (router="dynamic"): the sparsity objective keeps at most sparsity_target experts per
+    # token; the lambda head is Linear(d_in, lambda_hidden) -> ReLU -> Linear(lambda_hidden, 1), and
     # lambda = logsigmoid(.) + 1 - lambda_eps < 1. Defaults are the authors' released settings;
-    # lambda_hidden None: scaled to the model as the authors do (default_lambda_hidden), fixed by inject.
+    # lambda_hidden None: scaled to the model as the authors do
+    # (default_lambda_hidden), fixed by inject.
     sparsity_coef: float = 0.0
     sparsity_target: int = 2
     lambda_hidden: int | None = None
     lambda_eps: float = 0.01
-    # every bias of the lambda head at init; the authors' -2.5 gives lambda ~ -1.6 (dense), 0 about 0.3
+    # every bias of the lambda head at init; the authors' -2.5 gives lambda ~ -1.6
+    # (dense), 0 about 0.3
     lambda_bias_init: float = LAMBDA_BIAS_INIT
-    # how the experts run (the same values and gradients either way): "dense", every expert for every token as
-    # one rank-E*r LoRA; "sparse", only the (token, expert) pairs with g > 0 (lmoe/sparse.py); "auto", the
-    # faster of the two by the rule measured in bench/RESULTS.md (sparse.prefer_sparse)
+    # how the experts run (the same values and gradients either way): "dense", every expert for
+    # every token as one rank-E*r LoRA; "sparse", only the (token, expert) pairs with g > 0
+    # (lmoe/sparse.py); "auto", the faster of the two by the rule measured in bench/RESULTS.md
+    # (sparse.prefer_sparse)
     execution: str = "auto"
 
     def __post_init__(self) -> None:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .config import ALL_LINEAR, AUX_COEFS, LMoEConfig, default_lambda_hidden
 from .layer import MoLoRALinear, TokenMask, is_linear, linear_shape
 from .router_losses import AuxStats, token_count, token_sum
-from .routing_stats import token_statistics
+from .routing_stats import TOKEN_STATISTICS, token_statistics
 
 log = logging.getLogger(__name__)
 CONFIG_ATTR = "lmoe_config"
@@ -35,14 +35,16 @@ QUANTIZED_ATTR = (
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PeftModel (peft.get_peft_model with an LMoEConfig), else model itself:
-    layer names are then the same whether a PeftModel or the model inside it is passed."""
+    """The transformers model inside a PeftModel (peft.get_peft_model with an LMoEConfig), else
+    model itself: layer names are then the same whether a PeftModel or the model
+    inside it is passed."""
     get = getattr(model, "get_base_model", None)
     return get() if callable(get) else model
 
 
 def lmoe_layers(model: nn.Module) -> Iterator[tuple[str, MoLoRALinear]]:
-    """(qualified name, layer) for every mixture layer in the model (or the PeftModel's model), in module order."""
+    """(qualified name, layer) for every mixture layer in the model (or the PeftModel's
+    model), in module order."""
     for name, module in unwrapped(model).named_modules():
         if isinstance(module, MoLoRALinear):
             yield name, module
@@ -70,9 +72,10 @@ def find_targets(model: nn.Module, cfg: LMoEConfig) -> list[str]:
     if not chosen:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear})
         raise ValueError(
-            f"LMoEConfig.target_modules={targets!r} matches no linear layer in {type(model).__name__}. "
-            f"Its linear layers end in: {', '.join(suffixes) or '(none)'}; "
-            f'use some of those names, a regex on the full dotted name, or "{ALL_LINEAR}".'
+            f"LMoEConfig.target_modules={targets!r} matches no linear layer in "
+            f"{type(model).__name__}. Its linear layers end in: "
+            f"{', '.join(suffixes) or '(none)'}; use some of those names, a regex on the full "
+            f'dotted name, or "{ALL_LINEAR}".'
         )
     return chosen
 
@@ -83,7 +86,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def inject(model: nn.Module, cfg: LMoEConfig) -> nn.Module:
-    """Wrap the target layers with experts + router, in place; freeze everything else. Returns model."""
+    """Wrap the target layers with experts + router, in place; freeze everything
+    else. Returns model."""
     if any(True for _ in lmoe_layers(model)):
         raise ValueError(
             "This model already has lmoe layers; call lmoe.remove(model) before injecting again."
@@ -93,7 +97,8 @@ def inject(model: nn.Module, cfg: LMoEConfig) -> nn.Module:
     frozen = [name for name, p in model.named_parameters() if p.requires_grad]
     for p in model.parameters():
         p.requires_grad_(False)
-    lambda_heads: dict = {}  # LD-MoLE: one lambda head per input width, shared by all layers (dynamic router)
+    # LD-MoLE: one lambda head per input width, shared by all layers (dynamic router)
+    lambda_heads: dict = {}
     mask = TokenMask()
     for name in targets:
         layer = MoLoRALinear(model.get_submodule(name), cfg, lambda_heads)
@@ -123,16 +128,18 @@ def inject(model: nn.Module, cfg: LMoEConfig) -> nn.Module:
 
 
 def with_lambda_width(cfg: LMoEConfig, input_widths: list[int]) -> LMoEConfig:
-    """cfg with lambda_hidden fixed for a model (dynamic router, left unset): one width for all its lambda
-    heads, as the authors use, from the narrowest input of the target layers (a transformer's hidden size)."""
+    """cfg with lambda_hidden fixed for a model (dynamic router, left unset): one width for all its
+    lambda heads, as the authors use, from the narrowest input of the target layers (a
+    transformer's hidden size)."""
     if cfg.router != "dynamic" or cfg.lambda_hidden is not None:
         return cfg
     return dataclasses.replace(cfg, lambda_hidden=default_lambda_hidden(min(input_widths)))
 
 
 def _mask_hooks(model: nn.Module) -> list:
-    """Show the layers the attention_mask (batch, seq) a model forward is called with, for that forward,
-    and add the router losses to the loss of a training forward with labels (add_aux_to_loss).
+    """Show the layers the attention_mask (batch, seq) a model forward is called with, for that
+    forward, and add the router losses to the loss of a training forward with
+    labels (add_aux_to_loss).
 
     The hooks reach the mask through the model they run on (a deep copy uses its own) and are
     module-level functions (a pickled model keeps them).
@@ -162,27 +169,29 @@ def _release_mask(model: nn.Module, args: tuple, kwargs: dict, output):
 
 
 def _check_head_not_adapted(model: nn.Module) -> None:
-    """TRL's fused LM head multiplies the hidden states by lm_head.weight itself: experts there would not train."""
+    """TRL's fused LM head multiplies the hidden states by lm_head.weight itself: experts
+    there would not train."""
     get = getattr(model, "get_output_embeddings", None)
     if callable(get) and isinstance(get(), MoLoRALinear):
         raise ValueError(
-            "lmoe experts on the output head (lm_head) do not train under TRL's SFTTrainer: its loss "
-            "multiplies the hidden states by lm_head.weight directly. Remove 'lm_head' from "
+            "lmoe experts on the output head (lm_head) do not train under TRL's SFTTrainer: its "
+            "loss multiplies the hidden states by lm_head.weight directly. Remove 'lm_head' from "
             'LMoEConfig.target_modules ("all-linear" leaves it out).'
         )
 
 
-# ---------------------------------------------------------------- the router losses inside the model's loss
+# -------------------------------------------------------- the router losses inside the model's loss
 
 
 def add_aux_to_loss(model: nn.Module, kwargs: dict, output):
-    """A training forward with labels returns loss = LM loss + w * aux_loss and output.aux_loss = aux_loss, as
-    transformers' MoE models do, so any training loop trains the routers. w = 1, or, where the loss is summed
-    over the tokens of a whole optimizer step (Trainer's num_items_in_batch), this micro-batch's share of
-    those tokens: the router losses of the step then count once, weighted like the tokens.
+    """A training forward with labels returns loss = LM loss + w * aux_loss and output.aux_loss =
+    aux_loss, as transformers' MoE models do, so any training loop trains the routers. w = 1, or,
+    where the loss is summed over the tokens of a whole optimizer step (Trainer's
+    num_items_in_batch), this micro-batch's share of those tokens: the router losses of the step
+    then count once, weighted like the tokens.
 
-    TRL's fused head (FusedCausalLMOutput) recomputes the loss from log_probs: they get w * aux_loss's
-    gradient (their values unchanged), so TRL's loss trains the routers too.
+    TRL's fused head (FusedCausalLMOutput) recomputes the loss from log_probs: they get w *
+    aux_loss's gradient (their values unchanged), so TRL's loss trains the routers too.
     """
     labels = kwargs.get("shift_labels", kwargs.get("labels"))
     if (
@@ -214,7 +223,8 @@ _WITH_AUX: dict[type, type] = {}  # output class -> its subclass with an aux_los
 
 
 def _with_aux_field(output):
-    """output as an instance of a class with an aux_loss field: DDP rebuilds outputs as type(output)(**output)."""
+    """output as an instance of a class with an aux_loss field: DDP rebuilds outputs as
+    type(output)(**output)."""
     cls = type(output)
     if not dataclasses.is_dataclass(cls) or "aux_loss" in {f.name for f in dataclasses.fields(cls)}:
         return output
@@ -228,10 +238,11 @@ def _with_aux_field(output):
 
 
 def _token_share(labels: Tensor, num_items_in_batch) -> Tensor | None:
-    """This micro-batch's answer tokens over num_items_in_batch (None without it). Under torch.distributed, the
-    micro-batch's tokens of all processes over num_items_in_batch times their number: Trainer (with its default
-    average_tokens_across_devices) counts all processes' tokens in num_items_in_batch and multiplies each loss
-    by the number of processes, DDP averages, and each process's aux_loss averaged is that of all their tokens."""
+    """This micro-batch's answer tokens over num_items_in_batch (None without it). Under
+    torch.distributed, the micro-batch's tokens of all processes over num_items_in_batch times their
+    number: Trainer (with its default average_tokens_across_devices) counts all processes' tokens in
+    num_items_in_batch and multiplies each loss by the number of processes, DDP averages, and each
+    process's aux_loss averaged is that of all their tokens."""
     if num_items_in_batch is None:
         return None
     tokens = (labels != -100).sum().float()
@@ -243,8 +254,8 @@ def _token_share(labels: Tensor, num_items_in_batch) -> Tensor | None:
 
 @contextmanager
 def aux_loss_apart(model: nn.Module):
-    """Inside the block the model's loss is the LM loss alone and aux_loss(model) gives the router losses, for a
-    loop that weighs them itself (lmoe train, LMoETrainer)."""
+    """Inside the block the model's loss is the LM loss alone and aux_loss(model) gives the router
+    losses, for a loop that weighs them itself (lmoe train, LMoETrainer)."""
     setattr(model, APART_ATTR, getattr(model, APART_ATTR, 0) + 1)
     try:
         yield model
@@ -254,8 +265,9 @@ def aux_loss_apart(model: nn.Module):
 
 def _lambda_cache_hooks(model: nn.Module, heads: list) -> list:
     """Clear the shared lambda heads' reuse cache before and after each model forward: nothing is
-    reused across forwards, and nothing is held after one (a checkpointed re-run refills it briefly).
-    Module-level hook functions that find the heads through the model: copies and pickles keep working."""
+    reused across forwards, and nothing is held after one (a checkpointed re-run refills it
+    briefly). Module-level hook functions that find the heads through the model: copies and
+    pickles keep working."""
     if not heads:
         return []
     for head in heads:
@@ -273,7 +285,8 @@ def _clear_lambda_caches(model: nn.Module, *_) -> None:
 
 
 def remove(model: nn.Module) -> nn.Module:
-    """Put the original base layers back (adapters dropped, trainability restored), in place. Returns model."""
+    """Put the original base layers back (adapters dropped, trainability restored), in
+    place. Returns model."""
     model = unwrapped(model)
     for name, layer in list(lmoe_layers(model)):
         _set_submodule(model, name, layer.base)
@@ -300,8 +313,8 @@ def remove(model: nn.Module) -> nn.Module:
 
 
 def shared_modules(model: nn.Module) -> list[nn.Module]:
-    """The outermost modules that sit under more than one name, e.g. LD-MoLE's lambda heads, which every
-    layer of an input width shares (FSDP must give them one owner)."""
+    """The outermost modules that sit under more than one name, e.g. LD-MoLE's lambda heads, which
+    every layer of an input width shares (FSDP must give them one owner)."""
     uses: dict[int, int] = {}
     for _, module in model.named_modules(remove_duplicate=False):
         uses[id(module)] = uses.get(id(module), 0) + 1
@@ -329,8 +342,8 @@ def aux_losses(model: nn.Module) -> dict[str, Tensor]:
     """Each auxiliary loss of the last training forward, averaged over layers (unweighted).
 
     Under torch.distributed every process must call it after the same forward: the value of each
-    process, averaged over processes (as DDP/FSDP average gradients), is the loss of all their tokens
-    together, in value and in gradient (see AuxStats).
+    process, averaged over processes (as DDP/FSDP average gradients), is the loss of all their
+    tokens together, in value and in gradient (see AuxStats).
     """
     stats = [layer.last_aux for _, layer in lmoe_layers(model) if layer.last_aux is not None]
     sum_counts_over_processes(stats)
@@ -356,21 +369,22 @@ def sum_counts_over_processes(stats: list[AuxStats]) -> None:
         [s.counts.to(device, torch.float32) for s in todo]
     )  # float32 counts are exact below 2^24
     dist.all_reduce(flat)
-    for s, total in zip(todo, flat.split([s.counts.numel() for s in todo])):
+    for s, total in zip(todo, flat.split([s.counts.numel() for s in todo]), strict=True):
         s.counts, s.ranks = total.to(s.counts), dist.get_world_size()
 
 
 def routing_counts(model: nn.Module) -> Tensor:
-    """(4,): over the real tokens of the last training forward and over layers, the sums of the experts in use
-    (g > 0), the normalised routing entropy, the tokens whose top weight exceeds 0.5, and the number of those
-    (token, layer) pairs. All add up over micro-batches and processes; divided by the last, each is a mean
-    per token and layer. No host sync."""
+    """(len(TOKEN_STATISTICS) + 1,): over the real tokens of the last training forward and over
+    layers, the sums of each of TOKEN_STATISTICS (experts in use, normalised routing entropy, tokens
+    whose top weight exceeds 0.5, effective support size, top expert's share), then the number of
+    those (token, layer) pairs. All add up over micro-batches and processes; divided by the last,
+    each is a mean per token and layer. No host sync."""
     device = next(model.parameters()).device
-    counts = torch.zeros(4, device=device)
+    counts = torch.zeros(len(TOKEN_STATISTICS) + 1, device=device)
     for _, layer in lmoe_layers(model):
         if layer.last_routing is not None:
             routing, mask = layer.last_routing
-            per_token = token_statistics(routing.weights.detach())  # (tokens, 3)
+            per_token = token_statistics(routing.weights.detach())  # (tokens, TOKEN_STATISTICS)
             counts += torch.cat(
                 [token_sum(per_token, mask), token_count(per_token, mask)[None]]
             ).to(device)
@@ -378,15 +392,16 @@ def routing_counts(model: nn.Module) -> Tensor:
 
 
 def active_expert_counts(model: nn.Module) -> Tensor:
-    """(2,): the experts in use summed over real tokens and layers, and the number of (token, layer) pairs
-    (see routing_counts); their ratio is the mean number of experts a token uses in a layer."""
-    return routing_counts(model)[::3]
+    """(2,): the experts in use summed over real tokens and layers, and the number of (token, layer)
+    pairs (see routing_counts); their ratio is the mean number of experts a token uses in a
+    layer."""
+    return routing_counts(model)[[0, -1]]
 
 
 def aux_loss(model: nn.Module) -> Tensor:
-    """sum_k coef_k * (loss k averaged over layers), from the last training forward, that its loss does not hold
-    yet: 0 if none ran, and 0 after a forward with labels (whose output.loss has it, output.aux_loss shows it),
-    so `out.loss + aux_loss(model)` counts it once."""
+    """sum_k coef_k * (loss k averaged over layers), from the last training forward, that its loss
+    does not hold yet: 0 if none ran, and 0 after a forward with labels (whose output.loss has it,
+    output.aux_loss shows it), so `out.loss + aux_loss(model)` counts it once."""
     cfg = get_config(model)
     terms = [
         getattr(cfg, AUX_COEFS[key]) * value

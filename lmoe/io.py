@@ -1,4 +1,5 @@
-"""Adapter files: the expert and router weights as safetensors, the config and base fingerprint as JSON.
+"""Adapter files: the expert and router weights as safetensors, the config and base
+fingerprint as JSON.
 
 Nothing here unpickles code: adapters are safetensors + JSON, and training checkpoints are read with
 torch.load(weights_only=True) after their checksum is verified.
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 
 
 class WriteError(OSError):
-    """A file could not be written (disk full, permissions); keeps errno, reads as its message alone."""
+    """A file could not be written (disk full, permissions); keeps errno, reads as
+    its message alone."""
 
     def __str__(self) -> str:
         return self.strerror
@@ -93,7 +95,8 @@ def current_umask() -> int:
 
 def remove_orphaned_temps(path: Path) -> None:
     """Delete temp files of `path` whose writer process is gone (a run killed mid-write leaves one,
-    as large as a checkpoint); a live writer's file is left alone. Names: .{name}.{pid}.{random}.tmp"""
+    as large as a checkpoint); a live writer's file is left alone. Names:
+    .{name}.{pid}.{random}.tmp"""
     for temp in path.parent.glob(f".{path.name}.*.tmp"):
         pid = temp.name[len(path.name) + 2 :].split(".", 1)[0]
         if pid.isdigit() and not _process_alive(int(pid)):
@@ -122,7 +125,8 @@ def sha256_file(path: str | Path) -> str:
 
 
 def save_state(path: str | Path, blob: dict) -> None:
-    """torch.save(blob) behind a line holding its SHA-256, written atomically: a torn file never loads."""
+    """torch.save(blob) behind a line holding its SHA-256, written atomically: a torn
+    file never loads."""
     buffer = io.BytesIO()
     torch.save(blob, buffer)
     payload = buffer.getvalue()
@@ -131,7 +135,8 @@ def save_state(path: str | Path, blob: dict) -> None:
 
 
 def load_state(path: str | Path) -> dict:
-    """What save_state wrote, checksum verified; only tensors and plain data are unpickled (weights_only)."""
+    """What save_state wrote, checksum verified; only tensors and plain data are
+    unpickled (weights_only)."""
     data = Path(path).read_bytes()
     if data.startswith(
         CHECKED_MAGIC
@@ -172,12 +177,14 @@ def adapter_state_dict(model: nn.Module) -> dict:
 
 
 def base_fingerprint(model: nn.Module) -> dict[str, list[int]]:
-    """layer name -> [d_in, d_out] of every wrapped base layer: what an adapter needs from its base."""
+    """layer name -> [d_in, d_out] of every wrapped base layer: what an adapter
+    needs from its base."""
     return {name: [layer.in_features, layer.out_features] for name, layer in lmoe_layers(model)}
 
 
 def adapter_meta(model: nn.Module) -> dict:
-    """adapter_config.json of the model's adapter: lmoe's keys, and PEFT's (peft_type, base model) beside them."""
+    """adapter_config.json of the model's adapter: lmoe's keys, and PEFT's (peft_type, base
+    model) beside them."""
     return {
         "peft_type": PEFT_TYPE,
         "task_type": None,
@@ -193,7 +200,8 @@ def adapter_meta(model: nn.Module) -> dict:
 
 
 def _auto_mapping(model: nn.Module) -> dict | None:
-    """The base model's class, as PeftModel.save_pretrained records it: AutoPeftModelForCausalLM builds it from this."""
+    """The base model's class, as PeftModel.save_pretrained records it: AutoPeftModelForCausalLM
+    builds it from this."""
     inner = (
         model.get_base_model() if hasattr(model, "get_base_model") else model
     )  # a PeftModel: the model inside
@@ -205,8 +213,8 @@ def _auto_mapping(model: nn.Module) -> dict | None:
 
 
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
-    """Write directory/adapter_config.json and directory/adapter_model.safetensors (atomically), the files
-    PeftModel.save_pretrained writes for this adapter."""
+    """Write directory/adapter_config.json and directory/adapter_model.safetensors (atomically), the
+    files PeftModel.save_pretrained writes for this adapter."""
     directory = Path(directory)
     meta = adapter_meta(model)
     state = adapter_state_dict(model)
@@ -259,7 +267,8 @@ def read_adapter_meta(directory: str | Path) -> dict:
 
 
 def load_adapter(base_model: nn.Module, directory: str | Path) -> nn.Module:
-    """Inject the saved mixture into base_model (in place) and load its weights. Returns the model."""
+    """Inject the saved mixture into base_model (in place) and load its weights.
+    Returns the model."""
     meta = read_adapter_meta(directory)
     check_base_matches(base_model, meta, directory)
     inject(base_model, LMoEConfig.from_dict(meta["config"]))
@@ -268,8 +277,8 @@ def load_adapter(base_model: nn.Module, directory: str | Path) -> nn.Module:
 
 
 def load_adapter_weights(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Copy a saved adapter's weights into a model that has its mixture already (e.g. a checkpoint of this
-    run, resumed). Returns the model."""
+    """Copy a saved adapter's weights into a model that has its mixture already (e.g. a checkpoint
+    of this run, resumed). Returns the model."""
     meta = read_adapter_meta(directory)
     if meta["config"] != get_config(model).to_dict():
         raise ValueError(
@@ -292,28 +301,30 @@ def weights_path(directory: str | Path, meta: dict) -> Path:
 
 
 def verify_adapter(directory: str | Path) -> None:
-    """Check a saved adapter's weights file against the checksum its config holds (what PEFT's loader is given
-    before it reads the file; lmoe's own readers check in _read_weights)."""
+    """Check a saved adapter's weights file against the checksum its config holds (what PEFT's
+    loader is given before it reads the file; lmoe's own readers check in _read_weights)."""
     meta = read_adapter_meta(directory)
     verify_weights(weights_path(directory, meta), meta.get("weights_sha256"))
 
 
 def verify_weights(path: Path, sha256: str | None) -> None:
-    """Refuse a weights file whose SHA-256 is not the recorded one; one warning line where none is recorded."""
+    """Refuse a weights file whose SHA-256 is not the recorded one; one warning line where
+    none is recorded."""
     if not path.is_file():
         raise FileNotFoundError(
             f"Adapter weights {path} are missing; the adapter directory is incomplete."
         )
     if sha256 is None:
         log.warning(
-            "lmoe: adapter %s has no checksum of its weights (saved by an older lmoe): they cannot be "
-            "verified. Save it again (save_adapter or save_pretrained) to seal it.",
+            "lmoe: adapter %s has no checksum of its weights (saved by an older lmoe): they "
+            "cannot be verified. Save it again (save_adapter or save_pretrained) to seal it.",
             path.parent,
         )
     elif sha256_file(path) != sha256:
         raise ValueError(
             f"Adapter weights {path} are corrupt or truncated: they do not match the checksum in "
-            f"{CONFIG_FILE} (changed or written only half-way). Save the adapter again or restore a copy."
+            f"{CONFIG_FILE} (changed or written only half-way). Save the adapter again or restore "
+            "a copy."
         )
 
 
@@ -354,7 +365,8 @@ def check_base_matches(model: nn.Module, meta: dict, directory: str | Path) -> N
 
 
 def _read_weights(path: Path, sha256: str | None = None) -> dict:
-    """The tensors of the weights file, checked against the config's checksum and for NaN/inf values."""
+    """The tensors of the weights file, checked against the config's checksum and
+    for NaN/inf values."""
     verify_weights(path, sha256)
     try:
         weights = load_file(str(path))

@@ -62,7 +62,8 @@ def expert_bank_B(B: Tensor) -> Tensor:
 
 
 def linear_shape(base: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of an nn.Linear (or subclass, e.g. bitsandbytes) or a transformers GPT-2 Conv1D."""
+    """(d_in, d_out) of an nn.Linear (or subclass, e.g. bitsandbytes) or a
+    transformers GPT-2 Conv1D."""
     if isinstance(base, nn.Linear) or hasattr(base, "in_features"):
         return base.in_features, base.out_features
     if type(base).__name__ == "Conv1D":  # weight is (d_in, d_out); y = x @ W + b
@@ -123,7 +124,8 @@ class MoLoRALinear(nn.Module):
     (mixture_delta; the module's docstring)."""
 
     def __init__(self, base: nn.Module, cfg: LMoEConfig, lambda_heads: dict | None = None) -> None:
-        """lambda_heads: the dynamic router's lambda heads shared across layers (inject passes one dict)."""
+        """lambda_heads: the dynamic router's lambda heads shared across layers (inject
+        passes one dict)."""
         super().__init__()
         self.base = base
         self.in_features, self.out_features = linear_shape(base)
@@ -160,7 +162,8 @@ class MoLoRALinear(nn.Module):
         )
 
     def reset_experts(self) -> None:
-        """LoRA init: each A_i Kaiming-uniform (independently drawn), B_i = 0, so Delta starts at 0."""
+        """LoRA init: each A_i Kaiming-uniform (independently drawn), B_i = 0, so
+        Delta starts at 0."""
         for a in self.lora_A.data:  # init only, not a hot path
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
@@ -291,16 +294,17 @@ class MoLoRALinear(nn.Module):
         return InputProducts.apply(*args) if autograd else input_products(*args)
 
     def _real_tokens(self, x: Tensor) -> Tensor | None:
-        """(tokens,) bool, false at padding: the model's attention mask when it matches x's (batch, seq)
-        (not e.g. while generating with a cache); None (every token counts) otherwise."""
+        """(tokens,) bool, false at padding: the model's attention mask when it matches x's (batch,
+        seq) (not e.g. while generating with a cache); None (every token counts) otherwise."""
         mask = self.token_mask.value
         if mask is None or mask.shape != x.shape[:-1]:
             return None
         return mask.reshape(-1).to(x.device) != 0
 
     def _keep_routing(self, routing: Routing, mask: Tensor | None) -> None:
-        """Keep what aux_loss and record_routing need; only the last forward, so nothing accumulates.
-        The mask is kept beside the weights: selecting the real tokens here would be a host sync."""
+        """Keep what aux_loss and record_routing need; only the last forward, so nothing
+        accumulates. The mask is kept beside the weights: selecting the real tokens here
+        would be a host sync."""
         if self.training:  # references only: the losses' ops run later, in last_aux
             self.last_routing, self._aux = (routing, mask), None
         if self.recorder is not None:
@@ -308,9 +312,9 @@ class MoLoRALinear(nn.Module):
 
     @property
     def last_aux(self) -> AuxStats | None:
-        """What the aux losses of the last training forward need, computed on first use. Not in forward:
-        a gradient-checkpointed block re-runs its forward in backward (without the model's attention
-        mask) and must save exactly the tensors the first run saved."""
+        """What the aux losses of the last training forward need, computed on first use. Not in
+        forward: a gradient-checkpointed block re-runs its forward in backward (without the model's
+        attention mask) and must save exactly the tensors the first run saved."""
         if self._aux is None and self.last_routing is not None and self.aux_names:
             routing, mask = self.last_routing
             self._aux = self.router.aux_stats(routing, self.aux_names, mask)

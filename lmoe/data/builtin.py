@@ -1,11 +1,12 @@
-"""The built-in data: conversation domains of chatterbot-corpus (installed with --no-deps) and the generated
-skills, split into train and test sides by a hash."""
+"""The built-in data: conversation domains of chatterbot-corpus (installed with --no-deps) and the
+generated skills, split into train and test sides by a hash."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import random
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import yaml
@@ -33,7 +34,8 @@ def corpus_root() -> Path:
 
 
 def conversation_pairs(domain: str) -> list[tuple[str, str]]:
-    """(statement, reply) pairs of a corpus domain "language" or "language/cat1+cat2" (consecutive turns)."""
+    """(statement, reply) pairs of a corpus domain "language" or "language/cat1+cat2"
+    (consecutive turns)."""
     language, _, categories = domain.partition("/")
     folder = corpus_root() / language
     files = (
@@ -50,13 +52,14 @@ def conversation_pairs(domain: str) -> list[tuple[str, str]]:
     for file in files:
         for turns in yaml.safe_load(file.read_text(encoding="utf-8")).get("conversations") or []:
             turns = [str(t).strip() for t in turns if t is not None]
-            pairs += [(a, b) for a, b in zip(turns, turns[1:]) if a and b]
+            pairs += [(a, b) for a, b in pairwise(turns) if a and b]
     return pairs
 
 
 @dataclass
 class Mixture:
-    """The built-in task mixture: corpus conversation domains plus generated skills with exact answers."""
+    """The built-in task mixture: corpus conversation domains plus generated skills
+    with exact answers."""
 
     domains: list[str] = field(
         default_factory=lambda: [
@@ -91,7 +94,8 @@ class Mixture:
                 )
         if not 0 < self.held_out_fraction < 1:
             raise ValueError(
-                f"Mixture.held_out_fraction={self.held_out_fraction!r}: expected a number in (0, 1)."
+                f"Mixture.held_out_fraction={self.held_out_fraction!r}: expected a number in (0, "
+                "1)."
             )
 
     def conversations(self, split: str) -> list[dict]:
@@ -109,7 +113,8 @@ class Mixture:
         return records
 
     def skill_items(self, split: str) -> list[dict]:
-        """Records with an exact "answer" for every skill; train and test items never share a question."""
+        """Records with an exact "answer" for every skill; train and test items never
+        share a question."""
         n = self.test_per_skill if split == "test" else self.per_skill
         records = []
         for skill in self.skills:

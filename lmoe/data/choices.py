@@ -1,20 +1,23 @@
-"""Multiple-choice questions: records, the two prompt protocols, and the token requests that scoring needs.
+"""Multiple-choice questions: records, the two prompt protocols, and the token
+requests that scoring needs.
 
-A question record is {"question", "choices": [str, ...], "gold": index, "domain", "where"}, optionally
-"cloze": the prompt text lm-eval's cloze protocol shows instead of the question (e.g. "Question: ...\nAnswer:"),
-and "cloze_choices": the texts it scores instead of the choices (WinoGrande: each name with the sentence's rest).
+A question record is {"question", "choices": [str, ...], "gold": index, "domain", "where"},
+optionally "cloze": the prompt text lm-eval's cloze protocol shows instead of the question (e.g.
+"Question: ...\nAnswer:"), and "cloze_choices": the texts it scores instead of the choices
+(WinoGrande: each name with the sentence's rest).
 
 - letter (LD-MoLE): the prompt lists the options ("Options:\nA. ...\nB. ...\nAnswer:"); the model's
-  log-probabilities of the option letters at the answer position pick the choice; the training target is
-  the letter.
-- cloze (lm-eval): the summed log-likelihood of each choice's text after the prompt (acc), or that per
-  character of the choice (acc_norm); the training target is the gold choice's text.
+  log-probabilities of the option letters at the answer position pick the choice; the training
+  target is the letter.
+- cloze (lm-eval): the summed log-likelihood of each choice's text after the prompt (acc), or that
+  per character of the choice (acc_norm); the training target is the gold choice's text.
 
-Either is rendered with the model's chat template (the prompt as the user turn, the answer as the reply)
-or as plain text (prompt, then " " + answer: what lm-eval scores, for published base-model figures).
-- auto (the default): both are scored (the letter protocol costs one forward per question), and a question
-  trains on the gold choice's text, cloze's target, which any model can learn from; letter targets (LD-MoLE's
-  recipe) are one `mc.protocol=letter` away.
+Either is rendered with the model's chat template (the prompt as the user turn, the answer as the
+reply) or as plain text (prompt, then " " + answer: what lm-eval scores, for published
+base-model figures).
+- auto (the default): both are scored (the letter protocol costs one forward per question), and a
+  question trains on the gold choice's text, cloze's target, which any model can learn from; letter
+  targets (LD-MoLE's recipe) are one `mc.protocol=letter` away.
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ INSTRUCTION = "Below is a multiple-choice question. Choose the correct answer."
 
 @dataclass
 class MultipleChoice:
-    """How multiple-choice data trains and is scored: protocol (letter, cloze, or auto: both scored, trained
-    as cloze), template, and how many benchmark test questions per task to score (0: all; else a fixed,
-    seed-independent subset)."""
+    """How multiple-choice data trains and is scored: protocol (letter, cloze, or auto: both scored,
+    trained as cloze), template, and how many benchmark test questions per task to score (0: all;
+    else a fixed, seed-independent subset)."""
 
     protocol: str = AUTO
     template: str = "chat"
@@ -67,7 +70,8 @@ class MultipleChoice:
         return [replace(self, protocol=p) for p in PROTOCOLS] if self.protocol == AUTO else [self]
 
     def trained(self) -> MultipleChoice:
-        """The protocol whose target a question trains on: auto trains on the gold choice's text (cloze's)."""
+        """The protocol whose target a question trains on: auto trains on the gold
+        choice's text (cloze's)."""
         return replace(self, protocol="cloze") if self.protocol == AUTO else self
 
     @property
@@ -77,7 +81,8 @@ class MultipleChoice:
 
 
 def choice_record(row: dict, domain: str, where: str) -> dict:
-    """A question record from a user row {"question", "choices", "answer": index or one of the choices}."""
+    """A question record from a user row {"question", "choices", "answer": index or
+    one of the choices}."""
     try:
         question, choices, answer = row["question"], row["choices"], row["answer"]
         if not isinstance(question, str) or not isinstance(choices, list) or len(choices) < 2:
@@ -105,7 +110,9 @@ def choice_record(row: dict, domain: str, where: str) -> dict:
 
 
 def letter_prompt(record: dict) -> str:
-    options = "".join(f"{letter}. {choice}\n" for letter, choice in zip(LETTERS, record["choices"]))
+    options = "".join(
+        f"{letter}. {choice}\n" for letter, choice in zip(LETTERS, record["choices"], strict=False)
+    )
     return f"{INSTRUCTION}\n{record['question']}\nOptions:\n{options}Answer:"
 
 
@@ -133,7 +140,8 @@ def segments(tokenizer, record: dict, fmt: MultipleChoice, answer: str) -> list[
 
 
 def training_record(record: dict, fmt: MultipleChoice) -> dict:
-    """The record a question trains as: its prompt, and the gold letter or choice text as the answer."""
+    """The record a question trains as: its prompt, and the gold letter or choice
+    text as the answer."""
     fmt = fmt.trained()
     answer = answers(record, fmt)[record["gold"]]
     prompt = prompt_text(record, fmt)
@@ -145,8 +153,8 @@ def training_record(record: dict, fmt: MultipleChoice) -> dict:
 def encode_questions(
     tokenizer, records: list[dict], fmt: MultipleChoice, max_length: int
 ) -> list[Example]:
-    """Training examples of question records; a long one loses the beginning of its prompt, never its answer
-    (the answer ends the example). Warns once how many were cut."""
+    """Training examples of question records; a long one loses the beginning of its prompt, never
+    its answer (the answer ends the example). Warns once how many were cut."""
     examples, cut = [], 0
     for record in records:
         ex = encode(tokenizer, training_record(record, fmt))
@@ -154,8 +162,9 @@ def encode_questions(
         examples.append(Example(ex.input_ids[-max_length:], ex.labels[-max_length:], ex.domain))
     if cut:
         log.warning(
-            "lmoe: %d of %d multiple-choice training examples were longer than max_length=%d tokens; their "
-            "prompt's beginning was cut (the answers are whole). Raise max_length to keep them.",
+            "lmoe: %d of %d multiple-choice training examples were longer than max_length=%d "
+            "tokens; their prompt's beginning was cut (the answers are whole). Raise max_length "
+            "to keep them.",
             cut,
             len(records),
             max_length,
@@ -164,8 +173,8 @@ def encode_questions(
 
 
 def request(tokenizer, record: dict, fmt: MultipleChoice) -> tuple[list[int], list[list[int]]]:
-    """(prompt token ids, token ids of each answer), each piece tokenised on its own as training does.
-    Letter answers keep only the tokens that tell them apart (see distinct_heads)."""
+    """(prompt token ids, token ids of each answer), each piece tokenised on its own as training
+    does. Letter answers keep only the tokens that tell them apart (see distinct_heads)."""
     if fmt.protocol == AUTO:
         raise ValueError(
             "lmoe.data.choices.request scores one protocol at a time: pass each of fmt.scored()."
@@ -188,8 +197,9 @@ def request(tokenizer, record: dict, fmt: MultipleChoice) -> tuple[list[int], li
 
 
 def distinct_heads(continuations: list[list[int]], where: str) -> list[list[int]]:
-    """The fewest leading tokens that tell the letter answers apart: the letter token itself with the usual
-    tokenizers (then one forward of the prompt scores every option), more where a tokenizer splits it."""
+    """The fewest leading tokens that tell the letter answers apart: the letter token itself with
+    the usual tokenizers (then one forward of the prompt scores every option), more where a
+    tokenizer splits it."""
     for k in range(1, max(len(c) for c in continuations) + 1):
         heads = [c[:k] for c in continuations]
         if len({tuple(h) for h in heads}) == len(heads):
@@ -202,8 +212,9 @@ def distinct_heads(continuations: list[list[int]], where: str) -> list[list[int]
 def fit(
     prefix: list[int], continuations: list[list[int]], max_length: int, where: str
 ) -> list[int]:
-    """The prompt, cut from the left so that it and the longest answer fit max_length tokens; answers are
-    never cut. An answer that leaves no room for a prompt token is an error naming the question."""
+    """The prompt, cut from the left so that it and the longest answer fit max_length tokens;
+    answers are never cut. An answer that leaves no room for a prompt token is an error
+    naming the question."""
     longest = max(len(c) for c in continuations)
     if not prefix or not all(continuations):
         raise ValueError(
@@ -221,7 +232,8 @@ def fit(
 def requests(
     tokenizer, records: list[dict], fmt: MultipleChoice, max_length: int
 ) -> list[tuple[list[int], list[list[int]]]]:
-    """Every question's request, fitted to max_length; warns once how many prompts lost their beginning."""
+    """Every question's request, fitted to max_length; warns once how many prompts
+    lost their beginning."""
     out, cut = [], 0
     for record in records:
         prefix, continuations = request(tokenizer, record, fmt)
@@ -230,8 +242,9 @@ def requests(
         out.append((fitted, continuations))
     if cut:
         log.warning(
-            "lmoe: %d of %d multiple-choice prompts were longer than max_length=%d tokens with their "
-            "answer; their beginning was cut (the answers are whole). Raise max_length to keep them.",
+            "lmoe: %d of %d multiple-choice prompts were longer than max_length=%d tokens with "
+            "their answer; their beginning was cut (the answers are whole). Raise max_length to "
+            "keep them.",
             cut,
             len(records),
             max_length,

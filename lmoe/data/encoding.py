@@ -1,9 +1,9 @@
 """Records as token ids with labels on the answer tokens only, and Examples as padded batches.
 
-A record is {"messages": [{"role", "content"}, ...], "domain": str}, {"text": str, "domain": str}, or
-{"segments": [(text, is_answer), ...], "domain": str} (plain text with the loss on the answer pieces).
-Records become Examples (token ids + labels, -100 where no loss) with the tokenizer's chat template, and
-Examples become length-bucketed padded batches.
+A record is {"messages": [{"role", "content"}, ...], "domain": str}, {"text": str, "domain": str},
+or {"segments": [(text, is_answer), ...], "domain": str} (plain text with the loss on the answer
+pieces). Records become Examples (token ids + labels, -100 where no loss) with the tokenizer's chat
+template, and Examples become length-bucketed padded batches.
 """
 
 from __future__ import annotations
@@ -43,14 +43,16 @@ def ensure_chat_template(tokenizer) -> None:
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:
-    """The chat-template text of messages followed by the assistant header (what generation continues)."""
+    """The chat-template text of messages followed by the assistant header (what
+    generation continues)."""
     ensure_chat_template(tokenizer)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def chat_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
-    """The rendered conversation cut into (text, is_answer) pieces; an answer piece is an assistant turn
-    with its end-of-turn marker, exactly the text the model must generate after the assistant header."""
+    """The rendered conversation cut into (text, is_answer) pieces; an answer piece is an assistant
+    turn with its end-of-turn marker, exactly the text the model must generate after the
+    assistant header."""
     ensure_chat_template(tokenizer)
     segments, done = [], ""
     for i, message in enumerate(messages):
@@ -83,7 +85,8 @@ def encode(tokenizer, record: dict) -> Example:
     if "choices" in record:
         raise ValueError(
             f"{record['where']}: a multiple-choice question trains through "
-            "lmoe.data.choices.training_record(record, MultipleChoice(...)), which picks its prompt protocol."
+            "lmoe.data.choices.training_record(record, MultipleChoice(...)), which picks its "
+            "prompt protocol."
         )
     pieces = (
         record["segments"] if "segments" in record else chat_segments(tokenizer, record["messages"])
@@ -100,7 +103,8 @@ def encode_all(tokenizer, records: Iterable[dict], max_length: int) -> list[Exam
     """Encode and truncate to max_length tokens, warning once with how many were cut and how many of
     those lost every answer token (they are left out: nothing to learn or score)."""
     examples, cut, dropped, total = [], 0, 0, 0
-    for total, record in enumerate(records, start=1):
+    for record in records:
+        total += 1
         ex = encode(tokenizer, record)
         long = len(ex.input_ids) > max_length
         if long:
@@ -111,8 +115,9 @@ def encode_all(tokenizer, records: Iterable[dict], max_length: int) -> list[Exam
             examples.append(ex)
     if cut:
         log.warning(
-            "lmoe: %d of %d examples were longer than max_length=%d tokens and were truncated (%d of them "
-            "lost their whole answer and were left out); raise max_length to keep them whole.",
+            "lmoe: %d of %d examples were longer than max_length=%d tokens and were truncated (%d "
+            "of them lost their whole answer and were left out); raise max_length to keep them "
+            "whole.",
             cut,
             total,
             max_length,
@@ -144,7 +149,8 @@ def bucketed_batches(
     examples: list[Example], batch_size: int, seed: int, pool: int = 32
 ) -> list[list[int]]:
     """One epoch of batches (lists of example indices): shuffle, sort by length within pools of
-    pool*batch_size examples so a batch holds similar lengths (little padding), then shuffle the batches."""
+    pool*batch_size examples so a batch holds similar lengths (little padding), then
+    shuffle the batches."""
     rng = random.Random(seed)
     order = list(range(len(examples)))
     rng.shuffle(order)
@@ -161,8 +167,8 @@ def bucketed_batches(
 def batch_stream(
     examples: list[Example], batch_size: int, seed: int, start: int = 0
 ) -> Iterator[list[Example]]:
-    """Endless batches, epoch after epoch (epoch e shuffled with seed + e), from batch number `start` on,
-    so a resumed run sees exactly the batches the uninterrupted run would have."""
+    """Endless batches, epoch after epoch (epoch e shuffled with seed + e), from batch number
+    `start` on, so a resumed run sees exactly the batches the uninterrupted run would have."""
     if not examples:
         raise ValueError(
             "No training examples: the data is empty or every example lacks answer tokens."

@@ -1,5 +1,5 @@
-"""Records from user files: JSONL (prompt/completion, messages, text, or a multiple-choice row), CSV, JSON or
-Parquet, each row checked and normalised, a bad one named by file and line."""
+"""Records from user files: JSONL (prompt/completion, messages, text, or a multiple-choice row),
+CSV, JSON or Parquet, each row checked and normalised, a bad one named by file and line."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def read_records(
         rows = _read_with_datasets(path)
     else:
         raise ValueError(
-            f"Data file {path}: expected .jsonl, .csv, .json or .parquet, got {path.suffix or 'no suffix'}."
+            f"Data file {path}: expected .jsonl, .csv, .json or .parquet, got "
+            f"{path.suffix or 'no suffix'}."
         )
     records = [
         to_record(grouped(row, group, f"{path}:{i}"), domain, f"{path}:{i}") for i, row in rows
@@ -83,8 +84,8 @@ def grouped(row: object, group: str | None, where: str) -> object:
 
 
 def to_record(row: object, domain: str, where: str) -> dict:
-    """Normalise one row ({prompt, completion} | {messages} | {text} | {question, choices, answer}) to a
-    record; say where a bad one is."""
+    """Normalise one row ({prompt, completion} | {messages} | {text} | {question, choices, answer})
+    to a record; say where a bad one is."""
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}.")
     if "choices" in row:

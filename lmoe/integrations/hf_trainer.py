@@ -1,5 +1,6 @@
-"""LMoETrainer: transformers.Trainer for a model with lmoe layers. The router losses join the objective and
-the logs; save_model and checkpoints write the adapter (save_adapter's two files), not a copy of the base.
+"""LMoETrainer: transformers.Trainer for a model with lmoe layers. The router losses join the
+objective and the logs; save_model and checkpoints write the adapter (save_adapter's two files),
+not a copy of the base.
 
 Imported on first use of `lmoe.LMoETrainer` (transformers.Trainer takes seconds to import).
 """
@@ -20,7 +21,8 @@ from ..training.optim import scale_router_lr
 
 class LMoETrainer(Trainer):
     """Trainer whose objective per optimizer step is Trainer's LM loss plus the mean over the step's
-    micro-batches of lmoe.aux_loss (weighted by the adapter's coefficients), as lmoe.training.loop has it.
+    micro-batches of lmoe.aux_loss (weighted by the adapter's coefficients), as
+    lmoe.training.loop has it.
 
     Logs aux_loss and each router loss (load_balance, z_loss, sparsity) averaged over the logging
     interval. Single process or DDP; not DataParallel, FSDP or DeepSpeed.
@@ -36,9 +38,9 @@ class LMoETrainer(Trainer):
         self.router_lr_scale = router_lr_scale
         if self.args.n_gpu > 1 or self.is_fsdp_enabled or self.is_deepspeed_enabled:
             raise ValueError(
-                "LMoETrainer runs on one device or under DDP (torchrun / accelerate launch, one GPU "
-                "per process); DataParallel (several GPUs in one process), FSDP and DeepSpeed are not "
-                "supported. For FSDP use `lmoe train distributed=fsdp`."
+                "LMoETrainer runs on one device or under DDP (torchrun / accelerate launch, one "
+                "GPU per process); DataParallel (several GPUs in one process), FSDP and DeepSpeed "
+                "are not supported. For FSDP use `lmoe train distributed=fsdp`."
             )
         self._aux_sums: dict[
             str, Tensor
@@ -46,7 +48,8 @@ class LMoETrainer(Trainer):
         self._aux_steps = 0.0  # optimizer steps in those sums
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """Trainer's optimizer (its weight-decay groups), the routers split off at lr * router_lr_scale."""
+        """Trainer's optimizer (its weight-decay groups), the routers split off at lr
+        * router_lr_scale."""
         fresh = self.optimizer is None
         optimizer = super().create_optimizer(model)
         if fresh:
@@ -72,10 +75,12 @@ class LMoETrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _aux_share(self, model: nn.Module, num_items_in_batch: Tensor | int | None) -> Tensor:
-        """This micro-batch's part of the step's mean aux loss, at the scale of the loss training_step gets.
+        """This micro-batch's part of the step's mean aux loss, at the scale of the
+        loss training_step gets.
 
-        Not times the number of processes (as Trainer's token-averaged LM loss is): each process's aux
-        loss averaged over processes, as DDP averages gradients, is already that of the global batch.
+        Not times the number of processes (as Trainer's token-averaged LM loss is): each process's
+        aux loss averaged over processes, as DDP averages gradients, is already that
+        of the global batch.
         """
         n = self.current_gradient_accumulation_steps  # micro-batches in this optimizer step
         aux = aux_loss(model)
@@ -103,12 +108,13 @@ class LMoETrainer(Trainer):
         ):  # a training log, reached by every process: gather here
             keys = list(self._aux_sums)
             sums = self.accelerator.reduce(torch.stack([self._aux_sums[k] for k in keys]), "mean")
-            logs.update(zip(keys, (sums / self._aux_steps).tolist()))
+            logs.update(zip(keys, (sums / self._aux_steps).tolist(), strict=True))
             self._aux_sums, self._aux_steps = {}, 0.0
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """The adapter files instead of the whole model; the tokenizer and training_args.bin as Trainer does."""
+        """The adapter files instead of the whole model; the tokenizer and
+        training_args.bin as Trainer does."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
@@ -134,7 +140,8 @@ class LMoETrainer(Trainer):
 def check_has_experts(model: nn.Module | None) -> None:
     if model is None or not any(True for _ in lmoe_layers(model)):
         raise ValueError(
-            f"LMoETrainer needs a model with lmoe layers; this {type(model).__name__} has none. Call "
-            "lmoe.inject(model, LMoEConfig(...)) for new experts, or lmoe.load_adapter(model, DIR) for "
-            "a saved adapter, before building the trainer (or use transformers.Trainer)."
+            f"LMoETrainer needs a model with lmoe layers; this {type(model).__name__} has none. "
+            "Call lmoe.inject(model, LMoEConfig(...)) for new experts, or "
+            "lmoe.load_adapter(model, DIR) for a saved adapter, before building the trainer (or "
+            "use transformers.Trainer)."
         )

@@ -1,5 +1,6 @@
-"""lm-eval-harness on an lmoe model: its HFLM wraps the model in memory, experts and per-token routing as
-trained (PeftModel.from_pretrained through HFLM(peft=DIR) works too, once lmoe is imported)."""
+"""lm-eval-harness on an lmoe model: its HFLM wraps the model in memory, experts and per-token
+routing as trained (PeftModel.from_pretrained through HFLM(peft=DIR) works too, once
+lmoe is imported)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ def lm_eval_results(
     limit: int | None = None,
     batch_size: int = 8,
 ) -> dict:
-    """lm_eval.simple_evaluate of tasks on the model; include_path: a folder of task YAMLs (examples/lm_eval)."""
+    """lm_eval.simple_evaluate of tasks on the model; include_path: a folder of task YAMLs
+    (examples/lm_eval)."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM

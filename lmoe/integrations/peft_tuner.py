@@ -1,5 +1,6 @@
-"""lmoe as a PEFT method: peft.get_peft_model(model, lmoe.LMoEConfig(...)), PeftModel.from_pretrained(base, dir),
-save_pretrained, disable_adapter, unload and merge_and_unload (with a fixed routing).
+"""lmoe as a PEFT method: peft.get_peft_model(model, lmoe.LMoEConfig(...)),
+PeftModel.from_pretrained(base, dir), save_pretrained, disable_adapter, unload and merge_and_unload
+(with a fixed routing).
 
 PEFT has no plugin hook (register_peft_method accepts only members of its closed PeftType enum), so
 register, run when lmoe is imported, puts a member of lmoe's own str enum, equal to "LMOE"
@@ -60,8 +61,9 @@ def register() -> LMoEPeftType:
 
 
 def checked(load_peft_weights):
-    """PEFT's weights loader (PeftModel.load_adapter: from_pretrained, AutoPeftModel, lm-eval, Trainer's resume)
-    that first checks a local lmoe adapter's weights against its config's checksum, as lmoe.load_adapter does."""
+    """PEFT's weights loader (PeftModel.load_adapter: from_pretrained, AutoPeftModel, lm-eval,
+    Trainer's resume) that first checks a local lmoe adapter's weights against its config's
+    checksum, as lmoe.load_adapter does."""
 
     @functools.wraps(load_peft_weights)
     def load(model_id, *args, **kwargs):
@@ -76,8 +78,9 @@ def checked(load_peft_weights):
 
 @dataclass
 class LMoEPeftConfig(PeftConfig):
-    """adapter_config.json as PEFT reads it: PEFT's fields and lmoe's (`config`: the LMoEConfig as a dict;
-    `layers`: the base layers' shapes). peft.get_peft_model turns an LMoEConfig into one of these."""
+    """adapter_config.json as PEFT reads it: PEFT's fields and lmoe's (`config`: the LMoEConfig as a
+    dict; `layers`: the base layers' shapes). peft.get_peft_model turns an LMoEConfig
+    into one of these."""
 
     lmoe_version: str | None = None
     format_version: int = FORMAT_VERSION
@@ -105,9 +108,10 @@ class LMoEPeftConfig(PeftConfig):
         return LMoEConfig.from_dict(self.config)
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """PEFT's adapter_config.json, sealed as save_adapter seals it: with the checksum of the weights file that
-        PeftModel.save_pretrained has just written, and replacing the old config atomically (a crash in between
-        leaves the old checksum beside the new weights: refused, never loaded)."""
+        """PEFT's adapter_config.json, sealed as save_adapter seals it: with the checksum of the
+        weights file that PeftModel.save_pretrained has just written, and replacing the old config
+        atomically (a crash in between leaves the old checksum beside the new weights:
+        refused, never loaded)."""
         weights = Path(save_directory, WEIGHTS_FILE)
         self.weights_sha256 = sha256_file(weights) if weights.is_file() else None
         with (
@@ -128,8 +132,9 @@ class LMoEPeftConfig(PeftConfig):
 
 
 class AdapterSwitch(nn.Module, BaseTunerLayer):
-    """What PEFT's get_model_status reads (disable_adapter asks it): whether lmoe's adapter is on. Holds nothing;
-    lives on the tuner, not in the model (lmoe's layers are not PEFT tuner layers)."""
+    """What PEFT's get_model_status reads (disable_adapter asks it): whether lmoe's adapter is on.
+    Holds nothing; lives on the tuner, not in the model (lmoe's layers are not
+    PEFT tuner layers)."""
 
     def __init__(self, adapter_name: str) -> None:
         super().__init__()
@@ -138,7 +143,8 @@ class AdapterSwitch(nn.Module, BaseTunerLayer):
 
 
 class LMoETuner(BaseTuner):
-    """PeftModel.base_model for an lmoe adapter: one adapter per model (named "default" or as given)."""
+    """PeftModel.base_model for an lmoe adapter: one adapter per model (named
+    "default" or as given)."""
 
     prefix = "lmoe_"
     tuner_layer_cls = MoLoRALinear
@@ -174,9 +180,9 @@ class LMoETuner(BaseTuner):
     ) -> None:
         if len(self.peft_config) > 1 or any(True for _ in lmoe_layers(model)):
             raise ValueError(
-                "A model holds one lmoe adapter; PeftModel.add_adapter / load_adapter of a second one "
-                "is not supported. Unload the first (peft_model.unload()), or build one mixture with "
-                "more experts (lmoe.modular.compose, lmoe.add_experts)."
+                "A model holds one lmoe adapter; PeftModel.add_adapter / load_adapter of a second "
+                "one is not supported. Unload the first (peft_model.unload()), or build one "
+                "mixture with more experts (lmoe.modular.compose, lmoe.add_experts)."
             )
         config = self.peft_config[adapter_name]
         inject(model, config.lmoe)
@@ -195,7 +201,8 @@ class LMoETuner(BaseTuner):
         """Nothing to do: lmoe's experts and routers are created in float32 already."""
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
-        """Disabled, the base layers themselves run where the mixture layers were (base outputs exactly)."""
+        """Disabled, the base layers themselves run where the mixture layers were (base
+        outputs exactly)."""
         disabled = self.__dict__.setdefault(
             "_lmoe_disabled", {}
         )  # name -> mixture layer, while disabled
@@ -216,13 +223,13 @@ class LMoETuner(BaseTuner):
         safe_merge: bool = False,
         adapter_names: list[str] | None = None,
     ) -> nn.Module:
-        """The base model with a fixed routing folded into its weights (lmoe.modular.merge): routing (E,) for every
-        layer, or {layer name: (E,)}, e.g. lmoe.mean_routing(record)."""
+        """The base model with a fixed routing folded into its weights (lmoe.modular.merge): routing
+        (E,) for every layer, or {layer name: (E,)}, e.g. lmoe.mean_routing(record)."""
         if routing is None:
             raise ValueError(
-                "merge_and_unload needs a fixed routing: lmoe routes every token on its own, which no "
-                "single weight can hold. Pass merge_and_unload(routing=g) with g (E,) or {layer: (E,)} "
-                "(e.g. lmoe.mean_routing(record)), or serve the PeftModel as it is."
+                "merge_and_unload needs a fixed routing: lmoe routes every token on its own, "
+                "which no single weight can hold. Pass merge_and_unload(routing=g) with g (E,) or "
+                "{layer: (E,)} (e.g. lmoe.mean_routing(record)), or serve the PeftModel as it is."
             )
         self._enable_adapter_layers(True)
         merge(self.model, routing)
@@ -249,7 +256,8 @@ class LMoETuner(BaseTuner):
         state_dict: dict[str, Tensor],
         unwanted_adapter_names: list[str],
     ) -> dict[str, Tensor]:
-        """The tensors save_adapter writes, under its names (from state_dict, as Trainer or FSDP gathered it)."""
+        """The tensors save_adapter writes, under its names (from state_dict, as Trainer or
+        FSDP gathered it)."""
         prefix = PEFT_PREFIX if any(k.startswith(PEFT_PREFIX) for k in state_dict) else ""
         return {name: state_dict[prefix + name] for name in adapter_state_dict(model)}
 
@@ -261,7 +269,8 @@ class LMoETuner(BaseTuner):
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict[str, Tensor]
     ) -> dict[str, Tensor]:
-        """File keys -> the PeftModel's keys; every adapter tensor must be there, and nothing else."""
+        """File keys -> the PeftModel's keys; every adapter tensor must be there,
+        and nothing else."""
         expected = set(adapter_state_dict(model))
         missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
         if missing or unexpected:

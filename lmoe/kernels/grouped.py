@@ -90,7 +90,9 @@ def grouped_mm(a: Tensor, b: Tensor, pairs: Pairs) -> Tensor:
     if b.dim() == 3:  # rows of a by expert
         parts = [part @ b[e] for e, part in enumerate(a.split(pairs.counts()))]
         return torch.cat(parts) if parts else a.new_zeros(0, b.shape[-1])
-    return torch.stack([p @ q for p, q in zip(a.split(pairs.counts(), 1), b.split(pairs.counts()))])
+    return torch.stack(
+        [p @ q for p, q in zip(a.split(pairs.counts(), 1), b.split(pairs.counts()), strict=True)]
+    )
 
 
 def grouped_mixture(

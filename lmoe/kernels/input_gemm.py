@@ -91,7 +91,9 @@ def stacked_products_backward(
     weight_grads: list[Tensor | None] = [None] * len(weights)
     if wanted:
         stacked = cat_nonempty([grads[i] for i in wanted], 1).t() @ inp
-        for i, grad in zip(wanted, stacked.split([weights[i].shape[0] for i in wanted])):
+        for i, grad in zip(
+            wanted, stacked.split([weights[i].shape[0] for i in wanted]), strict=True
+        ):
             weight_grads[i] = grad
     return to_input, weight_grads
 

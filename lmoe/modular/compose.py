@@ -1,6 +1,6 @@
-"""Modular skills: a mixture built from PEFT LoRA adapters (or single-expert lmoe ones), one adapter an expert.
-Experts are then added, removed or frozen by lmoe/modular/experts.py; a fixed routing goes back to a plain PEFT LoRA
-adapter by lmoe/modular/export.py.
+"""Modular skills: a mixture built from PEFT LoRA adapters (or single-expert lmoe ones), one adapter
+an expert. Experts are then added, removed or frozen by lmoe/modular/experts.py; a fixed routing
+goes back to a plain PEFT LoRA adapter by lmoe/modular/export.py.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ PEFT_PREFIX = (
 
 @dataclass
 class LoRA:
-    """A plain LoRA adapter: module path -> (A (r, d_in), s B (d_out, r)), its own scale s folded into B."""
+    """A plain LoRA adapter: module path -> (A (r, d_in), s B (d_out, r)), its own
+    scale s folded into B."""
 
     path: Path
     modules: dict[str, tuple[Tensor, Tensor]]
@@ -46,22 +47,25 @@ class LoRA:
 
 
 def read_lora(directory: str | Path) -> LoRA:
-    """A PEFT LoRA adapter directory, or an lmoe adapter with one expert (a plain LoRA, e.g. `lmoe train` at E=1)."""
+    """A PEFT LoRA adapter directory, or an lmoe adapter with one expert (a plain LoRA, e.g.
+    `lmoe train` at E=1)."""
     if is_lmoe_adapter(directory):
         return _read_lmoe_lora(directory)
     return read_peft_lora(directory)
 
 
 def read_peft_lora(directory: str | Path) -> LoRA:
-    """Read adapter_config.json + adapter_model.safetensors as PEFT saves them (rank/alpha patterns, rsLoRA)."""
+    """Read adapter_config.json + adapter_model.safetensors as PEFT saves them (rank/alpha
+    patterns, rsLoRA)."""
     config = _read_peft_config(directory)
     pairs: dict[str, dict[str, Tensor]] = {}
     for key, tensor in _read_peft_weights(directory).items():
         path, _, part = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
         if not key.startswith(PEFT_PREFIX) or part not in ("A.weight", "B.weight"):
             raise ValueError(
-                f"PEFT adapter {directory} holds {key!r}, which is not a LoRA A/B weight. lmoe composes "
-                "plain LoRA adapters of linear layers (no embeddings, modules_to_save or biases)."
+                f"PEFT adapter {directory} holds {key!r}, which is not a LoRA A/B weight. lmoe "
+                "composes plain LoRA adapters of linear layers (no embeddings, modules_to_save or "
+                "biases)."
             )
         pairs.setdefault(path, {})[part[0]] = tensor
     modules = {}
@@ -130,7 +134,8 @@ def _read_peft_weights(directory: str | Path) -> dict[str, Tensor]:
 
 
 def _module_scale(config: dict, path: str, r: int) -> float:
-    """PEFT's scale of one module: alpha / r, or alpha / sqrt(r) with rsLoRA; alpha_pattern may override alpha."""
+    """PEFT's scale of one module: alpha / r, or alpha / sqrt(r) with rsLoRA; alpha_pattern
+    may override alpha."""
     alpha = config["lora_alpha"]
     for key, value in (config.get("alpha_pattern") or {}).items():
         if re.match(rf"(.*\.)?({key})$", path):  # PEFT's get_pattern_key rule
@@ -145,12 +150,14 @@ def _module_scale(config: dict, path: str, r: int) -> float:
 def compose(
     model: nn.Module, adapters: Sequence[str | Path], cfg: LMoEConfig | None = None
 ) -> nn.Module:
-    """Inject a mixture whose expert i is LoRA adapters[i] (see read_lora), in place, with a zero router. Returns model.
+    """Inject a mixture whose expert i is LoRA adapters[i] (see read_lora), in place, with a zero
+    router. Returns model.
 
-    num_experts, rank (the largest; smaller ranks are zero-padded, which is exact) and target_modules come
-    from the adapters; alpha = rank, so scaling is 1 and each adapter's own scale sits in its B. Router,
-    composition and losses come from cfg (default: outputs composition, where a one-hot routing reproduces
-    an adapter exactly). The zero router starts uniform: the average of the adapters.
+    num_experts, rank (the largest; smaller ranks are zero-padded, which is exact) and
+    target_modules come from the adapters; alpha = rank, so scaling is 1 and each adapter's own
+    scale sits in its B. Router, composition and losses come from cfg (default: outputs composition,
+    where a one-hot routing reproduces an adapter exactly). The zero router starts uniform: the
+    average of the adapters.
     """
     loras = [read_lora(d) for d in adapters]
     paths = _module_paths(model, loras)
@@ -169,7 +176,8 @@ def compose(
 
 
 def load_experts(model: nn.Module, adapters: Sequence[str | Path], experts: Sequence[int]) -> None:
-    """Overwrite expert slots experts[i] with LoRA adapters[i] (e.g. the slots add_experts returned)."""
+    """Overwrite expert slots experts[i] with LoRA adapters[i] (e.g. the slots
+    add_experts returned)."""
     if len(adapters) != len(experts):
         raise ValueError(
             f"load_experts got {len(adapters)} adapters for {len(experts)} expert slots; "
@@ -188,14 +196,15 @@ def _module_paths(model: nn.Module, loras: list[LoRA]) -> list[str]:
     if missing:
         owners = [str(lora.path) for lora in loras if set(lora.modules) & set(missing)]
         raise ValueError(
-            f"Adapters {owners} have LoRA weights for {missing[:3]}, which are not linear layers of "
-            f"this {type(model).__name__}; compose adapters trained on this base model."
+            f"Adapters {owners} have LoRA weights for {missing[:3]}, which are not linear layers "
+            f"of this {type(model).__name__}; compose adapters trained on this base model."
         )
     return linear
 
 
 def _short_targets(model: nn.Module, cfg: LMoEConfig, paths: list[str]) -> list[str]:
-    """The module-name suffixes if they select exactly paths (a readable config), else the full paths."""
+    """The module-name suffixes if they select exactly paths (a readable config),
+    else the full paths."""
     suffixes = sorted({p.rsplit(".", 1)[-1] for p in paths})
     return (
         suffixes
@@ -208,7 +217,7 @@ def _short_targets(model: nn.Module, cfg: LMoEConfig, paths: list[str]) -> list[
 def _copy_experts(model: nn.Module, loras: list[LoRA], experts: Sequence[int]) -> None:
     check_fit(model, loras)  # all of them before any slot changes
     layers = dict(lmoe_layers(model))
-    for lora, e in zip(loras, experts):
+    for lora, e in zip(loras, experts, strict=True):
         for name, layer in layers.items():
             layer.lora_A[e].zero_()  # a module the adapter skips: the expert adds nothing there
             layer.lora_B[e].zero_()
@@ -221,23 +230,25 @@ def _copy_experts(model: nn.Module, loras: list[LoRA], experts: Sequence[int]) -
 
 
 def check_fit(model: nn.Module, loras: Sequence[LoRA]) -> None:
-    """Each LoRA can become an expert of this mixture: it was trained on this base (its modules exist with
-    the same shapes), adapts only modules the mixture wraps, and has at most the mixture's rank."""
+    """Each LoRA can become an expert of this mixture: it was trained on this base (its modules
+    exist with the same shapes), adapts only modules the mixture wraps, and has at most
+    the mixture's rank."""
     modules, layers = dict(model.named_modules()), dict(lmoe_layers(model))
     wraps = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in layers}))
     for lora in loras:
         absent = sorted(set(lora.modules) - set(modules))
         if absent:
             raise ValueError(
-                f"Adapter {lora.path} adapts {_some(absent)}, which this {type(model).__name__} does "
-                "not have: it was trained on another base model. Use adapters of the mixture's base."
+                f"Adapter {lora.path} adapts {_some(absent)}, which this {type(model).__name__} "
+                "does not have: it was trained on another base model. Use adapters of the "
+                "mixture's base."
             )
         extra = sorted(set(lora.modules) - set(layers))
         if extra:
             raise ValueError(
-                f"Adapter {lora.path} adapts {_some(extra)}, which this mixture does not wrap (it wraps "
-                f"{wraps}). Rebuild the mixture with `lmoe compose` (lmoe.modular.compose) over all its adapters "
-                "and this one: it wraps their union."
+                f"Adapter {lora.path} adapts {_some(extra)}, which this mixture does not wrap (it "
+                f"wraps {wraps}). Rebuild the mixture with `lmoe compose` (lmoe.modular.compose) "
+                "over all its adapters and this one: it wraps their union."
             )
         for name, (A, B) in lora.modules.items():
             layer = layers[name]
@@ -250,9 +261,10 @@ def check_fit(model: nn.Module, loras: Sequence[LoRA]) -> None:
             if A.shape[0] > layer.rank:
                 raise ValueError(
                     f"Adapter {lora.path}: {name} has rank {A.shape[0]}, above the mixture's rank "
-                    f"{layer.rank} (experts share one rank; smaller ones are zero-padded). Rebuild the "
-                    "mixture with `lmoe compose` (lmoe.modular.compose) over all its adapters and this one: it "
-                    f"takes the largest rank. Or train this skill at rank <= {layer.rank}."
+                    f"{layer.rank} (experts share one rank; smaller ones are zero-padded). "
+                    "Rebuild the mixture with `lmoe compose` (lmoe.modular.compose) over all its "
+                    "adapters and this one: it takes the largest rank. Or train this skill at "
+                    f"rank <= {layer.rank}."
                 )
 
 
@@ -260,22 +272,24 @@ def _some(names: list[str]) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-# ---------------------------------------------------------------- a fixed routing (for merge and export)
+# ----------------------------------------------------------- a fixed routing (for merge and export)
 
 
 def routing_vector(g: Tensor | Mapping[str, Tensor], name: str, E: int) -> Tensor:
-    """Layer `name`'s fixed routing (E,) from one vector for all layers or a {layer name: (E,)} mapping."""
+    """Layer `name`'s fixed routing (E,) from one vector for all layers or a {layer
+    name: (E,)} mapping."""
     if isinstance(g, Mapping):
         if name not in g:
             raise ValueError(
-                f"No routing vector for layer {name!r}: pass one (E,) tensor for all layers, or one "
-                "per lmoe layer (names as in lmoe.lmoe_layers(model)), e.g. mean_routing(record)."
+                f"No routing vector for layer {name!r}: pass one (E,) tensor for all layers, or "
+                "one per lmoe layer (names as in lmoe.lmoe_layers(model)), e.g. "
+                "mean_routing(record)."
             )
         g = g[name]
     g = torch.as_tensor(g)
     if g.shape != (E,) or bool((g < 0).any()):
         raise ValueError(
-            f"The routing vector for {name!r} has shape {tuple(g.shape)}; expected ({E},), "
-            f"{E} non-negative weights, one per expert: one skill's weights or mean_routing(record)."
+            f"The routing vector for {name!r} has shape {tuple(g.shape)}; expected ({E},), {E} "
+            "non-negative weights, one per expert: one skill's weights or mean_routing(record)."
         )
     return g

@@ -1,6 +1,7 @@
-"""A saved mixture, expert by expert: what it holds (describe_mixture) and LoRA adapters added to it as new
-experts (add_adapters). Removing, replacing (load_experts into a slot), freezing: lmoe/modular/experts.py and
-lmoe/modular/compose.py. `lmoe experts list | add | remove | replace` is the CLI over these.
+"""A saved mixture, expert by expert: what it holds (describe_mixture) and LoRA adapters added to it
+as new experts (add_adapters). Removing, replacing (load_experts into a slot), freezing:
+lmoe/modular/experts.py and lmoe/modular/compose.py. `lmoe experts list | add | remove | replace`
+is the CLI over these.
 """
 
 from __future__ import annotations
@@ -16,18 +17,20 @@ from ..io import read_adapter_meta, read_adapter_weights
 from .compose import check_fit, load_experts, read_lora
 from .experts import add_experts
 
-# The new experts' router bias. At -4 a new expert starts nearly off (weight e^-4 / (E + e^-4) against a
-# zero router, about 1e-2 / E) yet learns from the first step; add_experts' default (-1e4) keeps every output
-# exactly as it was, but the new experts' weight and gradient are then exactly 0, so no training reaches them.
+# The new experts' router bias. At -4 a new expert starts nearly off (weight e^-4 / (E + e^-4)
+# against a zero router, about 1e-2 / E) yet learns from the first step; add_experts' default (-1e4)
+# keeps every output exactly as it was, but the new experts' weight and gradient are then exactly 0,
+# so no training reaches them.
 ADDED_EXPERT_LOGIT = -4.0
 
 
 def add_adapters(
     model: nn.Module, adapters: Sequence[str | Path], logit: float = ADDED_EXPERT_LOGIT
 ) -> list[int]:
-    """Append one expert per LoRA adapter (PEFT's, or lmoe's at E=1), with router rows of zero weight and bias
-    `logit`; the earlier experts keep their rows. Returns the new slots. Every adapter is checked against the
-    mixture (base, target modules, rank: compose.check_fit) before the model changes."""
+    """Append one expert per LoRA adapter (PEFT's, or lmoe's at E=1), with router rows of zero
+    weight and bias `logit`; the earlier experts keep their rows. Returns the new slots. Every
+    adapter is checked against the mixture (base, target modules, rank: compose.check_fit) before
+    the model changes."""
     check_fit(model, [read_lora(d) for d in adapters])
     slots = add_experts(model, len(adapters), logit)
     load_experts(model, adapters, slots)
@@ -35,8 +38,8 @@ def add_adapters(
 
 
 def describe_mixture(directory: str | Path) -> dict:
-    """What a saved mixture holds, from its files (no base model): config, wrapped modules and per expert
-    the size of its update ||s B_e A_e||_F and its router row, averaged over the layers."""
+    """What a saved mixture holds, from its files (no base model): config, wrapped modules and per
+    expert the size of its update ||s B_e A_e||_F and its router row, averaged over the layers."""
     meta = read_adapter_meta(directory)
     cfg = LMoEConfig.from_dict(meta["config"])
     weights = read_adapter_weights(directory, meta)
@@ -80,7 +83,8 @@ def describe_mixture(directory: str | Path) -> dict:
 
 
 def update_norms(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """||s B_e A_e||_F per expert (E,) from A (E, r, d_in), B (E, d_out, r), without forming B_e A_e:
+    """||s B_e A_e||_F per expert (E,) from A (E, r, d_in), B (E, d_out, r),
+    without forming B_e A_e:
     ||B A||_F^2 = trace((B^T B)(A A^T)), two (r, r) matrices."""
     A, B = A.double(), B.double()
     gram_B, gram_A = B.transpose(1, 2) @ B, A @ A.transpose(1, 2)  # (E, r, r)
@@ -93,8 +97,8 @@ def format_mixture(desc: dict) -> str:
     """describe_mixture's result as a few lines of text for `lmoe experts list`."""
     router = desc["router"] + (f" (k={desc['top_k']})" if desc["top_k"] else "")
     lines = [
-        f"{desc['adapter']}: {desc['num_experts']} experts of rank {desc['rank']} (scaling {desc['scaling']:g}), "
-        f"{router} router, {desc['composition']} composition",
+        f"{desc['adapter']}: {desc['num_experts']} experts of rank {desc['rank']} (scaling "
+        f"{desc['scaling']:g}), {router} router, {desc['composition']} composition",
         f"  wraps {', '.join(desc['target_modules'])} in {desc['layers']} layers of "
         f"{desc['base_model_type']} (base: {desc['base_model'] or 'not recorded'})",
         "  expert  update ||s B A||  router row ||w||  router bias   (means over layers)",
@@ -103,6 +107,7 @@ def format_mixture(desc: dict) -> str:
         bias = "-" if e["router_bias"] is None else f"{e['router_bias']:.3g}"
         empty = "   (B = 0: adds nothing yet)" if e["update_norm"] == 0 else ""
         lines.append(
-            f"  {e['expert']:6d}  {e['update_norm']:15.4g}  {e['router_row_norm']:16.4g}  {bias:>11s}{empty}"
+            f"  {e['expert']:6d}  {e['update_norm']:15.4g}  {e['router_row_norm']:16.4g}  "
+            f"{bias:>11s}{empty}"
         )
     return "\n".join(lines)

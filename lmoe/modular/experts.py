@@ -1,5 +1,5 @@
-"""A mixture's experts changed in place: experts added (router rows that move routing by at most e^logit),
-removed, frozen (all of them: the routers alone train) or unfrozen.
+"""A mixture's experts changed in place: experts added (router rows that move routing by at most
+e^logit), removed, frozen (all of them: the routers alone train) or unfrozen.
 
 Each layer stacks its experts in one Parameter (lora_A (E, r, d_in), lora_B (E, d_out, r)), so an
 expert is a slice: adding or removing one rebuilds the Parameters (build the optimizer afterwards),
@@ -34,12 +34,13 @@ NEW_EXPERT_LOGIT = (
 def add_experts(model: nn.Module, n: int = 1, logit: float = NEW_EXPERT_LOGIT) -> list[int]:
     """Append n experts to every layer (LoRA init: A random, B = 0); returns their indices.
 
-    Each new router row starts at the mean of the existing rows, its bias `logit` below their mean bias (a
-    bias is added if the router had none): a new expert's logit is the others' mean + logit, so its softmax
-    weight is at most e^logit on every token, however large the trained logits are. The default keeps routing
-    weights and outputs exactly as they were for softmax, topk and dynamic routers, but also gives the new
-    experts exactly zero weight and gradient; a moderate logit (e.g. -4) changes routing by at most about
-    e^logit and lets them learn from the first step (topk: once they reach the top k).
+    Each new router row starts at the mean of the existing rows, its bias `logit` below their mean
+    bias (a bias is added if the router had none): a new expert's logit is the others' mean + logit,
+    so its softmax weight is at most e^logit on every token, however large the trained logits are.
+    The default keeps routing weights and outputs exactly as they were for softmax, topk and dynamic
+    routers, but also gives the new experts exactly zero weight and gradient; a moderate logit (e.g.
+    -4) changes routing by at most about e^logit and lets them learn from the first step (topk: once
+    they reach the top k).
     """
     cfg = get_config(model)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -80,7 +81,8 @@ def check_experts(model: nn.Module, which: Sequence[int]) -> None:
     bad = [i for i in which if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < E]
     if bad or len(set(which)) != len(which):
         raise ValueError(
-            f"Expert indices {list(which)} are invalid: expected distinct integers from 0 to {E - 1}."
+            f"Expert indices {list(which)} are invalid: expected distinct integers from 0 to "
+            f"{E - 1}."
         )
 
 
@@ -94,7 +96,8 @@ def check_unmerged(model: nn.Module) -> None:
 
 @torch.no_grad()
 def _rebuild(layer: MoLoRALinear, keep: list[int], n: int, logit: float) -> None:
-    """Keep expert slices `keep` (in order) and append n new LoRA-initialised experts with router bias logit."""
+    """Keep expert slices `keep` (in order) and append n new LoRA-initialised experts with
+    router bias logit."""
     frozen = _frozen_mask(layer)[keep]
     idx = torch.tensor(keep, device=layer.lora_A.device)
     A = torch.empty(n, layer.rank, layer.in_features, dtype=layer.lora_A.dtype, device=idx.device)
@@ -128,10 +131,12 @@ _STEP_HOOKS: list = []
 
 
 def freeze_experts(model: nn.Module, which: Sequence[int] | None = None) -> None:
-    """Stop training experts `which` (all if None) in every layer; freezing all trains the routers only.
+    """Stop training experts `which` (all if None) in every layer; freezing all
+    trains the routers only.
 
-    Fully frozen A/B get requires_grad=False. Partly frozen ones get a gradient hook zeroing the frozen
-    slices, and every torch optimizer step restores those slices, so weight decay and momentum cannot move them.
+    Fully frozen A/B get requires_grad=False. Partly frozen ones get a gradient hook zeroing the
+    frozen slices, and every torch optimizer step restores those slices, so weight decay and
+    momentum cannot move them.
     """
     _set_frozen(model, which, True)
 
@@ -162,7 +167,8 @@ def _frozen_mask(layer: MoLoRALinear) -> Tensor:
 
 
 def _apply_freeze(layer: MoLoRALinear, mask: Tensor) -> None:
-    """Set requires_grad, gradient hooks and step restoring for a (E,) bool mask of frozen experts."""
+    """Set requires_grad, gradient hooks and step restoring for a (E,) bool mask
+    of frozen experts."""
     for handle in getattr(layer, "_lmoe_freeze_hooks", []):
         handle.remove()
     layer._lmoe_frozen_experts, layer._lmoe_freeze_hooks = mask, []

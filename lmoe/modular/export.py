@@ -1,5 +1,5 @@
-"""A fixed routing exported as a plain PEFT LoRA adapter: one skill of a mixture, served where LoRA is (PEFT,
-vLLM, SGLang). With g fixed every mixture layer is one LoRA: exact, no router left."""
+"""A fixed routing exported as a plain PEFT LoRA adapter: one skill of a mixture, served where LoRA
+is (PEFT, vLLM, SGLang). With g fixed every mixture layer is one LoRA: exact, no router left."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def mean_routing(record: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def fixed_lora(layer: MoLoRALinear, g: Tensor) -> tuple[Tensor, Tensor]:
-    """The layer with routing fixed at g (E,) as one LoRA (A (r', d_in), B (d_out, r')), B A = s Delta W(g).
+    """The layer with routing fixed at g (E,) as one LoRA (A (r', d_in), B (d_out,
+    r')), B A = s Delta W(g).
 
     outputs: r' = E r, the experts side by side with block i of B scaled by s g_i.
     params: r' = r, A(g) = sum g_i A_i and B(g) = s sum g_i B_i (exact when g does not depend on x).
@@ -57,11 +58,14 @@ def export_peft(
     g: Tensor | Mapping[str, Tensor],
     rank: int | str | None = None,
 ) -> Path:
-    """Write the mixture with routing fixed at g as a plain PEFT LoRA adapter (PeftModel.from_pretrained loads it).
+    """Write the mixture with routing fixed at g as a plain PEFT LoRA adapter
+    (PeftModel.from_pretrained loads it).
 
-    g: (E,) for every layer (one skill's routing), or layer name -> (E,) (e.g. mean_routing(record)).
-    rank: None, the LoRA's own (E r for outputs, r for params); an int, or "vllm" (the next rank vLLM serves):
-    A and B padded with zeros up to it, which changes no product. Prints the --max-lora-rank to serve it with.
+    g: (E,) for every layer (one skill's routing), or layer name -> (E,) (e.g.
+    mean_routing(record)).
+    rank: None, the LoRA's own (E r for outputs, r for params); an int, or "vllm" (the next rank
+    vLLM serves): A and B padded with zeros up to it, which changes no product. Prints the
+    --max-lora-rank to serve it with.
     """
     cfg = get_config(model)
     loras = {
@@ -101,7 +105,8 @@ def export_peft(
     )
     serve = next((r for r in VLLM_RANKS if r >= target), target)
     print(
-        f"{directory}: PEFT LoRA of rank {target}; serve it with vLLM or SGLang: --enable-lora --max-lora-rank {serve}"
+        f"{directory}: PEFT LoRA of rank {target}; serve it with vLLM or SGLang: --enable-lora "
+        f"--max-lora-rank {serve}"
     )
     return directory
 
@@ -114,7 +119,8 @@ def padded_rank(own: int, rank: int | str | None) -> int:
         if own > VLLM_RANKS[-1]:
             raise ValueError(
                 f"The exported LoRA has rank {own}; vLLM serves ranks up to {VLLM_RANKS[-1]}. "
-                "Export fewer experts (remove_experts) or merge it into the base (lmoe.modular.merge)."
+                "Export fewer experts (remove_experts) or merge it into the base "
+                "(lmoe.modular.merge)."
             )
         return next(r for r in VLLM_RANKS if r >= own)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < own:

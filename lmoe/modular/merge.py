@@ -37,7 +37,8 @@ def _base_update(layer: MoLoRALinear, g: Tensor) -> Tensor:
 
 @torch.no_grad()
 def merge(model: nn.Module, g: Tensor | Mapping[str, Tensor]) -> nn.Module:
-    """Add s * Delta W(g) to every mixture layer's base weight and switch routing off. In place; returns model.
+    """Add s * Delta W(g) to every mixture layer's base weight and switch routing off. In
+    place; returns model.
 
     g: one routing vector (E,) for all layers, or {layer name: (E,)}. Undo with `unmerge`.
     """
@@ -53,7 +54,7 @@ def merge(model: nn.Module, g: Tensor | Mapping[str, Tensor]) -> nn.Module:
     routing = [
         _routing_for(name, layer, g) for name, layer in layers
     ]  # all checked before any change
-    for (_, layer), g_layer in zip(layers, routing):
+    for (_, layer), g_layer in zip(layers, routing, strict=True):
         weight = layer.base.weight
         weight += _base_update(layer, g_layer).to(weight.dtype)
         layer.merged_routing = g_layer.detach().clone()
@@ -62,7 +63,8 @@ def merge(model: nn.Module, g: Tensor | Mapping[str, Tensor]) -> nn.Module:
 
 @torch.no_grad()
 def unmerge(model: nn.Module) -> nn.Module:
-    """Subtract what merge added (the base is back up to float rounding) and route again. In place."""
+    """Subtract what merge added (the base is back up to float rounding) and
+    route again. In place."""
     for _, layer in lmoe_layers(model):
         if layer.merged_routing is not None:
             weight = layer.base.weight

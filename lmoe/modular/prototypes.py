@@ -1,10 +1,12 @@
-"""A composed mixture's router started from its experts instead of zero: expert i's router row in each layer is
-the top right singular vector v_i of that layer's update B_i A_i (Arrow's prototype), so the mixture routes a
-token towards the adapters whose strongest input direction it lies along, before any router training.
+"""A composed mixture's router started from its experts instead of zero: expert i's router row in
+each layer is the top right singular vector v_i of that layer's update B_i A_i (Arrow's prototype),
+so the mixture routes a token towards the adapters whose strongest input direction it lies along,
+before any router training.
 
-Arrow scores |<v_i, x>|; a linear router cannot take the absolute value, so each row's sign is fixed once by
-the mean projection over some unlabelled calibration text: sign(mu_i) <v_i, x> equals Arrow's score wherever
-the token's projection has the mean's sign (the mean dominates post-norm transformer inputs).
+Arrow scores |<v_i, x>|; a linear router cannot take the absolute value, so each row's sign is fixed
+once by the mean projection over some unlabelled calibration text: sign(mu_i) <v_i, x> equals
+Arrow's score wherever the token's projection has the mean's sign (the mean dominates post-norm
+transformer inputs).
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from ..layer import MoLoRALinear
 
 
 def top_right_singular_vectors(A: Tensor, B: Tensor) -> Tensor:
-    """Unit top right singular vector of each B_i A_i, from A (E, r, d_in) and B (E, d_out, r): (E, d_in).
+    """Unit top right singular vector of each B_i A_i, from A (E, r, d_in) and B (E,
+    d_out, r): (E, d_in).
 
-    Through two thin QRs (B = Q_B R_B, A^T = Q_A R_A), so only an r x r SVD per expert; float64. An expert
-    with B = 0 (untrained) gets a zero row.
+    Through two thin QRs (B = Q_B R_B, A^T = Q_A R_A), so only an r x r SVD per expert; float64. An
+    expert with B = 0 (untrained) gets a zero row.
     """
     A, B = A.double(), B.double()
     Q_A, R_A = torch.linalg.qr(A.transpose(1, 2))  # (E, d_in, r), (E, r, r)
@@ -39,8 +42,8 @@ def top_right_singular_vectors(A: Tensor, B: Tensor) -> Tensor:
 def projection_moments(
     model: nn.Module, batches: Iterable[dict], directions: dict[str, Tensor]
 ) -> dict[str, tuple[Tensor, Tensor]]:
-    """Per lmoe layer, the mean and standard deviation (E,) of <v_i, x> over the real tokens of batches (dicts of
-    model inputs), for that layer's directions (E, d_in); float64."""
+    """Per lmoe layer, the mean and standard deviation (E,) of <v_i, x> over the real tokens of
+    batches (dicts of model inputs), for that layer's directions (E, d_in); float64."""
     layers = dict(lmoe_layers(model))
     sums = {name: torch.zeros(3, directions[name].shape[0], dtype=torch.float64) for name in layers}
 
@@ -81,14 +84,15 @@ def projection_moments(
 def init_router_from_experts(
     model: nn.Module, calibration: Iterable[dict], scale: float = 1.0
 ) -> None:
-    """Start every layer's router at each expert's Arrow score, signed and standardised on unlabelled text:
-    u_i(x) = scale * sign_i (<v_i, x> - mu_i) / sd_i, where v_i is the top right singular vector of B_i A_i, mu_i and
-    sd_i the mean and standard deviation of <v_i, x> over the calibration batches' tokens, sign_i = sign(mu_i).
+    """Start every layer's router at each expert's Arrow score, signed and standardised on
+    unlabelled text: u_i(x) = scale * sign_i (<v_i, x> - mu_i) / sd_i, where v_i is the top right
+    singular vector of B_i A_i, mu_i and sd_i the mean and standard deviation of <v_i, x> over the
+    calibration batches' tokens, sign_i = sign(mu_i).
 
-    Standardised because the raw scores are small (|<v_i, x>| about 0.03-0.12 on SmolLM2-135M), which softmax
-    turns into uniform routing; centred because the mean projection is a per-expert constant, not a preference
-    of the token. Adds a router bias where there was none (the mixture's config says so). Experts with B = 0
-    get a zero row."""
+    Standardised because the raw scores are small (|<v_i, x>| about 0.03-0.12 on SmolLM2-135M),
+    which softmax turns into uniform routing; centred because the mean projection is a per-expert
+    constant, not a preference of the token. Adds a router bias where there was none (the mixture's
+    config says so). Experts with B = 0 get a zero row."""
     directions = {
         name: top_right_singular_vectors(layer.lora_A, layer.lora_B)
         for name, layer in lmoe_layers(model)
