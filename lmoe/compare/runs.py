@@ -26,7 +26,7 @@ from ..models import load_model
 from ..training.checkpoint import CHECKPOINT
 from ..training.config import TrainConfig, read_saved_config
 from ..training.loop import train
-from ..training.metrics_log import read_metrics
+from ..training.metrics_log import METRICS, read_metrics
 from ..training.start import check_inputs
 from .config import CompareConfig
 from .items import aggregates, score_items
@@ -34,8 +34,8 @@ from .split import split_files
 from .stats import format_tables, method_summary, paired_difference
 
 RESULT = "result.json"  # in a run's directory: written once the run is trained and scored
-# The held-out routing statistics' effective support size (lmoe.routing_stats), read from a run's
-# routing.json where it is there; until the statistics give it, the table prints '-'.
+# The routing statistics' effective support size (lmoe.routing_stats: experts a token effectively
+# uses, 1 to E), in a run's routing.json (held-out answer tokens) and metrics.csv (training steps).
 SUPPORT_KEY = "effective_support_size"
 REPORT_JSON, REPORT_TABLE = "compare.json", "compare.md"
 
@@ -114,13 +114,16 @@ def run_config(cfg: CompareConfig, method: Method, seed: int, run_dir: Path, dat
     return TrainConfig.from_dict({**fields, "lmoe": method.settings})
 
 
-def effective_support(train_dir: Path) -> float | None:
-    """The held-out routing's effective support size where the routing statistics hold one
-    (routing.json of a run on the built-in mixture), else None (printed '-')."""
+def effective_support(train_dir: Path, last: int = 10) -> tuple[float | None, str | None]:
+    """(ESS, where it was measured): the held-out routing's (routing.json, written for runs on
+    the built-in mixture), else the mean of the last `last` training steps' (metrics.csv); (None,
+    None) where neither has it (printed '-')."""
     path = train_dir / "routing.json"
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text()).get(SUPPORT_KEY)
+    if path.is_file() and json.loads(path.read_text()).get(SUPPORT_KEY) is not None:
+        return json.loads(path.read_text())[SUPPORT_KEY], "held-out"
+    rows = read_metrics(train_dir)[-last:] if (train_dir / METRICS).is_file() else []
+    values = [r[SUPPORT_KEY] for r in rows if r.get(SUPPORT_KEY, "") != ""]
+    return (sum(values) / len(values), "training") if values else (None, None)
 
 
 def finished_run(path: Path, planned: TrainConfig) -> dict | None:
@@ -162,13 +165,15 @@ def train_and_score(method: Method, seed: int, train_cfg: TrainConfig) -> dict:
     trained = train(train_cfg, resume=resume, evaluate=evaluate)
     if method.kind == "mixture" and count_parameters(trained.model)[0] != method.trainable:
         raise RuntimeError(f"compare: {method.name}'s trainable count changed while training")
+    support, support_from = effective_support(out) if method.kind == "mixture" else (None, None)
     return {
         "method": method.name,
         "kind": method.kind,
         "seed": seed,
         "trainable": method.trainable,
         "s_per_step": read_metrics(out)[-1]["elapsed_s"] / train_cfg.steps,
-        "effective_support_size": effective_support(out) if method.kind == "mixture" else None,
+        "effective_support_size": support,
+        "effective_support_from": support_from,
         "train_config": train_cfg.to_dict(),
         "metrics": items,
     }

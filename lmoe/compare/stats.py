@@ -78,6 +78,7 @@ def method_summary(results: list[dict]) -> dict:
         "trainable": results[0]["trainable"],
         "metrics": metrics,
         "effective_support_size": statistics.mean(support) if None not in support else None,
+        "effective_support_from": results[0].get("effective_support_from"),
         "s_per_step": statistics.mean(r["s_per_step"] for r in results),
     }
 
@@ -99,7 +100,7 @@ def format_tables(summary: dict[str, dict], differences: list[dict]) -> str:
         rows.append(
             [name, f"{s['trainable']:,}", str(len(s["seeds"]))]
             + [mean_sd(s["metrics"][m]["values"]) for m in metrics]
-            + ["-" if ess is None else f"{ess:.2f}", f"{s['s_per_step']:.3f}"]
+            + [_support(ess, s["effective_support_from"]), f"{s['s_per_step']:.3f}"]
         )
     lines = _aligned(head, rows)
     if differences:
@@ -113,6 +114,13 @@ def format_tables(summary: dict[str, dict], differences: list[dict]) -> str:
         lines += ["", "Paired difference ± standard error over items (n):"]
         lines += _aligned(head, rows)
     return "\n".join(lines)
+
+
+def _support(ess: float | None, where: str | None) -> str:
+    """The ESS cell: measured on the held-out answer tokens, or '(train)' on the training steps."""
+    if ess is None:
+        return "-"
+    return f"{ess:.2f}" + (" (train)" if where == "training" else "")
 
 
 def _diff(mine: dict, metric: str) -> str:

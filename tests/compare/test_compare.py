@@ -64,7 +64,12 @@ def test_end_to_end(done, capsys):
         mine, theirs = (read_metrics(out / f"{m}-s{seed}" / "train") for m in ("soft", lora))
         assert [(r["tokens"], r["lr"]) for r in mine] == [(r["tokens"], r["lr"]) for r in theirs]
         assert len(mine) == 2
+    # the mixture's ESS from its training steps (no held-out routing on user data), 1 to E
+    soft, plain = report["summary"]["soft"], report["summary"][lora]
+    assert soft["effective_support_from"] == "training" and 1 <= soft["effective_support_size"] <= 2
+    assert plain["effective_support_size"] is None
     table = (root / "out" / "compare.md").read_text()
+    assert " (train)" in table
     assert f"soft - {lora}" in table and "exact_match:test" in table
     assert "log perplexity:test" in table
 

@@ -156,8 +156,12 @@ def test_items_agree_with_lmoe_evaluation(tmp_path):
 def test_effective_support_is_read_where_the_routing_stats_have_it(tmp_path):
     from lmoe.compare.runs import SUPPORT_KEY, effective_support
 
-    assert effective_support(tmp_path) is None  # no routing.json: user data
+    assert effective_support(tmp_path) == (None, None)  # neither file: '-'
+    (tmp_path / "metrics.csv").write_text(
+        f"step,{SUPPORT_KEY}\n" + "".join(f"{i},{i}\n" for i in range(1, 13))
+    )
+    assert effective_support(tmp_path) == (pytest.approx(7.5), "training")  # steps 3..12
     (tmp_path / "routing.json").write_text('{"mutual_information_bits": 0.3}')
-    assert effective_support(tmp_path) is None  # statistics without it: '-'
+    assert effective_support(tmp_path)[1] == "training"  # held-out statistics without it
     (tmp_path / "routing.json").write_text(f'{{"{SUPPORT_KEY}": 2.5}}')
-    assert effective_support(tmp_path) == 2.5
+    assert effective_support(tmp_path) == (2.5, "held-out")
