@@ -13,15 +13,7 @@ import torch
 from torch import nn
 
 import lmoe.allocator
-
-
-def mean_sd(values: list[float]) -> str:
-    """A table cell over seeds: '-' for none, the value for one, else mean ± sample std (3 decimals)."""
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+from lmoe.compare.stats import mean_sd  # noqa: F401 (the bench scripts' table cell)
 
 
 def replace_section(text: str, new: str, title: str) -> str:

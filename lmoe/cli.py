@@ -1,5 +1,5 @@
-"""`lmoe train | eval | generate | analyze | compose | experts | config`: a thin shell over
-lmoe.training.loop, lmoe.evaluation, lmoe.models and lmoe.modular.
+"""`lmoe train | eval | generate | analyze | compose | experts | compare | config`: a thin shell
+over lmoe.training.loop, lmoe.evaluation, lmoe.models, lmoe.modular and lmoe.compare.
 
 Every command takes its settings one way (docs/cli.md says why): key=value words over its
 dataclass (TrainConfig; lmoe.cli_settings for the others), or a YAML/JSON file with --config, the
@@ -30,6 +30,7 @@ from .cli_settings import (
     ExpertsReplaceConfig,
     GenerateConfig,
 )
+from .compare.config import CompareConfig
 from .settings import default_yaml, help_text, load_settings
 from .training.config import TrainConfig
 
@@ -280,6 +281,13 @@ def cmd_experts_replace(cfg: ExpertsReplaceConfig) -> None:
     _edit(cfg, lambda model: load_experts(model, [cfg.adapter], [cfg.expert]))
 
 
+def cmd_compare(cfg: CompareConfig) -> None:
+    """Does a mixture beat a LoRA of equal trainable parameters on my data? (docs/compare.md)"""
+    from .compare import compare
+
+    compare(cfg)
+
+
 COMMANDS: dict[str, tuple[Callable, type]] = {
     "train": (cmd_train, TrainConfig),
     "eval": (cmd_eval, EvalConfig),
@@ -290,6 +298,7 @@ COMMANDS: dict[str, tuple[Callable, type]] = {
     "experts add": (cmd_experts_add, ExpertsAddConfig),
     "experts remove": (cmd_experts_remove, ExpertsRemoveConfig),
     "experts replace": (cmd_experts_replace, ExpertsReplaceConfig),
+    "compare": (cmd_compare, CompareConfig),
 }
 GROUPS = {  # a command of several actions ("experts list"): its own line of help
     "experts": "A mixture's experts: list them; add LoRA adapters or fresh experts; remove or "

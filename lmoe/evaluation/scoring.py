@@ -166,14 +166,22 @@ def exact_match(
     """domain -> fraction of records whose greedy reply to record["messages"][:-1] equals
     record["answer"] (after normalise); a reply stops at its end of turn or EM_SLACK tokens past
     its answer's length."""
+    hits, totals = defaultdict(int), defaultdict(int)
+    for record, hit in zip(records, exact_hits(model, tokenizer, records, batch_size)):
+        hits[record["domain"]] += hit
+        totals[record["domain"]] += 1
+    return {domain: hits[domain] / totals[domain] for domain in totals}
+
+
+def exact_hits(
+    model: nn.Module, tokenizer, records: list[dict], batch_size: int = 64
+) -> list[bool]:
+    """Per record, in order: whether exact_match counts its greedy reply as its answer (what lmoe
+    compare pairs item by item)."""
     prompts = [r["messages"][:-1] for r in records]
     budgets = [answer_tokens(tokenizer, r["answer"]) + EM_SLACK for r in records]
     replies = greedy_replies(model, tokenizer, prompts, budgets, batch_size)
-    hits, totals = defaultdict(int), defaultdict(int)
-    for record, reply in zip(records, replies):
-        hits[record["domain"]] += normalise(reply) == normalise(record["answer"])
-        totals[record["domain"]] += 1
-    return {domain: hits[domain] / totals[domain] for domain in totals}
+    return [normalise(reply) == normalise(r["answer"]) for r, reply in zip(records, replies)]
 
 
 def _takes_cache(model: nn.Module) -> bool:
@@ -308,6 +316,23 @@ def _accuracy(
 ) -> dict:
     """One protocol: letter (acc: the most likely option letter), or cloze (acc: highest summed log-likelihood
     of the choice text; acc_norm: per character of the choice, as lm-eval)."""
+    hits = choice_hits(model, tokenizer, records, fmt, max_length, progress, name)
+    acc, acc_norm = (sum(h[key] for h in hits) / len(records) for key in ("acc", "acc_norm"))
+    result = {"protocol": fmt.protocol, "template": fmt.template, "acc": acc}
+    return result if fmt.protocol == "letter" else {**result, "acc_norm": acc_norm}
+
+
+def choice_hits(
+    model: nn.Module,
+    tokenizer,
+    records: list[dict],
+    fmt: MultipleChoice,
+    max_length: int,
+    progress: bool = True,
+    name: str = "multiple choice",
+) -> list[dict[str, bool]]:
+    """Per question, in order, under one protocol (fmt.protocol letter or cloze): {"acc": the
+    highest-scored choice is the gold one, "acc_norm": the same per character of the choice}."""
     scores = continuation_logprobs(
         model,
         requests(tokenizer, records, fmt, max_length),
@@ -315,13 +340,13 @@ def _accuracy(
         progress=progress,
         desc=f"{name} {fmt.key}",
     )
-    acc = acc_norm = 0
+    hits = []
     for record, mine in zip(records, scores, strict=True):
         chars = [max(len(text), 1) for text in answers(record, fmt)]
-        acc += max(range(len(mine)), key=mine.__getitem__) == record["gold"]
-        acc_norm += max(range(len(mine)), key=lambda i: mine[i] / chars[i]) == record["gold"]
-    result = {"protocol": fmt.protocol, "template": fmt.template, "acc": acc / len(records)}
-    return result if fmt.protocol == "letter" else {**result, "acc_norm": acc_norm / len(records)}
+        best = max(range(len(mine)), key=mine.__getitem__)
+        best_norm = max(range(len(mine)), key=lambda i: mine[i] / chars[i])
+        hits.append({"acc": best == record["gold"], "acc_norm": best_norm == record["gold"]})
+    return hits
 
 
 def binomial_tail(hits: int, n: int, p: float) -> float:

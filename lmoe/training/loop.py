@@ -88,7 +88,10 @@ class TrainResult:
 
 
 def train(
-    cfg: TrainConfig, resume: bool = False, on_step: Callable[[dict], None] | None = None
+    cfg: TrainConfig,
+    resume: bool = False,
+    on_step: Callable[[dict], None] | None = None,
+    evaluate: Callable[[nn.Module, Any, TrainConfig], dict] | None = None,
 ) -> TrainResult:
     """Train cfg.lmoe experts (fresh, or init_adapter's) on cfg.data (or the built-in mixture); save
     the adapter; evaluate. The main process alone evaluates and saves (see TrainResult).
@@ -98,6 +101,8 @@ def train(
             only in config.RESUMABLE's keys: else a ValueError, before anything loads or is written.
         resume: continue the run in cfg.output_dir from its checkpoint.
         on_step: called with each step's metrics (the metrics.csv row) on the main process.
+        evaluate: scores the trained model (model, tokenizer, cfg) -> results in evaluate_all's
+            place (lmoe compare keeps per-item scores); None: evaluate_all.
 
     SIGINT or SIGTERM saves a checkpoint and the adapter after the step in progress and raises
     TrainingInterrupted (lmoe.training.interrupt); a run that fails before its first step is done
@@ -107,10 +112,12 @@ def train(
     check_inputs(cfg)
     start = checkpoint["state"]["step"] if checkpoint else 0
     with Interrupts(start, cfg.steps, cfg.output_dir) as stop:
-        return _train(cfg, checkpoint, on_step, stop)
+        return _train(cfg, checkpoint, on_step, stop, evaluate or evaluate_all)
 
 
-def _train(cfg: TrainConfig, checkpoint: dict | None, on_step, stop: Interrupts) -> TrainResult:
+def _train(
+    cfg: TrainConfig, checkpoint: dict | None, on_step, stop: Interrupts, evaluate: Callable
+) -> TrainResult:
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg)
     if checkpoint:
@@ -175,7 +182,7 @@ def _train(cfg: TrainConfig, checkpoint: dict | None, on_step, stop: Interrupts)
         signum = stop.signum or signal.SIGINT  # None: another process was signalled
         raise TrainingInterrupted(signum, state.step, cfg.steps, out)
     stop.raise_if_signalled()  # a signal after the last step's all-reduce (one process)
-    _evaluate(cfg, accelerator, model, tokenizer, runs)
+    _evaluate(cfg, accelerator, model, tokenizer, runs, evaluate)
     accelerator.print(f"lmoe: adapter saved to {out / 'adapter'}")
     return TrainResult(model, tokenizer, out / "adapter", runs)
 
@@ -204,13 +211,18 @@ def _save_adapter(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module) 
 
 
 def _evaluate(
-    cfg: TrainConfig, accelerator: Accelerator, model: nn.Module, tokenizer, runs: dict
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    model: nn.Module,
+    tokenizer,
+    runs: dict,
+    evaluate: Callable,
 ) -> None:
-    """Add runs["trained"] on the main process; write eval.json and print the table when there
-    are results."""
+    """Add runs["trained"] (evaluate's results) on the main process; write eval.json and print the
+    table when there are results."""
     if accelerator.is_main_process:
         out = Path(cfg.output_dir)
-        runs["trained"] = evaluate_all(model, tokenizer, cfg)
+        runs["trained"] = evaluate(model, tokenizer, cfg)
         if not cfg.data and (cfg.mixture.skills or cfg.mixture.domains):
             runs["trained"]["routing"] = held_out_routing(model, tokenizer, cfg, out / ROUTING_FILE)
         if runs["trained"]:

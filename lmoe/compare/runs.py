@@ -1,0 +1,235 @@
+"""`lmoe compare`: plan the methods (each mixture and a LoRA of equal trainable parameters), train
+and score every (method, seed) with lmoe train's loop, keep each finished run, and report.
+
+The LoRA is lmoe train at lmoe.num_experts=1: one expert always weighted 1, the function (and,
+without weight decay, the training) of a PEFT LoRA of that rank (tests/test_layer.py:
+test_one_expert_equals_peft_lora), trained by the same loop, data order and schedule as the
+mixtures. Its trainable parameters are counted as PEFT counts them, A and B: the one-expert router
+receives no gradient and is left out.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from ..config import LMoEConfig
+from ..evaluation.progress import announce
+from ..evaluation.scoring import write_json
+from ..inject import count_parameters, inject, lmoe_layers
+from ..models import load_model
+from ..training.checkpoint import CHECKPOINT
+from ..training.config import TrainConfig, read_saved_config
+from ..training.loop import train
+from ..training.metrics_log import METRICS, read_metrics
+from ..training.start import check_inputs
+from .config import CompareConfig
+from .items import aggregates, score_items
+from .split import split_files
+from .stats import format_tables, method_summary, paired_difference
+
+RESULT = "result.json"  # in a run's directory: written once the run is trained and scored
+# The routing statistics' effective support size (lmoe.routing_stats: experts a token effectively
+# uses, 1 to E), in a run's routing.json (held-out answer tokens) and metrics.csv (training steps).
+SUPPORT_KEY = "effective_support_size"
+REPORT_JSON, REPORT_TABLE = "compare.json", "compare.md"
+
+
+@dataclass
+class Method:
+    """One trained configuration: a mixture (its lmoe.* settings) or a LoRA (its lmoe section)."""
+
+    name: str
+    kind: str  # "mixture" or "lora"
+    trainable: int
+    settings: dict  # mixture: dotted lmoe.* settings; LoRA: its lmoe section
+    lora: str | None = None  # a mixture's LoRA
+    rank: int | None = None  # a LoRA's rank
+    matched: list[str] = field(default_factory=list)  # a LoRA's mixtures
+
+
+def lora_params_per_rank(model: nn.Module, target_modules) -> int:
+    """Trainable parameters of a PEFT LoRA of rank 1 on target_modules: sum of d_in + d_out."""
+    one = inject(
+        copy.deepcopy(model), LMoEConfig(num_experts=1, rank=1, target_modules=target_modules)
+    )
+    return sum(layer.lora_A.numel() + layer.lora_B.numel() for _, layer in lmoe_layers(one))
+
+
+def nearest_rank(trainable: int, per_rank: int) -> int:
+    """The rank whose LoRA's parameter count is nearest trainable (the lower one on a tie)."""
+    low = max(1, trainable // per_rank)
+    return min((low, low + 1), key=lambda r: (abs(r * per_rank - trainable), r))
+
+
+def plan_methods(cfg: CompareConfig, model: nn.Module) -> list[Method]:
+    """Each mixture, then its LoRA (shared by the mixtures that match the same one), counted on
+    model; prints both counts of each pair."""
+    methods: dict[str, Method] = {}
+    loras: dict[str, Method] = {}
+    for name in cfg.mixtures:
+        mix = cfg.mixture_config(name, 0, "plan").lmoe
+        trainable = count_parameters(inject(copy.deepcopy(model), mix))[0]
+        targets = cfg.lora_target_modules or mix.target_modules
+        per_rank = lora_params_per_rank(model, targets)
+        rank = cfg.lora_rank or nearest_rank(trainable, per_rank)
+        section = {
+            "num_experts": 1,
+            "rank": rank,
+            "alpha": rank * mix.alpha / mix.rank,  # the mixture's scale alpha / r
+            "dropout": mix.dropout,
+            "target_modules": targets,
+            "router": "softmax",
+            "load_balance_coef": 0.0,
+        }
+        key = json.dumps(section, sort_keys=True)
+        if key not in loras:
+            taken = {m.name for m in loras.values()}
+            lora_name = next(
+                n
+                for n in [f"lora_r{rank}", *(f"lora_r{rank}_{k}" for k in range(2, 99))]
+                if n not in taken
+            )
+            loras[key] = Method(lora_name, "lora", rank * per_rank, section, rank=rank)
+        lora = loras[key]
+        lora.matched.append(name)
+        methods[name] = Method(name, "mixture", trainable, cfg.mixtures[name], lora=lora.name)
+        how = "as given" if cfg.lora_rank else "the nearest rank"
+        announce(
+            f"compare: mixture {name}: {trainable:,} trainable parameters; LoRA {lora.name}: "
+            f"rank {rank} ({how}), {lora.trainable:,} ({per_rank:,} per rank)"
+        )
+    return [*methods.values(), *loras.values()]
+
+
+def run_config(cfg: CompareConfig, method: Method, seed: int, run_dir: Path, data) -> TrainConfig:
+    if method.kind == "mixture":
+        return cfg.mixture_config(method.name, seed, run_dir / "train", **data)
+    fields = cfg.base_config(seed, run_dir / "train", **data)
+    return TrainConfig.from_dict({**fields, "lmoe": method.settings})
+
+
+def effective_support(train_dir: Path, last: int = 10) -> tuple[float | None, str | None]:
+    """(ESS, where it was measured): the held-out routing's (routing.json, written for runs on
+    the built-in mixture), else the mean of the last `last` training steps' (metrics.csv); (None,
+    None) where neither has it (printed '-')."""
+    path = train_dir / "routing.json"
+    if path.is_file() and json.loads(path.read_text()).get(SUPPORT_KEY) is not None:
+        return json.loads(path.read_text())[SUPPORT_KEY], "held-out"
+    rows = read_metrics(train_dir)[-last:] if (train_dir / METRICS).is_file() else []
+    values = [r[SUPPORT_KEY] for r in rows if r.get(SUPPORT_KEY, "") != ""]
+    return (sum(values) / len(values), "training") if values else (None, None)
+
+
+def finished_run(path: Path, planned: TrainConfig) -> dict | None:
+    """The stored result of a finished run, if any; one with other settings is refused."""
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    _refuse_other_settings(path, "a finished run", result["train_config"], planned)
+    return result
+
+
+def _refuse_other_settings(path: Path, what: str, saved: dict, planned: TrainConfig) -> None:
+    """One error line naming the settings where a stored run differs from the planned one."""
+    theirs, mine = dict(saved), json.loads(json.dumps(planned.to_dict()))
+    theirs.pop("output_dir", None), mine.pop("output_dir", None)
+    changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    if changed:
+        raise ValueError(
+            f"{path} holds {what} with other settings ({', '.join(changed)}); compare into "
+            "another output_dir, or delete that run to train it again."
+        )
+
+
+def train_and_score(method: Method, seed: int, train_cfg: TrainConfig) -> dict:
+    """Train one run with lmoe train's loop (continuing its checkpoint, if any) and score it
+    item by item."""
+    out = Path(train_cfg.output_dir)
+    resume = (out / CHECKPOINT).is_file()
+    if resume:  # an interrupted run: continued only if it is this run
+        _refuse_other_settings(out, "an unfinished run", read_saved_config(out), train_cfg)
+    if out.exists() and not resume:  # an unfinished run that saved nothing worth continuing
+        shutil.rmtree(out)
+    items: dict[str, dict] = {}
+
+    def evaluate(model, tokenizer, cfg) -> dict:
+        items.update(score_items(model, tokenizer, cfg))
+        return aggregates(items)
+
+    trained = train(train_cfg, resume=resume, evaluate=evaluate)
+    if method.kind == "mixture" and count_parameters(trained.model)[0] != method.trainable:
+        raise RuntimeError(f"compare: {method.name}'s trainable count changed while training")
+    support, support_from = effective_support(out) if method.kind == "mixture" else (None, None)
+    return {
+        "method": method.name,
+        "kind": method.kind,
+        "seed": seed,
+        "trainable": method.trainable,
+        "s_per_step": read_metrics(out)[-1]["elapsed_s"] / train_cfg.steps,
+        "effective_support_size": support,
+        "effective_support_from": support_from,
+        "train_config": train_cfg.to_dict(),
+        "metrics": items,
+    }
+
+
+def compare(cfg: CompareConfig) -> dict:
+    """Train and score every method at every seed (finished runs are read back, not trained
+    again), print the tables and write compare.json (per-item results kept) and compare.md.
+    Returns the report (compare.json's content)."""
+    out = Path(cfg.output_dir)
+    data = split_files(cfg, out / "split") if cfg.held_out_fraction else {}
+    check_inputs(cfg.mixture_config(next(iter(cfg.mixtures)), 0, out, **data))  # before loading
+    methods = plan_methods(cfg, load_model(cfg.model)[0])
+    plan = [(m, seed) for seed in cfg.seeds for m in methods]  # seed-major, as bench's grids
+    results = []
+    for k, (method, seed) in enumerate(plan, 1):
+        run_dir = out / "runs" / f"{method.name}-s{seed}"
+        train_cfg = run_config(cfg, method, seed, run_dir, data)
+        result = finished_run(run_dir / RESULT, train_cfg)
+        if result is None:
+            announce(f"compare: run {k}/{len(plan)}: {method.name} seed {seed}: training")
+            result = train_and_score(method, seed, train_cfg)
+            write_json(result, run_dir / RESULT)
+        else:
+            announce(f"compare: run {k}/{len(plan)}: {method.name} seed {seed}: finished, kept")
+        results.append(result)
+    report = make_report(cfg, methods, results)
+    write_json(report, out / REPORT_JSON)
+    table = format_tables(report["summary"], report["differences"])
+    (out / REPORT_TABLE).write_text(table + "\n")
+    print(table)
+    return report
+
+
+def make_report(cfg: CompareConfig, methods: list[Method], results: list[dict]) -> dict:
+    """compare.json: settings, methods, per-method summary, paired differences, and every run
+    with its per-item results (so the pairing can be recomputed)."""
+    by_method = {m.name: [r for r in results if r["method"] == m.name] for m in methods}
+    summary = {name: method_summary(rows) for name, rows in by_method.items() if rows}
+    differences = []
+    for m in (m for m in methods if m.kind == "mixture"):
+        seeds = [r["seed"] for r in by_method[m.name]]
+        lora = {r["seed"]: r for r in by_method[m.lora]}
+        mine = [r for r in by_method[m.name] if r["seed"] in lora]
+        for metric, first in mine[0]["metrics"].items() if mine else []:
+            pair = paired_difference(
+                [r["metrics"][metric] for r in mine],
+                [lora[r["seed"]]["metrics"][metric] for r in mine],
+            )
+            kind = first["kind"]
+            differences.append({"mixture": m.name, "lora": m.lora, "metric": metric, "kind": kind})
+            differences[-1] |= pair | {"seed_list": [s for s in seeds if s in lora]}
+    return {
+        "settings": cfg.to_dict(),
+        "methods": {m.name: asdict(m) for m in methods},
+        "summary": summary,
+        "differences": differences,
+        "runs": results,
+    }

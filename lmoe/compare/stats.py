@@ -1,0 +1,139 @@
+"""The paired comparison of a mixture with its LoRA, and the tables `lmoe compare` prints.
+
+Paired difference over items, combined over seeds. For a metric, seeds s = 1..S that both
+methods finished and held-out items i = 1..n (the same items, in the same order, for every method
+and seed), with x_{s,i} an item's value (items.pairing_values: 0/1 for exact match and accuracy,
+the answer NLL scaled so that the mean is log perplexity):
+
+    d_{s,i} = x^mixture_{s,i} - x^LoRA_{s,i}          paired within a seed
+    dbar_i  = (1/S) sum_s d_{s,i}                      each item's difference, mean over seeds
+    diff    = (1/n) sum_i dbar_i                       = the mean over seeds of each seed's gap
+    SE      = sqrt( sum_i (dbar_i - diff)^2 / (n (n - 1)) )
+
+SE is the standard error of diff over the sampling of held-out items: the items are shared by the
+seeds, so each item's seed-averaged difference is one draw, and the seeds' training noise enters
+through dbar_i. The spread between seeds is the tables' "± sd" column of each method.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from .items import PERPLEXITY, metric_value, pairing_values
+
+
+def mean_sd(values: list[float]) -> str:
+    """A table cell over seeds: '-' for none, the value for one, else mean ± sample std
+    (3 decimals)."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def paired_difference(mixture: list[dict], lora: list[dict]) -> dict:
+    """The module docstring's diff and SE of one metric.
+
+    Args:
+        mixture, lora: the metric (items.score_items' entry) of each seed, seeds in the same order.
+
+    Returns:
+        {"difference", "paired_se", "n" (items), "seeds"}; paired_se is None for one item.
+    """
+    if len(mixture) != len(lora) or not mixture:
+        raise ValueError("paired_difference needs the same seeds (at least one) of both methods.")
+    rows = []
+    for mine, theirs in zip(mixture, lora, strict=True):
+        if mine["ids"] != theirs["ids"] or mine.get("tokens") != theirs.get("tokens"):
+            raise ValueError(
+                "The two runs were scored on different held-out items; compare them on the same "
+                "eval data (a new output_dir)."
+            )
+        rows.append(
+            [a - b for a, b in zip(pairing_values(mine), pairing_values(theirs), strict=True)]
+        )
+    n, seeds = len(rows[0]), len(rows)
+    per_item = [sum(row[i] for row in rows) / seeds for i in range(n)]
+    diff = sum(per_item) / n
+    se = math.sqrt(sum((d - diff) ** 2 for d in per_item) / (n * (n - 1))) if n > 1 else None
+    return {"difference": diff, "paired_se": se, "n": n, "seeds": seeds}
+
+
+def method_summary(results: list[dict]) -> dict:
+    """A method's finished runs (one per seed) -> {metric: {"mean", "sd", "values"}} plus the
+    trainable parameters, seeds, effective support size and seconds per step."""
+    metrics = {}
+    for name in results[0]["metrics"]:
+        values = [metric_value(r["metrics"][name]) for r in results]
+        metrics[name] = {
+            "values": values,
+            "mean": statistics.mean(values),
+            "sd": statistics.stdev(values) if len(values) > 1 else None,
+        }
+    support = [r["effective_support_size"] for r in results]
+    return {
+        "seeds": [r["seed"] for r in results],
+        "trainable": results[0]["trainable"],
+        "metrics": metrics,
+        "effective_support_size": statistics.mean(support) if None not in support else None,
+        "effective_support_from": results[0].get("effective_support_from"),
+        "s_per_step": statistics.mean(r["s_per_step"] for r in results),
+    }
+
+
+def difference_label(metric: str, kind: str) -> str:
+    """What a difference column holds: perplexity's difference is that of its log."""
+    return f"log {metric}" if kind == PERPLEXITY else metric
+
+
+def format_tables(summary: dict[str, dict], differences: list[dict]) -> str:
+    """The per-method table (mean ± sd over seeds) and the paired differences from the LoRA."""
+    names = list(summary)
+    metrics = list(summary[names[0]]["metrics"]) if names else []
+    head = ["method", "trainable", "seeds", *metrics, "ESS", "s/step"]
+    rows = []
+    for name in names:
+        s = summary[name]
+        ess = s["effective_support_size"]
+        rows.append(
+            [name, f"{s['trainable']:,}", str(len(s["seeds"]))]
+            + [mean_sd(s["metrics"][m]["values"]) for m in metrics]
+            + [_support(ess, s["effective_support_from"]), f"{s['s_per_step']:.3f}"]
+        )
+    lines = _aligned(head, rows)
+    if differences:
+        kinds = {d["metric"]: d["kind"] for d in differences}
+        head = ["mixture - LoRA", "seeds"] + [difference_label(m, kinds[m]) for m in metrics]
+        rows = []
+        for pair in dict.fromkeys((d["mixture"], d["lora"]) for d in differences):
+            mine = {d["metric"]: d for d in differences if (d["mixture"], d["lora"]) == pair}
+            seeds = max(d["seeds"] for d in mine.values())
+            rows.append([f"{pair[0]} - {pair[1]}", str(seeds)] + [_diff(mine, m) for m in metrics])
+        lines += ["", "Paired difference ± standard error over items (n):"]
+        lines += _aligned(head, rows)
+    return "\n".join(lines)
+
+
+def _support(ess: float | None, where: str | None) -> str:
+    """The ESS cell: measured on the held-out answer tokens, or '(train)' on the training steps."""
+    if ess is None:
+        return "-"
+    return f"{ess:.2f}" + (" (train)" if where == "training" else "")
+
+
+def _diff(mine: dict, metric: str) -> str:
+    if metric not in mine:
+        return "-"
+    d = mine[metric]
+    se = "-" if d["paired_se"] is None else f"{d['paired_se']:.3f}"
+    return f"{d['difference']:+.3f} ± {se} (n={d['n']})"
+
+
+def _aligned(head: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [head, *rows]
+    ]
