@@ -20,7 +20,7 @@ MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 # What each part may import: the mixture at the top of the package; data beside it, knowing nothing of it;
 # the rest built on those. cli and the package's own __init__ may import anything.
-GROUPS = ("core", "data", "modular", "evaluation", "training", "integrations")
+GROUPS = ("core", "data", "modular", "evaluation", "training", "integrations", "compare")
 MAY_IMPORT = {
     "core": {"core"},
     "data": {"data"},
@@ -28,6 +28,7 @@ MAY_IMPORT = {
     "evaluation": {"core", "data", "evaluation"},
     "training": {"core", "data", "modular", "evaluation", "training"},
     "integrations": {"core", "modular", "training", "integrations"},
+    "compare": {"core", "data", "evaluation", "training", "compare"},  # runs and scores trainings
 }
 ANYTHING = {"lmoe", "lmoe.cli", "lmoe.cli_settings"}  # the command line and its settings
 
