@@ -1,4 +1,5 @@
-"""End to end through the CLI on a tiny random model: train (YAML + overrides), eval, generate, resume."""
+"""End to end through the CLI on a tiny random model: train (YAML + overrides), eval,
+generate, resume."""
 
 import json
 import re
