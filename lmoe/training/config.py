@@ -1,4 +1,5 @@
-"""TrainConfig: everything `lmoe train` needs, validated when built; YAML/JSON files, key=value overrides, recipes."""
+"""TrainConfig: everything `lmoe train` needs, validated when built; YAML/JSON files, key=value
+overrides, recipes."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 STRATEGIES = ("ddp", "fsdp")  # how several processes (torchrun / accelerate launch) share the work
 
 
-# The default run's mixture: 4 softmax-routed rank-4 experts on the attention and MLP inputs. A partial
-# `lmoe:` section (file or `lmoe.x=...` overrides) changes only the fields it names.
+# The default run's mixture: 4 softmax-routed rank-4 experts on the attention and MLP inputs. A
+# partial `lmoe:` section (file or `lmoe.x=...` overrides) changes only the fields it names.
 DEFAULT_LMOE = dict(
     num_experts=4,
     rank=4,
@@ -36,10 +37,11 @@ DEFAULT_LMOE = dict(
 )
 
 
-# LD-MoLE's released settings (eshentw/LD-MoLE: conf/finetune.yaml, conf/model/*.yaml, conf/task/*.yaml, run.sh):
-# label smoothing 0.1, AdamW weight decay 0.1 on experts, routers and lambda heads, LoRA dropout 0.1 read by the
-# experts, the gate and the lambda head alike, 8 experts of rank 8 (alpha 16) composed by outputs on all seven
-# projections, dynamic routing with load balance 1.0. Their learning rate (1e-4 over 3-10 epochs) is left to `lr`.
+# LD-MoLE's released settings (eshentw/LD-MoLE: conf/finetune.yaml, conf/model/*.yaml,
+# conf/task/*.yaml, run.sh): label smoothing 0.1, AdamW weight decay 0.1 on experts, routers and
+# lambda heads, LoRA dropout 0.1 read by the experts, the gate and the lambda head alike, 8 experts
+# of rank 8 (alpha 16) composed by outputs on all seven projections, dynamic routing with load
+# balance 1.0. Their learning rate (1e-4 over 3-10 epochs) is left to `lr`.
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RECIPES = {
     "ld-mole": dict(
@@ -75,8 +77,10 @@ RESUMABLE = frozenset(
         "max_bad_steps",  # when NaN/inf steps stop the run
         "gradient_checkpointing",  # recomputes activations (same dropout masks): memory, not math
         "output_dir",  # a moved run: it is read from where it is now
-        "batch_size",  # per process: the loop refuses a change of batch_size x processes (data read)
-        # the loss weights: the checkpoint's tensors do not depend on them (its mixture check allows it)
+        # per process: the loop refuses a change of batch_size x processes (data read)
+        "batch_size",
+        # the loss weights: the checkpoint's tensors do not depend on them (its
+        # mixture check allows it)
         *(f"lmoe.{coef}" for coef in AUX_COEFS.values()),
     }
 )
@@ -88,7 +92,8 @@ def default_lmoe() -> LMoEConfig:
 
 @dataclass
 class TrainConfig:
-    """Everything `lmoe train` needs. data empty = the built-in mixture (with a base-vs-trained table)."""
+    """Everything `lmoe train` needs. data empty = the built-in mixture (with a
+    base-vs-trained table)."""
 
     model: str = BUILTIN
     data: list[str] = field(default_factory=list)
@@ -126,7 +131,8 @@ class TrainConfig:
     compare_base: bool = True
     distributed: str = "ddp"
     gradient_checkpointing: bool = False
-    load_in: str = "full"  # "8bit" / "4bit": the base quantised by bitsandbytes (CUDA only), experts in float32
+    # "8bit" / "4bit": the base quantised by bitsandbytes (CUDA only), experts in float32
+    load_in: str = "full"
     max_bad_steps: int = (
         5  # stop after this many consecutive steps with a non-finite loss or gradient
     )
@@ -139,9 +145,8 @@ class TrainConfig:
     frozen_experts: list[int] = field(
         default_factory=list
     )  # these experts of init_adapter frozen, the rest learn
-    recipe: str | None = (
-        None  # "ld-mole": the LD-MoLE authors' settings (RECIPES) for every field left at its default
-    )
+    # "ld-mole": the LD-MoLE authors' settings (RECIPES) for every field left at its default
+    recipe: str | None = None
 
     def __post_init__(self) -> None:
         self._apply_recipe()
@@ -241,9 +246,9 @@ class TrainConfig:
         )
         if self.lmoe.router == "dynamic":
             raise ValueError(
-                f"TrainConfig.temperature_start={self.temperature_start!r}: lmoe.router=dynamic has no "
-                "temperature (sparsegen's lambda sets how sparse it is). Drop temperature_start, or "
-                "use lmoe.router=softmax or topk."
+                f"TrainConfig.temperature_start={self.temperature_start!r}: lmoe.router=dynamic "
+                "has no temperature (sparsegen's lambda sets how sparse it is). Drop "
+                "temperature_start, or use lmoe.router=softmax or topk."
             )
 
     def _apply_recipe(self) -> None:
@@ -283,8 +288,9 @@ class TrainConfig:
         _check(self, "train_experts", isinstance(self.train_experts, bool), "true or false")
         if not self.train_experts and self.init_adapter is None:
             raise ValueError(
-                "TrainConfig.train_experts=false needs init_adapter=DIR: fresh experts start at zero "
-                "and, frozen, would stay there. Give the adapter to start from, or train_experts=true."
+                "TrainConfig.train_experts=false needs init_adapter=DIR: fresh experts start at "
+                "zero and, frozen, would stay there. Give the adapter to start from, or "
+                "train_experts=true."
             )
         if isinstance(self.frozen_experts, int) and not isinstance(self.frozen_experts, bool):
             self.frozen_experts = [self.frozen_experts]
@@ -301,9 +307,9 @@ class TrainConfig:
         )
         if self.frozen_experts and self.init_adapter is None:
             raise ValueError(
-                f"TrainConfig.frozen_experts={self.frozen_experts} needs init_adapter=DIR: it keeps "
-                "experts of a saved mixture as they are (e.g. after `lmoe experts add MIX --fresh 1`). "
-                "Give the adapter, or drop frozen_experts."
+                f"TrainConfig.frozen_experts={self.frozen_experts} needs init_adapter=DIR: it "
+                "keeps experts of a saved mixture as they are (e.g. after `lmoe experts add MIX "
+                "--fresh 1`). Give the adapter, or drop frozen_experts."
             )
         if self.frozen_experts and not self.train_experts:
             raise ValueError(
@@ -321,8 +327,9 @@ class TrainConfig:
         )
         if self.frozen_experts and self.distributed == "fsdp":
             raise ValueError(
-                "TrainConfig.frozen_experts with distributed=fsdp: FSDP shards the stacked experts that "
-                "freezing masks slice by slice. Use distributed=ddp, or train_experts=false."
+                "TrainConfig.frozen_experts with distributed=fsdp: FSDP shards the stacked "
+                "experts that freezing masks slice by slice. Use distributed=ddp, or "
+                "train_experts=false."
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -335,7 +342,8 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: list[str] = ()) -> "TrainConfig":
-        """A YAML or JSON file (or None for defaults) plus "dotted.key=value" overrides (values parsed as YAML)."""
+        """A YAML or JSON file (or None for defaults) plus "dotted.key=value" overrides
+        (values parsed as YAML)."""
         return cls.from_dict(apply_overrides(read_config_file(path), overrides))
 
     @classmethod
@@ -427,8 +435,9 @@ def _merged(base: dict, top: dict) -> dict:
 
 
 def adapter_lmoe(directory: str, given: dict | LMoEConfig) -> LMoEConfig:
-    """The mixture of the adapter training starts from. An `lmoe` section (`given`) may only repeat its
-    values: a partial one (a dict) names the fields it sets; a whole one counts as unset when it is the default."""
+    """The mixture of the adapter training starts from. An `lmoe` section (`given`) may only repeat
+    its values: a partial one (a dict) names the fields it sets; a whole one counts as unset when
+    it is the default."""
     if not (Path(directory) / CONFIG_FILE).is_file():
         raise FileNotFoundError(
             f"TrainConfig.init_adapter={directory!r}: no adapter there ({CONFIG_FILE} is "
@@ -450,9 +459,9 @@ def adapter_lmoe(directory: str, given: dict | LMoEConfig) -> LMoEConfig:
     ]
     if clash:
         raise ValueError(
-            f"TrainConfig: init_adapter={directory} brings its own mixture, and the lmoe section sets "
-            f"{'; '.join(clash)}. Drop those lmoe keys to train the adapter's mixture, or drop "
-            "init_adapter to train fresh experts."
+            f"TrainConfig: init_adapter={directory} brings its own mixture, and the lmoe section "
+            f"sets {'; '.join(clash)}. Drop those lmoe keys to train the adapter's mixture, or "
+            "drop init_adapter to train fresh experts."
         )
     return saved
 
@@ -465,7 +474,8 @@ def _check(cfg: Any, name: str, ok: bool, expected: str) -> None:
 
 
 class _Loader(yaml.SafeLoader):
-    """yaml.safe_load's loader, except that 1e-4 and 2E5 are numbers (as in YAML 1.2 and JSON), not strings."""
+    """yaml.safe_load's loader, except that 1e-4 and 2E5 are numbers (as in YAML 1.2 and
+    JSON), not strings."""
 
 
 _Loader.add_implicit_resolver(
@@ -480,7 +490,8 @@ def load_yaml(text: str) -> Any:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Set "a.b=value" entries in a nested dict (copied); value is parsed as YAML ("3" -> 3, "[a, b]" -> list)."""
+    """Set "a.b=value" entries in a nested dict (copied); value is parsed as YAML ("3" -> 3,
+    "[a, b]" -> list)."""
     data = json.loads(json.dumps(data))
     for item in overrides:
         key, sep, value = item.partition("=")
