@@ -104,7 +104,7 @@ def modular_names(tmp_path: Path) -> dict:
 NAMES = {
     ("README.md", "## Quickstart"): library_names,
     ("docs/integrations.md", "## Training with the Hugging Face Trainer"): trainer_names,
-    ("docs/training.md", "# Train, evaluate, generate"): train_names,
+    ("docs/training.md", "## From Python"): train_names,
     MODULAR: modular_names,
 }
 
