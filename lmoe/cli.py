@@ -328,6 +328,10 @@ def cmd_analyze(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace
             f"{result['top_weight_over_half']:.3f} of tokens"
         )
         print(
+            f"  effective support size: {result['effective_support_size']:.2f} of "
+            f"{result['num_experts']}   top expert's share: {result['top_expert_share']:.3f}"
+        )
+        print(
             f"  I(skill/domain; expert): {result['mutual_information_bits']:.3f} bit "
             f"(at most {result['mutual_information_max_bits']:.2f})"
         )

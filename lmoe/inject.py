@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .config import ALL_LINEAR, AUX_COEFS, LMoEConfig, default_lambda_hidden
 from .layer import MoLoRALinear, TokenMask, is_linear, linear_shape
 from .router_losses import AuxStats, token_count, token_sum
-from .routing_stats import token_statistics
+from .routing_stats import TOKEN_STATISTICS, token_statistics
 
 log = logging.getLogger(__name__)
 CONFIG_ATTR = "lmoe_config"
@@ -374,16 +374,17 @@ def sum_counts_over_processes(stats: list[AuxStats]) -> None:
 
 
 def routing_counts(model: nn.Module) -> Tensor:
-    """(4,): over the real tokens of the last training forward and over layers, the sums of the
-    experts in use (g > 0), the normalised routing entropy, the tokens whose top weight exceeds 0.5,
-    and the number of those (token, layer) pairs. All add up over micro-batches and processes;
-    divided by the last, each is a mean per token and layer. No host sync."""
+    """(len(TOKEN_STATISTICS) + 1,): over the real tokens of the last training forward and over
+    layers, the sums of each of TOKEN_STATISTICS (experts in use, normalised routing entropy, tokens
+    whose top weight exceeds 0.5, effective support size, top expert's share), then the number of
+    those (token, layer) pairs. All add up over micro-batches and processes; divided by the last,
+    each is a mean per token and layer. No host sync."""
     device = next(model.parameters()).device
-    counts = torch.zeros(4, device=device)
+    counts = torch.zeros(len(TOKEN_STATISTICS) + 1, device=device)
     for _, layer in lmoe_layers(model):
         if layer.last_routing is not None:
             routing, mask = layer.last_routing
-            per_token = token_statistics(routing.weights.detach())  # (tokens, 3)
+            per_token = token_statistics(routing.weights.detach())  # (tokens, TOKEN_STATISTICS)
             counts += torch.cat(
                 [token_sum(per_token, mask), token_count(per_token, mask)[None]]
             ).to(device)
@@ -392,9 +393,9 @@ def routing_counts(model: nn.Module) -> Tensor:
 
 def active_expert_counts(model: nn.Module) -> Tensor:
     """(2,): the experts in use summed over real tokens and layers, and the number of (token, layer)
-    pairs (see routing_counts); their ratio is the mean number of experts a
-    token uses in a layer."""
-    return routing_counts(model)[::3]
+    pairs (see routing_counts); their ratio is the mean number of experts a token uses in a
+    layer."""
+    return routing_counts(model)[[0, -1]]
 
 
 def aux_loss(model: nn.Module) -> Tensor:

@@ -2,6 +2,13 @@
 how sure its routing is, how loaded each expert is, and how much the routing tells
 about the data's domain.
 
+How many experts a token's routing really uses is measured as ReMix does (Qiu et al. 2026,
+arXiv 2603.10160, section 2.2, eq. 3), by the effective support size
+ESS(g) = (sum_i |g_i|)^2 / sum_i g_i^2: 1 for one expert, k for equal weights on k experts, E for
+uniform; beside it the share of the routing mass on the top expert, max_i |g_i| / sum_i |g_i|.
+These, the entropy and the top-weight test read the weights alone, scaled to sum to 1: weights of
+any scale (a router's constant weights) count alike.
+
 The specialisation measure is I(domain; expert) in bits, with p(expert | domain) the domain's mean
 routing weights and p(domain) its share of tokens: H(mean routing) - sum_d p(d) H(mean routing of
 d). It is 0 when every domain is routed alike (uniform routing included) and
@@ -32,15 +39,46 @@ def normalised_entropy(g: Tensor) -> Tensor:
     return torch.special.entr(g).sum(-1) / (math.log(E) if E > 1 else 1.0)
 
 
+def routing_shares(g: Tensor) -> Tensor:
+    """|g_i| / sum_j |g_j| per token, (tokens, E) -> (tokens, E): g itself for weights that sum to
+    1; a token with no weight at all gets zeros."""
+    mass = g.abs()
+    total = mass.sum(-1, keepdim=True)
+    return torch.where(total > 0, mass / total, 0.0)  # 0/0 is not taken
+
+
+def effective_support_size(g: Tensor) -> Tensor:
+    """ReMix's effective support size per token, (tokens, E) -> (tokens,):
+    (sum_i |g_i|)^2 / sum_i g_i^2 (Qiu et al. 2026, eq. 3); 1 for one expert, k for equal weights on
+    k experts, E for uniform. Defined for g != 0; a token with no weight gets 0."""
+    squares = g.square().sum(-1)
+    return torch.where(squares > 0, g.abs().sum(-1).square() / squares, 0.0)
+
+
+TOKEN_STATISTICS = (  # the columns of token_statistics, named as metrics.csv names them
+    "active_experts",
+    "routing_entropy",
+    "top_weight_over_half",
+    "effective_support_size",
+    "top_expert_share",
+)
+
+
 def token_statistics(g: Tensor) -> Tensor:
-    """(tokens, E) -> (tokens, 3): active experts, normalised entropy, top weight > CONFIDENT
-    (0/1), as g's float."""
+    """(tokens, E) -> (tokens, 5), as g's float, columns TOKEN_STATISTICS: active experts,
+    normalised entropy, top share > CONFIDENT (0/1), effective support size, top share (the top
+    expert's share of the routing mass). All but the first are read from the shares
+    |g_i| / sum_j |g_j|: the scale of g does not count."""
     g = g.float() if not g.is_floating_point() else g
+    shares = routing_shares(g)
+    top = shares.amax(-1)
     return torch.stack(
         [
             active_experts(g).to(g.dtype),
-            normalised_entropy(g),
-            (g.amax(-1) > CONFIDENT).to(g.dtype),
+            normalised_entropy(shares),
+            (top > CONFIDENT).to(g.dtype),
+            effective_support_size(g),
+            top,
         ],
         -1,
     )
@@ -76,6 +114,8 @@ class RoutingStats:
     std_active: Tensor  # (layers,): their standard deviation over tokens
     entropy: Tensor  # (layers,): mean normalised routing entropy per token
     confident: Tensor  # (layers,): share of tokens whose top weight exceeds CONFIDENT
+    support: Tensor  # (layers,): mean effective support size per token (ReMix's ESS)
+    top_share: Tensor  # (layers,): mean share of a token's routing mass on its top expert
     mutual_info: Tensor  # (layers,): I(group; expert) in bits
     load: Tensor  # (layers, E): mean routing weight g_i (rows sum to 1)
     top1: (
@@ -101,7 +141,7 @@ def routing_stats(routing: Mapping[str, Mapping[str, Tensor]]) -> RoutingStats:
     layers = list(routing[groups[0]])
     pooled = [torch.cat([routing[g][layer] for g in groups]).float() for layer in layers]
     E = pooled[0].shape[-1]
-    per_token = [token_statistics(g) for g in pooled]  # (tokens, 3) per layer
+    per_token = [token_statistics(g) for g in pooled]  # (tokens, 5) per layer
     counts = [active_experts(g) for g in pooled]
     tokens = {g: next(iter(routing[g].values())).shape[0] for g in groups}
     usage = torch.stack(
@@ -119,6 +159,8 @@ def routing_stats(routing: Mapping[str, Mapping[str, Tensor]]) -> RoutingStats:
         std_active=torch.stack([s[:, 0].std(correction=0) for s in per_token]),
         entropy=torch.stack([s[:, 1].mean() for s in per_token]),
         confident=torch.stack([s[:, 2].mean() for s in per_token]),
+        support=torch.stack([s[:, 3].mean() for s in per_token]),
+        top_share=torch.stack([s[:, 4].mean() for s in per_token]),
         mutual_info=torch.stack(
             [mutual_information(usage[:, i], sizes) for i in range(len(layers))]
         ).float(),
@@ -154,6 +196,8 @@ def summary(stats: RoutingStats) -> dict:
             math.log2(min(len(stats.groups), stats.num_experts)), 6
         ),
         "top_weight_over_half": r(stats.confident.mean()),
+        "effective_support_size": r(stats.support.mean()),  # ReMix's ESS: 1 to E
+        "top_expert_share": r(stats.top_share.mean()),  # mean max_i g_i / sum_i g_i
         "layers": {
             layer: {
                 "mean_active_experts": r(stats.mean_active[i]),
@@ -161,6 +205,8 @@ def summary(stats: RoutingStats) -> dict:
                 "routing_entropy": r(stats.entropy[i]),
                 "mutual_information_bits": r(stats.mutual_info[i]),
                 "top_weight_over_half": r(stats.confident[i]),
+                "effective_support_size": r(stats.support[i]),
+                "top_expert_share": r(stats.top_share[i]),
                 "expert_load": r(stats.load[i]),
                 "expert_top1_share": r(stats.top1[i]),
                 "expert_dispatch": r(stats.dispatch[i]),

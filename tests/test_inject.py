@@ -25,6 +25,7 @@ from lmoe import (
 from lmoe.config import AUX_COEFS
 from lmoe.inject import active_expert_counts, routing_counts, shared_modules
 from lmoe.models import enable_activation_checkpointing
+from lmoe.routing import Routing
 
 FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
 TARGETS = {
@@ -551,13 +552,37 @@ def test_routing_counts_sum_entropy_and_confident_tokens_over_real_tokens_and_la
         [rec[name] for name in rec]
     ).double()  # (real tokens x layers, E), padding left out
     entropy = -(g * torch.where(g > 0, g.log(), 0)).sum(-1) / math.log(4)
+    top = g.max(-1).values
     expected = torch.tensor(
-        [(g > 0).sum().item(), entropy.sum().item(), (g.max(-1).values > 0.5).sum().item(), len(g)],
+        [
+            (g > 0).sum().item(),
+            entropy.sum().item(),
+            (top > 0.5).sum().item(),
+            (1 / (g**2).sum(-1)).sum().item(),  # ESS of weights that sum to 1
+            top.sum().item(),
+            len(g),
+        ],
         dtype=torch.float64,
     )
     torch.testing.assert_close(routing_counts(model).double(), expected, rtol=1e-5, atol=1e-4)
-    assert 0 < expected[2] < expected[3]  # some tokens confident, some not
-    torch.testing.assert_close(active_expert_counts(model), routing_counts(model)[[0, 3]])
+    assert 0 < expected[2] < expected[-1]  # some tokens confident, some not
+    assert expected[-1] < expected[3] < expected[0]  # some spread over experts, less than counted
+    torch.testing.assert_close(active_expert_counts(model), routing_counts(model)[[0, -1]])
+
+
+def test_routing_counts_leave_padding_out_of_the_collapse_statistics():
+    model = tiny_model("llama").train()
+    inject(model, LMoEConfig(num_experts=4, rank=2, target_modules="all-linear"))
+    layers = [layer for _, layer in lmoe_layers(model)]
+    for layer in layers:
+        layer.last_routing = None
+    # one layer's last forward: a one-hot token, a token on two experts, and a uniform padding token
+    g = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.5, 0.0, 0.5, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    layers[0].last_routing = (Routing(weights=g, logits=g, probs=g), torch.tensor([1, 1, 0]) > 0)
+    active, entropy, confident, ess, top, pairs = routing_counts(model).tolist()
+    # by hand, over the two real tokens: ESS 1 + 2, top share 1 + 0.5, entropy 0 + log 2 / log 4
+    assert (active, confident, pairs) == (3, 1, 2)
+    assert (ess, top) == pytest.approx((3.0, 1.5)) and entropy == pytest.approx(0.5)
 
 
 def test_shared_modules_are_the_lambda_heads_one_per_input_width():

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from lmoe.routing_stats import (
+    TOKEN_STATISTICS,
+    effective_support_size,
     entropy_bits,
     group_by_label,
     mutual_information,
@@ -60,6 +62,48 @@ def test_token_statistics_count_active_experts_entropy_and_confident_tokens():
                 0,
             ]
         ),
+    )
+
+
+def test_effective_support_size_and_top_share_of_hand_computed_vectors():
+    # ReMix's ESS = (sum_i |g_i|)^2 / sum_i g_i^2, worked out by hand for each row
+    g = torch.tensor(
+        [
+            [1.0, 0.0, 0.0, 0.0],  # one-hot: 1^2 / 1 = 1
+            [0.25, 0.25, 0.25, 0.25],  # uniform: 1 / (4 * 1/16) = 4
+            [0.5, 0.5, 0.0, 0.0],  # equal on two: 1 / (2 * 1/4) = 2
+            [0.7, 0.2, 0.1, 0.0],  # 1 / (0.49 + 0.04 + 0.01) = 1 / 0.54
+            [0.125, 0.0, 0.125, 0.125],  # constant weights (1/8) on three: 0.375^2 / (3/64) = 3
+            [0.0, 0.0, 0.0, 0.0],  # no weight: 0 (ESS is defined for g != 0)
+        ]
+    )
+    torch.testing.assert_close(
+        effective_support_size(g), torch.tensor([1.0, 4.0, 2.0, 1 / 0.54, 3.0, 0.0])
+    )
+    stats = token_statistics(g)
+    assert list(TOKEN_STATISTICS) == [
+        "active_experts",
+        "routing_entropy",
+        "top_weight_over_half",
+        "effective_support_size",
+        "top_expert_share",
+    ]
+    torch.testing.assert_close(stats[:, 3], effective_support_size(g))
+    # the top expert's share of the mass: max_i g_i / sum_i g_i (the constant weights: 1/3)
+    torch.testing.assert_close(stats[:, 4], torch.tensor([1.0, 0.25, 0.5, 0.7, 1 / 3, 0.0]))
+    # the constant weights read as shares: entropy log 3 / log 4, top share 1/3 <= 0.5
+    torch.testing.assert_close(stats[4, 1], torch.tensor(math.log(3) / math.log(4)))
+    assert stats[:, 2].tolist() == [1, 0, 0, 1, 0, 0]
+    assert stats[:, 0].tolist() == [1, 4, 2, 3, 3, 0]
+
+
+def test_effective_support_size_does_not_depend_on_the_scale_of_the_weights():
+    g = torch.rand(20, 6, generator=torch.Generator().manual_seed(1)) ** 3
+    shares = g / g.sum(-1, keepdim=True)
+    torch.testing.assert_close(token_statistics(0.37 * g), token_statistics(shares))
+    inverse_simpson = 1 / (shares.double() ** 2).sum(-1)  # the same count for weights summing to 1
+    torch.testing.assert_close(
+        effective_support_size(g).double(), inverse_simpson, rtol=1e-6, atol=0
     )
 
 
@@ -122,6 +166,9 @@ def test_specialisation_per_layer_and_averaged():
     assert (split["routing_entropy"], flat["routing_entropy"]) == (0, 1)
     assert (split["top_weight_over_half"], flat["top_weight_over_half"]) == (1, 0)
     assert (split["mean_active_experts"], flat["mean_active_experts"]) == (1, 2)
+    # one-hot: ESS 1, all the mass on the top expert; [0.5, 0.5]: ESS 2, half of it
+    assert (split["effective_support_size"], flat["effective_support_size"]) == (1, 2)
+    assert (split["top_expert_share"], flat["top_expert_share"]) == (1, 0.5)
     assert split["expert_load"] == split["expert_top1_share"] == [0.5, 0.5]
     assert flat["expert_top1_share"] == [1.0, 0.0]  # ties go to the lowest index
     assert (
@@ -133,8 +180,23 @@ def test_specialisation_per_layer_and_averaged():
         and out["top_weight_over_half"] == 0.5
         and out["mean_active_experts"] == 1.5
     )
+    assert out["effective_support_size"] == 1.5 and out["top_expert_share"] == 0.75
     assert out["tokens"] == {"a": 3, "b": 3}
     assert out["groups"]["a"]["expert_usage"] == [0.75, 0.25]  # mean over the two layers
+
+
+def test_collapse_statistics_are_means_over_the_tokens_of_all_groups():
+    # layer "l": a's 3 tokens one-hot (ESS 1), b's token uniform over 4 (ESS 4);
+    # layer "m": every token [.5, .5, 0, 0] (ESS 2)
+    one_hot, uniform = torch.tensor([1.0, 0, 0, 0]), torch.full((4,), 0.25)
+    g = torch.stack([one_hot, one_hot, one_hot, uniform])
+    out = specialisation({"l": g, "m": torch.tensor([0.5, 0.5, 0, 0]).repeat(4, 1)}, list("aaab"))
+    layer_l, layer_m = out["layers"]["l"], out["layers"]["m"]
+    assert layer_l["effective_support_size"] == pytest.approx((3 * 1 + 4) / 4)
+    assert layer_l["top_expert_share"] == pytest.approx((3 * 1 + 0.25) / 4)
+    assert (layer_m["effective_support_size"], layer_m["top_expert_share"]) == (2, 0.5)
+    assert out["effective_support_size"] == pytest.approx((7 / 4 + 2) / 2)  # mean over layers
+    assert out["top_expert_share"] == pytest.approx((3.25 / 4 + 0.5) / 2)
 
 
 def test_specialisation_weighs_domains_by_their_tokens():

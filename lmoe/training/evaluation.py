@@ -29,6 +29,8 @@ ROUTING_SUMMARY = (
     "mutual_information_bits",
     "routing_entropy",
     "top_weight_over_half",
+    "effective_support_size",
+    "top_expert_share",
     "mean_active_experts",
 )
 
@@ -78,8 +80,8 @@ def evaluate_all(model: nn.Module, tokenizer, cfg: TrainConfig) -> dict:
 
 def held_out_routing(model: nn.Module, tokenizer, cfg: TrainConfig, path: Path) -> dict[str, float]:
     """How the routing specialises on the answer tokens of the built-in mixture's held-out data,
-    averaged over layers (I(skill/domain; expert) in bits, entropy / log E, ...); written whole,
-    per layer, to path."""
+    averaged over layers (I(skill/domain; expert) in bits, entropy / log E, effective support size,
+    ...); written whole, per layer, to path."""
     from ..evaluation.analysis import (
         held_out_specialisation,
     )  # plotting libraries: imported only when used

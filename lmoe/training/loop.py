@@ -384,8 +384,8 @@ def _accumulate(
 ) -> tuple[float, float, dict, int, bool]:
     """Forward + backward of each micro-batch; returns the step's LM and aux loss, the aux terms and
     the routing's means per token and layer (ROUTING_COLUMNS: experts in use, normalised entropy,
-    share with top weight > 0.5), tokens, and whether any process asked to stop (its `stop`):
-    all over all processes.
+    share with top weight > 0.5, effective support size, top expert's share),
+    tokens, and whether any process asked to stop (its `stop`): all over all processes.
 
     Each micro-batch's LM loss is its mean over the answer tokens of all processes (as one process
     would compute it on the whole global batch): the local mean is weighted by local / global count,
@@ -399,8 +399,9 @@ def _accumulate(
         [(b["labels"][:, 1:] != IGNORE).sum() for b in batches]
     ).float()  # loss tokens
     weights = ranks * counts / accelerator.reduce(counts.clone(), "sum") / len(batches)
-    # lm, aux, tokens, routing_counts (4), aux terms, stop
-    totals = torch.zeros(8 + len(AUX_COEFS), device=accelerator.device)
+    # lm, aux, tokens, routing_counts (ROUTING_COLUMNS, then pairs), aux terms, stop
+    routed = len(ROUTING_COLUMNS)
+    totals = torch.zeros(3 + routed + 1 + len(AUX_COEFS) + 1, device=accelerator.device)
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1  # all-reduce gradients once, after the last micro-batch
         with (
@@ -413,9 +414,7 @@ def _accumulate(
             terms = aux_losses(
                 model_
             )  # before backward: gradient checkpointing re-runs the layers' forward
-            routing = routing_counts(
-                model_
-            )  # (4,) experts used, entropy, confident tokens, (token, layer) pairs
+            routing = routing_counts(model_)  # sums of ROUTING_COLUMNS, (token, layer) pairs
             accelerator.backward(out.loss * weights[i] + aux / len(batches))
         totals += torch.stack(
             [
@@ -433,7 +432,7 @@ def _accumulate(
     totals[-1] = float(stop)
     # the one sync of the step
     lm, aux, tokens, *sums, stops = accelerator.reduce(totals, "sum").tolist()
-    routing, pairs, values = sums[:3], sums[3], sums[4:]
+    routing, pairs, values = sums[:routed], sums[routed], sums[routed + 1 :]
     stats = {k: v for k, v in zip(AUX_COEFS, values, strict=True) if k in terms} | {
         k: v / max(pairs, 1) for k, v in zip(ROUTING_COLUMNS, routing, strict=True)
     }

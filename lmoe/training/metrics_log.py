@@ -8,13 +8,10 @@ from pathlib import Path
 
 from ..inject import AUX_COEFS
 from ..io import atomic_write
+from ..routing_stats import TOKEN_STATISTICS
 
 METRICS = "metrics.csv"
-ROUTING_COLUMNS = [
-    "active_experts",
-    "routing_entropy",
-    "top_weight_over_half",
-]  # means per token and layer
+ROUTING_COLUMNS = list(TOKEN_STATISTICS)  # means per token and layer (lmoe.routing_stats)
 COLUMNS = [
     "step",
     "loss",

@@ -181,11 +181,17 @@ def test_analyze_writes_summary_and_pngs(tmp_path):
         )
         top1 = torch.bincount(g.argmax(-1), minlength=E).double() / len(g)
         assert stats["expert_top1_share"] == pytest.approx(top1.tolist(), abs=1e-6)
+        # ReMix's ESS of weights that sum to 1 is 1 / sum_i g_i^2; the top share is max_i g_i
+        ess = 1 / (g**2).sum(-1)
+        assert stats["effective_support_size"] == pytest.approx(ess.mean().item(), rel=1e-5)
+        assert stats["top_expert_share"] == pytest.approx(g.max(-1).values.mean().item(), abs=1e-6)
     for key in (
         "mean_active_experts",
         "routing_entropy",
         "mutual_information_bits",
         "top_weight_over_half",
+        "effective_support_size",
+        "top_expert_share",
     ):
         per_layer = [v[key] for v in result["layers"].values()]
         assert result[key] == pytest.approx(sum(per_layer) / len(per_layer), abs=1e-5)
@@ -267,6 +273,14 @@ def test_cli_analyze_groups_data_by_domain(tmp_path, capsys):
     assert result["tokens"] == answers
     printed = capsys.readouterr().out
     assert "mean active experts per token" in printed and "I(skill/domain; expert)" in printed
+    assert (  # the JSON's collapse statistics, averaged over layers, in the summary too
+        f"  effective support size: {result['effective_support_size']:.2f} of "
+        f"{result['num_experts']}   top expert's share: {result['top_expert_share']:.3f}\n"
+    ) in printed
+    assert all(
+        {"effective_support_size", "top_expert_share"} <= set(layer)
+        for layer in result["layers"].values()
+    )
 
 
 def test_cli_analyze_writes_beside_the_adapter_and_groups_by_a_key(tmp_path, capsys):

@@ -124,6 +124,8 @@ def assert_same_metrics(a: Path, b: Path) -> None:
             "z_loss",
             "sparsity",
             "active_experts",
+            "effective_support_size",
+            "top_expert_share",
             "eval_loss",
             "lr",
             "grad_norm",

@@ -94,6 +94,12 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
     assert all(
         0 <= r["routing_entropy"] <= 1 and 0 <= r["top_weight_over_half"] <= 1 for r in straight
     )
+    # fresh routers: ESS near E = 3, under half of the mass on the top expert
+    assert 2.5 < first["effective_support_size"] <= 3 and 1 / 3 <= first["top_expert_share"] < 0.5
+    # per token 1 / top <= ESS = 1 / sum_i g_i^2 <= E; the mean of 1 / top is >= 1 / the mean of top
+    assert all(
+        1 / r["top_expert_share"] - 1e-6 <= r["effective_support_size"] <= 3 for r in straight
+    )
 
     class Interrupt(Exception):
         pass
@@ -108,7 +114,17 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
     resumed = read_metrics(tmp_path / "split")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(straight, resumed, strict=True):
-        for key in ("loss", "lm_loss", "aux_loss", "active_experts", "lr", "grad_norm", "tokens"):
+        for key in (
+            "loss",
+            "lm_loss",
+            "aux_loss",
+            "active_experts",
+            "effective_support_size",
+            "top_expert_share",
+            "lr",
+            "grad_norm",
+            "tokens",
+        ):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
     final_a = load_file(str(whole.adapter_dir / "adapter_model.safetensors"))
     final_b = load_file(str(tmp_path / "split" / "adapter" / "adapter_model.safetensors"))
@@ -152,6 +168,13 @@ def test_builtin_mixture_compares_base_and_trained(setup, tmp_path):
     assert result.results["trained"]["routing"] == {
         k: routing[k] for k in result.results["trained"]["routing"]
     }
+    saved = json.loads((tmp_path / "mix" / "eval.json").read_text())["trained"]["routing"]
+    for key in ("effective_support_size", "top_expert_share"):  # in eval.json, and per layer
+        assert saved[key] == routing[key] and all(
+            key in layer for layer in routing["layers"].values()
+        )
+    assert 1 <= saved["effective_support_size"] <= routing["num_experts"]
+    assert 1 / routing["num_experts"] <= saved["top_expert_share"] <= 1
     assert (
         0
         <= routing["mutual_information_bits"]
