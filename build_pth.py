@@ -1,6 +1,7 @@
-"""setuptools' build_py, plus _lmoe_peft_hook.pth at the wheel's root, which pip puts into site-packages: its one
-line registers lmoe with PEFT when a program imports peft (_lmoe_peft_hook.py). In an editable install
-(pip install -e .) setuptools builds no package files; the line goes straight into the editable wheel."""
+"""setuptools' build_py, plus _lmoe_peft_hook.pth at the wheel's root, which pip puts into
+site-packages: its one line registers lmoe with PEFT when a program imports peft
+(_lmoe_peft_hook.py). In an editable install (pip install -e .) setuptools builds no package files;
+the line goes straight into the editable wheel."""
 
 from pathlib import Path
 

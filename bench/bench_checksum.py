@@ -1,13 +1,15 @@
-"""What the adapter checksum costs (issue 26): a ~100 MB adapter saved and loaded by lmoe.save_adapter /
-lmoe.load_adapter and by PEFT's save_pretrained / from_pretrained, each with the SHA-256 of the weights file
-(lmoe.io.sha256_file: written by every writer, checked by every reader) timed on its own beside the whole call.
+"""What the adapter checksum costs (issue 26): a ~100 MB adapter saved and loaded by
+lmoe.save_adapter / lmoe.load_adapter and by PEFT's save_pretrained / from_pretrained, each with the
+SHA-256 of the weights file (lmoe.io.sha256_file: written by every writer, checked by every reader)
+timed on its own beside the whole call.
 
-The model: `--layers` plain Linear(d, d) layers with E x r experts each (float32), sized so that the adapter
-file is about `--mb` MB; each load gets a fresh base, built untimed. Medians of `--repeats` rounds, the variants
-interleaved; the files are in the page cache (written or read just before), so the hash is compute-bound: what a
-load on the same machine right after a save sees (a cold disk adds its read time to PEFT's read and lmoe's alike).
+The model: `--layers` plain Linear(d, d) layers with E x r experts each (float32), sized so that the
+adapter file is about `--mb` MB; each load gets a fresh base, built untimed. Medians of `--repeats`
+rounds, the variants interleaved; the files are in the page cache (written or read just before), so
+the hash is compute-bound: what a load on the same machine right after a save sees (a cold disk adds
+its read time to PEFT's read and lmoe's alike).
 
-    flock /work/queue/heavy.lock .venv/bin/python bench/bench_checksum.py          # 100 MB, 5 rounds
+    flock /work/queue/heavy.lock .venv/bin/python bench/bench_checksum.py  # 100 MB, 5 rounds
 """
 
 from __future__ import annotations
@@ -86,8 +88,8 @@ def main() -> None:
         )
     sha = medians["sha256 of the weights file"]
     print(
-        f"adapter file {size / 1e6:.1f} MB (E={args.experts}, r={rank}, {args.layers} layers of {args.width}); "
-        f"{environment(torch.device('cpu'))}"
+        f"adapter file {size / 1e6:.1f} MB (E={args.experts}, r={rank}, {args.layers} layers of "
+        f"{args.width}); {environment(torch.device('cpu'))}"
     )
     print("| call | median s | of which hashing |")
     print("|---|---|---|")

@@ -1,8 +1,10 @@
-"""One mixture layer while generating: a no-grad forward of a few tokens, E = 4 (dense) against large E (its
-experts gathered per token), beside the frozen base product alone; interleaved medians in one process.
+"""One mixture layer while generating: a no-grad forward of a few tokens, E = 4 (dense) against
+large E (its experts gathered per token), beside the frozen base product alone; interleaved
+medians in one process.
 
-    python bench/bench_decode.py --threads 2                  # d = 576, 2 tokens, top-2, E 4 / 16 / 64
-    python bench/bench_decode.py --router dynamic --threads 2 # lambda held where 2 experts a token are on
+    python bench/bench_decode.py --threads 2  # d = 576, 2 tokens, top-2, E 4 / 16 / 64
+    # lambda held where 2 experts a token are on
+    python bench/bench_decode.py --router dynamic --threads 2
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from bench.common import cpu_run, interleaved_medians  # noqa: E402
 
 
 def repeated(run, calls: int):
-    """run called `calls` times: one timed unit, so that a call of a few microseconds is timed in bulk."""
+    """run called `calls` times: one timed unit, so that a call of a few microseconds
+    is timed in bulk."""
 
     def many():
         for _ in range(calls):

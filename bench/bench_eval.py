@@ -84,7 +84,7 @@ def old_exact_match(model, tok, records: list[dict]) -> dict[str, float]:
         replies += tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     tok.padding_side = side
     hits, totals = {}, {}
-    for record, reply in zip(records, replies):
+    for record, reply in zip(records, replies, strict=True):
         hit = normalise(reply) == normalise(record["answer"])
         hits[record["domain"]] = hits.get(record["domain"], 0) + hit
         totals[record["domain"]] = totals.get(record["domain"], 0) + 1
@@ -105,7 +105,9 @@ def old_perplexity(model, examples: list[Example], pad_id: int) -> dict[str, flo
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         keep = targets != IGNORE
-        for ex, lp, n in zip(chunk, (picked * keep).sum(1).tolist(), keep.sum(1).tolist()):
+        for ex, lp, n in zip(
+            chunk, (picked * keep).sum(1).tolist(), keep.sum(1).tolist(), strict=True
+        ):
             nll[ex.domain] = nll.get(ex.domain, 0.0) - lp
             count[ex.domain] = count.get(ex.domain, 0) + n
     return {domain: math.exp(nll[domain] / count[domain]) for domain in nll}
@@ -228,10 +230,14 @@ def main(argv: list[str] | None = None) -> None:
             if name.startswith("before"):
                 reference = scores
             else:
-                diff = max(abs(a - b) for x, y in zip(scores, reference) for a, b in zip(x, y))
+                diff = max(
+                    abs(a - b)
+                    for x, y in zip(scores, reference, strict=True)
+                    for a, b in zip(x, y, strict=True)
+                )
     print(
-        f"{environment(device)}; {args.model}, {args.task} test, {len(reqs)} questions, {choices} choices "
-        f"({args.protocol}, chat template)"
+        f"{environment(device)}; {args.model}, {args.task} test, {len(reqs)} questions, {choices} "
+        f"choices ({args.protocol}, chat template)"
     )
     best = {name: min(t) for name, t in times.items()}
     for name, seconds in best.items():

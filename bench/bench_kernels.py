@@ -1,9 +1,10 @@
 """Model level: the sparse path's two kernels against each other and against dense, in one process.
 
-SmolLM2-135M, top-k (k = 2) params composition at E experts of rank 8 on every linear layer, one training step
-(forward + backward, no optimizer) with lmoe.execution forced: "csr" (sparse, the CPU's CSR products, the
-default there), "grouped" (sparse, pairs grouped by expert: torch's grouped GEMM or a per-expert loop), "dense"
-(all E experts as one rank-E*r LoRA), and E = 4 (dense, today's size) for reference; interleaved medians.
+SmolLM2-135M, top-k (k = 2) params composition at E experts of rank 8 on every linear layer, one
+training step (forward + backward, no optimizer) with lmoe.execution forced: "csr" (sparse, the
+CPU's CSR products, the default there), "grouped" (sparse, pairs grouped by expert: torch's grouped
+GEMM or a per-expert loop), "dense" (all E experts as one rank-E*r LoRA), and E = 4 (dense, today's
+size) for reference; interleaved medians.
 
     python bench/bench_kernels.py --experts 64 --threads 2
 """

@@ -6,11 +6,12 @@ All variants of one (E, r) run interleaved in one process; medians; ratios again
 
     python bench/bench_layer.py            # full grid: E = 2,4,8,16,32 x r = 4,8,16
     python bench/bench_layer.py --quick    # subset, a few minutes on 2 CPU cores
-    python bench/bench_layer.py --scaling  # E = 4..128 at r = 8, top-2: each E's time and memory / E = 4's
+    # E = 4..128 at r = 8, top-2: each E's time and memory / E = 4's
+    python bench/bench_layer.py --scaling
 
---scaling (issue 22): top-k and the dynamic router (its lambda held where `--active` experts a token are
-on) in both compositions with the default execution (auto), top-k forced dense (the path before sparse
-execution), and PEFT LoRA of rank E*r, every E of one router in one interleaved run.
+--scaling (issue 22): top-k and the dynamic router (its lambda held where `--active` experts a token
+are on) in both compositions with the default execution (auto), top-k forced dense (the path before
+sparse execution), and PEFT LoRA of rank E*r, every E of one router in one interleaved run.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def build_variants(
 
 
 def aux_term(module: nn.Module) -> torch.Tensor | None:
-    """Ours: the router losses with the config's coefficients, as lmoe.aux_loss adds them to the loss."""
+    """Ours: the router losses with the config's coefficients, as lmoe.aux_loss adds
+    them to the loss."""
     aux = getattr(module, "last_aux", None)
     losses = aux.losses() if aux is not None else {}
     terms = [module.aux_coefs[k] * v for k, v in losses.items() if module.aux_coefs[k]]
@@ -106,8 +108,9 @@ def aux_term(module: nn.Module) -> torch.Tensor | None:
 
 
 def hold_active(layer: MoLoRALinear, x: torch.Tensor, target: float) -> float:
-    """Hold the dynamic router's lambda at the constant (the head's last layer: weight 0, a bias found by
-    bisection) at which `target` experts a token are on, as after training; returns the mean it reached."""
+    """Hold the dynamic router's lambda at the constant (the head's last layer: weight 0, a bias
+    found by bisection) at which `target` experts a token are on, as after training; returns
+    the mean it reached."""
     head = layer.router.lambda_head.net[2]
     nn.init.zeros_(head.weight)
     lo, hi, active = -30.0, 30.0, float("nan")
@@ -272,8 +275,8 @@ def report(result: dict, device: torch.device) -> float:
     mem_label = "peak MiB" if device.type == "cuda" else "saved MiB"
     print(f"\nE={e} r={r}   (ratios: / {ref})")
     print(
-        f"{'variant':24s} {'fwd ms':>8s} {'x':>6s} {'fwd+bwd ms':>11s} {'x':>6s} {mem_label:>10s} {'x':>6s}"
-        f" {'excl. input':>11s} {'x':>6s}"
+        f"{'variant':24s} {'fwd ms':>8s} {'x':>6s} {'fwd+bwd ms':>11s} {'x':>6s} {mem_label:>10s} "
+        f"{'x':>6s} {'excl. input':>11s} {'x':>6s}"
     )
     for name in fwd:
         print(
@@ -320,7 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     prepare_cpu(args, device)
     print(environment(device))
     print(
-        f"d={args.dim} tokens={args.tokens} dtype={args.dtype} repeats={args.repeats} warmup={args.warmup}"
+        f"d={args.dim} tokens={args.tokens} dtype={args.dtype} repeats={args.repeats} "
+        f"warmup={args.warmup}"
     )
     if args.scaling:
         result = bench_scaling(args, device)

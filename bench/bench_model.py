@@ -1,17 +1,20 @@
 """Model level: one training step (tokens/s) and activation memory on the built-in SmolLM2-135M, and
 generation tokens/s, for PEFT LoRA rank r and rank E*r, PEFT X-LoRA with E rank-r experts, and ours
-(params/outputs x softmax/topk/dynamic) at the same E, r and batch; plus ours merged for one routing.
+(params/outputs x softmax/topk/dynamic) at the same E, r and batch; plus ours
+merged for one routing.
 
 All variants share the frozen base weights, run interleaved in one process (warm-up, medians), and
-get ratios against LoRA rank E*r. Memory: bytes autograd saves for backward (CPU) or peak allocated (GPU).
+get ratios against LoRA rank E*r. Memory: bytes autograd saves for backward (CPU) or
+peak allocated (GPU).
 
     python bench/bench_model.py                 # E=4 r=8, batch 2 x 128 tokens, all linear layers
     python bench/bench_model.py --threads 1     # steadier ratios on a CPU shared with other jobs
     python bench/bench_model.py --experts 4 16 64 --no-xlora --only 'lora|/topk|params/dynamic'
                                                 # issue 22: each E's step and generation / E = 4's
 
-With several --experts, every variant is built at each E (named "variant @E") and the tables give each E
-against the first, same run; the dynamic router's lambda is then held where --active experts a token are on.
+With several --experts, every variant is built at each E (named "variant @E") and the tables give
+each E against the first, same run; the dynamic router's lambda is then held where --active
+experts a token are on.
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ from lmoe.training.optim import adamw  # noqa: E402
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-# Llama-3.2-3B's block (the LD-MoLE paper's model), random weights: speed does not depend on the values.
-# The vocabulary is cut so that the LM head does not outweigh a model of a few blocks.
+# Llama-3.2-3B's block (the LD-MoLE paper's model), random weights: speed does not depend on the
+# values. The vocabulary is cut so that the LM head does not outweigh a model of a few blocks.
 LLAMA_3B_BLOCK = dict(
     hidden_size=3072,
     intermediate_size=8192,
@@ -67,7 +70,8 @@ def random_llama_3b(layers: int, device: torch.device) -> nn.Module:
 
 
 def load_base(device: torch.device) -> nn.Module:
-    """SmolLM2-135M-Instruct: lmoe.models' loader (safetensors cache) when there is one, else the GGUF."""
+    """SmolLM2-135M-Instruct: lmoe.models' loader (safetensors cache) when there is
+    one, else the GGUF."""
     try:
         from lmoe.models import load_model
 
@@ -87,7 +91,8 @@ def load_base(device: torch.device) -> nn.Module:
 
 
 def shared_copy(base: nn.Module) -> nn.Module:
-    """A deep copy whose (frozen) base parameters are the same tensors: each variant costs only its adapter."""
+    """A deep copy whose (frozen) base parameters are the same tensors: each variant costs
+    only its adapter."""
     return copy.deepcopy(base, memo={id(p): p for p in base.parameters()})
 
 
@@ -98,7 +103,8 @@ def peft_lora(base: nn.Module, rank: int) -> nn.Module:
 
 
 def peft_xlora(base: nn.Module, experts: int, rank: int, workdir: Path) -> nn.Module:
-    """PEFT X-LoRA over E rank-r LoRAs, experts trainable like ours. PEFT 0.21 needs the keys "0".."E-1"."""
+    """PEFT X-LoRA over E rank-r LoRAs, experts trainable like ours. PEFT 0.21 needs
+    the keys "0".."E-1"."""
     adapters = {}
     for i in range(experts):
         lora = peft_lora(base, rank)
@@ -149,7 +155,10 @@ def build_variants(base: nn.Module, args, workdir: Path) -> dict[str, nn.Module]
 def variants_at(base: nn.Module, e: int, args, workdir: Path) -> dict[str, nn.Module]:
     r = args.rank
     keep = re.compile(args.only) if args.only else None
-    wanted = lambda n: keep is None or keep.search(n) or n == f"lora r={e * r}"
+
+    def wanted(n: str) -> bool:
+        return keep is None or bool(keep.search(n)) or n == f"lora r={e * r}"
+
     variants = {}
     for name, build in [
         (f"lora r={r}", lambda: peft_lora(base, r)),
@@ -172,8 +181,9 @@ def variants_at(base: nn.Module, e: int, args, workdir: Path) -> dict[str, nn.Mo
 
 
 def hold_active(model: nn.Module, ids: torch.Tensor, target: float) -> float:
-    """Hold LD-MoLE's lambda (the shared heads' last layer: weight 0, one bias found by bisection) where `target`
-    experts a token are on over all layers, as after training; returns the mean reached."""
+    """Hold LD-MoLE's lambda (the shared heads' last layer: weight 0, one bias found by bisection)
+    where `target` experts a token are on over all layers, as after training; returns
+    the mean reached."""
     heads = {
         id(layer.router.lambda_head): layer.router.lambda_head.net[2]
         for _, layer in lmoe_layers(model)
@@ -229,8 +239,8 @@ def training(variants: dict[str, nn.Module], ids: torch.Tensor, args, device: to
 def optimizer_times(
     variants: dict[str, nn.Module], optimizers: dict, ids: torch.Tensor, args, device: torch.device
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Seconds of the AdamW step alone (part of step_s; it touches every adapter parameter, routed or not), and
-    of torch's per-tensor AdamW (its CPU default) on the same gradients."""
+    """Seconds of the AdamW step alone (part of step_s; it touches every adapter parameter, routed
+    or not), and of torch's per-tensor AdamW (its CPU default) on the same gradients."""
     fused, loop = {}, {}
     for name, model in variants.items():
         loss_of(model.train(), ids).backward()
@@ -260,9 +270,11 @@ def activation_bytes(model: nn.Module, ids: torch.Tensor, device: torch.device) 
 
 
 def merged_copy(model: nn.Module, ids: torch.Tensor) -> nn.Module:
-    """A copy of a trained lmoe model with the mean routing over ids folded into its own base weights."""
+    """A copy of a trained lmoe model with the mean routing over ids folded into its
+    own base weights."""
     for _, layer in lmoe_layers(model):
-        layer.forget_routing()  # the last step's routing holds its autograd graph, which cannot be copied
+        # the last step's routing holds its autograd graph, which cannot be copied
+        layer.forget_routing()
     merged = shared_copy(model)
     for _, layer in lmoe_layers(merged):
         layer.base.weight = nn.Parameter(layer.base.weight.detach().clone(), requires_grad=False)
@@ -306,12 +318,13 @@ def report(train: dict, gen: dict, ref: str) -> None:
     tps, mem, step = train["tokens_per_s"], train["act_bytes"], train["step_s"]
     print(f"\ntraining step (ratios: / {ref}; time ratio >1 is slower)")
     print(
-        f"{'variant':22s} {'step s':>8s} {'tokens/s':>9s} {'time x':>7s} {'act MiB':>9s} {'mem x':>6s}"
+        f"{'variant':22s} {'step s':>8s} {'tokens/s':>9s} {'time x':>7s} {'act MiB':>9s} "
+        f"{'mem x':>6s}"
     )
     for n in step:
         print(
-            f"{n:22s} {step[n]:8.3f} {tps[n]:9.1f} {step[n] / step[ref]:7.2f} {mem[n] / 2**20:9.1f} "
-            f"{mem[n] / mem[ref]:6.2f}"
+            f"{n:22s} {step[n]:8.3f} {tps[n]:9.1f} {step[n] / step[ref]:7.2f} "
+            f"{mem[n] / 2**20:9.1f} {mem[n] / mem[ref]:6.2f}"
         )
     print(f"\ngeneration (greedy, batch 1), tokens/s and time ratio / {ref}")
     for n, v in gen.items():
@@ -320,7 +333,8 @@ def report(train: dict, gen: dict, ref: str) -> None:
 
 def report_scaling(train: dict, gen: dict, experts: list[int]) -> None:
     print(
-        f"\nratios: / E={experts[0]} of the same row, same run (time: > 1 is slower; tokens/s: < 1 is slower)"
+        f"\nratios: / E={experts[0]} of the same row, same run (time: > 1 is slower; tokens/s: < "
+        "1 is slower)"
     )
     fwd_bwd = {n: t - train["optimizer_s"][n] for n, t in train["step_s"].items()}
     for values, scale, unit in [
@@ -388,8 +402,8 @@ def main(argv: list[str] | None = None) -> None:
         else "SmolLM2-135M"
     )
     print(
-        f"{name} E={','.join(map(str, args.experts))} r={args.rank} batch={args.batch}x{args.seq} targets={','.join(TARGETS)} "
-        f"repeats={args.repeats} warmup={args.warmup}"
+        f"{name} E={','.join(map(str, args.experts))} r={args.rank} batch={args.batch}x{args.seq} "
+        f"targets={','.join(TARGETS)} repeats={args.repeats} warmup={args.warmup}"
     )
     torch.manual_seed(0)
     base = (

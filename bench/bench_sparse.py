@@ -1,9 +1,10 @@
-"""Dense against sparse execution of one mixture layer (LMoEConfig.execution), the measurements behind the
-auto rule (lmoe.sparse.prefer_sparse): a top-k layer (k experts a token) forced dense and forced sparse,
-interleaved in one process, training step (fwd+bwd) and no-grad forward (generation), over E, r, k and the
-token count. Prints the time ratio sparse / dense (< 1: sparse is faster) and what the rule picks.
+"""Dense against sparse execution of one mixture layer (LMoEConfig.execution), the measurements
+behind the auto rule (lmoe.sparse.prefer_sparse): a top-k layer (k experts a token) forced dense and
+forced sparse, interleaved in one process, training step (fwd+bwd) and no-grad forward (generation),
+over E, r, k and the token count. Prints the time ratio sparse / dense (< 1: sparse is faster) and
+what the rule picks.
 
-    python bench/bench_sparse.py                         # d = 576: E 4..64, r 4/8/16, k 1/2, 1..1024 tokens
+    python bench/bench_sparse.py  # d = 576: E 4..64, r 4/8/16, k 1/2, 1..1024 tokens
     python bench/bench_sparse.py --dim 3072 --tokens 1024 --ranks 8
 """
 
@@ -121,11 +122,12 @@ def main(argv: list[str] | None = None) -> None:
     print(environment(device))
     a, b = "dense", "sparse"
     print(
-        f"d={args.dim} repeats={args.repeats} (x3 under 128 tokens); ratios {b} / {a} (< 1: {b} is faster)"
+        f"d={args.dim} repeats={args.repeats} (x3 under 128 tokens); ratios {b} / {a} (< 1: {b} "
+        "is faster)"
     )
     print(
-        f"{'E':>4s} {'r':>3s} {'k':>2s} {'tokens':>6s} {'router':>8s} {'comp.':>8s} {a + ' fb ms':>11s} "
-        f"{'ratio':>6s} {a + ' fwd ms':>12s} {'ratio':>6s}  rule"
+        f"{'E':>4s} {'r':>3s} {'k':>2s} {'tokens':>6s} {'router':>8s} {'comp.':>8s} "
+        f"{a + ' fb ms':>11s} {'ratio':>6s} {a + ' fwd ms':>12s} {'ratio':>6s}  rule"
     )
     results = []
     for point in points(args):
@@ -133,9 +135,9 @@ def main(argv: list[str] | None = None) -> None:
         results.append(res)
         fb, fwd = res["fwd_bwd_s"], res["fwd_s"]
         print(
-            f"{res['experts']:4d} {res['rank']:3d} {res['k']:2d} {res['tokens']:6d} {res['router']:>8s} "
-            f"{res['composition']:>8s} {1e3 * fb[a]:11.3f} {fb[b] / fb[a]:6.2f} {1e3 * fwd[a]:12.3f} "
-            f"{fwd[b] / fwd[a]:6.2f}  {res['rule']}",
+            f"{res['experts']:4d} {res['rank']:3d} {res['k']:2d} {res['tokens']:6d} "
+            f"{res['router']:>8s} {res['composition']:>8s} {1e3 * fb[a]:11.3f} "
+            f"{fb[b] / fb[a]:6.2f} {1e3 * fwd[a]:12.3f} {fwd[b] / fwd[a]:6.2f}  {res['rule']}",
             flush=True,
         )
         if args.json:

@@ -1,18 +1,20 @@
-"""LoRA vs L-MoE routers on standard benchmarks at equal trainable adapter parameters (issue 14 item 6).
+"""LoRA vs L-MoE routers on standard benchmarks at equal trainable adapter
+parameters (issue 14 item 6).
 
-Every config trains on the union of the tasks' train sides (lmoe.data.benchmarks' split policy) with the same
-steps, lr, batch, seeds and target modules, and is scored on a fixed subset of each task's test side, by
-default with lm-eval's cloze protocol on plain text (--protocol letter --template chat: LD-MoLE's; on the
-built-in 135M model it is at chance before and after a CPU-sized training run, so the default is cloze). One
-protocol per grid (it is also the training target), named in every row of the table. Only the `lmoe.*`
-overrides of CONFIGS differ: E * r = 16
-everywhere (experts' A and B: the same parameters as one rank-16 LoRA), alpha = 2r. Each finished run is
-appended to --results (JSONL) at once, and the table in --out (bench/RESULTS.md) is rewritten, so an
-interrupted grid keeps what it finished and the same command continues it.
+Every config trains on the union of the tasks' train sides (lmoe.data.benchmarks' split policy) with
+the same steps, lr, batch, seeds and target modules, and is scored on a fixed subset of each task's
+test side, by default with lm-eval's cloze protocol on plain text (--protocol letter --template
+chat: LD-MoLE's; on the built-in 135M model it is at chance before and after a CPU-sized training
+run, so the default is cloze). One protocol per grid (it is also the training target), named in
+every row of the table. Only the `lmoe.*` overrides of CONFIGS differ: E * r = 16
+everywhere (experts' A and B: the same parameters as one rank-16 LoRA), alpha = 2r. Each finished
+run is appended to --results (JSONL) at once, and the table in --out (bench/RESULTS.md) is
+rewritten, so an interrupted grid keeps what it finished and the same command continues it.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/benchmarks.py                 # the default grid (2-core CPU)
-    .venv/bin/python bench/benchmarks.py --model DIR --tasks arc_easy arc_challenge openbookqa csqa hellaswag \
-        --steps 1000 --batch-size 16 --test-items 0 --max-length 512 --protocol letter --template chat  # a GPU
+    OMP_NUM_THREADS=1 .venv/bin/python bench/benchmarks.py  # the default grid (2-core CPU)
+    .venv/bin/python bench/benchmarks.py --model DIR \
+        --tasks arc_easy arc_challenge openbookqa csqa hellaswag --steps 1000 --batch-size 16 \
+        --test-items 0 --max-length 512 --protocol letter --template chat  # a GPU
     .venv/bin/python bench/benchmarks.py --configs lora_r16 params_dynamic --seeds 0 1 2 3 4
 
 Extend the grid by adding a (name, overrides) pair to CONFIGS; overrides are TrainConfig keys
@@ -40,7 +42,8 @@ sys.path.insert(
 from bench.common import mean_sd, replace_section  # noqa: E402
 
 SECTION = "## Benchmarks: LoRA vs L-MoE at equal adapter parameters (`bench/benchmarks.py`)"
-# LD-MoLE's tasks that the package has, but HellaSwag (its prompts are twice as long; add it on a GPU)
+# LD-MoLE's tasks that the package has, but HellaSwag (its prompts are twice as
+# long; add it on a GPU)
 TASKS = ["arc_easy", "arc_challenge", "openbookqa", "csqa"]
 LORA = {"lmoe.num_experts": 1, "lmoe.rank": 16, "lmoe.alpha": 32}
 MOE = {"lmoe.num_experts": 4, "lmoe.rank": 4, "lmoe.alpha": 8}
@@ -125,7 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def settings(args: argparse.Namespace) -> dict:
-    """What makes two runs comparable: rows with other settings are kept in the file but not tabled."""
+    """What makes two runs comparable: rows with other settings are kept in the
+    file but not tabled."""
     return {
         "model": args.model,
         "tasks": args.tasks,
@@ -209,8 +213,9 @@ def protocol(args: argparse.Namespace) -> str:
 
 
 def accuracy(results: dict, task: str, key: str) -> float:
-    """A task's (or "average"'s) acc by protocol/template `key`. Rows written before lmoe's results named their
-    protocol hold results["acc"][task], scored by the protocol of their settings (the same key)."""
+    """A task's (or "average"'s) acc by protocol/template `key`. Rows written before lmoe's results
+    named their protocol hold results["acc"][task], scored by the protocol of their
+    settings (the same key)."""
     return results["acc"][task] if "acc" in results else results[f"bench:{task}"][key]["acc"]
 
 
@@ -259,34 +264,35 @@ def table(rows: list[dict], tasks: list[str], key: str) -> str:
 
 
 def section_title(args: argparse.Namespace) -> str:
-    """One section per --set: grids with other overrides (router_lr_scale=1 and =30) are tabled side by side."""
+    """One section per --set: grids with other overrides (router_lr_scale=1 and =30) are
+    tabled side by side."""
     return SECTION + (f" with `{' '.join(args.set)}`" if args.set else "")
 
 
 def write_section(
     rows: list[dict], args: argparse.Namespace, command: str, planned: int, done: int
 ) -> None:
-    """done: how many of this command's planned training runs are finished (`finished`); the table holds every
-    row with these settings, from any command."""
+    """done: how many of this command's planned training runs are finished (`finished`); the table
+    holds every row with these settings, from any command."""
     n = {t: questions(rows[0]["results"], t) for t in args.tasks} if rows else {}
     load = os.getloadavg()
     text = [
         section_title(args),
         "",
-        f"Command: `{command}` ({done} of its {planned} training runs finished when this was written, "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average {load[0]:.1f}; the table: "
-        f"every run with these settings in {args.results}).",
+        f"Command: `{command}` ({done} of its {planned} training runs finished when this was "
+        f"written, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average "
+        f"{load[0]:.1f}; the table: every run with these settings in {args.results}).",
         "",
-        f"Every config: {args.steps} steps of {args.batch_size} questions from the union of the tasks' train "
-        f"sides, lr {args.lr}, max_length {args.max_length}, experts on q_proj, v_proj, up_proj; E·r = 16 "
-        f"(LoRA: rank 16), alpha = 2r. Protocol {args.protocol} ({args.template} template; cloze: acc, the summed "
-        "log-likelihood of the choice), on a fixed subset "
-        f"of each task's test side: n = {n} questions. Per task: mean ± standard deviation over seeds; "
-        "SE of average: standard deviation of the seeds' averages / sqrt(seeds) (base: binomial, pooled "
-        "questions). Active experts: experts with g > 0 per token and layer, mean of the last 10 steps. "
-        "s/step: training loop only. Split policy: ARC-E, ARC-C, OBQA train on validation, test on the "
-        "test split; MMLU dev + validation / test; the other tasks split validation by a hash of the "
-        "question (30% test).",
+        f"Every config: {args.steps} steps of {args.batch_size} questions from the union of the "
+        f"tasks' train sides, lr {args.lr}, max_length {args.max_length}, experts on q_proj, "
+        f"v_proj, up_proj; E·r = 16 (LoRA: rank 16), alpha = 2r. Protocol {args.protocol} "
+        f"({args.template} template; cloze: acc, the summed log-likelihood of the choice), on a "
+        f"fixed subset of each task's test side: n = {n} questions. Per task: mean ± standard "
+        "deviation over seeds; SE of average: standard deviation of the seeds' averages / "
+        "sqrt(seeds) (base: binomial, pooled questions). Active experts: experts with g > 0 per "
+        "token and layer, mean of the last 10 steps. s/step: training loop only. Split policy: "
+        "ARC-E, ARC-C, OBQA train on validation, test on the test split; MMLU dev + validation / "
+        "test; the other tasks split validation by a hash of the question (30% test).",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} torch threads.",

@@ -1,5 +1,6 @@
-"""Shared benchmark helpers: interleaved timing with warm-up and medians, activation memory, environment,
-mean ± std over seeds for the result tables, and rewriting one section of bench/RESULTS.md."""
+"""Shared benchmark helpers: interleaved timing with warm-up and medians, activation memory,
+environment, mean ± std over seeds for the result tables, and rewriting one section of
+bench/RESULTS.md."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from lmoe.compare.stats import mean_sd  # noqa: F401 (the bench scripts' table c
 
 
 def replace_section(text: str, new: str, title: str) -> str:
-    """text with the `title` block (up to the next '## ' heading) replaced by new, or new appended: how the
-    scripts that write a RESULTS.md section (found by its heading) keep the others as they are."""
+    """text with the `title` block (up to the next '## ' heading) replaced by new, or new appended:
+    how the scripts that write a RESULTS.md section (found by its heading) keep the
+    others as they are."""
     lines = text.splitlines(keepends=True)
     start = next((i for i, line in enumerate(lines) if line.rstrip() == title), None)
     if start is None:
@@ -31,8 +33,8 @@ def replace_section(text: str, new: str, title: str) -> str:
 def scaling_rows(
     values: dict[str, float], experts: list[int], scale: float, unit: str
 ) -> list[str]:
-    """Lines of a table of values keyed "family @E": per family, each E's value * scale and its ratio to the
-    family's value at experts[0] (same run)."""
+    """Lines of a table of values keyed "family @E": per family, each E's value * scale and its
+    ratio to the family's value at experts[0] (same run)."""
     families = list(dict.fromkeys(n.rsplit(" @", 1)[0] for n in values))
     lines = [f"{unit:30s} " + " ".join(f"{'E=' + str(e):>16s}" for e in experts)]
     for fam in families:
@@ -79,10 +81,11 @@ def interleaved_medians(
 
 
 class SavedTensorBytes:
-    """Bytes of the distinct storages autograd saves for backward during a forward, parameters excluded.
+    """Bytes of the distinct storages autograd saves for backward during a forward,
+    parameters excluded.
 
-    Deterministic and device-independent: the activation memory a training step holds until backward.
-    Storages shared by several saves (x saved by two GEMMs, views) count once.
+    Deterministic and device-independent: the activation memory a training step holds until
+    backward. Storages shared by several saves (x saved by two GEMMs, views) count once.
     """
 
     def __init__(self, module: nn.Module, exclude: tuple[torch.Tensor, ...] = ()) -> None:
@@ -118,12 +121,13 @@ ALLOCATOR = "default"
 
 
 def keep_freed_memory() -> None:
-    """lmoe.allocator.keep_freed_memory (what `lmoe train` does on a CPU), and the environment line says so.
+    """lmoe.allocator.keep_freed_memory (what `lmoe train` does on a CPU), and the
+    environment line says so.
 
     By default a large tensor is mmap-ed fresh and unmapped when freed, so the next step page-faults
-    and zeroes it again; which variant pays depends on its allocation pattern and varied run to run by
-    +-10% of a step (PEFT LoRA r=32 took 1.44 s in one run and 1.77 s in another). With freed memory
-    kept, every variant computes from reused memory and the ratios measure the work.
+    and zeroes it again; which variant pays depends on its allocation pattern and varied run to run
+    by +-10% of a step (PEFT LoRA r=32 took 1.44 s in one run and 1.77 s in another). With freed
+    memory kept, every variant computes from reused memory and the ratios measure the work.
     """
     global ALLOCATOR
     ALLOCATOR = (
@@ -139,7 +143,8 @@ def add_cpu_options(parser) -> None:
     parser.add_argument(
         "--default-allocator",
         action="store_true",
-        help="CPU: leave glibc's malloc as it is (by default freed memory is kept: keep_freed_memory)",
+        help="CPU: leave glibc's malloc as it is (by default freed memory is kept: "
+        "keep_freed_memory)",
     )
 
 
@@ -152,8 +157,8 @@ def prepare_cpu(args, device: torch.device) -> None:
 
 
 def cpu_run(parser, argv: list[str] | None) -> tuple:
-    """(args, the CPU device) for a CPU-only script: --json and add_cpu_options added to its parser, prepared
-    (prepare_cpu), its environment printed."""
+    """(args, the CPU device) for a CPU-only script: --json and add_cpu_options added to its parser,
+    prepared (prepare_cpu), its environment printed."""
     parser.add_argument("--json", type=Path, help="write the figures here")
     add_cpu_options(parser)
     args = parser.parse_args(argv)
@@ -173,7 +178,7 @@ def environment(device: torch.device) -> str:
         else platform.processor() or platform.machine()
     )
     return (
-        f"device={device} ({name}), torch threads={torch.get_num_threads()}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, peft {peft.__version__}, python {platform.python_version()}, "
-        f"allocator: {ALLOCATOR}"
+        f"device={device} ({name}), torch threads={torch.get_num_threads()}, torch "
+        f"{torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
+        f"python {platform.python_version()}, allocator: {ALLOCATOR}"
     )

@@ -127,7 +127,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
     train_s = time.perf_counter() - start
     model.eval()
     routing = held_out_specialisation(model, tokenizer, data.mixture, data.max_length)
-    experts_only = [(t * t - r * r) ** 0.5 for t, r in zip(norms, router_norms)]
+    experts_only = [(t * t - r * r) ** 0.5 for t, r in zip(norms, router_norms, strict=True)]
     collapsed = sum(v["mutual_information_bits"] < 0.01 for v in routing["layers"].values())
     return {
         "seed": seed,

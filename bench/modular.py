@@ -1,21 +1,26 @@
-"""Modular skills on real tasks (issue 21): one LoRA per benchmark task, composed, routed and extended, against
-PEFT's Arrow and X-LoRA, a multitask LoRA and end-to-end lmoe, on the same adapters, questions and seeds.
+"""Modular skills on real tasks (issue 21): one LoRA per benchmark task, composed, routed and
+extended, against PEFT's Arrow and X-LoRA, a multitask LoRA and end-to-end lmoe, on the same
+adapters, questions and seeds.
 
-Part `compose`, per seed: a PEFT LoRA per task (rank r on q/v/up_proj, `--steps` batches of its train side),
-scored on every task (the diagonal is the oracle); then over the same adapter files: uniform routing (the
-adapters averaged), lmoe's composed mixture with a zero router trained alone on a small mixed set, the same
-router started from the adapters' singular vectors (lmoe.modular.prototypes) before and after that training, Arrow
-(two settings), X-LoRA (classifier trained on the mixed set), a multitask LoRA on the union (rank E*r and r,
-E * steps) and end-to-end lmoe (E experts of rank r, E * steps).
-Part `continual`, per seed: the tasks arrive in the given order; a LoRA fine-tuned on each in turn, with and
-without replay, against lmoe adding one expert per task (earlier experts frozen, the new expert and the router
-trained on the new task plus a replay share of earlier tasks' questions).
+Part `compose`, per seed: a PEFT LoRA per task (rank r on q/v/up_proj, `--steps` batches of its
+train side), scored on every task (the diagonal is the oracle); then over the same adapter files:
+uniform routing (the adapters averaged), lmoe's composed mixture with a zero router trained alone on
+a small mixed set, the same router started from the adapters' singular vectors
+(lmoe.modular.prototypes) before and after that training, Arrow (two settings), X-LoRA (classifier
+trained on the mixed set), a multitask LoRA on the union (rank E*r and r, E * steps) and end-to-end
+lmoe (E experts of rank r, E * steps). Part `continual`, per seed: the tasks arrive in the given
+order; a LoRA fine-tuned on each in turn, with and without replay, against lmoe adding one expert
+per task (earlier experts frozen, the new expert and the router trained on the new task plus a
+replay share of earlier tasks' questions).
 
-Each finished unit is appended to --results at once (per-question correctness, for paired differences) and
-the tables in --out are rewritten, so a stopped run keeps what it finished and the same command continues.
+Each finished unit is appended to --results at once (per-question correctness, for paired
+differences) and the tables in --out are rewritten, so a stopped run keeps what it finished and the
+same command continues.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/modular.py --share-cores   # the CPU study (2 shared cores: 100+ min a seed)
-    .venv/bin/python bench/modular.py --model DIR --steps 500 --test-items 0 --router-items 500   # a GPU
+    # the CPU study (2 shared cores: 100+ min a seed)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/modular.py --share-cores
+    # a GPU
+    .venv/bin/python bench/modular.py --model DIR --steps 500 --test-items 0 --router-items 500
     .venv/bin/python bench/modular.py --report             # tables from the results file only
 """
 
@@ -70,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--more-replay",
         type=float,
         default=0.25,
-        help="a second replay share, run by naming its units, e.g. --only lmoe_add_replay25 seq_lora_replay25",
+        help="a second replay share, run by naming its units, e.g. --only lmoe_add_replay25 "
+        "seq_lora_replay25",
     )
     p.add_argument(
         "--new-expert-logit",
@@ -102,7 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def replay_method(method: str, share: float) -> str:
-    """The continual unit's name at another replay share than --replay: e.g. lmoe_add_replay25 for 0.25."""
+    """The continual unit's name at another replay share than --replay: e.g.
+    lmoe_add_replay25 for 0.25."""
     return f"{method}_replay{round(100 * share)}"
 
 
@@ -324,7 +331,8 @@ class Study:
 
     # ------------------------------------------------------------ part 2: continual learning
     def stage_data(self, k: int, replay: float) -> list:
-        """Stage k's examples: steps * batch_size, a `replay` share of them from the earlier tasks' train sides."""
+        """Stage k's examples: steps * batch_size, a `replay` share of them from the earlier
+        tasks' train sides."""
         a, tasks = self.args, self.args.tasks
         total = a.steps * a.batch_size
         earlier = [q for t in tasks[:k] for q in parts.train_questions(t)]

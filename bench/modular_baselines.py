@@ -1,24 +1,28 @@
 """PEFT 0.21's two ways to route over a library of LoRA adapters, the baselines of bench/modular.py.
 
-- Arrow (`arrow_model`): training-free. In each adapted layer, adapter i's prototype is the top right singular
-  vector v_i of its update B_i A_i; a token with layer input x scores |<v_i, x>|, keeps the top_k adapters and
-  weighs their outputs s_i B_i A_i x by a softmax of those scores at router_temperature (others get 0).
-- X-LoRA (`xlora_model`; bench/modular_parts.fit trains it): a classifier on the base model's last hidden state gives every token
-  one weight per adapter (the same in all layers unless layerwise_scalings). Each forward runs the model twice:
-  once with the adapters off for those hidden states, once with the weighted adapters. Only the classifier trains.
+- Arrow (`arrow_model`): training-free. In each adapted layer, adapter i's prototype is the top
+  right singular vector v_i of its update B_i A_i; a token with layer input x scores |<v_i, x>|,
+  keeps the top_k adapters and weighs their outputs s_i B_i A_i x by a softmax of those scores at
+  router_temperature (others get 0).
+- X-LoRA (`xlora_model`; bench/modular_parts.fit trains it): a classifier on the base model's last
+  hidden state gives every token one weight per adapter (the same in all layers unless
+  layerwise_scalings). Each forward runs the model twice: once with the adapters off for those
+  hidden states, once with the weighted adapters. Only the classifier trains.
 
-    .venv/bin/python bench/modular_baselines.py [--hidden 576 --layers 6 --experts 4]   # X-LoRA's step cost
+    # X-LoRA's step cost
+    .venv/bin/python bench/modular_baselines.py [--hidden 576 --layers 6 --experts 4]
 
-Measured so (CPU seconds per step, 1 thread, batch 8 x 128, q/v/up_proj, rank 4, 4 adapters): an X-LoRA step
-costs 1.82x a PEFT LoRA step at hidden 576, 6 layers (2.78 vs 1.53 s), 1.97x at 256, 4 layers; lmoe's router-only
-step on the composed adapters 0.99-1.03x. Its first pass is a whole no-grad forward (logits and loss included),
-and it runs its adapters one by one.
+Measured so (CPU seconds per step, 1 thread, batch 8 x 128, q/v/up_proj, rank 4, 4 adapters): an
+X-LoRA step costs 1.82x a PEFT LoRA step at hidden 576, 6 layers (2.78 vs 1.53 s), 1.97x at 256, 4
+layers; lmoe's router-only step on the composed adapters 0.99-1.03x. Its first pass is a whole
+no-grad forward (logits and loss included), and it runs its adapters one by one.
 
-Both wrap the base model in place (PEFT injects its layers): give each its own freshly loaded base. Arrow's
-model is PEFT's PeftModel and is scored with lmoe.evaluation.scoring's shared KV cache (routing is per token, so a cached
-prefix changes nothing). X-LoRA's is not: its first pass would write into the cache of its second, and the
-scores come out silently wrong, so xlora_model returns a wrapper that refuses a cache and has no `config`,
-which lmoe.evaluation.scoring then scores sequence by sequence.
+Both wrap the base model in place (PEFT injects its layers): give each its own freshly loaded base.
+Arrow's model is PEFT's PeftModel and is scored with lmoe.evaluation.scoring's shared KV cache
+(routing is per token, so a cached prefix changes nothing). X-LoRA's is not: its first pass would
+write into the cache of its second, and the scores come out silently wrong, so xlora_model returns a
+wrapper that refuses a cache and has no `config`, which lmoe.evaluation.scoring then scores
+sequence by sequence.
 """
 
 from __future__ import annotations
@@ -47,12 +51,14 @@ from lmoe import compose, freeze_experts  # noqa: E402
 from lmoe.io import is_lmoe_adapter  # noqa: E402
 from lmoe.modular.compose import PEFT_PREFIX, LoRA, read_peft_lora  # noqa: E402
 
-# PEFT's own defaults, read from the installed peft: top_k 3, router_temperature 1.0, use_gks False, rng_seed None
+# PEFT's own defaults, read from the installed peft: top_k 3, router_temperature 1.0, use_gks
+# False, rng_seed None
 ARROW_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ArrowConfig) if f.init}
-# The one other setting: hard routing. Arrow's scores are |<v_i, x>| on the raw layer inputs (not a cosine), so its
-# temperature works on their scale: on the built-in SmolLM2-135M |x| is 1-3 (q_proj of layer 0: 1.1, up_proj of
-# layer 15: 3.3), the scores 0.03-0.12 (4 random adapters), and at temperature 1 the top-3 weights are near uniform
-# (largest 0.34-0.39, 1/3 is uniform). top_k=1 routes each token to its best adapter whatever the scale.
+# The one other setting: hard routing. Arrow's scores are |<v_i, x>| on the raw layer inputs (not a
+# cosine), so its temperature works on their scale: on the built-in SmolLM2-135M |x| is 1-3 (q_proj
+# of layer 0: 1.1, up_proj of layer 15: 3.3), the scores 0.03-0.12 (4 random adapters), and at
+# temperature 1 the top-3 weights are near uniform (largest 0.34-0.39, 1/3 is uniform). top_k=1
+# routes each token to its best adapter whatever the scale.
 ARROW_OTHER = {"top_k": 1, "router_temperature": ARROW_DEFAULTS["router_temperature"]}
 ARROW_ADAPTER = "arrow_router"  # the adapter name create_arrow_model gives its router
 XLORA_DEFAULTS = {
@@ -72,7 +78,8 @@ XLORA_DEFAULTS = {
 
 
 def _library(adapter_dirs: Sequence[str | Path]) -> list[LoRA]:
-    """The adapters as lmoe reads them (a clear error for anything but a plain PEFT LoRA), all on one module set."""
+    """The adapters as lmoe reads them (a clear error for anything but a plain PEFT LoRA), all
+    on one module set."""
     if not adapter_dirs:
         raise ValueError(
             "No adapter directories given; pass the PEFT LoRA directories (adapter_config.json + "
@@ -90,7 +97,8 @@ def _library(adapter_dirs: Sequence[str | Path]) -> list[LoRA]:
             odd = sorted(set(lora.modules) ^ set(loras[0].modules))
             raise ValueError(
                 f"Adapter {lora.path} adapts other modules than {loras[0].path} (e.g. {odd[0]}); "
-                "Arrow and X-LoRA route over adapters of the same target modules: retrain it on them."
+                "Arrow and X-LoRA route over adapters of the same target modules: retrain it on "
+                "them."
             )
     return loras
 
@@ -105,17 +113,19 @@ def arrow_model(
     temperature: float = ARROW_DEFAULTS["router_temperature"],
     rng_seed: int | None = 0,
 ) -> PeftModel:
-    """PEFT's Arrow over the adapters (expert i = adapter_dirs[i], named task_i), frozen, in eval mode.
+    """PEFT's Arrow over the adapters (expert i = adapter_dirs[i], named task_i),
+    frozen, in eval mode.
 
-    rng_seed seeds the power iteration that finds each prototype (15 steps from a random start; PEFT's default
-    None starts anywhere, so two builds differ by its convergence error): 0 makes the build repeatable.
+    rng_seed seeds the power iteration that finds each prototype (15 steps from a random start;
+    PEFT's default None starts anywhere, so two builds differ by its convergence error): 0 makes
+    the build repeatable.
     """
     loras = _library(adapter_dirs)
     ranks = sorted({lora.rank for lora in loras})
     if len(ranks) > 1:
         raise ValueError(
-            f"The adapters have ranks {ranks}; PEFT's Arrow needs one rank for all. Retrain them at one "
-            "rank (lmoe.modular.compose zero-pads mixed ranks, Arrow does not)."
+            f"The adapters have ranks {ranks}; PEFT's Arrow needs one rank for all. Retrain them "
+            "at one rank (lmoe.modular.compose zero-pads mixed ranks, Arrow does not)."
         )
     if not 1 <= top_k <= len(loras):
         raise ValueError(
@@ -131,8 +141,8 @@ def arrow_model(
 
 
 def arrow_weights(x: Tensor, prototypes: Tensor, top_k: int, temperature: float) -> Tensor:
-    """Arrow's routing (tokens, E) of x (tokens, d_in) over prototypes (E, d_in), as PEFT computes it:
-    softmax over the top_k of |<v_i, x>| at the temperature, 0 for the others."""
+    """Arrow's routing (tokens, E) of x (tokens, d_in) over prototypes (E, d_in), as PEFT computes
+    it: softmax over the top_k of |<v_i, x>| at the temperature, 0 for the others."""
     score = (x @ prototypes.T).abs()  # (tokens, E)
     top, index = score.topk(top_k, dim=-1)
     return torch.zeros_like(score).scatter(-1, index, torch.softmax(top / temperature, dim=-1))
@@ -140,9 +150,9 @@ def arrow_weights(x: Tensor, prototypes: Tensor, top_k: int, temperature: float)
 
 @contextmanager
 def record_arrow_routing(model: PeftModel) -> Iterator[dict[str, Tensor]]:
-    """Arrow's routing weights in every forward of the block: rec[layer] -> (tokens, E), layers named as in
-    lmoe.lmoe_layers of the composed base. Rows are the tokens of input_ids.flatten(), padding included
-    (keep attention_mask.flatten().bool()); filled when the block ends."""
+    """Arrow's routing weights in every forward of the block: rec[layer] -> (tokens, E), layers
+    named as in lmoe.lmoe_layers of the composed base. Rows are the tokens of input_ids.flatten(),
+    padding included (keep attention_mask.flatten().bool()); filled when the block ends."""
     rows: dict[str, list[Tensor]] = {}
     handles = []
     for name, module in model.named_modules():
@@ -182,8 +192,8 @@ def _arrow_recorder(rows: list[Tensor]):
 
 
 class NoCacheLM(nn.Module):
-    """A causal LM that runs without a KV cache. It has no `config`, so lmoe.evaluation.scoring scores every prefix and
-    continuation as a whole sequence; `.peft` is the PEFT model inside."""
+    """A causal LM that runs without a KV cache. It has no `config`, so lmoe.evaluation.scoring
+    scores every prefix and continuation as a whole sequence; `.peft` is the PEFT model inside."""
 
     def __init__(self, peft_model: nn.Module) -> None:
         super().__init__()
@@ -200,8 +210,9 @@ class NoCacheLM(nn.Module):
             kwargs.get(k) is not None for k in ("past_key_values", "cache")
         ):
             raise ValueError(
-                "X-LoRA cannot use a KV cache: its scaling pass (adapters off) and its real pass would "
-                "write the same cache. Score whole sequences (lmoe.evaluation.scoring does for this model)."
+                "X-LoRA cannot use a KV cache: its scaling pass (adapters off) and its real pass "
+                "would write the same cache. Score whole sequences (lmoe.evaluation.scoring does "
+                "for this model)."
             )
         return self.peft(
             input_ids=input_ids,
@@ -218,14 +229,16 @@ def xlora_model(
     depth: int = XLORA_DEFAULTS["xlora_depth"],
     **options,
 ) -> NoCacheLM:
-    """PEFT's X-LoRA over the adapters (frozen), its classifier freshly initialised and the only trainable part.
+    """PEFT's X-LoRA over the adapters (frozen), its classifier freshly initialised and the
+    only trainable part.
 
-    depth: the classifier's layers (1: one linear map hidden -> E, PEFT's default); options: other XLoraConfig
-    fields (layerwise_scalings, softmax_temperature, top_k_lora, xlora_size, xlora_dropout_p, ...).
-    Sets base_model.config.use_cache = False, which X-LoRA requires.
+    depth: the classifier's layers (1: one linear map hidden -> E, PEFT's default); options: other
+    XLoraConfig fields (layerwise_scalings, softmax_temperature, top_k_lora, xlora_size,
+    xlora_dropout_p, ...). Sets base_model.config.use_cache = False, which X-LoRA requires.
     """
     _library(adapter_dirs)
-    # PEFT loads adapter i under the name str(i) and then activates the dict's keys: other keys break it
+    # PEFT loads adapter i under the name str(i) and then activates the dict's
+    # keys: other keys break it
     base_model.config.use_cache = False
     config = XLoraConfig(
         task_type="CAUSAL_LM",
@@ -237,7 +250,7 @@ def xlora_model(
     return NoCacheLM(get_peft_model(base_model, config)).eval()
 
 
-# ---------------------------------------------------------------- random adapters and the step-cost measurement
+# ---------------------------------------------------- random adapters and the step-cost measurement
 
 
 def save_random_lora(
@@ -248,7 +261,8 @@ def save_random_lora(
     seed: int,
     std: float = 0.3,
 ) -> Path:
-    """A PEFT LoRA adapter of model (left unchanged) with A at PEFT's init and B ~ N(0, std^2), saved to directory."""
+    """A PEFT LoRA adapter of model (left unchanged) with A at PEFT's init and B ~ N(0, std^2),
+    saved to directory."""
     torch.manual_seed(seed)
     peft_model = get_peft_model(
         copy.deepcopy(model), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=target_modules)
@@ -264,9 +278,10 @@ def save_random_lora(
 def step_seconds(
     models: dict[str, nn.Module], batch: dict[str, Tensor], steps: int
 ) -> dict[str, float]:
-    """Median CPU seconds of each model's training step (forward, backward, AdamW over what requires grad), the
-    models taking turns step by step so that a change in the machine's load hits all alike; after one warm-up.
-    CPU time, not wall time: on a shared machine other jobs' load moves wall times by multiples."""
+    """Median CPU seconds of each model's training step (forward, backward, AdamW over what requires
+    grad), the models taking turns step by step so that a change in the machine's load hits all
+    alike; after one warm-up. CPU time, not wall time: on a shared machine other jobs' load moves
+    wall times by multiples."""
     optimizers = {
         name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
         for name, m in models.items()

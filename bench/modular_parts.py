@@ -1,11 +1,12 @@
-"""Building blocks of the modular-skills study (bench/modular.py): the tasks' questions, one training loop for
-every model the study trains (PEFT LoRAs, lmoe mixtures, X-LoRA's classifier), scoring that keeps each
-question's correctness (for paired differences), and how much of a task's routing goes to its own expert.
+"""Building blocks of the modular-skills study (bench/modular.py): the tasks' questions, one
+training loop for every model the study trains (PEFT LoRAs, lmoe mixtures, X-LoRA's classifier),
+scoring that keeps each question's correctness (for paired differences), and how much of a task's
+routing goes to its own expert.
 
-Every model trains as `lmoe train` trains: AdamW, lmoe's defaults (10 warm-up steps, cosine decay, gradient
-clipping at 1, no weight decay), the routers at 30x lr through their parameter scale (LMoEConfig's
-router_param_scale; recorded before it existed, as a parameter group at 30x), dropout masks seeded
-per step.
+Every model trains as `lmoe train` trains: AdamW, lmoe's defaults (10 warm-up steps, cosine decay,
+gradient clipping at 1, no weight decay), the routers at 30x lr through their parameter scale
+(LMoEConfig's router_param_scale; recorded before it existed, as a parameter group at 30x), dropout
+masks seeded per step.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ WARMUP, MAX_GRAD_NORM = 10, 1.0  # lmoe train's defaults
 
 
 def train_questions(task: str) -> list[dict]:
-    """The task's train side (lmoe.data.benchmarks' split policy: never shares a question with the test side)."""
+    """The task's train side (lmoe.data.benchmarks' split policy: never shares a question
+    with the test side)."""
     return benchmarks.load(task, "train")
 
 
@@ -56,7 +58,8 @@ def drawn(records: Sequence[dict], n: int, seed: int) -> list[dict]:
 
 
 def examples(tokenizer, records: Iterable[dict], max_length: int) -> list[Example]:
-    """Questions as training examples: prompt, then the correct choice's text as the answer (cloze, plain)."""
+    """Questions as training examples: prompt, then the correct choice's text as the
+    answer (cloze, plain)."""
     return encode_questions(tokenizer, list(records), FORMAT, max_length)
 
 
@@ -73,7 +76,8 @@ def fit(
     pad_id: int,
     router_lr_scale: float = 1.0,
 ) -> float:
-    """Train model's trainable parameters for `steps` batches of `train`; returns the mean loss of the last 10."""
+    """Train model's trainable parameters for `steps` batches of `train`; returns the mean
+    loss of the last 10."""
     optimizer = torch.optim.AdamW(param_groups(model, lr, router_lr_scale), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(min(WARMUP, steps // 4), steps)
@@ -102,7 +106,8 @@ def fit(
 
 @torch.no_grad()
 def correct(model: nn.Module, tokenizer, questions: list[dict], max_length: int) -> list[bool]:
-    """Per question: does the correct choice get the highest summed log-likelihood (lm-eval's acc)?"""
+    """Per question: does the correct choice get the highest summed
+    log-likelihood (lm-eval's acc)?"""
     scores = continuation_logprobs(
         model,
         requests(tokenizer, questions, FORMAT, max_length),
@@ -119,8 +124,8 @@ def correct(model: nn.Module, tokenizer, questions: list[dict], max_length: int)
 def task_usage(
     model: nn.Module, tokenizer, questions: list[dict], max_length: int, batch_size: int = 16
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """Mean routing weights per lmoe layer {name: (E,)} over every real token of the questions (prompt and the
-    correct choice, as scored), and the number of tokens."""
+    """Mean routing weights per lmoe layer {name: (E,)} over every real token of the questions
+    (prompt and the correct choice, as scored), and the number of tokens."""
     encoded = examples(tokenizer, questions, max_length)
     device = next(model.parameters()).device
     with record_routing(model) as record:
@@ -135,8 +140,9 @@ def task_usage(
 
 
 def own_expert_share(usage: dict[str, dict[str, torch.Tensor]], own: dict[str, int]) -> dict:
-    """How much of each task's routing weight goes to its own expert (own[task]: its index), per layer and
-    averaged over layers, the mean over tasks; usage: task -> layer -> mean weights (E,)."""
+    """How much of each task's routing weight goes to its own expert (own[task]: its index), per
+    layer and averaged over layers, the mean over tasks; usage: task -> layer ->
+    mean weights (E,)."""
     tasks = list(own)
     layers = list(usage[tasks[0]])
     per_layer = {
@@ -153,7 +159,8 @@ def own_expert_share(usage: dict[str, dict[str, torch.Tensor]], own: dict[str, i
 
 
 def task_information(usage: dict[str, dict[str, torch.Tensor]], tokens: dict[str, int]) -> dict:
-    """I(task; expert) in bits per layer (each task's mean routing, weighted by its tokens) and its mean."""
+    """I(task; expert) in bits per layer (each task's mean routing, weighted by its
+    tokens) and its mean."""
     tasks = list(usage)
     counts = torch.tensor([tokens[t] for t in tasks], dtype=torch.float64)
     per_layer = {
@@ -172,8 +179,9 @@ def layer_names(model: nn.Module) -> list[str]:
 
 @contextlib.contextmanager
 def heavy(lock: str | None):
-    """Hold an exclusive lock on the file `lock` (if given) while a heavy job runs: jobs of several scripts
-    sharing the machine's cores then run one at a time (e.g. `flock FILE cmd` for the others)."""
+    """Hold an exclusive lock on the file `lock` (if given) while a heavy job runs: jobs of several
+    scripts sharing the machine's cores then run one at a time (e.g.
+    `flock FILE cmd` for the others)."""
     if not lock:
         yield
         return
@@ -187,7 +195,8 @@ def heavy(lock: str | None):
 
 
 def share_cores(cores: int = 2) -> None:
-    """Two torch threads stall each other's cores when another job runs (5-10x slower on 2 cores): take
-    `cores` threads only when the load besides this process's own threads is under half a core, else 1."""
+    """Two torch threads stall each other's cores when another job runs (5-10x slower on 2 cores):
+    take `cores` threads only when the load besides this process's own threads is under
+    half a core, else 1."""
     others = os.getloadavg()[0] - torch.get_num_threads()
     torch.set_num_threads(cores if others < 0.5 else 1)

@@ -1,6 +1,7 @@
-"""Tables of the modular-skills study (bench/modular.py) from its rows: accuracy per method, paired differences
-with their standard error, routing shares, the adapters' transfer matrix, and the continual-learning matrix with
-forgetting. Pure arithmetic on the rows' per-question correctness, so it is tested against hand values."""
+"""Tables of the modular-skills study (bench/modular.py) from its rows: accuracy per method, paired
+differences with their standard error, routing shares, the adapters' transfer matrix, and the
+continual-learning matrix with forgetting. Pure arithmetic on the rows' per-question correctness, so
+it is tested against hand values."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ LABELS = {
     "oracle": "(b) each task with its own adapter (oracle)",
     "uniform": "(c) adapters averaged (uniform routing)",
     "zero_router": "(d) lmoe composed, zero router trained alone",
-    "proto_raw_zeroshot": "(4) router from the adapters' singular vectors at Arrow's raw scale, no training",
+    "proto_raw_zeroshot": "(4) router from the adapters' singular vectors at Arrow's raw scale, "
+    "no training",
     "proto_raw_router": "(4) the same, then the router trained alone",
     "proto_zeroshot": "(4) router from the singular vectors, standardised scores, no training",
     "proto_router": "(4) the same, then the router trained alone",
@@ -67,7 +69,8 @@ def accuracy(correct: str) -> float:
 
 
 def compose_correct(rows: list[dict], tasks: list[str]) -> dict[str, dict[int, dict[str, str]]]:
-    """method -> seed -> task -> correctness string; 'oracle' assembled from each task's own adapter."""
+    """method -> seed -> task -> correctness string; 'oracle' assembled from each
+    task's own adapter."""
     out: dict[str, dict] = {}
     for r in rows:
         if r["part"] == "base":
@@ -87,9 +90,9 @@ def average(correct: dict[str, str], tasks: list[str]) -> float:
 
 
 def paired(a: dict, b: dict, tasks: list[str]) -> dict:
-    """Difference of average accuracy a - b over the seeds both have (b may be seed-independent: key None):
-    mean and sd over seeds, and the paired standard error over questions of the seed-averaged difference,
-    sqrt(sum_t var_q(d_t) / n_t) / T, with d_q = a_q - b_q averaged over seeds."""
+    """Difference of average accuracy a - b over the seeds both have (b may be seed-independent: key
+    None): mean and sd over seeds, and the paired standard error over questions of the seed-averaged
+    difference, sqrt(sum_t var_q(d_t) / n_t) / T, with d_q = a_q - b_q averaged over seeds."""
     seeds = sorted(s for s in a if s in b or None in b)
     if not seeds:
         return {}
@@ -97,7 +100,10 @@ def paired(a: dict, b: dict, tasks: list[str]) -> dict:
     var = 0.0
     for t in tasks:
         d = torch.tensor(
-            [[x - y for x, y in zip(bits(a[s][t]), bits(b.get(s, b.get(None))[t]))] for s in seeds],
+            [
+                [x - y for x, y in zip(bits(a[s][t]), bits(b.get(s, b.get(None))[t]), strict=True)]
+                for s in seeds
+            ],
             dtype=torch.float64,
         ).mean(0)  # (questions,)
         var += float(d.var(unbiased=True)) / d.numel() if d.numel() > 1 else 0.0
@@ -175,7 +181,8 @@ def routing_table(rows: list[dict], tasks: list[str]) -> str:
 
 
 def layer_share_table(rows: list[dict], method: str = "zero_router", groups: int = 3) -> str:
-    """The own-expert share and I(task; expert) per layer, averaged within module kind x depth range, over seeds."""
+    """The own-expert share and I(task; expert) per layer, averaged within module kind x depth
+    range, over seeds."""
     mine = [
         r for r in rows if r["part"] == "compose" and r["method"] == method and "own_share" in r
     ]
@@ -189,8 +196,8 @@ def layer_share_table(rows: list[dict], method: str = "zero_router", groups: int
         f"blocks {g * width}-{min((g + 1) * width, max(blocks) + 1) - 1}" for g in range(groups)
     ]
     lines = [
-        f"`{method}` per layer ({len(mine)} seeds): own-expert share / I(task; expert) bits, mean over the "
-        "layers of each cell",
+        f"`{method}` per layer ({len(mine)} seeds): own-expert share / I(task; expert) bits, mean "
+        "over the layers of each cell",
         "",
         "| module | " + " | ".join(head) + " |",
         "|" + "---|" * (groups + 1),
@@ -198,7 +205,11 @@ def layer_share_table(rows: list[dict], method: str = "zero_router", groups: int
     for kind in kinds:
         cells = []
         for g in range(groups):
-            chosen = [n for n, b in zip(names, blocks) if n.endswith(kind) and b // width == g]
+            chosen = [
+                n
+                for n, b in zip(names, blocks, strict=True)
+                if n.endswith(kind) and b // width == g
+            ]
             share = statistics.mean(r["own_share"]["per_layer"][n] for r in mine for n in chosen)
             info = statistics.mean(r["information"]["per_layer"][n] for r in mine for n in chosen)
             cells.append(f"{share:.3f} / {info:.3f}")
@@ -229,8 +240,8 @@ def transfer_table(rows: list[dict], tasks: list[str]) -> str:
 def continual_matrix(
     rows: list[dict], tasks: list[str], method: str
 ) -> dict[int, list[list[float | None]]]:
-    """seed -> matrix[stage k][task j] accuracy after stage k on task j (None before task j arrived).
-    The sequential LoRAs' stage 0 is task 0's own adapter."""
+    """seed -> matrix[stage k][task j] accuracy after stage k on task j (None before task j
+    arrived). The sequential LoRAs' stage 0 is task 0's own adapter."""
     out: dict[int, list] = {}
     for r in rows:
         if r["part"] == "continual" and r["method"] == method:
@@ -250,13 +261,15 @@ def continual_matrix(
 
 
 def forgetting(matrix: list[list[float | None]]) -> list[float]:
-    """Per task j (all but the last): best accuracy at an earlier stage (j .. K-2) minus the final accuracy."""
+    """Per task j (all but the last): best accuracy at an earlier stage (j .. K-2) minus
+    the final accuracy."""
     K = len(matrix)
     return [max(matrix[k][j] for k in range(j, K - 1)) - matrix[K - 1][j] for j in range(K - 1)]
 
 
 def continual_methods(rows: list[dict]) -> list[str]:
-    """The continual units in the results: the four of every run, then other replay shares (e.g. _replay25)."""
+    """The continual units in the results: the four of every run, then other replay shares
+    (e.g. _replay25)."""
     first = ["seq_lora", "seq_lora_replay", "lmoe_add", "lmoe_add_replay"]
     return first + sorted({r["method"] for r in rows if r["part"] == "continual"} - set(first))
 
@@ -328,13 +341,15 @@ def write_report(rows: list[dict], args, command: str) -> None:
     text = [
         SECTION,
         "",
-        f"Command: `{command}` (written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
-        f"{os.getloadavg()[0]:.1f}; {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}).",
+        f"Command: `{command}` (written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"load average {os.getloadavg()[0]:.1f}; {platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}).",
         "",
-        f"Settings: rank {args.rank} per task adapter, {args.steps} batches of {args.batch_size} per adapter and per stage, "
-        f"lr {args.lr}, routers at 30x, {args.router_items} questions per task in the router's mixed set, "
-        f"{args.router_steps} router steps, replay {args.replay}; cloze protocol, plain template; n = {n} test "
-        "questions per task. Mean ± sd over seeds.",
+        f"Settings: rank {args.rank} per task adapter, {args.steps} batches of {args.batch_size} "
+        f"per adapter and per stage, lr {args.lr}, routers at 30x, {args.router_items} questions "
+        f"per task in the router's mixed set, {args.router_steps} router steps, replay "
+        f"{args.replay}; cloze protocol, plain template; n = {n} test questions per task. Mean ± "
+        "sd over seeds.",
         "",
         compose_table(rows, tasks),
         "",

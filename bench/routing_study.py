@@ -1,12 +1,15 @@
-"""What makes routing learn (issue 16): train the built-in mixture under named settings and seeds, and record
-quality (exact match per skill, answer perplexity per domain) beside routing specialisation (mutual information
-I(domain; expert), normalised entropy, top-weight share, active experts) on the held-out answer tokens.
+"""What makes routing learn (issue 16): train the built-in mixture under named settings and seeds,
+and record quality (exact match per skill, answer perplexity per domain) beside routing
+specialisation (mutual information I(domain; expert), normalised entropy, top-weight share, active
+experts) on the held-out answer tokens.
 
     .venv/bin/python bench/routing_study.py --configs default lr_x20 --seeds 0 1 2
-    .venv/bin/python bench/routing_study.py --report          # rewrite the RESULTS.md section from the results
+    # rewrite the RESULTS.md section from the results
+    .venv/bin/python bench/routing_study.py --report
 
-Each finished (config, seed) is appended to --results (JSON lines) at once, so a stopped study loses at most the
-run in progress; a rerun skips what is there. A setting is a list of TrainConfig overrides on top of the default run.
+Each finished (config, seed) is appended to --results (JSON lines) at once, so a stopped study loses
+at most the run in progress; a rerun skips what is there. A setting is a list of TrainConfig
+overrides on top of the default run.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from bench.common import (
 )
 
 SECTION = "## Routing study"
-COLLAPSED = 0.01  # bits: a layer whose routing says (almost) nothing about the domain, one expert for all or uniform
+# bits: a layer whose routing says (almost) nothing about the domain, one expert for all or uniform
+COLLAPSED = 0.01
 LORA = [
     "lmoe.num_experts=1",
     "lmoe.rank=16",
@@ -42,9 +46,10 @@ OUTPUTS = ["lmoe.composition=outputs"]
 LB_0_01 = [
     "lmoe.load_balance_coef=0.01"
 ]  # the softmax gate's balance weight before this study chose 0.1
-# name -> overrides of the default run (4 experts of rank 4, alpha 8, q/v/up_proj, params, softmax, lr 2e-3);
-# each names its router rate (parameter group and parameter scale) and balance weight, so the rows
-# keep their meaning whatever the default. Rows recorded before router_param_scale existed ran at 1.
+# name -> overrides of the default run (4 experts of rank 4, alpha 8, q/v/up_proj, params, softmax,
+# lr 2e-3); each names its router rate (parameter group and parameter scale) and balance weight, so
+# the rows keep their meaning whatever the default. Rows recorded before
+# router_param_scale existed ran at 1.
 PARAM_1 = ["lmoe.router_param_scale=1"]
 CONFIGS: dict[str, list[str]] = {
     # the routers at the experts' rate (the default before this study)

@@ -1,11 +1,12 @@
 """Soak test (not in CI): train a tiny model for a long time and check that memory does not grow.
 
-Samples, every --every steps: process RSS, Python heap (tracemalloc, current), and CUDA allocated bytes
-when on a GPU. After a warm-up (the first 20% of the run: allocator pools and caches fill), the growth
-of each from its first to its last sample must stay under --max-growth-mb, and the least-squares slope
-over the samples after warm-up under --max-slope-kb per step. Exit code 1 if either is exceeded.
+Samples, every --every steps: process RSS, Python heap (tracemalloc, current), and CUDA allocated
+bytes when on a GPU. After a warm-up (the first 20% of the run: allocator pools and caches fill),
+the growth of each from its first to its last sample must stay under --max-growth-mb, and the
+least-squares slope over the samples after warm-up under --max-slope-kb per step. Exit code 1
+if either is exceeded.
 
-    .venv/bin/python bench/soak.py --steps 3000 --every 100          # about 15 minutes on 2 CPU cores
+    .venv/bin/python bench/soak.py --steps 3000 --every 100  # about 15 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def sample(step: int) -> dict:
 def slope(xs: list[float], ys: list[float]) -> float:
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     var = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
 
 
 def verdict(samples: list[dict], max_growth_mb: float, max_slope_kb: float) -> dict:

@@ -129,8 +129,9 @@ class LMoEConfig(PeftConfig):
         },
     )
     router_bias: bool = field(default=False, metadata={"help": "a bias in the gate W_g"})
-    # std of the gate W_g's normal init; None: nn.Linear's default (uniform, std 1/sqrt(3 d_in)). Larger
-    # values start every token off a non-uniform routing, so the experts see different gradients from step 1.
+    # std of the gate W_g's normal init; None: nn.Linear's default (uniform, std 1/sqrt(3 d_in)).
+    # Larger values start every token off a non-uniform routing, so the experts see different
+    # gradients from step 1.
     router_init_std: float | None = field(
         default=None,
         metadata={"help": "std of the gate's normal init; null: nn.Linear's default init"},
@@ -148,8 +149,9 @@ class LMoEConfig(PeftConfig):
             "use: under Adam the routers learn at this multiple of the experts' rate"
         },
     )
-    # true: the router (and LD-MoLE's lambda head) reads the experts' dropped-out input, as the LD-MoLE
-    # authors' code does; false: the clean input (no effect without dropout, or at evaluation)
+    # true: the router (and LD-MoLE's lambda head) reads the experts' dropped-out input, as the
+    # LD-MoLE authors' code does; false: the clean input (no effect without
+    # dropout, or at evaluation)
     router_reads_dropout: bool = field(
         default=False,
         metadata={
@@ -167,10 +169,11 @@ class LMoEConfig(PeftConfig):
     z_loss_coef: float = field(
         default=0.0, metadata={"help": "weight of the routers' z-loss (keeps their logits small)"}
     )
-    # LD-MoLE (router="dynamic"): the sparsity objective keeps at most sparsity_target experts per token;
-    # the lambda head is Linear(d_in, lambda_hidden) -> ReLU -> Linear(lambda_hidden, 1), and
+    # LD-MoLE (router="dynamic"): the sparsity objective keeps at most sparsity_target experts per
+    # token; the lambda head is Linear(d_in, lambda_hidden) -> ReLU -> Linear(lambda_hidden, 1), and
     # lambda = logsigmoid(.) + 1 - lambda_eps < 1. Defaults are the authors' released settings;
-    # lambda_hidden None: scaled to the model as the authors do (default_lambda_hidden), fixed by inject.
+    # lambda_hidden None: scaled to the model as the authors do
+    # (default_lambda_hidden), fixed by inject.
     sparsity_coef: float = field(
         default=0.0, metadata={"help": "router=dynamic: weight of the sparsity loss"}
     )
@@ -187,16 +190,18 @@ class LMoEConfig(PeftConfig):
     lambda_eps: float = field(
         default=0.01, metadata={"help": "router=dynamic: lambda <= 1 - lambda_eps"}
     )
-    # every bias of the lambda head at init; the authors' -2.5 gives lambda ~ -1.6 (dense), 0 about 0.3
+    # every bias of the lambda head at init; the authors' -2.5 gives lambda ~ -1.6
+    # (dense), 0 about 0.3
     lambda_bias_init: float = field(
         default=LAMBDA_BIAS_INIT,
         metadata={
             "help": "router=dynamic: every bias of the lambda head at init (-2.5: dense at first)"
         },
     )
-    # how the experts run (the same values and gradients either way): "dense", every expert for every token as
-    # one rank-E*r LoRA; "sparse", only the (token, expert) pairs with g > 0 (lmoe/sparse.py); "auto", the
-    # faster of the two by the rule measured in bench/RESULTS.md (sparse.prefer_sparse)
+    # how the experts run (the same values and gradients either way): "dense", every expert for
+    # every token as one rank-E*r LoRA; "sparse", only the (token, expert) pairs with g > 0
+    # (lmoe/sparse.py); "auto", the faster of the two by the rule measured in bench/RESULTS.md
+    # (sparse.prefer_sparse)
     execution: str = field(
         default="auto",
         metadata={

@@ -1,4 +1,5 @@
-"""Routing: turn a token's layer input x into expert weights g on the simplex, plus the auxiliary losses.
+"""Routing: turn a token's layer input x into expert weights g on the simplex, plus
+the auxiliary losses.
 
 A router is the lightweight gate `u = W_g x (+ b_g)` (a ScaledLinear: `router.weight` holds W_g
 divided by the config's router_param_scale, `router.effective_weight()` is W_g) followed by a
@@ -21,7 +22,8 @@ from .router_losses import AuxStats, sparsity_per_token, token_count, token_sum,
 
 @dataclass
 class Routing:
-    """What a router produced for a flat batch of tokens; every tensor is float32, shape (tokens, E)."""
+    """What a router produced for a flat batch of tokens; every tensor is float32,
+    shape (tokens, E)."""
 
     weights: Tensor  # g: non-negative, rows sum to 1
     logits: Tensor  # u
@@ -35,8 +37,9 @@ class Routing:
     top_weights: Tensor | None = None  # (tokens, k): their weights, g at top_index
 
     def dense_probs(self) -> Tensor:
-        """probs, computed on first use where the router passed a function: top-k's full softmax, which only
-        the load-balance loss reads (not generation, where it was one op a layer and token)."""
+        """probs, computed on first use where the router passed a function: top-k's full softmax,
+        which only the load-balance loss reads (not generation, where it was one op a
+        layer and token)."""
         if callable(self.probs):
             self.probs = self.probs()
         return self.probs
@@ -56,7 +59,8 @@ def softmax_route(u: Tensor, temperature: float = 1.0) -> Tensor:
 
 
 def scaled(u: Tensor, temperature: float) -> Tensor:
-    """u / T, and u itself at T = 1 (exact either way; one op fewer per layer and token when generating)."""
+    """u / T, and u itself at T = 1 (exact either way; one op fewer per layer and token
+    when generating)."""
     return u if temperature == 1.0 else u / temperature
 
 
@@ -68,21 +72,24 @@ def topk_route(u: Tensor, k: int, temperature: float = 1.0) -> Tensor:
 def topk_route_indexed(
     u: Tensor, k: int, temperature: float = 1.0
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(topk_route(u, k), the k experts' indices (tokens, k), their weights (tokens, k)): the sparse path reads
-    them instead of a second topk or a gather."""
+    """(topk_route(u, k), the k experts' indices (tokens, k), their weights (tokens, k)): the sparse
+    path reads them instead of a second topk or a gather."""
     top, index = torch.topk(u, k, dim=-1)
     weights = torch.softmax(scaled(top, temperature), dim=-1)
     return torch.zeros_like(u).scatter(-1, index, weights), index, weights
 
 
 def sparsegen_route(u: Tensor, lam: Tensor | float) -> Tensor:
-    """LD-MoLE routing (Proposition 1): p = argmin_{p in simplex} ||p - u||^2 - lam ||p||^2, lam < 1.
+    """LD-MoLE routing (Proposition 1): p = argmin_{p in simplex} ||p - u||^2 -
+    lam ||p||^2, lam < 1.
 
     Closed form, row by row: sort u descending; the support size is
-    k(u) = max{k : 1 - lam + k u_(k) > sum_{j<=k} u_(j)} (k = 1 always qualifies, so every token keeps
-    at least one expert); tau = (sum_{j<=k(u)} u_(j) - 1 + lam) / k(u); p_i = max(u_i - tau, 0) / (1 - lam).
-    Equivalently sparsemax(u / (1 - lam)). lam -> -inf gives uniform weights, lam -> 1 one-hot.
-    u: (tokens, E); lam: (tokens, 1) or a number. Gradients: the exact Jacobian in closed form (_Sparsegen).
+    k(u) = max{k : 1 - lam + k u_(k) > sum_{j<=k} u_(j)} (k = 1 always qualifies, so every token
+    keeps at least one expert); tau = (sum_{j<=k(u)} u_(j) - 1 + lam) / k(u);
+    p_i = max(u_i - tau, 0) / (1 - lam). Equivalently sparsemax(u / (1 - lam)). lam -> -inf gives
+    uniform weights, lam -> 1 one-hot.
+    u: (tokens, E); lam: (tokens, 1) or a number. Gradients: the exact Jacobian in closed form
+    (_Sparsegen).
     """
     lam = torch.as_tensor(lam, dtype=u.dtype, device=u.device)
     if torch.is_grad_enabled() and (u.requires_grad or lam.requires_grad):
@@ -106,12 +113,13 @@ def sparsegen_weights(u: Tensor, d: Tensor) -> Tensor:
 
 
 class _Sparsegen(torch.autograd.Function):
-    """sparsegen_route with its Jacobian in closed form: only p and 1 - lam are saved (autograd through
-    the sort / cumsum / gather would keep about five (tokens, E) tensors and replay each op backward).
+    """sparsegen_route with its Jacobian in closed form: only p and 1 - lam are saved (autograd
+    through the sort / cumsum / gather would keep about five (tokens, E) tensors and
+    replay each op backward).
 
     With v = u / d (d = 1 - lam) and S the support (p > 0), p = sparsemax(v), so
-    dL/dv_i = [i in S] (dL/dp_i - mean_{j in S} dL/dp_j), dL/du = dL/dv / d and, because dL/dv sums to
-    zero and v_i - tau / d = p_i on S, dL/dlam = sum_i dL/dv_i p_i / d.
+    dL/dv_i = [i in S] (dL/dp_i - mean_{j in S} dL/dp_j), dL/du = dL/dv / d and, because dL/dv sums
+    to zero and v_i - tau / d = p_i on S, dL/dlam = sum_i dL/dv_i p_i / d.
     """
 
     @staticmethod
@@ -204,8 +212,8 @@ class Router(ScaledLinear):
         return self.from_product(at_least_float32(product))
 
     def route(self, x: Tensor, wx: Tensor | None = None, *projected: Tensor) -> Routing:
-        """Routing for the tokens x (tokens, d_in); wx as in logits; projected: the products of x with the
-        extra weights x_weights gave, computed by the caller with wx."""
+        """Routing for the tokens x (tokens, d_in); wx as in logits; projected: the products of x
+        with the extra weights x_weights gave, computed by the caller with wx."""
         raise NotImplementedError
 
     def x_weights(self, x: Tensor) -> list[Tensor]:
@@ -216,8 +224,9 @@ class Router(ScaledLinear):
         return [self.weight]
 
     def experts_per_token(self) -> int | None:
-        """How many experts every token routes to, where the router fixes it (softmax: all E; top-k: k);
-        None where the routing decides per token (dynamic). The layer's sparse path sizes its work by it."""
+        """How many experts every token routes to, where the router fixes it (softmax: all E; top-k:
+        k); None where the routing decides per token (dynamic). The layer's sparse path
+        sizes its work by it."""
         return self.out_features
 
     def dispatch(self, r: Routing) -> Tensor:
@@ -225,7 +234,8 @@ class Router(ScaledLinear):
         return (r.weights > 0).to(r.weights.dtype)
 
     def token_losses(self, r: Routing) -> dict[str, Callable[[], Tensor]]:
-        """Each mean-over-tokens loss as a thunk giving its per-token values (tokens,); unused ones cost nothing."""
+        """Each mean-over-tokens loss as a thunk giving its per-token values (tokens,); unused
+        ones cost nothing."""
         return {"z_loss": lambda: z_per_token(r.logits)}
 
     def aux_stats(self, r: Routing, names: Collection[str], mask: Tensor | None = None) -> AuxStats:
@@ -281,13 +291,14 @@ class TopKRouter(Router):
 
 
 class LambdaHead(nn.Module):
-    """LD-MoLE's sparsity head: lambda(x) = logsigmoid(f(x)) + 1 - eps, with f = Linear -> ReLU -> Linear.
+    """LD-MoLE's sparsity head: lambda(x) = logsigmoid(f(x)) + 1 - eps, with f =
+    Linear -> ReLU -> Linear.
 
     lambda lies in (-inf, 1 - eps], so the projection is always defined (lambda < 1). Weights start
-    Kaiming-uniform (nn.Linear's default), every bias at bias_init (the authors' LAMBDA_BIAS_INIT: lambda ~ -1.6
-    at first, i.e. dense routing that training and the sparsity loss make sparser). Both linears
-    are ScaledLinear at `scale` (the config's router_param_scale): scaling only the last would
-    leave the first learning at the experts' rate under Adam.
+    Kaiming-uniform (nn.Linear's default), every bias at bias_init (the authors' LAMBDA_BIAS_INIT:
+    lambda ~ -1.6 at first, i.e. dense routing that training and the sparsity loss make sparser).
+    Both linears are ScaledLinear at `scale` (the config's router_param_scale): scaling only the
+    last would leave the first learning at the experts' rate under Adam.
     """
 
     def __init__(
@@ -316,10 +327,11 @@ class LambdaHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: (tokens, d_in) -> lambda (tokens, 1) in float32 (float64 stays float64).
 
-        The head is shared and q/k/v (gate/up) read the very same input, so the last result is reused
-        while x, the head's weights and the grad/autocast mode are unchanged. In a model it stays on
-        between forwards, so that a gradient-checkpointed block re-run in backward makes the calls its
-        forward made; inject's hooks clear it around each model forward, so nothing is held between steps.
+        The head is shared and q/k/v (gate/up) read the very same input, so the last result is
+        reused while x, the head's weights and the grad/autocast mode are unchanged. In a model it
+        stays on between forwards, so that a gradient-checkpointed block re-run in backward makes
+        the calls its forward made; inject's hooks clear it around each model forward, so nothing
+        is held between steps.
         """
         lam = self.cached(x)
         return self.from_hidden(x, x @ self.net[0].weight.t()) if lam is None else lam
@@ -338,7 +350,8 @@ class LambdaHead(nn.Module):
         its bias or scale), which a caller may compute in a GEMM of its own (MoLoRALinear does, with
         the experts' A); the result is kept as forward's."""
         f = self.net[2](torch.relu(self.net[0].from_product(hidden)))
-        # 1 - lambda = eps - logsigmoid(f) = eps + softplus(-f): never below eps, even in half precision
+        # 1 - lambda = eps - logsigmoid(f) = eps + softplus(-f): never below eps,
+        # even in half precision
         lam = 1 - (self.eps + F.softplus(-at_least_float32(f)))
         key = self._cache_key(x)
         self._last = (
@@ -376,7 +389,8 @@ def lambda_head_for(
 ) -> LambdaHead:
     """The lambda head for a router of input width d_in: from `shared` (one per width, made on first
     use) as LD-MoLE shares it across layers and projections, or a private one when shared is None.
-    Its width: cfg.lambda_hidden, or when unset (inject sets it for a whole model) default_lambda_hidden(d_in)."""
+    Its width: cfg.lambda_hidden, or when unset (inject sets it for a whole model)
+    default_lambda_hidden(d_in)."""
     if shared is not None and d_in in shared:
         return shared[d_in]
     head = LambdaHead(
@@ -393,10 +407,11 @@ def lambda_head_for(
 
 
 class DynamicRouter(Router):
-    """LD-MoLE: g = sparsegen_route(u, lambda(x)), lambda per token and per layer from a shared head.
+    """LD-MoLE: g = sparsegen_route(u, lambda(x)), lambda per token and per
+    layer from a shared head.
 
-    Each token gets its own number of experts (at least one). Balance counts a token for every expert
-    with g_i > 0 and uses P = g, as the authors' code does; "sparsity" is sparsity_loss.
+    Each token gets its own number of experts (at least one). Balance counts a token for every
+    expert with g_i > 0 and uses P = g, as the authors' code does; "sparsity" is sparsity_loss.
     """
 
     def __init__(
@@ -440,8 +455,8 @@ def build_router(
 ) -> Router:
     """The router named by cfg.router for inputs of width d_in.
 
-    lambda_heads: the dynamic router's shared lambda heads, one per input width (see lambda_head_for);
-    inject passes one dict for the whole model. Other routers ignore it.
+    lambda_heads: the dynamic router's shared lambda heads, one per input width (see
+    lambda_head_for); inject passes one dict for the whole model. Other routers ignore it.
     """
     if cfg.router == "dynamic":
         return DynamicRouter(d_in, cfg, lambda_heads, **factory)

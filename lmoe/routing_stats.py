@@ -1,5 +1,6 @@
-"""Routing statistics as pure maths on routing weights g (tokens, E): how many experts a token uses, how sure
-its routing is, how loaded each expert is, and how much the routing tells about the data's domain.
+"""Routing statistics as pure maths on routing weights g (tokens, E): how many experts a token uses,
+how sure its routing is, how loaded each expert is, and how much the routing tells
+about the data's domain.
 
 How many experts a token's routing really uses is measured as ReMix does (Qiu et al. 2026,
 arXiv 2603.10160, section 2.2, eq. 3), by the effective support size
@@ -8,9 +9,10 @@ uniform; beside it the share of the routing mass on the top expert, max_i |g_i| 
 These, the entropy and the top-weight test read the weights alone, scaled to sum to 1: weights of
 any scale (a router's constant weights) count alike.
 
-The specialisation measure is I(domain; expert) in bits, with p(expert | domain) the domain's mean routing
-weights and p(domain) its share of tokens: H(mean routing) - sum_d p(d) H(mean routing of d). It is 0 when
-every domain is routed alike (uniform routing included) and log2(min(domains, E)) at most.
+The specialisation measure is I(domain; expert) in bits, with p(expert | domain) the domain's mean
+routing weights and p(domain) its share of tokens: H(mean routing) - sum_d p(d) H(mean routing of
+d). It is 0 when every domain is routed alike (uniform routing included) and
+log2(min(domains, E)) at most.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ def active_experts(g: Tensor) -> Tensor:
 
 
 def normalised_entropy(g: Tensor) -> Tensor:
-    """-sum_i g_i log g_i / log E per token, (tokens, E) -> (tokens,): 1 for uniform, 0 for one expert
-    (0 log 0 = 0; 0 when E = 1)."""
+    """-sum_i g_i log g_i / log E per token, (tokens, E) -> (tokens,): 1 for uniform, 0 for one
+    expert (0 log 0 = 0; 0 when E = 1)."""
     E = g.shape[-1]
     return torch.special.entr(g).sum(-1) / (math.log(E) if E > 1 else 1.0)
 
@@ -88,15 +90,16 @@ def entropy_bits(p: Tensor) -> Tensor:
 
 
 def mutual_information(usage: Tensor, tokens: Tensor) -> Tensor:
-    """I(domain; expert) in bits from each domain's mean routing weights usage (domains, E) and its number of
-    tokens (domains,): H(sum_d p_d usage_d) - sum_d p_d H(usage_d), p_d = tokens_d / all tokens (float64)."""
+    """I(domain; expert) in bits from each domain's mean routing weights usage (domains, E) and its
+    number of tokens (domains,): H(sum_d p_d usage_d) - sum_d p_d H(usage_d), p_d = tokens_d / all
+    tokens (float64)."""
     p = tokens.double() / tokens.double().sum()
     usage = usage.double()
     mixed = (p[:, None] * usage).sum(0)
     return (entropy_bits(mixed) - (p * entropy_bits(usage)).sum()).clamp(min=0)
 
 
-# ---------------------------------------------------------------- statistics of named groups of tokens
+# ------------------------------------------------------------- statistics of named groups of tokens
 
 
 @dataclass
@@ -128,7 +131,8 @@ class RoutingStats:
 
 
 def routing_stats(routing: Mapping[str, Mapping[str, Tensor]]) -> RoutingStats:
-    """Statistics of group name -> layer name -> (tokens, E) weights (groups share layers; empty ones are dropped)."""
+    """Statistics of group name -> layer name -> (tokens, E) weights (groups share layers; empty
+    ones are dropped)."""
     groups = [
         name for name, layers in routing.items() if layers and next(iter(layers.values())).shape[0]
     ]
@@ -176,7 +180,8 @@ def routing_stats(routing: Mapping[str, Mapping[str, Tensor]]) -> RoutingStats:
 
 
 def summary(stats: RoutingStats) -> dict:
-    """The statistics as plain JSON-ready data: averaged over layers at the top, then per layer and per group."""
+    """The statistics as plain JSON-ready data: averaged over layers at the top, then per
+    layer and per group."""
 
     def r(t: Tensor) -> list | float:
         return [round(v, 6) for v in t.tolist()] if t.dim() else round(t.item(), 6)
@@ -221,8 +226,8 @@ def summary(stats: RoutingStats) -> dict:
 
 
 def group_by_label(routing: Mapping[str, Tensor], labels: Sequence) -> dict[str, dict[str, Tensor]]:
-    """layer -> (tokens, E) weights (e.g. a record_routing record) and one label per token -> label -> layer
-    -> that label's rows (labels in order of first appearance)."""
+    """layer -> (tokens, E) weights (e.g. a record_routing record) and one label per token -> label
+    -> layer -> that label's rows (labels in order of first appearance)."""
     names = list(dict.fromkeys(map(str, labels)))
     index = {name: i for i, name in enumerate(names)}
     ids = torch.tensor([index[str(label)] for label in labels], dtype=torch.long)
@@ -239,14 +244,16 @@ def group_by_label(routing: Mapping[str, Tensor], labels: Sequence) -> dict[str,
 
 
 def per_token_labels(labels: Sequence, lengths: Sequence[int]) -> list:
-    """Labels per example and each example's number of recorded tokens -> one label per token, in order."""
+    """Labels per example and each example's number of recorded tokens -> one label
+    per token, in order."""
     if len(labels) != len(lengths):
         raise ValueError(
             f"{len(labels)} labels for {len(lengths)} examples; give one label per example."
         )
-    return [label for label, n in zip(labels, lengths) for _ in range(n)]
+    return [label for label, n in zip(labels, lengths, strict=True) for _ in range(n)]
 
 
 def specialisation(routing: Mapping[str, Tensor], labels: Sequence) -> dict:
-    """summary() of recorded routing, layer -> (tokens, E), with one domain/skill/task label per token."""
+    """summary() of recorded routing, layer -> (tokens, E), with one
+    domain/skill/task label per token."""
     return summary(routing_stats(group_by_label(routing, labels)))

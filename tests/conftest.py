@@ -53,8 +53,8 @@ def input_ids():
 
 
 def reset_accelerate() -> None:
-    """Forget accelerate's process-wide state that a Trainer left (TRL's SFTConfig turns on bf16 on a CPU): a later
-    Accelerator() in the same process would inherit it."""
+    """Forget accelerate's process-wide state that a Trainer left (TRL's SFTConfig turns on bf16 on
+    a CPU): a later Accelerator() in the same process would inherit it."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)

@@ -1,5 +1,6 @@
-"""lmoe.allocator: on glibc, freed memory is kept for reuse (a large tensor comes from the heap, not a fresh
-mapping); `lmoe train` asks for it where LMOE_KEEP_FREED_MEMORY=1, the library never by itself."""
+"""lmoe.allocator: on glibc, freed memory is kept for reuse (a large tensor comes from the heap, not
+a fresh mapping); `lmoe train` asks for it where LMOE_KEEP_FREED_MEMORY=1, the
+library never by itself."""
 
 import platform
 import subprocess
@@ -11,14 +12,15 @@ from tiny import tiny_model_dir, train_config, write_jsonl
 from lmoe.cli import KEEP_FREED_MEMORY, main
 from lmoe.training.loop import train
 
-# mallinfo2's hblkhd (bytes in mmap-ed blocks) before and after allocating 64 MiB through torch; run in a fresh
-# process, since mallopt changes the whole process
+# mallinfo2's hblkhd (bytes in mmap-ed blocks) before and after allocating 64 MiB through torch; run
+# in a fresh process, since mallopt changes the whole process
 PROBE = """
 import ctypes, sys, torch
 from lmoe.allocator import keep_freed_memory
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                 "fordblks", "keepcost")]
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = Info
 kept = keep_freed_memory() if sys.argv[1] == "kept" else None

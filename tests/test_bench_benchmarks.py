@@ -1,4 +1,5 @@
-"""bench/benchmarks.py's grid and table (no model runs): overrides, mean ± std over seeds, standard errors."""
+"""bench/benchmarks.py's grid and table (no model runs): overrides, mean ± std over
+seeds, standard errors."""
 
 import math
 import statistics
@@ -17,7 +18,7 @@ def row(config, seed, accs, n=50, **extra):
 
     results = {
         f"bench:{t}": {"n": n, "chance": 0.25, **scored(a)}
-        for t, a in zip(["arc_easy", "csqa"], accs)
+        for t, a in zip(["arc_easy", "csqa"], accs, strict=True)
     }
     return {
         "config": config,
@@ -29,7 +30,7 @@ def row(config, seed, accs, n=50, **extra):
 
 def old_row(config, seed, accs, n=50, **extra):
     """A run recorded before the results named their protocol (the settings did)."""
-    acc = dict(zip(["arc_easy", "csqa"], accs))
+    acc = dict(zip(["arc_easy", "csqa"], accs, strict=True))
     return {
         "config": config,
         "seed": seed,

@@ -1,5 +1,5 @@
-"""bench.common.replace_section: how the scripts that write a section of bench/RESULTS.md (found by its heading)
-replace it and keep every other section (no model runs)."""
+"""bench.common.replace_section: how the scripts that write a section of bench/RESULTS.md (found by
+its heading) replace it and keep every other section (no model runs)."""
 
 from bench.common import replace_section
 

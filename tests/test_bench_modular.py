@@ -1,4 +1,5 @@
-"""The modular-skills study's arithmetic (bench/modular_report.py, bench/modular_parts.py) against hand values."""
+"""The modular-skills study's arithmetic (bench/modular_report.py, bench/modular_parts.py)
+against hand values."""
 
 import math
 import sys

@@ -1,4 +1,5 @@
-"""bench/modular_baselines.py: PEFT's Arrow and X-LoRA over the same adapter files as lmoe.modular.compose (tiny Llama)."""
+"""bench/modular_baselines.py: PEFT's Arrow and X-LoRA over the same adapter files as
+lmoe.modular.compose (tiny Llama)."""
 
 import json
 
@@ -22,14 +23,15 @@ from lmoe.data.encoding import Example  # noqa: E402
 from lmoe.evaluation.scoring import continuation_logprobs  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
-LAYER = "model.layers.1.self_attn.v_proj"  # d_out 16 > E: each token's weights can be read back from its output
+# d_out 16 > E: each token's weights can be read back from its output
+LAYER = "model.layers.1.self_attn.v_proj"
 E = 3
 
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
-    """Three random rank-4 PEFT LoRAs; B's first column x4 gives B A a clear top singular value, so Arrow's
-    15 power-iteration steps converge far below the tolerances here."""
+    """Three random rank-4 PEFT LoRAs; B's first column x4 gives B A a clear top singular value, so
+    Arrow's 15 power-iteration steps converge far below the tolerances here."""
     root = tmp_path_factory.mktemp("arrow")
     dirs = []
     for i in range(E):
@@ -121,7 +123,8 @@ def test_arrow_routing_matches_a_float64_recomputation(adapters, ids):
     score = (x @ Vh[:, 0].T).abs()  # (tokens, E): |<v_i, x>|, sign-free
     keep = score >= score.topk(top_k, dim=-1).values[:, -1:]
     expected = torch.softmax((score / temperature).masked_fill(~keep, float("-inf")), dim=-1)
-    # the weights PEFT used, read back from its output: delta = sum_i g_i (s_i B_i A_i x), least squares per token
+    # the weights PEFT used, read back from its output: delta = sum_i g_i (s_i B_i A_i x),
+    # least squares per token
     outputs = torch.einsum("eoi,ti->toe", deltas, x)  # (tokens, d_out, E)
     used = torch.linalg.lstsq(
         outputs, seen["delta"].reshape(len(x), -1, 1).double()
@@ -159,7 +162,8 @@ def test_arrow_scores_and_generates_with_the_kv_cache(adapters):
         atol=1e-4,
         rtol=0,
     )
-    # greedy generation with the cache: each new token is (up to float ties) the argmax of a cache-free forward
+    # greedy generation with the cache: each new token is (up to float ties) the argmax of
+    # a cache-free forward
     prompt = torch.tensor([reqs[1][0]])
     out = model.generate(
         input_ids=prompt,

@@ -1,5 +1,6 @@
-"""bench/routing_study.py's settings and table (no model runs): valid configs at equal expert parameters, seeds
-grouped per setting, EM mean, geometric-mean perplexity and routing columns as mean ± std."""
+"""bench/routing_study.py's settings and table (no model runs): valid configs at equal expert
+parameters, seeds grouped per setting, EM mean, geometric-mean perplexity and routing
+columns as mean ± std."""
 
 import json
 import math
@@ -25,8 +26,8 @@ def row(config, seed, em, ppl, mi=None, extra=()):
             *extra,
         ],
         "results": {
-            "exact_match": dict(zip(["a", "b"], em)),
-            "perplexity": dict(zip(["x", "y"], ppl)),
+            "exact_match": dict(zip(["a", "b"], em, strict=True)),
+            "perplexity": dict(zip(["x", "y"], ppl, strict=True)),
         },
     }
     if mi is not None:

@@ -1,5 +1,6 @@
-"""Every script in bench/ starts as its docstring says, `.venv/bin/python bench/NAME.py` from the repository
-root (the directory on sys.path is then bench/, not the root that `from bench.common import ...` needs)."""
+"""Every script in bench/ starts as its docstring says, `.venv/bin/python bench/NAME.py` from the
+repository root (the directory on sys.path is then bench/, not the root that
+`from bench.common import ...` needs)."""
 
 import subprocess
 import sys

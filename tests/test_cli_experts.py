@@ -1,5 +1,6 @@
-"""`lmoe experts list | add | remove | replace` and `lmoe train frozen_experts=[...]` end to end on a tiny model
-saved as a local HF directory, against PEFT's own forward of each adapter, hand values and the files' slices."""
+"""`lmoe experts list | add | remove | replace` and `lmoe train frozen_experts=[...]` end to end on
+a tiny model saved as a local HF directory, against PEFT's own forward of each adapter, hand values
+and the files' slices."""
 
 import math
 import re
@@ -22,8 +23,9 @@ WEIGHTS = "adapter_model.safetensors"
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A base, four PEFT adapters (ranks 4, 2 with rsLoRA, 3 on q_proj only, 4 on v_proj only), the first three
-    composed by the CLI (zero router) and the same mixture with a random router (`routed`)."""
+    """A base, four PEFT adapters (ranks 4, 2 with rsLoRA, 3 on q_proj only, 4 on v_proj only), the
+    first three composed by the CLI (zero router) and the same mixture with a random
+    router (`routed`)."""
     root = tmp_path_factory.mktemp("experts")
     base = tiny_model_dir(root / "model")
     loras = [
@@ -128,8 +130,9 @@ def test_added_adapter_keeps_a_trained_routing_among_the_earlier_experts(setup, 
         if (
             ".layers.0." in name
         ):  # the first layer reads the same input before and after; later ones do not
-            # the new row is the old rows' mean, its bias 4 lower: z_new = mean(z) - 4, so with g = softmax(z),
-            # g_new / (1 - g_new) = exp(mean(log g_old) - 4); the old weights shrink by 1 - g_new
+            # the new row is the old rows' mean, its bias 4 lower: z_new = mean(z) - 4, so with g =
+            # softmax(z), g_new / (1 - g_new) = exp(mean(log g_old) - 4); the old
+            # weights shrink by 1 - g_new
             q = (before.double().log().mean(1) - 4).exp()
             torch.testing.assert_close(after[:, 3], q / (1 + q), rtol=1e-4, atol=1e-9)
             torch.testing.assert_close(
@@ -180,7 +183,9 @@ def test_list_against_the_adapters_own_products(setup, capsys):
     assert "3 experts of rank 4 (scaling 1), softmax router, outputs composition" in out
     assert "wraps q_proj, v_proj in 4 layers of llama" in out
     desc = describe_mixture(s["mix"])
-    for e, (directory, scale) in enumerate(zip(s["loras"], [8 / 4, 5 / math.sqrt(2), 6 / 3])):
+    # the mixture holds the first three adapters
+    scales = [8 / 4, 5 / math.sqrt(2), 6 / 3]
+    for e, (directory, scale) in enumerate(zip(s["loras"], scales, strict=False)):
         weights = load_file(directory / WEIGHTS)  # PEFT's own file, products formed in float64
         norms = [
             (scale * weights[key.replace("lora_A", "lora_B")].double() @ A.double()).norm()
@@ -259,13 +264,14 @@ def test_errors_name_the_adapter_the_module_and_the_fix(setup, tmp_path, capsys)
         ),
         (
             peft_lora_dir(s["base"], tmp_path / "k", 0, target_modules=["k_proj"]),
-            r"k adapts model\.layers\.0\.self_attn\.k_proj, model\.layers\.1\.self_attn\.k_proj, which this mixture "
-            r"does not wrap \(it wraps q_proj, v_proj\)\. Rebuild the mixture with `lmoe compose`",
+            r"k adapts model\.layers\.0\.self_attn\.k_proj, "
+            r"model\.layers\.1\.self_attn\.k_proj, which this mixture does not wrap "
+            r"\(it wraps q_proj, v_proj\)\. Rebuild the mixture with `lmoe compose`",
         ),
         (
             peft_lora_dir(s["base"], tmp_path / "r8", 0, r=8),
-            r"r8: .* has rank 8, above the mixture's rank 4 .* Rebuild the mixture with `lmoe compose` .* takes "
-            r"the largest rank\. Or train this skill at rank <= 4\.",
+            r"r8: .* has rank 8, above the mixture's rank 4 .* Rebuild the mixture with "
+            r"`lmoe compose` .* takes the largest rank\. Or train this skill at rank <= 4\.",
         ),
     ]
     for adapter, message in cases:
@@ -283,7 +289,8 @@ def test_errors_name_the_adapter_the_module_and_the_fix(setup, tmp_path, capsys)
         (["experts", "remove", f"mixture={s['mix']}", f"out={tmp_path}"], "needs experts="),
         (
             ["train", f"init_adapter={s['mix']}", "frozen_experts=[1,3]"],
-            r"frozen_experts=\[1, 3\] is invalid: expected indices of init_adapter's 3 experts, 0 to 2",
+            r"frozen_experts=\[1, 3\] is invalid: expected indices of init_adapter's 3 experts, "
+            r"0 to 2",
         ),
         (["train", "frozen_experts=[0]"], r"frozen_experts=\[0\] needs init_adapter=DIR"),
         (

@@ -1,5 +1,6 @@
-"""The CUDA paths: layer maths on the GPU against float64 on the CPU, no host sync in the routed forward and
-backward, bf16 autocast training of a model, and `lmoe train` on one GPU. Skipped where there is no GPU."""
+"""The CUDA paths: layer maths on the GPU against float64 on the CPU, no host sync in the routed
+forward and backward, bf16 autocast training of a model, and `lmoe train` on one GPU. Skipped
+where there is no GPU."""
 
 import copy
 
@@ -34,7 +35,7 @@ def test_layer_on_the_gpu_equals_float64_on_the_cpu(router, composition):
     y.backward(dy)
     y_gpu.backward(dy.float().to(CUDA))
     assert_close_to(x_gpu.grad, x.grad)
-    for (name, p), p_gpu in zip(ref.named_parameters(), gpu.parameters()):
+    for (name, p), p_gpu in zip(ref.named_parameters(), gpu.parameters(), strict=True):
         if p.requires_grad:
             assert_close_to(p_gpu.grad, p.grad, msg=name)
 
@@ -43,8 +44,9 @@ def test_layer_on_the_gpu_equals_float64_on_the_cpu(router, composition):
 @pytest.mark.parametrize("composition", COMPOSITIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sparse_path_on_the_gpu_equals_float64_on_the_cpu(router, composition, dtype):
-    """execution=sparse on the GPU (bfloat16: torch's grouped GEMM; float32: the per-expert loop) against the
-    float64 CPU layer, 48 tokens (pairs grouped by expert) and 1 (each token's experts gathered)."""
+    """execution=sparse on the GPU (bfloat16: torch's grouped GEMM; float32: the per-expert loop)
+    against the float64 CPU layer, 48 tokens (pairs grouped by expert) and 1 (each token's
+    experts gathered)."""
     ref = make_layer(router, composition, E=16, r=8, d_in=64, d_out=48)
     gpu = copy.deepcopy(ref).to(CUDA, dtype)
     gpu.execution = "sparse"
@@ -58,7 +60,7 @@ def test_sparse_path_on_the_gpu_equals_float64_on_the_cpu(router, composition, d
         dy = torch.randn_like(y)
         y.backward(dy)
         y_gpu.backward(dy.to(CUDA, dtype))
-        for (name, p), p_gpu in zip(ref.named_parameters(), gpu.parameters()):
+        for (name, p), p_gpu in zip(ref.named_parameters(), gpu.parameters(), strict=True):
             if p.requires_grad:
                 torch.testing.assert_close(
                     p_gpu.grad.double().cpu(),

@@ -1,4 +1,5 @@
-"""Bad input at the CLI: each is one line on stderr, `lmoe <command>: error: ...`, exit code 2, no traceback."""
+"""Bad input at the CLI: each is one line on stderr, `lmoe <command>: error: ...`, exit
+code 2, no traceback."""
 
 import json
 import pickle
@@ -288,7 +289,8 @@ def test_resume_refuses_a_pickle_bomb_and_a_damaged_checkpoint(
 
 
 def test_exponent_floats_are_numbers_not_strings(tmp_path):
-    """PyYAML reads `lr: 1e-4` as the string '1e-4' (YAML 1.1), which then failed validation; it is a number."""
+    """PyYAML reads `lr: 1e-4` as the string '1e-4' (YAML 1.1), which then failed
+    validation; it is a number."""
     config = tmp_path / "run.yaml"
     config.write_text("lr: 1e-4\nlmoe:\n  alpha: 2E1\n  z_loss_coef: 1.0e-3\n")
     cfg = TrainConfig.from_file(config, ["weight_decay=1e-2", "seed=7"])

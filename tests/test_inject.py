@@ -43,8 +43,9 @@ def test_fresh_injection_gives_base_logits_exactly(family, router, input_ids):
     ref = model(input_ids).logits
     inject(model, LMoEConfig(router=router, target_modules=TARGETS[family]))
     assert len(list(lmoe_layers(model))) == 4  # two targets in each of two blocks
-    # the layer runs the base product itself on (tokens, d_in), the base ran on (batch, seq, d_in): another
-    # GEMM grouping, so float32 tolerance; the added delta is exactly zero (test_layer, same computation)
+    # the layer runs the base product itself on (tokens, d_in), the base ran on (batch, seq, d_in):
+    # another GEMM grouping, so float32 tolerance; the added delta is exactly zero
+    # (test_layer, same computation)
     torch.testing.assert_close(model(input_ids).logits, ref)
 
 
@@ -171,10 +172,11 @@ def test_training_reduces_loss_and_changes_only_adapters():
     # a toy task: the next token is the current one plus one (mod vocab)
     x = torch.randint(0, VOCAB, (16, 1)) + torch.arange(12)
     data = x % VOCAB
-    # one rate; the routers learn at 30x it (router_param_scale): at 1e-2 they would thrash in this toy
+    # one rate; the routers learn at 30x it (router_param_scale): at 1e-2 they
+    # would thrash in this toy
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
-    for step in range(200):
+    for _ in range(200):
         out = model(data, labels=data)
         loss = out.loss + aux_loss(model)
         opt.zero_grad()
@@ -217,10 +219,10 @@ def test_shared_lambda_head_runs_once_per_distinct_input_with_identical_results(
     assert (
         ref_calls == 14 and calls == 8
     )  # per block: q/k/v share x, gate/up share x; o and down differ
-    # uncached, the head's first linear joins the projection GEMM ([A; W_g; W1] instead of [A; W_g]): the same
-    # maths grouped differently, equal to float32 rounding only
+    # uncached, the head's first linear joins the projection GEMM ([A; W_g; W1] instead of [A;
+    # W_g]): the same maths grouped differently, equal to float32 rounding only
     torch.testing.assert_close(logits, ref_logits)
-    for a, b in zip(grads, ref_grads):
+    for a, b in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert all(head._last is None for head in heads)  # nothing is held after the forward
 
@@ -229,7 +231,8 @@ def test_shared_lambda_head_runs_once_per_distinct_input_with_identical_results(
 
 
 def brute_force_aux(router, kind: str, x: torch.Tensor, k: int = 1) -> dict[str, torch.Tensor]:
-    """One layer's aux losses over the tokens x (tokens, d_in), from their definitions in docs/design.md section 4."""
+    """One layer's aux losses over the tokens x (tokens, d_in), from their definitions in
+    docs/design.md section 4."""
     routing = router.route(x)
     u, g = routing.logits, routing.weights
     E = u.shape[-1]
@@ -324,7 +327,8 @@ def test_padding_is_left_out_of_aux_losses_and_routing_records(router):
 
 
 class PerToken(nn.Module):
-    """Two linear layers applied token by token: a batch's real tokens go through it as they would alone."""
+    """Two linear layers applied token by token: a batch's real tokens go through it as
+    they would alone."""
 
     def __init__(self, d: int = 6) -> None:
         super().__init__()
@@ -379,7 +383,8 @@ def test_aux_losses_over_processes_equal_one_process_on_the_whole_batch(router, 
         x = torch.randn(*mask.shape, 6, generator=gen, dtype=torch.float64)
         parts.append((torch.where(mask[..., None].bool(), x, 20 * x), mask))
     params = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
-    # reference: one process, the real tokens of all processes in one batch, losses from their definitions
+    # reference: one process, the real tokens of all processes in one batch, losses
+    # from their definitions
     whole = copy.deepcopy(model)
     real = torch.cat([x[mask.bool()] for x, mask in parts])[None]  # (1, tokens, d)
     inputs = layer_inputs(whole, lambda: whole(real))
@@ -419,7 +424,9 @@ def test_aux_losses_over_processes_equal_one_process_on_the_whole_batch(router, 
             sum(r[key] for r in results) / ranks, expected[key].detach(), msg=key
         )
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    for name, (p, *copies) in zip(names, zip(params(whole), *map(params, replicas)), strict=True):
+    for name, (p, *copies) in zip(
+        names, zip(params(whole), *map(params, replicas), strict=True), strict=True
+    ):
         if p.grad is None:  # the experts: aux losses do not reach them
             assert "lora_" in name and all(c.grad is None for c in copies), name
         else:  # DDP averages the processes' gradients
@@ -429,14 +436,18 @@ def test_aux_losses_over_processes_equal_one_process_on_the_whole_batch(router, 
         r.weight.grad is not None for r in routers
     )  # the gates (and the dynamic lambda head) learn
     assert router == "topk" or routers[0].lambda_head.net[0].weight.grad is not None
-    # each process on its own tokens, averaged, is not the whole batch's balance loss: the test can tell
+    # each process on its own tokens, averaged, is not the whole batch's balance
+    # loss: the test can tell
     naive = [
         layer_mean(
             [
                 brute_force_aux(layer.router, router, xs[0])
                 for xs, (_, layer) in zip(
-                    layer_inputs(whole, lambda: whole(x[mask.bool()][None])).values(),
+                    layer_inputs(
+                        whole, lambda x=x, mask=mask: whole(x[mask.bool()][None])
+                    ).values(),
                     lmoe_layers(whole),
+                    strict=True,
                 )
             ]
         )
@@ -447,8 +458,9 @@ def test_aux_losses_over_processes_equal_one_process_on_the_whole_batch(router, 
 
 @pytest.mark.parametrize("router", ["softmax", "topk", "dynamic"])
 def test_gradient_checkpointing_gives_the_same_losses_and_gradients(router):
-    """Checkpointed blocks re-run their forward in backward; the routers' losses (padding masked) and the
-    shared lambda head's reuse must make that re-run save what the first run saved, and change nothing."""
+    """Checkpointed blocks re-run their forward in backward; the routers' losses (padding masked)
+    and the shared lambda head's reuse must make that re-run save what the first run saved,
+    and change nothing."""
     ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
@@ -593,7 +605,7 @@ def test_a_training_forward_drops_the_last_ones_routing_before_it_starts(input_i
     layers = [layer for _, layer in lmoe_layers(model)]
     held_at_start = []
     layers[0].register_forward_pre_hook(
-        lambda *_: held_at_start.append([l.last_routing for l in layers])
+        lambda *_: held_at_start.append([layer.last_routing for layer in layers])
     )
     model(input_ids)
     model(input_ids)

@@ -1,4 +1,5 @@
-"""save_adapter / load_adapter: only adapter tensors, bit-for-bit logits, clear errors on a wrong base."""
+"""save_adapter / load_adapter: only adapter tensors, bit-for-bit logits, clear
+errors on a wrong base."""
 
 import json
 import os

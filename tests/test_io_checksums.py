@@ -1,8 +1,9 @@
-"""The adapter seal (lmoe/io.py, lmoe/integrations/peft_tuner.py): every writer records the SHA-256 of the weights file in
-adapter_config.json, every reader refuses weights that do not match it with save_adapter's one line. Each writer x
-each reader, with one byte flipped in the middle of the weights, the file cut in half, and the weights file of
-another adapter of the same shapes (also what a crash between a writer's two files leaves); an adapter without a
-checksum loads with a one-line warning."""
+"""The adapter seal (lmoe/io.py, lmoe/integrations/peft_tuner.py): every writer records the SHA-256
+of the weights file in adapter_config.json, every reader refuses weights that do not match it with
+save_adapter's one line. Each writer x each reader, with one byte flipped in the middle of the
+weights, the file cut in half, and the weights file of another adapter of the same shapes (also what
+a crash between a writer's two files leaves); an adapter without a checksum loads with a
+one-line warning."""
 
 import json
 import logging
@@ -28,7 +29,10 @@ from lmoe.integrations.peft_tuner import LMoEPeftConfig
 from lmoe.io import CONFIG_FILE, WEIGHTS_FILE, sha256_file
 
 CFG = dict(num_experts=2, rank=2)
-REFUSED = r"Adapter weights .*adapter_model\.safetensors are corrupt or truncated: they do not match the checksum in"
+REFUSED = (
+    r"Adapter weights .*adapter_model\.safetensors are corrupt or truncated: they do not match "
+    r"the checksum in"
+)
 
 
 def random_experts(model, seed: int):
@@ -120,7 +124,8 @@ WRITTEN = [
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory) -> dict:
-    """Every writer's directories on one tiny base (named as in WRITTEN), and a donor of the same shapes."""
+    """Every writer's directories on one tiny base (named as in WRITTEN), and a donor
+    of the same shapes."""
     root = tmp_path_factory.mktemp("checksums")
     base = tiny_model_dir(root / "base")
     dirs = [

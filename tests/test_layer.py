@@ -1,4 +1,5 @@
-"""MoLoRALinear against independent references: per-token brute force in float64, plain LoRA, PEFT."""
+"""MoLoRALinear against independent references: per-token brute force in float64,
+plain LoRA, PEFT."""
 
 import pytest
 import torch
@@ -45,12 +46,13 @@ def make_layer(
 
 
 def brute_force(layer: MoLoRALinear, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Token by token with explicit matrices: A(x) = sum g_i A_i, B(x) = sum g_i B_i (or sum of outputs)."""
+    """Token by token with explicit matrices: A(x) = sum g_i A_i, B(x) = sum g_i B_i
+    (or sum of outputs)."""
     W0 = layer.base.weight.double()
     b0 = layer.base.bias.double() if layer.base.bias is not None else 0
     A, B = layer.lora_A.double(), layer.lora_B.double()
     rows = []
-    for xt, gt in zip(x.reshape(-1, x.shape[-1]).double(), g.double()):
+    for xt, gt in zip(x.reshape(-1, x.shape[-1]).double(), g.double(), strict=True):
         y = W0 @ xt + b0
         if layer.composition == "params":
             At = sum(gt[i] * A[i] for i in range(len(gt)))
@@ -98,14 +100,15 @@ def test_gradcheck_wrt_input_experts_and_router(router, composition):
     params = [dict(layer.named_parameters())[n].detach().clone().requires_grad_() for n in names]
 
     def f(x, *tensors):
-        return functional_call(layer, dict(zip(names, tensors)), (x,))
+        return functional_call(layer, dict(zip(names, tensors, strict=True)), (x,))
 
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("composition", COMPOSITIONS)
 def test_gradients_match_brute_force(composition):
-    """Autograd through the stacked GEMMs equals autograd through the explicit per-token matrices."""
+    """Autograd through the stacked GEMMs equals autograd through the explicit
+    per-token matrices."""
     layer = make_layer("softmax", composition)
     x = torch.randn(5, 5, dtype=torch.float64)
     layer(x).square().sum().backward()
@@ -113,7 +116,7 @@ def test_gradients_match_brute_force(composition):
     layer.zero_grad()
     brute_force(layer, x, layer.router.route(x).weights).square().sum().backward()
     slow = [p.grad for p in (layer.lora_A, layer.lora_B, layer.router.weight)]
-    for a, b in zip(fast, slow):
+    for a, b in zip(fast, slow, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
@@ -201,7 +204,8 @@ def test_delta_weight_matches_forward_for_fixed_routing(composition):
 
 
 def run_layer(layer: MoLoRALinear, x: torch.Tensor, grad: bool = True):
-    """(output, gradients of x, A, B and the gate for the loss sum(out^2)); no gradients without autograd."""
+    """(output, gradients of x, A, B and the gate for the loss sum(out^2)); no gradients
+    without autograd."""
     x = x.clone().requires_grad_(grad)
     with torch.set_grad_enabled(grad):
         out = layer(x)
@@ -213,9 +217,9 @@ def run_layer(layer: MoLoRALinear, x: torch.Tensor, grad: bool = True):
 
 @pytest.mark.parametrize("router", ROUTERS)
 def test_every_way_of_running_the_products_agrees(router):
-    """A plain linear base runs inside the layer's own autograd Function with the experts and the gate
-    (frozen_product); a base with hooks or of another class runs as itself, and its hooks fire; without
-    autograd the products run directly. Same outputs and gradients (float64)."""
+    """A plain linear base runs inside the layer's own autograd Function with the experts and the
+    gate (frozen_product); a base with hooks or of another class runs as itself, and its hooks fire;
+    without autograd the products run directly. Same outputs and gradients (float64)."""
     x = torch.randn(2, 3, 5, dtype=torch.float64)
     plain = make_layer(router)
     assert frozen_product(plain.base) is not None
@@ -241,7 +245,8 @@ def test_every_way_of_running_the_products_agrees(router):
 
 
 def test_dropout_reaches_the_experts_only():
-    """With dropout the experts read dropout(x), while the base and the gate read x (values and gradients)."""
+    """With dropout the experts read dropout(x), while the base and the gate read x
+    (values and gradients)."""
     layer = make_layer("softmax")
     layer.dropout = nn.Dropout(0.5)
     x = torch.randn(6, 5, dtype=torch.float64)

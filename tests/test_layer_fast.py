@@ -80,7 +80,7 @@ def test_reference_equals_an_independent_per_token_loop(router, composition):
     grad_out = torch.randn_like(got)
     tensors = (x, layer.lora_A, layer.lora_B, g)
     got_grads = torch.autograd.grad(got, tensors, grad_out)
-    for a, b in zip(got_grads, torch.autograd.grad(want, tensors, grad_out)):
+    for a, b in zip(got_grads, torch.autograd.grad(want, tensors, grad_out), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
@@ -167,7 +167,7 @@ def test_input_products_gradients_match_autograd(with_base, dropout_input):
     args = (x, lora_x, W0, b0, A, Wg)
     got = torch.autograd.grad(total(InputProducts.apply, *args), tensors)
     want = torch.autograd.grad(total(reference, *args), tensors)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(
         lambda *t: tuple(o for o in InputProducts.apply(*t) if o is not None), args
@@ -220,7 +220,7 @@ def test_layer_matches_reference_forward_in_training_and_generation(router, comp
     torch.testing.assert_close(y, want)
     grad_out = torch.randn_like(y)
     got_grads = torch.autograd.grad(y, wrt(layer, x), grad_out)
-    for a, b in zip(got_grads, torch.autograd.grad(want, wrt(layer, x), grad_out)):
+    for a, b in zip(got_grads, torch.autograd.grad(want, wrt(layer, x), grad_out), strict=True):
         torch.testing.assert_close(a, b)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), want)
@@ -259,7 +259,7 @@ def test_layer_compiles_without_graph_breaks(router):
     want = layer(x)
     want_grads = torch.autograd.grad(want.sum(), (x, layer.lora_A, layer.lora_B))
     torch.testing.assert_close(got, want)
-    for a, b in zip(got_grads, want_grads):
+    for a, b in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(a, b)
     torch._dynamo.reset()
 
@@ -296,7 +296,7 @@ def test_router_reads_the_experts_dropped_out_input(router, composition):
     torch.testing.assert_close(y, want)
     grad_out = torch.randn_like(y)
     got_grads = torch.autograd.grad(y, wrt(layer, x), grad_out)
-    for a, b in zip(got_grads, torch.autograd.grad(want, wrt(layer, x), grad_out)):
+    for a, b in zip(got_grads, torch.autograd.grad(want, wrt(layer, x), grad_out), strict=True):
         torch.testing.assert_close(a, b)
     layer.eval()  # no dropout at evaluation: the clean input everywhere
     with torch.no_grad():

@@ -1,6 +1,7 @@
-"""The package's layout: every module imports in a fresh interpreter; the modules' imports of each other, at the
-top of a file or inside a function, form no circle (a circle makes the import order decide what works); and each
-subpackage imports only the layers below it (the mixture knows nothing of data or training)."""
+"""The package's layout: every module imports in a fresh interpreter; the modules' imports of each
+other, at the top of a file or inside a function, form no circle (a circle makes the import order
+decide what works); and each subpackage imports only the layers below it (the mixture knows nothing
+of data or training)."""
 
 import ast
 import re
@@ -18,8 +19,8 @@ def module_name(path: Path) -> str:
 
 MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
-# What each part may import: the mixture at the top of the package; data beside it, knowing nothing of it;
-# the rest built on those. cli and the package's own __init__ may import anything.
+# What each part may import: the mixture at the top of the package; data beside it, knowing nothing
+# of it; the rest built on those. cli and the package's own __init__ may import anything.
 GROUPS = ("core", "data", "modular", "evaluation", "training", "integrations", "compare")
 MAY_IMPORT = {
     "core": {"core"},
@@ -39,7 +40,8 @@ def group(module: str) -> str:
 
 
 def resolve(importer: str, node: ast.ImportFrom | ast.Import) -> set[str]:
-    """The lmoe modules an import statement loads (`from pkg import name` loads pkg.name where that is a module)."""
+    """The lmoe modules an import statement loads (`from pkg import name` loads pkg.name where
+    that is a module)."""
     if isinstance(node, ast.Import):
         return {a.name for a in node.names if a.name in MODULES}
     if node.level:
@@ -70,7 +72,8 @@ GRAPH = {name: imports(name) for name in MODULES}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One circle of the directed graph as [a, b, ..., a], or None (depth-first search, three colours)."""
+    """One circle of the directed graph as [a, b, ..., a], or None (depth-first
+    search, three colours)."""
     state, stack = {}, []
 
     def visit(node: str) -> list[str] | None:
@@ -98,8 +101,8 @@ def test_find_cycle_finds_a_circle_and_only_a_circle():
 
 
 def test_imports_see_function_level_relative_and_from_package_imports():
-    """The graph's reader, on the imports it must see: a relative import inside a function, `from .. import x`
-    of a module, and a name (not a module) from a package's __init__."""
+    """The graph's reader, on the imports it must see: a relative import inside a function,
+    `from .. import x` of a module, and a name (not a module) from a package's __init__."""
     assert "lmoe.training.loop" in GRAPH["lmoe.cli"]  # inside cli's functions only
     assert (
         "lmoe.data.benchmarks" in GRAPH["lmoe.evaluation.scoring"]
@@ -124,8 +127,8 @@ def test_each_part_imports_only_the_layers_below_it():
 
 
 def test_every_module_imports_in_a_fresh_interpreter():
-    """One interpreter for all (each costs seconds of torch/transformers imports); with no circle, each module
-    also imports alone."""
+    """One interpreter for all (each costs seconds of torch/transformers imports); with no circle,
+    each module also imports alone."""
     code = "; ".join(f"import {name}" for name in MODULES)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -141,7 +144,8 @@ def test_the_architecture_list_names_every_module_and_only_those():
 
 
 def test_tests_mirror_the_package():
-    """Every folder of tests/ is named after a subpackage of lmoe/ (a test file of its modules sits there)."""
+    """Every folder of tests/ is named after a subpackage of lmoe/ (a test file of its
+    modules sits there)."""
     folders = {p.parent.name for p in (ROOT / "tests").rglob("test_*.py")} - {"tests"}
     assert folders and all((PACKAGE / name).is_dir() and name in GROUPS for name in folders), (
         folders

@@ -1,4 +1,5 @@
-"""lmoe.models: a GGUF file written here (no download) loads with the original logits and is cached."""
+"""lmoe.models: a GGUF file written here (no download) loads with the original
+logits and is cached."""
 
 import json
 
@@ -23,7 +24,8 @@ def permute(w: torch.Tensor, heads: int) -> np.ndarray:
 
 
 def write_gguf(path, model, tok) -> None:
-    """What convert_hf_to_gguf.py writes for a Llama, at float32, with the tokenizer and chat template."""
+    """What convert_hf_to_gguf.py writes for a Llama, at float32, with the tokenizer
+    and chat template."""
     c = model.config
     w = GGUFWriter(str(path), "llama")
     w.add_block_count(c.num_hidden_layers)

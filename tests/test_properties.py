@@ -1,4 +1,5 @@
-"""Property-based checks (hypothesis): any shape, dtype and E / r / k give valid routing and the reference output."""
+"""Property-based checks (hypothesis): any shape, dtype and E / r / k give valid routing and the
+reference output."""
 
 import torch
 from hypothesis import given, settings

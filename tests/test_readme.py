@@ -1,6 +1,6 @@
-"""docs/integrations.md's "Use with PEFT / Trainer / TRL / lm-eval / vLLM" section runs as written, block after block
-in one namespace, on a tiny local model (BASE) with lm-eval's example task; then its results are checked.
-docs/modular.md's commands run one by one on a tiny model too."""
+"""docs/integrations.md's "Use with PEFT / Trainer / TRL / lm-eval / vLLM" section runs as written,
+block after block in one namespace, on a tiny local model (BASE) with lm-eval's example task; then
+its results are checked. docs/modular.md's commands run one by one on a tiny model too."""
 
 import json
 import re
@@ -55,16 +55,16 @@ def test_readme_section_runs(tmp_path, monkeypatch, capsys):
 
 
 def section_commands(section: tuple[str, str]) -> list[str]:
-    """The shell commands of a section's ```bash blocks (section: (page, heading)), comments and blank lines
-    dropped."""
+    """The shell commands of a section's
+    ```bash blocks (section: (page, heading)), comments and blank lines dropped."""
     blocks = re.findall(r"```bash\n(.*?)```", sections()[section], flags=re.S)
     lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
     return [line for line in lines if line]
 
 
 def test_modular_skills_commands_run(tmp_path, monkeypatch, capsys):
-    """Every command of the section on a tiny base: its data files and PEFT adapters made up, lmoe train cut to
-    2 steps; then the mixtures they wrote are checked."""
+    """Every command of the section on a tiny base: its data files and PEFT adapters made up, lmoe
+    train cut to 2 steps; then the mixtures they wrote are checked."""
     from safetensors.torch import load_file
 
     from lmoe.cli import main

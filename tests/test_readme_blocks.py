@@ -1,6 +1,7 @@
-"""Every Python block of the README and of docs/*.md runs: the integrations page's "Use with PEFT / ..." section's in
-tests/test_readme.py, every other section's here, on tiny models and data that stand for the names its blocks use
-(NAMES), heavy calls cut down. A section is keyed by (page, heading): its "#" or "##" line."""
+"""Every Python block of the README and of docs/*.md runs: the integrations page's "Use with PEFT /
+..." section's in tests/test_readme.py, every other section's here, on tiny models and data that
+stand for the names its blocks use (NAMES), heavy calls cut down. A section is keyed by (page,
+heading): its "#" or "##" line."""
 
 import re
 from pathlib import Path
@@ -21,8 +22,8 @@ RUN_ELSEWHERE = {INTEGRATIONS}  # tests/test_readme.py
 
 
 def sections() -> dict[tuple[str, str], str]:
-    """(page, heading) -> the text from that "#" or "##" line to the next one, for README.md and docs/*.md; a line
-    inside a code fence is code, never a heading."""
+    """(page, heading) -> the text from that "#" or "##" line to the next one, for README.md and
+    docs/*.md; a line inside a code fence is code, never a heading."""
     found = {}
     for page in PAGES:
         key, fenced = (page, ""), False
@@ -72,7 +73,8 @@ def trainer_names(tmp_path: Path) -> dict:
 
 
 def train_names(tmp_path: Path) -> dict:
-    """The built-in mixture cut to a few items, 2 steps, on a tiny model; the block's call as written otherwise."""
+    """The built-in mixture cut to a few items, 2 steps, on a tiny model; the block's call as
+    written otherwise."""
     base = tiny_model_dir(tmp_path / "base")
     small = (
         f'"steps=2", "model={base}", "compare_base=false", "batch_size=2", "mixture.per_domain=4", '
@@ -82,7 +84,8 @@ def train_names(tmp_path: Path) -> dict:
 
 
 def modular_names(tmp_path: Path) -> dict:
-    """A PEFT LoRA directory (B random) for each adapter the blocks name, on the tiny Llama they compose them for."""
+    """A PEFT LoRA directory (B random) for each adapter the blocks name, on the tiny Llama they
+    compose them for."""
     from peft import LoraConfig, get_peft_model
 
     text = "\n".join(blocks_by_section()[MODULAR])
@@ -110,8 +113,8 @@ def test_every_section_with_python_blocks_is_run():
     found = set(blocks_by_section())
     missing = sorted(found - RUN_ELSEWHERE - set(NAMES))
     assert not missing, (
-        f"sections (page, heading) whose Python blocks no test runs: {missing}; add each to NAMES in "
-        "tests/test_readme_blocks.py with stand-ins for the names its blocks use"
+        f"sections (page, heading) whose Python blocks no test runs: {missing}; add each to NAMES "
+        "in tests/test_readme_blocks.py with stand-ins for the names its blocks use"
     )
     gone = sorted((set(NAMES) | RUN_ELSEWHERE) - found)
     assert not gone, (

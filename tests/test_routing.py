@@ -1,5 +1,5 @@
-"""Routing functions and their losses against independent references: an exhaustive float64 search of the
-LD-MoLE quadratic program, bisection, finite differences and hand-computed values."""
+"""Routing functions and their losses against independent references: an exhaustive float64 search
+of the LD-MoLE quadratic program, bisection, finite differences and hand-computed values."""
 
 import itertools
 import math
@@ -40,8 +40,8 @@ ROUTERS = ["softmax", "topk", "dynamic"]
 def qp_reference(u: np.ndarray, lam: float) -> np.ndarray:
     """argmin_{p in simplex} ||p - u||^2 - lam ||p||^2 (lam < 1) by trying every support S.
 
-    On S the minimiser over {sum p = 1} is p_S = (u_S - nu) / (1 - lam), nu = (sum u_S - (1 - lam)) / |S|
-    (Lagrange); the optimum is the feasible (p_S >= 0) candidate of least objective.
+    On S the minimiser over {sum p = 1} is p_S = (u_S - nu) / (1 - lam), nu = (sum u_S - (1 - lam))
+    / |S| (Lagrange); the optimum is the feasible (p_S >= 0) candidate of least objective.
     """
     E = len(u)
     best, best_value = None, math.inf
@@ -72,7 +72,8 @@ def reference_count(u: np.ndarray, lam: float) -> int:
 
 
 def bisect_threshold(u: np.ndarray, k: int) -> float:
-    """The smallest lambda for which the QP keeps at most k experts (the count falls as lambda grows)."""
+    """The smallest lambda for which the QP keeps at most k experts (the count falls
+    as lambda grows)."""
     lo, hi = -1e3, 1 - 1e-12
     for _ in range(80):
         mid = (lo + hi) / 2
@@ -81,7 +82,8 @@ def bisect_threshold(u: np.ndarray, k: int) -> float:
 
 
 def random_problem(tokens=40, E=5, seed=0, spread=2.0):
-    """Logits (tokens, E) and lambdas (tokens, 1) in float64, lambdas over the useful range (-3, 0.95)."""
+    """Logits (tokens, E) and lambdas (tokens, 1) in float64, lambdas over the useful
+    range (-3, 0.95)."""
     gen = torch.Generator().manual_seed(seed)
     u = spread * torch.randn(tokens, E, generator=gen, dtype=torch.float64)
     lam = -3 + 3.95 * torch.rand(tokens, 1, generator=gen, dtype=torch.float64)
@@ -89,7 +91,8 @@ def random_problem(tokens=40, E=5, seed=0, spread=2.0):
 
 
 def far_from_ties(u: torch.Tensor, lam: torch.Tensor, margin=1e-3) -> torch.Tensor:
-    """Rows where every u_i is at least `margin` away from the threshold tau (the support is locally constant)."""
+    """Rows where every u_i is at least `margin` away from the threshold tau (the support is
+    locally constant)."""
     p = sparsegen_route(u, lam)
     top = u.argmax(-1, keepdim=True)
     tau = u.gather(-1, top) - p.gather(-1, top) * (1 - lam)
@@ -99,7 +102,8 @@ def far_from_ties(u: torch.Tensor, lam: torch.Tensor, margin=1e-3) -> torch.Tens
 
 
 class RouteOf(torch.nn.Module):
-    """Wraps a router so torch.func.functional_call (which calls forward) runs its route with swapped parameters."""
+    """Wraps a router so torch.func.functional_call (which calls forward) runs its route with
+    swapped parameters."""
 
     def __init__(self, router):
         super().__init__()
@@ -110,7 +114,8 @@ class RouteOf(torch.nn.Module):
 
 
 def route_with(r, tensors: dict, x):
-    """r.route(x) with some of r's parameters replaced by `tensors` (name -> tensor), for gradcheck."""
+    """r.route(x) with some of r's parameters replaced by `tensors` (name ->
+    tensor), for gradcheck."""
     return functional_call(RouteOf(r), {f"router.{n}": t for n, t in tensors.items()}, (x,))
 
 
@@ -141,7 +146,7 @@ def test_softmax_route_is_exp_over_sum():
 def test_topk_zeros_exactly_the_non_chosen_experts(k):
     u, _ = random_problem(tokens=30, E=6)
     g = topk_route(u, k)
-    for row, weights in zip(u, g):
+    for row, weights in zip(u, g, strict=True):
         chosen = sorted(np.argsort(-row.numpy())[:k].tolist())
         assert torch.nonzero(weights).flatten().tolist() == chosen
         e = torch.exp(row[chosen])
@@ -163,7 +168,7 @@ def test_every_router_gives_weights_on_the_simplex(name, dtype):
         assert ((g > 0).sum(-1) == 2).all()
 
 
-# ---------------------------------------------------------------- LD-MoLE closed form (Proposition 1)
+# -------------------------------------------------------------- LD-MoLE closed form (Proposition 1)
 
 
 @pytest.mark.parametrize("E", [2, 3, 5, 6])
@@ -171,7 +176,10 @@ def test_closed_form_equals_exhaustive_qp_solution(E):
     u, lam = random_problem(tokens=60, E=E, seed=E)
     p = sparsegen_route(u, lam)
     expected = torch.stack(
-        [torch.from_numpy(qp_reference(row.numpy(), float(l))) for row, l in zip(u, lam)]
+        [
+            torch.from_numpy(qp_reference(row.numpy(), float(row_lam)))
+            for row, row_lam in zip(u, lam, strict=True)
+        ]
     )
     torch.testing.assert_close(p, expected, rtol=1e-10, atol=1e-10)
 
@@ -210,7 +218,7 @@ def test_number_of_experts_falls_as_lambda_grows():
         (sparsegen_route(u, torch.full((30, 1), lam, dtype=torch.float64)) > 0).sum(-1)
         for lam in np.linspace(-100, 0.999, 60)
     ]
-    assert all((a >= b).all() for a, b in zip(counts, counts[1:]))
+    assert all((a >= b).all() for a, b in zip(counts, counts[1:], strict=False))
     assert (counts[0] == 6).all() and (counts[-1] <= 2).all()
 
 
@@ -230,8 +238,8 @@ def test_closed_form_passes_gradcheck_away_from_ties():
 
 
 def test_closed_form_jacobian_equals_autograd_through_the_formula():
-    """The hand-written backward (_Sparsegen) against autograd replaying sort / cumsum / gather, float64,
-    per-token lambda and one lambda shared by all tokens."""
+    """The hand-written backward (_Sparsegen) against autograd replaying sort / cumsum / gather,
+    float64, per-token lambda and one lambda shared by all tokens."""
     u, lam = random_problem(tokens=200, E=6, seed=11)
     w = torch.randn(200, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
     for lam_in in (lam, torch.tensor(-0.7, dtype=torch.float64)):
@@ -255,7 +263,7 @@ def test_dynamic_router_passes_gradcheck_wrt_input_and_parameters():
     params = [p.detach().clone().requires_grad_() for _, p in r.named_parameters()]
 
     def weights(x, *tensors):
-        return route_with(r, dict(zip(names, tensors)), x).weights
+        return route_with(r, dict(zip(names, tensors, strict=True)), x).weights
 
     assert torch.autograd.gradcheck(weights, (x, *params), eps=1e-7, atol=1e-6)
 
@@ -284,7 +292,8 @@ def test_lambda_head_parametrisation_and_init():
 
 
 def test_lambda_bias_init_sets_every_bias_of_the_head_and_so_lambda_at_init():
-    # x = 0: f = relu(b) * sum(W2) + b; with b = 0 that is 0, so lambda = logsigmoid(0) + 0.99 = 0.99 - log 2
+    # x = 0: f = relu(b) * sum(W2) + b; with b = 0 that is 0, so lambda = logsigmoid(0)
+    # + 0.99 = 0.99 - log 2
     model = inject(
         tiny_model("llama"),
         LMoEConfig(
@@ -387,8 +396,8 @@ def test_router_aux_losses_use_the_right_dispatch(name):
 
 
 def test_topk_computes_its_full_softmax_only_for_the_balance_loss():
-    """A forward (generation) leaves top-k's full softmax uncomputed; the balance loss reads it, with its
-    gradient, as the eager formula does."""
+    """A forward (generation) leaves top-k's full softmax uncomputed; the balance loss reads it,
+    with its gradient, as the eager formula does."""
     r = router("topk", d_in=6, E=4, dtype=torch.float64, temperature=2.0, top_k=2)
     x = torch.randn(30, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     routing = r.route(x)
@@ -445,7 +454,9 @@ def test_sparsity_loss_trains_only_the_lambda_head_and_matches_finite_difference
     params = [dict(r.named_parameters())[n].detach().clone().requires_grad_() for n in head_names]
 
     def loss(*tensors):
-        return r.aux_losses(route_with(r, dict(zip(head_names, tensors)), x))["sparsity"]
+        return r.aux_losses(route_with(r, dict(zip(head_names, tensors, strict=True)), x))[
+            "sparsity"
+        ]
 
     assert loss(*params) > 0
     assert torch.autograd.gradcheck(loss, tuple(params), eps=1e-7, atol=1e-6)
@@ -526,8 +537,8 @@ def test_dynamic_defaults_are_the_authors_released_settings():
     "width, hidden", [(1024, 128), (2048, 256), (3072, 256), (576, 64), (64, 32), (16384, 512)]
 )
 def test_default_lambda_width_follows_the_authors_per_model_configs(width, hidden):
-    # eshentw/LD-MoLE conf/model: Qwen3-0.6B (1024) 128, Qwen3-1.7B (2048) 256, Llama-3.2-3B (3072) 256;
-    # SmolLM2 (576) gets 64; within 32..512
+    # eshentw/LD-MoLE conf/model: Qwen3-0.6B (1024) 128, Qwen3-1.7B (2048) 256, Llama-3.2-3B (3072)
+    # 256; SmolLM2 (576) gets 64; within 32..512
     assert default_lambda_hidden(width) == hidden
 
 

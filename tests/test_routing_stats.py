@@ -1,4 +1,5 @@
-"""lmoe.routing_stats against hand-computed distributions and the joint-distribution (KL) form of I(domain; expert)."""
+"""lmoe.routing_stats against hand-computed distributions and the joint-distribution (KL) form of
+I(domain; expert)."""
 
 import math
 
@@ -20,7 +21,8 @@ from lmoe.routing_stats import (
 
 
 def mi_from_joint(usage: torch.Tensor, tokens: torch.Tensor) -> float:
-    """Independent reference: I = sum_{d,e} p(d,e) log2(p(d,e) / (p(d) p(e))), p(d,e) = p(d) usage[d, e]."""
+    """Independent reference: I = sum_{d,e} p(d,e) log2(p(d,e) / (p(d) p(e))), p(d,e) =
+    p(d) usage[d, e]."""
     p_d = tokens.double() / tokens.sum()
     joint = p_d[:, None] * usage.double()
     p_e = joint.sum(0)
@@ -143,7 +145,8 @@ def test_mutual_information_matches_the_joint_distribution_form():
 
 
 def layers_for(domains_tokens: list[int]) -> dict[str, torch.Tensor]:
-    """Two layers for domains a, b: "split" routes a to expert 0 and b to expert 1, "flat" is uniform."""
+    """Two layers for domains a, b: "split" routes a to expert 0 and b to expert 1,
+    "flat" is uniform."""
     a, b = domains_tokens
     return {
         "split": torch.cat(

@@ -34,8 +34,8 @@ def no_dense(monkeypatch):
 
 @pytest.fixture(params=["csr", "grouped"])
 def kernel(request, monkeypatch):
-    """Each of the sparse path's two ways to run the grouped products, the other made to fail: CSR products (CPU,
-    float32/64) and torch's grouped GEMM / per-expert loop (any device)."""
+    """Each of the sparse path's two ways to run the grouped products, the other made to fail: CSR
+    products (CPU, float32/64) and torch's grouped GEMM / per-expert loop (any device)."""
 
     def refuse(*args):
         raise AssertionError("the other kernel ran")
@@ -60,9 +60,9 @@ def gradients(
 @pytest.mark.parametrize("E", [2, 8, 64])
 @pytest.mark.parametrize("shape", [(1, 1), (4, 10)])
 def test_sparse_layer_equals_per_token_brute_force(router, composition, E, shape, no_dense, kernel):
-    """Values and every gradient (input, experts, gate, lambda head) against the docs/design.md formulas, float64;
-    one token (each token's experts gathered) and 40 (pairs grouped by expert, except for the dynamic router
-    at E = 64 with few experts a token), through either kernel."""
+    """Values and every gradient (input, experts, gate, lambda head) against the docs/design.md
+    formulas, float64; one token (each token's experts gathered) and 40 (pairs grouped by expert,
+    except for the dynamic router at E = 64 with few experts a token), through either kernel."""
     layer = make_layer(router, composition, E=E, r=2)
     layer.execution = "sparse"
     x = torch.randn(*shape, 5, dtype=torch.float64, requires_grad=True)
@@ -84,7 +84,8 @@ def test_sparse_layer_equals_per_token_brute_force(router, composition, E, shape
 
 
 def layer_pair(router, composition, E, top_k=2, dtype=torch.float32):
-    """The same random layer (d 32 -> 48, r 4), dense and sparse: sizes torch's grouped GEMM takes."""
+    """The same random layer (d 32 -> 48, r 4), dense and sparse: sizes torch's
+    grouped GEMM takes."""
     torch.manual_seed(0)
     cfg = LMoEConfig(
         num_experts=E,
@@ -108,7 +109,8 @@ def layer_pair(router, composition, E, top_k=2, dtype=torch.float32):
 
 
 def assert_near(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
-    """float32 agreement relative to the tensor's largest value (sums grouped differently round differently)."""
+    """float32 agreement relative to the tensor's largest value (sums grouped differently
+    round differently)."""
     torch.testing.assert_close(a, b, rtol=0, atol=rel * float(b.detach().abs().max()) + 1e-12)
 
 
@@ -116,9 +118,9 @@ def assert_near(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
 @pytest.mark.parametrize("composition", COMPOSITIONS)
 @pytest.mark.parametrize("E", [2, 8, 64])
 def test_sparse_equals_dense_in_float32(router, top_k, composition, E, kernel):
-    """The issue's check: sparse and dense agree to float32 tolerance in values and every gradient, top-k with
-    k = 2 and k = E, the dynamic router; through the CSR products and through torch's grouped GEMM (these sizes
-    are ones it takes)."""
+    """The issue's check: sparse and dense agree to float32 tolerance in values and every gradient,
+    top-k with k = 2 and k = E, the dynamic router; through the CSR products and through torch's
+    grouped GEMM (these sizes are ones it takes)."""
     dense, sparse = layer_pair(router, composition, E, top_k=E if top_k == "E" else top_k)
     x = torch.randn(3, 40, 32, requires_grad=True)
     assert _grouped_ok(x, sparse.lora_A.transpose(1, 2))
@@ -133,8 +135,9 @@ def test_sparse_equals_dense_in_float32(router, top_k, composition, E, kernel):
 
 @pytest.mark.parametrize("execution", ["dense", "sparse"])
 def test_expert_gradients_arrive_in_the_parameters_layout(execution):
-    """Each path's gradient of lora_A and lora_B already has the parameter's strides, so autograd does not copy
-    a bank-sized gradient (E r d values per layer) to match it; lora_B's layout survives add_experts."""
+    """Each path's gradient of lora_A and lora_B already has the parameter's strides, so autograd
+    does not copy a bank-sized gradient (E r d values per layer) to match it; lora_B's layout
+    survives add_experts."""
     model = inject(
         nn.Sequential(nn.Linear(32, 48)),
         LMoEConfig(num_experts=8, rank=4, router="topk", execution=execution, target_modules=["0"]),
@@ -156,7 +159,8 @@ def test_expert_gradients_arrive_in_the_parameters_layout(execution):
 
 @pytest.mark.parametrize("router", SPARSE_ROUTERS)
 def test_padding_masks_leave_the_same_losses_and_gradients(router):
-    """A model with padding: LM loss + router losses (which count only real tokens) and their gradients."""
+    """A model with padding: LM loss + router losses (which count only real tokens)
+    and their gradients."""
     models = {}
     for execution in ("dense", "sparse"):
         model = tiny_model("llama").double()
@@ -204,7 +208,11 @@ def test_route_pairs_by_hand():
     assert sorted(top2.token.tolist()) == [0, 0, 1, 1, 2, 2]
     assert top2.expert.tolist() == sorted(top2.expert.tolist())
     assert top2.ends.tolist() == torch.bincount(top2.expert, minlength=3).cumsum(0).tolist()
-    cells = {(t, e) for t, e in zip(top2.token.tolist(), top2.expert.tolist()) if g[t, e] > 0}
+    cells = {
+        (t, e)
+        for t, e in zip(top2.token.tolist(), top2.expert.tolist(), strict=True)
+        if g[t, e] > 0
+    }
     assert cells == {tuple(c) for c in g.nonzero().tolist()}
 
 
@@ -223,8 +231,8 @@ def loop_reference(a, b, counts):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_grouped_mm_equals_a_loop_over_experts_with_empty_ones(dtype):
-    """float32: torch's grouped GEMM (the fast path); float64: the per-expert fallback. Experts 1 and 4 get no
-    rows: their weight gradients are exact zeros."""
+    """float32: torch's grouped GEMM (the fast path); float64: the per-expert fallback. Experts 1
+    and 4 get no rows: their weight gradients are exact zeros."""
     g = torch.zeros(12, 5, dtype=dtype)
     g[torch.arange(12), torch.tensor([0, 2, 3, 0, 2, 2, 3, 0, 0, 2, 3, 3])] = 1.0
     pairs = route_pairs(g, 1)
@@ -248,8 +256,8 @@ def test_grouped_gemm_is_skipped_for_sizes_it_does_not_take():
 
 @pytest.mark.parametrize("composition", COMPOSITIONS)
 def test_half_precision_sparse_close_to_float32_dense(composition, monkeypatch):
-    """bfloat16 on the CPU runs through torch's grouped GEMM (not the CSR products, which MKL runs in float32/64
-    only); rounding aside it is the dense float32 result."""
+    """bfloat16 on the CPU runs through torch's grouped GEMM (not the CSR products, which MKL runs
+    in float32/64 only); rounding aside it is the dense float32 result."""
 
     def refuse(*args):
         raise AssertionError("the CSR kernel ran in bfloat16")
@@ -302,7 +310,7 @@ def test_adding_and_removing_experts_keeps_sparse_equal_to_dense(input_ids):
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-10, atol=1e-10)
     grads = [
         torch.autograd.grad(out.square().mean(), [p for p in m.parameters() if p.requires_grad])
-        for out, m in zip(logits, models)
+        for out, m in zip(logits, models, strict=True)
     ]
     for a, b in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
@@ -334,9 +342,9 @@ def test_auto_keeps_todays_sizes_dense_and_goes_sparse_for_many_experts(cost):
 
 
 def test_auto_rule_for_the_csr_products_follows_their_measured_crossover():
-    """bench/results/sparse_rule_fit.txt (fwd+bwd, d = 576, r 8, k 2): CSR sparse won at E = 32 from 16 tokens
-    and at E = 64 from 16, tied or lost at E = 16 up to 1024; the grouped kernel's rule keeps E = 32 at 128
-    tokens dense."""
+    """bench/results/sparse_rule_fit.txt (fwd+bwd, d = 576, r 8, k 2): CSR sparse won at E = 32 from
+    16 tokens and at E = 64 from 16, tied or lost at E = 16 up to 1024; the grouped kernel's rule
+    keeps E = 32 at 128 tokens dense."""
     for E, tokens in [(32, 16), (32, 128), (64, 16), (64, 128)]:
         assert prefer_sparse(E, 8, 2, tokens, CSR_GROUP_COST), (E, tokens)
     for tokens in (16, 128, 256, 1024):
@@ -353,7 +361,8 @@ def test_auto_rule_for_the_csr_products_follows_their_measured_crossover():
 
 
 def test_auto_dynamic_router_follows_the_observed_number_of_experts(monkeypatch):
-    """LD-MoLE at E = 64: dense while lambda keeps (nearly) every expert, sparse once it routes few."""
+    """LD-MoLE at E = 64: dense while lambda keeps (nearly) every expert, sparse
+    once it routes few."""
     ran = []
     for name in ("gathered", "csr", "dense"):
         monkeypatch.setitem(
@@ -375,8 +384,9 @@ def test_auto_dynamic_router_follows_the_observed_number_of_experts(monkeypatch)
 
 
 def test_auto_dynamic_router_observed_dense_keeps_every_gradient():
-    """auto at E = 64 with nearly every expert on: the codes A x are computed apart from the base product (the
-    routing is known only after it), the rest as dense; values and gradients as execution=dense (float64)."""
+    """auto at E = 64 with nearly every expert on: the codes A x are computed apart from the base
+    product (the routing is known only after it), the rest as dense; values and gradients as
+    execution=dense (float64)."""
     auto = make_layer("dynamic", "params", E=64, r=4)
     with torch.no_grad():
         head = auto.router.lambda_head.net[2]

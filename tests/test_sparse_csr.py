@@ -12,9 +12,10 @@ from lmoe.kernels.grouped import GroupedMixture, route_pairs
 def by_hand(
     g: torch.Tensor, values: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, r: int
 ) -> torch.Tensor:
-    """V (tokens, E*r): pair p's r values at columns expert*r .. expert*r + r-1 of row token, one loop."""
+    """V (tokens, E*r): pair p's r values at columns expert*r .. expert*r + r-1 of
+    row token, one loop."""
     V = torch.zeros(g.shape[0], g.shape[1] * r, dtype=values.dtype)
-    for p, (t, e) in enumerate(zip(token.tolist(), expert.tolist())):
+    for p, (t, e) in enumerate(zip(token.tolist(), expert.tolist(), strict=True)):
         V[t, e * r : (e + 1) * r] = values[p]
     return V
 
@@ -43,7 +44,8 @@ def csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape) -> 
 
 
 def transposed(pat, values: torch.Tensor) -> torch.Tensor:
-    """V^T as the pattern's transpose() describes it: (row pointers, columns, the order of V's values)."""
+    """V^T as the pattern's transpose() describes it: (row pointers, columns, the
+    order of V's values)."""
     t_rows, t_cols, t_order = pat.transpose()
     return csr(t_rows, t_cols, values.reshape(-1)[t_order], pat.shape[::-1])
 
@@ -55,7 +57,7 @@ def test_patterns_are_the_routing_and_its_transpose(name):
     pat = csr_pattern(g, k, r)
     assert pat.token.tolist() == sorted(pat.token.tolist())  # token order
     if k is None:
-        assert {(t, e) for t, e in zip(pat.token.tolist(), pat.expert.tolist())} == {
+        assert {(t, e) for t, e in zip(pat.token.tolist(), pat.expert.tolist(), strict=True)} == {
             tuple(c) for c in g.nonzero().tolist()
         }
     else:
@@ -90,7 +92,10 @@ def test_products_equal_dense_ones(name):
         torch.randn(7, g.shape[1] * r, dtype=torch.float64),
     )
     full = a @ b
-    cells = [full[t, e * r : (e + 1) * r] for t, e in zip(pat.token.tolist(), pat.expert.tolist())]
+    cells = [
+        full[t, e * r : (e + 1) * r]
+        for t, e in zip(pat.token.tolist(), pat.expert.tolist(), strict=True)
+    ]
     want = torch.stack(cells) if cells else full.new_zeros(0, r)
     torch.testing.assert_close(pat.sampled(a, b), want, rtol=1e-12, atol=1e-12)
     dense = torch.randn(
@@ -119,7 +124,8 @@ def test_products_in_float32_are_the_dense_ones():
 @pytest.mark.parametrize("params", [False, True])
 @pytest.mark.parametrize("name", ["dynamic", "top2", "no pairs"])
 def test_csr_mixture_gradcheck_and_grouped_agree(name, params):
-    """float64: torch.autograd.gradcheck of every input, and the grouped-by-expert kernel's values and gradients."""
+    """float64: torch.autograd.gradcheck of every input, and the grouped-by-expert kernel's
+    values and gradients."""
     g0, k = ROUTINGS[name]
     T, E = g0.shape
     r, d_in, d_out = 2, 5, 4
@@ -139,7 +145,8 @@ def test_csr_mixture_gradcheck_and_grouped_agree(name, params):
     def csr(*args):
         return CsrMixture.apply(*args, pat, 1.5, params)
 
-    # g's gradient is checked on the pattern's cells only: elsewhere the kernels leave it at 0 (sparse.py)
+    # g's gradient is checked on the pattern's cells only: elsewhere the kernels
+    # leave it at 0 (sparse.py)
     torch.autograd.gradcheck(lambda y, x, A, B: csr(y, x, A, B, g.detach()), (y, x, A, B))
     on = csr_pattern(g0, k, r)
     cells = (on.token, on.expert)
@@ -156,6 +163,7 @@ def test_csr_mixture_gradcheck_and_grouped_agree(name, params):
     for a, b in zip(
         torch.autograd.grad(out, (y, x, A, B, g), grad),
         torch.autograd.grad(want, (y, x, A, B, g), grad),
+        strict=True,
     ):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
@@ -168,7 +176,8 @@ def test_csr_is_for_cpu_floats_only():
 
 
 def test_the_routers_top_index_gives_the_same_pattern():
-    """Top-k's Routing.top_index (its experts, in the router's order) spares the sparse path a second topk."""
+    """Top-k's Routing.top_index (its experts, in the router's order) spares the sparse
+    path a second topk."""
     from lmoe.routing import topk_route, topk_route_indexed
 
     u = torch.randn(11, 8, generator=torch.Generator().manual_seed(3))

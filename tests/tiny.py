@@ -1,4 +1,5 @@
-"""A tiny byte-level BPE tokenizer with a ChatML template and a tiny Llama on it, built locally (no downloads)."""
+"""A tiny byte-level BPE tokenizer with a ChatML template and a tiny Llama on it, built
+locally (no downloads)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ CORPUS = [
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE (every string encodes, decodes back exactly), about 300 tokens, ChatML template."""
+    """Byte-level BPE (every string encodes, decodes back exactly), about 300
+    tokens, ChatML template."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -79,7 +81,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def peft_lora_dir(base, out: Path, seed: int, **lora) -> Path:
-    """A PEFT LoRA of `base` (a model directory or a model) with random non-zero A and B, saved to out."""
+    """A PEFT LoRA of `base` (a model directory or a model) with random non-zero A
+    and B, saved to out."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -98,7 +101,8 @@ def peft_lora_dir(base, out: Path, seed: int, **lora) -> Path:
 
 
 def fix_routing(model, g):
-    """Make every router return g (E,) for every token: zero gate, bias log g (exp(-inf) = 0 exactly)."""
+    """Make every router return g (E,) for every token: zero gate, bias log g
+    (exp(-inf) = 0 exactly)."""
     with torch.no_grad():
         for name, layer in lmoe_layers(model):
             weights = g[name] if isinstance(g, dict) else g
@@ -108,7 +112,8 @@ def fix_routing(model, g):
 
 
 def train_config(setup, out, **kw):
-    """A short run of the tiny model on setup = (model dir, data file), checkpoints every 3 steps."""
+    """A short run of the tiny model on setup = (model dir, data file),
+    checkpoints every 3 steps."""
     from lmoe.training.config import TrainConfig
 
     model, data = setup
@@ -137,7 +142,8 @@ def train_config(setup, out, **kw):
 
 
 def worker_pythonpath(test_file: str) -> str:
-    """PYTHONPATH for a test file run as a torchrun worker: the repository, tests/ (conftest, tiny), its own folder."""
+    """PYTHONPATH for a test file run as a torchrun worker: the repository, tests/ (conftest,
+    tiny), its own folder."""
     here = Path(test_file).resolve().parent
     tests = next(p for p in (here, *here.parents) if p.name == "tests")
     return os.pathsep.join([str(tests.parent), str(tests), str(here)])

@@ -1,10 +1,11 @@
-"""Routing analysis: how many experts each token uses in each layer, how sure and how loaded the routing
-is, and how much it specialises by skill or domain (I(domain; expert)); as a JSON summary and PNG plots.
+"""Routing analysis: how many experts each token uses in each layer, how sure and how loaded the
+routing is, and how much it specialises by skill or domain (I(domain; expert)); as a JSON
+summary and PNG plots.
 
-The model runs over named groups of batches under `lmoe.record_routing`; every real (unpadded) token, or
-only every answer token (labels != -100), gives one routing vector g (E,) per layer. An expert is active
-for a token when g_i > 0: always all E for softmax, k for top-k, a learned, varying number for LD-MoLE.
-The statistics themselves are pure maths in lmoe.routing_stats.
+The model runs over named groups of batches under `lmoe.record_routing`; every real (unpadded)
+token, or only every answer token (labels != -100), gives one routing vector g (E,) per layer. An
+expert is active for a token when g_i > 0: always all E for softmax, k for top-k, a learned, varying
+number for LD-MoLE. The statistics themselves are pure maths in lmoe.routing_stats.
 """
 
 from __future__ import annotations
@@ -47,12 +48,13 @@ def collect_routing(
     tokens: str = "all",
     progress: bool = True,
 ) -> dict[str, dict[str, Tensor]]:
-    """group name -> layer name -> (tokens, E) float32 CPU routing weights of the group's real tokens
-    (tokens="all") or of its answer tokens (tokens="answer": where the batch's labels are not -100).
+    """group name -> layer name -> (tokens, E) float32 CPU routing weights of the group's real
+    tokens (tokens="all") or of its answer tokens (tokens="answer": where the batch's
+    labels are not -100).
 
-    A batch is a dict with "input_ids" (batch, T) and optionally "attention_mask" (padding is left out) and
-    "labels", or a bare input_ids tensor. Runs in eval mode without gradients; the mode is restored.
-    progress: a bar (or lines) on stderr, counting batches.
+    A batch is a dict with "input_ids" (batch, T) and optionally "attention_mask" (padding is left
+    out) and "labels", or a bare input_ids tensor. Runs in eval mode without gradients; the mode is
+    restored. progress: a bar (or lines) on stderr, counting batches.
     """
     if tokens not in TOKENS:
         raise ValueError(
@@ -79,7 +81,8 @@ def _route_group(
     answers: bool,
     update: Callable[[int], None],
 ) -> dict[str, Tensor]:
-    keep = []  # per batch: which of its real tokens count, in the record's order (row-major, padding left out)
+    # per batch: which of its real tokens count, in the record's order (row-major, padding left out)
+    keep = []
     with record_routing(model) as rec, torch.no_grad():  # the record leaves padding out
         for batch in batches:
             ids = batch["input_ids"] if isinstance(batch, Mapping) else batch
@@ -151,7 +154,8 @@ def held_out_batches(
 def routing_summary(
     model: nn.Module, batches_by_name: Mapping[str, Iterable], tokens: str = "answer"
 ) -> dict:
-    """The JSON-ready statistics (lmoe.routing_stats.summary) of the groups' routing, with the tokens used."""
+    """The JSON-ready statistics (lmoe.routing_stats.summary) of the groups' routing,
+    with the tokens used."""
     return {
         "tokens_used": TOKENS[tokens],
         **summary(routing_stats(collect_routing(model, batches_by_name, tokens))),
@@ -161,22 +165,25 @@ def routing_summary(
 def held_out_specialisation(
     model: nn.Module, tokenizer, mixture: Mixture | None = None, max_length: int = 128
 ) -> dict:
-    """routing_summary on the answer tokens of the built-in mixture's held-out data, grouped by skill/domain:
-    the routing entropy, I(domain; expert), top weight > 0.5 share, active experts and load, per layer."""
+    """routing_summary on the answer tokens of the built-in mixture's held-out data, grouped by
+    skill/domain: the routing entropy, I(domain; expert), top weight > 0.5 share, active experts
+    and load, per layer."""
     return routing_summary(model, held_out_batches(tokenizer, mixture, max_length), "answer")
 
 
 def mean_active_experts(model: nn.Module, batches: Iterable) -> dict[str, float]:
-    """layer name -> mean number of active experts per real token over `batches` (for benchmarks)."""
+    """layer name -> mean number of active experts per real token over `batches`
+    (for benchmarks)."""
     stats = routing_stats(collect_routing(model, {"all": batches}))
-    return dict(zip(stats.layers, stats.mean_active.tolist()))
+    return dict(zip(stats.layers, stats.mean_active.tolist(), strict=True))
 
 
 # ---------------------------------------------------------------- plots
 
 
 def short_layer_names(names: list[str]) -> list[str]:
-    """ "model.layers.3.self_attn.q_proj" -> "3.q_proj", or "3.self_attn.q_proj" where the short form clashes."""
+    """ "model.layers.3.self_attn.q_proj" -> "3.q_proj", or "3.self_attn.q_proj" where the
+    short form clashes."""
     parts = []
     for name in names:
         block = re.search(
@@ -202,8 +209,8 @@ def _heatmap(
     columns: list[str],
     top: float | None = None,
 ) -> None:
-    """values (rows, columns) as colours with a colour bar from 0 to top (default: the values' range); long
-    label lists are thinned to stay readable."""
+    """values (rows, columns) as colours with a colour bar from 0 to top (default: the values'
+    range); long label lists are thinned to stay readable."""
     scale = {} if top is None else {"vmin": 0.0, "vmax": max(top, float(values.max()))}
     im = ax.imshow(values.numpy(), aspect="auto", cmap="viridis", interpolation="nearest", **scale)
     step = max(1, len(rows) // 30)
@@ -245,7 +252,8 @@ def plot_layer_load(stats: RoutingStats, path: Path) -> None:
 
 
 def plot_active_experts(stats: RoutingStats, path: Path) -> None:
-    """Histogram of active experts per token: pooled over layers, and per layer as a heatmap with the mean."""
+    """Histogram of active experts per token: pooled over layers, and per layer as a
+    heatmap with the mean."""
     E, ks = stats.num_experts, list(range(1, stats.num_experts + 1))
     fig = _new_figure(_layers_width(len(stats.layers)) + 4, max(4.0, 0.3 * E + 2.5))
     left, right = fig.subplots(
@@ -282,9 +290,9 @@ def plot_active_experts(stats: RoutingStats, path: Path) -> None:
 
 
 def plot_group_usage(stats: RoutingStats, path: Path) -> None:
-    """Heatmaps of each group's (skill's) mean routing weight per expert: averaged over layers, and in the
-    layer whose routing tells most about the group (expert indices mean nothing across layers). Colours run
-    from 0 to at least 2/E, so that uniform routing (1/E) looks flat."""
+    """Heatmaps of each group's (skill's) mean routing weight per expert: averaged over layers, and
+    in the layer whose routing tells most about the group (expert indices mean nothing across
+    layers). Colours run from 0 to at least 2/E, so that uniform routing (1/E) looks flat."""
     best, top = int(stats.mutual_info.argmax()), 2 / stats.num_experts
     fig = _new_figure(
         2 * max(5.0, 0.5 * stats.num_experts + 3), max(3.0, 0.35 * len(stats.groups) + 1.5)
@@ -310,14 +318,15 @@ def plot_group_usage(stats: RoutingStats, path: Path) -> None:
     )
     right.set(
         xlabel="expert",
-        title=f"Layer {short_layer_names(stats.layers)[best]} (I = {stats.mutual_info[best]:.3f} bit)",
+        title=f"Layer {short_layer_names(stats.layers)[best]} (I = {stats.mutual_info[best]:.3f} "
+        "bit)",
     )
     fig.savefig(path)
 
 
 def plot_specialisation(stats: RoutingStats, path: Path) -> None:
-    """Per layer: mean normalised routing entropy and share of tokens with top weight > 0.5 (left axis),
-    I(group; expert) in bits (right axis)."""
+    """Per layer: mean normalised routing entropy and share of tokens with top weight > 0.5 (left
+    axis), I(group; expert) in bits (right axis)."""
     x, names = range(len(stats.layers)), short_layer_names(stats.layers)
     fig = _new_figure(_layers_width(len(stats.layers)) + 1, 4.0)
     ax = fig.add_subplot()
@@ -341,7 +350,8 @@ def plot_specialisation(stats: RoutingStats, path: Path) -> None:
         ylim=(-0.02, 1.02),
         xlabel="layer",
         ylabel="entropy / share of tokens",
-        title=f"Routing specialisation per layer ({sum(stats.tokens.values())} tokens, {len(stats.groups)} groups)",
+        title=f"Routing specialisation per layer ({sum(stats.tokens.values())} tokens, "
+        f"{len(stats.groups)} groups)",
     )
     step = max(1, len(names) // 50)
     ax.set_xticks(range(0, len(names), step), names[::step], fontsize=7, rotation=90)
@@ -358,14 +368,15 @@ def plot_specialisation(stats: RoutingStats, path: Path) -> None:
 
 
 def _block_and_kind(name: str) -> tuple[int, str]:
-    """ "model.layers.3.self_attn.q_proj" -> (3, "q_proj"); (0, name) where there is no block number."""
+    """ "model.layers.3.self_attn.q_proj" -> (3, "q_proj"); (0, name) where there
+    is no block number."""
     block = re.search(r"(?:^|\.)(\d+)\.(.+)$", name)
     return (int(block.group(1)), block.group(2).rsplit(".", 1)[-1]) if block else (0, name)
 
 
 def plot_experts_per_layer(stats: RoutingStats, path: Path) -> None:
-    """LD-MoLE's view: mean active experts per token against the transformer block, one line per projection,
-    with a band of one standard deviation over tokens."""
+    """LD-MoLE's view: mean active experts per token against the transformer block, one line per
+    projection, with a band of one standard deviation over tokens."""
     kinds: dict[str, list[tuple[int, int]]] = {}
     for i, name in enumerate(stats.layers):
         block, kind = _block_and_kind(name)
@@ -381,7 +392,8 @@ def plot_experts_per_layer(stats: RoutingStats, path: Path) -> None:
         ylim=(0.5, stats.num_experts + 0.5),
         xlabel="transformer block",
         ylabel="active experts per token",
-        title=f"Experts per token by layer (mean {stats.mean_active.mean():.2f} of {stats.num_experts}; band: ±1 std)",
+        title=f"Experts per token by layer (mean {stats.mean_active.mean():.2f} of "
+        f"{stats.num_experts}; band: ±1 std)",
     )
     fig.legend(loc="outside right upper", fontsize=8)
     fig.savefig(path)

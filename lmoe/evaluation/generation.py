@@ -59,7 +59,7 @@ def greedy_replies(
                 tokenizer.pad_token_id,
                 tokenizer.eos_token_id,
             )
-            for row, reply in zip(rows, new):
+            for row, reply in zip(rows, new, strict=True):
                 replies[row] = reply
             update(len(rows))
     return [text.strip() for text in tokenizer.batch_decode(replies, skip_special_tokens=True)]
@@ -84,7 +84,7 @@ def _greedy_batch(
     while True:
         tokens = out.logits[:, -1].argmax(-1).tolist()
         going = []
-        for slot, (row, token) in enumerate(zip(live, tokens)):
+        for slot, (row, token) in enumerate(zip(live, tokens, strict=True)):
             if token != stop_id:
                 replies[row].append(token)
                 if len(replies[row]) < budgets[row]:

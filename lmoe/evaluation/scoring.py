@@ -1,10 +1,11 @@
-"""Evaluation: answer perplexity, greedy exact match per skill, multiple-choice accuracy (letter and cloze;
-every accuracy named by its protocol and template, with a warning where letter is at chance and cloze is not).
+"""Evaluation: answer perplexity, greedy exact match per skill, multiple-choice accuracy (letter and
+cloze; every accuracy named by its protocol and template, with a warning where letter is at
+chance and cloze is not).
 
-Every metric is computed from three primitives: the summed log-probability of the labelled tokens of an
-Example (answer_logprobs), that of continuations sharing one prefix's KV cache (continuation_logprobs),
-and greedy generation from chat prompts (lmoe.evaluation.generation). Every long phase shows its
-progress on stderr (lmoe.evaluation.progress).
+Every metric is computed from three primitives: the summed log-probability of the labelled tokens of
+an Example (answer_logprobs), that of continuations sharing one prefix's KV cache
+(continuation_logprobs), and greedy generation from chat prompts (lmoe.evaluation.generation). Every
+long phase shows its progress on stderr (lmoe.evaluation.progress).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from .progress import phase
 
 log = logging.getLogger(__name__)
 
-# The letter protocol is "at chance" where a one-sided binomial test cannot tell it from guessing at this level,
-# and cloze "clearly above" where the same test puts it above guessing at this one (multiple_choice's warning).
+# The letter protocol is "at chance" where a one-sided binomial test cannot tell it from guessing at
+# this level, and cloze "clearly above" where the same test puts it above guessing at this one
+# (multiple_choice's warning).
 LETTER_AT_CHANCE = 0.05
 CLOZE_ABOVE_CHANCE = 0.001
 # New tokens a greedy reply may run past its answer's length (a full stop, spaces, another casing).
@@ -61,7 +63,7 @@ def answer_logprobs(
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             scores = _logprob_batch(model, [examples[i] for i in rows], pad_id, left)
-            for row, scored in zip(rows, scores):
+            for row, scored in zip(rows, scores, strict=True):
                 results[row] = scored
             update(len(rows))
     return results
@@ -86,7 +88,7 @@ def _logprob_batch(
     picked = rows.gather(-1, targets[chosen][:, None]).squeeze(-1) - rows.logsumexp(-1)
     sums = torch.zeros(len(examples), device=picked.device)
     sums.index_add_(0, chosen.nonzero()[:, 0], picked)
-    return list(zip(sums.tolist(), chosen.sum(1).tolist()))
+    return list(zip(sums.tolist(), chosen.sum(1).tolist(), strict=True))
 
 
 def perplexity(
@@ -95,7 +97,7 @@ def perplexity(
     """domain -> exp(mean negative log-likelihood per answer token) over that domain's examples."""
     nll, count = defaultdict(float), defaultdict(int)
     scores = answer_logprobs(model, examples, pad_id, batch_size, show=True)
-    for ex, (logprob, n) in zip(examples, scores):
+    for ex, (logprob, n) in zip(examples, scores, strict=True):
         nll[ex.domain] -= logprob
         count[ex.domain] += n
     return {domain: math.exp(nll[domain] / count[domain]) for domain in nll if count[domain]}
@@ -112,7 +114,8 @@ def generate(
     top_p: float = 1.0,
     batch_size: int = 32,
 ) -> list[str]:
-    """Replies to chat prompts (a user message string or a list of messages), greedy unless do_sample."""
+    """Replies to chat prompts (a user message string or a list of messages), greedy
+    unless do_sample."""
     model.eval()
     texts = [
         render_prompt(tokenizer, [{"role": "user", "content": p}] if isinstance(p, str) else p)
@@ -167,7 +170,7 @@ def exact_match(
     record["answer"] (after normalise); a reply stops at its end of turn or EM_SLACK tokens past
     its answer's length."""
     hits, totals = defaultdict(int), defaultdict(int)
-    for record, hit in zip(records, exact_hits(model, tokenizer, records, batch_size)):
+    for record, hit in zip(records, exact_hits(model, tokenizer, records, batch_size), strict=True):
         hits[record["domain"]] += hit
         totals[record["domain"]] += 1
     return {domain: hits[domain] / totals[domain] for domain in totals}
@@ -181,11 +184,15 @@ def exact_hits(
     prompts = [r["messages"][:-1] for r in records]
     budgets = [answer_tokens(tokenizer, r["answer"]) + EM_SLACK for r in records]
     replies = greedy_replies(model, tokenizer, prompts, budgets, batch_size)
-    return [normalise(reply) == normalise(r["answer"]) for r, reply in zip(records, replies)]
+    return [
+        normalise(reply) == normalise(r["answer"])
+        for r, reply in zip(records, replies, strict=True)
+    ]
 
 
 def _takes_cache(model: nn.Module) -> bool:
-    """A transformers causal LM (KV cache, position_ids); anything else is scored without prefix sharing."""
+    """A transformers causal LM (KV cache, position_ids); anything else is scored
+    without prefix sharing."""
     return getattr(getattr(model, "config", None), "use_cache", None) is not None
 
 
@@ -197,11 +204,13 @@ def continuation_logprobs(
     progress: bool = True,
     desc: str = "score choices",
 ) -> list[list[float]]:
-    """For each (prefix ids, [continuation ids, ...]): sum of log p(continuation | prefix), per continuation.
+    """For each (prefix ids, [continuation ids, ...]): sum of log p(continuation |
+    prefix), per continuation.
 
-    Each prefix runs once and its KV cache serves all its continuations; requests are batched by prefix
-    length, about batch_tokens (continuations x padded length) per batch. The same numbers as scoring
-    every prefix + continuation on its own (answer_logprobs), which models without a cache get."""
+    Each prefix runs once and its KV cache serves all its continuations; requests are batched by
+    prefix length, about batch_tokens (continuations x padded length) per batch. The same numbers as
+    scoring every prefix + continuation on its own (answer_logprobs), which models
+    without a cache get."""
     order = sorted(range(len(requests)), key=lambda i: (len(requests[i][0]), len(requests[i][1])))
     batches, batch = [], []
     for i in order:
@@ -217,7 +226,9 @@ def continuation_logprobs(
     model.eval()
     with phase(desc, sum(len(c) for _, c in requests), "choice", progress) as update:
         for batch in batches:
-            for i, scores in zip(batch, score(model, [requests[i] for i in batch], pad_id)):
+            for i, scores in zip(
+                batch, score(model, [requests[i] for i in batch], pad_id), strict=True
+            ):
                 results[i] = scores
             update(sum(len(requests[i][1]) for i in batch))
     return results
@@ -236,8 +247,9 @@ def _unshared_batch(model: nn.Module, requests: list, pad_id: int) -> list[list[
 
 @torch.no_grad()
 def _shared_batch(model: nn.Module, requests: list, pad_id: int) -> list[list[float]]:
-    """Prefixes left-padded in one forward (last position's logits only), the cache repeated per continuation,
-    then every continuation right-padded in one forward that attends to its prefix's cache."""
+    """Prefixes left-padded in one forward (last position's logits only), the cache repeated per
+    continuation, then every continuation right-padded in one forward that attends to
+    its prefix's cache."""
     device = _device(model)
     ids, mask = left_padded([prefix for prefix, _ in requests], pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -291,10 +303,10 @@ def multiple_choice(
     progress: bool = True,
     name: str = "multiple choice",
 ) -> dict:
-    """Accuracy on question records by each protocol fmt scores (auto: letter and cloze), each result named by
-    its protocol and template: {"n", "chance", "letter/chat": {"protocol", "template", "acc"}, "cloze/chat":
-    {..., "acc_norm"}}. chance: the mean of 1 / number of choices, what guessing scores.
-    name: what the progress lines call the questions (a file or task)."""
+    """Accuracy on question records by each protocol fmt scores (auto: letter and cloze), each
+    result named by its protocol and template: {"n", "chance", "letter/chat": {"protocol",
+    "template", "acc"}, "cloze/chat": {..., "acc_norm"}}. chance: the mean of 1 / number of choices,
+    what guessing scores. name: what the progress lines call the questions (a file or task)."""
     fmt = fmt or MultipleChoice()
     result = {
         "n": len(records),
@@ -314,8 +326,8 @@ def _accuracy(
     progress: bool,
     name: str,
 ) -> dict:
-    """One protocol: letter (acc: the most likely option letter), or cloze (acc: highest summed log-likelihood
-    of the choice text; acc_norm: per character of the choice, as lm-eval)."""
+    """One protocol: letter (acc: the most likely option letter), or cloze (acc: highest summed
+    log-likelihood of the choice text; acc_norm: per character of the choice, as lm-eval)."""
     hits = choice_hits(model, tokenizer, records, fmt, max_length, progress, name)
     acc, acc_norm = (sum(h[key] for h in hits) / len(records) for key in ("acc", "acc_norm"))
     result = {"protocol": fmt.protocol, "template": fmt.template, "acc": acc}
@@ -350,7 +362,8 @@ def choice_hits(
 
 
 def binomial_tail(hits: int, n: int, p: float) -> float:
-    """P(X >= hits) for X ~ Binomial(n, p), 0 < p < 1: how likely guessing gets at least `hits` of n right."""
+    """P(X >= hits) for X ~ Binomial(n, p), 0 < p < 1: how likely guessing gets at least
+    `hits` of n right."""
     if hits <= 0:
         return 1.0
     terms = [
@@ -366,9 +379,9 @@ def binomial_tail(hits: int, n: int, p: float) -> float:
 
 
 def letter_at_chance(scored: dict) -> str | None:
-    """What to warn of (e.g. "letter 0.248, cloze 0.630 (chance 0.250, n=500)") when multiple_choice's letter
-    accuracy is not above chance (one-sided binomial test against the mean chance, p > LETTER_AT_CHANCE) while
-    cloze's clearly is (p < CLOZE_ABOVE_CHANCE); else None."""
+    """What to warn of (e.g. "letter 0.248, cloze 0.630 (chance 0.250, n=500)") when
+    multiple_choice's letter accuracy is not above chance (one-sided binomial test against the mean
+    chance, p > LETTER_AT_CHANCE) while cloze's clearly is (p < CLOZE_ABOVE_CHANCE); else None."""
     by = {r["protocol"]: r["acc"] for r in scored.values() if isinstance(r, dict)}
     if not {"letter", "cloze"} <= by.keys():
         return None
@@ -380,21 +393,24 @@ def letter_at_chance(scored: dict) -> str | None:
 
 
 def warn_letter_at_chance(sources: dict[str, dict]) -> None:
-    """One warning line naming every source (name -> multiple_choice's result) where letter_at_chance holds."""
+    """One warning line naming every source (name -> multiple_choice's result) where
+    letter_at_chance holds."""
     found = [
         f"{name}: {line}" for name, scored in sources.items() if (line := letter_at_chance(scored))
     ]
     if found:
         log.warning(
-            "lmoe: the letter protocol scores at chance where cloze does not (%s): the model does not "
-            "answer with option letters, so its letter rows say nothing of what it knows; read the cloze "
-            "rows, or train on letter targets (mc.protocol=letter) to teach it the letters.",
+            "lmoe: the letter protocol scores at chance where cloze does not (%s): the model does "
+            "not answer with option letters, so its letter rows say nothing of what it knows; "
+            "read the cloze rows, or train on letter targets (mc.protocol=letter) to teach it the "
+            "letters.",
             "; ".join(found),
         )
 
 
 def evaluate_mixture(model: nn.Module, tokenizer, mixture: Mixture, max_length: int = 256) -> dict:
-    """Held-out metrics of the built-in mixture: exact match per skill, answer perplexity per domain."""
+    """Held-out metrics of the built-in mixture: exact match per skill, answer
+    perplexity per domain."""
     results = {}
     if mixture.skills:
         results["exact_match"] = exact_match(model, tokenizer, mixture.skill_items("test"))
@@ -475,9 +491,9 @@ def evaluate_benchmarks(
     fmt: MultipleChoice | None = None,
     max_length: int = 512,
 ) -> dict:
-    """Accuracy on each benchmark's test split (fmt.test_items questions of it, 0: all), "bench:NAME":
-    multiple_choice's result, and "bench:average": {protocol/template: the tasks' unweighted mean acc (and
-    acc_norm), with its protocol and template}."""
+    """Accuracy on each benchmark's test split (fmt.test_items questions of it, 0: all),
+    "bench:NAME": multiple_choice's result, and "bench:average": {protocol/template: the tasks'
+    unweighted mean acc (and acc_norm), with its protocol and template}."""
     fmt = fmt or MultipleChoice()
     results = {
         benchmarks.PREFIX + name: multiple_choice(
@@ -506,8 +522,9 @@ def evaluate_benchmarks(
 
 
 def format_table(runs: dict[str, dict]) -> str:
-    """Side-by-side table: one row per number in the runs' results, labelled by its keys (e.g. "perplexity
-    german", "multiple_choice:mc letter/chat acc"), one column per run (e.g. base, trained)."""
+    """Side-by-side table: one row per number in the runs' results, labelled by its keys (e.g.
+    "perplexity german", "multiple_choice:mc letter/chat acc"), one column per run
+    (e.g. base, trained)."""
     names = list(runs)
     rows = {}
     for name in names:
@@ -529,7 +546,8 @@ def format_table(runs: dict[str, dict]) -> str:
 
 
 def _numbers(results: dict, labels: tuple[str, ...] = ()):
-    """(label, number) for every number in nested results; the names (protocol, template) are in the labels."""
+    """(label, number) for every number in nested results; the names (protocol, template)
+    are in the labels."""
     for key, value in results.items():
         if isinstance(value, dict):
             yield from _numbers(value, (*labels, key))

@@ -1,5 +1,6 @@
-"""Training checkpoints: adapter + optimizer + scheduler + TrainState in one file, written whole by the main
-process and restored into any number of processes; --resume refuses a checkpoint of another mixture."""
+"""Training checkpoints: adapter + optimizer + scheduler + TrainState in one file, written whole by
+the main process and restored into any number of processes; --resume refuses a checkpoint
+of another mixture."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ CHECKPOINT = "checkpoint.pt"
 
 @dataclass
 class TrainState:
-    """What a checkpoint restores besides the adapter weights; independent of the number of processes."""
+    """What a checkpoint restores besides the adapter weights; independent of the
+    number of processes."""
 
     step: int = 0
     elapsed_s: float = 0.0
@@ -28,7 +30,8 @@ class TrainState:
     global_batch: int = 0  # examples per global batch, 0 before the first step
 
 
-# whole (unsharded) tensors on the CPU, trainable ones only: what a checkpoint and the gathered model hold
+# whole (unsharded) tensors on the CPU, trainable ones only: what a checkpoint and
+# the gathered model hold
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
 
@@ -56,8 +59,9 @@ def save_checkpoint(
 
 
 def one_name_per_tensor(model: nn.Module, state: dict) -> dict:
-    """state without the extra names of shared tensors (LD-MoLE's lambda heads sit under every layer's path,
-    and FSDP loads a sharded tensor under one name only): the names model.named_parameters() gives."""
+    """state without the extra names of shared tensors (LD-MoLE's lambda heads sit under every
+    layer's path, and FSDP loads a sharded tensor under one name only): the names
+    model.named_parameters() gives."""
     module = extract_model_from_parallel(model)
     names = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
     return {key: value for key, value in state.items() if key in names}
@@ -68,8 +72,8 @@ def mixture_of(model: nn.Module) -> LMoEConfig:
 
 
 def check_same_mixture(saved: dict | None, current: dict) -> None:
-    """--resume continues the checkpoint's mixture: every LMoEConfig field but the loss weights must match
-    (a checkpoint written before the mixture was recorded in it is not checked)."""
+    """--resume continues the checkpoint's mixture: every LMoEConfig field but the loss weights must
+    match (a checkpoint written before the mixture was recorded in it is not checked)."""
     if saved is None:
         return
     free = set(AUX_COEFS.values())  # a loss weight may be changed on resume

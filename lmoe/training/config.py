@@ -24,8 +24,8 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 STRATEGIES = ("ddp", "fsdp")  # how several processes (torchrun / accelerate launch) share the work
 
 
-# The default run's mixture: 4 softmax-routed rank-4 experts on the attention and MLP inputs. A partial
-# `lmoe:` section (file or `lmoe.x=...` overrides) changes only the fields it names.
+# The default run's mixture: 4 softmax-routed rank-4 experts on the attention and MLP inputs. A
+# partial `lmoe:` section (file or `lmoe.x=...` overrides) changes only the fields it names.
 DEFAULT_LMOE = dict(
     num_experts=4,
     rank=4,
@@ -36,10 +36,11 @@ DEFAULT_LMOE = dict(
 )
 
 
-# LD-MoLE's released settings (eshentw/LD-MoLE: conf/finetune.yaml, conf/model/*.yaml, conf/task/*.yaml, run.sh):
-# label smoothing 0.1, AdamW weight decay 0.1 on experts, routers and lambda heads, LoRA dropout 0.1 read by the
-# experts, the gate and the lambda head alike, 8 experts of rank 8 (alpha 16) composed by outputs on all seven
-# projections, dynamic routing with load balance 1.0. Their learning rate (1e-4 over 3-10 epochs) is left to `lr`.
+# LD-MoLE's released settings (eshentw/LD-MoLE: conf/finetune.yaml, conf/model/*.yaml,
+# conf/task/*.yaml, run.sh): label smoothing 0.1, AdamW weight decay 0.1 on experts, routers and
+# lambda heads, LoRA dropout 0.1 read by the experts, the gate and the lambda head alike, 8 experts
+# of rank 8 (alpha 16) composed by outputs on all seven projections, dynamic routing with load
+# balance 1.0. Their learning rate (1e-4 over 3-10 epochs) is left to `lr`.
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RECIPES = {
     "ld-mole": dict(
@@ -75,8 +76,10 @@ RESUMABLE = frozenset(
         "max_bad_steps",  # when NaN/inf steps stop the run
         "gradient_checkpointing",  # recomputes activations (same dropout masks): memory, not math
         "output_dir",  # a moved run: it is read from where it is now
-        "batch_size",  # per process: the loop refuses a change of batch_size x processes (data read)
-        # the loss weights: the checkpoint's tensors do not depend on them (its mixture check allows it)
+        # per process: the loop refuses a change of batch_size x processes (data read)
+        "batch_size",
+        # the loss weights: the checkpoint's tensors do not depend on them (its
+        # mixture check allows it)
         *(f"lmoe.{coef}" for coef in AUX_COEFS.values()),
     }
 )
@@ -377,10 +380,9 @@ class TrainConfig:
         )
         if self.lmoe.router == "dynamic":
             raise ValueError(
-                f"TrainConfig.temperature_start={self.temperature_start!r}: lmoe.router=dynamic has no "
-                "temperature (sparsegen's lambda sets how sparse it is). Drop temperature_start, "
-                "or "
-                "use lmoe.router=softmax or topk."
+                f"TrainConfig.temperature_start={self.temperature_start!r}: lmoe.router=dynamic "
+                "has no temperature (sparsegen's lambda sets how sparse it is). Drop "
+                "temperature_start, or use lmoe.router=softmax or topk."
             )
 
     def _apply_recipe(self) -> None:
@@ -440,8 +442,8 @@ class TrainConfig:
         )
         if self.frozen_experts and self.init_adapter is None:
             raise ValueError(
-                f"TrainConfig.frozen_experts={self.frozen_experts} needs init_adapter=DIR: it keeps "
-                "experts of a saved mixture as they are (e.g. after `lmoe experts add "
+                f"TrainConfig.frozen_experts={self.frozen_experts} needs init_adapter=DIR: it "
+                "keeps experts of a saved mixture as they are (e.g. after `lmoe experts add "
                 "mixture=MIX fresh=1 out=DIR`). Give the adapter, or drop frozen_experts."
             )
         if self.frozen_experts and not self.train_experts:
@@ -550,8 +552,9 @@ def _merged(base: dict, top: dict) -> dict:
 
 
 def adapter_lmoe(directory: str, given: dict | LMoEConfig) -> LMoEConfig:
-    """The mixture of the adapter training starts from. An `lmoe` section (`given`) may only repeat its
-    values: a partial one (a dict) names the fields it sets; a whole one counts as unset when it is the default."""
+    """The mixture of the adapter training starts from. An `lmoe` section (`given`) may only repeat
+    its values: a partial one (a dict) names the fields it sets; a whole one counts as unset when
+    it is the default."""
     if not (Path(directory) / CONFIG_FILE).is_file():
         raise FileNotFoundError(
             f"TrainConfig.init_adapter={directory!r}: no adapter there ({CONFIG_FILE} is "
@@ -573,9 +576,9 @@ def adapter_lmoe(directory: str, given: dict | LMoEConfig) -> LMoEConfig:
     ]
     if clash:
         raise ValueError(
-            f"TrainConfig: init_adapter={directory} brings its own mixture, and the lmoe section sets "
-            f"{'; '.join(clash)}. Drop those lmoe keys to train the adapter's mixture, or drop "
-            "init_adapter to train fresh experts."
+            f"TrainConfig: init_adapter={directory} brings its own mixture, and the lmoe section "
+            f"sets {'; '.join(clash)}. Drop those lmoe keys to train the adapter's mixture, or "
+            "drop init_adapter to train fresh experts."
         )
     return saved
 

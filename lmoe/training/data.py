@@ -34,7 +34,8 @@ def validation_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
         ]
     if not records:
         raise ValueError(
-            f"TrainConfig.eval_every={cfg.eval_every} needs held-out data: with your own data, give "
-            "eval_data=[held_out.jsonl] (prompt/completion or chat records), or set eval_every=0."
+            f"TrainConfig.eval_every={cfg.eval_every} needs held-out data: with your own data, "
+            "give eval_data=[held_out.jsonl] (prompt/completion or chat records), or set "
+            "eval_every=0."
         )
     return encode_all(tokenizer, records, cfg.max_length)

@@ -1,5 +1,6 @@
-"""Processes and devices for training: accelerate's Accelerator (autocast, gloo on CPU), DDP or FSDP2
-(fully_shard) over several processes, and the trained model gathered whole for saving and evaluation."""
+"""Processes and devices for training: accelerate's Accelerator (autocast, gloo on CPU), DDP or
+FSDP2 (fully_shard) over several processes, and the trained model gathered whole for
+saving and evaluation."""
 
 from __future__ import annotations
 
@@ -21,21 +22,24 @@ from .config import TrainConfig
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """The processes (torchrun / accelerate launch), the device and autocast; cfg.distributed picks the sharding."""
+    """The processes (torchrun / accelerate launch), the device and autocast; cfg.distributed
+    picks the sharding."""
     # accelerate starts gloo on CPU only when told to; under torchrun without a GPU, tell it
     cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    # accelerate keeps one precision per process; forget the last run's so train() can run again with
-    # another (a notebook, a sweep). The process group (PartialState) stays.
+    # accelerate keeps one precision per process; forget the last run's so train() can run again
+    # with another (a notebook, a sweep). The process group (PartialState) stays.
     AcceleratorState._reset_state()
     return Accelerator(mixed_precision=mixed_precision(cfg.precision), cpu=cpu)
 
 
 def distribute(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module) -> nn.Module:
-    """DDP through accelerate, or with distributed=fsdp and several processes, torch's FSDP2 (fully_shard):
-    each decoder layer (the model's _no_split_modules), then the root. Mixed precision is autocast in both.
+    """DDP through accelerate, or with distributed=fsdp and several processes, torch's FSDP2
+    (fully_shard): each decoder layer (the model's _no_split_modules), then the root. Mixed
+    precision is autocast in both.
 
-    Modules that several decoder layers share (LD-MoLE's lambda heads) belong to the root's unit, which
-    stays gathered from the forward through the backward; each layer's unit leaves them alone."""
+    Modules that several decoder layers share (LD-MoLE's lambda heads) belong to the root's unit,
+    which stays gathered from the forward through the backward; each layer's unit
+    leaves them alone."""
     if cfg.distributed != "fsdp" or accelerator.num_processes == 1:
         return accelerator.prepare_model(model)
     blocks = set(getattr(model, "_no_split_modules", None) or [])
@@ -72,9 +76,9 @@ def mixed_precision(precision: str) -> str:
 def single_process_model(
     accelerator: Accelerator, model: nn.Module, fresh: Callable[[], nn.Module]
 ) -> nn.Module:
-    """The trained model whole on the main process, for saving and evaluation. Every process calls this:
-    FSDP's shards are gathered (collectively) into fresh() there (the base with the run's starting adapter,
-    whose frozen experts are not gathered); the others keep their shards."""
+    """The trained model whole on the main process, for saving and evaluation. Every process calls
+    this: FSDP's shards are gathered (collectively) into fresh() there (the base with the run's
+    starting adapter, whose frozen experts are not gathered); the others keep their shards."""
     if not isinstance(model, FSDPModule):  # DDP keeps a whole copy in every process
         return accelerator.unwrap_model(model)
     adapter, _ = get_state_dict(
@@ -94,7 +98,8 @@ def clip_grad_norm(accelerator: Accelerator, model: nn.Module, max_norm: float) 
     A router stores its parameters divided by its scale c (routing.ScaledLinear), so their gradients
     are c times those of the weights they stand for; counted as stored, the routers would weigh c^2
     times as much in the norm. They are counted divided by c, so the clipping (and, Adam being
-    invariant to a gradient's scale, the update) is what routers at c times the learning rate get."""
+    invariant to a gradient's scale, the update) is what routers at c times the
+    learning rate get."""
     routers = [m for m in model.modules() if isinstance(m, ScaledLinear) and m.scale != 1]
     scaled = [
         (p, m.scale) for m in routers for p in m.parameters(recurse=False) if p.grad is not None

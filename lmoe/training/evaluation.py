@@ -39,8 +39,8 @@ ROUTING_SUMMARY = (
 def validation_loss(
     accelerator: Accelerator, model: nn.Module, examples: list[Example], pad_id: int
 ) -> float:
-    """Mean negative log-likelihood per answer token of the held-out examples. Every process scores all of
-    them (the same value everywhere; FSDP's forwards need every process anyway)."""
+    """Mean negative log-likelihood per answer token of the held-out examples. Every process scores
+    all of them (the same value everywhere; FSDP's forwards need every process anyway)."""
     with accelerator.autocast():
         scores = answer_logprobs(accelerator.unwrap_model(model), examples, pad_id)
     model.train()
@@ -48,9 +48,9 @@ def validation_loss(
 
 
 def evaluate_all(model: nn.Module, tokenizer, cfg: TrainConfig) -> dict:
-    """The built-in mixture's held-out metrics (when training on it), the test split of every benchmark in data
-    or eval_data, and every eval_data file (grouped by cfg.eval_group; exact match up to
-    cfg.eval_max_answer_tokens). Says on stderr which model it scores; each phase shows its
+    """The built-in mixture's held-out metrics (when training on it), the test split of every
+    benchmark in data or eval_data, and every eval_data file (grouped by cfg.eval_group; exact match
+    up to cfg.eval_max_answer_tokens). Says on stderr which model it scores; each phase shows its
     progress."""
     files = [p for p in cfg.eval_data if not task_names([p])]
     tasks = task_names(cfg.data + cfg.eval_data)

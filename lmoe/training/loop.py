@@ -2,11 +2,12 @@
 
 Read top to bottom: train() builds everything, then runs steps; each step averages grad_accum
 micro-batches, clips, steps the optimizer, logs, and every save_every steps writes a checkpoint
-(adapter + optimizer + scheduler + step) that train(cfg, resume=True) restores exactly. Each step reseeds torch from
-(seed, step, process): dropout differs between processes, and a resumed run draws what the uninterrupted
-one drew. The building blocks: train_config (TrainConfig), train_data and train_eval (what a run reads and
-how it is scored), checkpoint, metrics_log, distributed (processes, DDP/FSDP2), start (what is
-checked before anything loads; --resume), interrupt (SIGINT/SIGTERM: the steps done saved).
+(adapter + optimizer + scheduler + step) that train(cfg, resume=True) restores exactly. Each step
+reseeds torch from (seed, step, process): dropout differs between processes, and a resumed run draws
+what the uninterrupted one drew. The building blocks: train_config (TrainConfig), train_data and
+train_eval (what a run reads and how it is scored), checkpoint, metrics_log, distributed (processes,
+DDP/FSDP2), start (what is checked before anything loads; --resume), interrupt (SIGINT/SIGTERM:
+the steps done saved).
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ logger = logging.getLogger(__name__)
 
 
 def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
-    """LR multiplier: linear from 1/warmup to 1 over `warmup` steps, then cosine decay to 0 at `total`."""
+    """LR multiplier: linear from 1/warmup to 1 over `warmup` steps, then cosine
+    decay to 0 at `total`."""
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -71,20 +73,24 @@ def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:
-    """Seed torch (CPU and GPUs) for one optimizer step of one process: the processes draw different dropout
-    masks, and a resumed run (with any number of processes) draws the masks of the uninterrupted one."""
+    """Seed torch (CPU and GPUs) for one optimizer step of one process: the processes draw different
+    dropout masks, and a resumed run (with any number of processes) draws the masks of the
+    uninterrupted one."""
     torch.manual_seed(random.Random(f"{seed}/{step}/{rank}").getrandbits(63))
 
 
 @dataclass
 class TrainResult:
-    """What train() returns. With several processes only the main one evaluates and holds the whole model:
-    the others return results={} and their own copy (DDP) or shards (FSDP) of the trained model."""
+    """What train() returns. With several processes only the main one evaluates and holds the whole
+    model: the others return results={} and their own copy (DDP) or shards (FSDP) of
+    the trained model."""
 
     model: nn.Module
     tokenizer: Any
     adapter_dir: Path
-    results: dict  # run name ("base", "trained") -> metric -> task -> value (multiple choice: -> protocol/template)
+    # run name ("base", "trained") -> metric -> task -> value
+    # (multiple choice: -> protocol/template)
+    results: dict
 
 
 def train(
@@ -232,9 +238,9 @@ def _evaluate(
 
 
 def add_adapter(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """The mixture training starts from: the saved init_adapter, or fresh experts seeded alike in every
-    process; train_experts=False then freezes every expert, so only the routers learn, and frozen_experts the
-    experts it names, so the others and the routers learn."""
+    """The mixture training starts from: the saved init_adapter, or fresh experts seeded alike in
+    every process; train_experts=False then freezes every expert, so only the routers learn, and
+    frozen_experts the experts it names, so the others and the routers learn."""
     if cfg.init_adapter:
         load_adapter(model, cfg.init_adapter)
     else:
@@ -261,9 +267,9 @@ def _run_steps(
     stop: Interrupts,
     score: Callable[[], float] | None = None,
 ) -> bool:
-    """Optimizer steps state.step+1 .. cfg.steps; each averages grad_accum micro-batches per process.
-    score: the held-out loss, logged every cfg.eval_every steps. Returns whether a signal (stop, in
-    any process) ended the run early, after a step whose checkpoint it saved."""
+    """Optimizer steps state.step+1 .. cfg.steps; each averages grad_accum micro-batches per
+    process. score: the held-out loss, logged every cfg.eval_every steps. Returns whether a signal
+    (stop, in any process) ended the run early, after a step whose checkpoint it saved."""
     ranks, rank = accelerator.num_processes, accelerator.process_index
     global_batch = (
         cfg.batch_size * ranks
@@ -357,11 +363,13 @@ def _run_steps(
 
 
 class NonFiniteLoss(ValueError):
-    """max_bad_steps steps in a row had a NaN/inf loss or gradient; the last good checkpoint is kept."""
+    """max_bad_steps steps in a row had a NaN/inf loss or gradient; the last good
+    checkpoint is kept."""
 
 
 def _skip_step(cfg: TrainConfig, step: int, bad: int, skipped: int) -> tuple[int, int]:
-    """Log a step whose update was dropped for a NaN/inf loss or gradient; stop after max_bad_steps in a row."""
+    """Log a step whose update was dropped for a NaN/inf loss or gradient; stop after
+    max_bad_steps in a row."""
     logger.warning(
         "lmoe: step %d skipped: the loss or gradient is NaN/inf (%d in a row, %d in this run)",
         step,
@@ -386,9 +394,9 @@ def _skip_step(cfg: TrainConfig, step: int, bad: int, skipped: int) -> tuple[int
 def _accumulate(
     accelerator, model, batches, pad_id, stop: bool = False
 ) -> tuple[float, float, dict, int, bool]:
-    """Forward + backward of each micro-batch; returns the step's LM and aux loss, the aux terms and the routing's
-    means per token and layer (ROUTING_COLUMNS: experts in use, normalised entropy, share with top
-    weight > 0.5, effective support size, top expert's share),
+    """Forward + backward of each micro-batch; returns the step's LM and aux loss, the aux terms and
+    the routing's means per token and layer (ROUTING_COLUMNS: experts in use, normalised entropy,
+    share with top weight > 0.5, effective support size, top expert's share),
     tokens, and whether any process asked to stop (its `stop`): all over all processes.
 
     Each micro-batch's LM loss is its mean over the answer tokens of all processes (as one process
@@ -437,7 +445,7 @@ def _accumulate(
     # the one sync of the step
     lm, aux, tokens, *sums, stops = accelerator.reduce(totals, "sum").tolist()
     routing, pairs, values = sums[:routed], sums[routed], sums[routed + 1 :]
-    stats = {k: v for k, v in zip(AUX_COEFS, values) if k in terms} | {
-        k: v / max(pairs, 1) for k, v in zip(ROUTING_COLUMNS, routing)
+    stats = {k: v for k, v in zip(AUX_COEFS, values, strict=True) if k in terms} | {
+        k: v / max(pairs, 1) for k, v in zip(ROUTING_COLUMNS, routing, strict=True)
     }
     return lm, aux, stats, int(tokens), stops > 0

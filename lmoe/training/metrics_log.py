@@ -29,7 +29,8 @@ COLUMNS = [
 
 
 class MetricsLog:
-    """metrics.csv (rows after the resumed step are dropped) and TensorBoard when it is installed."""
+    """metrics.csv (rows after the resumed step are dropped) and TensorBoard
+    when it is installed."""
 
     def __init__(self, directory: Path, resume_step: int) -> None:
         self.path = directory / METRICS

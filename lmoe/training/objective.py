@@ -1,5 +1,6 @@
-"""The LM part of the training objective: next-token cross-entropy, optionally label-smoothed (LD-MoLE's recipe
-uses 0.1). Installed as the model's `loss_function`, so `model(..., labels=...).loss` carries it in any loop."""
+"""The LM part of the training objective: next-token cross-entropy, optionally label-smoothed
+(LD-MoLE's recipe uses 0.1). Installed as the model's `loss_function`, so
+`model(..., labels=...).loss` carries it in any loop."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from torch import Tensor, nn
 
 
 class SmoothedCausalLMLoss:
-    """transformers' ForCausalLMLoss with label smoothing eps: (1 - eps) * NLL + eps * mean_k(-log p_k) per
-    answer token, then the mean over answer tokens (or their sum / num_items_in_batch, as Trainer asks)."""
+    """transformers' ForCausalLMLoss with label smoothing eps: (1 - eps) * NLL + eps * mean_k(-log
+    p_k) per answer token, then the mean over answer tokens (or their sum / num_items_in_batch,
+    as Trainer asks)."""
 
     def __init__(self, eps: float) -> None:
         self.eps = eps
@@ -41,7 +43,8 @@ class SmoothedCausalLMLoss:
 
 
 def set_label_smoothing(model: nn.Module, eps: float) -> None:
-    """Make model(..., labels=...).loss label-smoothed by eps (0: transformers' own loss, untouched)."""
+    """Make model(..., labels=...).loss label-smoothed by eps (0: transformers' own
+    loss, untouched)."""
     if eps == 0:
         return
     if not hasattr(type(model), "loss_function"):

@@ -68,10 +68,11 @@ FUSED_DEVICES = ("cpu", "cuda")
 
 
 def adamw(groups: list[dict], **kwargs) -> torch.optim.AdamW:
-    """torch's AdamW over the groups, fused (one kernel per parameter group and step) where every parameter is
-    a plain floating-point tensor on the CPU or a CUDA GPU: the same update as the per-tensor loop torch uses
-    by default on the CPU, in one pass over memory instead of a dozen: 3.5-3.9x faster over the 156M expert
-    values of E = 64 on SmolLM2 (bench/RESULTS.md, "Sparse routing"), where the experts outnumber the base."""
+    """torch's AdamW over the groups, fused (one kernel per parameter group and step) where every
+    parameter is a plain floating-point tensor on the CPU or a CUDA GPU: the same update as the
+    per-tensor loop torch uses by default on the CPU, in one pass over memory instead of a dozen:
+    3.5-3.9x faster over the 156M expert values of E = 64 on SmolLM2 (bench/RESULTS.md, "Sparse
+    routing"), where the experts outnumber the base."""
     params = [p for group in groups for p in group["params"]]
     fused = (
         bool(params)
@@ -87,8 +88,9 @@ def adamw(groups: list[dict], **kwargs) -> torch.optim.AdamW:
 def scale_router_lr(
     optimizer: torch.optim.Optimizer, model: nn.Module, router_lr_scale: float
 ) -> None:
-    """Move the routers' parameters of every group of a fresh optimizer into a copy of that group (same
-    weight decay, betas, ...) whose lr is router_lr_scale times the group's. Before the first step only."""
+    """Move the routers' parameters of every group of a fresh optimizer into a copy of that group
+    (same weight decay, betas, ...) whose lr is router_lr_scale times the group's. Before
+    the first step only."""
     if router_lr_scale == 1:
         return
     routers = router_parameter_ids(model)

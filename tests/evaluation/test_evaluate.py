@@ -1,4 +1,5 @@
-"""lmoe.evaluation.scoring against hand-computed references: a bigram model whose log-probabilities we know."""
+"""lmoe.evaluation.scoring against hand-computed references: a bigram model whose
+log-probabilities we know."""
 
 import json
 import math
@@ -15,7 +16,8 @@ from lmoe.data.encoding import Example, encode
 
 
 class Bigram(nn.Module):
-    """logits[t] = table[input_ids[t]]: next-token log-probs are a fixed table, easy to compute by hand."""
+    """logits[t] = table[input_ids[t]]: next-token log-probs are a fixed table, easy
+    to compute by hand."""
 
     def __init__(self, table: torch.Tensor) -> None:
         super().__init__()
@@ -143,7 +145,7 @@ def test_exact_match_per_domain_normalises_case_space_and_full_stop(tok, monkeyp
 def test_generate_greedy_matches_step_by_step_argmax(tok):
     model = tiny_llama(len(tok))
     replies = ev.generate(model, tok, ["the cat", "What is 12 + 30? please"], max_new_tokens=5)
-    for prompt, reply in zip(["the cat", "What is 12 + 30? please"], replies):
+    for prompt, reply in zip(["the cat", "What is 12 + 30? please"], replies, strict=True):
         ids = tok(
             ev.render_prompt(tok, [{"role": "user", "content": prompt}]),
             add_special_tokens=False,
@@ -190,11 +192,12 @@ def test_format_table_side_by_side():
     assert len(lines) == 5
 
 
-# ---------------------------------------------------------------- multiple choice on a real (tiny) transformer
+# ----------------------------------------------------- multiple choice on a real (tiny) transformer
 
 
 def _brute_force(model, prefix, continuation):
-    """log p(continuation | prefix) from one unpadded, uncached forward of prefix + continuation (float64)."""
+    """log p(continuation | prefix) from one unpadded, uncached forward of prefix +
+    continuation (float64)."""
     ids = torch.tensor([prefix + continuation])
     with torch.no_grad():
         logp = torch.log_softmax(model(ids).logits[0].double(), -1)
@@ -202,7 +205,8 @@ def _brute_force(model, prefix, continuation):
 
 
 def sharp_llama(vocab: int, seed: int):
-    """A tiny Llama with sharp attention (query and key weights x 8), so that a wrong position or mask shows."""
+    """A tiny Llama with sharp attention (query and key weights x 8), so that a wrong
+    position or mask shows."""
     model = tiny_llama(vocab, seed=seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -255,8 +259,8 @@ def test_prefix_shared_scores_equal_each_sequence_scored_alone(
 
 
 def test_letter_accuracy_against_a_loop_over_the_options(tok):
-    """The letter picked by one forward of each prompt is the argmax of log p(letter | prompt) over options,
-    each option scored by its own forward of the chat prompt followed by that letter."""
+    """The letter picked by one forward of each prompt is the argmax of log p(letter | prompt) over
+    options, each option scored by its own forward of the chat prompt followed by that letter."""
     model = tiny_llama(len(tok), seed=5)
     hits = 0
     for q in QUESTIONS:
@@ -291,7 +295,8 @@ def test_letter_accuracy_against_a_loop_over_the_options(tok):
 def test_a_question_longer_than_max_length_is_scored_with_its_prompt_cut_from_the_left(
     tok, tmp_path, caplog
 ):
-    """The ARC-E crash: a long question used to lose its answer to truncation and shift every later score."""
+    """The ARC-E crash: a long question used to lose its answer to truncation and shift
+    every later score."""
     model = tiny_llama(len(tok), seed=1)
     rows = [
         {
@@ -331,7 +336,7 @@ def test_a_choice_longer_than_max_length_is_an_error_naming_the_question(tok, tm
         )
 
 
-# ---------------------------------------------------------------- which protocol, and when letter is at chance
+# ----------------------------------------------------- which protocol, and when letter is at chance
 
 
 def test_auto_scores_both_protocols_as_each_alone(tok):
@@ -391,8 +396,9 @@ def test_letter_at_chance_needs_letter_within_chance_and_cloze_clearly_above():
 
 
 def _questions_the_model_answers_by_cloze(model, tok, n=40, k=4):
-    """n questions of k choices whose gold is the choice the model's cloze scores pick, rotated so that the
-    gold stands at every position equally often (cloze scores do not depend on the choices' order)."""
+    """n questions of k choices whose gold is the choice the model's cloze scores pick, rotated so
+    that the gold stands at every position equally often (cloze scores do not depend on
+    the choices' order)."""
     words = [
         "sat",
         "the mat",
@@ -421,7 +427,7 @@ def _questions_the_model_answers_by_cloze(model, tok, n=40, k=4):
         progress=False,
     )
     out = []
-    for i, (q, s) in enumerate(zip(base, scores)):
+    for i, (q, s) in enumerate(zip(base, scores, strict=True)):
         best = max(range(k), key=s.__getitem__)
         shift = (best - i % k) % k  # choices[best] moves to position i % k
         out.append({**q, "choices": q["choices"][shift:] + q["choices"][:shift], "gold": i % k})
@@ -465,7 +471,8 @@ def test_no_warning_where_letter_accuracy_is_above_chance(tok, caplog):
         progress=False,
     )
     by_letter = [
-        {**q, "gold": max(range(len(s)), key=s.__getitem__)} for q, s in zip(questions, scores)
+        {**q, "gold": max(range(len(s)), key=s.__getitem__)}
+        for q, s in zip(questions, scores, strict=True)
     ]
     with caplog.at_level("WARNING"):
         got = ev.multiple_choice(model, tok, by_letter, progress=False)

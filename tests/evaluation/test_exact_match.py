@@ -62,7 +62,7 @@ def test_batched_greedy_replies_equal_one_by_one_decoding(stopping, batch_size, 
     got = greedy_replies(
         model, tok, prompts, budgets, batch_size, show=False, batch_tokens=batch_tokens
     )  # 60 tokens: batches of 1 to 3 prompts
-    want = [reference_reply(model, tok, p, b) for p, b in zip(PROMPTS, budgets)]
+    want = [reference_reply(model, tok, p, b) for p, b in zip(PROMPTS, budgets, strict=True)]
     assert got == [tok.decode(ids, skip_special_tokens=True).strip() for ids, _ in want]
     ended = [by_eos for _, by_eos in want]
     assert any(ended) and not all(ended)  # both ways of stopping are taken
@@ -77,7 +77,7 @@ def test_batched_perplexity_equals_each_sequence_alone():
             "messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}],
             "domain": d,
         }
-        for p, a, d in zip(PROMPTS, reversed(PROMPTS), "abababab")
+        for p, a, d in zip(PROMPTS, reversed(PROMPTS), "abababab", strict=True)
     ]
     examples = [encode(tok, r) for r in records + [{"text": "the cat sat", "domain": "a"}]]
     batched = ev.answer_logprobs(model, examples, tok.pad_token_id, batch_size=4)
@@ -90,7 +90,8 @@ def test_batched_perplexity_equals_each_sequence_alone():
         rtol=1e-5,
         atol=1e-4,
     )
-    for ex, (logprob, _) in zip(examples, alone):  # one sequence against a float64 forward of it
+    # one sequence against a float64 forward of it
+    for ex, (logprob, _) in zip(examples, alone, strict=True):
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([ex.input_ids])).logits[0].double(), -1)
         want = sum(
@@ -169,7 +170,10 @@ def test_cli_eval_groups_by_key_and_shows_progress_without_a_terminal(tmp_path, 
     model = tiny_model_dir(tmp_path / "model")
     path = write_jsonl(
         tmp_path / "own.jsonl",
-        [{"prompt": p, "completion": "sat", "skill": s} for p, s in zip(PROMPTS, "xyxyxyxy")],
+        [
+            {"prompt": p, "completion": "sat", "skill": s}
+            for p, s in zip(PROMPTS, "xyxyxyxy", strict=True)
+        ],
     )
     main(["eval", f"model={model}", f"data=[{path}]", "group=skill", f"json={tmp_path / 'r.json'}"])
     results = json.loads((tmp_path / "r.json").read_text())

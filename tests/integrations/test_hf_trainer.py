@@ -1,8 +1,9 @@
-"""LMoETrainer against a hand-written loop: the objective per optimizer step is Trainer's LM loss plus the
-mean over the step's micro-batches of lmoe.aux_loss. Trainer's LM loss (transformers 5): for a model whose
-forward takes **kwargs (model_accepts_loss_kwargs), the summed token losses of all the step's micro-batches
-over their number of answer tokens (num_items_in_batch); otherwise the mean over micro-batches of each
-one's mean token loss (training_step divides by gradient_accumulation_steps)."""
+"""LMoETrainer against a hand-written loop: the objective per optimizer step is Trainer's LM loss
+plus the mean over the step's micro-batches of lmoe.aux_loss. Trainer's LM loss (transformers 5):
+for a model whose forward takes **kwargs (model_accepts_loss_kwargs), the summed token losses of all
+the step's micro-batches over their number of answer tokens (num_items_in_batch); otherwise the mean
+over micro-batches of each one's mean token loss (training_step divides by
+gradient_accumulation_steps)."""
 
 import json
 import os
@@ -52,7 +53,8 @@ def pad(rows: list[dict]) -> dict:
 
 
 def adapted_model(seed: int = 0):
-    """A tiny Llama with experts whose B is random (not zero), so every adapter tensor gets gradients."""
+    """A tiny Llama with experts whose B is random (not zero), so every adapter
+    tensor gets gradients."""
     model = lmoe.inject(tiny_model("llama"), CFG)
     torch.manual_seed(seed)
     for _, layer in lmoe.lmoe_layers(model):
@@ -95,7 +97,8 @@ def trainer(
 
 
 def step_tokens(micro: list[dict], batch: dict):
-    """Trainer's LM loss normalisation with num_items_in_batch: the answer tokens of the whole step."""
+    """Trainer's LM loss normalisation with num_items_in_batch: the answer tokens
+    of the whole step."""
     return sum((b["labels"][:, 1:] != IGNORE).sum() for b in micro)
 
 
@@ -134,7 +137,7 @@ def reference_steps(
             aux = aux + lmoe.aux_loss(model) / len(micro)
         grads = torch.autograd.grad(lm + aux, params)
         with torch.no_grad():
-            for p, g, rate in zip(params, grads, rates):
+            for p, g, rate in zip(params, grads, rates, strict=True):
                 p -= rate * g
         aux_means.append(float(aux.detach()))
     return aux_means
@@ -248,8 +251,9 @@ def test_lazy_export():
 
 
 def test_ddp_equals_one_process_on_the_whole_batch(tmp_path):
-    """2 processes with micro-batches of BATCH rows each = 1 process with 2 * BATCH: Trainer's LM loss
-    counts the tokens of all processes and multiplies by their number; the aux losses must not be."""
+    """2 processes with micro-batches of BATCH rows each = 1 process with 2 * BATCH: Trainer's LM
+    loss counts the tokens of all processes and multiplies by their number; the aux
+    losses must not be."""
     torchrun(__file__, tmp_path / "ddp")
     one = trainer(adapted_model(), tmp_path / "one", steps=2, per_device_train_batch_size=2 * BATCH)
     one.train()
@@ -265,7 +269,8 @@ def test_ddp_equals_one_process_on_the_whole_batch(tmp_path):
 
 
 def torchrun(script: str, out: Path) -> None:
-    """Run script's __main__ in 2 CPU processes (torchrun) with out as its argument; fail with their stderr."""
+    """Run script's __main__ in 2 CPU processes (torchrun) with out as its argument; fail
+    with their stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": worker_pythonpath(__file__)}
     run = subprocess.run(
         [
@@ -289,8 +294,8 @@ def torchrun(script: str, out: Path) -> None:
 
 
 def ddp_worker(out: str) -> None:
-    """torchrun worker: 2 steps on this process's share of each batch; save_model (every process calls it,
-    the main one writes) and the training logs."""
+    """torchrun worker: 2 steps on this process's share of each batch; save_model (every process
+    calls it, the main one writes) and the training logs."""
     t = trainer(adapted_model(), out, steps=2)
     t.train()
     t.save_model(f"{out}/final")

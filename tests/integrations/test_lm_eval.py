@@ -1,7 +1,7 @@
-"""lm-eval-harness on an lmoe model (no download): the example task examples/lm_eval/lmoe_example_mc.yaml
-(dataset_path: json on a local file) through HFLM(pretrained=model), HFLM(pretrained=DIR, peft=ADAPTER) and
-`lmoe eval lm_eval=[...]`; each choice's log-likelihood against a forward of the whole text, one at
-a time."""
+"""lm-eval-harness on an lmoe model (no download): the example task
+examples/lm_eval/lmoe_example_mc.yaml (dataset_path: json on a local file) through
+HFLM(pretrained=model), HFLM(pretrained=DIR, peft=ADAPTER) and `lmoe eval lm_eval=[...]`; each
+choice's log-likelihood against a forward of the whole text, one at a time."""
 
 import json
 from pathlib import Path
@@ -22,7 +22,8 @@ DOCS = [
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny Llama with experts (B random, so they matter), its directory and its adapter directory."""
+    """A tiny Llama with experts (B random, so they matter), its directory and its
+    adapter directory."""
     root = tmp_path_factory.mktemp("lm_eval")
     tok = tiny_tokenizer()
     base = tiny_llama(len(tok))
@@ -39,7 +40,8 @@ def trained(tmp_path_factory):
 
 
 def choice_logliks(model, tok, doc: dict) -> list[float]:
-    """log p(" " + choice | "Question: ...\\nAnswer:") summed over the choice's tokens, from unpadded forwards."""
+    """log p(" " + choice | "Question: ...\\nAnswer:") summed over the choice's tokens, from
+    unpadded forwards."""
     context = f"Question: {doc['question']}\nAnswer:"
     n = len(tok(context, add_special_tokens=False).input_ids)
     out = []
@@ -89,7 +91,8 @@ def test_hflm_on_the_model_in_memory_scores_each_choice_exactly(trained, in_memo
         torch.tensor(got), torch.tensor(expected, dtype=torch.float32), rtol=1e-4, atol=1e-4
     )
     acc = sum(
-        max(range(len(ll)), key=ll.__getitem__) == doc["answer"] for ll, doc in zip(expected, DOCS)
+        max(range(len(ll)), key=ll.__getitem__) == doc["answer"]
+        for ll, doc in zip(expected, DOCS, strict=True)
     ) / len(DOCS)
     assert in_memory["results"][TASK]["acc,none"] == pytest.approx(acc)
 

@@ -1,6 +1,7 @@
-"""LMoEConfig is a peft.PeftConfig (lmoe/config.py): PeftConfig's fields are keyword-only and stay out of what lmoe
-compares, prints and saves; the files written for a fixed config are those written before LMoEConfig became a
-PeftConfig (saved_files.json, made by that code, its run-dependent values nulled)."""
+"""LMoEConfig is a peft.PeftConfig (lmoe/config.py): PeftConfig's fields are keyword-only and stay
+out of what lmoe compares, prints and saves; the files written for a fixed config are those written
+before LMoEConfig became a PeftConfig (saved_files.json, made by that code, its
+run-dependent values nulled)."""
 
 import dataclasses
 import json
@@ -58,14 +59,16 @@ def test_from_dict_knows_the_mixtures_fields_only():
 
 
 def without_added_fields(config: dict, saved: dict) -> dict:
-    """config less the fields added to LMoEConfig since saved_files.json was made: the mixture's own fields."""
+    """config less the fields added to LMoEConfig since saved_files.json was made: the
+    mixture's own fields."""
     added = set(config) - set(saved)
     assert added <= set(lmoe.LMoEConfig.__annotations__) - PEFT_FIELDS, added
     return {key: value for key, value in config.items() if key not in added}
 
 
 def same_file(written: dict, saved: dict) -> None:
-    """adapter_config.json as saved_files.json holds it: the same keys in the same order, the same values."""
+    """adapter_config.json as saved_files.json holds it: the same keys in the same
+    order, the same values."""
     written = {key: None if key in RUN_DEPENDENT else value for key, value in written.items()}
     written["config"] = without_added_fields(written["config"], saved["config"])
     assert list(written) == list(saved)

@@ -28,7 +28,8 @@ IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 8]])
 
 
 def fresh_python(code: str, cwd: Path, timeout: int = 300) -> str:
-    """stdout of `python -P -c code` (-P: the working directory is not on sys.path; lmoe comes from the install)."""
+    """stdout of `python -P -c code` (-P: the working directory is not on sys.path; lmoe comes
+    from the install)."""
     done = subprocess.run(
         [sys.executable, "-P", "-c", code], capture_output=True, text=True, cwd=cwd, timeout=timeout
     )
@@ -38,8 +39,8 @@ def fresh_python(code: str, cwd: Path, timeout: int = 300) -> str:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A tiny Llama directory, an lmoe adapter for it written by PeftModel.save_pretrained (B random, so it
-    matters) and the adapted model's logits on IDS."""
+    """A tiny Llama directory, an lmoe adapter for it written by PeftModel.save_pretrained (B
+    random, so it matters) and the adapted model's logits on IDS."""
     root = tmp_path_factory.mktemp("peft_hook")
     base = tiny_model_dir(root / "base")
     model = get_peft_model(
@@ -55,8 +56,9 @@ def saved(tmp_path_factory):
 
 
 def test_the_pth_line_goes_into_both_wheels_and_is_installed(tmp_path):
-    """Wheel and editable wheel built from a copy of the project (setuptools' backend, no download): the .pth at
-    the wheel's root (pip puts it into site-packages), its module in the wheel or the editable finder's map."""
+    """Wheel and editable wheel built from a copy of the project (setuptools' backend, no download):
+    the .pth at the wheel's root (pip puts it into site-packages), its module in the wheel or the
+    editable finder's map."""
     pytest.importorskip(
         "setuptools", minversion="77"
     )  # pyproject.toml's build-system (pip's builds fetch it)
@@ -66,7 +68,8 @@ def test_the_pth_line_goes_into_both_wheels_and_is_installed(tmp_path):
         shutil.copy(ROOT / name, project / name)
     out = tmp_path / "dist"
     fresh_python(
-        f"from setuptools import build_meta as b; b.build_wheel({str(out)!r}); b.build_editable({str(out)!r})",
+        f"from setuptools import build_meta as b; b.build_wheel({str(out)!r}); "
+        f"b.build_editable({str(out)!r})",
         project,
     )
     editable, wheel = sorted(out.glob("*.whl"), key=lambda p: "editable" not in p.name)
@@ -77,14 +80,15 @@ def test_the_pth_line_goes_into_both_wheels_and_is_installed(tmp_path):
         assert whl.read(PTH).decode() == LINE
         finder = next(n for n in whl.namelist() if n.endswith("_finder.py"))
         assert "'_lmoe_peft_hook': " in whl.read(finder).decode()
-    # this test run's environment was installed the same way (.ci/run: pip install -e): a site directory holds it
+    # this test run's environment was installed the same way (.ci/run: pip install -e): a
+    # site directory holds it
     assert [(Path(d) / PTH).read_text() for d in sys.path if (Path(d) / PTH).is_file()] == [LINE]
 
 
 def test_a_program_that_never_imports_peft_imports_nothing_of_lmoe(tmp_path):
     code = (
-        "import sys; print(sorted(m for m in ('torch', 'lmoe', 'peft', 'transformers') if m in sys.modules), "
-        "sum(type(f).__name__ == 'ImportLmoeAfterPeft' for f in sys.meta_path))"
+        "import sys; print(sorted(m for m in ('torch', 'lmoe', 'peft', 'transformers') if m in "
+        "sys.modules), sum(type(f).__name__ == 'ImportLmoeAfterPeft' for f in sys.meta_path))"
     )
     assert fresh_python(code, tmp_path).split("\n")[0] == "[] 1"
 
@@ -102,7 +106,8 @@ from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel
 from transformers import AutoModelForCausalLM
 expected = torch.load({str(saved / "logits.pt")!r})
 ids = torch.tensor({IDS.tolist()})
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(saved / "base")!r}), {str(saved / "adapter")!r})
+base = AutoModelForCausalLM.from_pretrained({str(saved / "base")!r})
+model = PeftModel.from_pretrained(base, {str(saved / "adapter")!r})
 auto = AutoPeftModelForCausalLM.from_pretrained({str(saved / "adapter")!r})
 with torch.no_grad():
     for m in (model, auto):
@@ -131,7 +136,8 @@ def lm_eval_command(saved: Path, out: Path) -> list[str]:
 
 
 def check_lm_eval_samples(saved: Path, out: Path) -> None:
-    """Each choice's log-likelihood as the adapted model gives it (a base model would give others)."""
+    """Each choice's log-likelihood as the adapted model gives it (a base model
+    would give others)."""
     (samples,) = out.rglob(f"samples_{TASK}_*.jsonl")
     rows = sorted(
         (json.loads(line) for line in samples.read_text().splitlines()), key=lambda r: r["doc_id"]
@@ -147,8 +153,9 @@ def check_lm_eval_samples(saved: Path, out: Path) -> None:
 
 
 def test_lm_evals_command_line_scores_an_lmoe_adapter(saved, tmp_path):
-    """lm-eval's own entry point and arguments, `peft=DIR`, in a fresh interpreter; lm-eval's index of its
-    hundreds of built-in tasks (20 s here) is skipped: the local task is all this run asks for."""
+    """lm-eval's own entry point and arguments, `peft=DIR`, in a fresh interpreter; lm-eval's index
+    of its hundreds of built-in tasks (20 s here) is skipped: the local task is all
+    this run asks for."""
     code = f"""
 import sys
 from lm_eval.tasks import TaskManager

@@ -1,6 +1,7 @@
-"""PEFT's entry points on an lmoe adapter (lmoe/integrations/peft_tuner.py): get_peft_model(model, LMoEConfig(...)),
-save_pretrained / PeftModel.from_pretrained (the files save_adapter writes), disable_adapter, unload,
-merge_and_unload with a fixed routing; registration when lmoe is imported."""
+"""PEFT's entry points on an lmoe adapter (lmoe/integrations/peft_tuner.py): get_peft_model(model,
+LMoEConfig(...)), save_pretrained / PeftModel.from_pretrained (the files save_adapter writes),
+disable_adapter, unload, merge_and_unload with a fixed routing; registration when
+lmoe is imported."""
 
 import contextlib
 import io
@@ -24,7 +25,8 @@ IDS = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3)
 
 
 def peft_model(router: str = "softmax", **overrides):
-    """A tiny Llama through get_peft_model with an lmoe config; B random so the adapter changes the outputs."""
+    """A tiny Llama through get_peft_model with an lmoe config; B random so the adapter
+    changes the outputs."""
     cfg = lmoe.LMoEConfig(
         num_experts=3,
         rank=2,
@@ -95,7 +97,8 @@ def test_save_adapter_directory_loads_in_peft(tmp_path):
 
 
 def test_adapters_saved_in_the_first_format_still_load(tmp_path):
-    """Format 1 (lmoe 0.1.0 before PEFT's names): adapter.safetensors and a config without PEFT's keys."""
+    """Format 1 (lmoe 0.1.0 before PEFT's names): adapter.safetensors and a config
+    without PEFT's keys."""
     model = lmoe.inject(tiny_model("llama"), lmoe.LMoEConfig(num_experts=2, rank=2))
     for _, layer in lmoe.lmoe_layers(model):
         torch.nn.init.normal_(layer.lora_B, std=0.2)
@@ -139,7 +142,8 @@ def test_unload_gives_the_base_model_back():
 
 
 def test_merge_and_unload_folds_a_fixed_routing_as_peft_lora_does(tmp_path):
-    """Reference: the same routing exported as a plain LoRA (export_peft) and run by PEFT's own LoRA code."""
+    """Reference: the same routing exported as a plain LoRA (export_peft) and run by
+    PEFT's own LoRA code."""
     model = peft_model(composition="outputs")
     g = torch.tensor([0.5, 0.3, 0.2])
     lmoe.export_peft(model.get_base_model(), tmp_path, g)
@@ -179,7 +183,8 @@ def test_importing_lmoe_files_it_in_pefts_tables(order):
 
 
 def test_lmoe_functions_take_the_peft_model_as_the_model_inside(tmp_path):
-    """Layer names (record_routing, save_adapter, export) are the transformers model's, PeftModel or not."""
+    """Layer names (record_routing, save_adapter, export) are the transformers model's,
+    PeftModel or not."""
     model = peft_model()
     with lmoe.record_routing(model) as rec:
         model(input_ids=IDS)
@@ -192,8 +197,8 @@ def test_lmoe_functions_take_the_peft_model_as_the_model_inside(tmp_path):
 
 
 def test_trl_sft_trainer_takes_an_lmoe_config_as_its_peft_config(tmp_path):
-    """TRL's usual call, a model directory and `peft_config=lmoe.LMoEConfig(...)`, two steps: every expert and
-    router tensor moved, nothing of the base did."""
+    """TRL's usual call, a model directory and `peft_config=lmoe.LMoEConfig(...)`, two steps: every
+    expert and router tensor moved, nothing of the base did."""
     from datasets import Dataset
     from tiny import CORPUS, tiny_model_dir
     from transformers import AutoTokenizer
@@ -229,7 +234,8 @@ def test_trl_sft_trainer_takes_an_lmoe_config_as_its_peft_config(tmp_path):
 
 
 def test_a_peft_config_built_from_lmoes_registers_itself(monkeypatch):
-    """LMoEPeftConfig.from_lmoe(cfg) passed where a PeftConfig goes, with nothing filed in PEFT's tables yet."""
+    """LMoEPeftConfig.from_lmoe(cfg) passed where a PeftConfig goes, with nothing filed in
+    PEFT's tables yet."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
     from lmoe.integrations.peft_tuner import LMoEPeftConfig

@@ -1,6 +1,7 @@
-"""Any training loop trains lmoe: a training forward with labels returns loss = LM loss + router losses and
-outputs.aux_loss (lmoe/inject.py, add_aux_to_loss). Plain transformers.Trainer and TRL's SFTTrainer against a
-hand-written loop; code written before (out.loss + aux_loss(model), lmoe train, LMoETrainer) counts them once."""
+"""Any training loop trains lmoe: a training forward with labels returns loss = LM loss + router
+losses and outputs.aux_loss (lmoe/inject.py, add_aux_to_loss). Plain transformers.Trainer and TRL's
+SFTTrainer against a hand-written loop; code written before (out.loss + aux_loss(model), lmoe train,
+LMoETrainer) counts them once."""
 
 import sys
 from types import SimpleNamespace
@@ -32,7 +33,8 @@ def answer_tokens(batch: dict) -> torch.Tensor:
 
 
 def token_loss_sum(model, batch: dict) -> torch.Tensor:
-    """The summed next-token cross entropy from a forward without labels (nothing of lmoe's loss code)."""
+    """The summed next-token cross entropy from a forward without labels (nothing of
+    lmoe's loss code)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return F.cross_entropy(
         logits[:, :-1].flatten(0, 1),
@@ -43,8 +45,9 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
 
 
 def reference_step_tokens(model, steps: int) -> None:
-    """SGD on Trainer's objective with num_items_in_batch: all token losses of the step over its N answer tokens,
-    plus each micro-batch's router losses weighted by its share n/N of those tokens."""
+    """SGD on Trainer's objective with num_items_in_batch: all token losses of the step over its N
+    answer tokens, plus each micro-batch's router losses weighted by its share
+    n/N of those tokens."""
     rows = examples(steps * BATCH * ACCUM)
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
@@ -59,7 +62,7 @@ def reference_step_tokens(model, steps: int) -> None:
         )
         grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
-            for p, g in zip(params, grads):
+            for p, g in zip(params, grads, strict=True):
                 p -= LR * g
 
 
@@ -109,7 +112,8 @@ def test_training_forward_with_labels_holds_the_router_losses(input_ids):
 
 
 def test_old_readme_loop_counts_the_router_losses_once(input_ids):
-    """`loss = out.loss + aux_loss(model)` (the README before) gives the gradient of LM loss + aux loss."""
+    """`loss = out.loss + aux_loss(model)` (the README before) gives the gradient of
+    LM loss + aux loss."""
     batch = {
         "input_ids": input_ids,
         "attention_mask": torch.ones_like(input_ids),
@@ -119,14 +123,15 @@ def test_old_readme_loop_counts_the_router_losses_once(input_ids):
     out = model(**batch)
     (out.loss + lmoe.aux_loss(model)).backward()
     (token_loss_sum(reference, batch) / answer_tokens(batch) + lmoe.aux_loss(reference)).backward()
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_lmoe_train_accumulate_weighs_the_router_losses_as_before():
-    """lmoe train's step: mean over micro-batches of (each one's mean token loss + its aux loss). (One process;
-    under DDP its token weights differ from the router losses' and tests/test_distributed.py compares.)"""
+    """lmoe train's step: mean over micro-batches of (each one's mean token loss + its aux loss).
+    (One process; under DDP its token weights differ from the router losses' and
+    tests/test_distributed.py compares.)"""
     from accelerate import Accelerator
 
     from lmoe.data.encoding import Example
@@ -144,16 +149,16 @@ def test_lmoe_train_accumulate_weighs_the_router_losses_as_before():
             loss + (token_loss_sum(reference, b) / answer_tokens(b) + lmoe.aux_loss(reference)) / 2
         )
     loss.backward()
-    for p, q in zip(model.parameters(), reference.parameters()):
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("accepts_loss_kwargs", [True, False])
 def test_plain_trainer_matches_the_hand_written_loop(tmp_path, accepts_loss_kwargs):
-    """With num_items_in_batch the router losses count once per step, weighted by tokens; without it (a model
-    whose forward takes no **kwargs) Trainer divides each micro-batch's loss, router losses in, by the
-    accumulation steps: the mean over micro-batches, as lmoe train has it."""
+    """With num_items_in_batch the router losses count once per step, weighted by tokens; without it
+    (a model whose forward takes no **kwargs) Trainer divides each micro-batch's loss, router losses
+    in, by the accumulation steps: the mean over micro-batches, as lmoe train has it."""
     t = Trainer(
         model=adapted_model(),
         args=TrainingArguments(**args(tmp_path, steps=2)),
@@ -185,8 +190,9 @@ def plain_trainer(out, steps: int, **overrides) -> Trainer:
 
 
 def test_plain_trainer_under_ddp_equals_one_process_on_the_whole_batch(tmp_path):
-    """2 processes (Trainer counts all their tokens in num_items_in_batch and multiplies each loss by 2) end with
-    the adapter of 1 process on micro-batches twice as large: the router losses count once."""
+    """2 processes (Trainer counts all their tokens in num_items_in_batch and multiplies each loss
+    by 2) end with the adapter of 1 process on micro-batches twice as large: the router
+    losses count once."""
     torchrun(__file__, tmp_path / "ddp")
     one = plain_trainer(tmp_path / "one", steps=2, per_device_train_batch_size=2 * BATCH)
     one.train()
@@ -194,7 +200,8 @@ def test_plain_trainer_under_ddp_equals_one_process_on_the_whole_batch(tmp_path)
 
 
 def test_plain_trainer_on_a_peft_model_matches_the_loop_and_saves_the_adapter(tmp_path):
-    """get_peft_model(model, LMoEConfig): Trainer trains it as the bare injected model and saves PEFT's files."""
+    """get_peft_model(model, LMoEConfig): Trainer trains it as the bare injected model and
+    saves PEFT's files."""
     from peft import get_peft_model
 
     model = get_peft_model(tiny_model("llama"), CFG)
@@ -236,8 +243,8 @@ def sft_trainer(model, out, steps: int, **overrides):
 
 
 def test_trl_sft_trainer_matches_the_hand_written_loop(tmp_path):
-    """TRL's fused LM head computes its loss from log_probs, not outputs.loss: they carry the router losses'
-    gradient, so the step is Trainer's."""
+    """TRL's fused LM head computes its loss from log_probs, not outputs.loss: they carry the router
+    losses' gradient, so the step is Trainer's."""
     t = sft_trainer(adapted_model(), tmp_path, steps=2)
     t.train()
     reference = adapted_model()
@@ -258,9 +265,10 @@ def test_trl_deprecated_chunked_nll_trains_the_same(tmp_path):
 
 
 def test_trl_refuses_experts_on_lm_head(input_ids):
-    """SFTTrainer installs TRL's fused head and calls the model with fused_lm_head=True. (Not through
-    SFTTrainer.train: an error inside it leaves accelerate's shared GradientState mid-accumulation, and later
-    accelerate loops in this process would skip their optimizer steps.)"""
+    """SFTTrainer installs TRL's fused head and calls the model with fused_lm_head=True. (Not
+    through SFTTrainer.train: an error inside it leaves accelerate's shared GradientState
+    mid-accumulation, and later accelerate loops in this process would skip their
+    optimizer steps.)"""
     from trl.trainer.utils import add_fused_lm_head
 
     model = lmoe.inject(
@@ -276,7 +284,8 @@ def test_trl_refuses_experts_on_lm_head(input_ids):
 
 
 def test_quantised_base_passes_trainers_check():
-    """transformers refuses a quantised model without adapters; with lmoe's it trains (as a PeftModel does)."""
+    """transformers refuses a quantised model without adapters; with lmoe's it trains (as
+    a PeftModel does)."""
 
     def quantised():
         model = tiny_model("llama")

@@ -1,4 +1,5 @@
-"""Modular skills against independent references: PEFT's own forward of each adapter, mixtures rebuilt by hand."""
+"""Modular skills against independent references: PEFT's own forward of each adapter,
+mixtures rebuilt by hand."""
 
 import json
 
@@ -24,7 +25,8 @@ TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 
 
 def peft_adapter(tmp_path, name, kind="llama", seed=0, **lora):
-    """Save a PEFT LoRA with random non-zero A and B (init_lora_weights=False) and return its directory."""
+    """Save a PEFT LoRA with random non-zero A and B (init_lora_weights=False) and
+    return its directory."""
     model = tiny_model(kind)
     torch.manual_seed(seed)
     lora = {
@@ -239,7 +241,7 @@ def test_removed_expert_equals_a_mixture_built_without_it(router, input_ids):
     keep = [0, 2, 3]
     ref_model = inject(tiny_model("llama"), LMoEConfig(**(cfg.to_dict() | {"num_experts": 3})))
     with torch.no_grad():
-        for (_, small), (_, big) in zip(lmoe_layers(ref_model), lmoe_layers(model)):
+        for (_, small), (_, big) in zip(lmoe_layers(ref_model), lmoe_layers(model), strict=True):
             for name, p in small.named_parameters():
                 src = big.get_parameter(name)
                 p.copy_(
@@ -335,7 +337,8 @@ def test_export_mean_routing_per_layer(input_ids, tmp_path):
 
 @pytest.mark.parametrize("composition, own, served", [("outputs", 6, 8), ("params", 2, 8)])
 def test_export_padded_to_a_vllm_rank_is_exact(tmp_path, capsys, composition, own, served):
-    """Zero rows of A and columns of B change no product: the padded adapter gives the unpadded one's logits."""
+    """Zero rows of A and columns of B change no product: the padded adapter gives the
+    unpadded one's logits."""
     model = inject(tiny_model("llama"), LMoEConfig(num_experts=3, rank=2, composition=composition))
     for _, layer in lmoe_layers(model):
         torch.nn.init.normal_(layer.lora_B, std=0.2)

@@ -1,4 +1,5 @@
-"""merge/unmerge: the merged model equals the unmerged one with its routers forced to the same routing."""
+"""merge/unmerge: the merged model equals the unmerged one with its routers forced to
+the same routing."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""The router started from the experts (lmoe.modular.prototypes) against float64 SVDs and hand-built Arrow scores."""
+"""The router started from the experts (lmoe.modular.prototypes) against float64 SVDs and
+hand-built Arrow scores."""
 
 import pytest
 import torch
@@ -76,7 +77,7 @@ def test_projection_moments_leave_padding_out():
     mean, sd = projection_moments(
         model,
         batches(),
-        {n: top_right_singular_vectors(l.lora_A, l.lora_B) for n, l in lmoe_layers(model)},
+        {n: top_right_singular_vectors(m.lora_A, m.lora_B) for n, m in lmoe_layers(model)},
     )[name]
     p = layer_inputs(model, layer, batches()[0]) @ v.T  # (real tokens, E)
     torch.testing.assert_close(mean, p.mean(0))
@@ -84,8 +85,8 @@ def test_projection_moments_leave_padding_out():
 
 
 def test_router_starts_at_each_experts_signed_standardised_arrow_score():
-    """u_i = sign(mu_i) (<v_i, x> - mu_i) / sd_i; where a token's projection has the mean's sign, the score before
-    centring is Arrow's |<v_i, x>|; the routing is softmax of u."""
+    """u_i = sign(mu_i) (<v_i, x> - mu_i) / sd_i; where a token's projection has the mean's sign,
+    the score before centring is Arrow's |<v_i, x>|; the routing is softmax of u."""
     model = mixture()
     name, layer = next(iter(lmoe_layers(model)))
     x = layer_inputs(

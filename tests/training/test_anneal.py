@@ -1,5 +1,6 @@
-"""Router temperature annealing (lmoe.training.anneal): the schedule's values, every router set, the training loop
-following the schedule and ending at lmoe.temperature, a resumed run alike, and the config's refusals."""
+"""Router temperature annealing (lmoe.training.anneal): the schedule's values, every router set, the
+training loop following the schedule and ending at lmoe.temperature, a resumed run alike, and the
+config's refusals."""
 
 import math
 

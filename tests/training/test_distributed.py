@@ -1,5 +1,6 @@
-"""lmoe.training.loop under torchrun (CPU, gloo, 2 processes): DDP and FSDP against one process on the whole batch,
-and resume with a different number of processes. Run as a script, this file is the torchrun worker."""
+"""lmoe.training.loop under torchrun (CPU, gloo, 2 processes): DDP and FSDP against one process on
+the whole batch, and resume with a different number of processes. Run as a script, this file is
+the torchrun worker."""
 
 import importlib.util
 import json
@@ -188,7 +189,8 @@ def test_router_losses_in_two_processes_equal_one_process_on_the_whole_batch(
 
 
 def test_gpt2_conv1d_under_fsdp_equals_one_process(setup):
-    """GPT-2's Conv1D projections (weights stored transposed), sharded per GPT2Block, LD-MoLE routing."""
+    """GPT-2's Conv1D projections (weights stored transposed), sharded per
+    GPT2Block, LD-MoLE routing."""
     root = setup[2] / "gpt2"
     tok = AutoTokenizer.from_pretrained(setup[0])
     GPT2LMHeadModel(
@@ -223,7 +225,8 @@ def test_gpt2_conv1d_under_fsdp_equals_one_process(setup):
 
 
 def test_routers_only_from_a_saved_adapter_under_fsdp_equals_one_process(setup):
-    """init_adapter + train_experts=false: the frozen experts come from the adapter, not from the shards."""
+    """init_adapter + train_experts=false: the frozen experts come from the adapter,
+    not from the shards."""
     first = setup[2] / "one-dynamic"
     if not (first / "adapter").is_dir():
         train(config(setup, first, AUX["dynamic"], save_every=0))
@@ -244,7 +247,8 @@ def test_routers_only_from_a_saved_adapter_under_fsdp_equals_one_process(setup):
 
 
 def test_fsdp_resume_with_shared_lambda_heads_equals_one_process(setup):
-    """LD-MoLE's lambda heads sit under every layer's path: the checkpoint must load back into FSDP shards."""
+    """LD-MoLE's lambda heads sit under every layer's path: the checkpoint must load back
+    into FSDP shards."""
     one = setup[2] / "one-dynamic"
     if not (one / "adapter").is_dir():
         train(config(setup, one, AUX["dynamic"], save_every=0))

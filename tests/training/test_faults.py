@@ -1,5 +1,6 @@
-"""Faults: a run killed with SIGKILL resumes to the same adapter; torn or interrupted checkpoint writes never
-load; a full disk is reported and keeps the previous checkpoint; NaN/inf steps are skipped, then stop the run."""
+"""Faults: a run killed with SIGKILL resumes to the same adapter; torn or interrupted checkpoint
+writes never load; a full disk is reported and keeps the previous checkpoint; NaN/inf steps are
+skipped, then stop the run."""
 
 import errno
 import math
@@ -56,7 +57,7 @@ def test_sigkill_at_a_random_point_then_resume_gives_the_same_adapter(setup, tmp
             whole[key],
             rtol=1e-5,
             atol=1e-6,
-            msg=lambda m: f"{key} (seed {seed}, killed after step {kill_at}): {m}",
+            msg=lambda m, key=key: f"{key} (seed {seed}, killed after step {kill_at}): {m}",
         )
 
 
@@ -101,7 +102,8 @@ def test_a_temp_file_left_by_a_killed_writer_is_removed_by_the_next_write(tmp_pa
 
 
 def error_line(capsys) -> str:
-    """The CLI's message: the last stderr line, after the progress bar it may share the line with."""
+    """The CLI's message: the last stderr line, after the progress bar it may
+    share the line with."""
     line = capsys.readouterr().err.splitlines()[-1]
     return line[line.index("lmoe train: error: ") :]
 
@@ -133,7 +135,8 @@ def test_disk_full_is_reported_and_keeps_the_previous_checkpoint(
 
 
 def nan_aux_from(step: int, until: int, monkeypatch) -> None:
-    """Make the aux loss NaN (through the graph, so the router gradients are NaN too) on steps [step, until)."""
+    """Make the aux loss NaN (through the graph, so the router gradients are NaN too) on
+    steps [step, until)."""
     real, calls = lmoe.training.loop.aux_loss, []
 
     def aux_loss(model):
@@ -170,9 +173,10 @@ def test_consecutive_nan_steps_stop_the_run_and_keep_the_last_good_checkpoint(
     line = error_line(capsys)
     assert exit_.value.code == 2
     assert line == (
-        f"lmoe train: error: Training stopped at step 5: the loss or gradient was NaN/inf for 3 steps in "
-        f"a row (max_bad_steps=3); the last good checkpoint {out / 'checkpoint.pt'} is kept. Lower lr, "
-        "check the data, or use precision=no, then train again (--resume continues from the checkpoint)."
+        "lmoe train: error: Training stopped at step 5: the loss or gradient was NaN/inf for 3 "
+        f"steps in a row (max_bad_steps=3); the last good checkpoint {out / 'checkpoint.pt'} is "
+        "kept. Lower lr, check the data, or use precision=no, then train again (--resume "
+        "continues from the checkpoint)."
     )
     checkpoint = load_state(out / "checkpoint.pt")
     assert checkpoint["state"]["step"] == 2

@@ -1,4 +1,5 @@
-"""Label smoothing against the formula written out in float64: (1 - eps) NLL + eps * mean_k(-log p_k)."""
+"""Label smoothing against the formula written out in float64: (1 - eps) NLL + eps *
+mean_k(-log p_k)."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""lmoe.training.loop: config validation and overrides, the LR schedule, and exact resume from a checkpoint."""
+"""lmoe.training.loop: config validation and overrides, the LR schedule, and exact resume
+from a checkpoint."""
 
 import json
 import math
@@ -113,7 +114,7 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
     train(train_config(setup, tmp_path / "split"), resume=True)
     resumed = read_metrics(tmp_path / "split")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
-    for a, b in zip(straight, resumed):
+    for a, b in zip(straight, resumed, strict=True):
         for key in (
             "loss",
             "lm_loss",
@@ -326,8 +327,9 @@ def test_eval_every_logs_the_held_out_loss_of_the_model_at_that_step(setup, tmp_
 
 
 def test_dynamic_router_with_the_default_lambda_width_resumes(setup, tmp_path):
-    """lambda_hidden left unset: train_config.yaml keeps it unset, the adapter and checkpoints hold the width
-    inject chose, and a killed run resumes (the mixture check compares the chosen widths)."""
+    """lambda_hidden left unset: train_config.yaml keeps it unset, the adapter and checkpoints hold
+    the width inject chose, and a killed run resumes (the mixture check compares
+    the chosen widths)."""
     lmoe_cfg = {"num_experts": 3, "rank": 2, "target_modules": "all-linear", "router": "dynamic"}
 
     class Interrupt(Exception):
@@ -366,8 +368,9 @@ def test_router_lr_scale_puts_routers_and_lambda_heads_in_their_own_group(setup)
 
 
 def test_adamw_is_fused_where_it_can_be_and_steps_as_the_per_tensor_loop(setup):
-    """lmoe train's optimizer: torch's fused AdamW for plain CPU parameters, the same update as the default
-    loop (float64, with weight decay and the routers' own rate); unfused for a tensor subclass."""
+    """lmoe train's optimizer: torch's fused AdamW for plain CPU parameters, the same update as the
+    default loop (float64, with weight decay and the routers' own rate); unfused for
+    a tensor subclass."""
     from lmoe import LMoEConfig, inject, param_groups
     from lmoe.training.optim import adamw
 
@@ -387,7 +390,7 @@ def test_adamw_is_fused_where_it_can_be_and_steps_as_the_per_tensor_loop(setup):
     assert optimizers[0].defaults["fused"] and not optimizers[1].defaults["fused"]
     ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
     for _ in range(3):
-        for model, optimizer in zip(models, optimizers):
+        for model, optimizer in zip(models, optimizers, strict=True):
             model(input_ids=ids, labels=ids).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -406,7 +409,8 @@ def test_adamw_is_fused_where_it_can_be_and_steps_as_the_per_tensor_loop(setup):
 
 
 def test_a_higher_router_lr_moves_the_routers_further(setup, tmp_path):
-    """AdamW steps scale with the learning rate: at 30x, the gates travel much further from their init."""
+    """AdamW steps scale with the learning rate: at 30x, the gates travel much
+    further from their init."""
     travel = {}
     for scale in (1.0, 30.0):
         torch.manual_seed(0)
@@ -462,8 +466,8 @@ def test_ld_mole_recipe_fills_the_fields_left_at_their_defaults():
 
 
 def test_label_smoothing_reaches_the_training_loss(setup, tmp_path):
-    """Step 1 logs the LM loss of the same batch and weights (B = 0: the base model), so only the smoothing
-    (whose formula tests/test_objective.py checks) can change it."""
+    """Step 1 logs the LM loss of the same batch and weights (B = 0: the base model), so only the
+    smoothing (whose formula tests/test_objective.py checks) can change it."""
     plain = train(train_config(setup, tmp_path / "plain", steps=1, save_every=0))
     smooth = train(
         train_config(setup, tmp_path / "smooth", steps=1, save_every=0, label_smoothing=0.3)
