@@ -27,7 +27,7 @@ AUX_COEFS = {
 # load_balance_coef when left unset: 0.1 for the softmax gate (bench/RESULTS.md, routing study: with the routers
 # at 30x it spreads the domains over the experts, I(domain; expert) 0.29 -> 0.37 bit at equal quality), the
 # Switch-Transformer 0.01 for top-k; LD-MoLE's released recipe (eshentw/LD-MoLE run.sh, lb_loss_coef=1.0)
-# for the dynamic router; none for ReMix, whose paper balances by equal weights, not a loss (and a loss
+# for the dynamic router; none for ReMix, whose paper balances by equal weights, not by a loss (one
 # would give its router a gradient besides the RLOO estimate)
 LOAD_BALANCE_DEFAULTS = {"softmax": 0.1, "topk": 0.01, "dynamic": 1.0, "remix": 0.0}
 REMIX_MAX_TOP_K = 6  # lmoe.remix.MAX_TOP_K: the drawn set's probability sums over its k! orders

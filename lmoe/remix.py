@@ -3,11 +3,12 @@ from the router's softmax without replacement, with equal weights 1/k, and the r
 REINFORCE leave-one-out (RLOO) with the training loss as the reward. docs/design.md section 3 gives
 the maths and the choices the paper's text leaves open.
 
-Pure maths first (the draw, the drawn set's log-probability, the RLOO advantages), then the two steps
-inject's hooks run around a training forward: repeat every sequence M times (each copy draws its own
-routing), then fold the M copies' outputs back into one batch, with a zero-valued surrogate added to
-the loss whose gradient is the RLOO estimate for the routers. The experts get the gradient of the
-mean of the M copies' losses, any training loop that backpropagates the model's loss trains both.
+Pure maths first (the draw, the drawn set's log-probability, the RLOO advantages), then the two
+steps inject's hooks run around a training forward: repeat every sequence M times (each copy draws
+its own routing), then fold the M copies' outputs back into one batch, with a zero-valued surrogate
+added to the loss whose gradient is the RLOO estimate for the routers. The experts get the gradient
+of the mean of the M copies' losses (and the surrogate's, through the hidden states the later
+routers read): any training loop that backpropagates the model's loss trains both.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 IGNORE = -100  # the label of a position without loss (transformers' ignore_index)
-# keyword arguments with a batch dimension that are not the sequences' own (left alone by the repeat)
+# keyword arguments with a batch dimension that are not per sequence (the repeat leaves them)
 NOT_PER_SEQUENCE = frozenset({"cache_position", "num_items_in_batch", "logits_to_keep"})
 PACKED = ("cu_seq_lens_q", "cu_seq_lens_k")  # padding-free packing: rows are not sequences
 
@@ -42,15 +43,25 @@ def set_log_prob(u: Tensor, index: Tensor) -> Tensor:
     if k == u.shape[-1]:  # every expert: P = 1
         return u.new_zeros(u.shape[0])
     chosen = u.gather(-1, index)  # (tokens, k)
-    outside = u.scatter(-1, index, float("-inf")).logsumexp(-1, keepdim=True)  # (tokens, 1)
+    outside = log_sum_exp(u.scatter(-1, index, float("-inf")))  # (tokens,)
     orders = torch.tensor(list(itertools.permutations(range(k))), device=u.device)  # (k!, k)
     drawn = chosen[:, orders]  # (tokens, k!, k)
-    left = torch.logaddexp(drawn.flip(-1).logcumsumexp(-1).flip(-1), outside.unsqueeze(-1))
-    return (drawn - left).sum(-1).logsumexp(-1)
+    rest = outside[:, None, None].expand(-1, orders.shape[0], 1)
+    left = torch.stack(
+        [log_sum_exp(torch.cat([drawn[..., i:], rest], -1)) for i in range(k)], -1
+    )  # (tokens, k!, k): log of the mass left before each draw
+    return log_sum_exp((drawn - left).sum(-1))
+
+
+def log_sum_exp(x: Tensor) -> Tensor:
+    """torch.logsumexp(x, -1) in value and gradient, as plain ops: on the CPU many times faster over
+    a last dimension of a few entries. -inf entries count as 0; a row needs one finite entry."""
+    top = x.detach().amax(-1, keepdim=True)
+    return (top + (x - top).exp().sum(-1, keepdim=True).log()).squeeze(-1)
 
 
 def rloo_advantages(losses: Tensor) -> Tensor:
-    """(sequences, M) losses of M sampled routings each -> each minus the mean of the other M - 1."""
+    """(sequences, M) losses of M drawn routings each -> each minus the mean of the other M - 1."""
     M = losses.shape[1]
     return losses - (losses.sum(1, keepdim=True) - losses) / (M - 1)
 
@@ -58,7 +69,7 @@ def rloo_advantages(losses: Tensor) -> Tensor:
 def rloo_surrogate(losses: Tensor, log_probs: Tensor) -> Tensor:
     """sum over sequences and samples of advantage * (log P - log P.detach()): 0 in value; its
     gradient is M times the RLOO estimate of the gradient of sum_b E[L_b] (divide by M and by the
-    loss's denominator to match a loss). losses, log_probs: (sequences, M); losses carry no gradient."""
+    loss's denominator to match a loss). losses, log_probs: (sequences, M); losses are detached."""
     advantages = rloo_advantages(losses.detach())
     return (advantages * (log_probs - log_probs.detach())).sum()
 
@@ -127,8 +138,9 @@ def token_losses(output, kwargs: dict, label_smoothing: float) -> tuple[Tensor, 
 
 
 def sequence_log_probs(layer_log_probs: Iterable[Tensor], rows: int, mask: Tensor | None) -> Tensor:
-    """log P of each row's whole routing (rows,): the layers' per-token log P(S) (tokens,) summed over
-    the layers and the row's real tokens (mask (rows, positions): padding's routing changes no loss)."""
+    """log P of each row's whole routing (rows,): the layers' per-token log P(S) (tokens,) summed
+    over the layers and the row's real tokens (mask (rows, positions): padding's routing changes no
+    loss)."""
     total = 0
     for log_prob in layer_log_probs:
         per_row = log_prob.view(rows, -1)
