@@ -85,11 +85,11 @@ def test_rloo_advantages_leave_each_sample_out():
     torch.testing.assert_close(rloo_advantages(losses), expected)
 
 
-# ---------------------------------------------------------------- the estimator against the exact gradient
+# ---------------------------------------------------------------- the estimator, the exact gradient
 
 
 def toy_loss(sets: list[tuple[int, ...]], k: int) -> torch.Tensor:
-    """A sequence's loss given each of its 2 tokens' expert set: nonlinear in the equal-weight mix."""
+    """A sequence's loss given its 2 tokens' expert sets: nonlinear in the equal-weight mixes."""
     c = torch.tensor([[1.0, -2.0, 0.5, 3.0], [-1.0, 2.5, 1.5, 0.0]], dtype=torch.float64)
     mix = [sum(c[t, i] for i in S) / k for t, S in enumerate(sets)]
     return (mix[0] - 0.5) ** 2 + mix[0] * mix[1]
@@ -135,7 +135,7 @@ def test_rloo_estimate_is_the_exact_gradient_of_the_expected_loss():
 def test_sampled_rloo_estimates_average_to_the_exact_gradient():
     """The same problem with the sampler: 40 batches of 500 sequences x M=3 draws; the mean estimate
     lies within 5 standard errors (of the batch means) of the exact gradient in every coordinate."""
-    E, k, M, sequences = 4, 2, 3, 500
+    k, M, sequences = 2, 3, 500
     torch.manual_seed(1)
     u = torch.tensor(U, dtype=torch.float64, requires_grad=True)
     c = torch.tensor([[1.0, -2.0, 0.5, 3.0], [-1.0, 2.5, 1.5, 0.0]], dtype=torch.float64)
@@ -232,10 +232,10 @@ def router_and_expert_params(model):
 
 @pytest.mark.parametrize("num_items", [None, 11])
 def test_model_loss_carries_the_rloo_estimate_written_out_by_hand(num_items):
-    """With M=3 copies of each sequence: the loss is the mean over copies of the LM loss plus the RLOO
-    surrogate built here from the unfolded logits and the layers' log-probabilities, in value and in
-    every gradient; the routers' gradient comes from the surrogate alone. (The surrogate reaches the
-    experts too: a layer's routing reads hidden states that the earlier layers' experts make.)"""
+    """With M=3 copies of each sequence: the loss is the mean over copies of the LM loss plus the
+    RLOO surrogate built here from the unfolded logits and the layers' log-probabilities, in value
+    and in every gradient; the routers' gradient comes from the surrogate alone. (The surrogate
+    reaches the experts too: a layer's routing reads hidden states the earlier experts make.)"""
     M, inputs = 3, batch()
     model = remix_model(M)
     seen = {}
@@ -261,7 +261,7 @@ def test_model_loss_carries_the_rloo_estimate_written_out_by_hand(num_items):
     routers, experts = router_and_expert_params(model)
     got = torch.autograd.grad(out.loss, routers + experts, retain_graph=True)
     want = torch.autograd.grad(lm + surrogate, routers + experts, retain_graph=True)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
     assert sum(g.abs().sum() for g in got[: len(routers)]) > 0
     through_lm = torch.autograd.grad(lm, routers, allow_unused=True)
@@ -277,7 +277,7 @@ def test_activation_checkpointing_redraws_the_same_routing_and_gives_the_same_gr
         torch.manual_seed(7)
         model(**batch()).loss.backward()
         grads.append([p.grad for p in model.parameters() if p.requires_grad])
-    for plain, checkpointed in zip(*grads):
+    for plain, checkpointed in zip(*grads, strict=True):
         torch.testing.assert_close(checkpointed, plain)
 
 
