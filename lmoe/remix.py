@@ -128,7 +128,7 @@ def token_losses(output, kwargs: dict, label_smoothing: float) -> tuple[Tensor, 
         )
     with torch.no_grad():
         loss = F.cross_entropy(
-            logits.float().flatten(0, 1),
+            logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)),
             labels.flatten().to(logits.device),
             ignore_index=IGNORE,
             reduction="none",

@@ -205,8 +205,8 @@ def test_sparse_and_dense_execution_give_the_same_output_for_the_same_draws():
 # ---------------------------------------------------------------- in a model's loss
 
 
-def remix_model(samples=3):
-    model = tiny_model()
+def remix_model(samples=3, dtype=torch.float32):
+    model = tiny_model().to(dtype)
     inject(model, LMoEConfig(4, 2, router="remix", top_k=2, remix_samples=samples))
     torch.manual_seed(2)
     with torch.no_grad():
@@ -313,3 +313,30 @@ def test_config_refuses_what_remix_cannot_run(fields, match):
 
 def test_remix_defaults_to_no_balance_loss():
     assert LMoEConfig(router="remix").load_balance_coef == 0.0
+
+
+def test_trl_fused_head_gets_the_same_loss_and_gradients_as_the_models_loss():
+    """TRL's SFTTrainer calls the model with fused_lm_head=True and takes -sum(log_probs) / tokens:
+    its per-token log-probabilities (the M copies' mean, with the surrogate spread over each
+    sequence's label positions) give the model's loss and gradients, for the same draws. To 1%: TRL
+    computes log_probs in float32 by its own route, and the advantages are differences of them."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    results = []
+    for fused in (False, True):
+        model = remix_model()
+        add_fused_lm_head(model)
+        torch.manual_seed(3)
+        if fused:
+            out = model(**batch(), fused_lm_head=True)
+            assert out.log_probs.shape == out.label_mask.shape == (2, 8)  # shifted
+            loss = -out.log_probs.sum() / out.label_mask.sum()
+        else:
+            loss = model(**batch()).loss
+        params = [p for p in model.parameters() if p.requires_grad]
+        results.append((loss, torch.autograd.grad(loss, params)))
+    (plain, plain_grads), (fused, fused_grads) = results
+    torch.testing.assert_close(fused, plain)
+    for a, b in zip(fused_grads, plain_grads, strict=True):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2 * b.abs().max().item())
