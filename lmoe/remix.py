@@ -66,12 +66,16 @@ def rloo_advantages(losses: Tensor) -> Tensor:
     return losses - (losses.sum(1, keepdim=True) - losses) / (M - 1)
 
 
+def rloo_terms(losses: Tensor, log_probs: Tensor) -> Tensor:
+    """advantage * (log P - log P.detach()) (sequences, M): 0 in value; the gradient of their sum is
+    M times the RLOO estimate of the gradient of sum_b E[L_b] (divide by M and by the loss's
+    denominator to match a loss). losses, log_probs: (sequences, M); losses are detached."""
+    return rloo_advantages(losses.detach()) * (log_probs - log_probs.detach())
+
+
 def rloo_surrogate(losses: Tensor, log_probs: Tensor) -> Tensor:
-    """sum over sequences and samples of advantage * (log P - log P.detach()): 0 in value; its
-    gradient is M times the RLOO estimate of the gradient of sum_b E[L_b] (divide by M and by the
-    loss's denominator to match a loss). losses, log_probs: (sequences, M); losses are detached."""
-    advantages = rloo_advantages(losses.detach())
-    return (advantages * (log_probs - log_probs.detach())).sum()
+    """The sum of rloo_terms: a scalar 0 whose gradient is M times the RLOO estimate."""
+    return rloo_terms(losses, log_probs).sum()
 
 
 # ---------------------------------------------------------------- around a training forward
@@ -174,20 +178,24 @@ def fold_outputs(
     rows = losses.shape[0]
     B = rows // samples
     log_probs = sequence_log_probs(layer_log_probs, rows, kwargs.get("attention_mask"))
-    per_sequence = losses.sum(-1).view(B, samples)
-    surrogate = rloo_surrogate(per_sequence, log_probs.view(B, samples).to(losses.device))
+    terms = rloo_terms(
+        losses.sum(-1).view(B, samples), log_probs.view(B, samples).to(losses.device)
+    )
     fused = output.get("log_probs") is not None and output.get("label_mask") is not None
-    if fused:  # TRL: loss = -sum(log_probs) / its token count, over the B rows it gave
-        sequences = rloo_advantages(per_sequence) * (log_probs - log_probs.detach()).view(B, -1)
+    if not fused and output.get("loss") is None:
+        raise ValueError("router='remix' needs the model's loss in a training forward with labels.")
+    if fused:  # TRL: loss = -sum(log_probs) / its token count, over the B rows it gets
         mask = counts.view(B, samples, -1)[:, 0].to(output["log_probs"].dtype)
-        spread = mask * (sequences.sum(1) / samples / mask.sum(-1).clamp(min=1)).unsqueeze(-1)
-        output["log_probs"] = output["log_probs"].unflatten(0, (B, samples)).mean(1) - spread
+        per_token = terms.sum(1) / samples / mask.sum(-1).clamp(min=1)  # (B,)
+        output["log_probs"] = output["log_probs"].unflatten(0, (B, samples)).mean(
+            1
+        ) - mask * per_token.unsqueeze(-1)
     if output.get("loss") is not None:
         items = kwargs.get("num_items_in_batch")
         denominator = (
             counts.sum() if items is None else torch.as_tensor(items, device=losses.device)
         )
-        output["loss"] = output["loss"] + surrogate / denominator.to(losses.dtype).clamp(min=1)
+        output["loss"] = output["loss"] + terms.sum() / denominator.to(losses.dtype).clamp(min=1)
     for name, value in list(output.items()):
         if name != "log_probs" or not fused:
             if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == rows:
