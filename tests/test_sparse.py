@@ -65,7 +65,7 @@ def test_sparse_layer_equals_per_token_brute_force(router, composition, E, shape
     at E = 64 with few experts a token), through either kernel."""
     layer = make_layer(router, composition, E=E, r=2)
     layer.execution = "sparse"
-    if router == "remix":  # evaluation's routing (top-k at 1/k): the same at every call, unlike a draw
+    if router == "remix":  # evaluation's routing (top-k at 1/k): the same every call, unlike draws
         layer.eval()
     x = torch.randn(*shape, 5, dtype=torch.float64, requires_grad=True)
     out = layer(x)

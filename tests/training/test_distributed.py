@@ -187,7 +187,7 @@ def test_router_losses_in_two_processes_equal_one_process_on_the_whole_batch(
 
 
 def test_remix_trains_under_ddp(setup):
-    """ReMix's router in two processes (each draws its own slice's routings, so no bitwise reference):
+    """ReMix's router in two processes (each draws its slice's routings: no bitwise reference):
     the run finishes, every step's loss is finite, each token uses k experts, the routers learn."""
     cfg = config(
         setup,
