@@ -143,7 +143,7 @@ class ComposeConfig:
     )
     model: str = model_setting()
     out: str | None = out_setting("mixture adapter directory to write (use it as adapter=)")
-    router: str = _setting("softmax", "softmax, topk or dynamic (as lmoe.router)")
+    router: str = _setting("softmax", "softmax, topk, dynamic or remix (as lmoe.router)")
     composition: str = _setting(
         "outputs",
         "outputs here (lmoe.composition's default is params): one-hot routing then reproduces "

@@ -16,7 +16,7 @@ from peft import PeftConfig
 
 from .settings import check_known_keys
 
-ROUTERS = ("softmax", "topk", "dynamic")
+ROUTERS = ("softmax", "topk", "dynamic", "remix")
 COMPOSITIONS = ("params", "outputs")
 EXECUTIONS = ("auto", "dense", "sparse")
 ALL_LINEAR = "all-linear"
@@ -28,8 +28,10 @@ AUX_COEFS = {
 # load_balance_coef when left unset: 0.1 for the softmax gate (bench/RESULTS.md, routing study: with
 # the routers at 30x it spreads the domains over the experts, I(domain; expert) 0.29 -> 0.37 bit at
 # equal quality), the Switch-Transformer 0.01 for top-k; LD-MoLE's released recipe (eshentw/LD-MoLE
-# run.sh, lb_loss_coef=1.0) for the dynamic router
-LOAD_BALANCE_DEFAULTS = {"softmax": 0.1, "topk": 0.01, "dynamic": 1.0}
+# run.sh, lb_loss_coef=1.0) for the dynamic router; none for ReMix, whose paper balances by equal
+# weights, not by a loss (one would give its router a gradient besides the RLOO estimate)
+LOAD_BALANCE_DEFAULTS = {"softmax": 0.1, "topk": 0.01, "dynamic": 1.0, "remix": 0.0}
+REMIX_MAX_TOP_K = 6  # lmoe.remix.MAX_TOP_K: the drawn set's probability sums over its k! orders
 LAMBDA_BIAS_INIT = (
     -2.5
 )  # the authors' init of every bias of the lambda head (lambda ~ -1.6: dense at first)
@@ -113,11 +115,12 @@ class LMoEConfig(PeftConfig):
     router: str = field(
         default="softmax",
         metadata={
-            "help": "softmax (every expert weighted), topk (the top_k largest), or dynamic "
-            "(LD-MoLE's sparsegen with a learned per-token lambda)"
+            "help": "softmax (every expert weighted), topk (the top_k largest), dynamic "
+            "(LD-MoLE's sparsegen with a learned per-token lambda), or remix (ReMix: top_k "
+            "experts at equal weights, the router trained by RLOO)"
         },
     )
-    top_k: int = field(default=2, metadata={"help": "router=topk: experts per token"})
+    top_k: int = field(default=2, metadata={"help": "router=topk or remix: experts per token"})
     temperature: float = field(
         default=1.0, metadata={"help": "the softmax and top-k gates' temperature"}
     )
@@ -163,7 +166,7 @@ class LMoEConfig(PeftConfig):
         default=None,
         metadata={
             "help": "weight of the load-balance loss; null: by router, softmax 0.1, topk 0.01, "
-            "dynamic 1.0"
+            "dynamic 1.0, remix 0"
         },
     )
     z_loss_coef: float = field(
@@ -209,6 +212,15 @@ class LMoEConfig(PeftConfig):
             "pairs with g > 0), or auto (the measured rule picks)"
         },
     )
+    # ReMix (router="remix"): how many routings are drawn per sequence in training, for the RLOO
+    # estimator (>= 2); the batch runs as this many copies (this many times the compute)
+    remix_samples: int = field(
+        default=2,
+        metadata={
+            "help": "router=remix: routings drawn per sequence in training for the RLOO "
+            "estimator (>= 2; a step costs this many forwards)"
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()  # PEFT's checks of its own fields
@@ -222,14 +234,29 @@ class LMoEConfig(PeftConfig):
         self._check_targets()
 
     def _check_ints(self) -> None:
-        for name in ("num_experts", "rank", "top_k", "lambda_hidden", "sparsity_target"):
+        for name in (
+            "num_experts",
+            "rank",
+            "top_k",
+            "lambda_hidden",
+            "sparsity_target",
+            "remix_samples",
+        ):
             value = getattr(self, name)
             if name == "lambda_hidden" and value is None:  # chosen from the model's width
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 _fail(name, value, "an integer >= 1")
-        if self.router == "topk" and self.top_k > self.num_experts:
+        if self.router in ("topk", "remix") and self.top_k > self.num_experts:
             _fail("top_k", self.top_k, f"an integer from 1 to num_experts={self.num_experts}")
+        if self.router == "remix" and self.top_k > REMIX_MAX_TOP_K:
+            _fail("top_k", self.top_k, f"at most {REMIX_MAX_TOP_K} with router=remix")
+        if self.router == "remix" and self.remix_samples < 2:
+            _fail(
+                "remix_samples",
+                self.remix_samples,
+                "an integer >= 2 (RLOO compares each sampled routing with the others)",
+            )
 
     def _check_floats(self) -> None:
         for name in ("alpha", "temperature", "router_param_scale"):

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .config import ALL_LINEAR, AUX_COEFS, LMoEConfig, default_lambda_hidden
 from .layer import MoLoRALinear, TokenMask, is_linear, linear_shape
+from .remix import fold_outputs, repeat_inputs
 from .router_losses import AuxStats, token_count, token_sum
 from .routing_stats import TOKEN_STATISTICS, token_statistics
 
@@ -29,6 +30,7 @@ APART_ATTR = "_lmoe_aux_apart"  # inside aux_loss_apart: the model's loss is the
 FOLDED_ATTR = (
     "_lmoe_aux_folded"  # the last forward's loss holds its router losses (aux_loss then gives 0)
 )
+REMIX_ATTR = "_lmoe_remix_samples"  # M while a forward runs ReMix's M copies per sequence, else 0
 QUANTIZED_ATTR = (
     "_hf_peft_config_loaded"  # transformers' mark that a quantised model carries trainable adapters
 )
@@ -138,8 +140,10 @@ def with_lambda_width(cfg: LMoEConfig, input_widths: list[int]) -> LMoEConfig:
 
 def _mask_hooks(model: nn.Module) -> list:
     """Show the layers the attention_mask (batch, seq) a model forward is called with, for that
-    forward, and add the router losses to the loss of a training forward with
-    labels (add_aux_to_loss).
+    forward, and add the router losses to the loss of a training forward with labels
+    (add_aux_to_loss). With router="remix", a training forward runs each sequence under
+    remix_samples drawn routings and returns one row per sequence, the RLOO estimator in its loss
+    (lmoe.remix).
 
     The hooks reach the mask through the model they run on (a deep copy uses its own) and are
     module-level functions (a pickled model keeps them).
@@ -150,7 +154,7 @@ def _mask_hooks(model: nn.Module) -> list:
     ]
 
 
-def _capture_mask(model: nn.Module, args: tuple, kwargs: dict) -> None:
+def _capture_mask(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     if (
         model.training
     ):  # the last step's routing (a few (tokens, E) tensors per layer) is not kept into this one
@@ -159,13 +163,41 @@ def _capture_mask(model: nn.Module, args: tuple, kwargs: dict) -> None:
     if kwargs.get("fused_lm_head"):
         _check_head_not_adapted(model)
     setattr(model, FOLDED_ATTR, False)
+    samples = _remix_samples(model, kwargs)
+    setattr(model, REMIX_ATTR, samples)
+    if samples:
+        args, kwargs = repeat_inputs(args, kwargs, samples)
     mask = kwargs.get("attention_mask")
     getattr(model, MASK_ATTR).value = mask if isinstance(mask, Tensor) else None
+    return (args, kwargs) if samples else None
 
 
 def _release_mask(model: nn.Module, args: tuple, kwargs: dict, output):
     getattr(model, MASK_ATTR).value = None
+    samples = getattr(model, REMIX_ATTR, 0)
+    if samples and isinstance(output, dict):
+        setattr(model, REMIX_ATTR, 0)
+        log_probs = [
+            layer.last_routing[0].extras["log_prob"]
+            for _, layer in lmoe_layers(model)
+            if layer.last_routing is not None and "log_prob" in layer.last_routing[0].extras
+        ]
+        smoothing = getattr(getattr(model, "loss_function", None), "label_smoothing", 0.0)
+        output = fold_outputs(output, kwargs, log_probs, samples, smoothing)
     return add_aux_to_loss(model, kwargs, output)
+
+
+def _remix_samples(model: nn.Module, kwargs: dict) -> int:
+    """remix_samples where this forward trains a ReMix router (training, autograd on), else 0."""
+    cfg = getattr(model, CONFIG_ATTR)
+    if cfg.router != "remix" or not model.training or not torch.is_grad_enabled():
+        return 0
+    if kwargs.get("labels") is None and kwargs.get("shift_labels") is None:
+        raise ValueError(
+            "router='remix' learns its routing from the loss of each drawn routing: call the model "
+            "with labels= in training (or model.eval() for a forward without them)."
+        )
+    return cfg.remix_samples
 
 
 def _check_head_not_adapted(model: nn.Module) -> None:
@@ -303,6 +335,7 @@ def remove(model: nn.Module) -> nn.Module:
         HEADS_ATTR,
         APART_ATTR,
         FOLDED_ATTR,
+        REMIX_ATTR,
         QUANTIZED_ATTR,
     ):
         if attr in vars(

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LAMBDA_BIAS_INIT, LMoEConfig, default_lambda_hidden
+from .remix import draw_without_replacement, set_log_prob
 from .router_losses import AuxStats, sparsity_per_token, token_count, token_sum, z_per_token
 
 
@@ -290,6 +291,40 @@ class TopKRouter(Router):
         )
 
 
+class RemixRouter(Router):
+    """ReMix (lmoe.remix): k experts per token, each at weight 1/k. In training they are drawn from
+    softmax(u / T) without replacement, and the drawn set's log-probability (tokens,) goes in
+    extras["log_prob"] for the RLOO estimator (where autograd is on); in evaluation the k largest
+    logits. The weights are constants: no gradient reaches the gate through them."""
+
+    def __init__(self, d_in: int, cfg: LMoEConfig, **factory) -> None:
+        super().__init__(d_in, cfg, **factory)
+        self.top_k = cfg.top_k
+
+    def experts_per_token(self) -> int | None:
+        return self.top_k
+
+    def route(self, x: Tensor, wx: Tensor | None = None, *projected: Tensor) -> Routing:
+        u = self.logits(x, wx)
+        extras = {}
+        if self.training:
+            policy = scaled(u, self.temperature)
+            index = draw_without_replacement(policy.detach(), self.top_k)
+            if torch.is_grad_enabled():
+                extras["log_prob"] = set_log_prob(policy, index)
+        else:
+            index = torch.topk(u, self.top_k, dim=-1).indices
+        weights = u.new_full(index.shape, 1 / self.top_k).detach()  # (tokens, k)
+        return Routing(
+            weights=torch.zeros_like(u).scatter(-1, index, weights),
+            logits=u,
+            probs=lambda: softmax_route(u, self.temperature),
+            extras=extras,
+            top_index=index,
+            top_weights=weights,
+        )
+
+
 class LambdaHead(nn.Module):
     """LD-MoLE's sparsity head: lambda(x) = logsigmoid(f(x)) + 1 - eps, with f =
     Linear -> ReLU -> Linear.
@@ -447,7 +482,12 @@ class DynamicRouter(Router):
         }
 
 
-ROUTER_CLASSES = {"softmax": SoftmaxRouter, "topk": TopKRouter, "dynamic": DynamicRouter}
+ROUTER_CLASSES = {
+    "softmax": SoftmaxRouter,
+    "topk": TopKRouter,
+    "dynamic": DynamicRouter,
+    "remix": RemixRouter,
+}
 
 
 def build_router(

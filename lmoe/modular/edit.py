@@ -74,7 +74,7 @@ def describe_mixture(directory: str | Path) -> dict:
         "rank": cfg.rank,
         "scaling": cfg.scaling,
         "router": cfg.router,
-        "top_k": cfg.top_k if cfg.router == "topk" else None,
+        "top_k": cfg.top_k if cfg.router in ("topk", "remix") else None,
         "composition": cfg.composition,
         "layers": len(layers),
         "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),

@@ -17,6 +17,11 @@ class SmoothedCausalLMLoss:
     def __init__(self, eps: float) -> None:
         self.eps = eps
 
+    @property
+    def label_smoothing(self) -> float:
+        """eps, by the name lmoe.inject reads from a model's loss_function (ReMix's rewards)."""
+        return self.eps
+
     def __call__(
         self,
         logits: Tensor,

@@ -136,7 +136,7 @@ def test_statistics_match_a_direct_count():
     )
 
 
-@pytest.mark.parametrize("router,expected", [("softmax", E), ("topk", 2)])
+@pytest.mark.parametrize("router,expected", [("softmax", E), ("topk", 2), ("remix", 2)])
 def test_fixed_routers_have_a_fixed_number_of_active_experts(router, expected):
     stats = routing_stats(collect_routing(randomised(router, top_k=2), groups()))
     assert (stats.mean_active == expected).all() and (stats.active_hist[:, expected - 1] == 1).all()

@@ -4,6 +4,7 @@ the torchrun worker."""
 
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from tiny import tiny_model_dir, worker_pythonpath, write_jsonl
 from train_cli import steps_logged
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from lmoe import load_adapter
+from lmoe import inject, lmoe_layers, load_adapter
 from lmoe.io import load_state
 from lmoe.models import load_model
 from lmoe.training.config import TrainConfig
@@ -186,6 +187,28 @@ def test_router_losses_in_two_processes_equal_one_process_on_the_whole_batch(
     )
     assert_same_metrics(one, Path(cfg.output_dir))
     assert_same_adapter(one / "adapter", Path(cfg.output_dir) / "adapter", atol=1e-5)
+
+
+def test_remix_trains_under_ddp(setup):
+    """ReMix's router in two processes (each draws its slice's routings: no bitwise reference):
+    the run finishes, every step's loss is finite, each token uses k experts, the routers learn."""
+    cfg = config(
+        setup,
+        setup[2] / "ddp-remix",
+        {"router": "remix", "top_k": 2, "remix_samples": 2},
+        batch_size=2,
+        save_every=0,
+    )
+    run = torchrun(cfg)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = read_metrics(Path(cfg.output_dir))
+    assert all(math.isfinite(r["lm_loss"]) and r["active_experts"] == 2 for r in rows)
+    weights = load_file(str(Path(cfg.output_dir) / "adapter" / "adapter_model.safetensors"))
+    fresh = load_model(str(setup[0]))[0]
+    torch.manual_seed(cfg.seed)  # the init train drew
+    inject(fresh, cfg.lmoe)
+    for name, layer in lmoe_layers(fresh):
+        assert not torch.equal(weights[f"{name}.router.weight"], layer.router.weight), name
 
 
 def test_gpt2_conv1d_under_fsdp_equals_one_process(setup):
