@@ -19,19 +19,22 @@ balance weights; seeds 0 1 2, each the same initialisation seed and data order f
 difference from its LoRA with the paired standard error over items.
 
 Binding size: 4 experts of rank 1 (alpha 2) against LoRA rank 4 (alpha 8): the experts' A and B
-are exactly a rank-4 LoRA's. The routers add d_in x E per adapted layer, 43% on top, so the LoRA
-that `lmoe compare` matches by total count is rank 6, not 4 (`--count`). Each regime runs both:
-compare's nearest-rank LoRA, and LoRA rank 4 (`lora_rank=4`, equal experts, the mixtures' runs
-reused from the first call).
+are exactly a rank-4 LoRA's (483,840 parameters). The routers add d_in x E per adapted layer
+(207,360 more: 691,200 for softmax, top-2, ReMix; the dynamic router's shared lambda head 36,993
+more again: 728,193), so the LoRA that `lmoe compare` matches by total count is rank 6 (725,760),
+not 4 (`--count`, lmoe's count_parameters on the built-in model, PEFT LoRA for the LoRAs).
+Every regime runs compare's nearest-count LoRA; conflict also LoRA rank 4 (`lora_rank=4`, equal
+experts; that call reuses the first call's mixture runs).
 
 Mixtures (ROUTERS): softmax composed by parameters and by outputs, top-2, LD-MoLE's dynamic router
 (balance 1.0, no sparsity loss), ReMix's (k = 2; only where lmoe.config.ROUTERS has "remix").
 
-(a) conflict: 4 domains (reverse, initials, sorted, last_twice) behind opaque codes; 400 inputs
-    x 4 domains = 1600 training records, 200 steps x 8 = one epoch; test 50 inputs x 4 = 200
-    items, greedy exact match and answer perplexity. Every router above.
-(b) tasks_2, tasks_4, tasks_8, tasks_16: 1600 training records in all (1600 / N per task), 200
-    steps; test 240 items in all (240 / N per task). softmax (params), top-2, ReMix.
+(a) conflict: 4 domains (reverse, initials, sorted, last_twice) behind opaque codes; 300 inputs
+    x 4 domains = 1200 training records, 150 steps x 8 = one epoch; test 50 inputs x 4 = 200
+    items, greedy exact match and answer perplexity. Every router above; 7 methods x 3 seeds.
+(b) tasks_2, tasks_4, tasks_8, tasks_16: 800 training records in all (800 / N per task), 100
+    steps x 8 = one epoch; test 240 items in all (240 / N per task). softmax (params) and its
+    LoRA: 2 methods x 3 seeds x 4 counts.
 (c) retention: the `add` skill, 2400 training records, 300 steps x 8 (one epoch); scored on its
     200 test items (exact match), ARC-Easy, PIQA and HellaSwag (lm-eval's cloze protocol, plain
     text, 200 test questions each: a fixed hash subset of each test side) and the built-in
@@ -40,14 +43,16 @@ Mixtures (ROUTERS): softmax composed by parameters and by outputs, top-2, LD-MoL
             --test-items 200 --max-answer-tokens 8 --json base.json \\
             --data DATA/retention/conversations_test.jsonl DATA/retention/test.jsonl
     and any trained adapter the same way with --adapter RUN/adapter (each compare run keeps its
-    adapter in runs/METHOD-sSEED/train/adapter). softmax (params), top-2, ReMix.
+    adapter in runs/METHOD-sSEED/train/adapter). softmax (params) and its LoRA, 3 seeds.
+    Widen (b) and (c) to top-2 and ReMix (Regime.mixtures) where (a) shows a router worth it
+    and the budget allows.
 
 n and standard errors: exact match on n = 200 (240) items at p = 0.5 has a standard error of
 0.035 (0.032) per run; the paired difference's is smaller where the methods agree item by item.
 ARC-E / PIQA / HellaSwag at n = 200: about 0.035 each.
 
-Time: RUN_COUNTS below, the s/step and evaluation seconds measured on this machine
-(bench/README.md, "regimes"), give the estimate that `--plan` prints.
+Time: `--plan` prints the estimate from the calls' runs, steps and test sets, and the costs
+S_PER_STEP, EVAL_S and MC_S (bench/README.md, regimes row, says where they come from).
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ ROUTERS = {  # name -> the lmoe.* settings atop BINDING
 }
 RETENTION_BENCHMARKS = ["bench:arc_easy", "bench:piqa", "bench:hellaswag"]
 # the estimate's costs on this project's 2 loaded CPU cores (bench/README.md, regimes row)
-S_PER_STEP, EVAL_S, MC_S = 0.5, 60.0, 0.3
+S_PER_STEP, EVAL_S, MC_S = 1.7, 40.0, 0.3
 RETENTION_MC = {"protocol": "cloze", "template": "plain", "test_items": 200}
 
 
@@ -88,17 +93,17 @@ class Regime:
     steps: int
     mixtures: list[str]
     extra_eval: list[str] = field(default_factory=list)  # beside DATA/folder/test.jsonl
+    lora_ranks: tuple = (None,)  # one compare call each: None, compare's nearest count; 4, ...
     train: dict = field(default_factory=dict)  # other TrainConfig settings
 
 
-LATER = ["softmax_params", "top2", "remix"]
 REGIMES = {
-    "conflict": Regime("conflict", 200, list(ROUTERS)),
-    **{f"tasks_{n}": Regime(f"tasks_{n}", 200, LATER) for n in (2, 4, 8, 16)},
+    "conflict": Regime("conflict", 150, list(ROUTERS), lora_ranks=(None, EXPERT_EQUAL_RANK)),
+    **{f"tasks_{n}": Regime(f"tasks_{n}", 100, ["softmax_params"]) for n in (2, 4, 8, 16)},
     "retention": Regime(
         "retention",
         300,
-        LATER,
+        ["softmax_params"],
         extra_eval=[*RETENTION_BENCHMARKS, "conversations_test.jsonl"],
         # exact match for the skill's answers (3 tokens at most), not the conversations' replies
         train={"mc": RETENTION_MC, "eval_max_answer_tokens": 8},
@@ -152,11 +157,11 @@ def run_regime(
 
 
 def study_calls(names: list[str], data_dir, out_dir, seeds) -> dict[str, dict]:
-    """Every compare call of the study, in order: per regime the nearest-count LoRA, then the
-    rank-4 one (the second call reuses the first's mixture runs)."""
+    """Every compare call of the study, in order: per regime the nearest-count LoRA, then (conflict)
+    the rank-4 one (the second call reuses the first's mixture runs)."""
     calls = {}
     for name in names:
-        for rank in (None, EXPERT_EQUAL_RANK):
+        for rank in REGIMES[name].lora_ranks:
             label = f"{name}_{'nearest' if rank is None else f'r{rank}'}"
             calls[label] = run_regime(name, data_dir, out_dir, seeds, rank)
     return calls

@@ -59,9 +59,11 @@ def test_the_estimate_counts_each_run_once_and_skips_finished_calls(tmp_path):
     calls = study_calls(["conflict"], "data", "runs", [0, 1])
     mixtures = len(calls["conflict_nearest"]["mixtures"])
     runs = (mixtures + 1 + 1) * 2  # the mixtures and their LoRA, then the rank-4 LoRA, 2 seeds
-    assert estimate_hours(calls, 1.0, 0.0, 0.0) * 3600 == pytest.approx(runs * 200)
+    steps = calls["conflict_nearest"]["steps"]
+    assert estimate_hours(calls, 1.0, 0.0, 0.0) * 3600 == pytest.approx(runs * steps)
     retention = study_calls(["retention"], "data", "runs", [0])
-    questions = 3 * 200 * (len(retention["retention_nearest"]["mixtures"]) + 2)
+    assert list(retention) == ["retention_nearest"]
+    questions = 3 * 200 * (len(retention["retention_nearest"]["mixtures"]) + 1)
     assert estimate_hours(retention, 0.0, 0.0, 1.0) * 3600 == pytest.approx(questions)
     results = tmp_path / "regimes.jsonl"
     assert finished_calls(results) == set()
