@@ -81,7 +81,7 @@ ROUTERS = {  # name -> the lmoe.* settings atop BINDING
 }
 RETENTION_BENCHMARKS = ["bench:arc_easy", "bench:piqa", "bench:hellaswag"]
 # the estimate's costs on this project's 2 loaded CPU cores (bench/README.md, regimes row)
-S_PER_STEP, EVAL_S, MC_S = 1.7, 40.0, 0.3
+S_PER_STEP, EVAL_S, MC_S = 3.8, 40.0, 0.3
 RETENTION_MC = {"protocol": "cloze", "template": "plain", "test_items": 200}
 
 
