@@ -7,6 +7,7 @@ split, so train and test never share an instance, whatever the seed or the sizes
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 from .splits import held_out
 
@@ -78,18 +79,38 @@ SKILLS = {f.__name__: f for f in (add, number_words, sort, reverse_words, count_
 
 def generate(skill: str, n: int, split: str, seed: int) -> list[tuple[str, str]]:
     """n distinct (prompt, answer) pairs of the skill on the given side ("train" or "test")."""
-    draw, rng = SKILLS[skill], random.Random(f"{seed}/{skill}/{split}")
-    items: dict[str, tuple[str, str]] = {}
-    for _ in range(
-        200 * n + 1000
-    ):  # the smallest skill space (count_letters) holds a few hundred keys
+    drawn = split_draws(SKILLS[skill], n, split, f"{seed}/{skill}", skill)
+    return [(prompt, answer) for _, prompt, answer in drawn]
+
+
+def split_draws(
+    draw: Callable[[random.Random], tuple], n: int, split: str, stream: str, space: str
+) -> list[tuple]:
+    """n draws with distinct keys (each draw's first element) on one side of the split.
+
+    Args:
+        draw: rng -> (key, ...): one random instance.
+        n: how many.
+        split: "train" or "test".
+        stream: names the random stream (with the split); the same stream draws the same items.
+        space: names the key space: the hash of f"{space}/{key}" picks the side, so generators
+            that share a space put an input on the same side (train or test) in all of them.
+
+    Returns:
+        The draws, in the order first drawn.
+    """
+    rng = random.Random(f"{stream}/{split}")
+    items: dict[str, tuple] = {}
+    # the smallest skill space (count_letters) holds a few hundred keys
+    for _ in range(200 * n + 1000):
         if len(items) == n:
             break
-        key, prompt, answer = draw(rng)
-        if held_out(f"{skill}/{key}", TEST_FRACTION) == (split == "test"):
-            items.setdefault(key, (prompt, answer))
+        item = draw(rng)
+        if held_out(f"{space}/{item[0]}", TEST_FRACTION) == (split == "test"):
+            items.setdefault(item[0], item)
     if len(items) < n:
         raise ValueError(
-            f"Skill {skill!r} has only {len(items)} distinct {split} items; ask for fewer than {n}."
+            f"Generator {space!r} has only {len(items)} distinct {split} items; "
+            f"ask for fewer than {n}."
         )
     return list(items.values())
