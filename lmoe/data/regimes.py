@@ -24,12 +24,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..io import atomic_write
 from .builtin import Mixture
 from .skills import SKILLS, WORDS, generate, split_draws
 
@@ -202,14 +202,14 @@ def write_regimes(
     files = regime_files(sizes, seed, conversations)
     for path, records in files.items():
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        atomic_write(out_dir / path, lambda tmp, text=text: Path(tmp).write_text(text, "utf-8"))
+        _write_whole(out_dir / path, text)
     manifest = {
         "seed": seed,
         "sizes": asdict(sizes),
         "records": {path: len(records) for path, records in files.items()},
     }
     text = json.dumps(manifest, indent=2) + "\n"
-    atomic_write(out_dir / "regimes.json", lambda tmp: Path(tmp).write_text(text, "utf-8"))
+    _write_whole(out_dir / "regimes.json", text)
     return manifest
 
 
@@ -233,6 +233,16 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"{parser.prog}: {err}\n")
     for path, count in manifest["records"].items():
         print(f"{Path(args.out_dir) / path}: {count} records")
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """text into path through a temporary file renamed over it: a stopped run leaves the old file
+    or the new one, never half of one (lmoe.io.atomic_write is the mixture's, which data may not
+    import)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, "utf-8")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
