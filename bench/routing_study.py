@@ -77,8 +77,13 @@ CONFIGS: dict[str, list[str]] = {
     ],
     # the collapse study's routers at lmoe train's defaults: top-2 (load balance 0.01) and
     # ReMix's (k = 2, equal weights, RLOO with 2 drawn routings per sequence, no balance loss)
-    "top2": ["lmoe.router=topk", "lmoe.top_k=2"],
-    "remix_k2": ["lmoe.router=remix", "lmoe.top_k=2"],
+    "top2": ["lmoe.router=topk", "lmoe.top_k=2", "router_lr_scale=1", "lmoe.router_param_scale=30"],
+    "remix_k2": [
+        "lmoe.router=remix",
+        "lmoe.top_k=2",
+        "router_lr_scale=1",
+        "lmoe.router_param_scale=30",
+    ],
     "zloss_0.01_lr_x30": ["lmoe.z_loss_coef=0.01", "router_lr_scale=30", *PARAM_1] + LB_0_01,
     "anneal_3to1_lb_0.1_lr_x30": [
         "temperature_start=3",

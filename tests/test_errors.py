@@ -225,7 +225,7 @@ def test_target_modules_matching_nothing(files, tmp_path, capsys):
         ("lmoe.rank=0", "LMoEConfig.rank=0 is invalid: expected an integer >= 1."),
         (
             "lmoe.router=switch",
-            "LMoEConfig.router='switch' is invalid: expected one of softmax, topk, dynamic.",
+            "LMoEConfig.router='switch' is invalid: expected one of softmax, topk, dynamic, remix.",
         ),
         ("lr=-1", "TrainConfig.lr=-1 is invalid: expected a finite number > 0."),
         ("lr=.inf", "TrainConfig.lr=inf is invalid: expected a finite number > 0."),
