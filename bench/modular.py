@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -425,9 +424,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     store = Path(args.results)
     store.parent.mkdir(parents=True, exist_ok=True)
-    command = shlex.join(
-        [".venv/bin/python", "bench/modular.py", *(sys.argv[1:] if argv is None else argv)]
-    )
 
     def rows() -> list[dict]:
         kept = (
@@ -447,8 +443,8 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds:  # seed-major: a stopped run has whole seeds of both parts
             for part in args.parts:
                 getattr(Study(args, seed, done, store), f"{part}_part")()
-                write_report(rows(), args, command)
-    write_report(rows(), args, command)
+                write_report(rows(), args)
+    write_report(rows(), args)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,7 @@ it is tested against hand values."""
 from __future__ import annotations
 
 import math
-import os
-import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -49,9 +46,6 @@ PAIRS = [
     ("zero_router", "arrow_default"),
     ("zero_router", "uniform"),
     ("zero_router", "oracle"),
-    ("proto_router", "arrow_default"),
-    ("proto_router", "uniform"),
-    ("proto_router", "oracle"),
     ("proto_zeroshot", "arrow_default"),
     ("proto_router", "zero_router"),
     ("multitask_r8", "zero_router"),
@@ -116,12 +110,15 @@ def paired(a: dict, b: dict, tasks: list[str]) -> dict:
 
 
 def compose_table(rows: list[dict], tasks: list[str]) -> str:
+    """Accuracy per task and on average per method, and for the routed methods the routing of the
+    test questions' tokens (mean over layers): the share of a task's weight on its own expert
+    (1/E is uniform) and I(task; expert) in bits."""
     data = compose_correct(rows, tasks)
     methods = [m for m in COMPOSE_ORDER if m in data]
     methods += sorted(m for m in data if m.startswith("multitask_")) + [
         m for m in ["end_to_end"] if m in data
     ]
-    head = ["method", "seeds", *tasks, "average"]
+    head = ["method", "seeds", *tasks, "average", "share to own expert", "I(task; expert), bits"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         runs = list(data[m].values())
@@ -132,6 +129,17 @@ def compose_table(rows: list[dict], tasks: list[str]) -> str:
         cells += [mean_sd([accuracy(c[t]) for c in runs]) for t in tasks] + [
             mean_sd([average(c, tasks) for c in runs])
         ]
+        routed = [
+            r for r in rows if r["part"] == "compose" and r["method"] == m and "own_share" in r
+        ]
+        cells += (
+            [
+                mean_sd([r["own_share"]["mean"] for r in routed]),
+                mean_sd([r["information"]["mean"] for r in routed]),
+            ]
+            if routed
+            else ["-", "-"]
+        )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -148,35 +156,6 @@ def pairs_table(rows: list[dict], tasks: list[str]) -> str:
             lines.append(
                 f"| {a} - {b} | {p['seeds']} | {p['mean']:+.3f} ± {p['sd']:.3f} | {p['se']:.3f} |"
             )
-    return "\n".join(lines)
-
-
-def routing_table(rows: list[dict], tasks: list[str]) -> str:
-    lines = [
-        "| routing (test questions' tokens, mean over layers) | seeds | "
-        + " | ".join(f"share to own expert, {t}" for t in tasks)
-        + " | share, mean | I(task; expert), bits (max 2) |",
-        "|" + "---|" * (len(tasks) + 4),
-    ]
-    for m in [
-        "uniform",
-        "zero_router",
-        "proto_raw_zeroshot",
-        "proto_raw_router",
-        "proto_zeroshot",
-        "proto_router",
-    ]:
-        mine = [r for r in rows if r["part"] == "compose" and r["method"] == m and "own_share" in r]
-        if not mine:
-            continue
-        cells = [LABELS[m], str(len(mine))] + [
-            mean_sd([r["own_share"]["per_task"][t] for r in mine]) for t in tasks
-        ]
-        cells += [
-            mean_sd([r["own_share"]["mean"] for r in mine]),
-            mean_sd([r["information"]["mean"] for r in mine]),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -311,39 +290,17 @@ def continual_table(rows: list[dict], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
-def matrices_text(rows: list[dict], tasks: list[str]) -> str:
-    """Each method's accuracy matrix, mean over seeds: row = after stage k, column = task j."""
-    out = []
-    for method in continual_methods(rows):
-        mats = continual_matrix(rows, tasks, method)
-        if not mats:
-            continue
-        out += [
-            f"`{method}` ({len(mats)} seeds), accuracy after stage k (rows) on task j (columns):",
-            "",
-            "| after | " + " | ".join(tasks) + " |",
-            "|" + "---|" * (len(tasks) + 1),
-        ]
-        for k in range(len(tasks)):
-            vals = [[mats[s][k][j] for s in mats] for j in range(len(tasks))]
-            out.append(
-                f"| {tasks[k]} | "
-                + " | ".join("-" if None in v else mean_sd(v) for v in vals)
-                + " |"
-            )
-        out.append("")
-    return "\n".join(out)
-
-
-def write_report(rows: list[dict], args, command: str) -> None:
+def write_report(rows: list[dict], args) -> None:
+    """Rewrite the study's RESULTS.md section from the rows alone, so that `--report` gives the
+    same text from the same raw file; the commands, conditions and commits that recorded the rows
+    go in the section before it. Each method's per-stage continual matrix stays in the raw rows."""
     tasks = args.tasks
     n = {t: len(next(iter(rows))["correct"].get(t, "")) for t in tasks} if rows else {}
     text = [
         SECTION,
         "",
-        f"Command: `{command}` (written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-        f"load average {os.getloadavg()[0]:.1f}; {platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}).",
+        f"From `{args.results}` by `bench/modular.py --report` (how the rows were recorded: the "
+        "section before).",
         "",
         f"Settings: rank {args.rank} per task adapter, {args.steps} batches of {args.batch_size} "
         f"per adapter and per stage, lr {args.lr}, routers at 30x, {args.router_items} questions "
@@ -355,8 +312,6 @@ def write_report(rows: list[dict], args, command: str) -> None:
         "",
         pairs_table(rows, tasks),
         "",
-        routing_table(rows, tasks),
-        "",
         layer_share_table(rows),
         "",
         "Transfer: each adapter on every task (the diagonal is the oracle).",
@@ -366,10 +321,8 @@ def write_report(rows: list[dict], args, command: str) -> None:
         "Continual learning, tasks in this order: " + " -> ".join(tasks),
         "",
         continual_table(rows, tasks),
-        "",
-        matrices_text(rows, tasks),
     ]
-    print("\n".join(text[6:]), flush=True)
+    print("\n".join(text[4:]), flush=True)
     path = Path(args.out)
     current = path.read_text() if path.is_file() else ""
     path.write_text(replace_section(current, "\n".join(text), SECTION))

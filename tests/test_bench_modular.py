@@ -140,3 +140,26 @@ def test_layer_share_table_averages_each_module_kind_within_its_depth_range():
     )  # blocks 0-1: (0.2 + 0.4) / 2; blocks 2-3
     assert "| up_proj | 0.300 / 0.600 | 0.700 / 1.400 |" in table
     assert "blocks 0-1 | blocks 2-3" in table
+
+
+def test_compose_table_gives_routed_methods_their_mean_own_share_and_information_over_seeds():
+    from bench.modular_report import compose_table
+
+    rows = [compose_row("oracle", 0, {"a": "11", "b": "10"})]
+    for seed, share, info in [(0, 0.3, 0.1), (1, 0.5, 0.3)]:
+        row = compose_row("zero_router", seed, {"a": "10", "b": "00"})
+        row |= {"own_share": {"mean": share}, "information": {"mean": info}}
+        rows.append(row)
+    cells = {
+        line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")
+        for line in compose_table(rows, TASKS).splitlines()[2:]
+    }
+    # accuracy a, b, average; then share (0.3 + 0.5) / 2 with sd 0.141, information likewise
+    assert cells["(d) lmoe composed, zero router trained alone"][2:] == [
+        "0.500 ± 0.000",
+        "0.000 ± 0.000",
+        "0.250 ± 0.000",
+        "0.400 ± 0.141",
+        "0.200 ± 0.141",
+    ]
+    assert cells["(b) each task with its own adapter (oracle)"][-2:] == ["-", "-"]

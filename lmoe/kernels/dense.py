@@ -6,7 +6,7 @@ h = A x (E blocks of r, the experts' codes) and routing g (E,):
     y + s * B c               (docs/design.md section 2)
 Where it wins: whenever most experts carry weight, and at the sizes most runs use (E*r up to
 sparse.DENSE_UP_TO_RANK always runs here); bench/RESULTS.md, "Sparse routing: cost as the number of
-experts grows" (the auto rule's table, and its "forced dense" rows against the sparse kernels).
+experts grows" (the auto rule's grid, and the "forced dense" rows against the sparse kernels).
 """
 
 from __future__ import annotations
