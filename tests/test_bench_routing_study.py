@@ -1,6 +1,6 @@
-"""bench/routing_study.py's settings and table (no model runs): valid configs at equal expert
-parameters, seeds grouped per setting, EM mean, geometric-mean perplexity and routing
-columns as mean ± std."""
+"""bench/routing_study.py's settings and table: valid configs at equal expert parameters, seeds
+grouped per setting, EM mean, geometric-mean perplexity and routing columns as mean ± std; its run
+path through lmoe compare on a tiny model and the paired columns."""
 
 import json
 import math
