@@ -211,7 +211,7 @@ def run_config(args: argparse.Namespace, name: str, seed: int) -> dict:
         "trainable": result["trainable"],
         "s_per_step": result["s_per_step"],
         "active_experts": result["active_experts"],  # the last 10 training steps
-        "wall_s": result["wall_s"],
+        "wall_s": result.get("wall_s"),  # (runs kept by an earlier lmoe compare lack it)
         "metrics": result["metrics"],  # per question: the paired differences from lora_r16
     }
 

@@ -208,13 +208,13 @@ def run_one(args: argparse.Namespace, config: str, seed: int) -> dict:
         "kind": result["kind"],  # "mixture" or "lora"
         # lmoe train's results from the items: exact match per skill, perplexity per domain
         "results": {key: group_values(metric) for key, metric in metrics.items()},
-        "wall_s": result["wall_s"],
+        "wall_s": result.get("wall_s"),  # (runs kept by an earlier lmoe compare lack it)
         "s_per_step": result["s_per_step"],
         "trainable": result["trainable"],
         "steps": cfg.steps,
         "metrics": metrics,  # per item: the paired differences from the LoRA
     }
-    if result["routing"]:  # measured on the held-out answer tokens (routing.json per layer)
+    if result.get("routing"):  # measured on the held-out answer tokens (routing.json per layer)
         row["routing"], row["routing_layers"] = result["routing"], result["routing_layers"]
     return row
 
