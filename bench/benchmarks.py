@@ -10,6 +10,10 @@ every row of the table. Only the `lmoe.*` overrides of CONFIGS differ: E * r = 1
 everywhere (experts' A and B: the same parameters as one rank-16 LoRA), alpha = 2r. Each finished
 run is appended to --results (JSONL) at once, and the table in --out (bench/RESULTS.md) is
 rewritten, so an interrupted grid keeps what it finished and the same command continues it.
+lmoe compare trains and scores each run (lmoe.compare.given, run_method; kept in --work-dir) and
+its rows keep the per-question scores, so the table pairs each mixture with lora_r16: the
+difference of the average and its paired standard error over the questions (rows recorded before
+have none: '-'; a table without such rows has no paired column).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/benchmarks.py  # the default grid (2-core CPU)
     .venv/bin/python bench/benchmarks.py --model DIR \
@@ -50,6 +54,11 @@ MOE = {"lmoe.num_experts": 4, "lmoe.rank": 4, "lmoe.alpha": 8}
 LB_0_01 = {
     "lmoe.load_balance_coef": 0.01
 }  # the softmax gate's balance weight these rows ran with (now 0.1)
+PAIRED = (  # the paired column's note in the section, where a row has per-question scores
+    "average - lora_r16: the difference of the average accuracy paired by seed and question, "
+    "± its standard error over the questions (lmoe compare's, per task, combined as the average "
+    "is), rows with per-question scores only. "
+)
 SPARSITY = (
     0.1  # "with its sparsity loss"; the authors' released run.sh sets it to 0 (reg_loss_coef=0.0)
 )
@@ -164,44 +173,67 @@ def train_overrides(args: argparse.Namespace, name: str, seed: int) -> list[str]
 
 
 def run_base(args: argparse.Namespace) -> dict:
-    from lmoe.data.choices import MultipleChoice
-    from lmoe.evaluation.scoring import evaluate_benchmarks
+    """The base model scored item by item as lmoe compare scores a trained run (the grid's test
+    questions and protocol: those of any config's TrainConfig)."""
+    from lmoe.compare.items import score_items
     from lmoe.models import load_model
+    from lmoe.training.config import TrainConfig
 
     model, tokenizer = load_model(args.model)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
-    fmt = MultipleChoice(args.protocol, args.template, args.test_items)
-    results = evaluate_benchmarks(model, tokenizer, args.tasks, fmt, args.max_length)
+    scoring = TrainConfig.from_file(None, train_overrides(args, "lora_r16", seed=0))
+    metrics = score_items(model, tokenizer, scoring)
     return {
         "config": "base",
         "seed": None,
-        "results": results,
+        "results": results_of(metrics, args),
         "eval_s": time.perf_counter() - start,
+        "metrics": metrics,
     }
 
 
 def run_config(args: argparse.Namespace, name: str, seed: int) -> dict:
-    from lmoe.inject import count_parameters
+    """Train and score one (config, seed) through lmoe compare (its run kept in
+    work-dir/NAME-sSEED/result.json, per-item scores and all); the row the table reads."""
+    from lmoe.compare.given import given_method
+    from lmoe.compare.runs import run_method
     from lmoe.training.config import TrainConfig
-    from lmoe.training.loop import train
-    from lmoe.training.metrics_log import read_metrics
 
-    cfg = TrainConfig.from_file(None, train_overrides(args, name, seed))
-    start = time.perf_counter()
-    result = train(cfg)
-    rows = read_metrics(cfg.output_dir)
-    last = rows[-min(10, len(rows)) :]
+    train_cfg = TrainConfig.from_file(None, train_overrides(args, name, seed))
+    cfg, method = given_method(train_cfg, name, args.work_dir)
+    result = run_method(cfg, method, seed, Path(args.work_dir) / f"{name}-s{seed}")
     return {
         "config": name,
         "seed": seed,
         "overrides": dict(CONFIGS)[name],
-        "results": result.results["trained"],
-        "trainable": count_parameters(result.model)[0],
-        "s_per_step": rows[-1]["elapsed_s"] / len(rows),
-        "active_experts": sum(r["active_experts"] for r in last) / len(last),
-        "wall_s": time.perf_counter() - start,
+        "results": results_of(result["metrics"], args),
+        "trainable": result["trainable"],
+        "s_per_step": result["s_per_step"],
+        "active_experts": result["active_experts"],  # the last 10 training steps
+        "wall_s": result.get("wall_s"),  # (runs kept by an earlier lmoe compare lack it)
+        "metrics": result["metrics"],  # per question: the paired differences from lora_r16
     }
+
+
+def metric_name(task: str, key: str) -> str:
+    """lmoe compare's name of a task's accuracy under protocol/template `key`."""
+    return f"bench:{task} {key} acc"
+
+
+def results_of(metrics: dict, args: argparse.Namespace) -> dict:
+    """lmoe compare's per-question scores as the table reads lmoe's results: per task its n and
+    acc, and the tasks' unweighted mean acc ("bench:average")."""
+    from lmoe.compare.items import metric_value
+
+    key = protocol(args)
+    tasks = {t: metrics[metric_name(t, key)] for t in args.tasks}
+    results = {
+        f"bench:{t}": {"n": len(m["values"]), key: {"acc": metric_value(m)}}
+        for t, m in tasks.items()
+    }
+    mean = statistics.mean(metric_value(m) for m in tasks.values())
+    return results | {"bench:average": {key: {"acc": mean}}}
 
 
 # ---------------------------------------------------------------- table
@@ -223,11 +255,27 @@ def questions(results: dict, task: str) -> int:
     return results["n"][task] if "acc" in results else results[f"bench:{task}"]["n"]
 
 
+def paired_average(mine: list[dict], rows: list[dict], tasks: list[str], key: str) -> str:
+    """A config's average accuracy minus lora_r16's, with the paired standard error over the test
+    questions (lmoe compare's, per task, then combined), from the seeds both ran with per-question
+    scores; '-' for the base, lora_r16 and rows recorded without them."""
+    from lmoe.compare.stats import difference_cell, mean_difference, pair_runs
+
+    if mine[0]["config"] in ("base", "lora_r16"):
+        return "-"
+    pairs = pair_runs(mine, [r for r in rows if r["config"] == "lora_r16"])
+    if not pairs:
+        return "-"
+    return difference_cell(mean_difference([pairs[metric_name(t, key)] for t in tasks]))
+
+
 def table(rows: list[dict], tasks: list[str], key: str) -> str:
+    paired = any("metrics" in r for r in rows)  # rows recorded before lmoe compare have none
     head = (
         ["config", "protocol", "seeds", "trainable params"]
         + tasks
         + ["average", "SE of average", "active experts", "s/step"]
+        + (["average - lora_r16 (paired SE)"] if paired else [])
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in ["base"] + [n for n, _ in CONFIGS]:
@@ -259,6 +307,7 @@ def table(rows: list[dict], tasks: list[str], key: str) -> str:
             if "s_per_step" in mine[0]
             else "-",
         ]
+        cells += [paired_average(mine, rows, tasks, key)] if paired else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -290,7 +339,10 @@ def write_section(
         f"fixed subset of each task's test side: n = {n} questions. Per task: mean ± standard "
         "deviation over seeds; SE of average: standard deviation of the seeds' averages / "
         "sqrt(seeds) (base: binomial, pooled questions). Active experts: experts with g > 0 per "
-        "token and layer, mean of the last 10 steps. s/step: training loop only. Split policy: "
+        "token and layer, mean of the last 10 steps. s/step: training loop only. "
+        + PAIRED
+        * any("metrics" in r for r in rows)
+        + "Split policy: "
         "ARC-E, ARC-C, OBQA train on validation, test on the test split; MMLU dev + validation / "
         "test; the other tasks split validation by a hash of the question (30% test).",
         "",

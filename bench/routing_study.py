@@ -3,13 +3,16 @@ and record quality (exact match per skill, answer perplexity per domain) beside 
 specialisation (mutual information I(domain; expert), normalised entropy, top-weight share, active
 experts) on the held-out answer tokens.
 
-    .venv/bin/python bench/routing_study.py --configs default lr_x20 --seeds 0 1 2
+    .venv/bin/python bench/routing_study.py --configs lr_x30 lora_r16 --seeds 0 1 2
     # rewrite the RESULTS.md section from the results
     .venv/bin/python bench/routing_study.py --report
 
 Each finished (config, seed) is appended to --results (JSON lines) at once, so a stopped study loses
 at most the run in progress; a rerun skips what is there. A setting is a list of TrainConfig
-overrides on top of the default run.
+overrides on top of the default run. lmoe compare trains and scores each run (lmoe.compare.given,
+run_method; kept in --work-dir/NAME) and its rows keep the per-item scores, so the table pairs each
+setting with its LoRA: difference and paired standard error over the held-out items (rows recorded
+before have none: '-'; a table without such rows has no paired columns).
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import os
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -51,6 +53,8 @@ LB_0_01 = [
 # the rows keep their meaning whatever the default. Rows recorded before
 # router_param_scale existed ran at 1.
 PARAM_1 = ["lmoe.router_param_scale=1"]
+# the LoRA of a setting's expert parameters, its paired columns' baseline (else lora_r16)
+LORA_OF = {"recipe_ld-mole": "lora_r64_seven"}
 CONFIGS: dict[str, list[str]] = {
     # the routers at the experts' rate (the default before this study)
     "lr_x1": ["router_lr_scale=1", *PARAM_1] + LB_0_01,
@@ -176,10 +180,12 @@ def run_name(config: str, seed: int, extra: list[str]) -> str:
 
 
 def run_one(args: argparse.Namespace, config: str, seed: int) -> dict:
-    from lmoe.inject import count_parameters
+    """Train and score one (setting, seed) through lmoe compare (its run kept in
+    work-dir/NAME/result.json, per-item scores and all); the row the report reads."""
+    from lmoe.compare.given import given_method
+    from lmoe.compare.items import group_values
+    from lmoe.compare.runs import run_method
     from lmoe.training.config import TrainConfig
-    from lmoe.training.loop import train
-    from lmoe.training.metrics_log import read_metrics
 
     name = run_name(config, seed, args.extra)
     overrides = [
@@ -190,27 +196,26 @@ def run_one(args: argparse.Namespace, config: str, seed: int) -> dict:
         *CONFIGS[config],
         *args.extra,
     ]
-    cfg = TrainConfig.from_file(None, overrides)
-    start = time.perf_counter()
-    result = train(cfg)
+    cfg, method = given_method(TrainConfig.from_file(None, overrides), config, args.work_dir)
+    result = run_method(cfg, method, seed, Path(args.work_dir) / name)
+    metrics = result["metrics"]
     row = {
         "name": name,
         "config": config,
         "seed": seed,
         "overrides": overrides[1:],
-        "results": result.results["trained"],
-        "wall_s": time.perf_counter() - start,
-        "s_per_step": read_metrics(cfg.output_dir)[-1]["elapsed_s"] / cfg.steps,
-        "trainable": count_parameters(result.model)[0],
+        "extra": list(args.extra),
+        "kind": result["kind"],  # "mixture" or "lora"
+        # lmoe train's results from the items: exact match per skill, perplexity per domain
+        "results": {key: group_values(metric) for key, metric in metrics.items()},
+        "wall_s": result.get("wall_s"),  # (runs kept by an earlier lmoe compare lack it)
+        "s_per_step": result["s_per_step"],
+        "trainable": result["trainable"],
         "steps": cfg.steps,
+        "metrics": metrics,  # per item: the paired differences from the LoRA
     }
-    if (
-        cfg.lmoe.num_experts > 1
-    ):  # train() measured it on the held-out answer tokens (routing.json per layer)
-        row["routing"] = row["results"].pop("routing")
-        row["routing_layers"] = json.loads((Path(cfg.output_dir) / "routing.json").read_text())[
-            "layers"
-        ]
+    if result.get("routing"):  # measured on the held-out answer tokens (routing.json per layer)
+        row["routing"], row["routing_layers"] = result["routing"], result["routing_layers"]
     return row
 
 
@@ -245,8 +250,10 @@ def summarise(rows: list[dict]) -> list[dict]:
                 "active": [],
                 "collapsed": [],
                 "s_step": [],
+                "runs": [],
             },
         )
+        g["runs"].append(r)
         em, ppl = r["results"].get("exact_match", {}), r["results"].get("perplexity", {})
         g["seeds"].append(r["seed"])
         g["em"].append(sum(em.values()) / len(em))
@@ -273,7 +280,23 @@ def summarise(rows: list[dict]) -> list[dict]:
     )
 
 
+def paired_cells(group: dict, rows: list[dict]) -> list[str]:
+    """EM and log perplexity (pooled over answer tokens) minus those of the setting's LoRA, with
+    their paired standard errors over items (lmoe compare's), from the seeds both ran with per-item
+    scores and the same extra overrides; '-' for a LoRA and for rows recorded without items."""
+    from lmoe.compare.stats import difference_cell, pair_runs
+
+    mine = [r for r in group["runs"] if "metrics" in r]
+    if not mine or mine[0]["kind"] == "lora":
+        return ["-", "-"]
+    lora = LORA_OF.get(group["config"], "lora_r16")
+    theirs = [r for r in rows if r["config"] == lora and r.get("extra") == mine[0].get("extra")]
+    pairs = pair_runs(mine, theirs)
+    return [difference_cell(pairs.get(metric)) for metric in ("exact_match", "perplexity")]
+
+
 def format_table(rows: list[dict]) -> str:
+    paired = any("metrics" in r for r in rows)  # rows recorded before lmoe compare have none
     head = [
         "setting",
         "overrides",
@@ -286,7 +309,7 @@ def format_table(rows: list[dict]) -> str:
         "active experts",
         f"layers with I < {COLLAPSED}",
         "s/step",
-    ]
+    ] + (["EM - LoRA (paired SE)", "log ppl - LoRA (paired SE)"] if paired else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in summarise(rows):
         over = (
@@ -305,7 +328,7 @@ def format_table(rows: list[dict]) -> str:
             mean_sd(g["active"]),
             " / ".join(map(str, g["collapsed"])) or "-",
             f"{statistics.mean(g['s_step']):.2f}",
-        ]
+        ] + (paired_cells(g, rows) if paired else [])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

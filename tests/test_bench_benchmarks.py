@@ -1,10 +1,21 @@
-"""bench/benchmarks.py's grid and table (no model runs): overrides, mean ± std over
-seeds, standard errors."""
+"""bench/benchmarks.py's grid and table: overrides, mean ± std over seeds, standard errors; its run
+path through lmoe compare on a tiny model and the paired column."""
 
+import json
 import math
 import statistics
 
-from bench.benchmarks import CONFIGS, parse_args, settings, table, train_overrides
+import pytest
+
+from bench.benchmarks import (
+    CONFIGS,
+    accuracy,
+    parse_args,
+    questions,
+    settings,
+    table,
+    train_overrides,
+)
 from lmoe.training.config import TrainConfig
 
 
@@ -148,3 +159,77 @@ def test_finished_counts_only_this_commands_training_runs():
     assert (
         finished(rows, [("base", None), ("lora_r16", 0), ("lora_r16", 1)]) == 1
     )  # seed 7: another command's
+
+
+# ---------------------------------------------------------------- the run path, on a tiny model
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """bench/benchmarks.py's grid on a tiny model and a tiny copy of the benchmark data: the base,
+    lora_r16 and params_top2 at seed 0, 2 steps."""
+    from bench_fixture import write_fixture
+    from tiny import tiny_model_dir
+
+    from bench.benchmarks import main
+    from lmoe.data import benchmarks
+
+    root = tmp_path_factory.mktemp("grid")
+    model = tiny_model_dir(root / "model")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(benchmarks.ROOT_ENV, str(write_fixture(root / "data", n=40)))
+        argv = ["--model", str(model), "--tasks", "arc_easy", "csqa", "--seeds", "0"]
+        argv += ["--configs", "lora_r16", "params_top2", "--steps", "2", "--batch-size", "4"]
+        argv += ["--max-length", "64", "--test-items", "4", "--set", "warmup_steps=1"]
+        argv += ["--results", str(root / "r.jsonl"), "--out", str(root / "R.md")]
+        main([*argv, "--work-dir", str(root / "w")])
+        rows = [json.loads(line) for line in (root / "r.jsonl").read_text().splitlines()]
+        yield root, argv, rows
+
+
+def test_each_run_is_trained_and_scored_by_lmoe_compare(grid):
+    from lmoe.data.choices import MultipleChoice
+    from lmoe.evaluation.scoring import evaluate_benchmarks
+    from lmoe.io import load_adapter
+    from lmoe.models import load_model
+
+    root, argv, rows = grid
+    assert [(r["config"], r["seed"]) for r in rows] == [
+        ("base", None),
+        ("lora_r16", 0),
+        ("params_top2", 0),
+    ]
+    args = parse_args(argv)
+    for r in rows:
+        assert set(r["metrics"]) == {"bench:arc_easy cloze/plain acc", "bench:csqa cloze/plain acc"}
+        model, tokenizer = load_model(args.model)
+        if r["config"] != "base":
+            run = root / "w" / f"{r['config']}-s0"
+            assert json.loads((run / "result.json").read_text())["metrics"] == r["metrics"]
+            load_adapter(model, run / "train" / "adapter")
+            assert r["trainable"] > 0 and r["s_per_step"] > 0 and r["active_experts"] >= 1
+        # the table's accuracies: lmoe's own benchmark evaluation of the same model
+        fmt = MultipleChoice("cloze", "plain", 4)
+        expected = evaluate_benchmarks(model, tokenizer, args.tasks, fmt, args.max_length)
+        for task in [*args.tasks, "average"]:
+            got = accuracy(r["results"], task, "cloze/plain")
+            assert got == pytest.approx(expected[f"bench:{task}"]["cloze/plain"]["acc"])
+        assert questions(r["results"], "csqa") == expected["bench:csqa"]["n"]
+
+
+def test_the_table_pairs_each_mixture_with_lora_r16_over_questions(grid):
+    root, argv, rows = grid
+    lines = table(rows, ["arc_easy", "csqa"], "cloze/plain").splitlines()
+    assert lines[0].endswith("| s/step | average - lora_r16 (paired SE) |")
+    cells = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines[2:]}
+    assert cells["base"][-1] == cells["lora_r16"][-1] == "- |"
+    mixture, lora = rows[2]["metrics"], rows[1]["metrics"]
+    differences, ses = [], []
+    for metric in mixture:  # per task: one seed, so SE = sd of the differences / sqrt(n)
+        d = [a - b for a, b in zip(mixture[metric]["values"], lora[metric]["values"], strict=True)]
+        differences.append(statistics.mean(d))
+        ses.append(statistics.stdev(d) / math.sqrt(len(d)))
+    n = sum(len(m["values"]) for m in mixture.values())
+    average, se = statistics.mean(differences), math.sqrt(sum(s * s for s in ses)) / 2
+    assert cells["params_top2"][-1] == f"{average:+.3f} ± {se:.3f} (n={n}) |"
+    assert "average - lora_r16: the difference" in (root / "R.md").read_text()

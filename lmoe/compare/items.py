@@ -107,6 +107,18 @@ def metric_value(metric: dict) -> float:
     return sum(metric["values"]) / len(metric["values"])
 
 
+def group_values(metric: dict) -> dict[str, float]:
+    """The metric per group of items (an item's id is "<domain>:<index>"), as lmoe train's results
+    give it: exact match per skill, answer perplexity (pooled over tokens) per domain."""
+    groups: dict[str, dict] = {}
+    for k, item in enumerate(metric["ids"]):
+        group = groups.setdefault(item.rsplit(":", 1)[0], {"kind": metric["kind"], "values": []})
+        group["values"].append(metric["values"][k])
+        if "tokens" in metric:
+            group.setdefault("tokens", []).append(metric["tokens"][k])
+    return {name: metric_value(group) for name, group in groups.items()}
+
+
 def pairing_values(metric: dict) -> list[float]:
     """Per item, values whose mean is the metric (perplexity: its log, each example's answer NLL
     over the mean answer tokens per example), so a difference of means is the metric's."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,13 +26,14 @@ from ..inject import count_parameters, inject, lmoe_layers
 from ..models import load_model
 from ..training.checkpoint import CHECKPOINT
 from ..training.config import TrainConfig, read_saved_config
+from ..training.evaluation import ROUTING_FILE, ROUTING_SUMMARY
 from ..training.loop import train
 from ..training.metrics_log import METRICS, read_metrics
 from ..training.start import check_inputs
 from .config import CompareConfig
 from .items import aggregates, score_items
 from .split import split_files
-from .stats import format_tables, method_summary, paired_difference
+from .stats import format_tables, method_summary, pair_runs
 
 RESULT = "result.json"  # in a run's directory: written once the run is trained and scored
 # The routing statistics' effective support size (lmoe.routing_stats: experts a token effectively
@@ -46,7 +48,7 @@ class Method:
 
     name: str
     kind: str  # "mixture" or "lora"
-    trainable: int
+    trainable: int | None  # None: counted on the trained model (given.given_method's methods)
     settings: dict  # mixture: dotted lmoe.* settings; LoRA: its lmoe section
     lora: str | None = None  # a mixture's LoRA
     rank: int | None = None  # a LoRA's rank
@@ -114,16 +116,30 @@ def run_config(cfg: CompareConfig, method: Method, seed: int, run_dir: Path, dat
     return TrainConfig.from_dict({**fields, "lmoe": method.settings})
 
 
+def read_routing(train_dir: Path) -> dict | None:
+    """The held-out routing that lmoe train measured (routing.json: runs on the built-in mixture):
+    ROUTING_SUMMARY's means over layers (I(domain; expert) in bits, entropy / log E, ESS, ...) and
+    "layers", the same per layer; None where there is none."""
+    path = train_dir / ROUTING_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def last_steps_mean(train_dir: Path, column: str, last: int = 10) -> float | None:
+    """The mean of a metrics.csv column over the last `last` training steps that logged it."""
+    rows = read_metrics(train_dir)[-last:] if (train_dir / METRICS).is_file() else []
+    values = [r[column] for r in rows if r.get(column, "") != ""]
+    return sum(values) / len(values) if values else None
+
+
 def effective_support(train_dir: Path, last: int = 10) -> tuple[float | None, str | None]:
     """(ESS, where it was measured): the held-out routing's (routing.json, written for runs on
     the built-in mixture), else the mean of the last `last` training steps' (metrics.csv); (None,
     None) where neither has it (printed '-')."""
-    path = train_dir / "routing.json"
-    if path.is_file() and json.loads(path.read_text()).get(SUPPORT_KEY) is not None:
-        return json.loads(path.read_text())[SUPPORT_KEY], "held-out"
-    rows = read_metrics(train_dir)[-last:] if (train_dir / METRICS).is_file() else []
-    values = [r[SUPPORT_KEY] for r in rows if r.get(SUPPORT_KEY, "") != ""]
-    return (sum(values) / len(values), "training") if values else (None, None)
+    routing = read_routing(train_dir)
+    if routing and routing.get(SUPPORT_KEY) is not None:
+        return routing[SUPPORT_KEY], "held-out"
+    value = last_steps_mean(train_dir, SUPPORT_KEY, last)
+    return (value, "training") if value is not None else (None, None)
 
 
 def finished_run(path: Path, planned: TrainConfig) -> dict | None:
@@ -162,21 +178,51 @@ def train_and_score(method: Method, seed: int, train_cfg: TrainConfig) -> dict:
         items.update(score_items(model, tokenizer, cfg))
         return aggregates(items)
 
+    start = time.perf_counter()
     trained = train(train_cfg, resume=resume, evaluate=evaluate)
-    if method.kind == "mixture" and count_parameters(trained.model)[0] != method.trainable:
+    counted = count_parameters(trained.model)[0]
+    if method.kind == "mixture" and method.trainable not in (None, counted):
         raise RuntimeError(f"compare: {method.name}'s trainable count changed while training")
     support, support_from = effective_support(out) if method.kind == "mixture" else (None, None)
+    routing = read_routing(out) if method.kind == "mixture" else None
     return {
         "method": method.name,
         "kind": method.kind,
         "seed": seed,
-        "trainable": method.trainable,
+        "trainable": counted if method.trainable is None else method.trainable,
         "s_per_step": read_metrics(out)[-1]["elapsed_s"] / train_cfg.steps,
+        "wall_s": time.perf_counter() - start,  # training and scoring (a continued run: this part)
+        "active_experts": last_steps_mean(out, "active_experts"),  # the last 10 training steps
         "effective_support_size": support,
         "effective_support_from": support_from,
+        # the held-out routing (built-in mixture): means over layers, and per layer
+        "routing": {k: routing[k] for k in ROUTING_SUMMARY} if routing else None,
+        "routing_layers": routing["layers"] if routing else None,
         "train_config": train_cfg.to_dict(),
         "metrics": items,
     }
+
+
+def run_method(
+    cfg: CompareConfig, method: Method, seed: int, run_dir: Path, data=None, label: str = ""
+) -> dict:
+    """One (method, seed) of compare: its stored result if finished (refused if its settings
+    differ), else trained, scored item by item and stored in run_dir/result.json.
+
+    Args:
+        data: {"data", "eval_data"} of a held-out split (split.split_files), or None: cfg's.
+        label: what the progress line calls the run, e.g. "run 2/6".
+    """
+    train_cfg = run_config(cfg, method, seed, run_dir, data or {})
+    result = finished_run(run_dir / RESULT, train_cfg)
+    what = f"compare: {label + ': ' if label else ''}{method.name} seed {seed}"
+    if result is not None:
+        announce(f"{what}: finished, kept")
+        return result
+    announce(f"{what}: training")
+    result = train_and_score(method, seed, train_cfg)
+    write_json(result, run_dir / RESULT)
+    return result
 
 
 def compare(cfg: CompareConfig) -> dict:
@@ -188,18 +234,12 @@ def compare(cfg: CompareConfig) -> dict:
     check_inputs(cfg.mixture_config(next(iter(cfg.mixtures)), 0, out, **data))  # before loading
     methods = plan_methods(cfg, load_model(cfg.model)[0])
     plan = [(m, seed) for seed in cfg.seeds for m in methods]  # seed-major, as bench's grids
-    results = []
-    for k, (method, seed) in enumerate(plan, 1):
-        run_dir = out / "runs" / f"{method.name}-s{seed}"
-        train_cfg = run_config(cfg, method, seed, run_dir, data)
-        result = finished_run(run_dir / RESULT, train_cfg)
-        if result is None:
-            announce(f"compare: run {k}/{len(plan)}: {method.name} seed {seed}: training")
-            result = train_and_score(method, seed, train_cfg)
-            write_json(result, run_dir / RESULT)
-        else:
-            announce(f"compare: run {k}/{len(plan)}: {method.name} seed {seed}: finished, kept")
-        results.append(result)
+    results = [
+        run_method(
+            cfg, method, seed, out / "runs" / f"{method.name}-s{seed}", data, f"run {k}/{len(plan)}"
+        )
+        for k, (method, seed) in enumerate(plan, 1)
+    ]
     report = make_report(cfg, methods, results)
     write_json(report, out / REPORT_JSON)
     table = format_tables(report["summary"], report["differences"])
@@ -215,17 +255,8 @@ def make_report(cfg: CompareConfig, methods: list[Method], results: list[dict]) 
     summary = {name: method_summary(rows) for name, rows in by_method.items() if rows}
     differences = []
     for m in (m for m in methods if m.kind == "mixture"):
-        seeds = [r["seed"] for r in by_method[m.name]]
-        lora = {r["seed"]: r for r in by_method[m.lora]}
-        mine = [r for r in by_method[m.name] if r["seed"] in lora]
-        for metric, first in mine[0]["metrics"].items() if mine else []:
-            pair = paired_difference(
-                [r["metrics"][metric] for r in mine],
-                [lora[r["seed"]]["metrics"][metric] for r in mine],
-            )
-            kind = first["kind"]
-            differences.append({"mixture": m.name, "lora": m.lora, "metric": metric, "kind": kind})
-            differences[-1] |= pair | {"seed_list": [s for s in seeds if s in lora]}
+        for metric, pair in pair_runs(by_method[m.name], by_method[m.lora]).items():
+            differences.append({"mixture": m.name, "lora": m.lora, "metric": metric, **pair})
     return {
         "settings": cfg.to_dict(),
         "methods": {m.name: asdict(m) for m in methods},

@@ -61,6 +61,38 @@ def paired_difference(mixture: list[dict], lora: list[dict]) -> dict:
     return {"difference": diff, "paired_se": se, "n": n, "seeds": seeds}
 
 
+def pair_runs(mixture: list[dict], lora: list[dict]) -> dict[str, dict]:
+    """Each metric's paired difference of a mixture's runs from its LoRA's, at the seeds both have
+    with per-item scores (runs: run_method's results, or rows carrying their "seed" and
+    "metrics"): metric -> {"kind", "difference", "paired_se", "n", "seeds", "seed_list"}; {} where
+    they share no such seed."""
+    theirs = {r["seed"]: r for r in lora if "metrics" in r}
+    mine = [r for r in mixture if "metrics" in r and r["seed"] in theirs]
+    pairs = {}
+    for metric, first in mine[0]["metrics"].items() if mine else []:
+        pair = paired_difference(
+            [r["metrics"][metric] for r in mine],
+            [theirs[r["seed"]]["metrics"][metric] for r in mine],
+        )
+        pairs[metric] = {"kind": first["kind"], **pair, "seed_list": [r["seed"] for r in mine]}
+    return pairs
+
+
+def mean_difference(pairs: list[dict]) -> dict:
+    """The paired difference of the unweighted mean of several metrics (e.g. the average accuracy
+    over benchmarks, each on its own items): the mean of their differences and, their items being
+    independent, SE = sqrt(sum of SE^2) / count (None where one has none); n: their items."""
+    if not pairs:
+        raise ValueError("mean_difference needs at least one paired difference.")
+    ses = [p["paired_se"] for p in pairs]
+    return {
+        "difference": sum(p["difference"] for p in pairs) / len(pairs),
+        "paired_se": None if None in ses else math.sqrt(sum(se**2 for se in ses)) / len(pairs),
+        "n": sum(p["n"] for p in pairs),
+        "seeds": min(p["seeds"] for p in pairs),
+    }
+
+
 def method_summary(results: list[dict]) -> dict:
     """A method's finished runs (one per seed) -> {metric: {"mean", "sd", "values"}} plus the
     trainable parameters, seeds, effective support size and seconds per step."""
@@ -110,7 +142,10 @@ def format_tables(summary: dict[str, dict], differences: list[dict]) -> str:
         for pair in dict.fromkeys((d["mixture"], d["lora"]) for d in differences):
             mine = {d["metric"]: d for d in differences if (d["mixture"], d["lora"]) == pair}
             seeds = max(d["seeds"] for d in mine.values())
-            rows.append([f"{pair[0]} - {pair[1]}", str(seeds)] + [_diff(mine, m) for m in metrics])
+            rows.append(
+                [f"{pair[0]} - {pair[1]}", str(seeds)]
+                + [difference_cell(mine.get(m)) for m in metrics]
+            )
         lines += ["", "Paired difference ± standard error over items (n):"]
         lines += _aligned(head, rows)
     return "\n".join(lines)
@@ -123,12 +158,12 @@ def _support(ess: float | None, where: str | None) -> str:
     return f"{ess:.2f}" + (" (train)" if where == "training" else "")
 
 
-def _diff(mine: dict, metric: str) -> str:
-    if metric not in mine:
+def difference_cell(pair: dict | None) -> str:
+    """A paired difference as a table cell, '+0.012 ± 0.008 (n=150)'; '-' for none."""
+    if pair is None:
         return "-"
-    d = mine[metric]
-    se = "-" if d["paired_se"] is None else f"{d['paired_se']:.3f}"
-    return f"{d['difference']:+.3f} ± {se} (n={d['n']})"
+    se = "-" if pair["paired_se"] is None else f"{pair['paired_se']:.3f}"
+    return f"{pair['difference']:+.3f} ± {se} (n={pair['n']})"
 
 
 def _aligned(head: list[str], rows: list[list[str]]) -> list[str]:
