@@ -248,6 +248,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                 "entropy": [],
                 "top50": [],
                 "active": [],
+                "ess": [],
                 "collapsed": [],
                 "s_step": [],
                 "runs": [],
@@ -270,6 +271,8 @@ def summarise(rows: list[dict]) -> list[dict]:
                 ("active", "mean_active_experts"),
             ):
                 g[key].append(rt[name])
+            if "effective_support_size" in rt:  # recorded from when lmoe measured it
+                g["ess"].append(rt["effective_support_size"])
             g["collapsed"].append(
                 sum(v["mutual_information_bits"] < COLLAPSED for v in r["routing_layers"].values())
             )
@@ -306,6 +309,7 @@ def format_table(rows: list[dict]) -> str:
         "I(domain; expert) bits",
         "entropy / log E",
         "share top > 0.5",
+        "effective support size",
         "active experts",
         f"layers with I < {COLLAPSED}",
         "s/step",
@@ -325,6 +329,7 @@ def format_table(rows: list[dict]) -> str:
             mean_sd(g["mi"]),
             mean_sd(g["entropy"]),
             mean_sd(g["top50"]),
+            mean_sd(g["ess"]),
             mean_sd(g["active"]),
             " / ".join(map(str, g["collapsed"])) or "-",
             f"{statistics.mean(g['s_step']):.2f}",

@@ -74,6 +74,7 @@ def test_seeds_group_per_setting_with_mean_std_and_geometric_perplexity():
         row("lora_r16", 0, [0.5, 0.7], [10.0, 40.0]),
         row("lr_x30", 0, [0.1, 0.1], [5.0, 5.0], 0.1, ["steps=300"]),
     ]
+    rows[1]["routing"]["effective_support_size"] = 1.5  # recorded by later runs only
     groups = summarise(rows)
     assert [(g["config"], g["seeds"]) for g in groups] == [
         ("lora_r16", [0]),
@@ -90,7 +91,8 @@ def test_seeds_group_per_setting_with_mean_std_and_geometric_perplexity():
     sd = statistics.stdev([0.7, 0.8])
     assert cells[2:5] == ["2", f"{0.75:.3f} ± {sd:.3f}", "30.000 ± 0.000"]
     assert cells[5] == f"0.300 ± {statistics.stdev([0.2, 0.4]):.3f}"
-    assert cells[9] == "2 / 2"  # per seed, the layers under 0.01 bit
+    assert cells[8] == "1.500"  # effective support size: only seed 1 recorded it
+    assert cells[10] == "2 / 2"  # per seed, the layers under 0.01 bit
     assert lines[2].split(" | ")[3:6] == ["0.600", f"{math.sqrt(400):.3f}", "-"]
     assert "steps=300" in lines[4] and "compare_base" not in lines[4] and len(lines) == 5
 
@@ -230,7 +232,7 @@ def test_the_report_of_old_and_new_rows(tmp_path):
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_report(results, out)
     lines = [line for line in out.read_text().splitlines() if line.startswith("|")]
-    assert lines[0].count(" | ") == 12 and "paired SE" in lines[0]
+    assert lines[0].count(" | ") == 13 and "paired SE" in lines[0]
     by = {(line.split(" | ")[0][2:], line.split(" | ")[1]): line.split(" | ") for line in lines[2:]}
     assert len(by) == 3 and by[("lora_r16", "`steps=300`")][-2:] == ["-", "- |"]
     before = [
@@ -246,5 +248,5 @@ def test_the_report_of_old_and_new_rows(tmp_path):
     results.write_text(json.dumps(old) + "\n")
     write_report(results, out)
     table = [line for line in out.read_text().splitlines() if line.startswith("|")]
-    assert "paired SE" not in out.read_text() and table[0].count(" | ") == 10
+    assert "paired SE" not in out.read_text() and table[0].count(" | ") == 11
     assert table[2] == format_table([old]).splitlines()[2]
