@@ -269,8 +269,8 @@ class SoftmaxRouter(Router):
         return F.one_hot(r.weights.argmax(-1), r.weights.shape[-1]).to(r.weights.dtype)
 
 
-class TopKRouter(Router):
-    """Top-k gate (MoLA / MixLoRA baseline); balance uses the full softmax as P."""
+class KPerTokenRouter(Router):
+    """A router that gives each token exactly cfg.top_k experts (top-k and ReMix)."""
 
     def __init__(self, d_in: int, cfg: LMoEConfig, **factory) -> None:
         super().__init__(d_in, cfg, **factory)
@@ -278,6 +278,10 @@ class TopKRouter(Router):
 
     def experts_per_token(self) -> int | None:
         return self.top_k
+
+
+class TopKRouter(KPerTokenRouter):
+    """Top-k gate (MoLA / MixLoRA baseline); balance uses the full softmax as P."""
 
     def route(self, x: Tensor, wx: Tensor | None = None, *projected: Tensor) -> Routing:
         u = self.logits(x, wx)
@@ -291,18 +295,11 @@ class TopKRouter(Router):
         )
 
 
-class RemixRouter(Router):
+class RemixRouter(KPerTokenRouter):
     """ReMix (lmoe.remix): k experts per token, each at weight 1/k. In training they are drawn from
     softmax(u / T) without replacement, and the drawn set's log-probability (tokens,) goes in
     extras["log_prob"] for the RLOO estimator (where autograd is on); in evaluation the k largest
     logits. The weights are constants: no gradient reaches the gate through them."""
-
-    def __init__(self, d_in: int, cfg: LMoEConfig, **factory) -> None:
-        super().__init__(d_in, cfg, **factory)
-        self.top_k = cfg.top_k
-
-    def experts_per_token(self) -> int | None:
-        return self.top_k
 
     def route(self, x: Tensor, wx: Tensor | None = None, *projected: Tensor) -> Routing:
         u = self.logits(x, wx)
