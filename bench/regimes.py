@@ -5,6 +5,7 @@ settings for `lmoe compare`, and the driver that will hand them over.
     .venv/bin/python bench/regimes.py --plan              # every compare call's settings (JSON)
     .venv/bin/python bench/regimes.py --count             # trainable parameters (loads the model)
     flock /tmp/lmoe-heavy.lock .venv/bin/python bench/regimes.py --run --regimes conflict
+    .venv/bin/python bench/regimes.py --report            # bench/RESULTS.md's section
 
 The plan
 --------
@@ -27,7 +28,7 @@ Every regime runs compare's nearest-count LoRA; conflict also LoRA rank 4 (`lora
 experts; that call reuses the first call's mixture runs).
 
 Mixtures (ROUTERS): softmax composed by parameters and by outputs, top-2, LD-MoLE's dynamic router
-(balance 1.0, no sparsity loss), ReMix's (k = 2; only where lmoe.config.ROUTERS has "remix").
+(balance 1.0, no sparsity loss), ReMix's (k = 2).
 
 (a) conflict: 4 domains (reverse, initials, sorted, last_twice) behind opaque codes; 300 inputs
     x 4 domains = 1200 training records, 150 steps x 8 = one epoch; test 50 inputs x 4 = 200
@@ -66,7 +67,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file: the repo root
 
-from lmoe.config import ROUTERS as KNOWN_ROUTERS  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 SEEDS = [0, 1, 2]
@@ -111,11 +111,6 @@ REGIMES = {
 }
 
 
-def available(mixtures: list[str]) -> list[str]:
-    """The mixtures whose router this lmoe has (ReMix's arrives on its own branch)."""
-    return [m for m in mixtures if ROUTERS[m]["lmoe.router"] in KNOWN_ROUTERS]
-
-
 def run_regime(
     name: str,
     data_dir: str | Path = "runs/regimes/data",
@@ -148,7 +143,7 @@ def run_regime(
         "lr": 2e-3,
         "batch_size": 8,
         "seeds": list(seeds),
-        "mixtures": {m: {**BINDING, **ROUTERS[m]} for m in available(regime.mixtures)},
+        "mixtures": {m: {**BINDING, **ROUTERS[m]} for m in regime.mixtures},
         "lora_target_modules": TARGETS,
         "lora_rank": lora_rank,
         "train": {"warmup_steps": 10, "max_length": 128, **copy.deepcopy(regime.train)},
@@ -197,13 +192,9 @@ def finished_calls(results: Path) -> set[str]:
 
 
 def run_compare(settings: dict) -> dict:
-    """The one line to wire once `lmoe compare` lands (issue 38, item 1)."""
-    try:
-        from lmoe.compare import CompareConfig, compare
-    except ImportError as err:
-        raise SystemExit(
-            "bench/regimes.py: `lmoe compare` is not in this tree yet; --plan prints its settings."
-        ) from err
+    """One `lmoe compare` call with the study's settings."""
+    from lmoe.compare import CompareConfig, compare
+
     return compare(CompareConfig.from_dict(settings))
 
 
@@ -223,7 +214,7 @@ def count_trainable() -> dict[str, int]:
         counts[f"peft_lora_r{rank}"] = count_parameters(get_peft_model(copy.deepcopy(base), lora))[
             0
         ]
-    for name in available(list(ROUTERS)):
+    for name in ROUTERS:
         settings = {k.removeprefix("lmoe."): v for k, v in {**BINDING, **ROUTERS[name]}.items()}
         cfg = LMoEConfig(**{**DEFAULT_LMOE, **settings})
         counts[name] = count_parameters(inject(copy.deepcopy(base), cfg))[0]
@@ -246,7 +237,11 @@ def main() -> None:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--plan", action="store_true", help="print the settings of every call")
     what.add_argument("--count", action="store_true", help="trainable parameters per method")
-    what.add_argument("--run", action="store_true", help="run the study (needs lmoe compare)")
+    what.add_argument("--run", action="store_true", help="run the study through lmoe compare")
+    what.add_argument(
+        "--report", action="store_true", help="rewrite --out-file's section from --results"
+    )
+    parser.add_argument("--out-file", default="bench/RESULTS.md", help="where --report writes")
     args = parser.parse_args()
     calls = study_calls(args.regimes, args.data, args.out, args.seeds)
     if args.plan:
@@ -256,6 +251,10 @@ def main() -> None:
             f"estimate: {hours:.1f} CPU hours at {args.s_per_step} s/step, {args.eval_s} s per "
             f"test file, {args.mc_s} s per benchmark question"
         )
+    elif args.report:
+        from bench.regimes_report import write_report
+
+        write_report(Path(args.results), Path(args.out_file))
     elif args.count:
         for name, count in count_trainable().items():
             print(f"{name:18s} {count:>10,}")

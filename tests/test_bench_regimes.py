@@ -1,5 +1,6 @@
 """bench/regimes.py: the settings it builds for `lmoe compare`, on lmoe.data.regimes' data."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,72 @@ def test_the_estimate_counts_each_run_once_and_skips_finished_calls(tmp_path):
     assert finished_calls(results) == set()
     results.write_text('{"call": "conflict_nearest", "report": {}}\n\n')
     assert finished_calls(results) == {"conflict_nearest"}
+
+
+def _run(method, kind, seed, hits, nll, ess=None):
+    """A stored compare run: exact match per item (ids domain:k) and answer NLL, 2 tokens each."""
+    ids = [f"{'ab'[k % 2]}:{k}" for k in range(len(hits))]
+    return {
+        "method": method,
+        "kind": kind,
+        "seed": seed,
+        "trainable": 100,
+        "s_per_step": 1.0 + seed,
+        "effective_support_size": ess,
+        "metrics": {
+            "exact_match:test": {"kind": "mean", "ids": ids, "values": hits},
+            "perplexity:test": {
+                "kind": "perplexity",
+                "ids": ids,
+                "values": nll,
+                "tokens": [2] * len(nll),
+            },
+        },
+    }
+
+
+def test_the_report_pairs_each_mixture_with_every_lora_by_hand(tmp_path):
+    from bench.regimes_report import format_section, read_calls, regime_runs, write_report
+
+    mix = [
+        _run("mix", "mixture", s, h, [2.0] * 4, 1.5)
+        for s, h in [(0, [1, 1, 0, 1]), (1, [1, 0, 0, 1])]
+    ]
+    lora6 = [_run("lora_r6", "lora", s, [0, 1, 0, 1], [2.0] * 4) for s in (0, 1)]
+    lora4 = [_run("lora_r4", "lora", 0, [0, 0, 0, 0], [4.0] * 4)]
+    results = tmp_path / "regimes.jsonl"
+    calls = [("conflict_nearest", [*mix, *lora6]), ("conflict_r4", [*mix, lora4[0]])]
+    results.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "call": c,
+                    "settings": {"steps": 5, "batch_size": 2, "lr": 0.1},
+                    "report": {"runs": runs},
+                }
+            )
+            + "\n"
+            for c, runs in calls
+        )
+    )
+    merged = regime_runs(read_calls(results))
+    assert list(merged) == ["conflict"] and list(merged["conflict"]) == [
+        "mix",
+        "lora_r6",
+        "lora_r4",
+    ]
+    assert [r["seed"] for r in merged["conflict"]["mix"]] == [0, 1]  # each run once
+    text = format_section(read_calls(results))
+    # exact match: mix 0.75 / 0.5, lora_r6 0.5 / 0.5; per item seed-averaged d = (1, -0.5, 0, 0):
+    # mean 0.125, SE = sqrt(((0.875)^2 + (0.625)^2 + 2 (0.125)^2) / 12) = 0.3146
+    assert "| mix | 100 | 2 | 0.625 ± 0.177 | 2.718 ± 0.000 | 1.500 ± 0.000 | 1.50 |" in text
+    assert "| mix − lora_r6 | 2 | +0.125 ± 0.315 (n=4) | +0.000 ± 0.000 (n=4) |" in text
+    # only seed 0 pairs with lora_r4: d = (1, 1, 0, 1), log ppl 1 - 2 = -1 per item
+    assert "| mix − lora_r4 | 1 | +0.750 ± 0.250 (n=4) | -1.000 ± 0.000 (n=4) |" in text
+    # by domain (a: items 0, 2; b: 1, 3): mix seed 0 a 0.5 b 1, seed 1 a 0.5 b 0.5
+    assert "| mix | 0.500 ± 0.000 | 0.750 ± 0.354 |" in text
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# R\n\n## Other\n\nkept\n")
+    write_report(results, out)
+    write_report(results, out)  # rewritten in place, not appended twice
+    assert out.read_text().count("## Regimes") == 1 and "kept" in out.read_text()

@@ -1,0 +1,144 @@
+"""The regimes study's tables (bench/regimes.py --report) from its results file: per regime, each
+method's metrics (mean ± sd over seeds), each mixture's paired difference from every LoRA of the
+regime (lmoe.compare's paired standard error over items) and the first metric per domain. Pure
+arithmetic on the stored per-item scores, so it is tested against hand values."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from bench.common import mean_sd, replace_section
+from lmoe.compare.items import PERPLEXITY, group_values, metric_value
+from lmoe.compare.stats import difference_cell, pair_runs
+
+SECTION = "## Regimes: where does a mixture beat a LoRA? (`bench/regimes.py`)"
+INTRO = (
+    "Written by `bench/regimes.py --report` from bench/results/regimes.jsonl (one line per "
+    "`lmoe compare` call; its settings, the runs and their per-item scores). The study's data, "
+    "sizes and settings: bench/regimes.py's docstring. Metrics: mean ± sd over seeds; differences: "
+    "mixture − LoRA at the same seeds, ± lmoe compare's paired standard error over the n held-out "
+    "items (the items' seed-averaged differences); perplexity's difference is that of its log. "
+    "ESS: effective support size on the last 10 training steps."
+)
+
+
+def read_calls(path: Path) -> dict[str, dict]:
+    """call name -> {"settings", "report"} of each line of the results file (a later line of the
+    same call wins)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return {row["call"]: row for row in map(json.loads, filter(str.strip, lines))}
+
+
+def regime_runs(calls: dict[str, dict]) -> dict[str, dict[str, list[dict]]]:
+    """regime -> method -> its runs (one per seed, seed order), merged over the regime's calls
+    (a call is named REGIME_nearest or REGIME_rN; a run in several calls counts once)."""
+    regimes: dict[str, dict[str, dict[int, dict]]] = {}
+    for name, call in calls.items():
+        methods = regimes.setdefault(name.rsplit("_", 1)[0], {})
+        for run in call["report"]["runs"]:
+            methods.setdefault(run["method"], {})[run["seed"]] = run
+    return {
+        regime: {m: [runs[s] for s in sorted(runs)] for m, runs in methods.items()}
+        for regime, methods in regimes.items()
+    }
+
+
+def metric_label(metric: str) -> str:
+    """'exact_match:test' -> 'exact match (test)'."""
+    kind, _, source = metric.partition(":")
+    return f"{kind.replace('_', ' ')} ({source})" if source else kind.replace("_", " ")
+
+
+def method_rows(methods: dict[str, list[dict]]) -> list[str]:
+    """Markdown rows: each method's trainable count, seeds, metrics, ESS and seconds per step."""
+    metrics = list(next(iter(methods.values()))[0]["metrics"])
+    head = ["method", "trainable", "seeds", *map(metric_label, metrics), "ESS", "s/step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, runs in methods.items():
+        support = [r["effective_support_size"] for r in runs]
+        cells = [
+            name,
+            f"{runs[0]['trainable']:,}",
+            str(len(runs)),
+            *(mean_sd([metric_value(r["metrics"][m]) for r in runs]) for m in metrics),
+            "-" if None in support else mean_sd(support),
+            f"{statistics.mean(r['s_per_step'] for r in runs):.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def difference_rows(methods: dict[str, list[dict]]) -> list[str]:
+    """Markdown rows: every mixture's paired difference from every LoRA, per metric."""
+    loras = {m: runs for m, runs in methods.items() if runs[0]["kind"] == "lora"}
+    mixtures = {m: runs for m, runs in methods.items() if runs[0]["kind"] == "mixture"}
+    if not loras or not mixtures:
+        return []
+    metrics = list(next(iter(methods.values()))[0]["metrics"])
+    kinds = {m: next(iter(methods.values()))[0]["metrics"][m]["kind"] for m in metrics}
+    head = ["mixture − LoRA", "seeds"] + [
+        ("log " if kinds[m] == PERPLEXITY else "") + metric_label(m) for m in metrics
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for lora, lora_runs in loras.items():
+        for mixture, runs in mixtures.items():
+            pairs = pair_runs(runs, lora_runs)
+            if not pairs:
+                continue
+            seeds = max(p["seeds"] for p in pairs.values())
+            cells = [f"{mixture} − {lora}", str(seeds)]
+            lines.append(
+                "| " + " | ".join(cells + [difference_cell(pairs.get(m)) for m in metrics]) + " |"
+            )
+    return lines
+
+
+def domain_rows(methods: dict[str, list[dict]]) -> list[str]:
+    """Markdown rows: the first metric per domain (the item id's part before ':'), mean ± sd over
+    seeds, for every method; [] where the items have one domain."""
+    metric = next(iter(next(iter(methods.values()))[0]["metrics"]))
+    domains = list(group_values(next(iter(methods.values()))[0]["metrics"][metric]))
+    if len(domains) < 2:
+        return []
+    head = ["method", *domains]
+    lines = [f"{metric_label(metric)} by domain:", "", "| " + " | ".join(head) + " |"]
+    lines.append("|" + "---|" * len(head))
+    for name, runs in methods.items():
+        groups = [group_values(r["metrics"][metric]) for r in runs]
+        cells = [mean_sd([g[d] for g in groups]) for d in domains]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return lines
+
+
+def format_section(calls: dict[str, dict]) -> str:
+    """The RESULTS.md section: per regime its command, the three tables."""
+    lines = [SECTION, "", INTRO]
+    for regime, methods in regime_runs(calls).items():
+        settings = next(c["settings"] for n, c in calls.items() if n.startswith(regime + "_"))
+        seeds = sorted({r["seed"] for runs in methods.values() for r in runs})
+        command = (
+            f".venv/bin/python bench/regimes.py --run --regimes {regime} "
+            f"--seeds {' '.join(map(str, seeds))}"
+        )
+        lines += [
+            "",
+            f"### {regime}: {settings['steps']} steps, batch {settings['batch_size']}, "
+            f"lr {settings['lr']}",
+            "",
+            "    " + command,
+            "",
+            *method_rows(methods),
+            "",
+            *difference_rows(methods),
+            "",
+            *domain_rows(methods),
+        ]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def write_report(results: Path, out: Path) -> None:
+    """Rewrite out's section from the results file (the other sections kept)."""
+    text = out.read_text(encoding="utf-8") if out.is_file() else ""
+    out.write_text(replace_section(text, format_section(read_calls(results)), SECTION))
