@@ -80,8 +80,10 @@ ROUTERS = {  # name -> the lmoe.* settings atop BINDING
     "remix": {"lmoe.router": "remix", "lmoe.top_k": 2, "lmoe.composition": "params"},
 }
 RETENTION_BENCHMARKS = ["bench:arc_easy", "bench:piqa", "bench:hellaswag"]
-# the estimate's costs on this project's 2 loaded CPU cores (bench/README.md, regimes row)
-S_PER_STEP, EVAL_S, MC_S = 3.8, 40.0, 0.3
+# the estimate's costs on 2 idle CPU cores, 2 threads (bench/README.md, regimes row): conflict's
+# runs took 1.9-2.3 s a step (ReMix 4.0, counted as 2 runs) and 35-40 s to score the test file
+S_PER_STEP, EVAL_S, MC_S = 2.1, 40.0, 0.3
+REMIX_STEP_COST = 2  # a ReMix step costs about two (two routings per sequence)
 RETENTION_MC = {"protocol": "cloze", "template": "plain", "test_items": 200}
 
 
@@ -163,8 +165,9 @@ def study_calls(names: list[str], data_dir, out_dir, seeds) -> dict[str, dict]:
 
 
 def estimate_hours(calls: dict[str, dict], s_per_step: float, eval_s: float, mc_s: float) -> float:
-    """CPU hours of the study: every (method, seed) run once (a rank-4 call adds its LoRA only),
-    its steps at s_per_step, its test file in eval_s, and mc_s per multiple-choice question.
+    """Hours of the study, one run at a time: every (method, seed) run once (a rank-4 call adds
+    its LoRA only), its steps at s_per_step (ReMix's at REMIX_STEP_COST times that), its test file
+    in eval_s, and mc_s per multiple-choice question.
 
     Args:
         calls: study_calls' result.
@@ -174,12 +177,16 @@ def estimate_hours(calls: dict[str, dict], s_per_step: float, eval_s: float, mc_
     """
     seconds = 0.0
     for label, call in calls.items():
-        methods = 1 + (0 if label.endswith(f"_r{EXPERT_EQUAL_RANK}") else len(call["mixtures"]))
+        reused = label.endswith(f"_r{EXPERT_EQUAL_RANK}")  # its mixtures are the first call's
+        mixtures = [] if reused else list(call["mixtures"].values())
+        trained = 1 + sum(REMIX_STEP_COST if m["lmoe.router"] == "remix" else 1 for m in mixtures)
         questions = len([e for e in call["eval_data"] if e.startswith("bench:")]) * (
             call["train"].get("mc", {}).get("test_items", 0)
         )
-        per_run = call["steps"] * s_per_step + eval_s + questions * mc_s
-        seconds += methods * len(call["seeds"]) * per_run
+        per_seed = trained * call["steps"] * s_per_step + (1 + len(mixtures)) * (
+            eval_s + questions * mc_s
+        )
+        seconds += len(call["seeds"]) * per_seed
     return seconds / 3600
 
 
@@ -248,8 +255,8 @@ def main() -> None:
         print(json.dumps(calls, indent=2))
         hours = estimate_hours(calls, args.s_per_step, args.eval_s, args.mc_s)
         print(
-            f"estimate: {hours:.1f} CPU hours at {args.s_per_step} s/step, {args.eval_s} s per "
-            f"test file, {args.mc_s} s per benchmark question"
+            f"estimate: {hours:.1f} h, one run at a time, at {args.s_per_step} s/step, "
+            f"{args.eval_s} s per test file, {args.mc_s} s per benchmark question"
         )
     elif args.report:
         from bench.regimes_report import write_report

@@ -19,7 +19,8 @@ INTRO = (
     "`lmoe compare` call; its settings, the runs and their per-item scores). The study's data, "
     "sizes and settings: bench/regimes.py's docstring. Metrics: mean ± sd over seeds; differences: "
     "mixture − LoRA at the same seeds, ± lmoe compare's paired standard error over the n held-out "
-    "items (the items' seed-averaged differences); perplexity's difference is that of its log. "
+    "items (the items' seed-averaged differences); perplexity's difference is that of its log; "
+    "'by seed': the first metric's difference per seed, mean ± its standard error over seeds. "
     "ESS: effective support size on the last 10 training steps."
 )
 
@@ -81,6 +82,7 @@ def difference_rows(methods: dict[str, list[dict]]) -> list[str]:
     head = ["mixture − LoRA", "seeds"] + [
         ("log " if kinds[m] == PERPLEXITY else "") + metric_label(m) for m in metrics
     ]
+    head.append(f"{metric_label(metrics[0])}, by seed")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for lora, lora_runs in loras.items():
         for mixture, runs in mixtures.items():
@@ -89,10 +91,25 @@ def difference_rows(methods: dict[str, list[dict]]) -> list[str]:
                 continue
             seeds = max(p["seeds"] for p in pairs.values())
             cells = [f"{mixture} − {lora}", str(seeds)]
-            lines.append(
-                "| " + " | ".join(cells + [difference_cell(pairs.get(m)) for m in metrics]) + " |"
-            )
+            cells += [difference_cell(pairs.get(m)) for m in metrics]
+            cells.append(seed_paired_cell(runs, lora_runs, metrics[0]))
+            lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def seed_paired_cell(mixture: list[dict], lora: list[dict], metric: str) -> str:
+    """The metric's difference per seed both ran, as mean ± its standard error over those seeds
+    (training noise, where the items' SE holds the test set's); '-' below two seeds."""
+    theirs = {r["seed"]: metric_value(r["metrics"][metric]) for r in lora}
+    diffs = [
+        metric_value(r["metrics"][metric]) - theirs[r["seed"]]
+        for r in mixture
+        if r["seed"] in theirs
+    ]
+    if len(diffs) < 2:
+        return "-"
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5
+    return f"{statistics.mean(diffs):+.3f} ± {se:.3f}"
 
 
 def domain_rows(methods: dict[str, list[dict]]) -> list[str]:

@@ -59,9 +59,12 @@ def test_mixtures_hold_a_rank_4_loras_experts_at_its_scale():
 def test_the_estimate_counts_each_run_once_and_skips_finished_calls(tmp_path):
     calls = study_calls(["conflict"], "data", "runs", [0, 1])
     mixtures = len(calls["conflict_nearest"]["mixtures"])
-    runs = (mixtures + 1 + 1) * 2  # the mixtures and their LoRA, then the rank-4 LoRA, 2 seeds
+    # the mixtures (ReMix's steps count twice) and their LoRA, then the rank-4 LoRA, 2 seeds
+    runs = (mixtures + 1 + 1 + 1) * 2
     steps = calls["conflict_nearest"]["steps"]
     assert estimate_hours(calls, 1.0, 0.0, 0.0) * 3600 == pytest.approx(runs * steps)
+    scored = (mixtures + 1 + 1) * 2  # each run's test file once
+    assert estimate_hours(calls, 0.0, 1.0, 0.0) * 3600 == pytest.approx(scored)
     retention = study_calls(["retention"], "data", "runs", [0])
     assert list(retention) == ["retention_nearest"]
     questions = 3 * 200 * (len(retention["retention_nearest"]["mixtures"]) + 1)
@@ -129,9 +132,13 @@ def test_the_report_pairs_each_mixture_with_every_lora_by_hand(tmp_path):
     # exact match: mix 0.75 / 0.5, lora_r6 0.5 / 0.5; per item seed-averaged d = (1, -0.5, 0, 0):
     # mean 0.125, SE = sqrt(((0.875)^2 + (0.625)^2 + 2 (0.125)^2) / 12) = 0.3146
     assert "| mix | 100 | 2 | 0.625 ± 0.177 | 2.718 ± 0.000 | 1.500 ± 0.000 | 1.50 |" in text
-    assert "| mix − lora_r6 | 2 | +0.125 ± 0.315 (n=4) | +0.000 ± 0.000 (n=4) |" in text
+    # by seed: 0.75 - 0.5, 0.5 - 0.5: mean 0.125, SE = sd (0.1768) / sqrt(2) = 0.125
+    assert (
+        "| mix − lora_r6 | 2 | +0.125 ± 0.315 (n=4) | +0.000 ± 0.000 (n=4) | +0.125 ± 0.125 |"
+        in text
+    )
     # only seed 0 pairs with lora_r4: d = (1, 1, 0, 1), log ppl 1 - 2 = -1 per item
-    assert "| mix − lora_r4 | 1 | +0.750 ± 0.250 (n=4) | -1.000 ± 0.000 (n=4) |" in text
+    assert "| mix − lora_r4 | 1 | +0.750 ± 0.250 (n=4) | -1.000 ± 0.000 (n=4) | - |" in text
     # by domain (a: items 0, 2; b: 1, 3): mix seed 0 a 0.5 b 1, seed 1 a 0.5 b 0.5
     assert "| mix | 0.500 ± 0.000 | 0.750 ± 0.354 |" in text
     out = tmp_path / "RESULTS.md"

@@ -14,7 +14,7 @@ from ..config import is_number
 from ..data.benchmarks import task_names
 from ..models import BUILTIN
 from ..settings import apply_overrides, check_known_keys, read_config_file
-from ..training.config import TrainConfig, _flat
+from ..training.config import TrainConfig, flatten_settings
 
 # What a mixture may set besides lmoe.*: knobs that only routers read, so the LoRA has no twin.
 MIXTURE_KEYS = ("router_lr_scale", "temperature_start", "temperature_anneal_steps")
@@ -191,7 +191,7 @@ def mixture_settings(mixtures: Any) -> dict[str, dict[str, Any]]:
                 f"CompareConfig.mixtures.{name}={settings!r}: expected a mapping of lmoe.* "
                 "settings, e.g. {lmoe.router: topk}."
             )
-        flat = _flat(settings or {})
+        flat = flatten_settings(settings or {})
         wrong = [k for k in flat if not k.startswith("lmoe.") and k not in MIXTURE_KEYS]
         if wrong:
             raise ValueError(

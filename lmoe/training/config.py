@@ -515,7 +515,7 @@ def read_saved_config(output_dir: str | Path) -> dict:
 def check_resumable(saved: TrainConfig, asked: TrainConfig) -> None:
     """--resume continues the saved run: refuse every difference but RESUMABLE's, naming both
     values."""
-    before, after = _flat(saved.to_dict()), _flat(asked.to_dict())
+    before, after = flatten_settings(saved.to_dict()), flatten_settings(asked.to_dict())
     changed = [
         key
         for key in sorted(before.keys() | after.keys())
@@ -531,12 +531,12 @@ def check_resumable(saved: TrainConfig, asked: TrainConfig) -> None:
         )
 
 
-def _flat(data: dict, prefix: str = "") -> dict:
+def flatten_settings(data: dict, prefix: str = "") -> dict:
     """{"lmoe": {"rank": 2}} -> {"lmoe.rank": 2}."""
     flat = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            flat |= _flat(value, f"{prefix}{key}.")
+            flat |= flatten_settings(value, f"{prefix}{key}.")
         else:
             flat[prefix + key] = value
     return flat
