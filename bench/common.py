@@ -30,6 +30,13 @@ def replace_section(text: str, new: str, title: str) -> str:
     return "".join(lines[:start]) + new.rstrip("\n") + "\n" + ("\n\n" + tail if tail else "")
 
 
+def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines: the head, its rule and one line per row of cells."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
+        "| " + " | ".join(cells) + " |" for cells in rows
+    ]
+
+
 def scaling_rows(
     values: dict[str, float], experts: list[int], scale: float, unit: str
 ) -> list[str]:

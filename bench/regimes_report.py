@@ -9,7 +9,7 @@ import json
 import statistics
 from pathlib import Path
 
-from bench.common import mean_sd, replace_section
+from bench.common import markdown_table, mean_sd, replace_section
 from lmoe.compare.items import PERPLEXITY, group_values, metric_value
 from lmoe.compare.stats import difference_cell, pair_runs
 
@@ -52,11 +52,16 @@ def metric_label(metric: str) -> str:
     return f"{kind.replace('_', ' ')} ({source})" if source else kind.replace("_", " ")
 
 
+def first_metrics(methods: dict[str, list[dict]]) -> dict[str, dict]:
+    """The first run's metrics (every run of a regime is scored on the same metrics and items)."""
+    return next(iter(methods.values()))[0]["metrics"]
+
+
 def method_rows(methods: dict[str, list[dict]]) -> list[str]:
     """Markdown rows: each method's trainable count, seeds, metrics, ESS and seconds per step."""
-    metrics = list(next(iter(methods.values()))[0]["metrics"])
+    metrics = list(first_metrics(methods))
     head = ["method", "trainable", "seeds", *map(metric_label, metrics), "ESS", "s/step"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for name, runs in methods.items():
         support = [r["effective_support_size"] for r in runs]
         cells = [
@@ -67,8 +72,8 @@ def method_rows(methods: dict[str, list[dict]]) -> list[str]:
             "-" if None in support else mean_sd(support),
             f"{statistics.mean(r['s_per_step'] for r in runs):.2f}",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        rows.append(cells)
+    return markdown_table(head, rows)
 
 
 def difference_rows(methods: dict[str, list[dict]]) -> list[str]:
@@ -77,13 +82,13 @@ def difference_rows(methods: dict[str, list[dict]]) -> list[str]:
     mixtures = {m: runs for m, runs in methods.items() if runs[0]["kind"] == "mixture"}
     if not loras or not mixtures:
         return []
-    metrics = list(next(iter(methods.values()))[0]["metrics"])
-    kinds = {m: next(iter(methods.values()))[0]["metrics"][m]["kind"] for m in metrics}
+    metrics = list(first_metrics(methods))
+    kinds = {m: first_metrics(methods)[m]["kind"] for m in metrics}
     head = ["mixture − LoRA", "seeds"] + [
         ("log " if kinds[m] == PERPLEXITY else "") + metric_label(m) for m in metrics
     ]
     head.append(f"{metric_label(metrics[0])}, by seed")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for lora, lora_runs in loras.items():
         for mixture, runs in mixtures.items():
             pairs = pair_runs(runs, lora_runs)
@@ -93,8 +98,8 @@ def difference_rows(methods: dict[str, list[dict]]) -> list[str]:
             cells = [f"{mixture} − {lora}", str(seeds)]
             cells += [difference_cell(pairs.get(m)) for m in metrics]
             cells.append(seed_paired_cell(runs, lora_runs, metrics[0]))
-            lines.append("| " + " | ".join(cells) + " |")
-    return lines
+            rows.append(cells)
+    return markdown_table(head, rows)
 
 
 def seed_paired_cell(mixture: list[dict], lora: list[dict], metric: str) -> str:
@@ -115,18 +120,15 @@ def seed_paired_cell(mixture: list[dict], lora: list[dict], metric: str) -> str:
 def domain_rows(methods: dict[str, list[dict]]) -> list[str]:
     """Markdown rows: the first metric per domain (the item id's part before ':'), mean ± sd over
     seeds, for every method; [] where the items have one domain."""
-    metric = next(iter(next(iter(methods.values()))[0]["metrics"]))
-    domains = list(group_values(next(iter(methods.values()))[0]["metrics"][metric]))
+    metric = next(iter(first_metrics(methods)))
+    domains = list(group_values(first_metrics(methods)[metric]))
     if len(domains) < 2:
         return []
-    head = ["method", *domains]
-    lines = [f"{metric_label(metric)} by domain:", "", "| " + " | ".join(head) + " |"]
-    lines.append("|" + "---|" * len(head))
+    rows = []
     for name, runs in methods.items():
         groups = [group_values(r["metrics"][metric]) for r in runs]
-        cells = [mean_sd([g[d] for g in groups]) for d in domains]
-        lines.append("| " + " | ".join([name, *cells]) + " |")
-    return lines
+        rows.append([name, *(mean_sd([g[d] for g in groups]) for d in domains)])
+    return [f"{metric_label(metric)} by domain:", "", *markdown_table(["method", *domains], rows)]
 
 
 def format_section(calls: dict[str, dict]) -> str:
