@@ -33,17 +33,18 @@ Mixtures (ROUTERS): softmax composed by parameters and by outputs, top-2, LD-MoL
 (a) conflict: 4 domains (reverse, initials, sorted, last_twice) behind opaque codes; 300 inputs
     x 4 domains = 1200 training records, 150 steps x 8 = one epoch; test 50 inputs x 4 = 200
     items, greedy exact match and answer perplexity. Every router above; 7 methods x 3 seeds.
-(b) tasks_2, tasks_4, tasks_8, tasks_16: 800 training records in all (800 / N per task), 100
-    steps x 8 = one epoch; test 240 items in all (240 / N per task). softmax (params) and its
-    LoRA: 2 methods x 3 seeds x 4 counts.
+(b) tasks_2, tasks_4, tasks_8, tasks_16: 480 training records in all (480 / N per task), 60
+    steps x 8 = one epoch (sized so that 3 seeds fit the study's CPU budget); test 240 items in
+    all (240 / N per task). softmax (params) and its LoRA: 2 methods x 3 seeds x 4 counts.
 (c) retention: the `add` skill, 2400 training records, 300 steps x 8 (one epoch); scored on its
     200 test items (exact match), ARC-Easy, PIQA and HellaSwag (lm-eval's cloze protocol, plain
     text, 200 test questions each: a fixed hash subset of each test side) and the built-in
     conversations' test side (172 pairs, answer perplexity). The base model's figures once:
-        lmoe eval --benchmark arc_easy piqa hellaswag --protocol cloze --template plain \\
-            --test-items 200 --max-answer-tokens 8 --json base.json \\
-            --data DATA/retention/conversations_test.jsonl DATA/retention/test.jsonl
-    and any trained adapter the same way with --adapter RUN/adapter (each compare run keeps its
+        lmoe eval max_length=128 max_answer_tokens=8 mc.protocol=cloze mc.template=plain \\
+            mc.test_items=200 json=base.json data='[DATA/retention/test.jsonl, \\
+            DATA/retention/conversations_test.jsonl, bench:arc_easy, bench:piqa, bench:hellaswag]'
+    (max_length 128 and 8 answer tokens as the runs are scored) and any trained adapter the
+    same way with adapter=RUN/adapter (each compare run keeps its
     adapter in runs/METHOD-sSEED/train/adapter). softmax (params) and its LoRA, 3 seeds.
     Widen (b) and (c) to top-2 and ReMix (Regime.mixtures) where (a) shows a router worth it
     and the budget allows.
@@ -101,7 +102,7 @@ class Regime:
 
 REGIMES = {
     "conflict": Regime("conflict", 150, list(ROUTERS), lora_ranks=(None, EXPERT_EQUAL_RANK)),
-    **{f"tasks_{n}": Regime(f"tasks_{n}", 100, ["softmax_params"]) for n in (2, 4, 8, 16)},
+    **{f"tasks_{n}": Regime(f"tasks_{n}", 60, ["softmax_params"]) for n in (2, 4, 8, 16)},
     "retention": Regime(
         "retention",
         300,

@@ -147,7 +147,7 @@ class RegimeSizes:
     conflict_train_inputs: int = 300  # x domains training records
     conflict_test_inputs: int = 50  # x domains test items
     task_counts: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
-    tasks_train_total: int = 800  # the same total at every task count
+    tasks_train_total: int = 480  # the same total at every task count
     tasks_test_total: int = 240
     retention_skill: str = "add"
     retention_train: int = 2400
