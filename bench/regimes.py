@@ -40,10 +40,10 @@ Mixtures (ROUTERS): softmax composed by parameters and by outputs, top-2, LD-MoL
     200 test items (exact match), ARC-Easy, PIQA and HellaSwag (lm-eval's cloze protocol, plain
     text, 200 test questions each: a fixed hash subset of each test side) and the built-in
     conversations' test side (172 pairs, answer perplexity). The base model's figures once:
-        lmoe eval max_length=128 max_answer_tokens=8 mc.protocol=cloze mc.template=plain \\
+        lmoe eval max_length=512 max_answer_tokens=8 mc.protocol=cloze mc.template=plain \\
             mc.test_items=200 json=base.json data='[DATA/retention/test.jsonl, \\
             DATA/retention/conversations_test.jsonl, bench:arc_easy, bench:piqa, bench:hellaswag]'
-    (max_length 128 and 8 answer tokens as the runs are scored) and any trained adapter the
+    (max_length 512 and 8 answer tokens as the runs are scored) and any trained adapter the
     same way with adapter=RUN/adapter (each compare run keeps its
     adapter in runs/METHOD-sSEED/train/adapter). softmax (params) and its LoRA, 3 seeds.
     Widen (b) and (c) to top-2 and ReMix (Regime.mixtures) where (a) shows a router worth it
@@ -108,8 +108,9 @@ REGIMES = {
         300,
         ["softmax_params"],
         extra_eval=[*RETENTION_BENCHMARKS, "conversations_test.jsonl"],
-        # exact match for the skill's answers (3 tokens at most), not the conversations' replies
-        train={"mc": RETENTION_MC, "eval_max_answer_tokens": 8},
+        # exact match for the skill's answers (3 tokens at most), not the conversations' replies;
+        # max_length 512 (the skill's records are short): a PIQA choice alone is 138 tokens
+        train={"mc": RETENTION_MC, "eval_max_answer_tokens": 8, "max_length": 512},
     ),
 }
 
