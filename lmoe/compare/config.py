@@ -69,6 +69,13 @@ class CompareConfig:
         default=None,
         metadata=_help("the LoRA's rank (null: the rank nearest each mixture's trainable count)"),
     )
+    base: bool = field(
+        default=False,
+        metadata=_help(
+            "also score the base model alone on the same items: each method's paired difference "
+            "from it is what training gained or forgot"
+        ),
+    )
     train: dict[str, Any] = field(
         default_factory=dict,
         metadata=_help("other TrainConfig settings for every run, e.g. train.max_length=256"),
@@ -181,10 +188,10 @@ def mixture_settings(mixtures: Any) -> dict[str, dict[str, Any]]:
         )
     parsed = {}
     for name, settings in mixtures.items():
-        if not NAME.match(str(name)) or str(name).startswith("lora_"):
+        if not NAME.match(str(name)) or str(name).startswith("lora_") or name == "base":
             raise ValueError(
                 f"CompareConfig.mixtures: name {name!r} is invalid: letters, digits, '_', '.', '-' "
-                "(not starting with 'lora_', the baseline's prefix)."
+                "(not starting with 'lora_', the baseline's prefix, nor 'base', the base model's)."
             )
         if not isinstance(settings, dict | None):
             raise ValueError(

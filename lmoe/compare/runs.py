@@ -26,6 +26,7 @@ from ..inject import count_parameters, inject, lmoe_layers
 from ..models import load_model
 from ..training.checkpoint import CHECKPOINT
 from ..training.config import TrainConfig, read_saved_config
+from ..training.distributed import make_accelerator
 from ..training.evaluation import ROUTING_FILE, ROUTING_SUMMARY
 from ..training.loop import train
 from ..training.metrics_log import METRICS, read_metrics
@@ -35,6 +36,7 @@ from .items import aggregates, score_items
 from .split import split_files
 from .stats import format_tables, method_summary, pair_runs
 
+BASE = "base"  # the base model scored alone (CompareConfig.base): its method name and kind
 RESULT = "result.json"  # in a run's directory: written once the run is trained and scored
 # The routing statistics' effective support size (lmoe.routing_stats: experts a token effectively
 # uses, 1 to E), in a run's routing.json (held-out answer tokens) and metrics.csv (training steps).
@@ -47,7 +49,7 @@ class Method:
     """One trained configuration: a mixture (its lmoe.* settings) or a LoRA (its lmoe section)."""
 
     name: str
-    kind: str  # "mixture" or "lora"
+    kind: str  # "mixture" or "lora" (the base model's result: BASE)
     trainable: int | None  # None: counted on the trained model (given.given_method's methods)
     settings: dict  # mixture: dotted lmoe.* settings; LoRA: its lmoe section
     lora: str | None = None  # a mixture's LoRA
@@ -225,6 +227,33 @@ def run_method(
     return result
 
 
+def score_base(cfg: CompareConfig, lora: Method, run_dir: Path, data=None) -> dict:
+    """The base model alone (no adapter) scored item by item on the runs' held-out data, as the
+    LoRA's run at the first seed scores it; kept in run_dir/result.json and scored again where
+    those settings changed (it trains nothing)."""
+    train_cfg = run_config(cfg, lora, cfg.seeds[0], run_dir, data or {})
+    planned = json.loads(json.dumps(train_cfg.to_dict()))
+    path = run_dir / RESULT
+    if path.is_file() and json.loads(path.read_text())["train_config"] == planned:
+        announce("compare: the base model: scored, kept")
+        return json.loads(path.read_text())
+    announce("compare: the base model: scoring")
+    model, tokenizer = load_model(cfg.model, load_in=train_cfg.load_in)
+    model.to(make_accelerator(train_cfg).device)
+    result = {
+        "method": BASE,
+        "kind": BASE,
+        "seed": None,  # paired with every seed's run
+        "trainable": 0,
+        "s_per_step": None,
+        "effective_support_size": None,
+        "train_config": planned,
+        "metrics": score_items(model.eval(), tokenizer, train_cfg),
+    }
+    write_json(result, path)
+    return result
+
+
 def compare(cfg: CompareConfig) -> dict:
     """Train and score every method at every seed (finished runs are read back, not trained
     again), print the tables and write compare.json (per-item results kept) and compare.md.
@@ -240,9 +269,12 @@ def compare(cfg: CompareConfig) -> dict:
         )
         for k, (method, seed) in enumerate(plan, 1)
     ]
+    if cfg.base:
+        lora = next(m for m in methods if m.kind == "lora")
+        results.append(score_base(cfg, lora, out / "runs" / BASE, data))
     report = make_report(cfg, methods, results)
     write_json(report, out / REPORT_JSON)
-    table = format_tables(report["summary"], report["differences"])
+    table = format_tables(report["summary"], report["differences"], report["from_base"])
     (out / REPORT_TABLE).write_text(table + "\n")
     print(table)
     return report
@@ -252,15 +284,23 @@ def make_report(cfg: CompareConfig, methods: list[Method], results: list[dict]) 
     """compare.json: settings, methods, per-method summary, paired differences, and every run
     with its per-item results (so the pairing can be recomputed)."""
     by_method = {m.name: [r for r in results if r["method"] == m.name] for m in methods}
-    summary = {name: method_summary(rows) for name, rows in by_method.items() if rows}
+    base = [r for r in results if r["kind"] == BASE]
+    scored = {**by_method, BASE: base}
+    summary = {name: method_summary(rows) for name, rows in scored.items() if rows}
     differences = []
     for m in (m for m in methods if m.kind == "mixture"):
         for metric, pair in pair_runs(by_method[m.name], by_method[m.lora]).items():
             differences.append({"mixture": m.name, "lora": m.lora, "metric": metric, **pair})
+    from_base = []
+    for name, rows in by_method.items() if base else ():
+        each_seed = [{**base[0], "seed": r["seed"]} for r in rows]  # one scoring, every seed
+        for metric, pair in pair_runs(rows, each_seed).items():
+            from_base.append({"method": name, "metric": metric, **pair})
     return {
         "settings": cfg.to_dict(),
         "methods": {m.name: asdict(m) for m in methods},
         "summary": summary,
         "differences": differences,
+        "from_base": from_base,
         "runs": results,
     }

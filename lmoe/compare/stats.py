@@ -105,13 +105,15 @@ def method_summary(results: list[dict]) -> dict:
             "sd": statistics.stdev(values) if len(values) > 1 else None,
         }
     support = [r["effective_support_size"] for r in results]
+    steps = [r["s_per_step"] for r in results]
+    steps = None if None in steps else steps  # the base model's: nothing trained
     return {
         "seeds": [r["seed"] for r in results],
         "trainable": results[0]["trainable"],
         "metrics": metrics,
         "effective_support_size": statistics.mean(support) if None not in support else None,
         "effective_support_from": results[0].get("effective_support_from"),
-        "s_per_step": statistics.mean(r["s_per_step"] for r in results),
+        "s_per_step": None if steps is None else statistics.mean(steps),
     }
 
 
@@ -120,8 +122,11 @@ def difference_label(metric: str, kind: str) -> str:
     return f"log {metric}" if kind == PERPLEXITY else metric
 
 
-def format_tables(summary: dict[str, dict], differences: list[dict]) -> str:
-    """The per-method table (mean ± sd over seeds) and the paired differences from the LoRA."""
+def format_tables(
+    summary: dict[str, dict], differences: list[dict], from_base: list[dict] = ()
+) -> str:
+    """The per-method table (mean ± sd over seeds), the paired differences from the LoRA and,
+    where the base model was scored, each method's paired difference from it."""
     names = list(summary)
     metrics = list(summary[names[0]]["metrics"]) if names else []
     head = ["method", "trainable", "seeds", *metrics, "ESS", "s/step"]
@@ -132,23 +137,34 @@ def format_tables(summary: dict[str, dict], differences: list[dict]) -> str:
         rows.append(
             [name, f"{s['trainable']:,}", str(len(s["seeds"]))]
             + [mean_sd(s["metrics"][m]["values"]) for m in metrics]
-            + [_support(ess, s["effective_support_from"]), f"{s['s_per_step']:.3f}"]
+            + [_support(ess, s["effective_support_from"]), _number(s["s_per_step"])]
         )
     lines = _aligned(head, rows)
     if differences:
-        kinds = {d["metric"]: d["kind"] for d in differences}
-        head = ["mixture - LoRA", "seeds"] + [difference_label(m, kinds[m]) for m in metrics]
-        rows = []
-        for pair in dict.fromkeys((d["mixture"], d["lora"]) for d in differences):
-            mine = {d["metric"]: d for d in differences if (d["mixture"], d["lora"]) == pair}
-            seeds = max(d["seeds"] for d in mine.values())
-            rows.append(
-                [f"{pair[0]} - {pair[1]}", str(seeds)]
-                + [difference_cell(mine.get(m)) for m in metrics]
-            )
-        lines += ["", "Paired difference ± standard error over items (n):"]
-        lines += _aligned(head, rows)
+        lines += _difference_table(
+            "mixture - LoRA", metrics, differences, lambda d: f"{d['mixture']} - {d['lora']}"
+        )
+    if from_base:
+        lines += _difference_table(
+            "method - base", metrics, list(from_base), lambda d: f"{d['method']} - base"
+        )
     return "\n".join(lines)
+
+
+def _difference_table(title: str, metrics: list[str], differences: list[dict], label) -> list[str]:
+    """A table of paired differences, one row per label(difference), a column per metric."""
+    kinds = {d["metric"]: d["kind"] for d in differences}
+    head = [title, "seeds"] + [difference_label(m, kinds[m]) for m in metrics]
+    rows = []
+    for row in dict.fromkeys(map(label, differences)):
+        mine = {d["metric"]: d for d in differences if label(d) == row}
+        seeds = max(d["seeds"] for d in mine.values())
+        rows.append([row, str(seeds)] + [difference_cell(mine.get(m)) for m in metrics])
+    return ["", "Paired difference ± standard error over items (n):", *_aligned(head, rows)]
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _support(ess: float | None, where: str | None) -> str:

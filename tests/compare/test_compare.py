@@ -2,6 +2,8 @@
 (a second invocation trains nothing), and one clear line for bad input."""
 
 import json
+import statistics
+from pathlib import Path
 
 import pytest
 from tiny import tiny_model_dir, write_jsonl
@@ -9,6 +11,7 @@ from tiny import tiny_model_dir, write_jsonl
 import lmoe.compare.runs as runs
 from lmoe.cli import main
 from lmoe.compare import CompareConfig, compare
+from lmoe.compare.items import metric_value, pairing_values
 from lmoe.compare.stats import paired_difference
 from lmoe.io import read_adapter_meta
 from lmoe.training.metrics_log import read_metrics
@@ -78,7 +81,8 @@ def test_json_schema_and_recomputed_pairing(done):
     root, report = done
     stored = json.loads((root / "out" / "compare.json").read_text())
     assert stored == json.loads(json.dumps(report))
-    assert set(stored) == {"settings", "methods", "summary", "differences", "runs"}
+    assert set(stored) == {"settings", "methods", "summary", "differences", "from_base", "runs"}
+    assert stored["from_base"] == []  # base=false: the base model not scored
     assert stored["settings"]["seeds"] == [0, 1]
     for method in stored["methods"].values():
         assert {"name", "kind", "trainable", "settings", "lora", "rank"} <= set(method)
@@ -190,3 +194,45 @@ def test_docs_commands_and_config_parse(tmp_path, monkeypatch):
         "top2": {"lmoe.router": "topk", "lmoe.top_k": 2},
         "dynamic": {"lmoe.router": "dynamic"},
     }
+
+
+def test_the_base_model_is_scored_once_and_paired_with_every_run(
+    done, monkeypatch, capsys, tmp_path
+):
+    root, report = done
+    monkeypatch.chdir(tmp_path)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(runs, "train", no_training)
+    with_base = compare(CompareConfig.from_file(None, settings(root, base="true")))
+    base = [r for r in with_base["runs"] if r["kind"] == "base"]
+    assert len(base) == 1 and with_base["summary"]["base"]["trainable"] == 0
+    assert "method - base" in capsys.readouterr().out
+    # the base model alone, scored by lmoe eval (evaluate_all: another code path)
+    main(["eval", f"model={root / 'model'}", f"data=[{root / 'test.jsonl'}]", "json=base.json"])
+    ref = json.loads(Path("base.json").read_text())
+    assert set(base[0]["metrics"]) == {"exact_match:test", "perplexity:test"}
+    for metric, scores in base[0]["metrics"].items():
+        (value,) = ref[metric].values()  # one group: the file's rows have no domain
+        assert metric_value(scores) == pytest.approx(value, rel=1e-5), metric
+    # each method's difference from the base, by hand from the stored per-item scores
+    assert {d["method"] for d in with_base["from_base"]} == set(report["summary"])
+    for diff in with_base["from_base"]:
+        mine = [r for r in with_base["runs"] if r["method"] == diff["method"]]
+        values = [
+            statistics.mean(pairing_values(r["metrics"][diff["metric"]]))
+            - statistics.mean(pairing_values(base[0]["metrics"][diff["metric"]]))
+            for r in mine
+        ]
+        assert diff["difference"] == pytest.approx(statistics.mean(values))
+        assert diff["seeds"] == len(mine) == 2
+    stored = root / "out" / "runs" / "base" / "result.json"
+    before = stored.stat().st_mtime_ns
+    again = compare(CompareConfig.from_file(None, settings(root, base="true")))
+    assert stored.stat().st_mtime_ns == before  # kept, not scored again
+    assert again["from_base"] == with_base["from_base"]
+    with pytest.raises(SystemExit):
+        main(["compare", "mixtures.base={}", *settings(root)])
+    assert "nor 'base'" in capsys.readouterr().err
