@@ -39,13 +39,9 @@ Mixtures (ROUTERS): softmax composed by parameters and by outputs, top-2, LD-MoL
 (c) retention: the `add` skill, 2400 training records, 300 steps x 8 (one epoch); scored on its
     200 test items (exact match), ARC-Easy, PIQA and HellaSwag (lm-eval's cloze protocol, plain
     text, 200 test questions each: a fixed hash subset of each test side) and the built-in
-    conversations' test side (172 pairs, answer perplexity). The base model's figures once:
-        lmoe eval max_length=512 max_answer_tokens=8 mc.protocol=cloze mc.template=plain \\
-            mc.test_items=200 json=base.json data='[DATA/retention/test.jsonl, \\
-            DATA/retention/conversations_test.jsonl, bench:arc_easy, bench:piqa, bench:hellaswag]'
-    (max_length 512 and 8 answer tokens as the runs are scored) and any trained adapter the
-    same way with adapter=RUN/adapter (each compare run keeps its
-    adapter in runs/METHOD-sSEED/train/adapter). softmax (params) and its LoRA, 3 seeds.
+    conversations' test side (172 pairs, answer perplexity), max_length 512. The base model
+    alone is scored on the same items once (compare's base=true), and each method paired with it:
+    what the narrow task cost elsewhere. softmax (params) and its LoRA, 3 seeds.
     Widen (b) and (c) to top-2 and ReMix (Regime.mixtures) where (a) shows a router worth it
     and the budget allows.
 
@@ -98,6 +94,7 @@ class Regime:
     extra_eval: list[str] = field(default_factory=list)  # beside DATA/folder/test.jsonl
     lora_ranks: tuple = (None,)  # one compare call each: None, compare's nearest count; 4, ...
     train: dict = field(default_factory=dict)  # other TrainConfig settings
+    base: bool = False  # also score the base model alone (compare's base=true)
 
 
 REGIMES = {
@@ -111,6 +108,7 @@ REGIMES = {
         # exact match for the skill's answers (3 tokens at most), not the conversations' replies;
         # max_length 512 (the skill's records are short): a PIQA choice alone is 138 tokens
         train={"mc": RETENTION_MC, "eval_max_answer_tokens": 8, "max_length": 512},
+        base=True,
     ),
 }
 
@@ -150,6 +148,7 @@ def run_regime(
         "mixtures": {m: {**BINDING, **ROUTERS[m]} for m in regime.mixtures},
         "lora_target_modules": TARGETS,
         "lora_rank": lora_rank,
+        "base": regime.base,
         "train": {"warmup_steps": 10, "max_length": 128, **copy.deepcopy(regime.train)},
         "output_dir": str(Path(out_dir) / name),
     }
@@ -169,7 +168,7 @@ def study_calls(names: list[str], data_dir, out_dir, seeds) -> dict[str, dict]:
 def estimate_hours(calls: dict[str, dict], s_per_step: float, eval_s: float, mc_s: float) -> float:
     """Hours of the study, one run at a time: every (method, seed) run once (a rank-4 call adds
     its LoRA only), its steps at s_per_step (ReMix's at REMIX_STEP_COST times that), its test file
-    in eval_s, and mc_s per multiple-choice question.
+    in eval_s, and mc_s per multiple-choice question; the base model's scoring once per call.
 
     Args:
         calls: study_calls' result.
@@ -185,10 +184,9 @@ def estimate_hours(calls: dict[str, dict], s_per_step: float, eval_s: float, mc_
         questions = len([e for e in call["eval_data"] if e.startswith("bench:")]) * (
             call["train"].get("mc", {}).get("test_items", 0)
         )
-        per_seed = trained * call["steps"] * s_per_step + (1 + len(mixtures)) * (
-            eval_s + questions * mc_s
-        )
-        seconds += len(call["seeds"]) * per_seed
+        scoring = eval_s + questions * mc_s  # one run's held-out data
+        per_seed = trained * call["steps"] * s_per_step + (1 + len(mixtures)) * scoring
+        seconds += len(call["seeds"]) * per_seed + (scoring if call["base"] else 0)
     return seconds / 3600
 
 

@@ -67,7 +67,8 @@ def test_the_estimate_counts_each_run_once_and_skips_finished_calls(tmp_path):
     assert estimate_hours(calls, 0.0, 1.0, 0.0) * 3600 == pytest.approx(scored)
     retention = study_calls(["retention"], "data", "runs", [0])
     assert list(retention) == ["retention_nearest"]
-    questions = 3 * 200 * (len(retention["retention_nearest"]["mixtures"]) + 1)
+    # each run's questions at one seed, and the base model's once
+    questions = 3 * 200 * (len(retention["retention_nearest"]["mixtures"]) + 1 + 1)
     assert estimate_hours(retention, 0.0, 0.0, 1.0) * 3600 == pytest.approx(questions)
     results = tmp_path / "regimes.jsonl"
     assert finished_calls(results) == set()
