@@ -6,13 +6,16 @@ arithmetic on the stored per-item scores, so it is tested against hand values.""
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 
 from bench.common import markdown_table, mean_sd, replace_section
 from lmoe.compare.items import PERPLEXITY, group_values, metric_value
+from lmoe.compare.runs import BASE
 from lmoe.compare.stats import difference_cell, pair_runs
 
+KINDS = ("mixture", "lora")
 SECTION = "## Regimes: where does a mixture beat a LoRA? (`bench/regimes.py`)"
 INTRO = (
     "Written by `bench/regimes.py --report` from bench/results/regimes.jsonl (one line per "
@@ -64,16 +67,39 @@ def method_rows(methods: dict[str, list[dict]]) -> list[str]:
     rows = []
     for name, runs in methods.items():
         support = [r["effective_support_size"] for r in runs]
+        trained = runs[0]["kind"] != BASE
         cells = [
-            name,
+            "base model (no training)" if not trained else name,
             f"{runs[0]['trainable']:,}",
-            str(len(runs)),
+            str(len(runs)) if trained else "-",
             *(mean_sd([metric_value(r["metrics"][m]) for r in runs]) for m in metrics),
             "-" if None in support else mean_sd(support),
-            f"{statistics.mean(r['s_per_step'] for r in runs):.2f}",
+            f"{statistics.mean(r['s_per_step'] for r in runs):.2f}" if trained else "-",
         ]
         rows.append(cells)
     return markdown_table(head, rows)
+
+
+def base_rows(methods: dict[str, list[dict]]) -> list[str]:
+    """Markdown rows: every trained method's paired difference from the base model (scored once,
+    paired with each seed's run), per metric; [] where the base model was not scored."""
+    base = next((runs[0] for runs in methods.values() if runs[0]["kind"] == BASE), None)
+    if base is None:
+        return []
+    metrics = list(first_metrics(methods))
+    head = ["method − base model", "seeds"] + [difference_label(m, base) for m in metrics]
+    rows = []
+    for name, runs in methods.items():
+        if runs[0]["kind"] == BASE:
+            continue
+        pairs = pair_runs(runs, [{**base, "seed": r["seed"]} for r in runs])
+        rows.append([name, str(len(runs)), *(difference_cell(pairs.get(m)) for m in metrics)])
+    return markdown_table(head, rows)
+
+
+def difference_label(metric: str, run: dict) -> str:
+    """A difference column's head: perplexity's difference is that of its log."""
+    return ("log " if run["metrics"][metric]["kind"] == PERPLEXITY else "") + metric_label(metric)
 
 
 def difference_rows(methods: dict[str, list[dict]]) -> list[str]:
@@ -83,10 +109,8 @@ def difference_rows(methods: dict[str, list[dict]]) -> list[str]:
     if not loras or not mixtures:
         return []
     metrics = list(first_metrics(methods))
-    kinds = {m: first_metrics(methods)[m]["kind"] for m in metrics}
-    head = ["mixture − LoRA", "seeds"] + [
-        ("log " if kinds[m] == PERPLEXITY else "") + metric_label(m) for m in metrics
-    ]
+    first = next(iter(methods.values()))[0]
+    head = ["mixture − LoRA", "seeds"] + [difference_label(m, first) for m in metrics]
     head.append(f"{metric_label(metrics[0])}, by seed")
     rows = []
     for lora, lora_runs in loras.items():
@@ -131,30 +155,56 @@ def domain_rows(methods: dict[str, list[dict]]) -> list[str]:
     return [f"{metric_label(metric)} by domain:", "", *markdown_table(["method", *domains], rows)]
 
 
+def task_count_rows(regimes: dict[str, dict[str, list[dict]]]) -> list[str]:
+    """Markdown rows for the tasks_N regimes, one per task count and mixture: its first metric,
+    its LoRA's and the paired difference (items' SE; by seed); [] without such regimes."""
+    counts = {int(r.split("_")[1]): m for r, m in regimes.items() if re.fullmatch(r"tasks_\d+", r)}
+    rows = []
+    for n, methods in sorted(counts.items()):
+        metric = next(iter(first_metrics(methods)))
+        kinds = {kind: {m: r for m, r in methods.items() if r[0]["kind"] == kind} for kind in KINDS}
+        for mixture, runs in kinds["mixture"].items():
+            for lora, theirs in kinds["lora"].items():
+                rows.append(
+                    [
+                        str(n),
+                        f"{mixture} − {lora}",
+                        mean_sd([metric_value(r["metrics"][metric]) for r in runs]),
+                        mean_sd([metric_value(r["metrics"][metric]) for r in theirs]),
+                        difference_cell(pair_runs(runs, theirs).get(metric)),
+                        seed_paired_cell(runs, theirs, metric),
+                    ]
+                )
+    if not rows:
+        return []
+    head = ["tasks", "mixture − LoRA", "mixture", "LoRA", "difference", "by seed"]
+    return [
+        f"### tasks_N: {metric_label(metric)} by number of tasks",
+        "",
+        *markdown_table(head, rows),
+    ]
+
+
 def format_section(calls: dict[str, dict]) -> str:
-    """The RESULTS.md section: per regime its command, the three tables."""
-    lines = [SECTION, "", INTRO]
-    for regime, methods in regime_runs(calls).items():
+    """The RESULTS.md section: per regime its command and tables, then the task counts side by
+    side."""
+    blocks = [[SECTION], [INTRO]]
+    regimes = regime_runs(calls)
+    for regime, methods in regimes.items():
         settings = next(c["settings"] for n, c in calls.items() if n.startswith(regime + "_"))
-        seeds = sorted({r["seed"] for runs in methods.values() for r in runs})
+        seeds = sorted({r["seed"] for runs in methods.values() for r in runs} - {None})
         command = (
             f".venv/bin/python bench/regimes.py --run --regimes {regime} "
             f"--seeds {' '.join(map(str, seeds))}"
         )
-        lines += [
-            "",
+        title = (
             f"### {regime}: {settings['steps']} steps, batch {settings['batch_size']}, "
-            f"lr {settings['lr']}",
-            "",
-            "    " + command,
-            "",
-            *method_rows(methods),
-            "",
-            *difference_rows(methods),
-            "",
-            *domain_rows(methods),
-        ]
-    return "\n".join(lines).rstrip("\n") + "\n"
+            f"lr {settings['lr']}"
+        )
+        blocks += [[title], ["    " + command], method_rows(methods), difference_rows(methods)]
+        blocks += [base_rows(methods), domain_rows(methods)]
+    blocks.append(task_count_rows(regimes))
+    return "\n\n".join("\n".join(b) for b in blocks if b) + "\n"
 
 
 def write_report(results: Path, out: Path) -> None:

@@ -147,3 +147,42 @@ def test_the_report_pairs_each_mixture_with_every_lora_by_hand(tmp_path):
     write_report(results, out)
     write_report(results, out)  # rewritten in place, not appended twice
     assert out.read_text().count("## Regimes") == 1 and "kept" in out.read_text()
+
+
+def test_the_report_pairs_with_the_base_model_and_lines_up_task_counts_by_hand(tmp_path):
+    from bench.regimes_report import format_section, read_calls
+
+    mix = [
+        _run("mix", "mixture", s, h, [2.0] * 4, 1.5)
+        for s, h in [(0, [1, 1, 0, 1]), (1, [1, 0, 0, 1])]
+    ]
+    lora = [_run("lora_r6", "lora", s, [0, 1, 0, 1], [2.0] * 4) for s in (0, 1)]
+    base = {**_run("base", "base", 0, [0, 0, 1, 1], [3.0] * 4), "seed": None}
+    base |= {"s_per_step": None, "trainable": 0}
+    settings = {"steps": 5, "batch_size": 2, "lr": 0.1}
+    calls = [
+        ("tasks_4_nearest", [*mix, *lora]),
+        ("tasks_2_nearest", [*mix, lora[0]]),
+        ("retention_nearest", [*mix, *lora, base]),
+    ]
+    results = tmp_path / "regimes.jsonl"
+    results.write_text(
+        "".join(
+            json.dumps({"call": c, "settings": settings, "report": {"runs": r}}) + "\n"
+            for c, r in calls
+        )
+    )
+    text = format_section(read_calls(results))
+    # the base row: exact match 0.5, perplexity exp(3 * 4 / (2 * 4)) = 4.482; nothing trained
+    assert "| base model (no training) | 0 | - | 0.500 | 4.482 | - | - |" in text
+    # mix - base per seed (1, 1, -1, 0), (1, 0, -1, 0): dbar (1, 0.5, -1, 0), mean 0.125,
+    # SE = sqrt((0.875^2 + 0.375^2 + 1.125^2 + 0.125^2) / 12) = 0.427; log ppl 1 - 1.5
+    assert "| mix | 2 | +0.125 ± 0.427 (n=4) | -0.500 ± 0.000 (n=4) |" in text
+    # lora_r6 - base: d = (0, 1, -1, 0) at both seeds: mean 0, SE = sqrt(2 / 12) = 0.408
+    assert "| lora_r6 | 2 | +0.000 ± 0.408 (n=4) | -0.500 ± 0.000 (n=4) |" in text
+    assert text.count("method − base model") == 1  # the tasks regimes scored no base
+    # task counts in order; tasks_2 pairs seed 0 only: 0.75 - 0.5, d = (1, 0, 0, 0), SE 0.25
+    table = text[text.index("### tasks_N") :]
+    assert table.index("| 2 | mix − lora_r6 |") < table.index("| 4 | mix − lora_r6 |")
+    assert "| 2 | mix − lora_r6 | 0.625 ± 0.177 | 0.500 | +0.250 ± 0.250 (n=4) | - |" in table
+    assert "| 4 | mix − lora_r6 | 0.625 ± 0.177 | 0.500 ± 0.000 | +0.125 ± 0.315 (n=4) |" in table
