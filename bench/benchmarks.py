@@ -43,7 +43,7 @@ import torch
 sys.path.insert(
     0, str(Path(__file__).resolve().parent.parent)
 )  # run as a file: the repository root
-from bench.common import mean_sd, replace_section  # noqa: E402
+from bench.common import markdown_table, mean_sd, replace_section, seed_se  # noqa: E402
 
 SECTION = "## Benchmarks: LoRA vs L-MoE at equal adapter parameters (`bench/benchmarks.py`)"
 # LD-MoLE's tasks that the package has, but HellaSwag (its prompts are twice as
@@ -277,7 +277,7 @@ def table(rows: list[dict], tasks: list[str], key: str) -> str:
         + ["average", "SE of average", "active experts", "s/step"]
         + (["average - lora_r16 (paired SE)"] if paired else [])
     )
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table_rows = []
     for name in ["base"] + [n for n, _ in CONFIGS]:
         mine = [r for r in rows if r["config"] == name]
         if not mine:
@@ -287,11 +287,7 @@ def table(rows: list[dict], tasks: list[str], key: str) -> str:
         n = sum(questions(mine[0]["results"], t) for t in tasks)
         p = statistics.mean(averages)
         # seeds' spread when there are several, else the binomial error of the pooled test questions
-        se = (
-            statistics.stdev(averages) / math.sqrt(len(averages))
-            if len(averages) > 1
-            else math.sqrt(p * (1 - p) / n)
-        )
+        se = seed_se(averages) if len(averages) > 1 else math.sqrt(p * (1 - p) / n)
         cells = [
             name,
             key + " acc",
@@ -308,8 +304,8 @@ def table(rows: list[dict], tasks: list[str], key: str) -> str:
             else "-",
         ]
         cells += [paired_average(mine, rows, tasks, key)] if paired else []
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table_rows.append(cells)
+    return "\n".join(markdown_table(head, table_rows))
 
 
 def section_title(args: argparse.Namespace) -> str:

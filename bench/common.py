@@ -30,6 +30,11 @@ def replace_section(text: str, new: str, title: str) -> str:
     return "".join(lines[:start]) + new.rstrip("\n") + "\n" + ("\n\n" + tail if tail else "")
 
 
+def seed_se(values: list[float]) -> float:
+    """The standard error of a mean over seeds: their sample sd / sqrt(seeds) (two or more)."""
+    return statistics.stdev(values) / len(values) ** 0.5
+
+
 def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
     """A Markdown table's lines: the head, its rule and one line per row of cells."""
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [

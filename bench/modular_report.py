@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import mean_sd, replace_section
+from bench.common import markdown_table, mean_sd, replace_section
 
 SECTION = "## Modular skills: compose, route, add (`bench/modular.py`)"
 COMPOSE_ORDER = [
@@ -119,7 +119,7 @@ def compose_table(rows: list[dict], tasks: list[str]) -> str:
         m for m in ["end_to_end"] if m in data
     ]
     head = ["method", "seeds", *tasks, "average", "share to own expert", "I(task; expert), bits"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table_rows = []
     for m in methods:
         runs = list(data[m].values())
         label = LABELS.get(
@@ -140,23 +140,25 @@ def compose_table(rows: list[dict], tasks: list[str]) -> str:
             if routed
             else ["-", "-"]
         )
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table_rows.append(cells)
+    return "\n".join(markdown_table(head, table_rows))
 
 
 def pairs_table(rows: list[dict], tasks: list[str]) -> str:
     data = compose_correct(rows, tasks)
-    lines = [
-        "| difference of average accuracy | seeds | mean ± sd over seeds | paired SE (questions) |",
-        "|---|---|---|---|",
+    head = [
+        "difference of average accuracy",
+        "seeds",
+        "mean ± sd over seeds",
+        "paired SE (questions)",
     ]
+    table_rows = []
     for a, b in PAIRS:
         if a in data and b in data:
             p = paired(data[a], data[b], tasks)
-            lines.append(
-                f"| {a} - {b} | {p['seeds']} | {p['mean']:+.3f} ± {p['sd']:.3f} | {p['se']:.3f} |"
-            )
-    return "\n".join(lines)
+            cells = [f"{a} - {b}", str(p["seeds"]), f"{p['mean']:+.3f} ± {p['sd']:.3f}"]
+            table_rows.append([*cells, f"{p['se']:.3f}"])
+    return "\n".join(markdown_table(head, table_rows))
 
 
 def layer_share_table(rows: list[dict], method: str = "zero_router", groups: int = 3) -> str:
@@ -174,13 +176,7 @@ def layer_share_table(rows: list[dict], method: str = "zero_router", groups: int
     head = [
         f"blocks {g * width}-{min((g + 1) * width, max(blocks) + 1) - 1}" for g in range(groups)
     ]
-    lines = [
-        f"`{method}` per layer ({len(mine)} seeds): own-expert share / I(task; expert) bits, mean "
-        "over the layers of each cell",
-        "",
-        "| module | " + " | ".join(head) + " |",
-        "|" + "---|" * (groups + 1),
-    ]
+    table_rows = []
     for kind in kinds:
         cells = []
         for g in range(groups):
@@ -192,25 +188,22 @@ def layer_share_table(rows: list[dict], method: str = "zero_router", groups: int
             share = statistics.mean(r["own_share"]["per_layer"][n] for r in mine for n in chosen)
             info = statistics.mean(r["information"]["per_layer"][n] for r in mine for n in chosen)
             cells.append(f"{share:.3f} / {info:.3f}")
-        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table_rows.append([kind, *cells])
+    title = (
+        f"`{method}` per layer ({len(mine)} seeds): own-expert share / I(task; expert) bits, mean "
+        "over the layers of each cell"
+    )
+    return "\n".join([title, "", *markdown_table(["module", *head], table_rows)])
 
 
 def transfer_table(rows: list[dict], tasks: list[str]) -> str:
     data = compose_correct(rows, tasks)
-    lines = [
-        "| adapter trained on \\ scored on | " + " | ".join(tasks) + " |",
-        "|" + "---|" * (len(tasks) + 1),
-    ]
+    table_rows = []
     for a in tasks:
         runs = list(data.get(f"adapter:{a}", {}).values())
         if runs:
-            lines.append(
-                f"| {a} | "
-                + " | ".join(mean_sd([accuracy(c[t]) for c in runs]) for t in tasks)
-                + " |"
-            )
-    return "\n".join(lines)
+            table_rows.append([a, *(mean_sd([accuracy(c[t]) for c in runs]) for t in tasks)])
+    return "\n".join(markdown_table(["adapter trained on \\ scored on", *tasks], table_rows))
 
 
 # ---------------------------------------------------------------- continual learning
@@ -255,12 +248,15 @@ def continual_methods(rows: list[dict]) -> list[str]:
 
 def continual_table(rows: list[dict], tasks: list[str]) -> str:
     own = compose_correct(rows, tasks)
-    lines = [
-        "| method | seeds | after stage k: average over the tasks seen (k = 0..) | final average | "
-        + " | ".join(f"forgetting {t}" for t in tasks[:-1])
-        + " | new skill at its stage - its own adapter |",
-        "|" + "---|" * (len(tasks) + 4),
+    head = [
+        "method",
+        "seeds",
+        "after stage k: average over the tasks seen (k = 0..)",
+        "final average",
+        *(f"forgetting {t}" for t in tasks[:-1]),
+        "new skill at its stage - its own adapter",
     ]
+    table_rows = []
     for method in continual_methods(rows):
         mats = continual_matrix(rows, tasks, method)
         if not mats:
@@ -286,8 +282,8 @@ def continual_table(rows: list[dict], tasks: list[str]) -> str:
             mean_sd([statistics.mean(mats[s][-1]) for s in seeds]),
         ]
         cells += [mean_sd([f[j] for f in forgets]) for j in range(len(tasks) - 1)] + [mean_sd(new)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table_rows.append(cells)
+    return "\n".join(markdown_table(head, table_rows))
 
 
 def write_report(rows: list[dict], args) -> None:

@@ -10,12 +10,13 @@ import re
 import statistics
 from pathlib import Path
 
-from bench.common import markdown_table, mean_sd, replace_section
+from bench.common import markdown_table, mean_sd, replace_section, seed_se
 from lmoe.compare.items import PERPLEXITY, group_values, metric_value
 from lmoe.compare.runs import BASE
 from lmoe.compare.stats import difference_cell, pair_runs
 
 KINDS = ("mixture", "lora")
+BENCH = "bench:"  # a benchmark's metrics: "bench:NAME PROTOCOL/TEMPLATE acc"
 SECTION = "## Regimes: where does a mixture beat a LoRA? (`bench/regimes.py`)"
 INTRO = (
     "Written by `bench/regimes.py --report` from bench/results/regimes.jsonl (one line per "
@@ -50,7 +51,10 @@ def regime_runs(calls: dict[str, dict]) -> dict[str, dict[str, list[dict]]]:
 
 
 def metric_label(metric: str) -> str:
-    """'exact_match:test' -> 'exact match (test)'."""
+    """'exact_match:test' -> 'exact match (test)'; 'bench:piqa cloze/plain acc' -> 'piqa
+    cloze/plain acc'."""
+    if metric.startswith(BENCH):
+        return metric.removeprefix(BENCH)
     kind, _, source = metric.partition(":")
     return f"{kind.replace('_', ' ')} ({source})" if source else kind.replace("_", " ")
 
@@ -60,9 +64,10 @@ def first_metrics(methods: dict[str, list[dict]]) -> dict[str, dict]:
     return next(iter(methods.values()))[0]["metrics"]
 
 
-def method_rows(methods: dict[str, list[dict]]) -> list[str]:
-    """Markdown rows: each method's trainable count, seeds, metrics, ESS and seconds per step."""
-    metrics = list(first_metrics(methods))
+def method_rows(methods: dict[str, list[dict]], with_metrics: bool = True) -> list[str]:
+    """Markdown rows: each method's trainable count, seeds, metrics (with_metrics), ESS and
+    seconds per step."""
+    metrics = list(first_metrics(methods)) if with_metrics else []
     head = ["method", "trainable", "seeds", *map(metric_label, metrics), "ESS", "s/step"]
     rows = []
     for name, runs in methods.items():
@@ -80,20 +85,40 @@ def method_rows(methods: dict[str, list[dict]]) -> list[str]:
     return markdown_table(head, rows)
 
 
-def base_rows(methods: dict[str, list[dict]]) -> list[str]:
-    """Markdown rows: every trained method's paired difference from the base model (scored once,
-    paired with each seed's run), per metric; [] where the base model was not scored."""
-    base = next((runs[0] for runs in methods.values() if runs[0]["kind"] == BASE), None)
-    if base is None:
-        return []
-    metrics = list(first_metrics(methods))
-    head = ["method − base model", "seeds"] + [difference_label(m, base) for m in metrics]
+def metric_rows(methods: dict[str, list[dict]]) -> list[str]:
+    """Markdown rows, one per metric (for a regime with many, e.g. retention's): every method's
+    mean ± sd over seeds (the base model's single scoring), each mixture's paired difference
+    from each LoRA (items' SE; by seed) and each trained method's from the base model."""
+    kinds = {k: {m: r for m, r in methods.items() if r[0]["kind"] == k} for k in (*KINDS, BASE)}
+    pairs = {
+        f"{mixture} − {lora}": (runs, theirs)
+        for mixture, runs in kinds["mixture"].items()
+        for lora, theirs in kinds["lora"].items()
+    }
+    base = [runs[0] for runs in kinds[BASE].values()]
+    from_base = {
+        f"{name} − base model": (runs, [{**base[0], "seed": r["seed"]} for r in runs])
+        for name, runs in {**kinds["mixture"], **kinds["lora"]}.items()
+        if base
+    }
+    paired = {label: pair_runs(*both) for label, both in {**pairs, **from_base}.items()}
+    head = ["metric", *("base model" if n in kinds[BASE] else n for n in methods)]
+    head += [c for label in pairs for c in (label, "by seed")] + list(from_base)
     rows = []
-    for name, runs in methods.items():
-        if runs[0]["kind"] == BASE:
-            continue
-        pairs = pair_runs(runs, [{**base, "seed": r["seed"]} for r in runs])
-        rows.append([name, str(len(runs)), *(difference_cell(pairs.get(m)) for m in metrics)])
+    first = next(iter(methods.values()))[0]
+    for metric in first_metrics(methods):
+        log = first["metrics"][metric]["kind"] == PERPLEXITY
+        cells = [metric_label(metric) + (" (differences: its log)" if log else "")]
+        cells += [
+            mean_sd([metric_value(r["metrics"][metric]) for r in runs]) for runs in methods.values()
+        ]
+        for label, (runs, theirs) in pairs.items():
+            cells += [
+                difference_cell(paired[label].get(metric)),
+                seed_paired_cell(runs, theirs, metric),
+            ]
+        cells += [difference_cell(paired[label].get(metric)) for label in from_base]
+        rows.append(cells)
     return markdown_table(head, rows)
 
 
@@ -137,8 +162,7 @@ def seed_paired_cell(mixture: list[dict], lora: list[dict], metric: str) -> str:
     ]
     if len(diffs) < 2:
         return "-"
-    se = statistics.stdev(diffs) / len(diffs) ** 0.5
-    return f"{statistics.mean(diffs):+.3f} ± {se:.3f}"
+    return f"{statistics.mean(diffs):+.3f} ± {seed_se(diffs):.3f}"
 
 
 def domain_rows(methods: dict[str, list[dict]]) -> list[str]:
@@ -201,8 +225,11 @@ def format_section(calls: dict[str, dict]) -> str:
             f"### {regime}: {settings['steps']} steps, batch {settings['batch_size']}, "
             f"lr {settings['lr']}"
         )
-        blocks += [[title], ["    " + command], method_rows(methods), difference_rows(methods)]
-        blocks += [base_rows(methods), domain_rows(methods)]
+        blocks += [[title], ["    " + command]]
+        if any(runs[0]["kind"] == BASE for runs in methods.values()):  # one row per metric
+            blocks += [method_rows(methods, with_metrics=False), metric_rows(methods)]
+        else:
+            blocks += [method_rows(methods), difference_rows(methods), domain_rows(methods)]
     blocks.append(task_count_rows(regimes))
     return "\n\n".join("\n".join(b) for b in blocks if b) + "\n"
 

@@ -31,10 +31,7 @@ import torch
 sys.path.insert(
     0, str(Path(__file__).resolve().parent.parent)
 )  # run as a file: the repository root
-from bench.common import (
-    mean_sd,  # noqa: E402
-    replace_section,  # noqa: E402
-)
+from bench.common import markdown_table, mean_sd, replace_section  # noqa: E402
 
 SECTION = "## Routing study"
 # bits: a layer whose routing says (almost) nothing about the domain, one expert for all or uniform
@@ -314,7 +311,7 @@ def format_table(rows: list[dict]) -> str:
         f"layers with I < {COLLAPSED}",
         "s/step",
     ] + (["EM - LoRA (paired SE)", "log ppl - LoRA (paired SE)"] if paired else [])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table_rows = []
     for g in summarise(rows):
         over = (
             " ".join(o for o in g["overrides"] if not o.startswith(("compare_base", "save_every")))
@@ -334,8 +331,8 @@ def format_table(rows: list[dict]) -> str:
             " / ".join(map(str, g["collapsed"])) or "-",
             f"{statistics.mean(g['s_step']):.2f}",
         ] + (paired_cells(g, rows) if paired else [])
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table_rows.append(cells)
+    return "\n".join(markdown_table(head, table_rows))
 
 
 def write_report(results: Path, out: Path, note: str = "") -> None:

@@ -173,14 +173,22 @@ def test_the_report_pairs_with_the_base_model_and_lines_up_task_counts_by_hand(t
         )
     )
     text = format_section(read_calls(results))
-    # the base row: exact match 0.5, perplexity exp(3 * 4 / (2 * 4)) = 4.482; nothing trained
-    assert "| base model (no training) | 0 | - | 0.500 | 4.482 | - | - |" in text
-    # mix - base per seed (1, 1, -1, 0), (1, 0, -1, 0): dbar (1, 0.5, -1, 0), mean 0.125,
-    # SE = sqrt((0.875^2 + 0.375^2 + 1.125^2 + 0.125^2) / 12) = 0.427; log ppl 1 - 1.5
-    assert "| mix | 2 | +0.125 ± 0.427 (n=4) | -0.500 ± 0.000 (n=4) |" in text
-    # lora_r6 - base: d = (0, 1, -1, 0) at both seeds: mean 0, SE = sqrt(2 / 12) = 0.408
-    assert "| lora_r6 | 2 | +0.000 ± 0.408 (n=4) | -0.500 ± 0.000 (n=4) |" in text
-    assert text.count("method − base model") == 1  # the tasks regimes scored no base
+    retention = text[text.index("### retention") : text.index("### tasks_N")]
+    assert "| base model (no training) | 0 | - | - | - |" in retention  # nothing trained
+    # one row per metric: base, mix, lora_r6, mix - lora (items; by seed), each - base.
+    # exact match: base 0.5; mix - lora as in the test above; mix - base per seed (1, 1, -1, 0),
+    # (1, 0, -1, 0): dbar (1, 0.5, -1, 0), mean 0.125, SE = sqrt((0.875^2 + 0.375^2 + 1.125^2 +
+    # 0.125^2) / 12) = 0.427; lora_r6 - base: d = (0, 1, -1, 0) at both seeds, SE sqrt(2/12)
+    assert (
+        "| exact match (test) | 0.625 ± 0.177 | 0.500 ± 0.000 | 0.500 | +0.125 ± 0.315 (n=4) "
+        "| +0.125 ± 0.125 | +0.125 ± 0.427 (n=4) | +0.000 ± 0.408 (n=4) |"
+    ) in retention
+    # perplexity: base exp(3 * 4 / (2 * 4)) = 4.482; log differences 1 - 1.5 against the base
+    assert (
+        "| perplexity (test) (differences: its log) | 2.718 ± 0.000 | 2.718 ± 0.000 | 4.482 "
+        "| +0.000 ± 0.000 (n=4) | +0.000 ± 0.000 | -0.500 ± 0.000 (n=4) | -0.500 ± 0.000 (n=4) |"
+    ) in retention
+    assert "method − base model" not in text and "by domain" not in retention
     # task counts in order; tasks_2 pairs seed 0 only: 0.75 - 0.5, d = (1, 0, 0, 0), SE 0.25
     table = text[text.index("### tasks_N") :]
     assert table.index("| 2 | mix − lora_r6 |") < table.index("| 4 | mix − lora_r6 |")

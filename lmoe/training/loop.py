@@ -54,7 +54,13 @@ from .interrupt import Interrupts, TrainingInterrupted
 from .metrics_log import ROUTING_COLUMNS, MetricsLog
 from .objective import set_label_smoothing
 from .optim import adamw, param_groups
-from .start import FirstStepGuard, check_global_batch, check_inputs, resume_point
+from .start import (
+    FirstStepGuard,
+    check_choices_fit,
+    check_global_batch,
+    check_inputs,
+    resume_point,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +139,7 @@ def _train(
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, load_in=cfg.load_in)
     check_context(model, cfg.max_length)
+    check_choices_fit(cfg, tokenizer)
     set_label_smoothing(model, cfg.label_smoothing)
     examples, held_out = training_examples(cfg, tokenizer), validation_examples(cfg, tokenizer)
     pad_id = tokenizer.pad_token_id

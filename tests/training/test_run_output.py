@@ -1,6 +1,7 @@
 """What a finished `lmoe train` run prints and leaves: one trainable-params line, the adapter's
 directory last, no empty eval files; a warning for a run that is all warm-up."""
 
+import json
 import logging
 
 import pytest
@@ -44,3 +45,21 @@ def test_a_run_that_is_all_warm_up_is_warned_about(setup, tmp_path, caplog):
         "lmoe: warmup_steps=2 >= steps=2: the learning rate rises for the whole run and never "
         "decays; set warmup_steps below steps (e.g. warmup_steps=0)."
     )
+
+
+def test_a_question_too_long_to_score_stops_the_run_before_it_trains(setup, tmp_path, capsys):
+    questions = tmp_path / "mc.jsonl"
+    long_choice = " ".join(["word"] * 80)
+    rows = [{"question": "Pick one", "choices": ["cat", long_choice], "answer": 0}]
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    argv = train_argv(setup, out, f"eval_data=[{questions}]", "max_length=48")
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's loading bar
+    assert err.startswith("lmoe train: error: ") and "mc.jsonl" in err
+    assert "leaves no room for the question within max_length=48" in err
+    assert not out.exists()  # stopped before the first step: nothing trained, nothing written
+    main([*argv[:-1], "max_length=256", "steps=1", "warmup_steps=0"])  # it fits: the run trains
+    assert (out / "adapter").is_dir()
