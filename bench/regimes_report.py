@@ -6,6 +6,7 @@ arithmetic on the stored per-item scores, so it is tested against hand values.""
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 from pathlib import Path
@@ -153,13 +154,16 @@ def difference_rows(methods: dict[str, list[dict]]) -> list[str]:
 
 def seed_paired_cell(mixture: list[dict], lora: list[dict], metric: str) -> str:
     """The metric's difference per seed both ran, as mean ± its standard error over those seeds
-    (training noise, where the items' SE holds the test set's); '-' below two seeds."""
-    theirs = {r["seed"]: metric_value(r["metrics"][metric]) for r in lora}
-    diffs = [
-        metric_value(r["metrics"][metric]) - theirs[r["seed"]]
-        for r in mixture
-        if r["seed"] in theirs
-    ]
+    (training noise, where the items' SE holds the test set's); perplexity's, as the items'
+    column, that of its log; '-' below two seeds."""
+
+    def value(run: dict) -> float:
+        metric_run = run["metrics"][metric]
+        plain = metric_value(metric_run)
+        return math.log(plain) if metric_run["kind"] == PERPLEXITY else plain
+
+    theirs = {r["seed"]: value(r) for r in lora}
+    diffs = [value(r) - theirs[r["seed"]] for r in mixture if r["seed"] in theirs]
     if len(diffs) < 2:
         return "-"
     return f"{statistics.mean(diffs):+.3f} ± {seed_se(diffs):.3f}"
