@@ -6,12 +6,11 @@ arithmetic on the stored per-item scores, so it is tested against hand values.""
 from __future__ import annotations
 
 import json
-import math
 import re
 import statistics
 from pathlib import Path
 
-from bench.common import markdown_table, mean_sd, replace_section, seed_se
+from bench.common import markdown_table, mean_sd, replace_section
 from lmoe.compare.items import PERPLEXITY, group_values, metric_value
 from lmoe.compare.runs import BASE
 from lmoe.compare.stats import difference_cell, pair_runs
@@ -113,10 +112,10 @@ def metric_rows(methods: dict[str, list[dict]]) -> list[str]:
         cells += [
             mean_sd([metric_value(r["metrics"][metric]) for r in runs]) for runs in methods.values()
         ]
-        for label, (runs, theirs) in pairs.items():
+        for label in pairs:
             cells += [
                 difference_cell(paired[label].get(metric)),
-                seed_paired_cell(runs, theirs, metric),
+                seed_cell(paired[label].get(metric)),
             ]
         cells += [difference_cell(paired[label].get(metric)) for label in from_base]
         rows.append(cells)
@@ -147,26 +146,17 @@ def difference_rows(methods: dict[str, list[dict]]) -> list[str]:
             seeds = max(p["seeds"] for p in pairs.values())
             cells = [f"{mixture} − {lora}", str(seeds)]
             cells += [difference_cell(pairs.get(m)) for m in metrics]
-            cells.append(seed_paired_cell(runs, lora_runs, metrics[0]))
+            cells.append(seed_cell(pairs.get(metrics[0])))
             rows.append(cells)
     return markdown_table(head, rows)
 
 
-def seed_paired_cell(mixture: list[dict], lora: list[dict], metric: str) -> str:
-    """The metric's difference per seed both ran, as mean ± its standard error over those seeds
-    (training noise, where the items' SE holds the test set's); perplexity's, as the items'
-    column, that of its log; '-' below two seeds."""
-
-    def value(run: dict) -> float:
-        metric_run = run["metrics"][metric]
-        plain = metric_value(metric_run)
-        return math.log(plain) if metric_run["kind"] == PERPLEXITY else plain
-
-    theirs = {r["seed"]: value(r) for r in lora}
-    diffs = [value(r) - theirs[r["seed"]] for r in mixture if r["seed"] in theirs]
-    if len(diffs) < 2:
+def seed_cell(pair: dict | None) -> str:
+    """A paired difference as mean ± the standard error of the seeds' gaps (training noise, where
+    the items' SE holds the test set's); '-' below two seeds."""
+    if pair is None or pair["seed_se"] is None:
         return "-"
-    return f"{statistics.mean(diffs):+.3f} ± {seed_se(diffs):.3f}"
+    return f"{pair['difference']:+.3f} ± {pair['seed_se']:.3f}"
 
 
 def domain_rows(methods: dict[str, list[dict]]) -> list[str]:
@@ -193,14 +183,15 @@ def task_count_rows(regimes: dict[str, dict[str, list[dict]]]) -> list[str]:
         kinds = {kind: {m: r for m, r in methods.items() if r[0]["kind"] == kind} for kind in KINDS}
         for mixture, runs in kinds["mixture"].items():
             for lora, theirs in kinds["lora"].items():
+                pair = pair_runs(runs, theirs).get(metric)
                 rows.append(
                     [
                         str(n),
                         f"{mixture} − {lora}",
                         mean_sd([metric_value(r["metrics"][metric]) for r in runs]),
                         mean_sd([metric_value(r["metrics"][metric]) for r in theirs]),
-                        difference_cell(pair_runs(runs, theirs).get(metric)),
-                        seed_paired_cell(runs, theirs, metric),
+                        difference_cell(pair),
+                        seed_cell(pair),
                     ]
                 )
     if not rows:

@@ -13,6 +13,7 @@ from bench.regimes import (
     run_regime,
     study_calls,
 )
+from lmoe.compare.stats import pair_runs
 from lmoe.data.regimes import RegimeSizes, write_regimes
 
 SMALL = RegimeSizes(
@@ -190,10 +191,10 @@ def test_the_report_pairs_with_the_base_model_and_lines_up_task_counts_by_hand(t
     ) in retention
     assert "method − base model" not in text and "by domain" not in retention
     # by seed, perplexity as its log: log ppl 1 against 2 and 1.5: -1, -0.5, SE 0.3536 / sqrt 2
-    from bench.regimes_report import seed_paired_cell
+    from bench.regimes_report import seed_cell
 
     other = [_run("lora_r6", "lora", s, [0] * 4, [v] * 4) for s, v in [(0, 4.0), (1, 3.0)]]
-    assert seed_paired_cell(mix, other, "perplexity:test") == "-0.750 ± 0.250"
+    assert seed_cell(pair_runs(mix, other)["perplexity:test"]) == "-0.750 ± 0.250"
     # task counts in order; tasks_2 pairs seed 0 only: 0.75 - 0.5, d = (1, 0, 0, 0), SE 0.25
     table = text[text.index("### tasks_N") :]
     assert table.index("| 2 | mix − lora_r6 |") < table.index("| 4 | mix − lora_r6 |")

@@ -40,7 +40,9 @@ def paired_difference(mixture: list[dict], lora: list[dict]) -> dict:
         mixture, lora: the metric (items.score_items' entry) of each seed, seeds in the same order.
 
     Returns:
-        {"difference", "paired_se", "n" (items), "seeds"}; paired_se is None for one item.
+        {"difference", "paired_se", "seed_se", "n" (items), "seeds"}; paired_se is None for one
+        item; seed_se, the standard error of the seeds' gaps (training noise, the test items
+        fixed), None for one seed.
     """
     if len(mixture) != len(lora) or not mixture:
         raise ValueError("paired_difference needs the same seeds (at least one) of both methods.")
@@ -58,7 +60,9 @@ def paired_difference(mixture: list[dict], lora: list[dict]) -> dict:
     per_item = [sum(row[i] for row in rows) / seeds for i in range(n)]
     diff = sum(per_item) / n
     se = math.sqrt(sum((d - diff) ** 2 for d in per_item) / (n * (n - 1))) if n > 1 else None
-    return {"difference": diff, "paired_se": se, "n": n, "seeds": seeds}
+    per_seed = [sum(row) / n for row in rows]  # each seed's gap
+    seed_se = statistics.stdev(per_seed) / math.sqrt(seeds) if seeds > 1 else None
+    return {"difference": diff, "paired_se": se, "seed_se": seed_se, "n": n, "seeds": seeds}
 
 
 def pair_runs(mixture: list[dict], lora: list[dict]) -> dict[str, dict]:

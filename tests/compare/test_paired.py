@@ -83,6 +83,11 @@ def test_paired_standard_error_by_hand():
     assert got["difference"] == pytest.approx(0.5)
     assert got["paired_se"] == pytest.approx(math.sqrt(0.5 / 12))
     assert (got["n"], got["seeds"]) == (4, 2)
+    # the seeds' gaps 0.5 and 0.5: no spread between seeds
+    assert got["seed_se"] == pytest.approx(0.0)
+    lora[1] = metric([1, 1, 1, 1])  # seed 1's gap is now -0.25: sd 0.5303, SE 0.375
+    assert paired_difference(mixture, lora)["seed_se"] == pytest.approx(0.375)
+    assert paired_difference(mixture[:1], lora[:1])["seed_se"] is None
     with pytest.raises(ValueError, match="different held-out items"):
         paired_difference([metric([1, 0, 1, 1])], [{**metric([0, 0, 0, 0]), "ids": list("abce")}])
 
