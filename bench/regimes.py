@@ -78,8 +78,9 @@ ROUTERS = {  # name -> the lmoe.* settings atop BINDING
 }
 RETENTION_BENCHMARKS = ["bench:arc_easy", "bench:piqa", "bench:hellaswag"]
 # the estimate's costs on 2 idle CPU cores, 2 threads (bench/README.md, regimes row): conflict's
-# runs took 1.9-2.3 s a step (ReMix 4.0, counted as 2 runs) and 35-40 s to score the test file
-S_PER_STEP, EVAL_S, MC_S = 2.1, 40.0, 0.3
+# runs took 1.9-2.3 s a step (ReMix 4.0, counted as 2 runs) and 35-40 s to score the test file;
+# retention's 600 benchmark questions 4.5 min a run (ARC-E 0.25 s, PIQA 0.4, HellaSwag 0.65)
+S_PER_STEP, EVAL_S, MC_S = 2.1, 40.0, 0.45
 REMIX_STEP_COST = 2  # a ReMix step costs about two (two routings per sequence)
 RETENTION_MC = {"protocol": "cloze", "template": "plain", "test_items": 200}
 
