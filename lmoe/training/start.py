@@ -1,6 +1,5 @@
-"""What train() settles before it trains, and what a run that fails before its first step leaves
-behind (nothing): the resume point (saved config and checkpoint), the data files, warm-up, and
-whether every held-out question fits max_length (found before training, not when scored)."""
+"""What train() settles before it loads anything, and what a run that fails before its first step
+leaves behind (nothing): the resume point (saved config and checkpoint), the data files, warm-up."""
 
 from __future__ import annotations
 
@@ -9,10 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..data import benchmarks
 from ..data.benchmarks import root, task_names
-from ..data.choices import fit, request
-from ..data.records import read_records
 from .checkpoint import CHECKPOINT, TrainState, read_checkpoint
 from .config import SAVED_CONFIG, TrainConfig, check_resumable, read_saved_config
 
@@ -54,25 +50,6 @@ def check_inputs(cfg: TrainConfig) -> None:
             cfg.steps,
             cfg.steps // 10,
         )
-
-
-def check_choices_fit(cfg: TrainConfig, tokenizer) -> None:
-    """Every held-out multiple-choice question (the benchmarks' mc.test_items, eval_data files of
-    questions) leaves room for its prompt within max_length under each protocol scored: the
-    error scoring would raise after training, raised before it."""
-    question_sets = [
-        benchmarks.subset(benchmarks.load(task, "test"), cfg.mc.test_items)
-        for task in task_names(cfg.data + cfg.eval_data)
-    ]
-    question_sets += [
-        [r for r in read_records(path, group=cfg.eval_group) if "choices" in r]
-        for path in cfg.eval_data
-        if not task_names([path])
-    ]
-    for questions in question_sets:
-        for fmt in cfg.mc.scored():
-            for record in questions:
-                fit(*request(tokenizer, record, fmt), cfg.max_length, record["where"])
 
 
 def check_global_batch(state: TrainState, global_batch: int, ranks: int) -> None:

@@ -63,3 +63,10 @@ def test_a_question_too_long_to_score_stops_the_run_before_it_trains(setup, tmp_
     assert not out.exists()  # stopped before the first step: nothing trained, nothing written
     main([*argv[:-1], "max_length=256", "steps=1", "warmup_steps=0"])  # it fits: the run trains
     assert (out / "adapter").is_dir()
+    # lmoe eval: checked before the first file is scored (the sums come first in data)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["eval", f"model={setup[0]}", f"data=[{setup[1]}, {questions}]", "max_length=48"])
+    printed = capsys.readouterr()
+    assert "leaves no room for the question within max_length=48" in printed.err
+    assert "exact match" not in printed.out + printed.err  # nothing was scored
