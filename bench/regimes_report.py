@@ -13,7 +13,7 @@ from pathlib import Path
 from bench.common import markdown_table, mean_sd, replace_section
 from lmoe.compare.items import PERPLEXITY, group_values, metric_value
 from lmoe.compare.runs import BASE
-from lmoe.compare.stats import difference_cell, pair_runs
+from lmoe.compare.stats import difference_cell, pair_runs, pair_with_base
 
 KINDS = ("mixture", "lora")
 BENCH = "bench:"  # a benchmark's metrics: "bench:NAME PROTOCOL/TEMPLATE acc"
@@ -97,11 +97,11 @@ def metric_rows(methods: dict[str, list[dict]]) -> list[str]:
     }
     base = [runs[0] for runs in kinds[BASE].values()]
     from_base = {
-        f"{name} − base model": (runs, [{**base[0], "seed": r["seed"]} for r in runs])
+        f"{name} − base model": pair_with_base(runs, base[0])
         for name, runs in {**kinds["mixture"], **kinds["lora"]}.items()
         if base
     }
-    paired = {label: pair_runs(*both) for label, both in {**pairs, **from_base}.items()}
+    paired = {label: pair_runs(*both) for label, both in pairs.items()} | from_base
     head = ["metric", *("base model" if n in kinds[BASE] else n for n in methods)]
     head += [c for label in pairs for c in (label, "by seed")] + list(from_base)
     rows = []

@@ -34,7 +34,7 @@ from ..training.start import check_inputs
 from .config import CompareConfig
 from .items import aggregates, score_items
 from .split import split_files
-from .stats import format_tables, method_summary, pair_runs
+from .stats import format_tables, method_summary, pair_runs, pair_with_base
 
 BASE = "base"  # the base model scored alone (CompareConfig.base): its method name and kind
 RESULT = "result.json"  # in a run's directory: written once the run is trained and scored
@@ -234,9 +234,10 @@ def score_base(cfg: CompareConfig, lora: Method, run_dir: Path, data=None) -> di
     train_cfg = run_config(cfg, lora, cfg.seeds[0], run_dir, data or {})
     planned = json.loads(json.dumps(train_cfg.to_dict()))
     path = run_dir / RESULT
-    if path.is_file() and json.loads(path.read_text())["train_config"] == planned:
+    stored = json.loads(path.read_text()) if path.is_file() else None
+    if stored is not None and stored["train_config"] == planned:
         announce("compare: the base model: scored, kept")
-        return json.loads(path.read_text())
+        return stored
     announce("compare: the base model: scoring")
     model, tokenizer = load_model(cfg.model, load_in=train_cfg.load_in)
     model.to(make_accelerator(train_cfg).device)
@@ -293,8 +294,7 @@ def make_report(cfg: CompareConfig, methods: list[Method], results: list[dict]) 
             differences.append({"mixture": m.name, "lora": m.lora, "metric": metric, **pair})
     from_base = []
     for name, rows in by_method.items() if base else ():
-        each_seed = [{**base[0], "seed": r["seed"]} for r in rows]  # one scoring, every seed
-        for metric, pair in pair_runs(rows, each_seed).items():
+        for metric, pair in pair_with_base(rows, base[0]).items():
             from_base.append({"method": name, "metric": metric, **pair})
     return {
         "settings": cfg.to_dict(),

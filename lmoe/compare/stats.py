@@ -82,6 +82,12 @@ def pair_runs(mixture: list[dict], lora: list[dict]) -> dict[str, dict]:
     return pairs
 
 
+def pair_with_base(runs: list[dict], base: dict) -> dict[str, dict]:
+    """pair_runs of a method's runs with the base model's result, scored once and standing in at
+    every seed the runs have."""
+    return pair_runs(runs, [{**base, "seed": r["seed"]} for r in runs])
+
+
 def mean_difference(pairs: list[dict]) -> dict:
     """The paired difference of the unweighted mean of several metrics (e.g. the average accuracy
     over benchmarks, each on its own items): the mean of their differences and, their items being
