@@ -2,7 +2,7 @@
 
 Multiple choice (default; issue 14 item 5): choices per second before and after prefix sharing.
 Before: every prompt + choice as its own sequence, 16 per batch in file order (what `lmoe eval`
-did). After: lmoe.evaluation.scoring.continuation_logprobs (one forward of each prompt, its KV
+did). After: lmoe.evaluation.logprobs.continuation_logprobs (one forward of each prompt, its KV
 cache reused by every choice, questions batched by length). Both score the same ARC-Easy test
 questions (cloze protocol, chat template); the script also reports the largest score difference.
 
@@ -40,13 +40,12 @@ from lmoe.data.builtin import Mixture  # noqa: E402
 from lmoe.data.choices import MultipleChoice, requests  # noqa: E402
 from lmoe.data.encoding import IGNORE, Example, collate, encode_all, render_prompt  # noqa: E402
 from lmoe.evaluation.analysis import batches_by_domain, collect_routing  # noqa: E402
-from lmoe.evaluation.scoring import (
+from lmoe.evaluation.logprobs import (  # noqa: E402
     answer_logprobs,
-    continuation_logprobs,  # noqa: E402
-    exact_match,
-    normalise,
+    continuation_logprobs,
     perplexity,
 )
+from lmoe.evaluation.scoring import exact_match, normalise  # noqa: E402
 from lmoe.inject import record_routing  # noqa: E402
 from lmoe.models import load_model  # noqa: E402
 from lmoe.training.config import default_lmoe  # noqa: E402

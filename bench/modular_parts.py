@@ -25,7 +25,7 @@ from torch import nn
 from lmoe.data import benchmarks
 from lmoe.data.choices import MultipleChoice, encode_questions, requests
 from lmoe.data.encoding import Example, batch_stream, collate
-from lmoe.evaluation.scoring import continuation_logprobs
+from lmoe.evaluation.logprobs import continuation_logprobs
 from lmoe.inject import lmoe_layers, record_routing
 from lmoe.routing_stats import mutual_information
 from lmoe.training.loop import seed_step, warmup_cosine

@@ -33,6 +33,7 @@ from .cli_settings import (
 from .compare.config import CompareConfig
 from .settings import default_yaml, help_text, load_settings
 from .training.config import TrainConfig
+from .training.resume import resume_config
 
 KEEP_FREED_MEMORY = (
     "LMOE_KEEP_FREED_MEMORY"  # =1: `lmoe train` keeps freed memory for reuse (allocator.py)
@@ -388,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
             return cmd_config(words, load_settings(ConfigConfig, None, settings))
         run, cls = COMMANDS[args.name]
         if args.name == "train" and args.resume:
-            return run(TrainConfig.for_resume(args.config, args.settings), resume=True)
+            return run(resume_config(args.config, args.settings), resume=True)
         run(load_settings(cls, args.config, args.settings))
     except (ValueError, OSError) as err:  # our messages say what was wrong and what to do
         if os.environ.get("LMOE_DEBUG"):

@@ -14,7 +14,7 @@ from typing import Any
 
 from peft import PeftConfig
 
-from .settings import check_known_keys
+from .settings import check_known_keys, setting
 
 ROUTERS = ("softmax", "topk", "dynamic", "remix")
 COMPOSITIONS = ("params", "outputs")
@@ -97,47 +97,34 @@ class LMoEConfig(PeftConfig):
     revision: str | None = peft_field()
     inference_mode: bool = peft_field(False)
 
-    num_experts: int = field(default=4, metadata={"help": "experts E per adapted layer"})
-    rank: int = field(default=8, metadata={"help": "LoRA rank r of each expert"})
-    alpha: float = field(
-        default=16.0, metadata={"help": "LoRA alpha: the experts' update is scaled by alpha / rank"}
+    num_experts: int = setting(4, "experts E per adapted layer")
+    rank: int = setting(8, "LoRA rank r of each expert")
+    alpha: float = setting(16.0, "LoRA alpha: the experts' update is scaled by alpha / rank")
+    dropout: float = setting(0.0, "dropout on the experts' input, in training")
+    target_modules: list[str] | str = setting(
+        factory=lambda: ["q_proj", "v_proj"],
+        help="layers to adapt: module names (the last part of the dotted name, or the "
+        'whole), a regex (full match on the dotted name), or "all-linear"',
     )
-    dropout: float = field(
-        default=0.0, metadata={"help": "dropout on the experts' input, in training"}
+    router: str = setting(
+        "softmax",
+        "softmax (every expert weighted), topk (the top_k largest), dynamic "
+        "(LD-MoLE's sparsegen with a learned per-token lambda), or remix (ReMix: top_k "
+        "experts at equal weights, the router trained by RLOO)",
     )
-    target_modules: list[str] | str = field(
-        default_factory=lambda: ["q_proj", "v_proj"],
-        metadata={
-            "help": "layers to adapt: module names (the last part of the dotted name, or the "
-            'whole), a regex (full match on the dotted name), or "all-linear"'
-        },
+    top_k: int = setting(2, "router=topk or remix: experts per token")
+    temperature: float = setting(1.0, "the softmax and top-k gates' temperature")
+    composition: str = setting(
+        "params",
+        "params (L-MoE): one LoRA whose A and B the gate mixes; outputs (MoLoRA): the "
+        "gate mixes the experts' outputs",
     )
-    router: str = field(
-        default="softmax",
-        metadata={
-            "help": "softmax (every expert weighted), topk (the top_k largest), dynamic "
-            "(LD-MoLE's sparsegen with a learned per-token lambda), or remix (ReMix: top_k "
-            "experts at equal weights, the router trained by RLOO)"
-        },
-    )
-    top_k: int = field(default=2, metadata={"help": "router=topk or remix: experts per token"})
-    temperature: float = field(
-        default=1.0, metadata={"help": "the softmax and top-k gates' temperature"}
-    )
-    composition: str = field(
-        default="params",
-        metadata={
-            "help": "params (L-MoE): one LoRA whose A and B the gate mixes; outputs (MoLoRA): the "
-            "gate mixes the experts' outputs"
-        },
-    )
-    router_bias: bool = field(default=False, metadata={"help": "a bias in the gate W_g"})
+    router_bias: bool = setting(False, "a bias in the gate W_g")
     # std of the gate W_g's normal init; None: nn.Linear's default (uniform, std 1/sqrt(3 d_in)).
     # Larger values start every token off a non-uniform routing, so the experts see different
     # gradients from step 1.
-    router_init_std: float | None = field(
-        default=None,
-        metadata={"help": "std of the gate's normal init; null: nn.Linear's default init"},
+    router_init_std: float | None = setting(
+        None, "std of the gate's normal init; null: nn.Linear's default init"
     )
     # the routers' (gates', lambda heads') parameters are stored divided by this, multiplied by it
     # in use: the same function and init, but Adam's step (about lr, whatever the gradient's size)
@@ -145,81 +132,59 @@ class LMoEConfig(PeftConfig):
     # experts' rate in any loop with one learning rate. The experts start at B = 0, so the routers
     # get almost no gradient at first, then one about E times smaller than a single LoRA's: at 1 the
     # routing stays near uniform.
-    router_param_scale: float = field(
-        default=ROUTER_PARAM_SCALE,
-        metadata={
-            "help": "the routers' parameters are stored divided by this and multiplied back in "
-            "use: under Adam the routers learn at this multiple of the experts' rate"
-        },
+    router_param_scale: float = setting(
+        ROUTER_PARAM_SCALE,
+        "the routers' parameters are stored divided by this and multiplied back in "
+        "use: under Adam the routers learn at this multiple of the experts' rate",
     )
     # true: the router (and LD-MoLE's lambda head) reads the experts' dropped-out input, as the
     # LD-MoLE authors' code does; false: the clean input (no effect without
     # dropout, or at evaluation)
-    router_reads_dropout: bool = field(
-        default=False,
-        metadata={
-            "help": "the router reads the experts' dropped-out input (as LD-MoLE's code); false: "
-            "the clean input"
-        },
+    router_reads_dropout: bool = setting(
+        False,
+        "the router reads the experts' dropped-out input (as LD-MoLE's code); false: "
+        "the clean input",
     )
-    load_balance_coef: float | None = field(
-        default=None,
-        metadata={
-            "help": "weight of the load-balance loss; null: by router, softmax 0.1, topk 0.01, "
-            "dynamic 1.0, remix 0"
-        },
+    load_balance_coef: float | None = setting(
+        None,
+        "weight of the load-balance loss; null: by router, softmax 0.1, topk 0.01, "
+        "dynamic 1.0, remix 0",
     )
-    z_loss_coef: float = field(
-        default=0.0, metadata={"help": "weight of the routers' z-loss (keeps their logits small)"}
-    )
+    z_loss_coef: float = setting(0.0, "weight of the routers' z-loss (keeps their logits small)")
     # LD-MoLE (router="dynamic"): the sparsity objective keeps at most sparsity_target experts per
     # token; the lambda head is Linear(d_in, lambda_hidden) -> ReLU -> Linear(lambda_hidden, 1), and
     # lambda = logsigmoid(.) + 1 - lambda_eps < 1. Defaults are the authors' released settings;
     # lambda_hidden None: scaled to the model as the authors do
     # (default_lambda_hidden), fixed by inject.
-    sparsity_coef: float = field(
-        default=0.0, metadata={"help": "router=dynamic: weight of the sparsity loss"}
+    sparsity_coef: float = setting(0.0, "router=dynamic: weight of the sparsity loss")
+    sparsity_target: int = setting(2, "router=dynamic: experts per token the sparsity loss allows")
+    lambda_hidden: int | None = setting(
+        None,
+        "router=dynamic: the lambda head's hidden width; null: scaled to the model "
+        "(width / 8, 32 to 512)",
     )
-    sparsity_target: int = field(
-        default=2, metadata={"help": "router=dynamic: experts per token the sparsity loss allows"}
-    )
-    lambda_hidden: int | None = field(
-        default=None,
-        metadata={
-            "help": "router=dynamic: the lambda head's hidden width; null: scaled to the model "
-            "(width / 8, 32 to 512)"
-        },
-    )
-    lambda_eps: float = field(
-        default=0.01, metadata={"help": "router=dynamic: lambda <= 1 - lambda_eps"}
-    )
+    lambda_eps: float = setting(0.01, "router=dynamic: lambda <= 1 - lambda_eps")
     # every bias of the lambda head at init; the authors' -2.5 gives lambda ~ -1.6
     # (dense), 0 about 0.3
-    lambda_bias_init: float = field(
-        default=LAMBDA_BIAS_INIT,
-        metadata={
-            "help": "router=dynamic: every bias of the lambda head at init (-2.5: dense at first)"
-        },
+    lambda_bias_init: float = setting(
+        LAMBDA_BIAS_INIT,
+        "router=dynamic: every bias of the lambda head at init (-2.5: dense at first)",
     )
     # how the experts run (the same values and gradients either way): "dense", every expert for
     # every token as one rank-E*r LoRA; "sparse", only the (token, expert) pairs with g > 0
     # (lmoe/sparse.py); "auto", the faster of the two by the rule measured in bench/RESULTS.md
     # (sparse.prefer_sparse)
-    execution: str = field(
-        default="auto",
-        metadata={
-            "help": "how the experts run, the same values either way: dense, sparse (only the "
-            "pairs with g > 0), or auto (the measured rule picks)"
-        },
+    execution: str = setting(
+        "auto",
+        "how the experts run, the same values either way: dense, sparse (only the "
+        "pairs with g > 0), or auto (the measured rule picks)",
     )
     # ReMix (router="remix"): how many routings are drawn per sequence in training, for the RLOO
     # estimator (>= 2); the batch runs as this many copies (this many times the compute)
-    remix_samples: int = field(
-        default=2,
-        metadata={
-            "help": "router=remix: routings drawn per sequence in training for the RLOO "
-            "estimator (>= 2; a step costs this many forwards)"
-        },
+    remix_samples: int = setting(
+        2,
+        "router=remix: routings drawn per sequence in training for the RLOO "
+        "estimator (>= 2; a step costs this many forwards)",
     )
 
     def __post_init__(self) -> None:

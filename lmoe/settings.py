@@ -25,6 +25,16 @@ HELP = "help"  # field metadata: the setting's one line of help (as PEFT's LoraC
 REQUIRED = "required"  # field metadata: True where the command cannot run without the setting
 
 
+def setting(default: Any = None, help: str = "", factory: Any = None, required: bool = False):
+    """A dataclass field with its --help line (metadata, as PEFT's LoraConfig); factory: a default
+    built per instance (list, a dataclass); required: the command refuses to run without it (its
+    default, None or [], only stands for "not given")."""
+    metadata = {HELP: help, REQUIRED: True} if required else {HELP: help}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 class Setting(NamedTuple):
     """One field as --help and the default file show it; name dotted for a nested dataclass's."""
 
@@ -109,6 +119,26 @@ def apply_overrides(data: dict, overrides: Iterable[str], cls: type | None = Non
             node = node.setdefault(part, {})
         node[parts[-1]] = parse_value(item, text, field_type(cls, parts))
     return data
+
+
+def flatten_settings(data: dict, prefix: str = "") -> dict:
+    """{"lmoe": {"rank": 2}} -> {"lmoe.rank": 2}."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat |= flatten_settings(value, f"{prefix}{key}.")
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def merge_settings(base: dict, top: dict) -> dict:
+    """base with top's values on top, nested sections merged key by key."""
+    merged = dict(base)
+    for key, value in top.items():
+        nested = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = merge_settings(base[key], value) if nested else value
+    return merged
 
 
 def parse_value(item: str, text: str, hint: Any = None) -> Any:

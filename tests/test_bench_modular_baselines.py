@@ -20,7 +20,7 @@ from bench.modular_baselines import (
 from bench.modular_parts import fit  # noqa: E402
 from lmoe import LMoEConfig, compose, inject, lmoe_layers, merge, save_adapter  # noqa: E402
 from lmoe.data.encoding import Example  # noqa: E402
-from lmoe.evaluation.scoring import continuation_logprobs  # noqa: E402
+from lmoe.evaluation.logprobs import continuation_logprobs  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 # d_out 16 > E: each token's weights can be read back from its output

@@ -13,8 +13,8 @@ from typing import Any
 from ..config import is_number
 from ..data.benchmarks import task_names
 from ..models import BUILTIN
-from ..settings import apply_overrides, check_known_keys, read_config_file
-from ..training.config import TrainConfig, flatten_settings
+from ..settings import apply_overrides, check_known_keys, flatten_settings, read_config_file
+from ..training.config import TrainConfig
 
 # What a mixture may set besides lmoe.*: knobs that only routers read, so the LoRA has no twin.
 MIXTURE_KEYS = ("router_lr_scale", "temperature_start", "temperature_anneal_steps")

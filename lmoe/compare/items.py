@@ -16,8 +16,10 @@ from torch import nn
 from ..data import benchmarks
 from ..data.encoding import encode_all
 from ..data.records import read_records
+from ..evaluation.logprobs import answer_logprobs
+from ..evaluation.multiple_choice import choice_hits
 from ..evaluation.progress import announce
-from ..evaluation.scoring import answer_logprobs, answer_records, choice_hits, exact_hits
+from ..evaluation.scoring import answer_records, exact_hits
 from ..training.config import TrainConfig
 
 MEAN, PERPLEXITY = "mean", "perplexity"  # a metric's kind: how its items make its value

@@ -25,11 +25,12 @@ from ..evaluation.scoring import write_json
 from ..inject import count_parameters, inject, lmoe_layers
 from ..models import load_model
 from ..training.checkpoint import CHECKPOINT
-from ..training.config import TrainConfig, read_saved_config
+from ..training.config import TrainConfig
 from ..training.distributed import make_accelerator
 from ..training.evaluation import ROUTING_FILE, ROUTING_SUMMARY
 from ..training.loop import train
 from ..training.metrics_log import METRICS, read_metrics
+from ..training.resume import read_saved_config
 from ..training.start import check_inputs
 from .config import CompareConfig
 from .items import aggregates, score_items

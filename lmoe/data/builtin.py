@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
 import yaml
 
+from ..settings import setting
 from .encoding import chat
 from .skills import SKILLS, generate
 from .splits import held_out
@@ -61,8 +62,8 @@ class Mixture:
     """The built-in task mixture: corpus conversation domains plus generated skills
     with exact answers."""
 
-    domains: list[str] = field(
-        default_factory=lambda: [
+    domains: list[str] = setting(
+        factory=lambda: [
             "english/tech_support",
             "english/emotion+psychology",
             "spanish",
@@ -70,24 +71,18 @@ class Mixture:
             "german",
             "portuguese",
         ],
-        metadata={"help": "chatterbot-corpus domains: a language, or language/category+category"},
+        help="chatterbot-corpus domains: a language, or language/category+category",
     )
-    skills: list[str] = field(
-        default_factory=lambda: ["add", "number_words", "sort", "reverse_words", "count_letters"],
-        metadata={"help": "generated skills with exact answers (lmoe.data.skills.SKILLS)"},
+    skills: list[str] = setting(
+        factory=lambda: ["add", "number_words", "sort", "reverse_words", "count_letters"],
+        help="generated skills with exact answers (lmoe.data.skills.SKILLS)",
     )
-    per_domain: int = field(
-        default=120, metadata={"help": "training pairs per conversation domain (at most)"}
-    )
-    per_skill: int = field(default=120, metadata={"help": "training items per skill"})
-    test_per_domain: int = field(default=30, metadata={"help": "held-out pairs per domain"})
-    test_per_skill: int = field(default=30, metadata={"help": "held-out items per skill"})
-    held_out_fraction: float = field(
-        default=0.15, metadata={"help": "share of each domain's pairs held out (by a hash)"}
-    )
-    seed: int = field(
-        default=0, metadata={"help": "seed of the data order and the generated skill items"}
-    )
+    per_domain: int = setting(120, "training pairs per conversation domain (at most)")
+    per_skill: int = setting(120, "training items per skill")
+    test_per_domain: int = setting(30, "held-out pairs per domain")
+    test_per_skill: int = setting(30, "held-out items per skill")
+    held_out_fraction: float = setting(0.15, "share of each domain's pairs held out (by a hash)")
+    seed: int = setting(0, "seed of the data order and the generated skill items")
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.skills if s not in SKILLS]

@@ -23,8 +23,9 @@ base-model figures).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
+from ..settings import setting
 from .encoding import Example, chat, chat_segments, encode
 
 log = logging.getLogger(__name__)
@@ -42,20 +43,16 @@ class MultipleChoice:
     trained as cloze), template, and how many benchmark test questions per task to score (0: all;
     else a fixed, seed-independent subset)."""
 
-    protocol: str = field(
-        default=AUTO,
-        metadata={
-            "help": "letter (LD-MoLE's: the option letters' log-probabilities), cloze (lm-eval's: "
-            "each choice's log-likelihood), or auto: both scored, trained as cloze"
-        },
+    protocol: str = setting(
+        AUTO,
+        "letter (LD-MoLE's: the option letters' log-probabilities), cloze (lm-eval's: "
+        "each choice's log-likelihood), or auto: both scored, trained as cloze",
     )
-    template: str = field(
-        default="chat",
-        metadata={"help": "chat: the model's chat template; plain: plain text, as lm-eval"},
+    template: str = setting(
+        "chat", "chat: the model's chat template; plain: plain text, as lm-eval"
     )
-    test_items: int = field(
-        default=0,
-        metadata={"help": "benchmark test questions scored per task, a fixed subset (0: all)"},
+    test_items: int = setting(
+        0, "benchmark test questions scored per task, a fixed subset (0: all)"
     )
 
     def __post_init__(self) -> None:

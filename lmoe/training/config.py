@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..config import AUX_COEFS, LMoEConfig, is_number
+from ..config import LMoEConfig, is_number
 from ..data.builtin import Mixture
 from ..data.choices import MultipleChoice
 from ..evaluation.scoring import MAX_ANSWER_TOKENS
 from ..io import CONFIG_FILE, atomic_write, read_adapter_meta, verify_adapter
 from ..models import BUILTIN, LOAD_IN, MODEL_HELP
-from ..settings import apply_overrides, check_known_keys, load_settings, read_config_file
+from ..settings import (
+    check_known_keys,
+    load_settings,
+    setting,
+)
 
 SAVED_CONFIG = "train_config.yaml"  # in output_dir: the run's settings, which --resume continues
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -61,30 +65,6 @@ RECIPES = {
 }
 
 
-# What --resume may change (dotted keys); any other difference from the run's saved config is
-# refused: the checkpoint's weights, optimizer state and data position continue that run only.
-RESUMABLE = frozenset(
-    {
-        "steps",  # more steps (not fewer than done); the cosine schedule stretches to the new total
-        "save_every",  # when checkpoints are written
-        # what is scored, not what is trained on
-        "eval_every",
-        "eval_data",
-        "eval_group",
-        "eval_max_answer_tokens",
-        "compare_base",
-        "max_bad_steps",  # when NaN/inf steps stop the run
-        "gradient_checkpointing",  # recomputes activations (same dropout masks): memory, not math
-        "output_dir",  # a moved run: it is read from where it is now
-        # per process: the loop refuses a change of batch_size x processes (data read)
-        "batch_size",
-        # the loss weights: the checkpoint's tensors do not depend on them (its
-        # mixture check allows it)
-        *(f"lmoe.{coef}" for coef in AUX_COEFS.values()),
-    }
-)
-
-
 def default_lmoe() -> LMoEConfig:
     return LMoEConfig(**DEFAULT_LMOE)
 
@@ -94,192 +74,112 @@ class TrainConfig:
     """Everything `lmoe train` needs. data empty = the built-in mixture (with a base-vs-trained "
     "table)."""
 
-    model: str = field(default=BUILTIN, metadata={"help": MODEL_HELP})
-    data: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "training data: JSONL/CSV/JSON/Parquet files and benchmarks (bench:NAME, "
-            "bench:all); [] trains on the built-in mixture"
-        },
+    model: str = setting(BUILTIN, MODEL_HELP)
+    data: list[str] = setting(
+        factory=list,
+        help="training data: JSONL/CSV/JSON/Parquet files and benchmarks (bench:NAME, "
+        "bench:all); [] trains on the built-in mixture",
     )
-    eval_data: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "held-out files and benchmarks scored before and after training (as eval's "
-            "data)"
-        },
+    eval_data: list[str] = setting(
+        factory=list,
+        help="held-out files and benchmarks scored before and after training (as eval's data)",
     )
-    eval_group: str | None = field(
-        default=None,
-        metadata={
-            "help": "group the eval_data rows by this key of each row (as eval's group); null: "
-            "the row's domain, else the file name"
-        },
+    eval_group: str | None = setting(
+        None,
+        "group the eval_data rows by this key of each row (as eval's group); null: "
+        "the row's domain, else the file name",
     )
-    eval_max_answer_tokens: int = field(
-        default=MAX_ANSWER_TOKENS,
-        metadata={
-            "help": "eval_data chat records: greedy exact match for answers of at most this many "
-            "tokens, the longer ones perplexity only; 0: perplexity only (as eval's "
-            "max_answer_tokens)"
-        },
+    eval_max_answer_tokens: int = setting(
+        MAX_ANSWER_TOKENS,
+        "eval_data chat records: greedy exact match for answers of at most this many "
+        "tokens, the longer ones perplexity only; 0: perplexity only (as eval's "
+        "max_answer_tokens)",
     )
-    output_dir: str = field(
-        default="runs/lmoe",
-        metadata={
-            "help": "where the run writes adapter/, checkpoint.pt, metrics.csv, eval.json and "
-            "train_config.yaml"
-        },
+    output_dir: str = setting(
+        "runs/lmoe",
+        "where the run writes adapter/, checkpoint.pt, metrics.csv, eval.json and "
+        "train_config.yaml",
     )
-    lmoe: LMoEConfig = field(
-        default_factory=default_lmoe,
-        metadata={
-            "help": "the mixture (lmoe.LMoEConfig); a partial section changes only the fields it "
-            "names"
-        },
+    lmoe: LMoEConfig = setting(
+        factory=default_lmoe,
+        help="the mixture (lmoe.LMoEConfig); a partial section changes only the fields it names",
     )
-    mixture: Mixture = field(
-        default_factory=Mixture,
-        metadata={"help": "the built-in data, read where data is []"},
+    mixture: Mixture = setting(factory=Mixture, help="the built-in data, read where data is []")
+    mc: MultipleChoice = setting(
+        factory=MultipleChoice, help="how multiple-choice data trains and is scored"
     )
-    mc: MultipleChoice = field(
-        default_factory=MultipleChoice,
-        metadata={"help": "how multiple-choice data trains and is scored"},
+    steps: int = setting(150, "optimizer steps")
+    batch_size: int = setting(8, "examples per micro-batch and process")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    lr: float = setting(
+        2e-3,
+        "AdamW's learning rate, after warmup_steps of linear warm-up; cosine decay to 0 at steps",
     )
-    steps: int = field(
-        default=150,
-        metadata={"help": "optimizer steps"},
+    router_lr_scale: float = setting(
+        1.0, "the routers' parameter group at lr times this, atop lmoe.router_param_scale"
     )
-    batch_size: int = field(
-        default=8,
-        metadata={"help": "examples per micro-batch and process"},
+    weight_decay: float = setting(
+        0.0, "AdamW's, on every trainable parameter (experts, routers, lambda heads)"
     )
-    grad_accum: int = field(
-        default=1,
-        metadata={"help": "micro-batches per optimizer step"},
+    label_smoothing: float = setting(0.0, "label smoothing of the LM loss")
+    temperature_start: float | None = setting(
+        None,
+        "set: the gates' temperature anneals from it to lmoe.temperature over "
+        "temperature_anneal_steps",
     )
-    lr: float = field(
-        default=2e-3,
-        metadata={
-            "help": "AdamW's learning rate, after warmup_steps of linear warm-up; cosine decay to "
-            "0 at steps"
-        },
+    temperature_anneal_steps: int = setting(
+        0, "steps of that anneal, 1..steps (0 without temperature_start)"
     )
-    router_lr_scale: float = field(
-        default=1.0,
-        metadata={
-            "help": "the routers' parameter group at lr times this, atop lmoe.router_param_scale"
-        },
+    warmup_steps: int = setting(10, "steps of linear learning-rate warm-up")
+    max_grad_norm: float = setting(1.0, "the gradients' global norm is clipped to this")
+    max_length: int = setting(
+        128,
+        "tokens per example at most, longer ones cut with a warning; 128 here because "
+        "the built-in data fits and training time grows with it (eval and analyze take 512: "
+        "scoring cuts less)",
     )
-    weight_decay: float = field(
-        default=0.0,
-        metadata={"help": "AdamW's, on every trainable parameter (experts, routers, lambda heads)"},
+    seed: int = setting(0, "seed of the experts' init, the data order and dropout")
+    precision: str = setting(
+        "auto",
+        "auto (bf16 on a GPU that has it, else fp16 on a GPU, full on a CPU), no, bf16 or fp16",
     )
-    label_smoothing: float = field(
-        default=0.0,
-        metadata={"help": "label smoothing of the LM loss"},
+    save_every: int = setting(
+        50, "checkpoint.pt every this many steps (and at the last; 0: at the last only)"
     )
-    temperature_start: float | None = field(
-        default=None,
-        metadata={
-            "help": "set: the gates' temperature anneals from it to lmoe.temperature over "
-            "temperature_anneal_steps"
-        },
+    eval_every: int = setting(
+        0, "> 0: the held-out answer loss every this many steps (metrics.csv eval_loss)"
     )
-    temperature_anneal_steps: int = field(
-        default=0,
-        metadata={"help": "steps of that anneal, 1..steps (0 without temperature_start)"},
+    compare_base: bool = setting(
+        True, "score the base model before training too: the base-vs-trained table"
     )
-    warmup_steps: int = field(
-        default=10,
-        metadata={"help": "steps of linear learning-rate warm-up"},
+    distributed: str = setting(
+        "ddp", "ddp or fsdp: how several processes (torchrun / accelerate launch) share the work"
     )
-    max_grad_norm: float = field(
-        default=1.0,
-        metadata={"help": "the gradients' global norm is clipped to this"},
+    gradient_checkpointing: bool = setting(
+        False, "recompute activations in the backward pass: less memory, more time"
     )
-    max_length: int = field(
-        default=128,
-        metadata={
-            "help": "tokens per example at most, longer ones cut with a warning; 128 here because "
-            "the built-in data fits and training time grows with it (eval and analyze take 512: "
-            "scoring cuts less)"
-        },
+    load_in: str = setting(
+        "full",
+        "full, or 8bit / 4bit: the base quantised by bitsandbytes (CUDA only), experts in float32",
     )
-    seed: int = field(
-        default=0,
-        metadata={"help": "seed of the experts' init, the data order and dropout"},
+    max_bad_steps: int = setting(
+        5, "stop after this many consecutive steps with a non-finite loss or gradient"
     )
-    precision: str = field(
-        default="auto",
-        metadata={
-            "help": "auto (bf16 on a GPU that has it, else fp16 on a GPU, full on a CPU), no, "
-            "bf16 or fp16"
-        },
+    init_adapter: str | None = setting(
+        None,
+        "a saved adapter directory to start from (lmoe train's adapter/, lmoe "
+        "compose's); its mixture replaces lmoe",
     )
-    save_every: int = field(
-        default=50,
-        metadata={
-            "help": "checkpoint.pt every this many steps (and at the last; 0: at the last only)"
-        },
+    train_experts: bool = setting(
+        True, "false: every expert frozen, only the routers (and lambda heads) learn"
     )
-    eval_every: int = field(
-        default=0,
-        metadata={
-            "help": "> 0: the held-out answer loss every this many steps (metrics.csv eval_loss)"
-        },
+    frozen_experts: list[int] = setting(
+        factory=list,
+        help="these experts of init_adapter stay frozen, the others and the routers learn",
     )
-    compare_base: bool = field(
-        default=True,
-        metadata={"help": "score the base model before training too: the base-vs-trained table"},
-    )
-    distributed: str = field(
-        default="ddp",
-        metadata={
-            "help": "ddp or fsdp: how several processes (torchrun / accelerate launch) share the "
-            "work"
-        },
-    )
-    gradient_checkpointing: bool = field(
-        default=False,
-        metadata={"help": "recompute activations in the backward pass: less memory, more time"},
-    )
-    load_in: str = field(
-        default="full",
-        metadata={
-            "help": "full, or 8bit / 4bit: the base quantised by bitsandbytes (CUDA only), "
-            "experts in float32"
-        },
-    )
-    max_bad_steps: int = field(
-        default=5,
-        metadata={
-            "help": "stop after this many consecutive steps with a non-finite loss or gradient"
-        },
-    )
-    init_adapter: str | None = field(
-        default=None,
-        metadata={
-            "help": "a saved adapter directory to start from (lmoe train's adapter/, lmoe "
-            "compose's); its mixture replaces lmoe"
-        },
-    )
-    train_experts: bool = field(
-        default=True,
-        metadata={"help": "false: every expert frozen, only the routers (and lambda heads) learn"},
-    )
-    frozen_experts: list[int] = field(
-        default_factory=list,
-        metadata={
-            "help": "these experts of init_adapter stay frozen, the others and the routers learn"
-        },
-    )
-    recipe: str | None = field(
-        default=None,
-        metadata={
-            "help": "ld-mole: the LD-MoLE authors' settings (RECIPES) for every setting left at "
-            "its default"
-        },
+    recipe: str | None = setting(
+        None,
+        "ld-mole: the LD-MoLE authors' settings (RECIPES) for every setting left at its default",
     )
 
     def __post_init__(self) -> None:
@@ -480,17 +380,6 @@ class TrainConfig:
         """A YAML or JSON file (or None for defaults) plus "dotted.key=value" overrides."""
         return load_settings(cls, path, overrides)
 
-    @classmethod
-    def for_resume(cls, path: str | Path | None, overrides: list[str] = ()) -> "TrainConfig":
-        """`lmoe train --resume`: the saved config of the run in output_dir (the file's or the
-        overrides' output_dir, else the default) with the file's and the overrides' values on
-        top."""
-        given = apply_overrides(read_config_file(path), overrides, cls)
-        output_dir = given.get("output_dir", cls.output_dir)
-        saved = read_saved_config(output_dir)
-        # the run is where it is now (its saved output_dir may name where it was before a move)
-        return cls.from_dict({**_merged(saved, given), "output_dir": output_dir})
-
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
@@ -498,57 +387,6 @@ class TrainConfig:
         """Write output_dir/train_config.yaml, atomically: a resumed run reads it."""
         text = self.to_yaml()
         atomic_write(Path(self.output_dir) / SAVED_CONFIG, lambda tmp: Path(tmp).write_text(text))
-
-
-def read_saved_config(output_dir: str | Path) -> dict:
-    """The fields of the run in output_dir, as it saved them (--resume continues that run)."""
-    path = Path(output_dir) / SAVED_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"--resume: no run to continue in {output_dir} ({SAVED_CONFIG} is "
-            "missing); give the output_dir of the run to continue, or train "
-            "without --resume first."
-        )
-    return read_config_file(path)
-
-
-def check_resumable(saved: TrainConfig, asked: TrainConfig) -> None:
-    """--resume continues the saved run: refuse every difference but RESUMABLE's, naming both
-    values."""
-    before, after = flatten_settings(saved.to_dict()), flatten_settings(asked.to_dict())
-    changed = [
-        key
-        for key in sorted(before.keys() | after.keys())
-        if before.get(key) != after.get(key) and key not in RESUMABLE
-    ]
-    if changed:
-        both = ", ".join(f"{k}={before.get(k)!r} there, {after.get(k)!r} here" for k in changed)
-        free = ", ".join(sorted(RESUMABLE))
-        raise ValueError(
-            f"--resume: {both}: the run in {asked.output_dir} ({SAVED_CONFIG}) cannot continue "
-            f"with another value. Drop those settings to continue it (only {free} may change), or "
-            "train into a new output_dir."
-        )
-
-
-def flatten_settings(data: dict, prefix: str = "") -> dict:
-    """{"lmoe": {"rank": 2}} -> {"lmoe.rank": 2}."""
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat |= flatten_settings(value, f"{prefix}{key}.")
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
-def _merged(base: dict, top: dict) -> dict:
-    """base with top's values on top, nested sections merged key by key."""
-    merged = dict(base)
-    for key, value in top.items():
-        nested = isinstance(value, dict) and isinstance(base.get(key), dict)
-        merged[key] = _merged(base[key], value) if nested else value
-    return merged
 
 
 def adapter_lmoe(directory: str, given: dict | LMoEConfig) -> LMoEConfig:

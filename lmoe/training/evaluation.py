@@ -13,9 +13,9 @@ from torch import nn
 
 from ..data.benchmarks import task_names
 from ..data.encoding import Example
+from ..evaluation.logprobs import answer_logprobs
 from ..evaluation.progress import announce
 from ..evaluation.scoring import (
-    answer_logprobs,
     evaluate_benchmarks,
     evaluate_file,
     evaluate_mixture,

@@ -56,12 +56,8 @@ from .interrupt import Interrupts, TrainingInterrupted
 from .metrics_log import ROUTING_COLUMNS, MetricsLog
 from .objective import set_label_smoothing
 from .optim import adamw, param_groups
-from .start import (
-    FirstStepGuard,
-    check_global_batch,
-    check_inputs,
-    resume_point,
-)
+from .resume import check_global_batch, resume_point
+from .start import FirstStepGuard, check_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +107,7 @@ def train(
 
     Args:
         cfg: the run. With resume, it may differ from the saved config of the run in cfg.output_dir
-            only in config.RESUMABLE's keys: else a ValueError, before anything loads or is written.
+            only in resume.RESUMABLE's keys: else a ValueError, before anything loads or is written.
         resume: continue the run in cfg.output_dir from its checkpoint.
         on_step: called with each step's metrics (the metrics.csv row) on the main process.
         evaluate: scores the trained model (model, tokenizer, cfg) -> results in evaluate_all's

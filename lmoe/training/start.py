@@ -1,5 +1,5 @@
-"""What train() settles before it loads anything, and what a run that fails before its first step
-leaves behind (nothing): the resume point (saved config and checkpoint), the data files, warm-up."""
+"""What train() checks before it loads anything (the data files, warm-up), and what a run that
+fails before its first step leaves behind (nothing)."""
 
 from __future__ import annotations
 
@@ -9,25 +9,9 @@ import shutil
 from pathlib import Path
 
 from ..data.benchmarks import root, task_names
-from .checkpoint import CHECKPOINT, TrainState, read_checkpoint
-from .config import SAVED_CONFIG, TrainConfig, check_resumable, read_saved_config
+from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
-
-
-def resume_point(cfg: TrainConfig) -> dict:
-    """The checkpoint of the run in cfg.output_dir, once cfg is known to continue that run: it may
-    differ from the run's saved config only where RESUMABLE allows. Reads files, writes none."""
-    out = Path(cfg.output_dir)
-    check_resumable(TrainConfig.from_dict(read_saved_config(out)), cfg)
-    checkpoint = read_checkpoint(out / CHECKPOINT)
-    step = checkpoint["state"]["step"]
-    if cfg.steps < step:
-        raise ValueError(
-            f"--resume: steps={cfg.steps} is below the checkpoint's step {step} in "
-            f"{out}; give steps={step} or more (the run's are in {SAVED_CONFIG})."
-        )
-    return checkpoint
 
 
 def check_inputs(cfg: TrainConfig) -> None:
@@ -49,17 +33,6 @@ def check_inputs(cfg: TrainConfig) -> None:
             cfg.warmup_steps,
             cfg.steps,
             cfg.steps // 10,
-        )
-
-
-def check_global_batch(state: TrainState, global_batch: int, ranks: int) -> None:
-    """A resumed run reads the data where the checkpoint stopped: only with its global batch."""
-    if state.global_batch and state.global_batch != global_batch:
-        raise ValueError(
-            f"--resume: the checkpoint was trained on global batches of {state.global_batch} "
-            f"examples (batch_size x processes), this run makes {global_batch} ({ranks} "
-            f"processes); set batch_size={state.global_batch // ranks} so that the data continues "
-            "where it stopped."
         )
 
 

@@ -10,9 +10,12 @@ import torch
 from tiny import tiny_llama, tiny_tokenizer, write_jsonl
 from torch import nn
 
+import lmoe.evaluation.logprobs as lp
+import lmoe.evaluation.multiple_choice as mcs
 import lmoe.evaluation.scoring as ev
 from lmoe.data.choices import MultipleChoice, letter_prompt, requests
-from lmoe.data.encoding import Example, encode
+from lmoe.data.encoding import Example, encode, render_prompt
+from lmoe.data.records import read_records
 
 
 class Bigram(nn.Module):
@@ -35,7 +38,7 @@ def tok():
 def test_uniform_model_has_perplexity_vocab_size():
     model = Bigram(torch.zeros(10, 10))
     examples = [Example([1, 2, 3], [-100, 2, 3], "a"), Example([4, 5], [-100, 5], "b")]
-    result = ev.perplexity(model, examples, pad_id=0)
+    result = lp.perplexity(model, examples, pad_id=0)
     assert result == pytest.approx({"a": 10.0, "b": 10.0})
 
 
@@ -43,11 +46,11 @@ def test_answer_logprobs_match_a_hand_sum():
     table = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
     logp = torch.log_softmax(table, -1)
     examples = [Example([1, 2, 3, 4], [-100, -100, 3, 4]), Example([5, 1], [-100, 1])]
-    got = ev.answer_logprobs(Bigram(table), examples, pad_id=0, batch_size=2)
+    got = lp.answer_logprobs(Bigram(table), examples, pad_id=0, batch_size=2)
     want = [(float(logp[2, 3] + logp[3, 4]), 2), (float(logp[5, 1]), 1)]
     assert [n for _, n in got] == [n for _, n in want]
     assert [s for s, _ in got] == pytest.approx([s for s, _ in want], abs=1e-5)
-    ppl = ev.perplexity(Bigram(table), [Example(e.input_ids, e.labels, "d") for e in examples], 0)[
+    ppl = lp.perplexity(Bigram(table), [Example(e.input_ids, e.labels, "d") for e in examples], 0)[
         "d"
     ]
     assert ppl == pytest.approx(math.exp(-(want[0][0] + want[1][0]) / 3), rel=1e-5)
@@ -147,7 +150,7 @@ def test_generate_greedy_matches_step_by_step_argmax(tok):
     replies = ev.generate(model, tok, ["the cat", "What is 12 + 30? please"], max_new_tokens=5)
     for prompt, reply in zip(["the cat", "What is 12 + 30? please"], replies, strict=True):
         ids = tok(
-            ev.render_prompt(tok, [{"role": "user", "content": prompt}]),
+            render_prompt(tok, [{"role": "user", "content": prompt}]),
             add_special_tokens=False,
             return_tensors="pt",
         )["input_ids"]
@@ -245,7 +248,7 @@ def test_prefix_shared_scores_equal_each_sequence_scored_alone(
 ):
     model = sharp_llama(len(tok), seed=3)
     reqs = requests(tok, QUESTIONS, MultipleChoice(protocol, template), max_length=512)
-    got = ev.continuation_logprobs(
+    got = lp.continuation_logprobs(
         model, reqs, tok.pad_token_id, batch_tokens=batch_tokens, progress=False
     )
     want = [[_brute_force(model, prefix, c) for c in conts] for prefix, conts in reqs]
@@ -281,7 +284,7 @@ def test_letter_accuracy_against_a_loop_over_the_options(tok):
                 _brute_force(model, ex.input_ids[:start], ex.input_ids[start : start + 1])
             )
         hits += max(range(len(scores)), key=scores.__getitem__) == q["gold"]
-    got = ev.multiple_choice(
+    got = mcs.multiple_choice(
         model, tok, QUESTIONS, MultipleChoice("letter", "chat"), progress=False
     )
     chance = sum(1 / len(q["choices"]) for q in QUESTIONS) / len(QUESTIONS)
@@ -308,7 +311,7 @@ def test_a_question_longer_than_max_length_is_scored_with_its_prompt_cut_from_th
     ]
     fmt = MultipleChoice("cloze", "chat")
     (prefix, conts), (short, short_conts) = requests(
-        tok, ev.read_records(write_jsonl(tmp_path / "mc.jsonl", rows)), fmt, max_length=10_000
+        tok, read_records(write_jsonl(tmp_path / "mc.jsonl", rows)), fmt, max_length=10_000
     )
     assert len(prefix) > 40
     with caplog.at_level("WARNING"):
@@ -341,12 +344,12 @@ def test_a_choice_longer_than_max_length_is_an_error_naming_the_question(tok, tm
 
 def test_auto_scores_both_protocols_as_each_alone(tok):
     model = tiny_llama(len(tok), seed=2)
-    got = ev.multiple_choice(
+    got = mcs.multiple_choice(
         model, tok, QUESTIONS, MultipleChoice(), progress=False
     )  # the default: auto
     assert set(got) == {"n", "chance", "letter/chat", "cloze/chat"}
     for protocol in ("letter", "cloze"):
-        alone = ev.multiple_choice(
+        alone = mcs.multiple_choice(
             model, tok, QUESTIONS, MultipleChoice(protocol, "chat"), progress=False
         )
         assert (
@@ -363,7 +366,7 @@ def test_binomial_tail_against_exact_fractions(hits, n, p):
 
     q = Fraction(p).limit_denominator(100)
     exact = sum(math.comb(n, k) * q**k * (1 - q) ** (n - k) for k in range(hits, n + 1))
-    assert ev.binomial_tail(hits, n, float(q)) == pytest.approx(float(exact), rel=1e-9)
+    assert mcs.binomial_tail(hits, n, float(q)) == pytest.approx(float(exact), rel=1e-9)
 
 
 def _scored(letter, cloze, n, chance=0.25):
@@ -377,22 +380,22 @@ def _scored(letter, cloze, n, chance=0.25):
 
 def test_letter_at_chance_needs_letter_within_chance_and_cloze_clearly_above():
     assert (
-        ev.letter_at_chance(_scored(0.25, 0.6, 100))
+        mcs.letter_at_chance(_scored(0.25, 0.6, 100))
         == "letter 0.250, cloze 0.600 (chance 0.250, n=100)"
     )
-    assert ev.letter_at_chance(_scored(0.10, 0.6, 100))  # below chance is no skill either
+    assert mcs.letter_at_chance(_scored(0.10, 0.6, 100))  # below chance is no skill either
     assert (
-        ev.letter_at_chance(_scored(0.40, 0.6, 100)) is None
+        mcs.letter_at_chance(_scored(0.40, 0.6, 100)) is None
     )  # P(>= 40 of 100 | 1/4) < 0.05: letters work
     assert (
-        ev.letter_at_chance(_scored(0.25, 0.33, 100)) is None
+        mcs.letter_at_chance(_scored(0.25, 0.33, 100)) is None
     )  # P(>= 33 | 1/4) = 0.04: cloze not clearly above
     assert (
-        ev.letter_at_chance(_scored(0.25, 1.0, 4)) is None
+        mcs.letter_at_chance(_scored(0.25, 1.0, 4)) is None
     )  # 4 of 4: P = 0.004, too few questions to tell
     one = _scored(0.25, 0.6, 100)
     del one["cloze/chat"]
-    assert ev.letter_at_chance(one) is None  # one protocol scored: nothing to compare
+    assert mcs.letter_at_chance(one) is None  # one protocol scored: nothing to compare
 
 
 def _questions_the_model_answers_by_cloze(model, tok, n=40, k=4):
@@ -420,7 +423,7 @@ def _questions_the_model_answers_by_cloze(model, tok, n=40, k=4):
         }
         for i in range(n)
     ]
-    scores = ev.continuation_logprobs(
+    scores = lp.continuation_logprobs(
         model,
         requests(tok, base, MultipleChoice("cloze", "chat"), 512),
         tok.pad_token_id,
@@ -464,7 +467,7 @@ def test_warning_fires_when_the_model_prefers_no_letter(tok, caplog, tmp_path):
 def test_no_warning_where_letter_accuracy_is_above_chance(tok, caplog):
     model = tiny_llama(len(tok), seed=4)
     questions = _questions_the_model_answers_by_cloze(model, tok)
-    scores = ev.continuation_logprobs(
+    scores = lp.continuation_logprobs(
         model,
         requests(tok, questions, MultipleChoice("letter", "chat"), 512),
         tok.pad_token_id,
@@ -475,7 +478,7 @@ def test_no_warning_where_letter_accuracy_is_above_chance(tok, caplog):
         for q, s in zip(questions, scores, strict=True)
     ]
     with caplog.at_level("WARNING"):
-        got = ev.multiple_choice(model, tok, by_letter, progress=False)
-        ev.warn_letter_at_chance({"mc": got})
+        got = mcs.multiple_choice(model, tok, by_letter, progress=False)
+        mcs.warn_letter_at_chance({"mc": got})
     assert got["letter/chat"]["acc"] == 1.0
     assert "letter protocol" not in caplog.text

@@ -9,6 +9,7 @@ import pytest
 import torch
 from tiny import tiny_llama, tiny_model_dir, tiny_tokenizer, write_jsonl
 
+import lmoe.evaluation.logprobs as lp
 import lmoe.evaluation.scoring as ev
 from lmoe.cli import main
 from lmoe.data.encoding import encode, render_prompt
@@ -80,8 +81,8 @@ def test_batched_perplexity_equals_each_sequence_alone():
         for p, a, d in zip(PROMPTS, reversed(PROMPTS), "abababab", strict=True)
     ]
     examples = [encode(tok, r) for r in records + [{"text": "the cat sat", "domain": "a"}]]
-    batched = ev.answer_logprobs(model, examples, tok.pad_token_id, batch_size=4)
-    alone = [ev.answer_logprobs(model, [ex], tok.pad_token_id)[0] for ex in examples]
+    batched = lp.answer_logprobs(model, examples, tok.pad_token_id, batch_size=4)
+    alone = [lp.answer_logprobs(model, [ex], tok.pad_token_id)[0] for ex in examples]
     counts = [sum(t != -100 for t in ex.labels[1:]) for ex in examples]
     assert [n for _, n in batched] == [n for _, n in alone] == counts
     torch.testing.assert_close(

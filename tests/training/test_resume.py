@@ -1,5 +1,5 @@
 """`lmoe train output_dir=DIR --resume` continues the run saved in DIR: its own config, whatever the
-defaults; only config.RESUMABLE's keys may change, anything else is refused before a file is
+defaults; only resume.RESUMABLE's keys may change, anything else is refused before a file is
 touched."""
 
 import re
@@ -14,9 +14,10 @@ from train_cli import STEPS, model_and_data, train_argv
 import lmoe.training.loop
 from lmoe.cli import main
 from lmoe.io import load_state
-from lmoe.training.config import RESUMABLE, TrainConfig
+from lmoe.training.config import TrainConfig
 from lmoe.training.loop import train, warmup_cosine
 from lmoe.training.metrics_log import MetricsLog, read_metrics
+from lmoe.training.resume import RESUMABLE
 
 COMPARED = (
     "loss",

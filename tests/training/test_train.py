@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lmoe import load_adapter
 from lmoe.data.encoding import encode_all
 from lmoe.data.records import read_records
-from lmoe.evaluation.scoring import answer_logprobs
+from lmoe.evaluation.logprobs import answer_logprobs
 from lmoe.settings import apply_overrides
 from lmoe.training.config import TrainConfig
 from lmoe.training.loop import seed_step, train, warmup_cosine
