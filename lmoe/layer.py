@@ -25,7 +25,8 @@ from .kernels.csr import csr_ok
 from .kernels.dense import stacked_A, stacked_B
 from .kernels.input_gemm import InputProducts, input_products
 from .router_losses import AuxStats
-from .routing import Routing, build_router
+from .routers import build_router
+from .routing import Routing
 from .sparse import DENSE_UP_TO_RANK, group_cost, prefer_sparse
 
 

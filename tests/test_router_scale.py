@@ -22,7 +22,7 @@ from lmoe import (
     param_groups,
     save_adapter,
 )
-from lmoe.routing import LambdaHead, ScaledLinear, build_router
+from lmoe.routers import LambdaHead, ScaledLinear, build_router
 from lmoe.training.optim import router_parameter_ids
 
 ROUTERS = ["softmax", "topk", "dynamic"]

@@ -22,9 +22,8 @@ from lmoe import (
 )
 from lmoe.config import LAMBDA_BIAS_INIT, default_lambda_hidden
 from lmoe.router_losses import load_balance_loss, sparsity_loss, sparsity_threshold, z_loss
+from lmoe.routers import LambdaHead, build_router
 from lmoe.routing import (
-    LambdaHead,
-    build_router,
     softmax_route,
     sparsegen_route,
     sparsegen_weights,

@@ -169,8 +169,19 @@ def _difference_table(title: str, metrics: list[str], differences: list[dict], l
     for row in dict.fromkeys(map(label, differences)):
         mine = {d["metric"]: d for d in differences if label(d) == row}
         seeds = max(d["seeds"] for d in mine.values())
-        rows.append([row, str(seeds)] + [difference_cell(mine.get(m)) for m in metrics])
-    return ["", "Paired difference ± standard error over items (n):", *_aligned(head, rows)]
+        rows.append([row, str(seeds)] + [_with_seed_se(mine.get(m)) for m in metrics])
+    several = any(d["seeds"] > 1 for d in differences)
+    what = " [± standard error over seeds]" if several else ""
+    return ["", f"Paired difference ± standard error over items (n){what}:", *_aligned(head, rows)]
+
+
+def _with_seed_se(pair: dict | None) -> str:
+    """difference_cell, and where several seeds were paired the SE of their gaps: '+0.012 ±
+    0.008 (n=150) [± 0.010]'."""
+    cell = difference_cell(pair)
+    if pair is None or pair.get("seed_se") is None:
+        return cell
+    return f"{cell} [± {pair['seed_se']:.3f}]"
 
 
 def _number(value: float | None) -> str:

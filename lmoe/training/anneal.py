@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..routing import Router
+from ..routers import Router
 
 
 def annealed_temperature(start: float, end: float, anneal_steps: int, step: int) -> float:

@@ -16,7 +16,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from ..inject import shared_modules
-from ..routing import ScaledLinear
+from ..routers import ScaledLinear
 from .checkpoint import FULL
 from .config import TrainConfig
 
@@ -95,7 +95,7 @@ def clip_grad_norm(accelerator: Accelerator, model: nn.Module, max_norm: float) 
     """Clip the gradients to max_norm (0: no clipping); the norm of all of them, FSDP's shards
     included, as gradients of the weights in use.
 
-    A router stores its parameters divided by its scale c (routing.ScaledLinear), so their gradients
+    A router stores its parameters divided by its scale c (routers.ScaledLinear), so their gradients
     are c times those of the weights they stand for; counted as stored, the routers would weigh c^2
     times as much in the norm. They are counted divided by c, so the clipping (and, Adam being
     invariant to a gradient's scale, the update) is what routers at c times the

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..data.benchmarks import task_names
 from ..data.encoding import Example
+from ..evaluation.analysis import held_out_specialisation
 from ..evaluation.logprobs import answer_logprobs
 from ..evaluation.progress import announce
 from ..evaluation.scoring import (
@@ -82,10 +83,6 @@ def held_out_routing(model: nn.Module, tokenizer, cfg: TrainConfig, path: Path) 
     """How the routing specialises on the answer tokens of the built-in mixture's held-out data,
     averaged over layers (I(skill/domain; expert) in bits, entropy / log E, effective support size,
     ...); written whole, per layer, to path."""
-    from ..evaluation.analysis import (
-        held_out_specialisation,
-    )  # plotting libraries: imported only when used
-
     result = held_out_specialisation(model, tokenizer, cfg.mixture, cfg.max_length)
     write_json(result, path)
     return {key: result[key] for key in ROUTING_SUMMARY}

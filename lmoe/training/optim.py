@@ -1,7 +1,7 @@
 """Optimizer parameter groups for a mixture: the routers at a rate of their own.
 
 The routers learn faster than the experts without any group: their parameters are stored divided
-by LMoEConfig.router_param_scale (30 by default; routing.ScaledLinear), which under Adam moves the
+by LMoEConfig.router_param_scale (30 by default; routers.ScaledLinear), which under Adam moves the
 weights in use that many times as far per step. These groups multiply the routers' rate further
 (router_lr_scale > 1) or, for an adapter at router_param_scale 1, give them their own rate. Any
 training loop can use them: build the groups
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..inject import lmoe_layers
-from ..routing import ScaledLinear
+from ..routers import ScaledLinear
 
 
 def router_parameter_ids(model: nn.Module) -> set[int]:

@@ -75,6 +75,12 @@ def test_end_to_end(done, capsys):
     assert " (train)" in table
     assert f"soft - {lora}" in table and "exact_match:test" in table
     assert "log perplexity:test" in table
+    # each difference with its items' SE and, over the 2 seeds, the SE of the seeds' gaps
+    assert "[± standard error over seeds]" in table
+    row = next(line for line in table.splitlines() if line.startswith(f"soft - {lora}"))
+    for pair in report["differences"]:
+        cell = f"{pair['difference']:+.3f} ± {pair['paired_se']:.3f} (n={pair['n']})"
+        assert f"{cell} [± {pair['seed_se']:.3f}]" in row
 
 
 def test_json_schema_and_recomputed_pairing(done):

@@ -13,13 +13,12 @@ from lmoe import LMoEConfig, inject, lmoe_layers, record_routing, save_adapter
 from lmoe.data.encoding import IGNORE, encode_all
 from lmoe.data.records import read_records
 from lmoe.evaluation.analysis import (
-    PLOT_FILES,
     SUMMARY_FILE,
     analyze,
     collect_routing,
     mean_active_experts,
-    short_layer_names,
 )
+from lmoe.evaluation.plots import PLOT_FILES, short_layer_names
 from lmoe.routing_stats import active_experts, routing_stats
 
 E = 5

@@ -1,12 +1,12 @@
 """Gradient clipping counts the routers' gradients as gradients of the weights in use: a router
-stored at scale c (routing.ScaledLinear) clips exactly as the same router stored at scale 1 does."""
+stored at scale c (routers.ScaledLinear) clips exactly as the same router stored at scale 1 does."""
 
 import torch
 from accelerate import Accelerator
 from conftest import VOCAB, tiny_model
 
 from lmoe import LMoEConfig, inject, lmoe_layers
-from lmoe.routing import ScaledLinear
+from lmoe.routers import ScaledLinear
 from lmoe.training.distributed import clip_grad_norm
 
 
