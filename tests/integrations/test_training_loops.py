@@ -135,14 +135,14 @@ def test_lmoe_train_accumulate_weighs_the_router_losses_as_before():
     from accelerate import Accelerator
 
     from lmoe.data.encoding import Example
-    from lmoe.training.loop import _accumulate
+    from lmoe.training.step import accumulate
 
     rows = examples(2 * BATCH)
     micro = [
         [Example(r["input_ids"], r["labels"]) for r in rows[i : i + BATCH]] for i in (0, BATCH)
     ]
     model, reference = adapted_model().train(), adapted_model().train()
-    _accumulate(Accelerator(cpu=True), model, micro, pad_id=0)
+    accumulate(Accelerator(cpu=True), model, micro, pad_id=0)
     loss = 0
     for b in (pad(rows[:BATCH]), pad(rows[BATCH:])):
         loss = (

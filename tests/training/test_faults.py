@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from train_cli import STEPS, model_and_data, start_cli, steps_logged, train_argv
 
 import lmoe
-import lmoe.training.loop
+import lmoe.training.step
 from lmoe.cli import main
 from lmoe.io import atomic_write, load_state, save_state
 from lmoe.training.metrics_log import read_metrics
@@ -137,14 +137,14 @@ def test_disk_full_is_reported_and_keeps_the_previous_checkpoint(
 def nan_aux_from(step: int, until: int, monkeypatch) -> None:
     """Make the aux loss NaN (through the graph, so the router gradients are NaN too) on
     steps [step, until)."""
-    real, calls = lmoe.training.loop.aux_loss, []
+    real, calls = lmoe.training.step.aux_loss, []
 
     def aux_loss(model):
         calls.append(1)
         value = real(model)
         return value * float("nan") if step <= len(calls) < until else value
 
-    monkeypatch.setattr(lmoe.training.loop, "aux_loss", aux_loss)
+    monkeypatch.setattr(lmoe.training.step, "aux_loss", aux_loss)
 
 
 def test_a_nan_step_is_skipped_and_counted(setup, tmp_path, caplog, monkeypatch):
