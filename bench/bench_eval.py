@@ -46,8 +46,8 @@ from lmoe.evaluation.logprobs import (  # noqa: E402
     perplexity,
 )
 from lmoe.evaluation.scoring import exact_match, normalise  # noqa: E402
-from lmoe.inject import record_routing  # noqa: E402
 from lmoe.models import load_model  # noqa: E402
+from lmoe.routing_record import record_routing  # noqa: E402
 from lmoe.training.config import default_lmoe  # noqa: E402
 
 

@@ -26,7 +26,8 @@ from lmoe.data import benchmarks
 from lmoe.data.choices import MultipleChoice, encode_questions, requests
 from lmoe.data.encoding import Example, batch_stream, collate
 from lmoe.evaluation.logprobs import continuation_logprobs
-from lmoe.inject import lmoe_layers, record_routing
+from lmoe.inject import lmoe_layers
+from lmoe.routing_record import record_routing
 from lmoe.routing_stats import mutual_information
 from lmoe.training.loop import seed_step, warmup_cosine
 from lmoe.training.optim import param_groups

@@ -11,7 +11,6 @@ from .inject import (
     count_parameters,
     inject,
     lmoe_layers,
-    record_routing,
     remove,
 )
 from .integrations.peft_tuner import register as _register_with_peft
@@ -28,6 +27,7 @@ from .modular.experts import (
 )
 from .modular.export import export_peft, mean_routing
 from .modular.merge import merge, unmerge
+from .routing_record import record_routing
 from .training.optim import param_groups, scale_router_lr
 from .version import __version__
 

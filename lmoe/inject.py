@@ -1,11 +1,12 @@
-"""Put MoLoRALinear layers into any nn.Module, freeze the rest, and read back losses and routing."""
+"""Put MoLoRALinear layers into any nn.Module, freeze the rest, fold the router losses into the
+model's loss, and read them back (lmoe.routing_record reads the routing)."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -15,8 +16,7 @@ from torch import Tensor, nn
 from .config import ALL_LINEAR, AUX_COEFS, LMoEConfig, default_lambda_hidden
 from .layer import MoLoRALinear, TokenMask, is_linear, linear_shape
 from .remix import fold_outputs, repeat_inputs
-from .router_losses import AuxStats, token_count, token_sum
-from .routing_stats import TOKEN_STATISTICS, token_statistics
+from .router_losses import AuxStats
 
 log = logging.getLogger(__name__)
 CONFIG_ATTR = "lmoe_config"
@@ -406,31 +406,6 @@ def sum_counts_over_processes(stats: list[AuxStats]) -> None:
         s.counts, s.ranks = total.to(s.counts), dist.get_world_size()
 
 
-def routing_counts(model: nn.Module) -> Tensor:
-    """(len(TOKEN_STATISTICS) + 1,): over the real tokens of the last training forward and over
-    layers, the sums of each of TOKEN_STATISTICS (experts in use, normalised routing entropy, tokens
-    whose top weight exceeds 0.5, effective support size, top expert's share), then the number of
-    those (token, layer) pairs. All add up over micro-batches and processes; divided by the last,
-    each is a mean per token and layer. No host sync."""
-    device = next(model.parameters()).device
-    counts = torch.zeros(len(TOKEN_STATISTICS) + 1, device=device)
-    for _, layer in lmoe_layers(model):
-        if layer.last_routing is not None:
-            routing, mask = layer.last_routing
-            per_token = token_statistics(routing.weights.detach())  # (tokens, TOKEN_STATISTICS)
-            counts += torch.cat(
-                [token_sum(per_token, mask), token_count(per_token, mask)[None]]
-            ).to(device)
-    return counts
-
-
-def active_expert_counts(model: nn.Module) -> Tensor:
-    """(2,): the experts in use summed over real tokens and layers, and the number of (token, layer)
-    pairs (see routing_counts); their ratio is the mean number of experts a token uses in a
-    layer."""
-    return routing_counts(model)[[0, -1]]
-
-
 def aux_loss(model: nn.Module) -> Tensor:
     """sum_k coef_k * (loss k averaged over layers), from the last training forward, that its loss
     does not hold yet: 0 if none ran, and 0 after a forward with labels (whose output.loss has it,
@@ -444,41 +419,3 @@ def aux_loss(model: nn.Module) -> Tensor:
     if terms and not getattr(model, FOLDED_ATTR, False):
         return torch.stack(terms).sum()
     return torch.zeros((), device=next(model.parameters()).device)
-
-
-class RoutingRecord(Mapping):
-    """layer name -> (tokens, E) routing weights of every forward run inside record_routing."""
-
-    def __init__(self, layers: dict[str, MoLoRALinear]) -> None:
-        self._lists: dict[str, list[Tensor]] = {name: [] for name in layers}
-
-    def __getitem__(self, name: str) -> Tensor:
-        chunks = [
-            g if mask is None else g[mask] for g, mask in self._lists[name]
-        ]  # padding left out
-        return torch.cat(chunks) if chunks else torch.empty(0)
-
-    def __iter__(self):
-        return iter(self._lists)
-
-    def __len__(self) -> int:
-        return len(self._lists)
-
-
-@contextmanager
-def record_routing(model: nn.Module):
-    """Record per-layer routing weights of every forward in the block: `rec[name]` -> (tokens, E).
-
-    Only real tokens: where the model is called with an attention_mask, padding is left out.
-    """
-    layers = dict(lmoe_layers(model))
-    if not layers:
-        raise ValueError("record_routing needs a model with lmoe layers; call lmoe.inject first.")
-    record = RoutingRecord(layers)
-    for name, layer in layers.items():
-        layer.recorder = record._lists[name]
-    try:
-        yield record
-    finally:
-        for layer in layers.values():
-            layer.recorder = None

@@ -23,9 +23,10 @@ from lmoe import (
     remove,
 )
 from lmoe.config import AUX_COEFS
-from lmoe.inject import active_expert_counts, routing_counts, shared_modules
+from lmoe.inject import shared_modules
 from lmoe.models import enable_activation_checkpointing
 from lmoe.routing import Routing
+from lmoe.routing_record import active_expert_counts, routing_counts
 
 FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
 TARGETS = {

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from ..data.builtin import Mixture
 from ..data.encoding import IGNORE, Example, collate, encode_all
-from ..inject import record_routing
 from ..io import atomic_write
+from ..routing_record import record_routing
 from ..routing_stats import routing_stats, summary
 from .generation import logits_to_keep
 from .progress import phase

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from ..data.encoding import IGNORE, collate
-from ..inject import AUX_COEFS, aux_loss, aux_loss_apart, aux_losses, routing_counts
+from ..inject import AUX_COEFS, aux_loss, aux_loss_apart, aux_losses
+from ..routing_record import routing_counts
 from .checkpoint import CHECKPOINT
 from .config import TrainConfig
 from .metrics_log import ROUTING_COLUMNS
