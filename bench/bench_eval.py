@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     model.to(device).eval()
     if args.builtin:
         return builtin(model, tok, device, args.repeats, args.max_length)
-    questions = benchmarks.subset(benchmarks.load(args.task, "test"), args.questions)
+    questions = benchmarks.scored_questions(args.task, args.questions)
     reqs = requests(tok, questions, MultipleChoice(args.protocol, "chat"), max_length=2048)
     choices = sum(len(c) for _, c in reqs)
     times = {"before (unshared)": [], "after (shared prefix)": []}

@@ -39,6 +39,7 @@ sys.path.insert(
 )  # run as a file: the repository root
 from bench import modular_parts as parts  # noqa: E402
 from bench.modular_report import write_report  # noqa: E402
+from lmoe.data import benchmarks  # noqa: E402
 
 TASKS = ["arc_easy", "csqa", "siqa", "piqa"]  # short prompts (BoolQ's are 5x longer: a GPU run)
 
@@ -139,7 +140,7 @@ class Study:
         self.args, self.seed, self.done, self.store = args, seed, done, store
         self.tokenizer = load_model(args.model)[1]
         self.pad = self.tokenizer.pad_token_id
-        self.tests = {t: parts.test_questions(t, args.test_items) for t in args.tasks}
+        self.tests = {t: benchmarks.scored_questions(t, args.test_items) for t in args.tasks}
         self.dir = Path(args.work_dir) / f"s{seed}"
 
     # ------------------------------------------------------------ helpers

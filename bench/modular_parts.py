@@ -48,11 +48,6 @@ def train_questions(task: str) -> list[dict]:
     return benchmarks.load(task, "train")
 
 
-def test_questions(task: str, n: int) -> list[dict]:
-    """A fixed, seed-independent subset of n test questions (0: all)."""
-    return benchmarks.subset(benchmarks.load(task, "test"), n)
-
-
 def drawn(records: Sequence[dict], n: int, seed: int) -> list[dict]:
     """n records drawn without replacement (all if fewer), the same for the same seed."""
     return random.Random(seed).sample(list(records), min(n, len(records)))

@@ -43,7 +43,7 @@ def score_items(model: nn.Module, tokenizer, cfg: TrainConfig) -> dict[str, dict
         if chats:
             metrics["perplexity"] = _perplexity(model, tokenizer, chats, cfg.max_length)
     for task in benchmarks.task_names(cfg.data + cfg.eval_data):
-        questions = benchmarks.subset(benchmarks.load(task, "test"), cfg.mc.test_items)
+        questions = benchmarks.scored_questions(task, cfg.mc.test_items)
         metrics |= _choices(model, tokenizer, questions, cfg, benchmarks.PREFIX + task)
     for path in [p for p in cfg.eval_data if not benchmarks.task_names([p])]:
         metrics |= _file(model, tokenizer, path, cfg)

@@ -281,6 +281,12 @@ def subset(records: list[dict], n: int) -> list[dict]:
     return sorted(records, key=lambda r: hashlib.sha256(r["where"].encode()).hexdigest())[:n]
 
 
+def scored_questions(name: str, n: int) -> list[dict]:
+    """The test questions of benchmark `name` that are scored: subset's n of its test side (0: all),
+    the same for every seed, run and machine."""
+    return subset(load(name, "test"), n)
+
+
 def _hf_rows(relative: str) -> list[dict]:
     from datasets import load_from_disk  # slow to import; only benchmarks need it
 

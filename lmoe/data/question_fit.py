@@ -20,8 +20,7 @@ def check_questions_fit(
         group: the files' grouping key, as read for scoring.
     """
     question_sets = [
-        benchmarks.subset(benchmarks.load(task, "test"), mc.test_items)
-        for task in benchmarks.task_names(sources)
+        benchmarks.scored_questions(task, mc.test_items) for task in benchmarks.task_names(sources)
     ]
     question_sets += [
         [r for r in read_records(path, group=group) if "choices" in r]

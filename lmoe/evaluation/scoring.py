@@ -214,7 +214,7 @@ def evaluate_benchmarks(
         benchmarks.PREFIX + name: multiple_choice(
             model,
             tokenizer,
-            benchmarks.subset(benchmarks.load(name, "test"), fmt.test_items),
+            benchmarks.scored_questions(name, fmt.test_items),
             fmt,
             max_length,
             name=benchmarks.PREFIX + name,
